@@ -1,0 +1,31 @@
+# Sortie: `make demo` sets everything up and runs a demo on the local cloud; `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup engine demo test lint bench clean
+
+setup: $(STAMP) engine
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+engine: $(STAMP)
+	$(VENV)/bin/sortie engine install
+
+demo: setup
+	$(VENV)/bin/python examples/stack_demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/python bench/stack_ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

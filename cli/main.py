@@ -1,0 +1,159 @@
+"""`sortie`: the command line. Heavy modules (pulumi, sqlalchemy) are imported inside commands,
+so `sortie --help` stays fast. Errors print one line and exit non-zero; never a traceback
+(set SORTIE_DEBUG=1 to see one)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Sortie: managed jobs on ephemeral Pulumi stacks.")
+engine_app = typer.Typer(no_args_is_help=True, help="Install and inspect the Pulumi engine.")
+local_app = typer.Typer(no_args_is_help=True, help="The embedded local cloud: nodes, regions, preemption.")
+stack_app = typer.Typer(no_args_is_help=True, help="Stacks Sortie made: list, destroy, unlock.")
+app.add_typer(engine_app, name="engine")
+app.add_typer(local_app, name="local")
+app.add_typer(stack_app, name="stack")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@engine_app.command("install")
+def engine_install(force: bool = typer.Option(False, "--force", help="Rebuild even if installed.")) -> None:
+    """Install the pinned Pulumi engine (build it from the Go module proxy when offline)."""
+    from orchestrator.engine import engine_root, install_engine
+
+    console = _console()
+    started = time.monotonic()
+    with console.status(f"Pulumi engine: checking {engine_root()}") as status:
+        info, how = install_engine(force=force, progress=lambda msg: status.update(f"Pulumi engine: {msg}"))
+    took = time.monotonic() - started
+    verb = {"present": "already installed", "official": "installed by the official installer",
+            "built": "built from the Go module proxy"}[how]
+    console.print(f"Pulumi engine v{info.version} {verb}: {info.path} ({took:.1f}s)")
+
+
+@engine_app.command("status")
+def engine_status() -> None:
+    """Print the engine's path, version and the backend Sortie uses."""
+    from orchestrator.config import load_config, sortie_home
+    from orchestrator.engine import PINNED_VERSION, backend_url, engine_root, find_engine
+    from orchestrator.errors import EngineError
+
+    home = sortie_home()
+    config = load_config(home)
+    info = find_engine()
+    console = _console()
+    console.print(f"engine:   {info.path if info else 'not installed (expected at ' + str(engine_root()) + ')'}")
+    console.print(f"version:  {'v' + info.version if info else '-'} (pinned v{PINNED_VERSION})")
+    console.print(f"backend:  {backend_url(config, home)}")
+    console.print(f"secrets:  {config.pulumi.secrets_provider}")
+    console.print(f"home:     {home}")
+    if info is None:
+        raise EngineError("the Pulumi engine is not installed; run `sortie engine install`")
+
+
+@local_app.command("nodes")
+def local_nodes(cluster: str = typer.Argument(None, help="Only the nodes of this cluster.")) -> None:
+    """List the local cloud's nodes."""
+    from rich.table import Table
+
+    from orchestrator.config import sortie_home
+    from orchestrator.local_cloud import LocalCloud
+
+    cloud = LocalCloud(sortie_home() / "local")
+    table = Table("NODE", "CLUSTER", "RANK", "REGION", "STATUS", "ADDRESS", box=None)
+    for node in cloud.nodes(cluster):
+        status = "PREEMPTED" if node.preempted else ("UP" if cloud.alive(node.node_id) else "DEAD")
+        table.add_row(node.node_id, node.cluster, str(node.rank), f"local/{node.region}", status, node.url)
+    _console().print(table)
+
+
+@local_app.command("regions")
+def local_regions() -> None:
+    """List the local cloud's regions with their capacity and declared accelerators."""
+    from rich.table import Table
+
+    from orchestrator.config import load_config, sortie_home
+    from orchestrator.local_cloud import LocalCloud
+
+    home = sortie_home()
+    cloud = LocalCloud(home / "local")
+    table = Table("REGION", "NODES IN USE", "CAPACITY", "ACCELERATORS", box=None)
+    for region in load_config(home).local.regions:
+        accs = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "-"
+        cap = "unlimited" if region.capacity is None else str(region.capacity)
+        table.add_row(f"local/{region.name}", str(cloud.in_use(region.name)), cap, accs)
+    _console().print(table)
+
+
+@local_app.command("preempt")
+def local_preempt(
+    cluster: str = typer.Argument(..., help="Cluster (stack) name, as `sortie local nodes` shows."),
+    node: int = typer.Option(None, "--node", help="Rank of the one node to preempt; default: every node."),
+) -> None:
+    """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once."""
+    from orchestrator.config import sortie_home
+    from orchestrator.local_cloud import LocalCloud
+
+    for n in LocalCloud(sortie_home() / "local").preempt_cluster(cluster, node):
+        _console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
+
+
+@stack_app.command("ls")
+def stack_ls() -> None:
+    """List the stacks in Sortie's backend."""
+    from orchestrator.pulumi_driver import PulumiStackDriver
+
+    for name in PulumiStackDriver().list_stacks():
+        _console().print(name)
+
+
+@stack_app.command("destroy")
+def stack_destroy(names: list[str] = typer.Argument(..., help="Stack names.")) -> None:
+    """Destroy stacks and remove them from the backend."""
+    from orchestrator.pulumi_driver import PulumiStackDriver
+
+    driver = PulumiStackDriver()
+    for name in names:
+        driver.destroy(name)
+        _console().print(f"destroyed {name}")
+
+
+@stack_app.command("unlock")
+def stack_unlock() -> None:
+    """Cancel locks left by stack operations that crashed (run only when none is running)."""
+    from orchestrator.pulumi_driver import PulumiStackDriver
+
+    cancelled = PulumiStackDriver().cancel_stale_locks()
+    _console().print(f"cancelled stale locks of: {', '.join(cancelled)}" if cancelled else "no stale locks")
+
+
+def main() -> None:
+    """Entry point: run the app; turn errors into one line and an exit code."""
+    from orchestrator.errors import SortieError
+
+    try:
+        app()  # usage errors and --help exit here, with click's own messages and codes
+    except SortieError as exc:
+        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("SORTIE_DEBUG"):
+            raise
+        _console(stderr=True).print(f"error: unexpected {type(exc).__name__}: {exc} "
+                                    "(set SORTIE_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+        sys.exit(1)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""The node agent: runs commands on one node and keeps their logs and exit codes on disk.
+
+Standard library only, so cloud user-data can ship this file to a VM unchanged:
+
+    python3 agent.py --sandbox DIR [--host 127.0.0.1] [--port 0] [--node-id ID]
+
+The bearer token comes from `$SORTIE_AGENT_TOKEN` (removed from the environment before anything
+runs) or `--token-file`. Every request must carry `Authorization: Bearer <token>`.
+
+HTTP API (JSON):
+    GET  /health                    node id, pid, uptime, runs in progress
+    POST /runs                      {"command", "env"?, "cwd"?, "run_id"?} -> {"run_id"}
+    GET  /runs                      every run's status
+    GET  /runs/<id>                 {"state": running|exited|cancelled, "exit_code", ...}
+    GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
+    POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
+
+Layout in the sandbox (it survives agent and controller restarts):
+    agent.json                      {"pid", "port", "host", "node_id"} once listening
+    runs/<id>/meta.json             command, cwd, pid, pgid, started_at
+    runs/<id>/output.log            stdout and stderr together
+    runs/<id>/exit.json             {"exit_code", "ended_at"} when the run ends (128+N for signal N)
+    runs/<id>/cancelled             present if the run was cancelled
+    workdir/                        default cwd of runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_BODY = 4 * 1024 * 1024
+CANCEL_GRACE_SECONDS = 5.0
+SANDBOX_ENV = "SORTIE_NODE_SANDBOX"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _kill_group(pgid: int, grace: float) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left after `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class Agent:
+    """The state of one node: its sandbox and the runs it started."""
+
+    def __init__(self, sandbox: Path, token: str, node_id: str) -> None:
+        self.sandbox = sandbox
+        self.node_id = node_id
+        self.runs_dir = sandbox / "runs"
+        self.workdir = sandbox / "workdir"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
+        self._token_digest = hashlib.sha256(token.encode()).digest()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def authorized(self, header: str | None) -> bool:
+        if not header or not header.startswith("Bearer "):
+            return False
+        given = hashlib.sha256(header[len("Bearer "):].strip().encode()).digest()
+        return hmac.compare_digest(given, self._token_digest)
+
+    def start_run(self, command: str, env: dict[str, str], cwd: str | None, run_id: str | None) -> str:
+        run_id = run_id or uuid.uuid4().hex[:12]
+        if not RUN_ID.match(run_id):
+            raise ValueError(f"run_id {run_id!r} must match {RUN_ID.pattern}")
+        run_dir = self.runs_dir / run_id
+        with self._lock:
+            if run_dir.exists():
+                raise FileExistsError(f"run {run_id} already exists")
+            run_dir.mkdir()
+        workdir = Path(cwd).expanduser() if cwd else self.workdir
+        if not workdir.is_absolute():
+            workdir = self.workdir / workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        child_env = {**os.environ, **{str(k): str(v) for k, v in env.items()}, SANDBOX_ENV: str(self.sandbox)}
+        log = (run_dir / "output.log").open("ab")
+        try:
+            proc = subprocess.Popen(
+                ["/bin/bash", "-c", command], cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            )
+        finally:
+            log.close()
+        _write_json_atomic(run_dir / "meta.json", {
+            "run_id": run_id, "command": command, "cwd": str(workdir), "pid": proc.pid, "pgid": proc.pid,
+            "started_at": time.time(), "env_keys": sorted(env),
+        })
+        with self._lock:
+            self._procs[run_id] = proc
+        threading.Thread(target=self._wait, args=(run_id, proc), daemon=True).start()
+        return run_id
+
+    def _wait(self, run_id: str, proc: subprocess.Popen) -> None:
+        rc = proc.wait()
+        code = rc if rc >= 0 else 128 - rc
+        _write_json_atomic(self.runs_dir / run_id / "exit.json", {"exit_code": code, "ended_at": time.time()})
+        with self._lock:
+            self._procs.pop(run_id, None)
+
+    def status(self, run_id: str) -> dict | None:
+        run_dir = self.runs_dir / run_id
+        meta_path = run_dir / "meta.json"
+        if not RUN_ID.match(run_id) or not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        exit_path = run_dir / "exit.json"
+        ended = json.loads(exit_path.read_text()) if exit_path.exists() else None
+        cancelled = (run_dir / "cancelled").exists()
+        state = "running" if ended is None else ("cancelled" if cancelled else "exited")
+        return {
+            "run_id": run_id, "state": state, "exit_code": ended["exit_code"] if ended else None,
+            "pid": meta["pid"], "started_at": meta["started_at"], "ended_at": ended["ended_at"] if ended else None,
+            "log_size": (run_dir / "output.log").stat().st_size if (run_dir / "output.log").exists() else 0,
+        }
+
+    def all_status(self) -> list[dict]:
+        return [s for p in sorted(self.runs_dir.iterdir()) if (s := self.status(p.name)) is not None]
+
+    def read_log(self, run_id: str, offset: int, limit: int = 1 << 20) -> bytes | None:
+        path = self.runs_dir / run_id / "output.log"
+        if not RUN_ID.match(run_id) or not path.exists():
+            return None
+        with path.open("rb") as fh:
+            fh.seek(max(offset, 0))
+            return fh.read(limit)
+
+    def cancel(self, run_id: str) -> dict | None:
+        status = self.status(run_id)
+        if status is None:
+            return None
+        if status["state"] == "running":
+            (self.runs_dir / run_id / "cancelled").touch()
+            _kill_group(status["pid"], CANCEL_GRACE_SECONDS)
+            with self._lock:
+                proc = self._procs.get(run_id)
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=CANCEL_GRACE_SECONDS)
+                # The waiter thread records the exit code; give it a moment to land.
+                deadline = time.monotonic() + 1.0
+                while not (self.runs_dir / run_id / "exit.json").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        return self.status(run_id)
+
+    def shutdown_runs(self) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            _kill_group(proc.pid, 1.0)
+
+    def health(self) -> dict:
+        running = sum(1 for s in self.all_status() if s["state"] == "running")
+        return {"status": "ok", "node_id": self.node_id, "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_at, 3), "runs_running": running}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _AgentServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {format % args}\n")
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, data: object) -> None:
+        self._send(status, json.dumps(data).encode())
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _authorized(self) -> bool:
+        if self.server.agent.authorized(self.headers.get("Authorization")):
+            return True
+        # Drain the body so the connection stays usable, then refuse.
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= MAX_BODY:
+            self.rfile.read(length)
+        self._send(HTTPStatus.UNAUTHORIZED, b'{"error": "missing or wrong bearer token"}',
+                   headers={"WWW-Authenticate": "Bearer"})
+        return False
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("request body too large")
+        data = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("request body must be a JSON object")
+        return data
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        agent = self.server.agent
+        url = urlparse(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        if parts == ["health"]:
+            self._json(200, agent.health())
+        elif parts == ["runs"]:
+            self._json(200, agent.all_status())
+        elif len(parts) == 2 and parts[0] == "runs":
+            status = agent.status(parts[1])
+            self._json(200, status) if status else self._error(404, f"no run {parts[1]}")
+        elif len(parts) == 3 and parts[0] == "runs" and parts[2] == "log":
+            query = parse_qs(url.query)
+            offset = int(query.get("offset", ["0"])[0])
+            data = agent.read_log(parts[1], offset)
+            if data is None:
+                self._error(404, f"no run {parts[1]}")
+            else:
+                self._send(200, data, "application/octet-stream", {"X-Next-Offset": str(offset + len(data))})
+        else:
+            self._error(404, f"no route GET {url.path}")
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            return
+        agent = self.server.agent
+        parts = [p for p in urlparse(self.path).path.split("/") if p]
+        try:
+            body = self._body()
+            if parts == ["runs"]:
+                command = body.get("command")
+                if not isinstance(command, str) or not command.strip():
+                    raise ValueError("command: a non-empty string is required")
+                env = body.get("env") or {}
+                if not isinstance(env, dict):
+                    raise ValueError("env: must be an object of strings")
+                run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"))
+                self._json(201, {"run_id": run_id})
+            elif len(parts) == 3 and parts[0] == "runs" and parts[2] == "cancel":
+                status = agent.cancel(parts[1])
+                self._json(200, status) if status else self._error(404, f"no run {parts[1]}")
+            else:
+                self._error(404, f"no route POST {self.path}")
+        except FileExistsError as exc:
+            self._error(409, str(exc))
+        except (ValueError, json.JSONDecodeError) as exc:
+            self._error(400, str(exc))
+
+
+class _AgentServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+        super().__init__(address, _Handler)
+        self.agent = agent
+
+
+def serve(sandbox: Path, token: str, host: str, port: int, node_id: str) -> None:
+    agent = Agent(sandbox, token, node_id)
+    server = _AgentServer((host, port), agent)
+
+    def stop(_signum: int, _frame: object) -> None:
+        agent.shutdown_runs()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _write_json_atomic(sandbox / "agent.json", {
+        "pid": os.getpid(), "host": host, "port": server.server_address[1], "node_id": node_id,
+        "started_at": agent.started_at,
+    })
+    server.serve_forever(poll_interval=0.2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Sortie node agent")
+    parser.add_argument("--sandbox", required=True, type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--node-id", default="")
+    parser.add_argument("--token-file", type=Path)
+    args = parser.parse_args(argv)
+    token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
+    if args.token_file:
+        token = args.token_file.read_text().strip()
+    if not token:
+        parser.error("a token is required: set SORTIE_AGENT_TOKEN or pass --token-file")
+    args.sandbox.mkdir(parents=True, exist_ok=True)
+    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name)
+
+
+if __name__ == "__main__":
+    main()

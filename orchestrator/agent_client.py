@@ -1,0 +1,103 @@
+"""A small client for the node agent's HTTP API (see `orchestrator/agent.py`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import SortieError
+
+
+class AgentError(SortieError):
+    """The agent refused a request or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    state: str  # running | exited | cancelled
+    exit_code: int | None
+    pid: int
+    started_at: float
+    ended_at: float | None
+    log_size: int
+
+    @property
+    def done(self) -> bool:
+        return self.state != "running"
+
+
+@dataclass(frozen=True)
+class AgentClient:
+    """Talks to one node's agent. `url` is like http://127.0.0.1:40123."""
+
+    url: str
+    token: str
+    timeout: float = 10.0
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, dict[str, str]]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                detail = json.loads(detail).get("error", detail)
+            raise AgentError(f"agent at {self.url}: {method} {path} -> {exc.code}: {detail}", exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AgentError(f"agent at {self.url} is unreachable: {reason}") from None
+
+    def _json(self, method: str, path: str, body: dict | None = None) -> Any:
+        raw, _ = self._request(method, path, body)
+        return json.loads(raw)
+
+    def health(self) -> dict:
+        return self._json("GET", "/health")
+
+    def run(self, command: str, env: dict[str, str] | None = None, cwd: str | None = None,
+            run_id: str | None = None) -> str:
+        body: dict[str, Any] = {"command": command, "env": env or {}}
+        if cwd:
+            body["cwd"] = cwd
+        if run_id:
+            body["run_id"] = run_id
+        return self._json("POST", "/runs", body)["run_id"]
+
+    def status(self, run_id: str) -> RunStatus:
+        return RunStatus(**self._json("GET", f"/runs/{run_id}"))
+
+    def runs(self) -> list[RunStatus]:
+        return [RunStatus(**item) for item in self._json("GET", "/runs")]
+
+    def log(self, run_id: str, offset: int = 0) -> tuple[bytes, int]:
+        """Log bytes from `offset`, and the offset to ask for next."""
+        raw, headers = self._request("GET", f"/runs/{run_id}/log?offset={offset}")
+        return raw, int(headers.get("X-Next-Offset", offset + len(raw)))
+
+    def cancel(self, run_id: str) -> RunStatus:
+        return RunStatus(**self._json("POST", f"/runs/{run_id}/cancel", {}))
+
+    def wait(self, run_id: str, timeout: float = 60.0, interval: float = 0.1) -> RunStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(run_id)
+            if status.done:
+                return status
+            if time.monotonic() > deadline:
+                raise AgentError(f"run {run_id} on {self.url} still running after {timeout:.0f}s")
+            time.sleep(interval)

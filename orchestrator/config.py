@@ -1,0 +1,146 @@
+"""The Sortie home and its `config.yaml`.
+
+The home (`~/.sortie`, or `$SORTIE_HOME`) holds the state DB, logs, the Pulumi file backend,
+per-stack work dirs, local-cloud sandboxes and `config.yaml`. Files holding secrets are 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import SortieError
+
+CONFIG_FILE = "config.yaml"
+
+
+def sortie_home() -> Path:
+    """The Sortie home directory, created if missing."""
+    home = Path(os.environ.get("SORTIE_HOME") or Path.home() / ".sortie").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+class LocalRegion(BaseModel):
+    """One region of the embedded local cloud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Region name, e.g. region-a.")]
+    capacity: Annotated[
+        int | None,
+        Field(ge=0, description="Most nodes alive at once in this region; none means unlimited."),
+    ] = None
+    accelerators: Annotated[
+        dict[str, int],
+        Field(description="Accelerators each node of this region declares, e.g. {H100: 8}. Declared, not real."),
+    ] = Field(default_factory=dict)
+
+
+def _default_regions() -> list[LocalRegion]:
+    return [LocalRegion(name="region-a"), LocalRegion(name="region-b")]
+
+
+class LocalCloudConfig(BaseModel):
+    """Settings of the embedded local cloud."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    regions: Annotated[
+        list[LocalRegion], Field(min_length=1, description="Regions of the local cloud, first is the default.")
+    ] = Field(default_factory=_default_regions)
+
+    def region(self, name: str | None) -> LocalRegion:
+        if name is None:
+            return self.regions[0]
+        for region in self.regions:
+            if region.name == name:
+                return region
+        known = ", ".join(r.name for r in self.regions)
+        raise SortieError(f"local region {name!r} is not configured (known: {known}); add it under local.regions")
+
+
+class PulumiConfig(BaseModel):
+    """How Sortie drives the Pulumi engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend_url: Annotated[
+        str | None,
+        Field(description="Pulumi backend URL (file://, s3://, https://api.pulumi.com). "
+              "Default: a file backend under the Sortie home."),
+    ] = None
+    secrets_provider: Annotated[
+        str,
+        Field(description="Pulumi secrets provider: 'passphrase' (generated once, stored 0600) or a KMS URL."),
+    ] = "passphrase"
+    stack_prefix: Annotated[
+        str, Field(pattern=r"^[a-z][a-z0-9-]{0,20}$", description="Prefix of every stack name Sortie makes.")
+    ] = "sortie"
+    project: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Pulumi project name of Sortie's stacks.")
+    ] = "sortie"
+    max_concurrent_operations: Annotated[
+        int, Field(ge=1, le=64, description="Stack operations (each its own process) running at once.")
+    ] = 4
+    concurrent_update_retries: Annotated[
+        int, Field(ge=0, description="Retries of an operation refused because the stack is locked.")
+    ] = 5
+
+
+class SortieConfig(BaseModel):
+    """The whole `config.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pulumi: PulumiConfig = Field(default_factory=PulumiConfig)
+    local: LocalCloudConfig = Field(default_factory=LocalCloudConfig)
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{path}: {where}: {first['msg']}"
+
+
+def load_config(home: Path | None = None) -> SortieConfig:
+    """Read `config.yaml` from the home; defaults where it is missing."""
+    home = home or sortie_home()
+    path = home / CONFIG_FILE
+    if not path.exists():
+        return SortieConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SortieError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix or remove the file") from exc
+    if not isinstance(raw, dict):
+        raise SortieError(f"{path}: must be a mapping of settings")
+    try:
+        return SortieConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SortieError(_format_validation_error(path, exc)) from exc
+
+
+def write_private(path: Path, content: str) -> None:
+    """Write a file readable by its owner only, never briefly readable by others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content)
+    os.replace(tmp, path)
+
+
+def passphrase_file(home: Path | None = None) -> Path:
+    """The passphrase of the default secrets provider: generated once, stored 0600."""
+    home = home or sortie_home()
+    path = home / "secrets" / "pulumi-passphrase"
+    if not path.exists():
+        (home / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(path, secrets.token_urlsafe(32))
+    return path

@@ -1,0 +1,49 @@
+"""Errors a user may see. Each carries one line that names the thing and what to do.
+
+They are plain exceptions with string arguments, so they cross process boundaries (stack operations
+run in worker processes) by pickling unchanged.
+"""
+
+from __future__ import annotations
+
+
+class SortieError(Exception):
+    """An error with a one-line message meant for the user; the CLI prints it and exits non-zero."""
+
+    exit_code = 1
+
+
+class UsageError(SortieError):
+    """Bad input from the user (a wrong field, an unknown name)."""
+
+    exit_code = 2
+
+
+class EngineError(SortieError):
+    """The Pulumi engine is missing, the wrong version, or could not be built."""
+
+
+class StackOperationError(SortieError):
+    """A stack operation failed. `log_path` holds the engine's whole output."""
+
+    def __init__(self, message: str, stack: str = "", log_path: str = "") -> None:
+        super().__init__(message, stack, log_path)
+        self.message = message
+        self.stack = stack
+        self.log_path = log_path
+
+    def __str__(self) -> str:
+        tail = f" (engine log: {self.log_path})" if self.log_path else ""
+        return f"{self.message}{tail}"
+
+
+class NoCapacityError(StackOperationError):
+    """The infra had no capacity for a node (a cloud's capacity error, or a full local region)."""
+
+
+class StackLockedError(StackOperationError):
+    """Another operation holds the stack's lock, and retrying did not get it."""
+
+
+class StackNotFoundError(StackOperationError):
+    """The backend has no stack of that name."""

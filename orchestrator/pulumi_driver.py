@@ -1,0 +1,99 @@
+"""The stack driver over the Pulumi Automation API.
+
+- Inline programs from `stacks/` (no language host).
+- One work dir per stack under `<home>/stacks/` (a shared workspace file races: pulumi#8186).
+- Each operation in a fresh worker process (`orchestrator._stack_worker`), at most
+  `pulumi.max_concurrent_operations` at once; the SDK's process-global state never accumulates.
+- `ConcurrentUpdateError` retried with backoff; `cancel_stale_locks()` clears locks a crash left.
+- Engine output appended to `<home>/logs/stacks/<stack>.log`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from orchestrator._stack_worker import DriverSettings, Op, StackRequest
+from orchestrator.config import SortieConfig, load_config, sortie_home
+from orchestrator.engine import backend_url, engine_env, require_engine
+from orchestrator.errors import StackOperationError
+from orchestrator.stack_driver import Preview, RefreshResult, UpResult
+from stacks.spec import StackProgram
+
+
+class PulumiStackDriver:
+    """`StackDriver` backed by the real Pulumi engine."""
+
+    def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
+                 max_concurrent: int | None = None, timeout: float | None = 3600.0) -> None:
+        self.home = home or sortie_home()
+        self.config = config or load_config(self.home)
+        engine = require_engine()
+        self.settings = DriverSettings(
+            home=str(self.home),
+            project=self.config.pulumi.project,
+            backend_url=backend_url(self.config, self.home),
+            secrets_provider=self.config.pulumi.secrets_provider,
+            engine_root=str(engine.bin_dir.parent),
+            stacks_dir=str(self.home / "stacks"),
+            logs_dir=str(self.home / "logs" / "stacks"),
+            concurrent_update_retries=self.config.pulumi.concurrent_update_retries,
+        )
+        if self.settings.backend_url.startswith("file://"):
+            Path(self.settings.backend_url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        self._env = {**os.environ, **engine_env(self.home, self.config, engine)}
+        self._slots = threading.BoundedSemaphore(max_concurrent or self.config.pulumi.max_concurrent_operations)
+        self.timeout = timeout
+
+    def log_path(self, stack: str) -> Path:
+        return Path(self.settings.logs_dir) / f"{stack}.log"
+
+    def _call(self, op: Op, stack: str = "", program: StackProgram | None = None, **flags: bool) -> Any:
+        request = StackRequest(op=op, stack=stack, settings=self.settings, program=program, **flags)
+        with self._slots, tempfile.TemporaryDirectory(prefix="sortie-op-") as tmp:
+            result_path = Path(tmp) / "result.pickle"
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "orchestrator._stack_worker", str(result_path)],
+                    input=pickle.dumps(request), env=self._env, capture_output=True, timeout=self.timeout,
+                )
+            except subprocess.TimeoutExpired:
+                raise StackOperationError(f"{op} of stack {stack} took longer than {self.timeout:.0f}s",
+                                          stack, str(self.log_path(stack))) from None
+            if not result_path.exists():
+                tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise StackOperationError(
+                    f"{op} of stack {stack}: worker process died with exit code {proc.returncode}: {tail[0]}",
+                    stack, str(self.log_path(stack)))
+            status, value = pickle.loads(result_path.read_bytes())
+        if status == "error":
+            raise value
+        return value
+
+    def up(self, stack: str, program: StackProgram, *, cleanup_on_failure: bool = True) -> UpResult:
+        return self._call("up", stack, program, cleanup_on_failure=cleanup_on_failure)
+
+    def preview(self, stack: str, program: StackProgram) -> Preview:
+        return self._call("preview", stack, program)
+
+    def refresh(self, stack: str) -> RefreshResult:
+        return self._call("refresh", stack)
+
+    def destroy(self, stack: str, *, remove: bool = True) -> None:
+        self._call("destroy", stack, remove=remove)
+
+    def remove(self, stack: str) -> None:
+        self._call("remove", stack)
+
+    def list_stacks(self) -> list[str]:
+        return self._call("list")
+
+    def cancel_stale_locks(self) -> list[str]:
+        """Cancel locks left by operations that died. Call only at start-up, before any operation."""
+        return self._call("unlock")

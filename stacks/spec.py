@@ -1,0 +1,57 @@
+"""What a stack program is asked to build: picklable values, so they cross into worker processes."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+ProgramKind = Literal["cluster", "pool-worker"]
+
+
+def new_cluster_token() -> str:
+    """A fresh bearer token for the agents of one cluster."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A cluster of `num_nodes` identical nodes on one infra and region."""
+
+    name: str
+    infra: str = "local"
+    region: str | None = None
+    zone: str | None = None
+    num_nodes: int = 1
+    instance_type: str | None = None
+    cpus: str | None = None
+    memory: str | None = None
+    accelerators: Mapping[str, int] = field(default_factory=dict)
+    use_spot: bool = False
+    disk_size: int | None = None
+    image: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    token: str = field(default="", repr=False)
+    # Where the local cloud keeps its sandboxes (the Sortie home's `local/`); local infra only.
+    local_root: str | None = None
+
+
+@dataclass(frozen=True)
+class StackProgram:
+    """A program and its spec: what the driver hands to a worker process."""
+
+    kind: ProgramKind
+    spec: ClusterSpec
+    pool: str | None = None
+    worker_index: int | None = None
+
+    def build(self) -> Callable[[], None]:
+        """The inline Pulumi program (imports Pulumi; call it inside the worker process)."""
+        if self.kind == "cluster":
+            from stacks.cluster_program import cluster_program
+
+            return lambda: cluster_program(self.spec)
+        from stacks.pool_program import pool_worker_program
+
+        return lambda: pool_worker_program(self.spec, self.pool or "", self.worker_index or 0)
