@@ -23,7 +23,8 @@ app.add_typer(stack_app, name="stack")
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    # Plain text by default: names and paths are printed as they are, never read as markup.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
 
 
 @engine_app.command("install")
@@ -144,7 +145,9 @@ def main() -> None:
     try:
         app()  # usage errors and --help exit here, with click's own messages and codes
     except SortieError as exc:
-        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -152,7 +155,7 @@ def main() -> None:
         if os.environ.get("SORTIE_DEBUG"):
             raise
         _console(stderr=True).print(f"error: unexpected {type(exc).__name__}: {exc} "
-                                    "(set SORTIE_DEBUG=1 for the traceback)", markup=False, soft_wrap=True)
+                                    "(set SORTIE_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def install_engine(force: bool = False, progress: Progress | None = None) -> tup
             else:
                 _build_from_proxy(root, version, log, report)
         except _ModuleUnavailable as exc:
-            failures.append(str(exc))
+            failures.append(f"{exc} (log: {log})")
             report(f"not served: {exc}; trying the next version pair")
             continue
         binary = root / "bin" / "pulumi"
@@ -241,8 +241,7 @@ def install_engine(force: bool = False, progress: Progress | None = None) -> tup
             raise EngineError(f"the engine at {binary} reports version {got!r}, expected {version} (log: {log})")
         write_provider_shim(binary.parent)
         return EngineInfo(path=binary, version=version), how
-    raise EngineError("the Go module proxy served no usable engine: " + "; ".join(failures)
-                      + f" (log: {engine_root() / 'install.log'})")
+    raise EngineError("the Go module proxy served no usable engine: " + "; ".join(failures))
 
 
 def default_backend_url(home: Path) -> str:

@@ -12,9 +12,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.errors import NoCapacityError, StackNotFoundError, StackOperationError
+from orchestrator.errors import NoCapacityError, StackNotFoundError, StackOperationError, UsageError
 from orchestrator.stack_driver import Preview, RefreshResult, ResourceChange, ResourceState, UpResult
 from stacks.builders.local import diff_node_inputs, node_inputs
+from stacks.cluster_program import validate
 from stacks.spec import ClusterSpec, StackProgram
 
 NODE_TYPE = "pulumi-python:dynamic:Resource"
@@ -64,12 +65,18 @@ class FakeStackDriver:
         return changes
 
     def _in_use(self, region: str, excluding: str) -> int:
+        """Nodes holding capacity in a region; a preempted node frees its capacity at once."""
         return sum(1 for name, resources in self.stacks.items() if name != excluding
-                   for r in resources.values() if r["inputs"]["region"] == region)
+                   for rname, r in resources.items()
+                   if r["inputs"]["region"] == region and (name, rname) not in self.preempted)
 
     def up(self, stack: str, program: StackProgram, *, cleanup_on_failure: bool = True) -> UpResult:
         with self._lock:
             self.operations.append(("up", stack))
+            try:
+                validate(program.spec)
+            except UsageError as exc:  # the real program fails the same way, inside the engine
+                raise StackOperationError(f"up of stack {stack} failed: {exc}", stack) from None
             plan = self._plan(program)
             for region in {inputs["region"] for inputs in plan.values()}:
                 limit = self.capacity.get(region)
@@ -84,6 +91,7 @@ class FakeStackDriver:
                 if change.op in ("create", "replace"):
                     self._ids += 1
                     current[change.name] = {"inputs": plan[change.name], "id": f"fake-{self._ids}"}
+                    self.preempted.discard((stack, change.name))
                 elif change.op == "update":
                     current[change.name]["inputs"] = plan[change.name]
                 elif change.op == "delete":
@@ -124,6 +132,7 @@ class FakeStackDriver:
             resources = self._require(stack)
             gone_names = [n for n in resources if (stack, n) in self.preempted]
             gone = tuple(self._state(stack, n, resources.pop(n)) for n in gone_names)
+            self.preempted -= {(stack, n) for n in gone_names}
             alive = tuple(self._state(stack, n, r) for n, r in resources.items())
             return RefreshResult(stack=stack, alive=alive, gone=gone)
 

@@ -1,0 +1,154 @@
+"""Shared fixtures. Each test gets its own Sortie home; end-to-end tests get a real Pulumi driver and
+fail if a stack, a lock, an agent process or a sandbox outlives them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import agent as agent_module
+
+
+@pytest.fixture
+def sortie_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "sortie-home"
+    home.mkdir()
+    monkeypatch.setenv("SORTIE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The real engine; installed (built from the Go module proxy if need be) when missing."""
+    from orchestrator.engine import install_engine
+
+    info, _how = install_engine()
+    return info
+
+
+def leftovers(driver, home: Path) -> list[str]:
+    """Everything an operation could leave behind in a Sortie home."""
+    from orchestrator.local_cloud import LocalCloud
+
+    found = [f"stack {s}" for s in driver.list_stacks()]
+    locks = home / "pulumi-backend" / ".pulumi" / "locks"
+    if locks.exists():
+        found += [f"lock {p.relative_to(locks)}" for p in locks.rglob("*.json")]
+    stacks_dir = home / "stacks"
+    if stacks_dir.exists():
+        found += [f"work dir {p.name}" for p in stacks_dir.iterdir() if p.name != "_workspace"]
+    found += LocalCloud(home / "local").leftovers()
+    return found
+
+
+@pytest.fixture
+def make_driver(sortie_home: Path, engine) -> Iterator[Callable[..., object]]:
+    """Build a PulumiStackDriver for this test's home (optionally with a config.yaml first); after
+    the test, fail if anything it made is left."""
+    from orchestrator.pulumi_driver import PulumiStackDriver
+
+    made: list[PulumiStackDriver] = []
+
+    def factory(config_yaml: str | None = None, **kwargs: object) -> PulumiStackDriver:
+        if config_yaml is not None:
+            (sortie_home / "config.yaml").write_text(config_yaml)
+        driver = PulumiStackDriver(sortie_home, **kwargs)
+        made.append(driver)
+        return driver
+
+    yield factory
+    if made:
+        driver = made[-1]
+        left = leftovers(driver, sortie_home)
+        if left:
+            for name in driver.list_stacks():
+                driver.destroy(name)
+            pytest.fail(f"left behind after the test: {left}")
+
+
+@pytest.fixture
+def driver(make_driver):
+    return make_driver()
+
+
+def _sandbox_processes(under: str) -> list[int]:
+    pids = []
+    prefix = f"{agent_module.SANDBOX_ENV}={under}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(item.startswith(prefix) for item in env):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session-wide: no process started inside any test's sandbox may outlive the run."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    stray = _sandbox_processes(base)
+    for pid in stray:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not stray, f"processes started in test sandboxes outlived the run: {stray}"
+
+
+class RunningAgent:
+    """An agent process started directly on a sandbox (no engine)."""
+
+    def __init__(self, sandbox: Path, token: str) -> None:
+        self.sandbox = sandbox
+        self.token = token
+        env = {**os.environ, "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
+        sandbox.mkdir(parents=True, exist_ok=True)
+        (sandbox / "agent.json").unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, agent_module.__file__, "--sandbox", str(sandbox)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not (sandbox / "agent.json").exists():
+            assert self.proc.poll() is None, "agent exited at start"
+            assert time.monotonic() < deadline, "agent did not start"
+            time.sleep(0.02)
+        self.port = json.loads((sandbox / "agent.json").read_text())["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, token: str | None = None):
+        from orchestrator.agent_client import AgentClient
+
+        return AgentClient(self.url, self.token if token is None else token)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
+    started: list[RunningAgent] = []
+
+    def factory(sandbox: Path | None = None, token: str = "test-token-123") -> RunningAgent:
+        agent = RunningAgent(sandbox or tmp_path / "sandbox", token)
+        started.append(agent)
+        return agent
+
+    yield factory
+    for agent in started:
+        agent.stop()

@@ -1,0 +1,138 @@
+"""The node agent, started directly on a sandbox: auth, runs, logs, exit codes, cancel."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator import agent as agent_module
+from orchestrator.agent_client import AgentError
+
+
+def _raw_get(url: str, headers: dict[str, str]) -> int:
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_refuses_missing_or_wrong_token(start_agent) -> None:
+    agent = start_agent()
+    assert _raw_get(f"{agent.url}/health", {}) == 401
+    assert _raw_get(f"{agent.url}/health", {"Authorization": "Bearer wrong"}) == 401
+    assert _raw_get(f"{agent.url}/health", {"Authorization": agent.token}) == 401  # no "Bearer "
+    assert _raw_get(f"{agent.url}/health", {"Authorization": f"Bearer {agent.token}"}) == 200
+    with pytest.raises(AgentError) as err:
+        agent.client(token="nope").run("touch should-not-exist")
+    assert err.value.status == 401
+    assert not list((agent.sandbox / "runs").iterdir())
+    assert not (agent.sandbox / "workdir" / "should-not-exist").exists()
+
+
+def test_runs_command_with_env_and_cwd(start_agent, tmp_path: Path) -> None:
+    agent = start_agent()
+    client = agent.client()
+    run_id = client.run('echo "rank=$SKYPILOT_NODE_RANK"; pwd; echo oops >&2; exit 3',
+                        env={"SKYPILOT_NODE_RANK": "1"}, cwd=str(tmp_path / "wd"))
+    status = client.wait(run_id, timeout=20)
+    assert (status.state, status.exit_code) == ("exited", 3)
+    output, next_offset = client.log(run_id)
+    assert output.decode().splitlines() == ["rank=1", str(tmp_path / "wd"), "oops"]
+    assert next_offset == len(output)
+    rest, same = client.log(run_id, offset=len(b"rank=1\n"))
+    assert rest.decode().startswith(str(tmp_path / "wd")) and same == next_offset
+
+
+def test_default_cwd_is_sandbox_workdir_and_token_not_inherited(start_agent) -> None:
+    agent = start_agent()
+    client = agent.client()
+    run_id = client.run('pwd; echo "token=${SORTIE_AGENT_TOKEN:-unset}"; echo "sandbox=$SORTIE_NODE_SANDBOX"')
+    assert client.wait(run_id, timeout=20).exit_code == 0
+    lines = client.log(run_id)[0].decode().splitlines()
+    assert lines == [str(agent.sandbox / "workdir"), "token=unset", f"sandbox={agent.sandbox}"]
+
+
+def test_cancel_kills_the_whole_process_group(start_agent) -> None:
+    agent = start_agent()
+    client = agent.client()
+    run_id = client.run("sleep 300 & echo $! > child.pid; wait")
+    pid_file = agent.sandbox / "workdir" / "child.pid"
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    status = client.cancel(run_id)
+    assert status.state == "cancelled"
+    assert status.exit_code is not None and status.exit_code != 0
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not Path(f"/proc/{child}").exists(), "the background child of a cancelled run survived"
+
+
+def test_logs_and_exit_codes_survive_an_agent_restart(start_agent) -> None:
+    first = start_agent()
+    client = first.client()
+    run_id = client.run("echo persisted; exit 7")
+    assert client.wait(run_id, timeout=20).exit_code == 7
+    first.stop()
+    second = start_agent(sandbox=first.sandbox, token=first.token)
+    status = second.client().status(run_id)
+    assert (status.state, status.exit_code) == ("exited", 7)
+    assert second.client().log(run_id)[0] == b"persisted\n"
+    assert json.loads((first.sandbox / "runs" / run_id / "exit.json").read_text())["exit_code"] == 7
+
+
+def test_bad_requests_are_refused_with_a_reason(start_agent) -> None:
+    agent = start_agent()
+    client = agent.client()
+    with pytest.raises(AgentError, match="command") as err:
+        client.run("   ")
+    assert err.value.status == 400
+    client.wait(client.run("true", run_id="fixed-id"), timeout=20)
+    with pytest.raises(AgentError, match="already exists"):
+        client.run("true", run_id="fixed-id")
+    with pytest.raises(AgentError) as missing:
+        client.status("no-such-run")
+    assert missing.value.status == 404
+
+
+def test_unreachable_agent_is_a_clear_error(start_agent) -> None:
+    agent = start_agent()
+    client = agent.client()
+    agent.stop()
+    with pytest.raises(AgentError, match="unreachable"):
+        client.health()
+
+
+def test_agent_module_uses_only_the_standard_library() -> None:
+    tree = ast.parse(Path(agent_module.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    imported.discard("__future__")
+    import sys
+
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+
+
+def test_agent_requires_a_token(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SORTIE_AGENT_TOKEN"}
+    proc = subprocess.run([sys.executable, agent_module.__file__, "--sandbox", str(tmp_path / "s")], env=env,
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode != 0
+    assert "token is required" in proc.stderr
