@@ -86,8 +86,14 @@ class PulumiConfig(BaseModel):
         str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Pulumi project name of Sortie's stacks.")
     ] = "sortie"
     max_concurrent_operations: Annotated[
-        int, Field(ge=1, le=64, description="Stack operations (each its own process) running at once.")
-    ] = 4
+        int | None,
+        Field(ge=1, le=64, description="Stack operations (each its own process, ~250 MiB) running at once; "
+              "default: the CPU count, between 2 and 8 (operations are CPU-bound)."),
+    ] = None
+    @property
+    def operation_slots(self) -> int:
+        return self.max_concurrent_operations or min(max(os.cpu_count() or 2, 2), 8)
+
     concurrent_update_retries: Annotated[
         int, Field(ge=0, description="Retries of an operation refused because the stack is locked.")
     ] = 5

@@ -48,7 +48,7 @@ class PulumiStackDriver:
         if self.settings.backend_url.startswith("file://"):
             Path(self.settings.backend_url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         self._env = {**os.environ, **engine_env(self.home, self.config, engine)}
-        self._slots = threading.BoundedSemaphore(max_concurrent or self.config.pulumi.max_concurrent_operations)
+        self._slots = threading.BoundedSemaphore(max_concurrent or self.config.pulumi.operation_slots)
         self.timeout = timeout
 
     def log_path(self, stack: str) -> Path:
