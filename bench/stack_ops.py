@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.agent import SANDBOX_ENV  # noqa: E402
-from stacks.spec import ClusterSpec, StackProgram, new_cluster_token  # noqa: E402
+from orchestrator.agent import SANDBOX_ENV
+from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 
 
 def _rss_kib(pid: int) -> int:
