@@ -4,8 +4,9 @@ Standard library only, so cloud user-data can ship this file to a VM unchanged:
 
     python3 agent.py --sandbox DIR [--host 127.0.0.1] [--port 0] [--node-id ID]
 
-The bearer token comes from `$SORTIE_AGENT_TOKEN` (removed from the environment before anything
-runs) or `--token-file`. Every request must carry `Authorization: Bearer <token>`.
+The bearer token comes from the first line of stdin (`--token-stdin`, what Sortie uses: it never
+shows in /proc/<pid>/environ), `--token-file`, or `$SORTIE_AGENT_TOKEN` (removed from the
+environment before anything runs). Every request must carry `Authorization: Bearer <token>`.
 
 HTTP API (JSON):
     GET  /health                    node id, pid, uptime, runs in progress
@@ -315,12 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--node-id", default="")
     parser.add_argument("--token-file", type=Path)
+    parser.add_argument("--token-stdin", action="store_true", help="read the token from the first line of stdin")
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
         token = args.token_file.read_text().strip()
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
     if not token:
-        parser.error("a token is required: set SORTIE_AGENT_TOKEN or pass --token-file")
+        parser.error("a token is required: pass --token-stdin, --token-file or set SORTIE_AGENT_TOKEN")
     args.sandbox.mkdir(parents=True, exist_ok=True)
     serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name)
 

@@ -183,14 +183,17 @@ class LocalCloud:
     def _start_agent(self, node: LocalNode, token: str) -> LocalNode:
         sandbox = Path(node.sandbox)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PULUMI_", "SORTIE_AGENT"))}
-        env.update({"SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: node.sandbox,
-                    "SORTIE_NODE_ID": node.node_id})
+        env.update({agent_module.SANDBOX_ENV: node.sandbox, "SORTIE_NODE_ID": node.node_id})
         with (sandbox / "agent.log").open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, agent_module.__file__, "--sandbox", node.sandbox, "--node-id", node.node_id],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, agent_module.__file__, "--sandbox", node.sandbox, "--node-id", node.node_id,
+                 "--token-stdin"],
+                env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
             )
+        assert proc.stdin is not None
+        proc.stdin.write(f"{token}\n".encode())
+        proc.stdin.close()
         info_path = sandbox / "agent.json"
         deadline = time.monotonic() + AGENT_START_TIMEOUT
         while not info_path.exists():

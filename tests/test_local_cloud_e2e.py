@@ -56,6 +56,11 @@ def test_two_node_cluster_runs_preempts_and_leaves_nothing(driver, sortie_home: 
     for path, text in zip(backend_files, state_texts, strict=True):
         assert program.spec.token.encode() not in text, f"token in clear text in {path}"
     assert program.spec.token not in driver.log_path("sortie-test-1-1").read_text()
+    # ... nor in what other users of the machine can read of the agent processes.
+    for node in LocalCloud(sortie_home / "local").nodes("sortie-test-1-1"):
+        for part in ("environ", "cmdline"):
+            assert program.spec.token.encode() not in Path(f"/proc/{node.pid}/{part}").read_bytes()
+        assert program.spec.token not in "".join(p.read_text() for p in Path(node.sandbox).glob("*.json"))
 
     # Preempt node 1: its agent dies at once, and refresh (the infra's word) reports it gone.
     LocalCloud(sortie_home / "local").preempt_cluster("sortie-test-1-1", rank=1)
