@@ -113,12 +113,14 @@ class _Run:
         self.log.write(line if line.endswith("\n") else line + "\n")
         self.log.flush()
 
-    def _options(self, program: Callable[[], None] | None) -> Any:
+    def options(self, program: Callable[[], None] | None, work_dir: Path | None = None) -> Any:
+        """Workspace options: Sortie's project, backend, secrets provider and engine; one work dir per stack."""
         from pulumi import automation as auto
 
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        work_dir = work_dir or self.work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
         return auto.LocalWorkspaceOptions(
-            work_dir=str(self.work_dir),
+            work_dir=str(work_dir),
             program=program,
             secrets_provider=self.settings.secrets_provider,
             project_settings=auto.ProjectSettings(
@@ -132,7 +134,7 @@ class _Run:
         from pulumi import automation as auto
 
         program = self.request.program.build() if self.request.program else (lambda: None)
-        opts = self._options(program)
+        opts = self.options(program)
         name, project = self.request.stack, self.settings.project
         try:
             if create:
@@ -145,7 +147,7 @@ class _Run:
     def workspace(self) -> Any:
         from pulumi import automation as auto
 
-        return auto.LocalWorkspace(**vars(self._options(None)))
+        return auto.LocalWorkspace(**vars(self.options(None)))
 
     def retrying(self, fn: Callable[[], Any]) -> Any:
         """Run an engine call, retrying while another operation holds the stack's lock."""
@@ -312,7 +314,7 @@ def _do_unlock(run: _Run) -> list[str]:
     cancelled = []
     for name in candidates:
         stack = auto.select_stack(stack_name=name, project_name=run.settings.project, program=lambda: None,
-                                  opts=_Run(StackRequest("unlock", name, run.settings), run.log)._options(None))
+                                  opts=run.options(None, Path(run.settings.stacks_dir) / name))
         try:
             stack.cancel()
             cancelled.append(name)
