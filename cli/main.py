@@ -15,6 +15,10 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 engine_app = typer.Typer(no_args_is_help=True, help="Install and inspect the Pulumi engine.")
 local_app = typer.Typer(no_args_is_help=True, help="The embedded local cloud: nodes, regions, preemption.")
 stack_app = typer.Typer(no_args_is_help=True, help="Stacks Sortie made: list, destroy, unlock.")
+from cli.jobs import controller_app, jobs_app  # noqa: E402 - after the apps it extends
+
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(controller_app, name="controller")
 app.add_typer(engine_app, name="engine")
 app.add_typer(local_app, name="local")
 app.add_typer(stack_app, name="stack")
@@ -25,6 +29,41 @@ def _console(stderr: bool = False):
 
     # Plain text by default: names and paths are printed as they are, never read as markup.
     return Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command("status")
+def status() -> None:
+    """The controller and the clusters it holds."""
+    from rich.table import Table
+
+    from orchestrator.controller.daemon import controller_info
+    from orchestrator.service import JobService
+
+    info = controller_info()
+    console = _console()
+    if info.running:
+        console.print(f"Controller: running (pid {info.pid}, version {info.version})")
+    else:
+        console.print("Controller: not running")
+    stacks = JobService().store.live_stacks()
+    if not stacks:
+        console.print("Clusters: none")
+        return
+    table = Table("CLUSTER (STACK)", "JOB", "STATUS", "CREATED", box=None)
+    for row in stacks:
+        table.add_row(row.name, str(row.job_id or "-"), row.status,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.created_at)))
+    console.print(table)
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of the task YAML (for editors)."""
+    import json
+
+    from orchestrator.spec import task_json_schema
+
+    print(json.dumps(task_json_schema(), indent=2))
 
 
 @engine_app.command("install")

@@ -294,23 +294,53 @@ def _do_list(run: _Run) -> list[str]:
     return sorted(s.name for s in run.workspace().list_stacks())
 
 
+def _lock_is_stale(path: Path) -> bool:
+    """A lock is stale when the process that took it is gone (it ran on this host and is not alive)."""
+    import json
+    import os
+    import socket
+
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True
+    if content.get("hostname") not in (socket.gethostname(), None):
+        return False  # another machine's lock: not ours to judge
+    pid = int(content.get("pid") or 0)
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _locked_stacks(settings: DriverSettings) -> list[str] | None:
-    """Stacks with lock files in a file backend; None where the backend is not a file backend."""
+    """Stacks with stale lock files in a file backend; None where the backend is not a file backend."""
     if not settings.backend_url.startswith("file://"):
         return None
     lock_root = Path(settings.backend_url.removeprefix("file://")).expanduser() / ".pulumi" / "locks"
     if not lock_root.exists():
         return []
-    return sorted({p.parent.name for p in lock_root.rglob("*.json")})
+    stale: dict[str, bool] = {}
+    for path in lock_root.rglob("*.json"):  # `cancel` removes every lock of a stack: all must be stale
+        stale[path.parent.name] = stale.get(path.parent.name, True) and _lock_is_stale(path)
+    return sorted(name for name, all_stale in stale.items() if all_stale)
 
 
 def _do_unlock(run: _Run) -> list[str]:
-    """Cancel locks left by operations that died (only call when no operation of ours runs)."""
+    """Cancel locks left by operations that died. On a file backend only locks whose process is gone
+    are touched, so an operation still running (say, one a killed controller left) keeps its lock."""
     from pulumi import automation as auto
 
-    ours = {s.name for s in run.workspace().list_stacks()}
     locked = _locked_stacks(run.settings)
-    candidates = sorted(ours if locked is None else ours & set(locked))
+    if locked is None:  # a service backend: its locks are not ours to judge from here
+        run.on_output("[sortie] not a file backend: stale locks are left to `pulumi cancel`")
+        return []
+    candidates = sorted({s.name for s in run.workspace().list_stacks()} & set(locked))
     cancelled = []
     for name in candidates:
         stack = auto.select_stack(stack_name=name, project_name=run.settings.project, program=lambda: None,

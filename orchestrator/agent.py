@@ -15,6 +15,8 @@ HTTP API (JSON):
     GET  /runs/<id>                 {"state": running|exited|cancelled, "exit_code", ...}
     GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
     POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
+    POST /files?dest=PATH           a tar stream, extracted at PATH (relative: under workdir/; `~/x`: under
+                                    home/; absolute: as is, or under mounts/ when started with --confine)
 
 Layout in the sandbox (it survives agent and controller restarts):
     agent.json                      {"pid", "port", "host", "node_id"} once listening
@@ -23,6 +25,7 @@ Layout in the sandbox (it survives agent and controller restarts):
     runs/<id>/exit.json             {"exit_code", "ended_at"} when the run ends (128+N for signal N)
     runs/<id>/cancelled             present if the run was cancelled
     workdir/                        default cwd of runs
+    home/, mounts/                  where `~/...` and (with --confine) absolute upload paths land
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ import hmac
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -47,6 +53,7 @@ from urllib.parse import parse_qs, urlparse
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MAX_BODY = 4 * 1024 * 1024
+MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 5.0
 SANDBOX_ENV = "SORTIE_NODE_SANDBOX"
 
@@ -77,9 +84,10 @@ def _kill_group(pgid: int, grace: float) -> None:
 class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
-    def __init__(self, sandbox: Path, token: str, node_id: str) -> None:
+    def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False) -> None:
         self.sandbox = sandbox
         self.node_id = node_id
+        self.confine = confine
         self.runs_dir = sandbox / "runs"
         self.workdir = sandbox / "workdir"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +192,44 @@ class Agent:
         for proc in procs:
             _kill_group(proc.pid, 1.0)
 
+    def resolve(self, dest: str) -> Path:
+        """Where an upload to `dest` lands on this node."""
+        if dest.startswith("~"):
+            return self.sandbox / "home" / dest.lstrip("~/")
+        path = Path(dest)
+        if not path.is_absolute():
+            return self.workdir / path
+        return self.sandbox / "mounts" / path.relative_to("/") if self.confine else path
+
+    def receive_files(self, dest: str, stream: object, length: int, single_file: bool = False) -> Path:
+        """Extract a tar stream at `dest`, replacing what was there only once the whole stream arrived."""
+        target = self.resolve(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".upload-") as tmp:
+            archive = Path(tmp) / "upload.tar"
+            with archive.open("wb") as fh:
+                remaining = length
+                while remaining > 0:
+                    chunk = stream.read(min(remaining, 1 << 20))  # type: ignore[attr-defined]
+                    if not chunk:
+                        raise ValueError("upload ended early")
+                    fh.write(chunk)
+                    remaining -= len(chunk)
+            staged = Path(tmp) / "staged"
+            with tarfile.open(archive) as tar:
+                tar.extractall(staged, filter="data")
+            if single_file:
+                members = list(staged.iterdir())
+                if len(members) != 1 or not members[0].is_file():
+                    raise ValueError("files: file=1 needs a tar of exactly one regular file")
+                staged = members[0]
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(staged, target)
+        return target
+
     def health(self) -> dict:
         running = sum(1 for s in self.all_status() if s["state"] == "running")
         return {"status": "ok", "node_id": self.node_id, "pid": os.getpid(),
@@ -263,6 +309,15 @@ class _Handler(BaseHTTPRequestHandler):
         agent = self.server.agent
         parts = [p for p in urlparse(self.path).path.split("/") if p]
         try:
+            if parts == ["files"]:
+                length = int(self.headers.get("Content-Length") or 0)
+                dest = parse_qs(urlparse(self.path).query).get("dest", [""])[0]
+                if not dest or length > MAX_UPLOAD:
+                    raise ValueError("files: a dest and a tar body under 8 GiB are required")
+                single = parse_qs(urlparse(self.path).query).get("file", ["0"])[0] == "1"
+                target = agent.receive_files(dest, self.rfile, length, single)
+                self._json(201, {"path": str(target)})
+                return
             body = self._body()
             if parts == ["runs"]:
                 command = body.get("command")
@@ -280,7 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, f"no route POST {self.path}")
         except FileExistsError as exc:
             self._error(409, str(exc))
-        except (ValueError, json.JSONDecodeError) as exc:
+        except (ValueError, json.JSONDecodeError, tarfile.TarError) as exc:
             self._error(400, str(exc))
 
 
@@ -292,8 +347,8 @@ class _AgentServer(ThreadingHTTPServer):
         self.agent = agent
 
 
-def serve(sandbox: Path, token: str, host: str, port: int, node_id: str) -> None:
-    agent = Agent(sandbox, token, node_id)
+def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False) -> None:
+    agent = Agent(sandbox, token, node_id, confine)
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:
@@ -317,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node-id", default="")
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--token-stdin", action="store_true", help="read the token from the first line of stdin")
+    parser.add_argument("--confine", action="store_true", help="absolute upload paths land under <sandbox>/mounts")
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
@@ -326,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error("a token is required: pass --token-stdin, --token-file or set SORTIE_AGENT_TOKEN")
     args.sandbox.mkdir(parents=True, exist_ok=True)
-    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name)
+    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,15 @@ class AgentClient:
     token: str
     timeout: float = 10.0
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, dict[str, str]]:
-        data = json.dumps(body).encode() if body is not None else None
+    def _request(self, method: str, path: str, body: dict | None = None, raw: bytes | None = None,
+                 timeout: float | None = None) -> tuple[bytes, dict[str, str]]:
+        data = json.dumps(body).encode() if body is not None else raw
         req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
+        if body is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 return resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
@@ -88,6 +89,25 @@ class AgentClient:
         """Log bytes from `offset`, and the offset to ask for next."""
         raw, headers = self._request("GET", f"/runs/{run_id}/log?offset={offset}")
         return raw, int(headers.get("X-Next-Offset", offset + len(raw)))
+
+    def upload(self, source: str, dest: str) -> str:
+        """Send a local file or directory to `dest` on the node (see the agent's POST /files)."""
+        import io
+        import tarfile
+        from pathlib import Path
+        from urllib.parse import quote
+
+        buf = io.BytesIO()
+        src = Path(source)
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            if src.is_dir():
+                for child in sorted(src.iterdir()):
+                    tar.add(child, arcname=child.name)
+            else:
+                tar.add(src, arcname=src.name)
+        kind = "" if src.is_dir() else "&file=1"
+        raw, _ = self._request("POST", f"/files?dest={quote(dest)}{kind}", raw=buf.getvalue(), timeout=600)
+        return json.loads(raw)["path"]
 
     def cancel(self, run_id: str) -> RunStatus:
         return RunStatus(**self._json("POST", f"/runs/{run_id}/cancel", {}))

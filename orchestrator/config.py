@@ -99,6 +99,40 @@ class PulumiConfig(BaseModel):
     ] = 5
 
 
+class StateConfig(BaseModel):
+    """Where durable state lives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[
+        str | None,
+        Field(description="SQLAlchemy URL of the state DB, e.g. postgresql://user@host/sortie. "
+              "Default: SQLite (WAL) at <home>/state.db. $SORTIE_DB_URL overrides."),
+    ] = None
+
+
+class ControllerConfig(BaseModel):
+    """The controller daemon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    autostop_idle_minutes: Annotated[
+        float, Field(ge=0, description="Stop the controller after this long with no job in progress.")
+    ] = 10.0
+    poll_interval_seconds: Annotated[
+        float, Field(gt=0, le=300, description="How often node health and job exit codes are polled.")
+    ] = 5.0
+    tick_seconds: Annotated[
+        float, Field(gt=0, le=60, description="How often the reconcilers run.")
+    ] = 1.0
+    agent_workers: Annotated[
+        int, Field(ge=1, le=256, description="Concurrent agent calls (polls, log copies, file syncs).")
+    ] = 16
+    controller_error_retries: Annotated[
+        int, Field(ge=0, description="Retries of a job after an unexpected controller error, then FAILED_CONTROLLER.")
+    ] = 3
+
+
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
 
@@ -106,6 +140,8 @@ class SortieConfig(BaseModel):
 
     pulumi: PulumiConfig = Field(default_factory=PulumiConfig)
     local: LocalCloudConfig = Field(default_factory=LocalCloudConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

@@ -187,7 +187,7 @@ class LocalCloud:
         with (sandbox / "agent.log").open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, agent_module.__file__, "--sandbox", node.sandbox, "--node-id", node.node_id,
-                 "--token-stdin"],
+                 "--token-stdin", "--confine"],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
             )

@@ -136,3 +136,23 @@ def test_agent_requires_a_token(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode != 0
     assert "token is required" in proc.stderr
+
+
+def test_uploads_land_in_workdir_home_and_confined_mounts(start_agent, tmp_path: Path) -> None:
+    agent = start_agent()
+    client = agent.client()
+    src = tmp_path / "project"
+    (src / "pkg").mkdir(parents=True)
+    (src / "train.py").write_text("print('hi')\n")
+    (src / "pkg" / "data.txt").write_text("42\n")
+    assert client.upload(str(src), ".") == str(agent.sandbox / "workdir")
+    assert (agent.sandbox / "workdir" / "pkg" / "data.txt").read_text() == "42\n"
+    client.upload(str(src / "train.py"), "~/bin/train.py")
+    assert (agent.sandbox / "home" / "bin" / "train.py").read_text() == "print('hi')\n"
+    # Re-uploading replaces: a file removed locally is gone on the node too.
+    (src / "pkg" / "data.txt").unlink()
+    client.upload(str(src), ".")
+    assert not (agent.sandbox / "workdir" / "pkg" / "data.txt").exists()
+    run_id = client.run("cat train.py")
+    assert client.wait(run_id, timeout=20).exit_code == 0
+    assert client.log(run_id)[0] == b"print('hi')\n"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -139,9 +141,15 @@ def test_stale_lock_of_a_crashed_operation_is_retried_then_cancelled(make_driver
     lock_dir = sortie_home / "pulumi-backend" / ".pulumi" / "locks" / "organization" / "sortie" / name
     lock_dir.mkdir(parents=True, exist_ok=True)
     (lock_dir / f"{uuid.uuid4()}.json").write_text(json.dumps(
-        {"pid": 999999, "username": "crashed", "hostname": "here", "timestamp": "2026-01-01T00:00:00Z"}))
+        {"pid": 999999, "username": "crashed", "hostname": socket.gethostname(), "timestamp": "2026-01-01T00:00:00Z"}))
     with pytest.raises(StackLockedError, match="locked"):
         driver.refresh(name)
+    # A lock whose process is alive (an operation still running) is never cancelled.
+    live = lock_dir / f"{uuid.uuid4()}.json"
+    live.write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "username": "me",
+                                "timestamp": "2026-01-01T00:00:00Z"}))
+    assert driver.cancel_stale_locks() == []
+    live.unlink()
     assert driver.cancel_stale_locks() == [name]
     assert not list(lock_dir.glob("*.json"))
     assert [r.name for r in driver.refresh(name).alive] == ["node-0"]

@@ -1,0 +1,345 @@
+"""`sortie jobs ...` and `sortie controller ...`: managed jobs from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from orchestrator.service import JobService
+    from orchestrator.spec import Pipeline
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Managed jobs: launch, queue, logs, cancel.")
+controller_app = typer.Typer(no_args_is_help=True, help="The controller daemon: status, stop, logs.")
+
+
+def _console(stderr: bool = False):
+    from cli.main import _console as console
+
+    return console(stderr)
+
+
+def _service() -> JobService:
+    from orchestrator.service import JobService
+
+    return JobService()
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    delta = max(time.time() - ts, 0)
+    for unit, size in (("day", 86400), ("hr", 3600), ("min", 60)):
+        if delta >= size:
+            n = int(delta // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "a few secs ago"
+
+
+def _duration(start: float | None, end: float | None) -> str:
+    if not start:
+        return "-"
+    seconds = int((end or time.time()) - start)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes}m {secs}s" if hours else (f"{minutes}m {secs}s" if minutes else f"{secs}s")
+
+
+def _considered_table(pipeline: Pipeline) -> list[str]:
+    """SkyPilot's "Considered resources" table, for each task (local cloud prices are 0)."""
+    from rich.table import Table
+
+    from orchestrator.config import load_config
+    from orchestrator.placement import Infeasible, place
+
+    config = load_config()
+    out = []
+    for index, task in enumerate(pipeline.tasks):
+        cands = [c.to_json() for c in task.candidates()]
+        choice = place(cands, config)
+        table = Table("INFRA", "INSTANCE", "vCPUs", "Mem(GB)", "GPUS", "COST ($)", "CHOSEN", box=None,
+                      title=f"Considered resources ({task.num_nodes} node{'s' if task.num_nodes > 1 else ''})"
+                      + (f" for task {index} ({task.name})" if len(pipeline.tasks) > 1 else ""),
+                      title_justify="left")
+        for i, cand in enumerate(cands):
+            gpus = ", ".join(f"{k}:{v:g}" for k, v in cand["accelerators"].items()) or "-"
+            chosen = not isinstance(choice, Infeasible) and choice.candidate_index == i
+            infra = (f"Local ({choice.region})" if chosen and not isinstance(choice, Infeasible)
+                     else cand.get("infra") or cand.get("cloud") or "local")
+            table.add_row(infra, cand.get("instance_type") or "sandbox", cand.get("cpus") or "-",
+                          cand.get("memory") or "-", gpus, "0.00", "✔" if chosen else "")
+        out.append(table)
+        if isinstance(choice, Infeasible):
+            out.append(f"No feasible resources: {choice.reason}")
+    return out
+
+
+def _useful_commands(job_id: int) -> str:
+    return (f"Managed Job ID: {job_id}\n"
+            "Useful Commands\n"
+            f"├── To cancel the job:                sortie jobs cancel {job_id}\n"
+            f"├── To stream job logs:               sortie jobs logs {job_id}\n"
+            f"├── To stream controller logs:        sortie jobs logs --controller {job_id}\n"
+            "└── To view all managed jobs:         sortie jobs queue")
+
+
+@jobs_app.command("launch")
+def launch(
+    entrypoint: list[str] = typer.Argument(..., help="A task YAML, or a command to run."),
+    name: str = typer.Option(None, "-n", "--name", help="Name of the job (or pipeline)."),
+    env: list[str] = typer.Option([], "--env", help="K=V, or K to take it from your environment. Repeatable."),
+    env_file: str = typer.Option(None, "--env-file", help="A dotenv file of K=V lines."),
+    secret: list[str] = typer.Option([], "--secret", help="K=V, or K from your environment; never shown."),
+    infra: str = typer.Option(None, "--infra", help="local, local/region-a, aws/us-east-1, ..."),
+    cpus: str = typer.Option(None, "--cpus", help="vCPUs per node: 4 or 4+."),
+    memory: str = typer.Option(None, "--memory", help="GB per node: 16 or 16+."),
+    gpus: str = typer.Option(None, "--gpus", help="Accelerators per node, like H100:8."),
+    num_nodes: int = typer.Option(None, "--num-nodes", help="Nodes of the cluster."),
+    use_spot: bool = typer.Option(None, "--use-spot/--no-use-spot", help="Spot instances."),
+    workdir: str = typer.Option(None, "--workdir", help="Local directory synced to every node."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    detach_run: bool = typer.Option(False, "-d", "--detach-run", help="Return once submitted; do not stream logs."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Validate and plan; launch nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dryrun: print the normalized task as JSON."),
+) -> None:
+    """Launch a managed job: a temporary cluster runs it and is destroyed when it ends."""
+    from orchestrator.spec import Overrides, load_entrypoint
+
+    def pairs(items: list[str]) -> tuple[tuple[str, str | None], ...]:
+        return tuple((i.split("=", 1)[0], i.split("=", 1)[1] if "=" in i else None) for i in items)
+
+    text = " ".join(entrypoint)
+    overrides = Overrides(name=name, envs=pairs(env), env_file=env_file, secrets=pairs(secret), infra=infra,
+                          cpus=cpus, memory=memory, gpus=gpus, num_nodes=num_nodes, use_spot=use_spot,
+                          workdir=workdir)
+    pipeline = load_entrypoint(text, overrides)
+    console = _console()
+    if dryrun and as_json:
+        print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
+        return
+    is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()
+    console.print(f"Task from {'YAML spec' if is_file else 'command'}: {text}")
+    label = pipeline.name or "sortie-job"
+    console.print(f"Managed job {label!r} will be launched on (estimated):")
+    for item in _considered_table(pipeline):
+        console.print(item)
+    if dryrun:
+        console.print("Dry run: nothing launched.")
+        return
+    if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
+        raise typer.Exit(1)
+    service = _service()
+    (job_id,) = service.launch(pipeline)
+    console.print(f"Managed job {label!r} submitted: ID {job_id}")
+    if not detach_run:
+        job = service.resolve(job_id)
+        for line in service.log_lines(job, follow=True):
+            print(line, flush=True)
+        final = service.resolve(job_id)
+        mark = "✓" if final.status == "SUCCEEDED" else "✗"
+        reason = f": {final.failure_reason}" if final.failure_reason and final.status != "SUCCEEDED" else ""
+        console.print(f"{mark} Managed job finished: {job_id} (status: {final.status}){reason}.")
+    console.print(_useful_commands(job_id))
+    if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("queue")
+def queue(
+    all_jobs: bool = typer.Option(False, "-a", "--all", help="Also jobs that finished more than a day ago."),
+    all_users: bool = typer.Option(False, "-u", "--all-users", help="Jobs of every user (adds USER)."),
+    skip_finished: bool = typer.Option(False, "--skip-finished", help="Only jobs in progress."),
+    status: list[str] = typer.Option([], "-s", "--status", help="Only jobs in these statuses."),
+    limit: int = typer.Option(None, "-l", "--limit", help="At most this many jobs."),
+    as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
+) -> None:
+    """Managed jobs, newest first."""
+    from rich.table import Table
+
+    from orchestrator.errors import UsageError
+    from orchestrator.job_status import JobStatus
+
+    wanted = [s.upper() for s in status]
+    unknown = [s for s in wanted if s not in JobStatus.__members__]
+    if unknown:
+        raise UsageError(f"--status {unknown[0]}: not a job status (one of {', '.join(JobStatus.__members__)})")
+    rows = _service().queue(all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
+                            statuses=wanted or None, limit=limit)
+    if as_json:
+        print(json.dumps([{
+            "id": r.job.id, "name": r.job.name, "user": r.job.user, "status": r.job.status,
+            "submitted_at": r.job.submitted_at, "started_at": r.job.started_at, "ended_at": r.job.ended_at,
+            "failure_reason": r.job.failure_reason,
+            "tasks": [{"task": t.task_index, "name": t.name, "status": t.status, "resources": t.resources,
+                       "recoveries": t.recoveries, "exit_codes": t.exit_codes} for t in r.tasks],
+        } for r in rows], indent=2))
+        return
+    in_progress = [r for r in rows if not JobStatus(r.job.status).terminal]
+    counts: dict[str, int] = {}
+    for r in in_progress:
+        counts[r.job.status] = counts.get(r.job.status, 0) + 1
+    console = _console()
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    console.print(f"In progress jobs: {summary or 'none'}")
+    columns = ["ID", "TASK", "NAME", *(["USER"] if all_users else []), "RESOURCES", "SUBMITTED", "TOT. DURATION",
+               "JOB DURATION", "#RECOVERIES", "STATUS"]
+    table = Table(*columns, box=None)
+    for r in rows:
+        job, tasks = r.job, r.tasks
+        user = [job.user] if all_users else []
+        run_start = min((t.run_started_at for t in tasks if t.run_started_at), default=None)
+        recoveries = sum(t.recoveries for t in tasks)
+        resources = tasks[0].resources if len(tasks) == 1 else "-"
+        table.add_row(str(job.id), "-", job.name or "-", *user, resources, _ago(job.submitted_at),
+                      _duration(job.submitted_at, job.ended_at), _duration(run_start, job.ended_at),
+                      str(recoveries), job.status)
+        if job.is_pipeline:
+            for t in tasks:
+                table.add_row("", str(t.task_index), f"↳ {t.name or '-'}", *[""] * len(user), t.resources, "",
+                              _duration(t.started_at, t.ended_at) if t.started_at else "-",
+                              _duration(t.run_started_at, t.ended_at), str(t.recoveries), t.status)
+    console.print(table)
+
+
+def _job_arg(job_id: int | None, name: str | None):
+    return _service().resolve(job_id, name)
+
+
+@jobs_app.command("logs")
+def logs(
+    job_id: int = typer.Argument(None, help="Job id (default: the latest job)."),
+    task: str = typer.Argument(None, help="Only this task of a pipeline (index or name)."),
+    name: str = typer.Option(None, "-n", "--name", help="Job name instead of id."),
+    follow: bool = typer.Option(True, "--follow/--no-follow", help="Follow until the job ends."),
+    tail: int = typer.Option(None, "--tail", help="Only the last N lines (then follow)."),
+    controller: bool = typer.Option(False, "--controller", help="The controller's log for this job."),
+) -> None:
+    """Stream a job's logs (they stay readable after its cluster is gone)."""
+    from orchestrator.errors import UsageError
+
+    service = _service()
+    job = service.resolve(job_id, name)
+    task_index = None
+    if task is not None:
+        names = [t.get("name") for t in job.spec["tasks"]]
+        if task.isdigit() and int(task) < len(names):
+            task_index = int(task)
+        elif task in names:
+            task_index = names.index(task)
+        else:
+            raise UsageError(f"job {job.id} has no task {task!r} (tasks: {', '.join(map(str, range(len(names))))})")
+
+    def source(follow_it: bool):
+        if controller:
+            return service.controller_log_lines(job, follow=follow_it)
+        return service.log_lines(job, follow=follow_it, task=task_index)
+
+    shown = 0
+    if tail is not None:
+        existing = list(source(False))
+        for line in existing[-tail:]:
+            print(line, flush=True)
+        shown = len(existing)
+        if not follow:
+            return
+    for i, line in enumerate(source(follow)):
+        if i >= shown:
+            print(line, flush=True)
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job_ids: list[int] = typer.Argument(None, help="Job ids."),
+    name: str = typer.Option(None, "-n", "--name", help="Cancel the job of this name."),
+    all_jobs: bool = typer.Option(False, "-a", "--all", help="Cancel all of your jobs in progress."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+) -> None:
+    """Cancel managed jobs: CANCELLING, then CANCELLED once their clusters are destroyed."""
+    from orchestrator.errors import UsageError
+    from orchestrator.service import current_user
+
+    service = _service()
+    if sum(bool(x) for x in (job_ids, name, all_jobs)) != 1:
+        raise UsageError("give job ids, -n NAME or -a (exactly one of them)")
+    ids = list(job_ids or [])
+    if name:
+        ids = [service.resolve(None, name).id]
+    if all_jobs:
+        ids = service.active_ids(current_user())
+        if not ids:
+            _console().print("No jobs in progress to cancel.")
+            return
+    if not yes and not typer.confirm(f"Cancel managed job(s) {', '.join(map(str, ids))}?", default=True):
+        raise typer.Exit(1)
+    for job_id, requested in service.cancel(ids):
+        _console().print(f"Job {job_id}: {'cancelling' if requested else 'already finished; nothing to cancel'}")
+
+
+@jobs_app.command("events")
+def events(job_id: int = typer.Argument(..., help="Job id."),
+           as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
+    """A job's history: submitted, placed, provisioned, exit codes, finished."""
+    from rich.table import Table
+
+    rows = _service().events(job_id)
+    if as_json:
+        print(json.dumps([{"at": e.at, "task": e.task_index, "who": e.who, "what": e.what, "why": e.why,
+                           "data": e.data} for e in rows], indent=2))
+        return
+    table = Table("TIME", "TASK", "WHO", "WHAT", "WHY", box=None)
+    for e in rows:
+        task = "-" if e.task_index is None else str(e.task_index)
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(e.at)), task, e.who, e.what, e.why or "")
+    _console().print(table)
+
+
+@controller_app.command("status")
+def controller_status() -> None:
+    """Whether the controller runs, since when, and what it holds."""
+    from orchestrator.controller.daemon import controller_info
+
+    info = controller_info()
+    console = _console()
+    if not info.running:
+        console.print("controller: not running (the next `sortie jobs launch` starts it)")
+        return
+    console.print(f"controller: running, pid {info.pid}, version {info.version}, up {_duration(info.started_at, None)}")
+
+
+@controller_app.command("stop")
+def controller_stop() -> None:
+    """Stop the controller; jobs stay in the state and resume at its next start."""
+    from orchestrator.controller.daemon import stop_controller
+
+    info = stop_controller()
+    _console().print(f"controller stopped (pid {info.pid})" if info.running else "controller was not running")
+
+
+@controller_app.command("logs")
+def controller_logs(follow: bool = typer.Option(False, "--follow/--no-follow", help="Follow the log."),
+                    tail: int = typer.Option(50, "--tail", help="The last N lines.")) -> None:
+    """The controller daemon's own log."""
+    from collections import deque
+
+    from orchestrator.config import sortie_home
+    from orchestrator.controller.daemon import controller_log_path
+
+    path = controller_log_path(sortie_home())
+    if not path.exists():
+        _console().print("the controller has not written a log yet")
+        return
+    with path.open() as fh:
+        for line in deque(fh, maxlen=tail):
+            sys.stdout.write(line)
+        while follow:
+            line = fh.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)

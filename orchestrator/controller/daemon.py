@@ -1,0 +1,177 @@
+"""The controller daemon: one per Sortie home, started by the first `jobs launch`.
+
+One instance is guaranteed by an exclusive lock on `<home>/controller/controller.lock`, held for the
+daemon's life (the kernel drops it when the process dies, however it dies). `controller.json`
+beside it says who holds it. APScheduler 3.x (in-memory job store) is only the ticker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from orchestrator import __version__
+from orchestrator.config import load_config, sortie_home
+from orchestrator.errors import SortieError
+
+START_TIMEOUT = 30.0
+
+
+def _dir(home: Path) -> Path:
+    path = home / "controller"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def controller_log_path(home: Path) -> Path:
+    return home / "logs" / "controller.log"
+
+
+@dataclass(frozen=True)
+class ControllerInfo:
+    running: bool
+    pid: int | None = None
+    started_at: float | None = None
+    version: str | None = None
+
+    @property
+    def uptime(self) -> float:
+        return time.time() - self.started_at if self.started_at else 0.0
+
+
+def controller_info(home: Path | None = None) -> ControllerInfo:
+    """Whether a controller holds this home's lock, and who it is."""
+    home = home or sortie_home()
+    lock_path = _dir(home) / "controller.lock"
+    with lock_path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                data = json.loads((_dir(home) / "controller.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                data = {}
+            return ControllerInfo(True, data.get("pid"), data.get("started_at"), data.get("version"))
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return ControllerInfo(False)
+
+
+def ensure_controller(home: Path | None = None) -> ControllerInfo:
+    """Start the controller if it is not running; wait until it holds its lock."""
+    home = home or sortie_home()
+    info = controller_info(home)
+    if info.running:
+        return info
+    log = controller_log_path(home)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller.daemon"],
+                                env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        info = controller_info(home)
+        if info.running and info.pid:
+            return info
+        if proc.poll() is not None:
+            info = controller_info(home)
+            if info.running:  # another launch started it first
+                return info
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise SortieError(f"the controller exited at start with {proc.returncode}: {tail[0]} (log: {log})")
+        time.sleep(0.05)
+    raise SortieError(f"the controller did not start within {START_TIMEOUT:.0f}s (log: {log})")
+
+
+def stop_controller(home: Path | None = None, timeout: float = 60.0) -> ControllerInfo:
+    """Ask the controller to stop (SIGTERM) and wait. Jobs stay in the state; the next start resumes them."""
+    home = home or sortie_home()
+    info = controller_info(home)
+    if not info.running or not info.pid:
+        return info
+    os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while controller_info(home).running:
+        if time.monotonic() > deadline:
+            raise SortieError(f"the controller (pid {info.pid}) did not stop within {timeout:.0f}s")
+        time.sleep(0.1)
+    return info
+
+
+def run_daemon(home: Path) -> None:
+    """The daemon's main: hold the lock, tick until stopped or idle past the autostop time."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from orchestrator.controller.reconciler import Reconciler
+    from orchestrator.pulumi_driver import PulumiStackDriver
+    from state.store import StateStore
+
+    lock = (_dir(home) / "controller.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("another controller holds this home's lock; exiting", flush=True)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    log = logging.getLogger("sortie.controller")
+    started = time.time()
+    (_dir(home) / "controller.json").write_text(json.dumps(
+        {"pid": os.getpid(), "started_at": started, "version": __version__}))
+    config = load_config(home)
+    store = StateStore(home, config)
+    driver = PulumiStackDriver(home, config)
+    unlocked = driver.cancel_stale_locks()
+    if unlocked:
+        log.info("cancelled stale locks of crashed operations on: %s", ", ".join(unlocked))
+    reconciler = Reconciler(store, driver, config, home)
+    stop = threading.Event()
+    idle_since = [time.monotonic()]
+
+    def tick() -> None:
+        try:
+            active = reconciler.tick()
+        except Exception:
+            log.exception("tick failed")
+            return
+        if active or reconciler.busy():
+            idle_since[0] = time.monotonic()
+        elif time.monotonic() - idle_since[0] > config.controller.autostop_idle_minutes * 60:
+            log.info("no job in progress for %.1f minutes: stopping", config.controller.autostop_idle_minutes)
+            stop.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    scheduler = BackgroundScheduler()
+    scheduler.add_job(tick, "interval", seconds=config.controller.tick_seconds, max_instances=1, coalesce=True,
+                      next_run_time=datetime.now())
+    scheduler.start()
+    log.info("controller %s started (pid %s) on %s", __version__, os.getpid(), home)
+    stop.wait()
+    scheduler.shutdown(wait=True)
+    reconciler.stack_ops.shutdown()
+    reconciler.agent_ops.shutdown()
+    log.info("controller stopped")
+    (_dir(home) / "controller.json").unlink(missing_ok=True)
+
+
+def main() -> None:
+    try:
+        run_daemon(sortie_home())
+    except SortieError as exc:
+        print(f"error: {exc}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""One tick: load every job in progress, move each one step along its attempt's phase.
+
+Each phase handler loads what it needs, asks a pure function in `decide` where available, and
+applies the result with guarded writes. Slow work (stack operations, agent calls) runs in bounded
+pools keyed by what it is for; a later tick collects the result. Every operation is idempotent, so
+a restarted controller simply issues again whatever was in flight when it died.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.config import SortieConfig
+from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
+from orchestrator.controller.ops import OperationPool
+from orchestrator.errors import NoCapacityError, StackOperationError
+from orchestrator.job_logs import JobLogs
+from orchestrator.job_status import JobStatus, Phase
+from orchestrator.placement import Infeasible, place
+from orchestrator.run_env import node_env
+from orchestrator.stack_driver import StackDriver, stack_name
+from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
+from state.models import AttemptRow, JobRow
+from state.store import StateStore
+
+log = logging.getLogger("sortie.controller")
+GRACE_MISSES = 3
+
+
+class Reconciler:
+    def __init__(self, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path) -> None:
+        self.store = store
+        self.driver = driver
+        self.config = config
+        self.logs = JobLogs(home)
+        self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op")
+        self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op")
+        self._last_poll: dict[int, float] = {}
+        self._excluded: dict[tuple[int, int], set[str]] = {}
+
+    # --- the tick ---------------------------------------------------------------------------------------
+
+    def tick(self) -> int:
+        """One pass over every job in progress. Returns how many jobs are in progress."""
+        jobs = self.store.active_jobs()
+        attempts = self.store.open_attempts([j.id for j in jobs])
+        for job in jobs:
+            try:
+                self._step(job, attempts.get(job.id))
+            except Exception as exc:  # one job's trouble never stops the others
+                self._controller_error(job, attempts.get(job.id), exc)
+        return len(jobs)
+
+    def busy(self) -> bool:
+        return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight())
+
+    def _note(self, job: JobRow, what: str, why: str, **data: Any) -> None:
+        self.store.add_event(job.id, what, why, task_index=job.current_task, data=data or None)
+        self.logs.note(job.id, f"[{what}] {why}")
+        log.info("job %s: %s: %s", job.id, what, why)
+
+    def _step(self, job: JobRow, attempt: AttemptRow | None) -> None:
+        if attempt is None:
+            self._start_attempt(job)
+            return
+        handler: dict[str, Callable[[JobRow, AttemptRow], None]] = {
+            Phase.PROVISIONING: self._provisioning, Phase.SYNCING: self._syncing,
+            Phase.SETTING_UP: self._setting_up, Phase.RUNNING: self._running, Phase.TEARDOWN: self._teardown,
+        }
+        if attempt.phase != Phase.TEARDOWN and job.next_attempt_at and time.time() < job.next_attempt_at:
+            return  # backing off after a controller error
+        if job.cancel_requested and attempt.phase not in (Phase.TEARDOWN, Phase.PROVISIONING):
+            self._begin_teardown(job, attempt, JobStatus.CANCELLED, "cancelled by the user")
+            return
+        handler[attempt.phase](job, attempt)
+
+    def _task(self, job: JobRow) -> dict[str, Any]:
+        return job.spec["tasks"][job.current_task]
+
+    # --- no attempt: place the task, or finish ------------------------------------------------------------
+
+    def _start_attempt(self, job: JobRow) -> None:
+        if job.final_status:  # the teardown finished but the final write did not land (crash): land it
+            self._finish(job, JobStatus(job.final_status), job.failure_reason)
+            return
+        if job.cancel_requested:
+            self._finish(job, JobStatus.CANCELLED, "cancelled before it was placed")
+            return
+        if job.next_attempt_at and time.time() < job.next_attempt_at:
+            return
+        task = self._task(job)
+        excluded = self._excluded.setdefault((job.id, job.current_task), set())
+        choice = place(task["resources"], self.config, excluded)
+        if isinstance(choice, Infeasible):
+            status = JobStatus.FAILED_NO_RESOURCE if choice.no_capacity else JobStatus.FAILED_PRECHECKS
+            self._note(job, "infeasible", choice.reason)
+            self._finish(job, status, choice.reason)
+            return
+        cand = task["resources"][choice.candidate_index]
+        number = self.store.count_attempts(job.id, job.current_task) + 1
+        name = stack_name(self.config.pulumi.stack_prefix, "job", f"{job.id}-t{job.current_task}", number)
+        status = JobStatus.RECOVERING if job.status == JobStatus.RECOVERING else JobStatus.STARTING
+        attempt = self.store.create_attempt(
+            job, stack_name=name, infra=choice.infra, region=choice.region, num_nodes=int(task["num_nodes"]),
+            use_spot=bool(cand.get("use_spot")), instance_type=cand.get("instance_type"), status=status,
+            why=f"{choice.infra}/{choice.region}, {task['num_nodes']} node(s), stack {name}")
+        self.store.update_attempt(attempt.id, token_enc=self.store.box.seal(new_cluster_token()))
+        self.logs.note(job.id, f"[placed] task {job.current_task} attempt {number} on "
+                               f"{choice.infra}/{choice.region} as stack {name}")
+
+    # --- PROVISIONING: pulumi up ----------------------------------------------------------------------------
+
+    def _program(self, job: JobRow, attempt: AttemptRow) -> StackProgram:
+        task = self._task(job)
+        accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
+        spec = ClusterSpec(name=attempt.stack_name, infra=attempt.infra, region=attempt.region,
+                           num_nodes=attempt.num_nodes, use_spot=attempt.use_spot,
+                           accelerators={k: int(v) for k, v in accelerators.items()},
+                           labels={"sortie-job": str(job.id)}, token=self.store.box.open(attempt.token_enc),
+                           local_root=str(self.store.home / "local"))
+        return StackProgram("cluster", spec)
+
+    def _stack_op(self, job_id: int, op: str, stack: str, fn: Callable[[], Any]) -> Any:
+        """Run a stack operation and copy its engine output into the job's controller log."""
+        log_path = self.driver.log_path(stack) if hasattr(self.driver, "log_path") else None
+        start = log_path.stat().st_size if log_path and log_path.exists() else 0
+        try:
+            return fn()
+        finally:
+            if log_path and log_path.exists():
+                with log_path.open("rb") as fh:
+                    fh.seek(start)
+                    self.logs.append(self.logs.controller_log(job_id), fh.read())
+
+    def _provisioning(self, job: JobRow, attempt: AttemptRow) -> None:
+        key = ("up", attempt.stack_name)
+        result = self.stack_ops.collect(key)
+        if result is None:
+            if not self.stack_ops.busy(key):
+                if job.cancel_requested:
+                    self._begin_teardown(job, attempt, JobStatus.CANCELLED, "cancelled while starting")
+                    return
+                program = self._program(job, attempt)
+                self.stack_ops.submit(key, self._stack_op, job.id, "up", attempt.stack_name,
+                                      lambda: self.driver.up(attempt.stack_name, program))
+            elif job.cancel_requested and job.status != JobStatus.CANCELLING:
+                self.store.update_job(job.id, status=JobStatus.CANCELLING)
+            return
+        if not result.ok:
+            self._provision_failed(job, attempt, result.error)
+            return
+        nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")} for n in result.value.outputs["nodes"]]
+        self.store.update_attempt(attempt.id, nodes=nodes, phase=Phase.SYNCING)
+        self.store.set_stack(attempt.stack_name, "UP")
+        self._note(job, "provisioned", f"{len(nodes)} node(s) up in {attempt.infra}/{attempt.region}",
+                   stack=attempt.stack_name)
+        if job.cancel_requested:
+            attempt.phase = Phase.SYNCING
+            self._begin_teardown(job, attempt, JobStatus.CANCELLED, "cancelled while starting")
+
+    def _provision_failed(self, job: JobRow, attempt: AttemptRow, error: BaseException | None) -> None:
+        # A failed `up` has already destroyed what it made and removed the stack (cleanup_on_failure).
+        self.store.set_stack(attempt.stack_name, "DESTROYED", str(error))
+        if isinstance(error, NoCapacityError):
+            self.store.update_attempt(attempt.id, phase=Phase.DONE, outcome="NO_CAPACITY", ended_at=time.time())
+            self._excluded.setdefault((job.id, job.current_task), set()).add(attempt.region or "")
+            self._note(job, "no-capacity", f"{attempt.infra}/{attempt.region}: {error}")
+            if job.cancel_requested:
+                self._finish(job, JobStatus.CANCELLED, "cancelled while starting")
+            return
+        self.store.update_attempt(attempt.id, phase=Phase.DONE, outcome="ERROR", ended_at=time.time())
+        if job.cancel_requested:
+            self._finish(job, JobStatus.CANCELLED, "cancelled while starting")
+            return
+        self._controller_error(job, None, error or StackOperationError("up failed"))
+
+    # --- SYNCING: workdir and file mounts to every node --------------------------------------------------------
+
+    def _clients(self, attempt: AttemptRow) -> list[tuple[dict[str, Any], AgentClient]]:
+        token = self.store.box.open(attempt.token_enc)
+        nodes = sorted(attempt.nodes or [], key=lambda n: n["rank"])
+        return [(n, AgentClient(n["url"], token, timeout=10)) for n in nodes]
+
+    def _sync(self, task: dict[str, Any], attempt: AttemptRow) -> None:
+        for _node, client in self._clients(attempt):
+            if task.get("workdir"):
+                client.upload(task["workdir"], ".")
+            for dest, source in (task.get("file_mounts") or {}).items():
+                client.upload(source, dest)
+
+    def _syncing(self, job: JobRow, attempt: AttemptRow) -> None:
+        task = self._task(job)
+        key = ("sync", attempt.id)
+        result = self.agent_ops.collect(key)
+        if result is None:
+            self.agent_ops.submit(key, self._sync, task, attempt)
+            return
+        if not result.ok:
+            self._node_trouble(job, attempt, f"file sync failed: {result.error}")
+            return
+        next_phase = Phase.SETTING_UP if task.get("setup") else Phase.RUNNING
+        self.store.update_attempt(attempt.id, phase=next_phase)
+        self.store.update_job(job.id, expect=[JobStatus.STARTING, JobStatus.RECOVERING], status=JobStatus.RUNNING)
+        now = time.time()
+        self.store.update_task(job.id, job.current_task, status=JobStatus.RUNNING,
+                               **({} if next_phase == Phase.SETTING_UP else {"run_started_at": now}))
+        self._note(job, "synced", "workdir and file mounts are on every node" if task.get("workdir")
+                   or task.get("file_mounts") else "nothing to sync")
+
+    # --- SETTING_UP and RUNNING: start on every node, poll, judge ------------------------------------------------
+
+    def _start_runs(self, job: JobRow, attempt: AttemptRow, kind: str) -> None:
+        task = self._task(job)
+        secrets = self.store.secrets(job)[job.current_task]
+        ips = [n["ip"] for n in sorted(attempt.nodes or [], key=lambda n: n["rank"])]
+        accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
+        for node, client in self._clients(attempt):
+            env = node_env(envs=task.get("envs") or {}, secrets=secrets, job_id=job.id, job_name=job.name,
+                           task_index=job.current_task, submitted_at=job.submitted_at, rank=node["rank"], ips=ips,
+                           accelerators=accelerators)
+            try:
+                client.run(task[kind], env=env, run_id=f"{kind}-{attempt.id}")
+            except AgentError as exc:
+                if exc.status != 409:  # 409: already started (a restarted controller asked again)
+                    raise
+
+    def _poll(self, job: JobRow, attempt: AttemptRow, kind: str) -> list[NodeRun]:
+        """Each node's run status, then the new log bytes (after the status, so an exited run's log is whole)."""
+        found = []
+        for node, client in self._clients(attempt):
+            rank, run_id = node["rank"], f"{kind}-{attempt.id}"
+            try:
+                status = client.status(run_id)
+                path = self.logs.run_log(job.id, job.current_task, attempt.number, kind, rank)
+                offset = path.stat().st_size if path.exists() else 0
+                while True:
+                    data, offset = client.log(run_id, offset)
+                    if not data:
+                        break
+                    self.logs.append(path, data)
+                found.append(NodeRun(rank, status.state, status.exit_code))  # type: ignore[arg-type]
+            except AgentError as exc:
+                found.append(NodeRun(rank, "missing" if exc.status == 404 else "unreachable"))
+        return found
+
+    def _runs(self, job: JobRow, attempt: AttemptRow, kind: str) -> tuple[int, ...] | None:
+        """Drive one kind of run on every node; the exit codes once all ended, else None."""
+        start_key = ("start", attempt.id, kind)
+        if not self.agent_ops.busy(start_key) and not self._last_poll.get(attempt.id):
+            self.agent_ops.submit(start_key, self._start_runs, job, attempt, kind)
+            self._last_poll[attempt.id] = 0.0
+            return None
+        started = self.agent_ops.collect(start_key)
+        if started is not None and not started.ok:
+            self._node_trouble(job, attempt, f"could not start {kind}: {started.error}")
+            return None
+        if self.agent_ops.busy(start_key):
+            return None
+        poll_key = ("poll", attempt.id, kind)
+        polled = self.agent_ops.collect(poll_key)
+        if polled is None:
+            if time.time() - self._last_poll.get(attempt.id, 0.0) >= self.config.controller.poll_interval_seconds:
+                self._last_poll[attempt.id] = time.time()
+                self.agent_ops.submit(poll_key, self._poll, job, attempt, kind)
+            return None
+        if not polled.ok:
+            raise polled.error  # type: ignore[misc]
+        nodes: list[NodeRun] = polled.value
+        if any(n.state == "missing" for n in nodes):  # a restarted controller: start what never started
+            self._last_poll.pop(attempt.id, None)
+            return None
+        verdict = judge_runs(nodes, attempt.missed_polls, GRACE_MISSES)
+        if verdict.kind == "node_lost":
+            self._node_trouble(job, attempt, f"node(s) {list(verdict.lost_ranks)} unreachable "
+                                             f"for {GRACE_MISSES} polls")
+            return None
+        misses = attempt.missed_polls + 1 if any(n.state == "unreachable" for n in nodes) else 0
+        if misses != attempt.missed_polls:
+            self.store.update_attempt(attempt.id, missed_polls=misses)
+        return verdict.exit_codes if verdict.kind == "done" else None
+
+    def _setting_up(self, job: JobRow, attempt: AttemptRow) -> None:
+        codes = self._runs(job, attempt, "setup")
+        if codes is None:
+            return
+        self._last_poll.pop(attempt.id, None)
+        failed = setup_outcome(codes)
+        if failed:
+            self.store.update_attempt(attempt.id, exit_codes=list(codes))
+            self._begin_teardown(job, attempt, failed, f"setup failed: {first_failure(codes)}", codes)
+            return
+        self.store.update_attempt(attempt.id, phase=Phase.RUNNING)
+        self.store.update_task(job.id, job.current_task, run_started_at=time.time())
+        self._note(job, "setup-done", "setup succeeded on every node")
+
+    def _running(self, job: JobRow, attempt: AttemptRow) -> None:
+        codes = self._runs(job, attempt, "run")
+        if codes is None:
+            return
+        self._last_poll.pop(attempt.id, None)
+        outcome = run_outcome(codes)
+        self.store.update_attempt(attempt.id, exit_codes=list(codes))
+        self.store.update_task(job.id, job.current_task, exit_codes=list(codes))
+        why = "run succeeded on every node" if outcome == JobStatus.SUCCEEDED else f"run failed: {first_failure(codes)}"
+        self._begin_teardown(job, attempt, outcome, why, codes)
+
+    def _node_trouble(self, job: JobRow, attempt: AttemptRow, why: str) -> None:
+        """A node is gone or unusable: recover on a new stack (the recovery policy refines this)."""
+        self.store.update_job(job.id, status=JobStatus.RECOVERING)
+        self.store.update_attempt(attempt.id, outcome="NODE_LOST")
+        self._note(job, "node-lost", why, stack=attempt.stack_name)
+        self._begin_teardown(job, attempt, None, why)
+
+    # --- TEARDOWN: destroy, then finish or relaunch ---------------------------------------------------------------
+
+    def _begin_teardown(self, job: JobRow, attempt: AttemptRow, final: JobStatus | None, why: str,
+                        exit_codes: tuple[int, ...] = ()) -> None:
+        """Tear the attempt's stack down; `final` None means relaunch afterwards."""
+        task_done = final == JobStatus.SUCCEEDED and job.current_task + 1 < len(job.spec["tasks"])
+        after = "relaunch" if final is None else ("next" if task_done else "finish")
+        fields: dict[str, Any] = {}
+        if after == "finish":
+            fields = {"final_status": final, "failure_reason": None if final == JobStatus.SUCCEEDED else why}
+            if final == JobStatus.CANCELLED:
+                fields["status"] = JobStatus.CANCELLING
+        if fields:
+            self.store.update_job(job.id, **fields)
+        self.store.update_attempt(attempt.id, phase=Phase.TEARDOWN, after_teardown=after,
+                                  outcome=attempt.outcome or (final.value if final else "RELAUNCH"))
+        self.store.set_stack(attempt.stack_name, "DESTROYING")
+        self._note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
+
+    def _teardown(self, job: JobRow, attempt: AttemptRow) -> None:
+        key = ("destroy", attempt.stack_name)
+        result = self.stack_ops.collect(key)
+        if result is None:
+            self.stack_ops.submit(key, self._stack_op, job.id, "destroy", attempt.stack_name,
+                                  lambda: self.driver.destroy(attempt.stack_name))
+            return
+        if not result.ok:  # never give up on destroying: log, and the next tick tries again
+            self.store.set_stack(attempt.stack_name, "FAILED", str(result.error))
+            self._note(job, "destroy-failed", f"{result.error}; retrying", stack=attempt.stack_name)
+            return
+        now = time.time()
+        self.store.set_stack(attempt.stack_name, "DESTROYED")
+        self.store.update_attempt(attempt.id, phase=Phase.DONE, ended_at=now)
+        self._note(job, "destroyed", f"stack {attempt.stack_name} destroyed", stack=attempt.stack_name)
+        fresh = self.store.job(job.id) or job
+        if attempt.after_teardown == "relaunch":
+            tasks = self.store.tasks([job.id])[job.id]
+            self.store.update_task(job.id, job.current_task, status=JobStatus.RECOVERING,
+                                   recoveries=tasks[job.current_task].recoveries + 1)
+        elif attempt.after_teardown == "next":
+            self.store.update_task(job.id, job.current_task, status=JobStatus.SUCCEEDED, ended_at=now)
+            self.store.update_job(job.id, current_task=job.current_task + 1, status=JobStatus.STARTING)
+            self._note(job, "task-done", f"task {job.current_task} succeeded; starting task {job.current_task + 1}")
+        else:
+            self._finish(fresh, JobStatus(fresh.final_status or JobStatus.FAILED_CONTROLLER), fresh.failure_reason)
+
+    def _finish(self, job: JobRow, status: JobStatus, why: str | None) -> None:
+        now = time.time()
+        self.store.update_job(job.id, status=status, final_status=status, ended_at=now, failure_reason=why,
+                              cancel_requested=job.cancel_requested)
+        for index in range(job.current_task, len(job.spec["tasks"])):
+            task_status = status if index == job.current_task else (
+                JobStatus.CANCELLED if status != JobStatus.SUCCEEDED else status)
+            self.store.update_task(job.id, index, status=task_status, ended_at=now,
+                                   failure_reason=why if index == job.current_task else None)
+        self._excluded.pop((job.id, job.current_task), None)
+        self._note(job, "finished", f"{status.value}" + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""))
+
+    # --- errors inside the controller ------------------------------------------------------------------------------
+
+    def _controller_error(self, job: JobRow, attempt: AttemptRow | None, exc: BaseException) -> None:
+        """An unexpected error for one job: retry it a bounded number of times with backoff, then
+        FAILED_CONTROLLER, its stack destroyed. The other jobs are untouched."""
+        log.exception("job %s: controller error", job.id, exc_info=exc)
+        failures = job.controller_failures + 1
+        why = f"{type(exc).__name__}: {exc}"
+        if failures > self.config.controller.controller_error_retries:
+            if attempt is not None and attempt.phase != Phase.TEARDOWN:
+                self.store.update_job(job.id, controller_failures=failures)
+                self._begin_teardown(job, attempt, JobStatus.FAILED_CONTROLLER, why)
+            elif attempt is None:
+                self._finish(job, JobStatus.FAILED_CONTROLLER, why)
+            return
+        delay = min(2.0 ** failures, 60.0)
+        self.store.update_job(job.id, controller_failures=failures, next_attempt_at=time.time() + delay)
+        self._note(job, "controller-error", f"{why}; retry {failures} in {delay:.0f}s")

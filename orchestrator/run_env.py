@@ -1,0 +1,37 @@
+"""The environment of `setup` and `run` on every node: the task's envs and secrets, and SkyPilot's
+variables in SkyPilot's formats, each with a SORTIE_* twin."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+
+def task_id(submitted_at: float, job_name: str | None, job_id: int, task_index: int) -> str:
+    """`sky-managed-2026-11-25-12-34-56-123456_<name>_<job id>-<task index>`, as SkyPilot's managed jobs."""
+    stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime(submitted_at))
+    micros = round((submitted_at % 1) * 1_000_000) % 1_000_000
+    return f"sky-managed-{stamp}-{micros:06d}_{job_name or 'sortie-job'}_{job_id}-{task_index}"
+
+
+def _gpus(accelerators: Mapping[str, float]) -> str:
+    count = sum(accelerators.values()) if accelerators else 0
+    return str(int(count)) if float(count).is_integer() else str(count)
+
+
+def node_env(*, envs: Mapping[str, str], secrets: Mapping[str, str], job_id: int, job_name: str | None,
+             task_index: int, submitted_at: float, rank: int, ips: Sequence[str],
+             accelerators: Mapping[str, float]) -> dict[str, str]:
+    sky = {
+        "TASK_ID": task_id(submitted_at, job_name, job_id, task_index),
+        "JOB_ID": str(job_id),
+        "NODE_RANK": str(rank),
+        "NODE_IPS": "\n".join(ips),
+        "NUM_NODES": str(len(ips)),
+        "NUM_GPUS_PER_NODE": _gpus(accelerators),
+    }
+    env = {**envs, **secrets}
+    for key, value in sky.items():
+        env[f"SKYPILOT_{key}"] = value
+        env[f"SORTIE_{key}"] = value
+    return env

@@ -1,0 +1,169 @@
+"""The service layer: the one way to change or read managed jobs. The CLI, the HTTP API and the
+dashboard all go through it."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.config import load_config, sortie_home
+from orchestrator.errors import SortieError, UsageError
+from orchestrator.job_logs import JobLogs, line_prefix, prefixed_lines
+from orchestrator.job_status import JobStatus
+
+if TYPE_CHECKING:
+    from orchestrator.spec import Pipeline
+    from state.models import JobRow, TaskRow
+    from state.store import StateStore
+
+
+class UnknownJobError(SortieError):
+    """No job matches the id or name given."""
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    job: JobRow
+    tasks: list[TaskRow]
+
+
+class JobService:
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home or sortie_home()
+        self.config = load_config(self.home)
+        self._store: StateStore | None = None
+        self.logs = JobLogs(self.home)
+
+    @property
+    def store(self) -> StateStore:
+        if self._store is None:
+            from state.store import StateStore
+
+            self._store = StateStore(self.home, self.config)
+        return self._store
+
+    # --- verbs ------------------------------------------------------------------------------------------
+
+    def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True) -> list[int]:
+        """Submit a pipeline (one transaction for `count` copies) and make sure the controller runs."""
+        problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
+        if problems:
+            raise UsageError("; ".join(problems))
+        spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
+        ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=current_user(),
+                                name=pipeline.name, count=count,
+                                task_resources=[t.resources_str() for t in pipeline.tasks])
+        if start_controller:
+            from orchestrator.controller.daemon import ensure_controller
+
+            ensure_controller(self.home)
+        return ids
+
+    def resolve(self, job_id: int | None = None, name: str | None = None) -> JobRow:
+        """One job by id or by name; a name shared by several jobs is an error listing their ids."""
+        if job_id is not None:
+            job = self.store.job(job_id)
+            if job is None:
+                raise UnknownJobError(f"no managed job with id {job_id}; see `sortie jobs queue -a`")
+            return job
+        if name is not None:
+            jobs = self.store.jobs_by_name(name)
+            if not jobs:
+                raise UnknownJobError(f"no managed job named {name!r}; see `sortie jobs queue -a`")
+            if len(jobs) > 1:
+                ids = ", ".join(str(j.id) for j in jobs)
+                raise UsageError(f"several managed jobs are named {name!r} (ids {ids}); give an id instead")
+            return jobs[0]
+        latest = self.store.list_jobs(limit=1)
+        if not latest:
+            raise UnknownJobError("there are no managed jobs yet; launch one with `sortie jobs launch`")
+        return latest[0]
+
+    def cancel(self, job_ids: list[int], who: str | None = None) -> list[tuple[int, bool]]:
+        """Request cancellation; (id, True) where it was requested, (id, False) where the job had ended."""
+        for job_id in job_ids:
+            self.resolve(job_id)
+        results = [(job_id, self.store.request_cancel(job_id, who or current_user())) for job_id in job_ids]
+        if any(ok for _, ok in results):
+            from orchestrator.controller.daemon import ensure_controller
+
+            ensure_controller(self.home)
+        return results
+
+    def active_ids(self, user: str | None = None) -> list[int]:
+        return [j.id for j in self.store.list_jobs(active_only=True, user=user)]
+
+    def queue(self, *, all_jobs: bool = False, all_users: bool = False, skip_finished: bool = False,
+              statuses: list[str] | None = None, limit: int | None = None) -> list[JobSummary]:
+        """Newest first. By default: the current user's jobs in progress, and those finished in the last day."""
+        jobs = self.store.list_jobs(statuses=statuses, user=None if all_users else current_user(),
+                                    active_only=skip_finished)
+        if not all_jobs and not statuses:
+            recent = time.time() - 86400
+            jobs = [j for j in jobs if not JobStatus(j.status).terminal or (j.ended_at or 0) >= recent]
+        if limit:
+            jobs = jobs[:limit]
+        tasks = self.store.tasks([j.id for j in jobs])
+        return [JobSummary(j, tasks[j.id]) for j in jobs]
+
+    def events(self, job_id: int) -> list[Any]:
+        self.resolve(job_id)
+        return self.store.events(job_id)
+
+    # --- logs -------------------------------------------------------------------------------------------
+
+    def log_lines(self, job: JobRow, *, follow: bool, task: int | None = None,
+                  interval: float = 0.5) -> Iterator[str]:
+        """Lines of a job's logs, prefixed like SkyPilot's; with `follow`, until the job has ended and
+        every byte the controller copied has been shown."""
+        offsets: dict[Path, int] = {}
+        carries: dict[Path, bytes] = {}
+        tasks = job.spec["tasks"]
+        while True:
+            ended = JobStatus(self.store.job(job.id).status).terminal if follow else True  # type: ignore[union-attr]
+            for file in self.logs.files(job.id, task):
+                spec = tasks[file.task_index] if file.task_index < len(tasks) else {}
+                prefix = line_prefix(file.kind, spec.get("name") or job.name, file.rank, int(spec.get("num_nodes", 1)))
+                offset = offsets.get(file.path, 0)
+                with file.path.open("rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+                offsets[file.path] = offset + len(data)
+                lines, carries[file.path] = prefixed_lines(data, prefix, carries.get(file.path, b""))
+                yield from lines
+            if ended:
+                for path, tail in carries.items():
+                    if tail:
+                        yield tail.decode(errors="replace")
+                        carries[path] = b""
+                return
+            time.sleep(interval)
+
+    def controller_log_lines(self, job: JobRow, *, follow: bool, interval: float = 0.5) -> Iterator[str]:
+        path = self.logs.controller_log(job.id)
+        offset, carry = 0, b""
+        while True:
+            ended = JobStatus(self.store.job(job.id).status).terminal if follow else True  # type: ignore[union-attr]
+            if path.exists():
+                with path.open("rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+                offset += len(data)
+                lines, carry = prefixed_lines(data, "", carry)
+                yield from lines
+            if ended:
+                if carry:
+                    yield carry.decode(errors="replace")
+                return
+            time.sleep(interval)

@@ -1,0 +1,127 @@
+"""Tables of Sortie's durable state (SQLAlchemy 2). Times are UTC epoch seconds (floats), portable
+across SQLite and PostgreSQL and cheap to subtract for durations.
+
+Only `state.store` writes these tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    """One managed job (a single task or a pipeline)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    user: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    # The terminal status a job reaches once its stack is destroyed (set while it tears down).
+    final_status: Mapped[str | None] = mapped_column(String(32))
+    is_pipeline: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The normalized pipeline (secret values redacted); secrets live encrypted in `secrets_enc`.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    secrets_enc: Mapped[str | None] = mapped_column(Text)
+    current_task: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    controller_failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    waiting_reason: Mapped[str | None] = mapped_column(Text)
+    submitted_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    # Leases, so several controllers can later share one PostgreSQL.
+    lock_owner: Mapped[str | None] = mapped_column(String(255))
+    lock_expires_at: Mapped[float | None] = mapped_column(Float)
+
+
+class TaskRow(Base):
+    """One task of a job (a single-task job has one)."""
+
+    __tablename__ = "tasks"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    task_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(32))
+    resources: Mapped[str] = mapped_column(String(255), default="")
+    started_at: Mapped[float | None] = mapped_column(Float)
+    run_started_at: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)
+    restarts_on_errors: Mapped[int] = mapped_column(Integer, default=0)
+    exit_codes: Mapped[list[int] | None] = mapped_column(JSON)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class AttemptRow(Base):
+    """One cluster attempt of a task: where it ran and how it ended."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    task_index: Mapped[int] = mapped_column(Integer)
+    number: Mapped[int] = mapped_column(Integer)
+    stack_name: Mapped[str] = mapped_column(String(255), unique=True)
+    infra: Mapped[str] = mapped_column(String(64))
+    region: Mapped[str | None] = mapped_column(String(64))
+    zone: Mapped[str | None] = mapped_column(String(64))
+    instance_type: Mapped[str | None] = mapped_column(String(64))
+    use_spot: Mapped[bool] = mapped_column(Boolean, default=False)
+    num_nodes: Mapped[int] = mapped_column(Integer, default=1)
+    # PROVISIONING -> SYNCING -> SETTING_UP -> RUNNING -> TEARDOWN -> DONE
+    phase: Mapped[str] = mapped_column(String(32), index=True)
+    # What follows the teardown: "finish" (the job's final status) or "relaunch" (a new attempt).
+    after_teardown: Mapped[str | None] = mapped_column(String(16))
+    nodes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    token_enc: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    exit_codes: Mapped[list[int] | None] = mapped_column(JSON)
+    price_per_hour: Mapped[float | None] = mapped_column(Float)
+    missed_polls: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StackRow(Base):
+    """Every stack Sortie made, so none can be forgotten."""
+
+    __tablename__ = "stacks"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    attempt_id: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32), default="cluster")
+    # CREATING -> UP -> DESTROYING -> DESTROYED (or FAILED while an operation errs)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    destroyed_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class EventRow(Base):
+    """Append-only history of a job: who did what, when and why."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    task_index: Mapped[int | None] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float)
+    who: Mapped[str] = mapped_column(String(64))
+    what: Mapped[str] = mapped_column(String(64))
+    why: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,0 +1,211 @@
+"""The only code that writes Sortie's tables. Short transactions; every status change is guarded
+by the status it expects and leaves an event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.config import SortieConfig, load_config, sortie_home
+from orchestrator.job_status import ACTIVE, JobStatus, Phase
+from state.db import open_engine, session_factory
+from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
+from state.secrets_box import SecretsBox
+
+
+class StateStore:
+    """Durable state of one Sortie home (or one shared database)."""
+
+    def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
+                 engine: Engine | None = None) -> None:
+        self.home = home or sortie_home()
+        self.config = config or load_config(self.home)
+        self.engine = engine or open_engine(self.home, self.config)
+        self._sessions = session_factory(self.engine)
+        self._box: SecretsBox | None = None
+
+    @property
+    def box(self) -> SecretsBox:
+        if self._box is None:
+            self._box = SecretsBox(self.home)
+        return self._box
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # --- submitting and reading jobs -----------------------------------------------------------------
+
+    def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
+               name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
+               per_job_envs: Sequence[dict[str, str]] | None = None) -> list[int]:
+        """Submit `count` jobs of one pipeline in one transaction. Returns their ids."""
+        now = time.time()
+        sealed = self.box.seal(list(secrets)) if any(secrets) else None
+        tasks = pipeline["tasks"]
+        ids: list[int] = []
+        with self.session() as session, session.begin():
+            for i in range(count):
+                spec = pipeline
+                if per_job_envs is not None:
+                    spec = {**pipeline, "tasks": [{**t, "envs": {**t.get("envs", {}), **per_job_envs[i]}}
+                                                  for t in tasks]}
+                job = JobRow(name=name if name is not None else pipeline.get("name"), user=user,
+                             status=JobStatus.PENDING, is_pipeline=bool(pipeline.get("is_pipeline")), spec=spec,
+                             secrets_enc=sealed, submitted_at=now, updated_at=now)
+                session.add(job)
+                session.flush()
+                for index, task in enumerate(tasks):
+                    session.add(TaskRow(job_id=job.id, task_index=index, name=task.get("name"),
+                                        status=JobStatus.PENDING,
+                                        resources=task_resources[index] if index < len(task_resources) else ""))
+                session.add(EventRow(job_id=job.id, at=now, who=user or "user", what="submitted",
+                                     why=f"{len(tasks)} task(s)"))
+                ids.append(job.id)
+        return ids
+
+    def job(self, job_id: int) -> JobRow | None:
+        with self.session() as session:
+            return session.get(JobRow, job_id)
+
+    def jobs_by_name(self, name: str) -> list[JobRow]:
+        with self.session() as session:
+            return list(session.scalars(select(JobRow).where(JobRow.name == name).order_by(JobRow.id.desc())))
+
+    def list_jobs(self, *, statuses: Iterable[str] | None = None, active_only: bool = False,
+                  user: str | None = None, limit: int | None = None) -> list[JobRow]:
+        query = select(JobRow).order_by(JobRow.id.desc())
+        if statuses:
+            query = query.where(JobRow.status.in_(list(statuses)))
+        if active_only:
+            query = query.where(JobRow.status.in_([s.value for s in ACTIVE]))
+        if user is not None:
+            query = query.where(JobRow.user == user)
+        if limit:
+            query = query.limit(limit)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def count_by_status(self) -> dict[str, int]:
+        with self.session() as session:
+            rows = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status))
+            return {status: n for status, n in rows}
+
+    def tasks(self, job_ids: Sequence[int]) -> dict[int, list[TaskRow]]:
+        found: dict[int, list[TaskRow]] = {job_id: [] for job_id in job_ids}
+        if not job_ids:
+            return found
+        with self.session() as session:
+            query = select(TaskRow).where(TaskRow.job_id.in_(list(job_ids))).order_by(TaskRow.task_index)
+            for row in session.scalars(query):
+                found[row.job_id].append(row)
+        return found
+
+    def secrets(self, job: JobRow) -> list[dict[str, str]]:
+        return self.box.open(job.secrets_enc) or [{} for _ in job.spec["tasks"]]
+
+    def events(self, job_id: int) -> list[EventRow]:
+        with self.session() as session:
+            return list(session.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id)))
+
+    def attempts(self, job_id: int) -> list[AttemptRow]:
+        with self.session() as session:
+            return list(session.scalars(select(AttemptRow).where(AttemptRow.job_id == job_id)
+                                        .order_by(AttemptRow.id)))
+
+    def request_cancel(self, job_id: int, who: str) -> bool:
+        """Ask for a cancel; False if the job had already ended."""
+        with self.session() as session, session.begin():
+            job = session.get(JobRow, job_id, with_for_update=True)
+            if job is None or JobStatus(job.status).terminal:
+                return False
+            if not job.cancel_requested:
+                job.cancel_requested = True
+                job.updated_at = time.time()
+                session.add(EventRow(job_id=job_id, at=time.time(), who=who, what="cancel-requested"))
+            return True
+
+    # --- the controller's writes -------------------------------------------------------------------------
+
+    def active_jobs(self) -> list[JobRow]:
+        with self.session() as session:
+            query = select(JobRow).where(JobRow.status.in_([s.value for s in ACTIVE])).order_by(JobRow.id)
+            return list(session.scalars(query))
+
+    def open_attempts(self, job_ids: Sequence[int]) -> dict[int, AttemptRow]:
+        """The attempt in progress (phase not DONE) of each job, if any."""
+        if not job_ids:
+            return {}
+        with self.session() as session:
+            query = select(AttemptRow).where(AttemptRow.job_id.in_(list(job_ids)), AttemptRow.phase != Phase.DONE)
+            return {row.job_id: row for row in session.scalars(query)}
+
+    def count_attempts(self, job_id: int, task_index: int) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).select_from(AttemptRow).where(
+                AttemptRow.job_id == job_id, AttemptRow.task_index == task_index)) or 0
+
+    def create_attempt(self, job: JobRow, *, stack_name: str, infra: str, region: str | None, num_nodes: int,
+                       use_spot: bool, instance_type: str | None = None, status: JobStatus = JobStatus.STARTING,
+                       why: str = "") -> AttemptRow:
+        now = time.time()
+        with self.session() as session, session.begin():
+            number = session.scalar(select(func.count()).select_from(AttemptRow).where(
+                AttemptRow.job_id == job.id, AttemptRow.task_index == job.current_task)) or 0
+            attempt = AttemptRow(job_id=job.id, task_index=job.current_task, number=number + 1,
+                                 stack_name=stack_name, infra=infra, region=region, num_nodes=num_nodes,
+                                 use_spot=use_spot, instance_type=instance_type, phase=Phase.PROVISIONING,
+                                 started_at=now)
+            session.add(attempt)
+            session.add(StackRow(name=stack_name, job_id=job.id, kind="cluster", status="CREATING", created_at=now))
+            session.execute(update(JobRow).where(JobRow.id == job.id).values(
+                status=status, updated_at=now, waiting_reason=None,
+                started_at=func.coalesce(JobRow.started_at, now)))
+            session.execute(update(TaskRow).where(TaskRow.job_id == job.id, TaskRow.task_index == job.current_task)
+                            .values(status=status, started_at=func.coalesce(TaskRow.started_at, now)))
+            session.flush()
+            session.execute(update(StackRow).where(StackRow.name == stack_name).values(attempt_id=attempt.id))
+            session.add(EventRow(job_id=job.id, task_index=job.current_task, at=now, who="controller",
+                                 what="placed", why=why or f"{infra}/{region}",
+                                 data={"stack": stack_name, "infra": infra, "region": region,
+                                       "attempt": number + 1}))
+        return attempt
+
+    def update_attempt(self, attempt_id: int, **fields: Any) -> None:
+        with self.session() as session, session.begin():
+            session.execute(update(AttemptRow).where(AttemptRow.id == attempt_id).values(**fields))
+
+    def update_job(self, job_id: int, *, expect: Iterable[str] | None = None, **fields: Any) -> bool:
+        """Guarded write: applies only while the job's status is one of `expect` (when given)."""
+        fields["updated_at"] = time.time()
+        with self.session() as session, session.begin():
+            query = update(JobRow).where(JobRow.id == job_id)
+            if expect is not None:
+                query = query.where(JobRow.status.in_(list(expect)))
+            return session.execute(query.values(**fields)).rowcount == 1
+
+    def update_task(self, job_id: int, task_index: int, **fields: Any) -> None:
+        with self.session() as session, session.begin():
+            session.execute(update(TaskRow).where(TaskRow.job_id == job_id, TaskRow.task_index == task_index)
+                            .values(**fields))
+
+    def set_stack(self, name: str, status: str, error: str | None = None) -> None:
+        values: dict[str, Any] = {"status": status, "last_error": error}
+        if status == "DESTROYED":
+            values["destroyed_at"] = time.time()
+        with self.session() as session, session.begin():
+            session.execute(update(StackRow).where(StackRow.name == name).values(**values))
+
+    def live_stacks(self) -> list[StackRow]:
+        with self.session() as session:
+            return list(session.scalars(select(StackRow).where(StackRow.status != "DESTROYED")))
+
+    def add_event(self, job_id: int, what: str, why: str | None = None, *, who: str = "controller",
+                  task_index: int | None = None, data: dict[str, Any] | None = None) -> None:
+        with self.session() as session, session.begin():
+            session.add(EventRow(job_id=job_id, task_index=task_index, at=time.time(), who=who, what=what, why=why,
+                                 data=data))
