@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup engine demo test lint bench clean
+.PHONY: setup engine demo stack-demo test lint bench clean
 
 setup: $(STAMP) engine
 
@@ -16,6 +16,10 @@ engine: $(STAMP)
 	$(VENV)/bin/sortie engine install
 
 demo: setup
+	$(VENV)/bin/sortie jobs launch -y -n hello examples/hello.yaml
+	$(VENV)/bin/sortie jobs queue
+
+stack-demo: setup
 	$(VENV)/bin/python examples/stack_demo.py
 
 lint: $(STAMP)
@@ -26,6 +30,7 @@ test: setup lint
 
 bench: setup
 	$(VENV)/bin/python bench/stack_ops.py
+	$(VENV)/bin/python bench/jobs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -311,6 +311,15 @@ def controller_status() -> None:
     console.print(f"controller: running, pid {info.pid}, version {info.version}, up {_duration(info.started_at, None)}")
 
 
+@controller_app.command("start")
+def controller_start() -> None:
+    """Start the controller if it is not running (`jobs launch` and `jobs cancel` do this themselves)."""
+    from orchestrator.controller.daemon import ensure_controller
+
+    info = ensure_controller()
+    _console().print(f"controller running, pid {info.pid}")
+
+
 @controller_app.command("stop")
 def controller_stop() -> None:
     """Stop the controller; jobs stay in the state and resume at its next start."""

@@ -1,0 +1,249 @@
+"""Pydantic annotations that run the parsers of `values` and give each field the JSON Schema of what a user
+may write (the parsed, stored form can differ: `cpus: 2` is stored as "2")."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ValidationInfo, WithJsonSchema, WrapValidator
+from pydantic_core import PydanticCustomError
+
+from orchestrator.spec import values
+from orchestrator.spec.values import Bad, kind, show
+
+SPEC_ERROR = "sortie_spec"  # pydantic error type of our own messages; ctx["at"] extends the path
+NULL_ENV_ERROR = "sortie_null_env"  # a null env/secret value; the message names the variable
+
+
+def fail(message: str, at: str = "") -> PydanticCustomError:
+    """A pydantic error carrying one of our plain-words messages."""
+    return PydanticCustomError(SPEC_ERROR, "{message}", {"message": message, "at": at})
+
+
+def parsed(parse: Callable[[Any], Any], *, nullable: bool = True) -> WrapValidator:
+    """Validate with one of our parsers instead of pydantic's own type checks."""
+
+    def validate(value: Any, _handler: Any) -> Any:
+        if value is None and nullable:
+            return None
+        try:
+            return parse(value)
+        except Bad as exc:
+            raise fail(exc.message, exc.at) from None
+
+    return WrapValidator(validate)
+
+
+def schema(definition: dict[str, Any], *, nullable: bool = True) -> WithJsonSchema:
+    """The JSON Schema of what a user may write; null is allowed where the field is optional."""
+    if not nullable:
+        return WithJsonSchema(definition)
+    options = definition["anyOf"] if set(definition) == {"anyOf"} else [definition]
+    return WithJsonSchema({"anyOf": [*options, {"type": "null"}]})
+
+
+NUMBER_OR_TEXT = {"anyOf": [{"type": "number"}, {"type": "string"}]}
+INT_OR_TEXT = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+
+Cpus = Annotated[str | None, parsed(values.parse_cpus), schema(NUMBER_OR_TEXT)]
+Memory = Annotated[str | None, parsed(values.parse_memory), schema(NUMBER_OR_TEXT)]
+DiskSize = Annotated[int | None, parsed(values.parse_disk_size), schema(INT_OR_TEXT)]
+CloudName = Annotated[
+    str | None, parsed(values.parse_cloud), schema({"type": "string", "examples": list(values.KNOWN_CLOUDS)})
+]
+
+
+Infra = Annotated[
+    str | None,
+    parsed(values.normalize_infra),
+    schema({"type": "string", "examples": ["local/region-a", "aws", "aws/us-east-1", "gcp/us-central1/us-central1-a",
+                                           "k8s/my-context", "*/us-east-1"]}),
+]
+
+_ONE_ACCELERATOR_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "examples": ["H100:8", "V100", "T4:0.5"]},
+        {"type": "object", "maxProperties": 1, "minProperties": 1, "additionalProperties": {"type": "number"}},
+    ]
+}
+_SEVERAL_ACCELERATORS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "examples": ["H100:8", "V100", "T4:0.5"]},
+        {"type": "object", "minProperties": 1,
+         "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "null"}]}},
+        {"type": "array", "minItems": 1, "items": _ONE_ACCELERATOR_SCHEMA},
+    ]
+}
+OneAccelerator = Annotated[
+    dict[str, float] | None,
+    parsed(lambda v: values.parse_accelerators(v, several=False)),
+    schema(_ONE_ACCELERATOR_SCHEMA),
+]
+Accelerators = Annotated[
+    dict[str, float] | list[dict[str, float]] | None,
+    parsed(lambda v: values.parse_accelerators(v, several=True)),
+    schema(_SEVERAL_ACCELERATORS_SCHEMA),
+]
+Ports = Annotated[
+    list[str] | None,
+    parsed(values.parse_ports),
+    schema({"anyOf": [{"type": "integer"}, {"type": "string"}, {"type": "array", "items": INT_OR_TEXT}]}),
+]
+DiskTier = Annotated[
+    str | None,
+    parsed(lambda v: values.parse_choice(v, values.DISK_TIERS, "disk tier")),
+    schema({"type": "string", "enum": list(values.DISK_TIERS)}),
+]
+NetworkTier = Annotated[
+    str | None,
+    parsed(lambda v: values.parse_choice(v, values.NETWORK_TIERS, "network tier")),
+    schema({"type": "string", "enum": list(values.NETWORK_TIERS)}),
+]
+Strategy = Annotated[
+    str | None,
+    parsed(values.parse_strategy),
+    schema({"type": "string", "examples": list(values.RECOVERY_STRATEGIES)}),
+]
+_EXIT_CODE = {"type": "integer", "minimum": 0, "maximum": 255}
+ExitCodes = Annotated[
+    list[int],
+    parsed(values.parse_exit_codes, nullable=False),
+    schema({"anyOf": [_EXIT_CODE, {"type": "array", "uniqueItems": True, "items": _EXIT_CODE}]}, nullable=False),
+]
+Name = Annotated[str | None, parsed(values.parse_name), schema({"type": "string", "pattern": values.NAME_PATTERN})]
+
+
+def _autostop(value: Any) -> Any:
+    if isinstance(value, (bool, int, str, dict)):
+        return value
+    raise Bad(f"must be true/false, minutes, or a mapping, not {kind(value)}")
+
+
+Autostop = Annotated[
+    bool | int | str | dict[str, Any] | None,
+    parsed(_autostop),
+    schema({"anyOf": [{"type": "boolean"}, {"type": "integer"}, {"type": "string"}, {"type": "object"}]}),
+]
+
+
+def _image_id(value: Any) -> str | dict[str, str]:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return {k.strip(): v.strip() for k, v in value.items()}
+    raise Bad(f"must be an image ID, or a mapping region: image ID, not {show(value)}")
+
+
+ImageId = Annotated[
+    str | dict[str, str] | None,
+    parsed(_image_id),
+    schema({"anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}]}),
+]
+
+
+# ---- environment variables --------------------------------------------------------------------------------
+
+
+def _env_key(value: Any) -> str:
+    if not isinstance(value, str) or not values.is_valid_env_name(value):
+        raise Bad("not a variable name (letters, digits and _, not starting with a digit)")
+    return value
+
+
+def _env_value(value: Any, _handler: Any) -> str:
+    if value is None:
+        raise PydanticCustomError(NULL_ENV_ERROR, "no value")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):  # SkyPilot turns YAML scalars into text the same way (str())
+        return str(value)
+    if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads 2024-01-01 as a date
+        return str(value)
+    raise fail(f"must be text (or a number, or true/false), not {kind(value)}")
+
+
+def _stringify_keys(value: Any) -> Any:
+    """YAML may give number keys (`1: x`); SkyPilot compares their text form with the name rule."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): v for k, v in value.items()}
+    return value
+
+
+EnvName = Annotated[str, parsed(_env_key, nullable=False)]
+EnvValue = Annotated[str, WrapValidator(_env_value)]
+EnvMap = Annotated[
+    dict[EnvName, EnvValue],
+    BeforeValidator(_stringify_keys),
+    WithJsonSchema({"type": "object", "propertyNames": {"pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"},
+            "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"},
+                                               {"type": "null"}]}}),
+]
+
+
+# ---- local paths ------------------------------------------------------------------------------------------
+
+
+def resolve_local(text: str, info: ValidationInfo) -> str:
+    """Expand `~` and make a relative path absolute against the load's base directory (SkyPilot: the current
+    working directory). Without a load context (re-validating a stored task) the path is kept as is."""
+    context = info.context if isinstance(info.context, dict) else {}
+    base = context.get("base_dir")
+    if base is None:
+        return text
+    expanded = os.path.expanduser(text)
+    return os.path.normpath(os.path.join(os.fspath(base), expanded))
+
+
+def _resolved_note(given: str, path: str) -> str:
+    return "" if given == path else f" ({path})"
+
+
+def checks_paths(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get("check_paths"))
+
+
+def workdir_value(value: Any, _handler: Any, info: ValidationInfo) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        raise fail("a git repository (url/ref) as workdir is not supported yet; use a local directory")
+    if not isinstance(value, str) or not value.strip():
+        raise fail(f"must be a local directory, not {kind(value) if not isinstance(value, str) else show(value)}")
+    path = resolve_local(value, info)
+    if checks_paths(info) and not Path(path).is_dir():
+        raise fail(f"{show(value)} is not a directory{_resolved_note(value, path)}")
+    return path
+
+
+def mount_destination(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise Bad(f"a mount destination is a path on the node, not {show(value)}")
+    if "://" in value:
+        raise Bad("a mount destination is a path on the node, not a bucket URL")
+    if value.endswith("/") and value != "/":
+        raise Bad("remove the trailing slash from the destination")
+    return value
+
+
+def local_source(value: Any, _handler: Any, info: ValidationInfo) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise fail(f"must be a local path, a bucket URL or a storage mapping, not {show(value)}")
+    if value.endswith("/") and value != "/":
+        raise fail(f"remove the trailing slash from {show(value)}")
+    path = resolve_local(value, info)
+    if checks_paths(info) and not Path(path).exists():
+        raise fail(f"local path {show(value)} does not exist{_resolved_note(value, path)}")
+    return path
+
+
+MountDestination = Annotated[str, parsed(mount_destination, nullable=False)]
+LocalSource = Annotated[str, WrapValidator(local_source)]
+Workdir = Annotated[
+    str | None,
+    WrapValidator(workdir_value),
+    schema({"type": "string"}),
+]

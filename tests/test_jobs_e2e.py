@@ -1,0 +1,212 @@
+"""Managed jobs end to end: the real CLI, the controller daemon, the engine and local-cloud nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from orchestrator.local_cloud import LocalCloud
+from tests.conftest import leftovers
+
+pytestmark = pytest.mark.e2e
+SORTIE = [sys.executable, "-m", "cli.main"]
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
+            "FAILED_CONTROLLER"}
+
+
+class Sortie:
+    """The CLI against one Sortie home."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "SORTIE_HOME": str(home), "COLUMNS": "200"}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*SORTIE, *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"sortie {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def launch(self, *args: str) -> int:
+        out = self.run("jobs", "launch", "-y", "-d", *args).stdout
+        match = re.search(r"submitted: ID (\d+)", out)
+        assert match, out
+        return int(match.group(1))
+
+    def job(self, job_id: int) -> dict:
+        rows = json.loads(self.run("jobs", "queue", "-a", "--json").stdout)
+        return next(r for r in rows if r["id"] == job_id)
+
+    def wait(self, job_id: int, statuses: set[str] | None = None, timeout: float = 90) -> dict:
+        statuses = statuses or TERMINAL
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in statuses:
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout}s"
+            time.sleep(0.3)
+
+    def logs(self, job_id: int, *extra: str) -> str:
+        return self.run("jobs", "logs", "--no-follow", str(job_id), *extra).stdout
+
+
+@pytest.fixture
+def sortie(sortie_home: Path, engine, make_driver):
+    (sortie_home / "config.yaml").write_text(
+        "controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  autostop_idle_minutes: 5\n")
+    cli = Sortie(sortie_home)
+    yield cli
+    cli.run("controller", "stop", check=False)
+    from state.store import StateStore
+
+    live = [s.name for s in StateStore(sortie_home).live_stacks()]
+    make_driver()  # the leak check of `make_driver` runs at teardown for this home
+    assert live == [], f"stacks not destroyed: {live}"
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_job_succeeds_and_its_cluster_is_gone(sortie: Sortie, tmp_path: Path) -> None:
+    yaml = write(tmp_path, "hello.yaml", "name: hello\nenvs:\n  GREETING: hi\nsetup: echo setting up\n"
+                 "run: echo \"$GREETING rank=$SKYPILOT_NODE_RANK id=$SKYPILOT_JOB_ID\"\n")
+    out = sortie.run("jobs", "launch", "-y", "-n", "myjob", yaml, timeout=180).stdout
+    job_id = int(re.search(r"submitted: ID (\d+)", out).group(1))
+    assert f"hi rank=0 id={job_id}" in out
+    assert "(setup) setting up" in out
+    assert f"Managed job finished: {job_id} (status: SUCCEEDED)" in out
+    assert f"sortie jobs cancel {job_id}" in out
+    job = sortie.job(job_id)
+    assert job["status"] == "SUCCEEDED" and job["name"] == "myjob"
+    assert job["tasks"][0]["exit_codes"] == [0]
+    assert LocalCloud(sortie.home / "local").nodes() == []
+    assert "(myjob) hi rank=0" in sortie.logs(job_id)  # logs outlive the cluster
+    controller_log = sortie.logs(job_id, "--controller")
+    assert "[placed]" in controller_log and "Resources:" in controller_log  # placement and engine output
+    assert "SUCCEEDED" in sortie.run("jobs", "queue").stdout
+
+
+def test_failing_run_is_failed_with_its_exit_code(sortie: Sortie) -> None:
+    job_id = sortie.launch("echo before; exit 3")
+    job = sortie.wait(job_id)
+    assert job["status"] == "FAILED"
+    assert job["tasks"][0]["exit_codes"] == [3]
+    assert "exited with 3" in job["failure_reason"]
+    assert "before" in sortie.logs(job_id)
+
+
+def test_failing_setup_is_failed_setup(sortie: Sortie, tmp_path: Path) -> None:
+    yaml = write(tmp_path, "s.yaml", "setup: echo broken; exit 5\nrun: echo never\n")
+    job = sortie.wait(sortie.launch(yaml))
+    assert job["status"] == "FAILED_SETUP"
+    assert "never" not in sortie.logs(job["id"])
+
+
+def test_two_nodes_see_their_ranks_and_ips(sortie: Sortie, tmp_path: Path) -> None:
+    yaml = write(tmp_path, "mn.yaml", "name: mn\nnum_nodes: 2\nrun: |\n"
+                 "  echo \"rank=$SKYPILOT_NODE_RANK n=$SKYPILOT_NUM_NODES ips=$(echo $SKYPILOT_NODE_IPS)\"\n")
+    job = sortie.wait(sortie.launch(yaml))
+    assert job["status"] == "SUCCEEDED"
+    logs = sortie.logs(job["id"])
+    assert "(head, rank=0) rank=0 n=2 ips=127.0.0.1 127.0.0.1" in logs
+    assert "(worker1, rank=1) rank=1 n=2 ips=127.0.0.1 127.0.0.1" in logs
+
+
+def test_workdir_is_synced_to_every_node(sortie: Sortie, tmp_path: Path) -> None:
+    work = tmp_path / "proj"
+    work.mkdir()
+    (work / "data.txt").write_text("payload-42\n")
+    job = sortie.wait(sortie.launch("--workdir", str(work), "cat data.txt"))
+    assert job["status"] == "SUCCEEDED"
+    assert "payload-42" in sortie.logs(job["id"])
+
+
+def test_cancel_while_starting(sortie: Sortie) -> None:
+    job_id = sortie.launch("sleep 300")
+    sortie.wait(job_id, {"STARTING", "PENDING"}, timeout=30)
+    sortie.run("jobs", "cancel", "-y", str(job_id))
+    assert sortie.wait(job_id)["status"] == "CANCELLED"
+
+
+def test_cancel_while_running_kills_everything(sortie: Sortie) -> None:
+    job_id = sortie.launch("echo started; sleep 300")
+    deadline = time.monotonic() + 60
+    while "started" not in sortie.logs(job_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert sortie.job(job_id)["status"] == "RUNNING"
+    sortie.run("jobs", "cancel", "-y", str(job_id))
+    job = sortie.wait(job_id)
+    assert job["status"] == "CANCELLED"
+    events = json.loads(sortie.run("jobs", "events", str(job_id), "--json").stdout)
+    assert [e["what"] for e in events][-3:] == ["teardown", "destroyed", "finished"]
+
+
+def test_controller_sigkill_while_running_loses_nothing(sortie: Sortie) -> None:
+    job_id = sortie.launch("echo started; sleep 4; echo finished")
+    deadline = time.monotonic() + 60
+    while "started" not in sortie.logs(job_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    pid = json.loads((sortie.home / "controller" / "controller.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert "not running" in sortie.run("controller", "status").stdout
+    sortie.run("controller", "start")
+    job = sortie.wait(job_id)
+    assert job["status"] == "SUCCEEDED"
+    assert "finished" in sortie.logs(job_id)
+    from state.store import StateStore
+
+    attempts = StateStore(sortie.home).attempts(job_id)
+    assert len(attempts) == 1, "a restarted controller made a second stack"
+
+
+def test_twenty_parallel_launches_give_twenty_jobs(sortie: Sortie) -> None:
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        ids = list(pool.map(lambda i: sortie.launch("-n", f"par-{i}", "sleep 60"), range(20)))
+    assert len(set(ids)) == 20
+    sortie.run("jobs", "cancel", "-y", "-a")
+    for job_id in ids:
+        assert sortie.wait(job_id, timeout=180)["status"] == "CANCELLED"
+
+
+def test_accelerator_no_region_has_is_failed_prechecks(sortie: Sortie) -> None:
+    job = sortie.wait(sortie.launch("--gpus", "H100:8", "nvidia-smi"))
+    assert job["status"] == "FAILED_PRECHECKS"
+    assert "H100" in job["failure_reason"]
+
+
+def test_unknown_job_and_ambiguous_name_are_clear_errors(sortie: Sortie) -> None:
+    proc = sortie.run("jobs", "logs", "424242", check=False)
+    assert proc.returncode == 1 and "no managed job with id 424242" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    first = sortie.launch("-n", "twin", "true")
+    second = sortie.launch("-n", "twin", "true")
+    proc = sortie.run("jobs", "logs", "-n", "twin", check=False)
+    assert proc.returncode != 0 and f"ids {second}, {first}" in proc.stderr
+    for job_id in (first, second):
+        sortie.wait(job_id)
+
+
+def test_leftover_check_helper_sees_nothing_after_jobs(sortie: Sortie) -> None:
+    job = sortie.wait(sortie.launch("true"))
+    assert job["status"] == "SUCCEEDED"
+    from orchestrator.pulumi_driver import PulumiStackDriver
+
+    assert leftovers(PulumiStackDriver(sortie.home), sortie.home) == []
