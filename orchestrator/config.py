@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -178,11 +179,25 @@ def write_private(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+def private_once(path: Path, make: Callable[[], str]) -> str:
+    """The content of a 0600 file created once: when two processes race to create it, one wins and both
+    read the winner's content (hard-linking a complete temp file fails if the name exists)."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        write_private(tmp, make())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text()
+
+
 def passphrase_file(home: Path | None = None) -> Path:
     """The passphrase of the default secrets provider: generated once, stored 0600."""
     home = home or sortie_home()
     path = home / "secrets" / "pulumi-passphrase"
-    if not path.exists():
-        (home / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(path, secrets.token_urlsafe(32))
+    private_once(path, lambda: secrets.token_urlsafe(32))
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
@@ -42,8 +43,8 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     except ModuleNotFoundError as exc:
-        raise SortieError(f"state DB {url.split('://')[0]}: driver {exc.name} is not installed; "
-                          "pip install 'sortie[postgres]'") from None
+        hint = " (pip install 'sortie[postgres]')" if url.startswith("postgresql") else ""
+        raise SortieError(f"state DB {_safe_url(url)}: the driver {exc.name} is not installed{hint}") from None
 
 
 def _current_revision(engine: Engine) -> str | None:
@@ -83,15 +84,25 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
     home = home or sortie_home()
     config = config or load_config(home)
     url = database_url(home, config)
-    engine = make_engine(url)
     try:
+        engine = make_engine(url)
         migrate(engine, home)
     except SortieError:
         raise
     except Exception as exc:
-        safe = engine.url.render_as_string(hide_password=True)
-        raise SortieError(f"state DB {safe} is not usable: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        detail = (str(exc).splitlines() or [""])[0]
+        raise SortieError(f"state DB {_safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
     return engine
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, even when SQLAlchemy cannot parse it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

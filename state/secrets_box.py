@@ -9,17 +9,15 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from orchestrator.config import write_private
+from orchestrator.config import private_once
 from orchestrator.errors import SortieError
 
 
 class SecretsBox:
     def __init__(self, home: Path) -> None:
         path = home / "secrets" / "state.key"
-        if not path.exists():
-            (home / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_private(path, Fernet.generate_key().decode())
-        self._fernet = Fernet(path.read_text().strip().encode())
+        key = private_once(path, lambda: Fernet.generate_key().decode())
+        self._fernet = Fernet(key.strip().encode())
         self._path = path
 
     def seal(self, value: Any) -> str:

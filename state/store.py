@@ -118,16 +118,19 @@ class StateStore:
                                         .order_by(AttemptRow.id)))
 
     def request_cancel(self, job_id: int, who: str) -> bool:
-        """Ask for a cancel; False if the job had already ended."""
+        """Ask for a cancel; False if the job had already ended (or does not exist). One conditional
+        UPDATE decides, so concurrent requests log one event."""
+        now = time.time()
+        active = [s.value for s in ACTIVE]
         with self.session() as session, session.begin():
-            job = session.get(JobRow, job_id, with_for_update=True)
-            if job is None or JobStatus(job.status).terminal:
-                return False
-            if not job.cancel_requested:
-                job.cancel_requested = True
-                job.updated_at = time.time()
-                session.add(EventRow(job_id=job_id, at=time.time(), who=who, what="cancel-requested"))
-            return True
+            first = session.execute(update(JobRow).where(
+                JobRow.id == job_id, JobRow.status.in_(active), JobRow.cancel_requested.is_(False),
+            ).values(cancel_requested=True, updated_at=now)).rowcount == 1
+            if first:
+                session.add(EventRow(job_id=job_id, at=now, who=who, what="cancel-requested"))
+                return True
+            status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+            return status is not None and status in active
 
     # --- the controller's writes -------------------------------------------------------------------------
 
