@@ -210,3 +210,40 @@ def test_leftover_check_helper_sees_nothing_after_jobs(sortie: Sortie) -> None:
     from orchestrator.pulumi_driver import PulumiStackDriver
 
     assert leftovers(PulumiStackDriver(sortie.home), sortie.home) == []
+
+
+def test_a_job_runs_with_its_state_in_postgresql(sortie_home: Path, engine, make_driver,
+                                                 tmp_path: Path) -> None:
+    from tests.pg import fresh_database
+
+    with fresh_database() as url:
+        (sortie_home / "config.yaml").write_text(
+            f"state:\n  url: {url}\ncontroller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n")
+        cli = Sortie(sortie_home)
+        try:
+            job = cli.wait(cli.launch("-n", "on-pg", "echo from-postgres"))
+            assert job["status"] == "SUCCEEDED"
+            assert "from-postgres" in cli.logs(job["id"])
+            assert not (sortie_home / "state.db").exists(), "the state went to SQLite, not PostgreSQL"
+            from sqlalchemy import create_engine, text
+
+            with create_engine(url).connect() as conn:
+                assert conn.execute(text("SELECT status FROM jobs WHERE id = :i"), {"i": job["id"]}).scalar() \
+                    == "SUCCEEDED"
+        finally:
+            cli.run("controller", "stop", check=False)
+        make_driver()  # leak check for this home at teardown
+
+
+def test_controller_stops_itself_when_idle_and_status_shows_it(sortie: Sortie) -> None:
+    (sortie.home / "config.yaml").write_text(
+        "controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  autostop_idle_minutes: 0.03\n")
+    job_id = sortie.launch("sleep 1")
+    status = sortie.run("status").stdout
+    assert "Controller: running" in status
+    assert sortie.wait(job_id)["status"] == "SUCCEEDED"
+    deadline = time.monotonic() + 30
+    while "not running" not in sortie.run("controller", "status").stdout:
+        assert time.monotonic() < deadline, "the idle controller did not stop itself"
+        time.sleep(0.5)
+    assert "Clusters: none" in sortie.run("status").stdout
