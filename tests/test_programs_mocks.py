@@ -112,8 +112,9 @@ def test_cluster_of_three_registers_three_dynamic_nodes(harness: Harness) -> Non
     labels = {"team": "ml", "sortie-job": "42"}
     harness.run(lambda: cluster_program(spec(num_nodes=3, labels=labels)))
 
-    assert [(t, n) for t, n, _ in harness.mocks.resources] == [(NODE_TYPE, f"node-{i}") for i in range(3)]
-    for rank, (_typ, _name, inputs) in enumerate(harness.mocks.resources):
+    # Resources register asynchronously: compare as sorted, not in registration order.
+    assert sorted((t, n) for t, n, _ in harness.mocks.resources) == [(NODE_TYPE, f"node-{i}") for i in range(3)]
+    for rank, (_typ, _name, inputs) in enumerate(sorted(harness.mocks.resources, key=lambda r: r[1])):
         assert inputs["rank"] == rank
         assert inputs["cluster"] == "c1"
         assert inputs["region"] == "region-a"
@@ -201,7 +202,7 @@ def test_declared_accelerator_builds_nodes(harness: Harness, sortie_home: Path) 
     write_config(sortie_home, "local:\n  regions:\n    - name: region-a\n      accelerators: {H100: 8}\n")
     exports = harness.run(lambda: cluster_program(spec(num_nodes=2, accelerators={"H100": 1})))
 
-    assert [n for _t, n, _i in harness.mocks.resources] == ["node-0", "node-1"]
+    assert sorted(n for _t, n, _i in harness.mocks.resources) == ["node-0", "node-1"]
     assert all(inputs["accelerators"] == {"H100": 1} for _t, _n, inputs in harness.mocks.resources)
     assert exports["num_nodes"] == (2, False)
 
@@ -243,7 +244,7 @@ def test_invalid_spec_is_a_usage_error(harness: Harness, bad: dict[str, Any]) ->
 
 def test_stack_program_build_runs_the_cluster_program(harness: Harness) -> None:
     exports = harness.run(StackProgram("cluster", spec(num_nodes=2)).build())
-    assert [n for _t, n, _i in harness.mocks.resources] == ["node-0", "node-1"]
+    assert sorted(n for _t, n, _i in harness.mocks.resources) == ["node-0", "node-1"]
     assert exports["num_nodes"] == (2, False)
 
 
