@@ -137,13 +137,26 @@ def local_regions() -> None:
 
 @local_app.command("preempt")
 def local_preempt(
-    cluster: str = typer.Argument(..., help="Cluster (stack) name, as `sortie local nodes` shows."),
+    cluster: str = typer.Argument(None, help="Cluster (stack) name, as `sortie local nodes` shows."),
+    job: int = typer.Option(None, "--job", help="Preempt the current cluster of this managed job instead."),
     node: int = typer.Option(None, "--node", help="Rank of the one node to preempt; default: every node."),
 ) -> None:
     """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once."""
     from orchestrator.config import sortie_home
+    from orchestrator.errors import UsageError
     from orchestrator.local_cloud import LocalCloud
 
+    if (cluster is None) == (job is None):
+        raise UsageError("give a cluster name or --job ID (one of them)")
+    if job is not None:
+        from orchestrator.service import JobService
+
+        service = JobService()
+        service.resolve(job)
+        attempt = service.store.open_attempts([job]).get(job)
+        if attempt is None or not attempt.nodes:
+            raise UsageError(f"managed job {job} has no cluster up right now; see `sortie jobs queue`")
+        cluster = attempt.stack_name
     for n in LocalCloud(sortie_home() / "local").preempt_cluster(cluster, node):
         _console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
 

@@ -41,6 +41,20 @@ class LocalRegion(BaseModel):
         dict[str, int],
         Field(description="Accelerators each node of this region declares, e.g. {H100: 8}. Declared, not real."),
     ] = Field(default_factory=dict)
+    spot_capacity: Annotated[
+        int | None,
+        Field(ge=0, description="Most spot nodes alive at once (within `capacity`); none means only `capacity` "
+              "limits them. 0 makes spot unavailable here, as when a cloud has no spot capacity."),
+    ] = None
+    price_per_hour: Annotated[
+        float, Field(ge=0, description="Declared on-demand price of one node-hour (for cost accounting).")
+    ] = 0.0
+    spot_price_per_hour: Annotated[
+        float | None, Field(ge=0, description="Declared spot price of one node-hour; default: price_per_hour.")
+    ] = None
+
+    def price(self, use_spot: bool) -> float:
+        return self.spot_price_per_hour if use_spot and self.spot_price_per_hour is not None else self.price_per_hour
 
 
 def _default_regions() -> list[LocalRegion]:
@@ -126,6 +140,10 @@ class ControllerConfig(BaseModel):
     tick_seconds: Annotated[
         float, Field(gt=0, le=60, description="How often the reconcilers run.")
     ] = 1.0
+    grace_misses: Annotated[
+        int, Field(ge=1, le=100, description="Polls a node's agent may miss before the infra is asked (refresh) "
+                   "whether the node is gone; one missed poll never kills a healthy job.")
+    ] = 3
     agent_workers: Annotated[
         int, Field(ge=1, le=256, description="Concurrent agent calls (polls, log copies, file syncs).")
     ] = 16

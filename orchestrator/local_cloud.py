@@ -53,6 +53,7 @@ class LocalNode:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     preempted: bool = False
+    use_spot: bool = False
 
     @property
     def url(self) -> str:
@@ -154,13 +155,15 @@ class LocalCloud:
         found = [n for d in sorted(self.nodes_dir.iterdir()) if (n := self.get(d.name)) is not None]
         return sorted((n for n in found if cluster is None or n.cluster == cluster), key=lambda n: n.rank)
 
-    def in_use(self, region: str) -> int:
-        """Nodes of a region that hold capacity (every node not preempted)."""
-        return sum(1 for n in self.nodes() if n.region == region and not n.preempted)
+    def in_use(self, region: str, spot_only: bool = False) -> int:
+        """Nodes of a region that hold capacity (every node not preempted); spot ones only if asked."""
+        return sum(1 for n in self.nodes()
+                   if n.region == region and not n.preempted and (n.use_spot or not spot_only))
 
     def launch(self, node_id: str, cluster: str, rank: int, region: str, token: str,
                capacity: int | None = None, accelerators: dict[str, int] | None = None,
-               labels: dict[str, str] | None = None) -> LocalNode:
+               labels: dict[str, str] | None = None, use_spot: bool = False,
+               spot_capacity: int | None = None) -> LocalNode:
         """Start a node: claim capacity, make its sandbox, start its agent detached, wait until it answers."""
         sandbox = self.nodes_dir / node_id
         with self._capacity_lock():
@@ -169,10 +172,14 @@ class LocalCloud:
                 raise LocalCapacityError(
                     f"{NO_CAPACITY_MARKER} local/{region} is full: capacity {capacity} node(s), {used} in use"
                 )
+            spot_used = self.in_use(region, spot_only=True) if use_spot else 0
+            if use_spot and spot_capacity is not None and spot_used >= spot_capacity:
+                raise LocalCapacityError(f"{NO_CAPACITY_MARKER} local/{region} has no spot capacity: "
+                                         f"spot capacity {spot_capacity} node(s), {spot_used} in use")
             sandbox.mkdir(parents=True, exist_ok=False)
             node = LocalNode(node_id=node_id, cluster=cluster, rank=rank, region=region, sandbox=str(sandbox),
                              accelerators=dict(accelerators or {}), labels=dict(labels or {}),
-                             created_at=time.time())
+                             created_at=time.time(), use_spot=use_spot)
             self._save(node)
         try:
             return self._start_agent(node, token)

@@ -37,6 +37,12 @@ class JobRow(Base):
     controller_failures: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
     waiting_reason: Mapped[str | None] = mapped_column(Text)
+    # Recovery: capacity rounds waited out, when the current wait began, when this round began (a "no
+    # capacity" answer counts for the round it came in), and where the next placement should (not) go.
+    backoff_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    waiting_since: Mapped[float | None] = mapped_column(Float)
+    round_started_at: Mapped[float | None] = mapped_column(Float)
+    placement_hint: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     submitted_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)

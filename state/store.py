@@ -154,7 +154,7 @@ class StateStore:
 
     def create_attempt(self, job: JobRow, *, stack_name: str, infra: str, region: str | None, num_nodes: int,
                        use_spot: bool, instance_type: str | None = None, status: JobStatus = JobStatus.STARTING,
-                       why: str = "") -> AttemptRow:
+                       price_per_hour: float = 0.0, why: str = "") -> AttemptRow:
         now = time.time()
         with self.session() as session, session.begin():
             number = session.scalar(select(func.count()).select_from(AttemptRow).where(
@@ -162,12 +162,11 @@ class StateStore:
             attempt = AttemptRow(job_id=job.id, task_index=job.current_task, number=number + 1,
                                  stack_name=stack_name, infra=infra, region=region, num_nodes=num_nodes,
                                  use_spot=use_spot, instance_type=instance_type, phase=Phase.PROVISIONING,
-                                 started_at=now)
+                                 started_at=now, price_per_hour=price_per_hour)
             session.add(attempt)
             session.add(StackRow(name=stack_name, job_id=job.id, kind="cluster", status="CREATING", created_at=now))
             session.execute(update(JobRow).where(JobRow.id == job.id).values(
-                status=status, updated_at=now, waiting_reason=None,
-                started_at=func.coalesce(JobRow.started_at, now)))
+                status=status, updated_at=now, started_at=func.coalesce(JobRow.started_at, now)))
             session.execute(update(TaskRow).where(TaskRow.job_id == job.id, TaskRow.task_index == job.current_task)
                             .values(status=status, started_at=func.coalesce(TaskRow.started_at, now)))
             session.flush()
@@ -175,8 +174,22 @@ class StateStore:
             session.add(EventRow(job_id=job.id, task_index=job.current_task, at=now, who="controller",
                                  what="placed", why=why or f"{infra}/{region}",
                                  data={"stack": stack_name, "infra": infra, "region": region,
-                                       "attempt": number + 1}))
+                                       "attempt": number + 1, "use_spot": use_spot}))
         return attempt
+
+    def costs(self, job_ids: Sequence[int]) -> dict[int, float]:
+        """Cost so far per job: the sum over its attempts of price x nodes x hours (to now if running)."""
+        found = dict.fromkeys(job_ids, 0.0)
+        if not job_ids:
+            return found
+        now = time.time()
+        with self.session() as session:
+            rows = session.execute(select(AttemptRow.job_id, AttemptRow.price_per_hour, AttemptRow.num_nodes,
+                                          AttemptRow.started_at, AttemptRow.ended_at)
+                                   .where(AttemptRow.job_id.in_(list(job_ids))))
+            for job_id, price, nodes, started, ended in rows:
+                found[job_id] += (price or 0.0) * nodes * max((ended or now) - started, 0.0) / 3600
+        return found
 
     def update_attempt(self, attempt_id: int, **fields: Any) -> None:
         with self.session() as session, session.begin():

@@ -96,7 +96,8 @@ BAD_INPUTS = [
     ("resources:\n  job_recovery:\n    recover_on_exit_codes: 256\n",
      ["resources.job_recovery.recover_on_exit_codes: 256 is not an exit code (a whole number 0-255)"]),
     ("resources:\n  job_recovery:\n    retries: 1\n",
-     ["resources.job_recovery.retries: unknown field (fields here: max_restarts_on_errors, recover_on_exit_codes, "
+     ["resources.job_recovery.retries: unknown field (fields here: backoff, max_duration, max_restarts_on_errors, "
+      "recover_on_exit_codes, "
       "strategy)"]),
     ("resources:\n  job_recovery: 5\n",
      ["resources.job_recovery: must be a strategy name (FAILOVER or EAGER_NEXT_REGION) or a mapping with strategy, "
@@ -353,7 +354,8 @@ def test_candidate_json_and_hash() -> None:
     assert candidate.to_json() == {
         "infra": "aws/us-east-1", "cloud": "aws", "region": "us-east-1", "zone": None, "cpus": None, "memory": None,
         "accelerators": {"H100": 8.0}, "instance_type": None, "use_spot": False, "disk_size": 256,
-        "job_recovery": {"strategy": None, "max_restarts_on_errors": 2, "recover_on_exit_codes": []},
+        "job_recovery": {"strategy": None, "max_restarts_on_errors": 2, "recover_on_exit_codes": [],
+                         "max_duration_s": None, "backoff_initial_s": None, "backoff_max_s": None},
     }
     assert candidate.num_gpus() == 8.0
     assert len({candidate, candidate}) == 1
@@ -746,3 +748,16 @@ def test_random_text_raises_nothing_but_spec_error(text: str) -> None:
 ])
 def test_hostile_yaml(text: str) -> None:
     _loads_or_spec_error(text)
+
+
+def test_job_recovery_time_budget_and_backoff() -> None:
+    pipeline = load_yaml_text("resources:\n  job_recovery:\n    max_duration: 2h\n"
+                              "    backoff: {initial: 5s, max: 1m}\nrun: x\n")
+    recovery = pipeline.tasks[0].candidates()[0].to_json()["job_recovery"]
+    assert (recovery["max_duration_s"], recovery["backoff_initial_s"], recovery["backoff_max_s"]) == (7200, 5, 60)
+    with pytest.raises(SpecError) as err:
+        load_yaml_text("resources:\n  job_recovery:\n    max_duration: soon\n    backoff: {initial: 0}\nrun: x\n")
+    assert err.value.problems == [
+        'resources.job_recovery.max_duration: "soon" is not a duration like 90s, 30m or 2h',
+        "resources.job_recovery.backoff.initial: 0 must be a positive duration",
+    ]

@@ -123,13 +123,13 @@ def run_threads(*targets: Callable[[], object], timeout: float = 60) -> list[obj
 def test_fresh_db_gets_every_table_at_head(store: StateStore) -> None:
     assert set(inspect(store.engine).get_table_names()) == TABLES
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [state.db.HEAD_REVISION]
     indexes = {ix["name"] for table in ("jobs", "events") for ix in inspect(store.engine).get_indexes(table)}
     assert {"ix_jobs_status", "ix_events_job_id_id"} <= indexes
 
 
 def test_migration_matches_the_models(store: StateStore) -> None:
-    """Revision 0001 builds exactly the tables state/models.py declares (nothing for autogenerate to add)."""
+    """The migrations build exactly the tables state/models.py declares (nothing for autogenerate to add)."""
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
@@ -586,3 +586,26 @@ def test_attempt_rows_roundtrip_json(store: StateStore) -> None:
     task = store.tasks([job_id])[job_id][0]
     assert (task.exit_codes, task.recoveries) == ([0, 137], 1)
     assert count(store, AttemptRow) == 1
+
+
+def test_a_database_at_revision_0001_is_upgraded_in_place(sortie_home: Path) -> None:
+    """An existing home from before the recovery columns keeps its jobs and gains the new columns."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, inspect
+
+    url = f"sqlite:///{sortie_home / 'state.db'}"
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(state.db.MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO jobs (id, user, status, is_pipeline, spec, current_task, cancel_requested, "
+                          "controller_failures, submitted_at, updated_at) VALUES "
+                          "(7, 'u', 'PENDING', 0, '{\"tasks\": []}', 0, 0, 0, 1.0, 1.0)"))
+    store = StateStore(sortie_home)
+    columns = {c["name"] for c in inspect(store.engine).get_columns("jobs")}
+    assert {"backoff_rounds", "waiting_since", "round_started_at", "placement_hint"} <= columns
+    job = store.job(7)
+    assert job is not None and job.backoff_rounds == 0 and job.status == "PENDING"

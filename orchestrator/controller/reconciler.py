@@ -21,7 +21,8 @@ from orchestrator.controller.ops import OperationPool
 from orchestrator.errors import NoCapacityError, StackOperationError
 from orchestrator.job_logs import JobLogs
 from orchestrator.job_status import JobStatus, Phase
-from orchestrator.placement import Infeasible, place
+from orchestrator.placement import Infeasible, capacity_key, place
+from orchestrator.recovery import Failure, History, RecoveryRules, decide
 from orchestrator.run_env import node_env
 from orchestrator.stack_driver import StackDriver, stack_name
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
@@ -29,7 +30,6 @@ from state.models import AttemptRow, JobRow
 from state.store import StateStore
 
 log = logging.getLogger("sortie.controller")
-GRACE_MISSES = 3
 
 
 class Reconciler:
@@ -41,7 +41,6 @@ class Reconciler:
         self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op")
         self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op")
         self._last_poll: dict[int, float] = {}
-        self._excluded: dict[tuple[int, int], set[str]] = {}
 
     # --- the tick ---------------------------------------------------------------------------------------
 
@@ -94,24 +93,51 @@ class Reconciler:
         if job.next_attempt_at and time.time() < job.next_attempt_at:
             return
         task = self._task(job)
-        excluded = self._excluded.setdefault((job.id, job.current_task), set())
-        choice = place(task["resources"], self.config, excluded)
+        hint = job.placement_hint or {}
+        exclude = {capacity_key(a.region or "", a.use_spot)
+                   for a in self.store.attempts(job.id)
+                   if a.task_index == job.current_task and a.outcome == "NO_CAPACITY"
+                   and a.started_at >= (job.round_started_at or 0)}
+        choice = place(task["resources"], self.config, exclude, prefer=hint.get("prefer"),
+                       avoid=hint.get("avoid") or ())
         if isinstance(choice, Infeasible):
-            status = JobStatus.FAILED_NO_RESOURCE if choice.no_capacity else JobStatus.FAILED_PRECHECKS
-            self._note(job, "infeasible", choice.reason)
-            self._finish(job, status, choice.reason)
+            if choice.no_capacity:
+                self._wait_for_capacity(job, choice.reason)
+            else:
+                self._note(job, "infeasible", choice.reason)
+                self._finish(job, JobStatus.FAILED_PRECHECKS, choice.reason)
             return
         cand = task["resources"][choice.candidate_index]
         number = self.store.count_attempts(job.id, job.current_task) + 1
         name = stack_name(self.config.pulumi.stack_prefix, "job", f"{job.id}-t{job.current_task}", number)
         status = JobStatus.RECOVERING if job.status == JobStatus.RECOVERING else JobStatus.STARTING
+        spot = " (spot)" if choice.use_spot else ""
         attempt = self.store.create_attempt(
             job, stack_name=name, infra=choice.infra, region=choice.region, num_nodes=int(task["num_nodes"]),
-            use_spot=bool(cand.get("use_spot")), instance_type=cand.get("instance_type"), status=status,
-            why=f"{choice.infra}/{choice.region}, {task['num_nodes']} node(s), stack {name}")
+            use_spot=choice.use_spot, instance_type=cand.get("instance_type"), status=status,
+            price_per_hour=choice.price_per_hour,
+            why=f"{choice.infra}/{choice.region}{spot}, {task['num_nodes']} node(s), stack {name}")
         self.store.update_attempt(attempt.id, token_enc=self.store.box.seal(new_cluster_token()))
         self.logs.note(job.id, f"[placed] task {job.current_task} attempt {number} on "
-                               f"{choice.infra}/{choice.region} as stack {name}")
+                               f"{choice.infra}/{choice.region}{spot} as stack {name}")
+
+    def _wait_for_capacity(self, job: JobRow, reason: str) -> None:
+        """Every feasible region refused in this round: back off and go round again, or give up."""
+        now = time.time()
+        task = self._task(job)
+        rules = RecoveryRules.from_task(task, bool(task["resources"] and task["resources"][0].get("use_spot")))
+        history = History(backoff_rounds=job.backoff_rounds, waiting_since=job.waiting_since)
+        decision = decide(Failure.NO_CAPACITY, rules, history, now, reason=reason)
+        if decision.action == "give_up":
+            self._note(job, "gave-up", decision.reason)
+            self._finish(job, JobStatus.FAILED_NO_RESOURCE, decision.reason)
+            return
+        retry_at = now + decision.delay_s
+        status = JobStatus.STARTING if job.status == JobStatus.PENDING else job.status
+        self.store.update_job(job.id, status=status, next_attempt_at=retry_at, round_started_at=retry_at,
+                              backoff_rounds=job.backoff_rounds + 1, waiting_since=job.waiting_since or now,
+                              waiting_reason=reason)
+        self._note(job, "backoff", decision.reason, next_try_at=retry_at, round=job.backoff_rounds + 1)
 
     # --- PROVISIONING: pulumi up ----------------------------------------------------------------------------
 
@@ -157,6 +183,8 @@ class Reconciler:
         nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")} for n in result.value.outputs["nodes"]]
         self.store.update_attempt(attempt.id, nodes=nodes, phase=Phase.SYNCING)
         self.store.set_stack(attempt.stack_name, "UP")
+        self.store.update_job(job.id, waiting_since=None, backoff_rounds=0, placement_hint=None,
+                              waiting_reason=None, next_attempt_at=None)
         self._note(job, "provisioned", f"{len(nodes)} node(s) up in {attempt.infra}/{attempt.region}",
                    stack=attempt.stack_name)
         if job.cancel_requested:
@@ -168,8 +196,8 @@ class Reconciler:
         self.store.set_stack(attempt.stack_name, "DESTROYED", str(error))
         if isinstance(error, NoCapacityError):
             self.store.update_attempt(attempt.id, phase=Phase.DONE, outcome="NO_CAPACITY", ended_at=time.time())
-            self._excluded.setdefault((job.id, job.current_task), set()).add(attempt.region or "")
-            self._note(job, "no-capacity", f"{attempt.infra}/{attempt.region}: {error}")
+            self._note(job, "no-capacity", f"{attempt.infra}/{attempt.region}: {error}", region=attempt.region,
+                       stack=attempt.stack_name)
             if job.cancel_requested:
                 self._finish(job, JobStatus.CANCELLED, "cancelled while starting")
             return
@@ -274,25 +302,45 @@ class Reconciler:
         if any(n.state == "missing" for n in nodes):  # a restarted controller: start what never started
             self._last_poll.pop(attempt.id, None)
             return None
-        verdict = judge_runs(nodes, attempt.missed_polls, GRACE_MISSES)
-        if verdict.kind == "node_lost":
-            self._node_trouble(job, attempt, f"node(s) {list(verdict.lost_ranks)} unreachable "
-                                             f"for {GRACE_MISSES} polls")
-            return None
+        grace = self.config.controller.grace_misses
+        verdict = judge_runs(nodes, attempt.missed_polls, grace)
         misses = attempt.missed_polls + 1 if any(n.state == "unreachable" for n in nodes) else 0
         if misses != attempt.missed_polls:
             self.store.update_attempt(attempt.id, missed_polls=misses)
+            attempt.missed_polls = misses
+        if verdict.kind == "node_lost":
+            self._confirm_node_loss(job, attempt, verdict.lost_ranks)
+            return None
         return verdict.exit_codes if verdict.kind == "done" else None
+
+    def _confirm_node_loss(self, job: JobRow, attempt: AttemptRow, ranks: tuple[int, ...]) -> None:
+        """Agents missed `grace_misses` polls: ask the infra (`refresh`). Gone nodes mean a preemption;
+        nodes the infra still has are given more time (up to three graces) before they count as lost."""
+        key = ("refresh", attempt.stack_name)
+        result = self.stack_ops.collect(key)
+        if result is None:
+            self.stack_ops.submit(key, self._stack_op, job.id, "refresh", attempt.stack_name,
+                                  lambda: self.driver.refresh(attempt.stack_name))
+            return
+        gone = sorted(r.name for r in result.value.gone) if result.ok else []
+        if gone:
+            self._node_trouble(job, attempt, f"node(s) {', '.join(gone)} of {attempt.infra}/{attempt.region} "
+                                             "gone (preempted or dead, says refresh)")
+        elif attempt.missed_polls >= 3 * self.config.controller.grace_misses:
+            self._node_trouble(job, attempt, f"agent(s) of rank {list(ranks)} unreachable for "
+                                             f"{attempt.missed_polls} polls")
+        else:
+            self._note(job, "agent-slow", f"rank(s) {list(ranks)} missed {attempt.missed_polls} polls, but "
+                                          "refresh says the nodes are there; waiting")
 
     def _setting_up(self, job: JobRow, attempt: AttemptRow) -> None:
         codes = self._runs(job, attempt, "setup")
         if codes is None:
             return
         self._last_poll.pop(attempt.id, None)
-        failed = setup_outcome(codes)
-        if failed:
+        if setup_outcome(codes):
             self.store.update_attempt(attempt.id, exit_codes=list(codes))
-            self._begin_teardown(job, attempt, failed, f"setup failed: {first_failure(codes)}", codes)
+            self._after_failure(job, attempt, Failure.SETUP_ERROR, f"setup failed: {first_failure(codes)}", codes)
             return
         self.store.update_attempt(attempt.id, phase=Phase.RUNNING)
         self.store.update_task(job.id, job.current_task, run_started_at=time.time())
@@ -306,15 +354,39 @@ class Reconciler:
         outcome = run_outcome(codes)
         self.store.update_attempt(attempt.id, exit_codes=list(codes))
         self.store.update_task(job.id, job.current_task, exit_codes=list(codes))
-        why = "run succeeded on every node" if outcome == JobStatus.SUCCEEDED else f"run failed: {first_failure(codes)}"
-        self._begin_teardown(job, attempt, outcome, why, codes)
+        if outcome == JobStatus.SUCCEEDED:
+            self._begin_teardown(job, attempt, outcome, "run succeeded on every node", codes)
+        else:
+            self._after_failure(job, attempt, Failure.USER_ERROR, f"run failed: {first_failure(codes)}", codes)
 
     def _node_trouble(self, job: JobRow, attempt: AttemptRow, why: str) -> None:
-        """A node is gone or unusable: recover on a new stack (the recovery policy refines this)."""
-        self.store.update_job(job.id, status=JobStatus.RECOVERING)
-        self.store.update_attempt(attempt.id, outcome="NODE_LOST")
-        self._note(job, "node-lost", why, stack=attempt.stack_name)
-        self._begin_teardown(job, attempt, None, why)
+        """A node is gone or unusable: the policy relaunches elsewhere."""
+        self.store.update_attempt(attempt.id, outcome="PREEMPTED")
+        self._note(job, "preempted", why, stack=attempt.stack_name, region=attempt.region)
+        self._after_failure(job, attempt, Failure.PREEMPTED, why)
+
+    def _after_failure(self, job: JobRow, attempt: AttemptRow, failure: Failure, why: str,
+                       codes: tuple[int, ...] = ()) -> None:
+        """Ask the recovery policy, then tear down and either give up or relaunch."""
+        if attempt.outcome is None:
+            attempt.outcome = failure.value
+            self.store.update_attempt(attempt.id, outcome=failure.value)
+        task_row = self.store.tasks([job.id])[job.id][job.current_task]
+        rules = RecoveryRules.from_task(self._task(job), attempt.use_spot)
+        history = History(restarts_on_errors=task_row.restarts_on_errors, last_region=attempt.region,
+                          backoff_rounds=job.backoff_rounds, waiting_since=job.waiting_since)
+        decision = decide(failure, rules, history, time.time(), exit_codes=codes, reason=why)
+        if decision.action == "give_up":
+            self._begin_teardown(job, attempt, decision.status, decision.reason, codes)
+            return
+        hint = {"prefer": decision.prefer_region, "avoid": sorted(decision.avoid_regions)}
+        self.store.update_job(job.id, status=JobStatus.RECOVERING, placement_hint=hint, round_started_at=time.time(),
+                              waiting_reason=decision.reason)
+        if decision.spends_restart:
+            self.store.update_task(job.id, job.current_task, restarts_on_errors=task_row.restarts_on_errors + 1)
+        self._note(job, "recovering", decision.reason, stack=attempt.stack_name, region=attempt.region,
+                   strategy=rules.strategy)
+        self._begin_teardown(job, attempt, None, decision.reason, codes)
 
     # --- TEARDOWN: destroy, then finish or relaunch ---------------------------------------------------------------
 
@@ -371,7 +443,6 @@ class Reconciler:
                 JobStatus.CANCELLED if status != JobStatus.SUCCEEDED else status)
             self.store.update_task(job.id, index, status=task_status, ended_at=now,
                                    failure_reason=why if index == job.current_task else None)
-        self._excluded.pop((job.id, job.current_task), None)
         self._note(job, "finished", f"{status.value}" + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""))
 
     # --- errors inside the controller ------------------------------------------------------------------------------

@@ -115,6 +115,12 @@ ExitCodes = Annotated[
     schema({"anyOf": [_EXIT_CODE, {"type": "array", "uniqueItems": True, "items": _EXIT_CODE}]}, nullable=False),
 ]
 Name = Annotated[str | None, parsed(values.parse_name), schema({"type": "string", "pattern": values.NAME_PATTERN})]
+Duration = Annotated[
+    float | None,
+    parsed(values.parse_duration),
+    schema({"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                      {"type": "string", "examples": ["90s", "30m", "2h"]}]}),
+]
 
 
 def _autostop(value: Any) -> Any:

@@ -31,12 +31,18 @@ class JobRecoverySpec:
     strategy: str | None
     max_restarts_on_errors: int
     recover_on_exit_codes: tuple[int, ...]
+    max_duration_s: float | None = None
+    backoff_initial_s: float | None = None
+    backoff_max_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "max_restarts_on_errors": self.max_restarts_on_errors,
             "recover_on_exit_codes": list(self.recover_on_exit_codes),
+            "max_duration_s": self.max_duration_s,
+            "backoff_initial_s": self.backoff_initial_s,
+            "backoff_max_s": self.backoff_max_s,
         }
 
 
@@ -96,6 +102,15 @@ class Candidate:
         return hash(self._key())
 
 
+class Backoff(BaseModel):
+    """Sortie's backoff between rounds of capacity retries (exponential, capped, jittered)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    initial: Annotated[fields.Duration, Field(description="The first wait (default 30s).")] = None
+    max: Annotated[fields.Duration, Field(description="The longest wait (default 10m).")] = None
+
+
 class JobRecovery(BaseModel):
     """SkyPilot's `job_recovery` mapping."""
 
@@ -116,9 +131,20 @@ class JobRecovery(BaseModel):
         Field(description="Exit codes (0-255) that always trigger a recovery, without counting against "
               "max_restarts_on_errors: one code or a list."),
     ] = Field(default_factory=list)
+    max_duration: Annotated[
+        fields.Duration,
+        Field(description="Sortie: give up waiting for capacity after this long (90s, 30m, 2h) as "
+              "FAILED_NO_RESOURCE; default: wait indefinitely, as SkyPilot does."),
+    ] = None
+    backoff: Annotated[
+        Backoff | None,
+        Field(description="Sortie: the wait between rounds of capacity retries, exponential from initial to max."),
+    ] = None
 
     def spec(self) -> JobRecoverySpec:
-        return JobRecoverySpec(self.strategy, self.max_restarts_on_errors, tuple(self.recover_on_exit_codes))
+        backoff = self.backoff or Backoff()
+        return JobRecoverySpec(self.strategy, self.max_restarts_on_errors, tuple(self.recover_on_exit_codes),
+                               self.max_duration, backoff.initial, backoff.max)
 
 
 def _job_recovery_input(value: Any) -> Any:

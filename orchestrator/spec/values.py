@@ -470,6 +470,27 @@ def parse_exit_codes(value: Any) -> list[int]:
     return codes
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|days?)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600,
+                   "hrs": 3600, "d": 86400, "day": 86400, "days": 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `90`, `90s`, `30m`, `2h` or `1d`; positive."""
+    if isinstance(value, bool):
+        raise Bad(f"{show(value)} is not a duration like 90s, 30m or 2h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise Bad(f"{show(value)} is not a duration like 90s, 30m or 2h")
+        seconds = float(match[1]) * _DURATION_UNITS[(match[2] or "s").lower()]
+    if seconds <= 0:
+        raise Bad(f"{show(value)} must be a positive duration")
+    return seconds
+
+
 def parse_choice(value: Any, choices: tuple[str, ...], what: str, *, upper: bool = False) -> str:
     if not isinstance(value, str) or (value.upper() if upper else value.lower()) not in choices:
         raise Bad(f"{show(value)} is not a {what}; use one of {', '.join(choices)}")

@@ -27,16 +27,18 @@ from stacks.spec import ClusterSpec
 
 # Inputs whose change needs a new node, and inputs a node takes in place. `capacity` is read at
 # create time only: changing a region's capacity never touches running nodes.
-REPLACE_KEYS = ("cluster", "rank", "region", "root", "token", "accelerators")
+REPLACE_KEYS = ("cluster", "rank", "region", "root", "token", "accelerators", "use_spot")
 UPDATE_KEYS = ("labels",)
 OUTPUT_KEYS = ("node_id", "host", "ip", "port", "url", "pid", "sandbox")
 
 
-def node_inputs(spec: ClusterSpec, rank: int, region: str, root: str, capacity: int | None) -> dict[str, Any]:
+def node_inputs(spec: ClusterSpec, rank: int, region: str, root: str, capacity: int | None,
+                spot_capacity: int | None = None) -> dict[str, Any]:
     """The inputs of node `rank` of a cluster (shared with the fake driver, so both diff alike)."""
     return {
         "cluster": spec.name, "rank": rank, "region": region, "root": root, "token": spec.token,
-        "capacity": capacity, "accelerators": dict(spec.accelerators), "labels": dict(spec.labels),
+        "capacity": capacity, "spot_capacity": spot_capacity, "use_spot": bool(spec.use_spot),
+        "accelerators": dict(spec.accelerators), "labels": dict(spec.labels),
     }
 
 
@@ -56,7 +58,8 @@ class LocalNodeProvider(ResourceProvider):
         node = cloud.launch(
             node_id=node_id, cluster=props["cluster"], rank=int(props["rank"]), region=props["region"],
             token=props["token"], capacity=props.get("capacity"), accelerators=props.get("accelerators") or {},
-            labels=props.get("labels") or {},
+            labels=props.get("labels") or {}, use_spot=bool(props.get("use_spot")),
+            spot_capacity=props.get("spot_capacity"),
         )
         return CreateResult(id_=node.node_id, outs={**props, **self._outputs(node)})
 
@@ -113,7 +116,8 @@ def build_local_nodes(spec: ClusterSpec) -> list[BuiltNode]:
     root = spec.local_root or str(Path(home) / "local")
     built = []
     for rank in range(spec.num_nodes):
-        node = LocalNode(f"node-{rank}", node_inputs(spec, rank, region.name, root, region.capacity))
+        node = LocalNode(f"node-{rank}", node_inputs(spec, rank, region.name, root, region.capacity,
+                                                     region.spot_capacity))
         built.append(BuiltNode(rank=rank, node_id=node.node_id, host=node.host, ip=node.ip, url=node.url,
                                region=node.region))
     return built
