@@ -31,6 +31,7 @@ test: setup lint
 bench: setup
 	$(VENV)/bin/python bench/stack_ops.py
 	$(VENV)/bin/python bench/jobs.py
+	$(VENV)/bin/python bench/recovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

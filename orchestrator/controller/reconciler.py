@@ -30,6 +30,7 @@ from state.models import AttemptRow, JobRow
 from state.store import StateStore
 
 log = logging.getLogger("sortie.controller")
+JANITOR_SECONDS = 10.0
 
 
 class Reconciler:
@@ -41,6 +42,7 @@ class Reconciler:
         self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op")
         self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op")
         self._last_poll: dict[int, float] = {}
+        self._last_janitor = 0.0
 
     # --- the tick ---------------------------------------------------------------------------------------
 
@@ -53,7 +55,27 @@ class Reconciler:
                 self._step(job, attempts.get(job.id))
             except Exception as exc:  # one job's trouble never stops the others
                 self._controller_error(job, attempts.get(job.id), exc)
+        if time.monotonic() - self._last_janitor >= JANITOR_SECONDS:
+            self._last_janitor = time.monotonic()
+            self._janitor({a.stack_name for a in attempts.values()})
         return len(jobs)
+
+    def _janitor(self, open_stacks: set[str]) -> None:
+        """The stacks reconciler: a stack row not yet DESTROYED whose attempt is over (a failed up whose
+        own cleanup failed, a crash between two writes) is destroyed. Nothing Sortie made is forgotten."""
+        for row in self.store.live_stacks():
+            if row.name in open_stacks:
+                continue
+            key = ("destroy", row.name)
+            result = self.stack_ops.collect(key)
+            if result is None:
+                self.stack_ops.submit(key, self.driver.destroy, row.name)
+            elif result.ok:
+                self.store.set_stack(row.name, "DESTROYED")
+                log.info("janitor: destroyed leftover stack %s", row.name)
+            else:
+                self.store.set_stack(row.name, "FAILED", str(result.error))
+                log.warning("janitor: destroy of %s failed, will retry: %s", row.name, result.error)
 
     def busy(self) -> bool:
         return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight())
@@ -192,8 +214,10 @@ class Reconciler:
             self._begin_teardown(job, attempt, JobStatus.CANCELLED, "cancelled while starting")
 
     def _provision_failed(self, job: JobRow, attempt: AttemptRow, error: BaseException | None) -> None:
-        # A failed `up` has already destroyed what it made and removed the stack (cleanup_on_failure).
-        self.store.set_stack(attempt.stack_name, "DESTROYED", str(error))
+        # A failed `up` destroys what it made and removes the stack (cleanup_on_failure); if that cleanup
+        # failed too, the stack stays FAILED and the janitor destroys it.
+        cleaned = "cleanup failed" not in str(error)
+        self.store.set_stack(attempt.stack_name, "DESTROYED" if cleaned else "FAILED", str(error))
         if isinstance(error, NoCapacityError):
             self.store.update_attempt(attempt.id, phase=Phase.DONE, outcome="NO_CAPACITY", ended_at=time.time())
             self._note(job, "no-capacity", f"{attempt.infra}/{attempt.region}: {error}", region=attempt.region,
