@@ -7,6 +7,7 @@ beside it says who holds it. APScheduler 3.x (in-memory job store) is only the t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -125,6 +126,7 @@ def run_daemon(home: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("sortie.controller")
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # not a line per tick, nor per coalesced wake
     started = time.time()
     (_dir(home) / "controller.json").write_text(json.dumps(
         {"pid": os.getpid(), "started_at": started, "version": __version__}))
@@ -134,16 +136,31 @@ def run_daemon(home: Path) -> None:
     unlocked = driver.cancel_stale_locks()
     if unlocked:
         log.info("cancelled stale locks of crashed operations on: %s", ", ".join(unlocked))
-    reconciler = Reconciler(store, driver, config, home)
+    scheduler = BackgroundScheduler()
+    woken = threading.Event()
+
+    def wake() -> None:
+        """An operation finished: tick now rather than at the next interval (a tick already running
+        sees `woken` and makes one more pass)."""
+        woken.set()
+        with contextlib.suppress(Exception):  # the scheduler may be shutting down
+            scheduler.modify_job("tick", next_run_time=datetime.now())
+
+    reconciler = Reconciler(store, driver, config, home, wake)
     stop = threading.Event()
     idle_since = [time.monotonic()]
 
     def tick() -> None:
-        try:
-            active = reconciler.tick()
-        except Exception:
-            log.exception("tick failed")
-            return
+        active = 0
+        for _ in range(10):  # passes while operations keep finishing, bounded
+            woken.clear()
+            try:
+                active = reconciler.tick()
+            except Exception:
+                log.exception("tick failed")
+                return
+            if not woken.is_set():
+                break
         if active or reconciler.busy():
             idle_since[0] = time.monotonic()
         elif time.monotonic() - idle_since[0] > config.controller.autostop_idle_minutes * 60:
@@ -152,9 +169,8 @@ def run_daemon(home: Path) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scheduler = BackgroundScheduler()
-    scheduler.add_job(tick, "interval", seconds=config.controller.tick_seconds, max_instances=1, coalesce=True,
-                      next_run_time=datetime.now())
+    scheduler.add_job(tick, "interval", id="tick", seconds=config.controller.tick_seconds, max_instances=1,
+                      coalesce=True, next_run_time=datetime.now())
     scheduler.start()
     log.info("controller %s started (pid %s) on %s", __version__, os.getpid(), home)
     stop.wait()

@@ -24,18 +24,23 @@ class Finished:
 class OperationPool:
     """At most one operation per key; bounded workers. `collect(key)` hands a finished result over once."""
 
-    def __init__(self, workers: int, name: str) -> None:
+    def __init__(self, workers: int, name: str, on_done: Callable[[], None] | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._futures: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
+        self._on_done = on_done
 
     def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> bool:
         """Start `fn(*args)` under `key` unless an operation of that key is already running or uncollected."""
         with self._lock:
             if key in self._futures:
                 return False
-            self._futures[key] = self._pool.submit(fn, *args)
-            return True
+            future = self._pool.submit(fn, *args)
+            self._futures[key] = future
+        if self._on_done is not None:  # a finished operation wakes the ticker: no waiting for the next tick
+            on_done = self._on_done
+            future.add_done_callback(lambda _f: on_done())
+        return True
 
     def running(self, key: Hashable) -> bool:
         with self._lock:

@@ -34,13 +34,14 @@ JANITOR_SECONDS = 10.0
 
 
 class Reconciler:
-    def __init__(self, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path) -> None:
+    def __init__(self, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
+                 wake: Callable[[], None] | None = None) -> None:
         self.store = store
         self.driver = driver
         self.config = config
         self.logs = JobLogs(home)
-        self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op")
-        self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op")
+        self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op", wake)
+        self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op", wake)
         self._last_poll: dict[int, float] = {}
         self._last_janitor = 0.0
 
