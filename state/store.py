@@ -147,6 +147,11 @@ class StateStore:
             query = select(AttemptRow).where(AttemptRow.job_id.in_(list(job_ids)), AttemptRow.phase != Phase.DONE)
             return {row.job_id: row for row in session.scalars(query)}
 
+    def open_stack_names(self) -> set[str]:
+        """Stacks of every attempt in progress, read now (not from an earlier snapshot)."""
+        with self.session() as session:
+            return set(session.scalars(select(AttemptRow.stack_name).where(AttemptRow.phase != Phase.DONE)))
+
     def count_attempts(self, job_id: int, task_index: int) -> int:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(AttemptRow).where(

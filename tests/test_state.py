@@ -361,7 +361,8 @@ def test_create_attempt(store: StateStore) -> None:
         ("CREATING", job_id, first.id, "cluster", None)
     placed = store.events(job_id)[-1]
     assert (placed.what, placed.who, placed.task_index, placed.why) == ("placed", "controller", 0, "local/region-a")
-    assert placed.data == {"stack": "sortie-1-a", "infra": "local", "region": "region-a", "attempt": 1}
+    assert placed.data == {"stack": "sortie-1-a", "infra": "local", "region": "region-a", "attempt": 1,
+                           "use_spot": True}
 
     store.update_attempt(first.id, phase=Phase.DONE, outcome="preempted")
     second = store.create_attempt(store.job(job_id), stack_name="sortie-1-b", infra="local", region="region-b",

@@ -58,13 +58,17 @@ class Reconciler:
                 self._controller_error(job, attempts.get(job.id), exc)
         if time.monotonic() - self._last_janitor >= JANITOR_SECONDS:
             self._last_janitor = time.monotonic()
-            self._janitor({a.stack_name for a in attempts.values()})
+            self._janitor()
         return len(jobs)
 
-    def _janitor(self, open_stacks: set[str]) -> None:
+    def _janitor(self) -> None:
         """The stacks reconciler: a stack row not yet DESTROYED whose attempt is over (a failed up whose
-        own cleanup failed, a crash between two writes) is destroyed. Nothing Sortie made is forgotten."""
-        for row in self.store.live_stacks():
+        own cleanup failed, a crash between two writes) is destroyed. Nothing Sortie made is forgotten.
+        Open attempts are read after the stacks, so a stack placed meanwhile is never taken for a leftover
+        (an attempt and its stack row are written in one transaction)."""
+        live = self.store.live_stacks()
+        open_stacks = self.store.open_stack_names()
+        for row in live:
             if row.name in open_stacks:
                 continue
             key = ("destroy", row.name)
