@@ -61,6 +61,12 @@ class Sortie:
     def logs(self, job_id: int, *extra: str) -> str:
         return self.run("jobs", "logs", "--no-follow", str(job_id), *extra).stdout
 
+    def wait_for_log(self, job_id: int, text: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.logs(job_id).count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} x{count} never appeared:\n{self.logs(job_id)}"
+            time.sleep(0.2)
+
 
 @pytest.fixture
 def sortie(sortie_home: Path, engine, make_driver):
@@ -145,10 +151,7 @@ def test_cancel_while_starting(sortie: Sortie) -> None:
 
 def test_cancel_while_running_kills_everything(sortie: Sortie) -> None:
     job_id = sortie.launch("echo started; sleep 300")
-    deadline = time.monotonic() + 60
-    while "started" not in sortie.logs(job_id):
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    sortie.wait_for_log(job_id, "started")
     assert sortie.job(job_id)["status"] == "RUNNING"
     sortie.run("jobs", "cancel", "-y", str(job_id))
     job = sortie.wait(job_id)
@@ -159,10 +162,7 @@ def test_cancel_while_running_kills_everything(sortie: Sortie) -> None:
 
 def test_controller_sigkill_while_running_loses_nothing(sortie: Sortie) -> None:
     job_id = sortie.launch("echo started; sleep 4; echo finished")
-    deadline = time.monotonic() + 60
-    while "started" not in sortie.logs(job_id):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    sortie.wait_for_log(job_id, "started")
     pid = json.loads((sortie.home / "controller" / "controller.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)

@@ -38,19 +38,12 @@ def attempts(cli: Sortie, job_id: int) -> list:
     return StateStore(cli.home).attempts(job_id)
 
 
-def wait_for_log(cli: Sortie, job_id: int, text: str, count: int = 1, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while cli.logs(job_id).count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} x{count} never appeared:\n{cli.logs(job_id)}"
-        time.sleep(0.2)
-
-
 def test_preempted_spot_job_recovers_in_another_region(cli: Sortie, tmp_path: Path) -> None:
     configure(cli)
     yaml = write(tmp_path, "spot.yaml", "name: spot\nresources:\n  use_spot: true\n"
                  "run: echo started; sleep 3; echo done\n")
     job_id = cli.launch(yaml)
-    wait_for_log(cli, job_id, "started")
+    cli.wait_for_log(job_id, "started")
     cli.run("local", "preempt", "--job", str(job_id), "--node", "0")
     job = cli.wait(job_id)
     assert job["status"] == "SUCCEEDED"
@@ -153,3 +146,5 @@ def test_cost_is_price_times_nodes_times_duration(cli: Sortie, tmp_path: Path) -
     expected = sum(36.0 * a.num_nodes * (a.ended_at - a.started_at) / 3600 for a in attempts(cli, job["id"]))
     assert expected > 0 and job["cost"] == pytest.approx(expected, rel=1e-3)
     assert "COST ($)" in cli.run("jobs", "queue", "--cost").stdout
+    events = json.loads(cli.run("jobs", "events", str(job["id"]), "--json").stdout)
+    assert events[-1]["data"]["cost"] == pytest.approx(expected, rel=1e-3)

@@ -190,6 +190,14 @@ class Reconciler:
                     fh.seek(start)
                     self.logs.append(self.logs.controller_log(job_id), fh.read())
 
+    def _drive_stack_op(self, job: JobRow, op: str, stack: str, fn: Callable[[], Any]) -> Any:
+        """The finished result of a stack operation, else None after making sure it runs."""
+        key = (op, stack)
+        result = self.stack_ops.collect(key)
+        if result is None:
+            self.stack_ops.submit(key, self._stack_op, job.id, op, stack, fn)
+        return result
+
     def _provisioning(self, job: JobRow, attempt: AttemptRow) -> None:
         key = ("up", attempt.stack_name)
         result = self.stack_ops.collect(key)
@@ -345,11 +353,9 @@ class Reconciler:
     def _confirm_node_loss(self, job: JobRow, attempt: AttemptRow, ranks: tuple[int, ...]) -> None:
         """Agents missed `grace_misses` polls: ask the infra (`refresh`). Gone nodes mean a preemption;
         nodes the infra still has are given more time (up to three graces) before they count as lost."""
-        key = ("refresh", attempt.stack_name)
-        result = self.stack_ops.collect(key)
+        result = self._drive_stack_op(job, "refresh", attempt.stack_name,
+                                      lambda: self.driver.refresh(attempt.stack_name))
         if result is None:
-            self.stack_ops.submit(key, self._stack_op, job.id, "refresh", attempt.stack_name,
-                                  lambda: self.driver.refresh(attempt.stack_name))
             return
         gone = sorted(r.name for r in result.value.gone) if result.ok else []
         if gone:
@@ -437,11 +443,9 @@ class Reconciler:
         self._note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
 
     def _teardown(self, job: JobRow, attempt: AttemptRow) -> None:
-        key = ("destroy", attempt.stack_name)
-        result = self.stack_ops.collect(key)
+        result = self._drive_stack_op(job, "destroy", attempt.stack_name,
+                                      lambda: self.driver.destroy(attempt.stack_name))
         if result is None:
-            self.stack_ops.submit(key, self._stack_op, job.id, "destroy", attempt.stack_name,
-                                  lambda: self.driver.destroy(attempt.stack_name))
             return
         if not result.ok:  # never give up on destroying: log, and the next tick tries again
             self.store.set_stack(attempt.stack_name, "FAILED", str(result.error))
@@ -450,7 +454,9 @@ class Reconciler:
         now = time.time()
         self.store.set_stack(attempt.stack_name, "DESTROYED")
         self.store.update_attempt(attempt.id, phase=Phase.DONE, ended_at=now)
-        self._note(job, "destroyed", f"stack {attempt.stack_name} destroyed", stack=attempt.stack_name)
+        cost = (attempt.price_per_hour or 0.0) * attempt.num_nodes * (now - attempt.started_at) / 3600
+        self._note(job, "destroyed", f"stack {attempt.stack_name} destroyed", stack=attempt.stack_name,
+                   region=attempt.region, attempt_cost=round(cost, 6))
         fresh = self.store.job(job.id) or job
         if attempt.after_teardown == "relaunch":
             tasks = self.store.tasks([job.id])[job.id]
@@ -472,7 +478,8 @@ class Reconciler:
                 JobStatus.CANCELLED if status != JobStatus.SUCCEEDED else status)
             self.store.update_task(job.id, index, status=task_status, ended_at=now,
                                    failure_reason=why if index == job.current_task else None)
-        self._note(job, "finished", f"{status.value}" + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""))
+        self._note(job, "finished", f"{status.value}" + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
+                   cost=round(self.store.costs([job.id])[job.id], 6))
 
     # --- errors inside the controller ------------------------------------------------------------------------------
 
