@@ -7,11 +7,17 @@ import time
 from collections.abc import Mapping, Sequence
 
 
-def task_id(submitted_at: float, job_name: str | None, job_id: int, task_index: int) -> str:
-    """`sky-managed-2026-11-25-12-34-56-123456_<name>_<job id>-<task index>`, as SkyPilot's managed jobs."""
+def task_id(submitted_at: float, job_name: str | None, job_id: int, task_index: int,
+            task_name: str | None = None, is_pipeline: bool = False) -> str:
+    """SkyPilot's managed-job task id, the same across every recovery of the task:
+    `sky-managed-2026-11-25-12-34-56-123456_<name>_<job id>-<task index>` for one task, and
+    `sky-managed-..._<pipeline>_<task name>_<job id>-<task index>` for a task of a pipeline."""
     stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime(submitted_at))
     micros = round((submitted_at % 1) * 1_000_000) % 1_000_000
-    return f"sky-managed-{stamp}-{micros:06d}_{job_name or 'sortie-job'}_{job_id}-{task_index}"
+    name = job_name or "sortie-job"
+    if is_pipeline:
+        name = f"{name}_{task_name or f'task{task_index}'}"
+    return f"sky-managed-{stamp}-{micros:06d}_{name}_{job_id}-{task_index}"
 
 
 def _gpus(accelerators: Mapping[str, float]) -> str:
@@ -21,9 +27,10 @@ def _gpus(accelerators: Mapping[str, float]) -> str:
 
 def node_env(*, envs: Mapping[str, str], secrets: Mapping[str, str], job_id: int, job_name: str | None,
              task_index: int, submitted_at: float, rank: int, ips: Sequence[str],
-             accelerators: Mapping[str, float]) -> dict[str, str]:
+             accelerators: Mapping[str, float], task_name: str | None = None,
+             is_pipeline: bool = False) -> dict[str, str]:
     sky = {
-        "TASK_ID": task_id(submitted_at, job_name, job_id, task_index),
+        "TASK_ID": task_id(submitted_at, job_name, job_id, task_index, task_name, is_pipeline),
         "JOB_ID": str(job_id),
         "NODE_RANK": str(rank),
         "NODE_IPS": "\n".join(ips),

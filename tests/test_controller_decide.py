@@ -74,6 +74,9 @@ def test_place_falls_through_alternatives_in_order() -> None:
 
 def test_task_id_has_skypilots_shape() -> None:
     assert task_id(1795609122.5, "train", 42, 1) == "sky-managed-2026-11-25-12-18-42-500000_train_42-1"
+    # SkyPilot's documented pipeline example: sky-managed-2022-10-06-05-17-09-750781_pipeline_eval_8-1
+    assert task_id(1795609122.5, "pipeline", 8, 1, "eval", is_pipeline=True) == \
+        "sky-managed-2026-11-25-12-18-42-500000_pipeline_eval_8-1"
 
 
 def test_node_env_has_skypilot_variables_and_twins() -> None:

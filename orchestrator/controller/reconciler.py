@@ -287,7 +287,7 @@ class Reconciler:
         for node, client in self._clients(attempt):
             env = node_env(envs=task.get("envs") or {}, secrets=secrets, job_id=job.id, job_name=job.name,
                            task_index=job.current_task, submitted_at=job.submitted_at, rank=node["rank"], ips=ips,
-                           accelerators=accelerators)
+                           accelerators=accelerators, task_name=task.get("name"), is_pipeline=job.is_pipeline)
             try:
                 client.run(task[kind], env=env, run_id=f"{kind}-{attempt.id}")
             except AgentError as exc:
