@@ -152,3 +152,27 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     yield factory
     for agent in started:
         agent.stop()
+
+
+@pytest.fixture
+def sortie_cli(sortie_home: Path, make_driver) -> Iterator[Callable[..., object]]:
+    """The real CLI on this test's home (optionally with a config.yaml first). After the test: the
+    controller is stopped, every stack row must be destroyed, and `make_driver`'s leak check runs."""
+    from tests.e2e import Sortie
+
+    made: list[Sortie] = []
+
+    def factory(config_yaml: str | None = None) -> Sortie:
+        if config_yaml is not None:
+            (sortie_home / "config.yaml").write_text(config_yaml)
+        made.append(Sortie(sortie_home))
+        return made[-1]
+
+    yield factory
+    if made:
+        made[0].run("controller", "stop", check=False, timeout=180)
+        from state.store import StateStore
+
+        live = [s.name for s in StateStore(sortie_home).live_stacks()]
+        make_driver()  # the leak check of `make_driver` runs at its own teardown, after this one
+        assert live == [], f"stacks not destroyed: {live}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs_e2e import TERMINAL, Sortie, write
+from tests.e2e import TERMINAL, Sortie, write
 
 pytestmark = pytest.mark.e2e
 JOBS = int(os.environ.get("SORTIE_CHAOS_JOBS", "20"))
@@ -22,14 +22,9 @@ CHAOS_SECONDS = float(os.environ.get("SORTIE_CHAOS_SECONDS", "45"))
 
 
 @pytest.fixture
-def cli(sortie_home: Path, engine, make_driver):
-    (sortie_home / "config.yaml").write_text(
-        "controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n  grace_misses: 2\n"
-        "local:\n  regions:\n    - {name: region-a}\n    - {name: region-b}\n")
-    cli = Sortie(sortie_home)
-    yield cli
-    cli.run("controller", "stop", check=False, timeout=180)
-    make_driver()  # leak check at teardown: stacks, locks, work dirs, sandboxes, processes
+def cli(sortie_cli) -> Sortie:
+    return sortie_cli("controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n  grace_misses: 2\n"
+                      "local:\n  regions:\n    - {name: region-a}\n    - {name: region-b}\n")
 
 
 def kill_controller(cli: Sortie) -> bool:

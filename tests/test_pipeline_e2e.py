@@ -7,19 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs_e2e import Sortie, write
+from tests.e2e import Sortie, write
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def cli(sortie_home: Path, engine, make_driver):
-    (sortie_home / "config.yaml").write_text(
-        "controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  grace_misses: 2\n")
-    cli = Sortie(sortie_home)
-    yield cli
-    cli.run("controller", "stop", check=False)
-    make_driver()  # leak check at teardown
+def cli(sortie_cli) -> Sortie:
+    return sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  grace_misses: 2\n")
 
 
 def stacks_of(cli: Sortie, job_id: int) -> list[tuple[int, str]]:

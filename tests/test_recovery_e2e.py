@@ -9,22 +9,15 @@ from pathlib import Path
 import pytest
 
 from orchestrator.local_cloud import LocalCloud
-from tests.test_jobs_e2e import Sortie, write
+from tests.e2e import Sortie, write
 
 pytestmark = pytest.mark.e2e
 FAST = "controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  grace_misses: 2\n"
 
 
 @pytest.fixture
-def cli(sortie_home: Path, engine, make_driver):
-    cli = Sortie(sortie_home)
-    yield cli
-    cli.run("controller", "stop", check=False)
-    from state.store import StateStore
-
-    live = [s.name for s in StateStore(sortie_home).live_stacks()]
-    make_driver()  # the leak check of `make_driver` runs at teardown
-    assert live == [], f"stacks not destroyed: {live}"
+def cli(sortie_cli) -> Sortie:
+    return sortie_cli()
 
 
 def configure(cli: Sortie, regions: str = "") -> None:
