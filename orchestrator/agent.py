@@ -58,7 +58,7 @@ CANCEL_GRACE_SECONDS = 5.0
 SANDBOX_ENV = "SORTIE_NODE_SANDBOX"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
@@ -125,7 +125,7 @@ class Agent:
             )
         finally:
             log.close()
-        _write_json_atomic(run_dir / "meta.json", {
+        write_json_atomic(run_dir / "meta.json", {
             "run_id": run_id, "command": command, "cwd": str(workdir), "pid": proc.pid, "pgid": proc.pid,
             "started_at": time.time(), "env_keys": sorted(env),
         })
@@ -137,7 +137,7 @@ class Agent:
     def _wait(self, run_id: str, proc: subprocess.Popen) -> None:
         rc = proc.wait()
         code = rc if rc >= 0 else 128 - rc
-        _write_json_atomic(self.runs_dir / run_id / "exit.json", {"exit_code": code, "ended_at": time.time()})
+        write_json_atomic(self.runs_dir / run_id / "exit.json", {"exit_code": code, "ended_at": time.time()})
         with self._lock:
             self._procs.pop(run_id, None)
 
@@ -357,7 +357,7 @@ def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    _write_json_atomic(sandbox / "agent.json", {
+    write_json_atomic(sandbox / "agent.json", {
         "pid": os.getpid(), "host": host, "port": server.server_address[1], "node_id": node_id,
         "started_at": agent.started_at,
     })

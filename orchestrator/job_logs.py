@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +81,3 @@ def prefixed_lines(data: bytes, prefix: str, carry: bytes = b"") -> tuple[list[s
     buf = carry + data
     *lines, tail = buf.split(b"\n")
     return [prefix + line.decode(errors="replace") for line in lines], tail
-
-
-def follow_bytes(path: Path, offset: int) -> Iterator[bytes]:
-    """The bytes of a file from `offset`, once."""
-    if not path.exists():
-        return
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        data = fh.read()
-    if data:
-        yield data

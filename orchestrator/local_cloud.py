@@ -136,10 +136,7 @@ class LocalCloud:
         return self.nodes_dir / node_id / "node.json"
 
     def _save(self, node: LocalNode) -> None:
-        path = self._record_path(node.node_id)
-        tmp = path.with_name(".node.json.tmp")
-        tmp.write_text(json.dumps(asdict(node)))
-        os.replace(tmp, path)
+        agent_module.write_json_atomic(self._record_path(node.node_id), asdict(node))
 
     def get(self, node_id: str) -> LocalNode | None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import getpass
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,43 +127,42 @@ class JobService:
                   interval: float = 0.5) -> Iterator[str]:
         """Lines of a job's logs, prefixed like SkyPilot's; with `follow`, until the job has ended and
         every byte the controller copied has been shown."""
-        offsets: dict[Path, int] = {}
-        carries: dict[Path, bytes] = {}
         tasks = job.spec["tasks"]
-        while True:
-            ended = JobStatus(self.store.job(job.id).status).terminal if follow else True  # type: ignore[union-attr]
+
+        def sources() -> list[tuple[Path, str]]:
+            found = []
             for file in self.logs.files(job.id, task):
                 spec = tasks[file.task_index] if file.task_index < len(tasks) else {}
-                prefix = line_prefix(file.kind, spec.get("name") or job.name, file.rank, int(spec.get("num_nodes", 1)))
-                offset = offsets.get(file.path, 0)
-                with file.path.open("rb") as fh:
+                found.append((file.path, line_prefix(file.kind, spec.get("name") or job.name, file.rank,
+                                                     int(spec.get("num_nodes", 1)))))
+            return found
+
+        return self._follow(job, sources, follow, interval)
+
+    def controller_log_lines(self, job: JobRow, *, follow: bool, interval: float = 0.5) -> Iterator[str]:
+        path = self.logs.controller_log(job.id)
+        return self._follow(job, lambda: [(path, "")] if path.exists() else [], follow, interval)
+
+    def _follow(self, job: JobRow, sources: Callable[[], list[tuple[Path, str]]], follow: bool,
+                interval: float) -> Iterator[str]:
+        """Complete lines of growing files, prefixed; with `follow`, until the job ended (read before the
+        files, so the last pass holds everything copied before the end), then any unfinished last lines."""
+        offsets: dict[Path, int] = {}
+        carries: dict[Path, bytes] = {}
+        while True:
+            ended = JobStatus(self.store.job(job.id).status).terminal if follow else True  # type: ignore[union-attr]
+            for path, prefix in sources():
+                offset = offsets.get(path, 0)
+                with path.open("rb") as fh:
                     fh.seek(offset)
                     data = fh.read()
-                offsets[file.path] = offset + len(data)
-                lines, carries[file.path] = prefixed_lines(data, prefix, carries.get(file.path, b""))
+                offsets[path] = offset + len(data)
+                lines, carries[path] = prefixed_lines(data, prefix, carries.get(path, b""))
                 yield from lines
             if ended:
                 for path, tail in carries.items():
                     if tail:
                         yield tail.decode(errors="replace")
                         carries[path] = b""
-                return
-            time.sleep(interval)
-
-    def controller_log_lines(self, job: JobRow, *, follow: bool, interval: float = 0.5) -> Iterator[str]:
-        path = self.logs.controller_log(job.id)
-        offset, carry = 0, b""
-        while True:
-            ended = JobStatus(self.store.job(job.id).status).terminal if follow else True  # type: ignore[union-attr]
-            if path.exists():
-                with path.open("rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
-                offset += len(data)
-                lines, carry = prefixed_lines(data, "", carry)
-                yield from lines
-            if ended:
-                if carry:
-                    yield carry.decode(errors="replace")
                 return
             time.sleep(interval)
