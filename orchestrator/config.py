@@ -152,6 +152,58 @@ class ControllerConfig(BaseModel):
     ] = 3
 
 
+class S3Config(BaseModel):
+    """The S3 store: AWS S3 or any S3-compatible endpoint (MinIO, Ceph, R2's S3 API, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: Annotated[
+        str | None,
+        Field(description="S3 API endpoint, e.g. http://127.0.0.1:9000 for MinIO. Default: AWS S3 (boto3's own "
+              "resolution; $AWS_ENDPOINT_URL_S3 also works)."),
+    ] = None
+    region: Annotated[str | None, Field(description="Region for new buckets and signing. Default: boto3's.")] = None
+    profile: Annotated[
+        str | None, Field(description="Named profile from ~/.aws for credentials. Default: boto3's chain.")
+    ] = None
+
+
+class StorageConfig(BaseModel):
+    """Object stores that `file_mounts` buckets and the intermediate bucket live in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    s3: S3Config = Field(default_factory=S3Config)
+    local_root: Annotated[
+        str | None,
+        Field(description="Directory of the local store (`local://NAME` is <local_root>/NAME). "
+              "Default: <home>/buckets."),
+    ] = None
+
+
+class JobsConfig(BaseModel):
+    """Managed jobs: where uploads go on their way to the nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: Annotated[
+        str | None,
+        Field(description="Intermediate bucket for workdir and local file_mounts (s3://NAME or local://NAME, "
+              "optionally with a path). Each job uses job-<id>/ inside it, removed when the job ends. Default: a "
+              "temporary local-store bucket per launch, deleted when the job ends."),
+    ] = None
+    force_disable_cloud_bucket: Annotated[
+        bool,
+        Field(description="Never use a bucket for uploads: they go to the controller, and nodes fetch from it "
+              "(the two-hop path)."),
+    ] = False
+    max_upload_mb: Annotated[
+        float,
+        Field(gt=0, description="Largest workdir or local file mount a launch uploads, after .gitignore and "
+              ".skyignore, in MiB."),
+    ] = 1024.0
+
+
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
 
@@ -161,6 +213,8 @@ class SortieConfig(BaseModel):
     local: LocalCloudConfig = Field(default_factory=LocalCloudConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
