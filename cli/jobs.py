@@ -6,9 +6,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from orchestrator.service import JobService
@@ -142,7 +143,7 @@ def launch(
     if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
         raise typer.Exit(1)
     service = _service()
-    (job_id,) = service.launch(pipeline)
+    (job_id,) = service.launch(pipeline, progress=UploadProgress(console))
     console.print(f"Managed job {label!r} submitted: ID {job_id}")
     if not detach_run:
         job = service.resolve(job_id)
@@ -155,6 +156,25 @@ def launch(
     console.print(_useful_commands(job_id))
     if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+class UploadProgress:
+    """Progress of the uploads of a launch: a line per tenth of each large tree, and one when it is done."""
+
+    LARGE = 8 * 1024 * 1024
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.shown: dict[str, int] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        from orchestrator.storage.staging import human_bytes
+
+        tenth = 10 if total == 0 else done * 10 // total
+        if self.shown.get(what, -1) >= tenth or (total < self.LARGE and tenth < 10):
+            return
+        self.shown[what] = tenth
+        self.console.print(f"Uploading {escape(what)}: {human_bytes(done)} of {human_bytes(total)} ({tenth * 10}%)")
 
 
 @jobs_app.command("queue")

@@ -17,6 +17,7 @@ from orchestrator.job_status import JobStatus
 
 if TYPE_CHECKING:
     from orchestrator.spec import Pipeline
+    from orchestrator.storage.staging import StoragePlan
     from state.models import JobRow, TaskRow
     from state.store import StateStore
 
@@ -55,20 +56,67 @@ class JobService:
 
     # --- verbs ------------------------------------------------------------------------------------------
 
-    def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True) -> list[int]:
-        """Submit a pipeline (one transaction for `count` copies) and make sure the controller runs."""
+    def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True,
+               progress: Callable[[str, int, int], None] | None = None) -> list[int]:
+        """Submit a pipeline (one transaction for `count` copies), stage its files, and make sure the
+        controller runs. Everything that can be checked is checked before anything is written: a bad
+        store, a missing bucket or an upload over the limit submits nothing."""
+        from orchestrator.storage.staging import prepare
+
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
         if problems:
             raise UsageError("; ".join(problems))
+        plan = prepare(pipeline, self.config, self.home)
+        if not plan.empty and count != 1:
+            raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
         ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=current_user(),
-                                name=pipeline.name, count=count,
+                                name=pipeline.name, count=count, staging=not plan.empty,
                                 task_resources=[t.resources_str() for t in pipeline.tasks])
+        if not plan.empty:
+            self._stage(plan, ids[0], progress)
         if start_controller:
             from orchestrator.controller.daemon import ensure_controller
 
             ensure_controller(self.home)
         return ids
+
+    def _stage(self, plan: StoragePlan, job_id: int, progress: Callable[[str, int, int], None] | None) -> None:
+        """Upload the job's files and create its buckets. On any failure the job is FAILED_PRECHECKS and what
+        was made is removed here, or else by the controller's storage reconciler."""
+        from orchestrator.storage.staging import clean, stage
+
+        last_beat = [time.monotonic()]
+
+        def beat(what: str, done: int, total: int) -> None:
+            if time.monotonic() - last_beat[0] > 5:
+                last_beat[0] = time.monotonic()
+                self.store.update_job(job_id, staging_heartbeat=time.time())
+            if progress:
+                progress(what, done, total)
+
+        recorded: dict[str, Any] = {}
+
+        def record(storage: dict[str, Any]) -> None:
+            recorded.update(storage)
+            self.store.update_job(job_id, storage=storage)
+
+        try:
+            storage = stage(plan, job_id, self.config, self.home, record=record, progress=beat)
+        except BaseException as exc:
+            why = f"staging the job's files failed: {exc}" if isinstance(exc, SortieError) else (
+                f"staging the job's files failed: {type(exc).__name__}: {exc}")
+            self.store.fail_staging(job_id, why)
+            try:
+                clean(recorded, self.config, self.home)
+                self.store.update_job(job_id, storage_cleaned_at=time.time())
+            except Exception:  # the controller's storage reconciler retries
+                from orchestrator.controller.daemon import ensure_controller
+
+                ensure_controller(self.home)
+            raise
+        if not self.store.finish_staging(job_id, storage):  # cancelled meanwhile: the reconciler cleans up
+            self.store.update_job(job_id, storage=storage, staging_heartbeat=None)
 
     def resolve(self, job_id: int | None = None, name: str | None = None) -> JobRow:
         """One job by id or by name; a name shared by several jobs is an error listing their ids."""

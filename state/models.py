@@ -43,6 +43,12 @@ class JobRow(Base):
     waiting_since: Mapped[float | None] = mapped_column(Float)
     round_started_at: Mapped[float | None] = mapped_column(Float)
     placement_hint: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Storage (orchestrator.storage.staging): per task what goes on the nodes, and what to clean at the end.
+    # `staging_heartbeat` is set while `jobs launch` uploads; the controller waits for it, and fails the job
+    # if it goes stale (the CLI was killed). `storage_cleaned_at`: when buckets/prefixes/dirs were removed.
+    storage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    staging_heartbeat: Mapped[float | None] = mapped_column(Float)
+    storage_cleaned_at: Mapped[float | None] = mapped_column(Float)
     submitted_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)

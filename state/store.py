@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
@@ -42,8 +42,9 @@ class StateStore:
 
     def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
                name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
-               per_job_envs: Sequence[dict[str, str]] | None = None) -> list[int]:
-        """Submit `count` jobs of one pipeline in one transaction. Returns their ids."""
+               per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False) -> list[int]:
+        """Submit `count` jobs of one pipeline in one transaction. Returns their ids. `staging`: the caller
+        uploads the job's files next, and the controller waits for `finish_staging`."""
         now = time.time()
         sealed = self.box.seal(list(secrets)) if any(secrets) else None
         tasks = pipeline["tasks"]
@@ -56,7 +57,8 @@ class StateStore:
                                                   for t in tasks]}
                 job = JobRow(name=name if name is not None else pipeline.get("name"), user=user,
                              status=JobStatus.PENDING, is_pipeline=bool(pipeline.get("is_pipeline")), spec=spec,
-                             secrets_enc=sealed, submitted_at=now, updated_at=now)
+                             secrets_enc=sealed, submitted_at=now, updated_at=now,
+                             staging_heartbeat=now if staging else None)
                 session.add(job)
                 session.flush()
                 for index, task in enumerate(tasks):
@@ -133,6 +135,43 @@ class StateStore:
             return status is not None and status in active
 
     # --- the controller's writes -------------------------------------------------------------------------
+
+    def finish_staging(self, job_id: int, storage: dict[str, Any]) -> bool:
+        """The uploads of `jobs launch` are done: record what goes on the nodes; False if the job ended
+        meanwhile (cancelled, or failed for a stale upload), when the caller must undo its uploads."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            done = session.execute(update(JobRow).where(
+                JobRow.id == job_id, JobRow.status.in_([s.value for s in ACTIVE]),
+                JobRow.staging_heartbeat.is_not(None),
+            ).values(storage=storage, staging_heartbeat=None, updated_at=now)).rowcount == 1
+            if done:
+                session.add(EventRow(job_id=job_id, at=now, who="user", what="staged",
+                                     why="workdir, file mounts and buckets are ready"))
+            return done
+
+    def fail_staging(self, job_id: int, why: str) -> None:
+        """`jobs launch` could not stage the job's files: FAILED_PRECHECKS, its storage left to be cleaned."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(
+                status=JobStatus.FAILED_PRECHECKS, final_status=JobStatus.FAILED_PRECHECKS, failure_reason=why,
+                ended_at=now, updated_at=now, staging_heartbeat=None))
+            session.execute(update(TaskRow).where(TaskRow.job_id == job_id).values(
+                status=JobStatus.FAILED_PRECHECKS, ended_at=now))
+            session.add(EventRow(job_id=job_id, at=now, who="user", what="finished",
+                                 why=f"FAILED_PRECHECKS: {why}"))
+
+    def storage_to_clean(self, stale_after: float, limit: int = 100) -> list[JobRow]:
+        """Ended jobs whose buckets, job prefixes and upload dirs are not yet removed, once no `jobs launch`
+        is still uploading for them (its heartbeat is gone, or older than `stale_after` seconds)."""
+        staging_over = or_(JobRow.staging_heartbeat.is_(None), JobRow.staging_heartbeat < time.time() - stale_after)
+        with self.session() as session:
+            query = (select(JobRow).where(JobRow.status.not_in([s.value for s in ACTIVE]),
+                                          JobRow.storage.is_not(None), JobRow.storage_cleaned_at.is_(None),
+                                          staging_over)
+                     .order_by(JobRow.id).limit(limit))
+            return list(session.scalars(query))
 
     def active_jobs(self) -> list[JobRow]:
         with self.session() as session:

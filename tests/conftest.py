@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import agent as agent_module
+from tests.s3 import s3_env, s3_server  # noqa: F401
 
 
 @pytest.fixture
@@ -109,13 +110,14 @@ def no_stray_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 class RunningAgent:
     """An agent process started directly on a sandbox (no engine)."""
 
-    def __init__(self, sandbox: Path, token: str) -> None:
+    def __init__(self, sandbox: Path, token: str, confine: bool = False, env: dict[str, str] | None = None) -> None:
         self.sandbox = sandbox
         self.token = token
-        env = {**os.environ, "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
+        env = {**os.environ, **(env or {}), "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
         sandbox.mkdir(parents=True, exist_ok=True)
         (sandbox / "agent.json").unlink(missing_ok=True)
-        self.proc = subprocess.Popen([sys.executable, agent_module.__file__, "--sandbox", str(sandbox)], env=env,
+        argv = [sys.executable, agent_module.__file__, "--sandbox", str(sandbox), *(["--confine"] if confine else [])]
+        self.proc = subprocess.Popen(argv, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 15
         while not (sandbox / "agent.json").exists():
@@ -144,8 +146,9 @@ class RunningAgent:
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     started: list[RunningAgent] = []
 
-    def factory(sandbox: Path | None = None, token: str = "test-token-123") -> RunningAgent:
-        agent = RunningAgent(sandbox or tmp_path / "sandbox", token)
+    def factory(sandbox: Path | None = None, token: str = "test-token-123", confine: bool = False,
+                env: dict[str, str] | None = None) -> RunningAgent:
+        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env)
         started.append(agent)
         return agent
 

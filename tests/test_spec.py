@@ -434,7 +434,7 @@ def test_missing_local_paths(tmp_path: Path) -> None:
     ]
 
 
-def test_buckets_parse_but_are_unsupported() -> None:
+def test_buckets_parse_and_unsupported_stores_are_named() -> None:
     task = one("""\
         envs: {BUCKET: my-bucket, SIZE: "7"}
         file_mounts:
@@ -446,15 +446,28 @@ def test_buckets_parse_but_are_unsupported() -> None:
     """)
     assert task.file_mounts == {}
     assert task.storage_mounts == {
-        "/data": {"source": "s3://my-bucket/data"},
-        "/models/llama-7b": {"source": "gs://weights/llama-7"},
+        "/data": {"source": "s3://my-bucket/data", "mode": "COPY"},  # a bare bucket URL is copied
+        "/models/llama-7b": {"source": "gs://weights/llama-7", "mode": "COPY"},
         "/mnt/cached": {"name": "my-bucket", "mode": "MOUNT_CACHED"},
     }
     assert task.unsupported_features() == [
-        "file_mounts./data: buckets are not supported yet (local paths only)",
-        "file_mounts./models/llama-7b: buckets are not supported yet (local paths only)",
-        "file_mounts./mnt/cached: buckets are not supported yet (local paths only)",
+        "file_mounts./models/llama-7b: gs:// buckets are not supported yet (stores: local, s3)",
     ]
+
+
+def test_storage_mount_paths_sources_and_stores(tmp_path: Path) -> None:
+    (tmp_path / "ckpts").mkdir()
+    task = one("file_mounts:\n  /ckpt: {name: my-ckpts, source: ckpts, store: S3}\n  ~/c: {name: other-b}\n",
+               base_dir=tmp_path)
+    assert task.storage_mounts["/ckpt"] == {"name": "my-ckpts", "source": str(tmp_path / "ckpts"), "store": "S3"}
+    assert problems("file_mounts:\n  ckpt: {name: b1}\n  /a: {source: ./x}\n  /b: {name: b2, source: nope}\n"
+                    "  /c: {name: b3, store: azure}\n", base_dir=tmp_path) == [
+        "file_mounts.ckpt: a bucket mount path must be absolute (/ckpt) or under ~/, not \"ckpt\"",
+        "file_mounts./a: a storage mount with a local source needs a name: the bucket to upload it to",
+        f'file_mounts./b.source: local path "nope" does not exist ({tmp_path / "nope"})',
+    ]
+    azure = one("file_mounts:\n  /c: {name: b3, store: azure}\n")
+    assert azure.unsupported_features() == ["file_mounts./c: store azure is not supported yet (stores: local, s3)"]
 
 
 def test_unsupported_features_of_resources() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
+from orchestrator.controller.node_files import NodeFiles, NodeStorageError, has_cached, task_steps
 from orchestrator.controller.ops import OperationPool
 from orchestrator.errors import NoCapacityError, StackOperationError
 from orchestrator.job_logs import JobLogs
@@ -31,6 +32,7 @@ from state.store import StateStore
 
 log = logging.getLogger("sortie.controller")
 JANITOR_SECONDS = 10.0
+STAGING_STALE_SECONDS = 600.0  # `jobs launch` refreshes its heartbeat while it uploads
 
 
 class Reconciler:
@@ -43,6 +45,7 @@ class Reconciler:
         self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op", wake)
         self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op", wake)
         self._last_poll: dict[int, float] = {}
+        self._ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
         self._last_janitor = 0.0
 
     # --- the tick ---------------------------------------------------------------------------------------
@@ -59,7 +62,26 @@ class Reconciler:
         if time.monotonic() - self._last_janitor >= JANITOR_SECONDS:
             self._last_janitor = time.monotonic()
             self._janitor()
+        self._clean_storage()
         return len(jobs)
+
+    def _clean_storage(self) -> None:
+        """The storage reconciler: an ended job's job prefix, temporary or non-persistent buckets and two-hop
+        uploads are removed (in the agent pool; a failure is retried on a later tick)."""
+        from orchestrator.storage.staging import clean
+
+        for job in self.store.storage_to_clean(STAGING_STALE_SECONDS):
+            key = ("clean", job.id)
+            result = self.agent_ops.collect(key)
+            if result is None:
+                if not self.agent_ops.busy(key):
+                    self.agent_ops.submit(key, clean, job.storage or {}, self.config, self.store.home)
+            elif result.ok:
+                self.store.update_job(job.id, storage_cleaned_at=time.time())
+                if result.value:
+                    self.store.add_event(job.id, "storage-cleaned", ", ".join(result.value))
+            else:
+                log.warning("job %s: storage cleanup failed, will retry: %s", job.id, result.error)
 
     def _janitor(self) -> None:
         """The stacks reconciler: a stack row not yet DESTROYED whose attempt is over (a failed up whose
@@ -118,6 +140,11 @@ class Reconciler:
             self._finish(job, JobStatus.CANCELLED, "cancelled before it was placed")
             return
         if job.next_attempt_at and time.time() < job.next_attempt_at:
+            return
+        if job.staging_heartbeat is not None:  # `jobs launch` is still uploading the job's files
+            if time.time() - job.staging_heartbeat > STAGING_STALE_SECONDS:
+                why = "the uploads of `jobs launch` stopped before they finished (was it killed?); launch again"
+                self._finish(job, JobStatus.FAILED_PRECHECKS, why)
             return
         task = self._task(job)
         hint = job.placement_hint or {}
@@ -251,19 +278,23 @@ class Reconciler:
         nodes = sorted(attempt.nodes or [], key=lambda n: n["rank"])
         return [(n, AgentClient(n["url"], token, timeout=10)) for n in nodes]
 
-    def _sync(self, task: dict[str, Any], attempt: AttemptRow) -> None:
-        for _node, client in self._clients(attempt):
-            if task.get("workdir"):
-                client.upload(task["workdir"], ".")
-            for dest, source in (task.get("file_mounts") or {}).items():
-                client.upload(source, dest)
+    def _node_files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
+        return NodeFiles(self.config, self.store.home, task_steps(job.storage, job.current_task), attempt.id)
+
+    def _sync(self, job: JobRow, attempt: AttemptRow) -> None:
+        files = self._node_files(job, attempt)
+        for node, client in self._clients(attempt):
+            files.put(client, lambda line, rank=node["rank"]: self.logs.note(job.id, f"[files] node {rank}: {line}"))
 
     def _syncing(self, job: JobRow, attempt: AttemptRow) -> None:
         task = self._task(job)
         key = ("sync", attempt.id)
         result = self.agent_ops.collect(key)
         if result is None:
-            self.agent_ops.submit(key, self._sync, task, attempt)
+            self.agent_ops.submit(key, self._sync, job, attempt)
+            return
+        if isinstance(result.error, NodeStorageError):
+            self._after_failure(job, attempt, Failure.SETUP_ERROR, f"file mounts failed: {result.error}")
             return
         if not result.ok:
             self._node_trouble(job, attempt, f"file sync failed: {result.error}")
@@ -274,8 +305,9 @@ class Reconciler:
         now = time.time()
         self.store.update_task(job.id, job.current_task, status=JobStatus.RUNNING,
                                **({} if next_phase == Phase.SETTING_UP else {"run_started_at": now}))
-        self._note(job, "synced", "workdir and file mounts are on every node" if task.get("workdir")
-                   or task.get("file_mounts") else "nothing to sync")
+        steps = task_steps(job.storage, job.current_task)
+        self._note(job, "synced", f"{len(steps)} workdir/file mount step(s) done on every node" if steps
+                   else "nothing to sync")
 
     # --- SETTING_UP and RUNNING: start on every node, poll, judge ------------------------------------------------
 
@@ -381,9 +413,31 @@ class Reconciler:
         self.store.update_task(job.id, job.current_task, run_started_at=time.time())
         self._note(job, "setup-done", "setup succeeded on every node")
 
+    def _flush(self, job: JobRow, attempt: AttemptRow) -> None:
+        files = self._node_files(job, attempt)
+        for node, client in self._clients(attempt):
+            files.flush(client, lambda line, rank=node["rank"]: self.logs.note(job.id, f"[files] node {rank}: {line}"))
+
+    def _flushed(self, job: JobRow, attempt: AttemptRow, codes: tuple[int, ...]) -> bool:
+        """MOUNT_CACHED writes uploaded before the task ends (True at once when there are none). The exit codes
+        wait in `_ended` meanwhile."""
+        if not has_cached(task_steps(job.storage, job.current_task)):
+            return True
+        key = ("flush", attempt.id)
+        result = self.agent_ops.collect(key)
+        if result is None:
+            self._ended[attempt.id] = codes
+            if not self.agent_ops.busy(key):
+                self.agent_ops.submit(key, self._flush, job, attempt)
+            return False
+        self._ended.pop(attempt.id, None)
+        if not result.ok:
+            self._note(job, "flush-failed", f"MOUNT_CACHED upload before the end failed: {result.error}")
+        return True
+
     def _running(self, job: JobRow, attempt: AttemptRow) -> None:
-        codes = self._runs(job, attempt, "run")
-        if codes is None:
+        codes = self._ended.get(attempt.id) or self._runs(job, attempt, "run")
+        if codes is None or not self._flushed(job, attempt, codes):
             return
         self._last_poll.pop(attempt.id, None)
         outcome = run_outcome(codes)

@@ -235,6 +235,24 @@ def mount_destination(value: Any) -> str:
     return value
 
 
+def storage_destination(value: Any) -> str:
+    """A bucket mount's destination: an absolute path, or one under the node's home (`~/...`)."""
+    value = mount_destination(value)
+    if not (value.startswith("/") or value == "~" or value.startswith("~/")):
+        raise Bad(f"a bucket mount path must be absolute (/{value.lstrip('./')}) or under ~/, not {show(value)}")
+    return value
+
+
+def storage_local_source(value: str, info: ValidationInfo) -> str:
+    """A storage object's local `source`, resolved like other local paths and checked when paths are."""
+    if value.endswith("/") and value != "/":
+        raise fail(f"remove the trailing slash from {show(value)}")
+    path = resolve_local(value, info)
+    if checks_paths(info) and not Path(path).exists():
+        raise fail(f"local path {show(value)} does not exist{_resolved_note(value, path)}", ".source")
+    return path
+
+
 def local_source(value: Any, _handler: Any, info: ValidationInfo) -> str:
     if not isinstance(value, str) or not value.strip():
         raise fail(f"must be a local path, a bucket URL or a storage mapping, not {show(value)}")
@@ -247,6 +265,7 @@ def local_source(value: Any, _handler: Any, info: ValidationInfo) -> str:
 
 
 MountDestination = Annotated[str, parsed(mount_destination, nullable=False)]
+StorageDestination = Annotated[str, parsed(storage_destination, nullable=False)]
 LocalSource = Annotated[str, WrapValidator(local_source)]
 Workdir = Annotated[
     str | None,

@@ -12,6 +12,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     WrapValidator,
     model_validator,
 )
@@ -35,7 +36,7 @@ def _storage_source(value: Any) -> str | list[str]:
 
 
 class StorageSpec(BaseModel):
-    """A storage object under file_mounts (SkyPilot's bucket mount). Parsed and checked; not launched yet."""
+    """A storage object under file_mounts (SkyPilot's bucket mount)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,7 +68,16 @@ class StorageSpec(BaseModel):
     def _named_or_sourced(self) -> StorageSpec:
         if self.name is None and self.source is None:
             raise fields.fail("a storage mount needs a name or a source")
+        if self.name is None and self.local_sources():
+            raise fields.fail("a storage mount with a local source needs a name: the bucket to upload it to")
+        if isinstance(self.source, list) and any(is_bucket_url(s) for s in self.source):
+            raise fields.fail("a list of sources must be local paths; give one bucket URL as a string", ".source")
         return self
+
+    def local_sources(self) -> list[str]:
+        """The local paths of `source` (none when it is a bucket URL)."""
+        sources = [self.source] if isinstance(self.source, str) else list(self.source or [])
+        return [s for s in sources if not is_bucket_url(s)]
 
 
 def _choice(value: Any, choices: tuple[str, ...], what: str, *, upper: bool) -> str:
@@ -77,10 +87,14 @@ def _choice(value: Any, choices: tuple[str, ...], what: str, *, upper: bool) -> 
         raise fields.fail(exc.message) from None
 
 
-def _storage_object(value: Any, _handler: Any) -> dict[str, Any]:
-    """Check a storage object against StorageSpec, and keep it as given."""
-    StorageSpec.model_validate(value)
-    return dict(value)
+def _storage_object(value: Any, _handler: Any, info: ValidationInfo) -> dict[str, Any]:
+    """Check a storage object against StorageSpec, and keep it as given, with local sources made absolute."""
+    spec = StorageSpec.model_validate(value)
+    kept = dict(value)
+    if spec.local_sources():
+        resolved = [fields.storage_local_source(s, info) for s in spec.local_sources()]
+        kept["source"] = resolved[0] if isinstance(spec.source, str) else resolved
+    return kept
 
 
 def _mapping_or_empty(value: Any) -> Any:
@@ -129,12 +143,12 @@ class Task(BaseModel):
     file_mounts: Annotated[
         dict[fields.MountDestination, fields.LocalSource],
         BeforeValidator(_mapping_or_empty),
-        Field(description="Node path -> local file or directory to copy there. Bucket URLs (s3://...) and "
-              "storage objects ({name, source, store, mode, persistent}) are parsed but not supported yet. "
+        Field(description="Node path -> a local file or directory to copy there, a bucket URL (s3://..., "
+              "local://...) to copy, or a storage object {name, source, store, mode, persistent} to mount. "
               "`${VAR}` from envs is filled in.", json_schema_extra=_file_mounts_schema),
     ] = Field(default_factory=dict)
     storage_mounts: Annotated[
-        dict[fields.MountDestination, Annotated[dict[str, Any], WrapValidator(_storage_object)]],
+        dict[fields.StorageDestination, Annotated[dict[str, Any], WrapValidator(_storage_object)]],
         BeforeValidator(_mapping_or_empty),
         Field(description="Bucket mounts taken from file_mounts, kept as written (not a YAML field)."),
     ] = Field(default_factory=dict)
@@ -162,7 +176,7 @@ class Task(BaseModel):
             if isinstance(source, dict):
                 storage[destination] = source
             elif isinstance(source, str) and is_bucket_url(source):
-                storage[destination] = {"source": source}
+                storage[destination] = {"source": source, "mode": "COPY"}  # a bare URL is copied, as in SkyPilot
             else:
                 local[destination] = source
         data["file_mounts"] = local
@@ -204,8 +218,8 @@ class Task(BaseModel):
     def unsupported_features(self) -> list[str]:
         """What this task asks for that Sortie cannot launch yet, one line each naming the YAML path. Empty when
         it can be launched. Loading never fails for these, so `--dryrun` still shows the task."""
-        found = [f"file_mounts.{destination}: buckets are not supported yet (local paths only)"
-                 for destination in self.storage_mounts]
+        found = [f"file_mounts.{destination}: {problem}" for destination, mount in self.storage_mounts.items()
+                 if (problem := _unsupported_store(mount))]
         found += self.resources.unsupported("resources")
         section = "any_of" if self.resources.any_of is not None else "ordered"
         for index, option in enumerate(self.resources.options() or []):
@@ -214,6 +228,18 @@ class Task(BaseModel):
         found += [f"resources: cloud {cloud} is not supported (Sortie runs on {', '.join(values.SORTIE_CLOUDS)})"
                   for cloud in clouds]
         return found
+
+
+def _unsupported_store(mount: dict[str, Any]) -> str | None:
+    store = mount.get("store")
+    source = mount.get("source")
+    if isinstance(source, str) and is_bucket_url(source):
+        scheme = source.split("://", 1)[0].lower()
+        if scheme not in values.SORTIE_STORES:
+            return f"{scheme}:// buckets are not supported yet (stores: {', '.join(values.SORTIE_STORES)})"
+    if store and store.lower() not in values.SORTIE_STORES:
+        return f"store {store} is not supported yet (stores: {', '.join(values.SORTIE_STORES)})"
+    return None
 
 
 def yaml_task_fields() -> list[str]:

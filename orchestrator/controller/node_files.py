@@ -1,0 +1,121 @@
+"""Putting a task's files on its nodes, and taking MOUNT_CACHED writes back, through each node's agent.
+
+The steps come from the job's storage record (`orchestrator.storage.staging.NodeStep`): two-hop pushes go
+from the controller to the agent; a local-store MOUNT is a link from the node's path to the store's directory
+(local-cloud nodes share this machine); COPY, MOUNT_CACHED and S3 MOUNTs run on the node as
+`python -m orchestrator.node_storage`, so the node downloads from the bucket itself and a recovery in
+another region needs nothing from the user's machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.config import SortieConfig
+from orchestrator.errors import SortieError
+from orchestrator.node_storage import encode_plan
+from orchestrator.storage.staging import NodeStep
+from orchestrator.storage.stores import open_store, parse_bucket_url
+
+FETCH_TIMEOUT_SECONDS = 3600.0
+CACHE_INTERVAL_SECONDS = 2.0
+
+
+class NodeStorageError(SortieError):
+    """A bucket step failed on a node (a user-side problem: the job fails as at setup, no relaunch)."""
+
+
+def task_steps(storage: dict[str, Any] | None, task_index: int) -> list[NodeStep]:
+    if not storage or not storage.get("tasks"):
+        return []
+    return [NodeStep.from_json(s) for s in storage["tasks"][task_index]]
+
+
+def has_cached(steps: Sequence[NodeStep]) -> bool:
+    return any(s.kind == "cached" for s in steps)
+
+
+def _is_node_side(step: NodeStep) -> bool:
+    if step.kind in ("copy", "cached"):
+        return True
+    return step.kind == "mount" and parse_bucket_url(step.url or "").store != "local"
+
+
+def _credentials_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+class NodeFiles:
+    """The storage steps of one attempt on its nodes."""
+
+    def __init__(self, config: SortieConfig, home: Path, steps: Sequence[NodeStep], attempt_id: int,
+                 python: str | None = None) -> None:
+        self.config = config
+        self.home = home
+        self.steps = list(steps)
+        self.attempt_id = attempt_id
+        self.python = python or sys.executable
+
+    def _command(self, verb: str, steps: Sequence[NodeStep]) -> str:
+        plan = {"storage": self.config.storage.model_dump(mode="json"), "home": str(self.home),
+                "steps": [s.to_json() for s in steps], "interval": CACHE_INTERVAL_SECONDS}
+        return f"exec {self.python} -m orchestrator.node_storage {verb} {encode_plan(plan)}"
+
+    def _run_to_end(self, client: AgentClient, verb: str, steps: Sequence[NodeStep],
+                    note: Callable[[str], None]) -> None:
+        run_id = f"{verb}-{self.attempt_id}"
+        try:
+            client.run(self._command(verb, steps), env=_credentials_env(), run_id=run_id)
+        except AgentError as exc:
+            if exc.status != 409:  # 409: started before (a restarted controller asks again)
+                raise
+        status = client.wait(run_id, timeout=FETCH_TIMEOUT_SECONDS, interval=0.2)
+        output, _ = client.log(run_id, 0)
+        lines = output.decode(errors="replace").splitlines()
+        for line in lines:
+            note(line)
+        if status.exit_code != 0:
+            last = next((ln for ln in reversed(lines) if ln.strip()), f"exit code {status.exit_code}")
+            raise NodeStorageError(last.removeprefix("sortie-storage: "))
+
+    def put(self, client: AgentClient, note: Callable[[str], None]) -> None:
+        """Every step on one node, in order; then the MOUNT_CACHED uploader in the background."""
+        for step in self.steps:
+            if step.kind == "push":
+                client.upload(step.path or "", step.dest)
+            elif step.kind == "mount" and not _is_node_side(step):
+                url = parse_bucket_url(step.url or "")
+                folder = open_store(url.store, self.config.storage, self.home).local_dir(url.bucket, url.prefix)
+                if folder is None:
+                    raise NodeStorageError(f"{step.where}: {step.url} has no local directory to mount")
+                folder.mkdir(parents=True, exist_ok=True)
+                client.link(step.dest, str(folder))
+            elif step.dest != "." and step.kind in ("copy", "cached"):
+                client.link(step.dest, None)  # declare the path, so later runs see it there (local-cloud views)
+        node_side = [s for s in self.steps if _is_node_side(s)]
+        if node_side:
+            self._run_to_end(client, "fetch", node_side, note)
+        if has_cached(self.steps):
+            try:
+                client.run(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
+                           env=_credentials_env(), run_id=f"cache-{self.attempt_id}")
+            except AgentError as exc:
+                if exc.status != 409:
+                    raise
+
+    def flush(self, client: AgentClient, note: Callable[[str], None]) -> None:
+        """Upload MOUNT_CACHED writes once more, then stop the background uploader."""
+        cached = [s for s in self.steps if s.kind == "cached"]
+        if not cached:
+            return
+        self._run_to_end(client, "flush", cached, note)
+        try:
+            client.cancel(f"cache-{self.attempt_id}")
+        except AgentError as exc:
+            if exc.status != 404:
+                raise

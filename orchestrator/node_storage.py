@@ -1,0 +1,180 @@
+"""Bucket work on a node, run by the node agent as an ordinary run (so it sees the node's paths):
+
+    python -m orchestrator.node_storage fetch PLAN     COPY steps download; MOUNT_CACHED steps pull; S3 MOUNTs mount
+    python -m orchestrator.node_storage cache PLAN     MOUNT_CACHED: upload changes every few seconds until SIGTERM,
+                                                       then a last upload (so a clean preemption loses nothing)
+    python -m orchestrator.node_storage flush PLAN     MOUNT_CACHED: upload changes once (before the task ends)
+
+PLAN is base64 JSON: {"storage": <StorageConfig as JSON>, "home": <controller's Sortie home>, "steps": [NodeStep
+JSON...], "interval": seconds}. Credentials come from the environment (AWS_* for S3). Destinations are the
+node's paths: relative ones under the run's working directory (the workdir), `~/...` under $HOME, absolute
+ones under $SORTIE_MOUNTS_ROOT where the agent sets it (local-cloud nodes; see `node_path`).
+Exit 0 on success; otherwise one line `sortie-storage: <what>: <why>` on stderr and exit 3.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import StorageConfig
+from orchestrator.errors import SortieError
+from orchestrator.storage.stores import Store, open_store, parse_bucket_url
+from orchestrator.storage.trees import CachedSync, download_tree
+
+EXIT_STORAGE_ERROR = 3
+FUSE_TOOLS = ("rclone", "s3fs")
+
+
+def encode_plan(plan: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(plan).encode()).decode()
+
+
+def _decode_plan(text: str) -> dict[str, Any]:
+    return json.loads(base64.urlsafe_b64decode(text.encode()))
+
+
+def node_path(dest: str) -> Path:
+    """Where `dest` is on this node. On a local-cloud node (the agent sets $SORTIE_MOUNTS_ROOT) an absolute path
+    is under that root, which the node's later runs see at the path itself."""
+    if dest.startswith("~"):
+        return Path(os.path.expanduser(dest))
+    root = os.environ.get("SORTIE_MOUNTS_ROOT")
+    if root and dest.startswith("/"):
+        return Path(root) / dest.lstrip("/")
+    return Path(dest).absolute()
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("SORTIE_NODE_SANDBOX") or os.path.expanduser("~")
+    return Path(base) / ".sortie-storage"
+
+
+class _Stores:
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.config = StorageConfig.model_validate(plan.get("storage") or {})
+        self.home = Path(plan.get("home") or _state_dir())
+        self._open: dict[str, Store] = {}
+
+    def get(self, kind: str) -> Store:
+        if kind not in self._open:
+            self._open[kind] = open_store(kind, self.config, self.home)
+        return self._open[kind]
+
+
+def _cached(plan: dict[str, Any], stores: _Stores) -> list[CachedSync]:
+    syncs = []
+    for step in plan["steps"]:
+        if step["kind"] != "cached":
+            continue
+        url = parse_bucket_url(step["url"])
+        digest = hashlib.sha256(f"{step['dest']}|{step['url']}".encode()).hexdigest()[:16]
+        syncs.append(CachedSync(stores.get(url.store), url, node_path(step["dest"]),
+                                state_file=_state_dir() / f"cached-{digest}.json"))
+    return syncs
+
+
+def _fuse_mount(step: dict[str, Any], plan: dict[str, Any]) -> None:
+    """MOUNT of an S3 bucket: a FUSE mount with rclone or s3fs where the node has one."""
+    tool = next((t for t in FUSE_TOOLS if shutil.which(t)), None)
+    if tool is None or not Path("/dev/fuse").exists():
+        missing = "no /dev/fuse" if tool is None and not Path("/dev/fuse").exists() else "neither rclone nor s3fs"
+        raise SortieError(f"{step.get('where') or step['dest']}: MOUNT of {step['url']} needs a FUSE mount tool "
+                          f"on the node ({missing} found here); use mode: COPY or MOUNT_CACHED, or install rclone")
+    url = parse_bucket_url(step["url"])
+    target = node_path(step["dest"])
+    target.mkdir(parents=True, exist_ok=True)
+    endpoint = (plan.get("storage") or {}).get("s3", {}).get("endpoint_url")
+    remote = f"{url.bucket}/{url.prefix}".rstrip("/")
+    if tool == "rclone":
+        command = ["rclone", "mount", f":s3:{remote}", str(target), "--daemon", "--s3-provider", "Other" if endpoint
+                   else "AWS", "--s3-env-auth", "--vfs-cache-mode", "writes"]
+        if endpoint:
+            command += ["--s3-endpoint", endpoint]
+    else:
+        command = ["s3fs", remote.replace("/", ":/", 1) if "/" in remote else remote, str(target)]
+        if endpoint:
+            command += ["-o", f"url={endpoint}", "-o", "use_path_request_style"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise SortieError(f"{step['dest']}: {tool} could not mount {step['url']}: "
+                          f"{(done.stderr or done.stdout).strip().splitlines()[-1:] or ['no output']}")
+
+
+def fetch(plan: dict[str, Any]) -> None:
+    stores = _Stores(plan)
+    for step in plan["steps"]:
+        if step["kind"] == "copy":
+            url = parse_bucket_url(step["url"])
+            stats = download_tree(stores.get(url.store), url, node_path(step["dest"]))
+            print(f"sortie-storage: copied {stats.files} file(s) from {step['url']} to {step['dest']}", flush=True)
+        elif step["kind"] == "mount" and parse_bucket_url(step["url"]).store != "local":
+            _fuse_mount(step, plan)
+            print(f"sortie-storage: mounted {step['url']} at {step['dest']}", flush=True)
+    for sync in _cached(plan, stores):
+        sync.local_dir.mkdir(parents=True, exist_ok=True)
+        stats = sync.pull()
+        print(f"sortie-storage: {sync.local_dir} holds {stats.files} file(s) of {sync.url} (MOUNT_CACHED)", flush=True)
+
+
+def flush(plan: dict[str, Any]) -> int:
+    uploaded = 0
+    for sync in _cached(plan, _Stores(plan)):
+        uploaded += sync.push().files
+    return uploaded
+
+
+def cache(plan: dict[str, Any]) -> None:
+    """Upload MOUNT_CACHED changes every `interval` seconds; on SIGTERM or SIGINT upload once more and exit."""
+    stores = _Stores(plan)
+    syncs = _cached(plan, stores)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    interval = float(plan.get("interval") or 5.0)
+    while True:
+        stopping = stop.wait(interval)
+        for sync in syncs:
+            try:
+                stats = sync.push()
+                if stats.files:
+                    print(f"sortie-storage: uploaded {stats.files} file(s) to {sync.url}", flush=True)
+            except SortieError as exc:  # keep trying; the flush before the task ends reports for good
+                print(f"sortie-storage: upload to {sync.url} failed, will retry: {exc}", flush=True)
+        if stopping:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in ("fetch", "cache", "flush"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        plan = _decode_plan(args[1])
+        if args[0] == "fetch":
+            fetch(plan)
+        elif args[0] == "flush":
+            print(f"sortie-storage: flushed {flush(plan)} file(s)", flush=True)
+        else:
+            cache(plan)
+    except SortieError as exc:
+        print(f"sortie-storage: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STORAGE_ERROR
+    except OSError as exc:
+        print(f"sortie-storage: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_STORAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
