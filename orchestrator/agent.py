@@ -17,6 +17,14 @@ HTTP API (JSON):
     POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
     POST /files?dest=PATH           a tar stream, extracted at PATH (relative: under workdir/; `~/x`: under
                                     home/; absolute: as is, or under mounts/ when started with --confine)
+    POST /links                     {"dest", "target"} -> {"path"}: a symlink at dest (placed as uploads are)
+                                    to `target`, an existing directory on the node, replacing what was there;
+                                    target null: only declare dest (a path whose content a later run writes)
+
+Path view (--confine only): runs see each absolute upload or link destination P at P, showing mounts/P,
+and the rest of the machine unchanged (a private mount namespace: node_view.py, needed beside this file
+only with --confine). Where mount namespaces fail the probe at start, or SORTIE_NO_MOUNT_NAMESPACE=1,
+runs get no view and a first log line saying so. Runs get SORTIE_MOUNTS_ROOT=<sandbox>/mounts either way.
 
 Layout in the sandbox (it survives agent and controller restarts):
     agent.json                      {"pid", "port", "host", "node_id"} once listening
@@ -25,7 +33,9 @@ Layout in the sandbox (it survives agent and controller restarts):
     runs/<id>/exit.json             {"exit_code", "ended_at"} when the run ends (128+N for signal N)
     runs/<id>/cancelled             present if the run was cancelled
     workdir/                        default cwd of runs
-    home/, mounts/                  where `~/...` and (with --confine) absolute upload paths land
+    home/, mounts/                  where `~/...` and (with --confine) absolute upload paths land; with
+                                    --confine, home/ is also $HOME of runs
+    views.json                      {"views": [P, ...]}: the paths a confined agent's runs see from mounts/
 """
 
 from __future__ import annotations
@@ -56,12 +66,24 @@ MAX_BODY = 4 * 1024 * 1024
 MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 5.0
 SANDBOX_ENV = "SORTIE_NODE_SANDBOX"
+MOUNTS_ENV = "SORTIE_MOUNTS_ROOT"
+NO_VIEW_NOTE = "sortie: no mount namespaces here; absolute paths of uploads and mounts are under ${} ({})\n"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+def probe_path_view(sandbox: Path) -> Path | None:
+    """node_view.py if runs can get a path view here, else None (no script, no namespaces, or opted out)."""
+    script = Path(__file__).with_name("node_view.py")
+    if os.environ.get("SORTIE_NO_MOUNT_NAMESPACE") == "1" or not script.exists():
+        return None
+    probe = subprocess.run([sys.executable, "-I", "-S", str(script), "probe", "--sandbox", str(sandbox)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=60, check=False)
+    return script if probe.returncode == 0 else None
 
 
 def _kill_group(pgid: int, grace: float) -> None:
@@ -96,6 +118,9 @@ class Agent:
         self._token_digest = hashlib.sha256(token.encode()).digest()
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        views = sandbox / "views.json"
+        self._views: set[str] = set(json.loads(views.read_text())["views"]) if views.exists() else set()
+        self._view_script = probe_path_view(sandbox) if confine else None
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -117,10 +142,23 @@ class Agent:
             workdir = self.workdir / workdir
         workdir.mkdir(parents=True, exist_ok=True)
         child_env = {**os.environ, **{str(k): str(v) for k, v in env.items()}, SANDBOX_ENV: str(self.sandbox)}
+        argv = ["/bin/bash", "-c", command]
+        if self.confine:
+            child_env[MOUNTS_ENV] = str(self.sandbox / "mounts")
+            if "HOME" not in env:  # `~/...` uploads land in home/: runs see them at ~ too
+                (self.sandbox / "home").mkdir(exist_ok=True)
+                child_env["HOME"] = str(self.sandbox / "home")
+            if self._view_script is None:
+                (run_dir / "output.log").write_text(NO_VIEW_NOTE.format(MOUNTS_ENV, child_env[MOUNTS_ENV]))
+            else:
+                with self._lock:
+                    views = [f"--view={v}" for v in sorted(self._views)]
+                argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
+                        f"--cwd={workdir}", *views, "--", *argv]
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(
-                ["/bin/bash", "-c", command], cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
+                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             )
         finally:
@@ -199,7 +237,35 @@ class Agent:
         path = Path(dest)
         if not path.is_absolute():
             return self.workdir / path
-        return self.sandbox / "mounts" / path.relative_to("/") if self.confine else path
+        return self.sandbox / "mounts" / os.path.normpath(dest).lstrip("/") if self.confine else path
+
+    def _add_view(self, dest: str) -> None:
+        """Record an absolute destination of a confined agent: runs started from now on see it at its path."""
+        if self.confine and dest.startswith("/"):
+            with self._lock:
+                self._views.add("/" + os.path.normpath(dest).lstrip("/"))
+                write_json_atomic(self.sandbox / "views.json", {"views": sorted(self._views)})
+
+    def link(self, dest: str, target: str | None) -> Path:
+        """A symlink at `dest` (placed as an upload to `dest` is) to the node's directory `target`. With no
+        target, `dest` is only declared: runs see it at its path once something writes it under mounts/."""
+        if target is None:
+            self._add_view(dest)
+            return self.resolve(dest)
+        if not os.path.isabs(target) or not os.path.isdir(target):
+            raise ValueError(f"links: target must be the absolute path of an existing directory, not {target!r}")
+        path = self.resolve(dest)
+        if path in (Path("/"), self.workdir, self.sandbox / "home", self.sandbox / "mounts"):
+            raise ValueError(f"links: dest {dest!r} would replace a whole root ({path})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".{path.name}.link-tmp")
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(target)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(staged, path)
+        self._add_view(dest)
+        return path
 
     def receive_files(self, dest: str, stream: object, length: int, single_file: bool = False) -> Path:
         """Extract a tar stream at `dest`, replacing what was there only once the whole stream arrived."""
@@ -228,6 +294,7 @@ class Agent:
             elif target.exists() or target.is_symlink():
                 target.unlink()
             os.replace(staged, target)
+        self._add_view(dest)
         return target
 
     def health(self) -> dict:
@@ -328,6 +395,11 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ValueError("env: must be an object of strings")
                 run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"))
                 self._json(201, {"run_id": run_id})
+            elif parts == ["links"]:
+                dest, target = body.get("dest"), body.get("target")
+                if not isinstance(dest, str) or not dest or not isinstance(target, str | None):
+                    raise ValueError("links: dest must be a non-empty string and target a string or null")
+                self._json(201, {"path": str(agent.link(dest, target))})
             elif len(parts) == 3 and parts[0] == "runs" and parts[2] == "cancel":
                 status = agent.cancel(parts[1])
                 self._json(200, status) if status else self._error(404, f"no run {parts[1]}")

@@ -109,6 +109,11 @@ class AgentClient:
         raw, _ = self._request("POST", f"/files?dest={quote(dest)}{kind}", raw=buf.getvalue(), timeout=600)
         return json.loads(raw)["path"]
 
+    def link(self, dest: str, target: str | None) -> str:
+        """Make `dest` on the node a symlink to the node's directory `target`; with no target, only declare
+        `dest` as a path that later runs see (see the agent's POST /links)."""
+        return self._json("POST", "/links", {"dest": dest, "target": target})["path"]
+
     def cancel(self, run_id: str) -> RunStatus:
         return RunStatus(**self._json("POST", f"/runs/{run_id}/cancel", {}))
 
