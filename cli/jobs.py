@@ -137,13 +137,18 @@ def launch(
     console.print(f"Managed job {label!r} will be launched on (estimated):")
     for item in _considered_table(pipeline):
         console.print(item)
+    service = _service()
+    storage = service.plan_storage(pipeline)
+    if storage.describe():
+        console.print("Files and buckets:")
+        for line in storage.describe():
+            console.print(f"  {escape(line)}")
     if dryrun:
         console.print("Dry run: nothing launched.")
         return
     if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
         raise typer.Exit(1)
-    service = _service()
-    (job_id,) = service.launch(pipeline, progress=UploadProgress(console))
+    (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=storage)
     console.print(f"Managed job {label!r} submitted: ID {job_id}")
     if not detach_run:
         job = service.resolve(job_id)

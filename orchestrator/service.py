@@ -56,17 +56,24 @@ class JobService:
 
     # --- verbs ------------------------------------------------------------------------------------------
 
-    def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True,
-               progress: Callable[[str, int, int], None] | None = None) -> list[int]:
-        """Submit a pipeline (one transaction for `count` copies), stage its files, and make sure the
-        controller runs. Everything that can be checked is checked before anything is written: a bad
-        store, a missing bucket or an upload over the limit submits nothing."""
+    def plan_storage(self, pipeline: Pipeline) -> StoragePlan:
+        """What a launch of `pipeline` would upload and create, checked (sizes, stores, buckets named by URL
+        existing); writes nothing."""
         from orchestrator.storage.staging import prepare
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
         if problems:
             raise UsageError("; ".join(problems))
-        plan = prepare(pipeline, self.config, self.home)
+        return prepare(pipeline, self.config, self.home)
+
+    def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True,
+               progress: Callable[[str, int, int], None] | None = None,
+               storage: StoragePlan | None = None) -> list[int]:
+        """Submit a pipeline (one transaction for `count` copies), stage its files, and make sure the
+        controller runs. Everything that can be checked is checked before anything is written: a bad
+        store, a missing bucket or an upload over the limit submits nothing. `storage`: the plan from
+        `plan_storage`, when the caller already made it."""
+        plan = storage if storage is not None else self.plan_storage(pipeline)
         if not plan.empty and count != 1:
             raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}

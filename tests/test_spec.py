@@ -774,3 +774,13 @@ def test_job_recovery_time_budget_and_backoff() -> None:
         'resources.job_recovery.max_duration: "soon" is not a duration like 90s, 30m or 2h',
         "resources.job_recovery.backoff.initial: 0 must be a positive duration",
     ]
+
+
+def test_every_example_loads() -> None:
+    from orchestrator.spec import load_entrypoint
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    for path in sorted(root.glob("*.yaml")):
+        pipeline = load_entrypoint(str(path))
+        assert pipeline.tasks and all(t.run for t in pipeline.tasks), path
+        assert not [p for t in pipeline.tasks for p in t.unsupported_features()], path

@@ -135,3 +135,53 @@ def test_node_storage_copies_and_caches(tmp_path: Path, monkeypatch: pytest.Monk
     assert store.list_objects("cache-b") == {"w.txt": len("written on the node\n")}
     bad = {**plan, "steps": [{"dest": "/in", "kind": "copy", "url": "gs://x"}]}
     assert node_storage_main(["fetch", encode_plan(bad)]) == 3
+
+
+def test_cache_uploader_flushes_on_sigterm(tmp_path: Path) -> None:
+    """A checkpoint written just before a clean stop (a preemption's SIGTERM) reaches the bucket, even when the
+    periodic upload is far off."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from orchestrator.node_storage import encode_plan
+
+    store = LocalStore(tmp_path / "buckets")
+    store.create_bucket("ckpt-b")
+    mounts = tmp_path / "mounts"
+    plan = {"storage": {"local_root": str(tmp_path / "buckets")}, "home": str(tmp_path), "interval": 600,
+            "steps": [{"dest": "/ckpt", "kind": "cached", "url": "local://ckpt-b"}]}
+    env = {**os.environ, "SORTIE_MOUNTS_ROOT": str(mounts), "SORTIE_NODE_SANDBOX": str(tmp_path / "sb")}
+    (mounts / "ckpt").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.node_storage", "cache", encode_plan(plan)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # the uploader is up and waiting for its next round
+    (mounts / "ckpt" / "step").write_text("41\n")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert store.list_objects("ckpt-b") == {"step": 3}, out
+
+
+def test_upload_progress_lines() -> None:
+    from cli.jobs import UploadProgress
+
+    class Console:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def print(self, text: str) -> None:
+            self.lines.append(text)
+
+    console = Console()
+    progress = UploadProgress(console)
+    total = 20 * 1024 * 1024
+    for done in range(0, total + 1, 1024 * 1024):
+        progress("workdir", done, total)
+    progress("file_mounts./small", 10, 10)
+    progress("file_mounts./small", 10, 10)
+    assert console.lines[-2] == "Uploading workdir: 20.0 MiB of 20.0 MiB (100%)"
+    assert len([ln for ln in console.lines if "workdir" in ln]) == 11  # 0%, 10%, ..., 100%
+    assert console.lines[-1] == "Uploading file_mounts./small: 10 B of 10 B (100%)"

@@ -33,6 +33,7 @@ from state.store import StateStore
 log = logging.getLogger("sortie.controller")
 JANITOR_SECONDS = 10.0
 STAGING_STALE_SECONDS = 600.0  # `jobs launch` refreshes its heartbeat while it uploads
+STORAGE_CLEAN_SECONDS = 2.0
 
 
 class Reconciler:
@@ -47,6 +48,7 @@ class Reconciler:
         self._last_poll: dict[int, float] = {}
         self._ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
         self._last_janitor = 0.0
+        self._last_storage_clean = 0.0
 
     # --- the tick ---------------------------------------------------------------------------------------
 
@@ -62,7 +64,9 @@ class Reconciler:
         if time.monotonic() - self._last_janitor >= JANITOR_SECONDS:
             self._last_janitor = time.monotonic()
             self._janitor()
-        self._clean_storage()
+        if time.monotonic() - self._last_storage_clean >= STORAGE_CLEAN_SECONDS:
+            self._last_storage_clean = time.monotonic()
+            self._clean_storage()
         return len(jobs)
 
     def _clean_storage(self) -> None:

@@ -97,6 +97,46 @@ def _storage_object(value: Any, _handler: Any, info: ValidationInfo) -> dict[str
     return kept
 
 
+class PoolSection(BaseModel):
+    """The `pool:` section of a pool YAML (`sortie jobs pool apply`): how many workers, and how they scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: Annotated[
+        StrictInt | None,
+        Field(ge=0, description="Workers to keep (each its own stack). With min_workers/max_workers: where to start."),
+    ] = None
+    min_workers: Annotated[
+        StrictInt | None, Field(ge=0, description="Sortie: autoscaling floor (0 lets an idle pool scale to zero).")
+    ] = None
+    max_workers: Annotated[
+        StrictInt | None, Field(ge=1, description="Sortie: autoscaling ceiling, reached while jobs are pending.")
+    ] = None
+    idle_timeout: Annotated[
+        fields.Duration,
+        Field(description="Sortie: an idle worker above min_workers is removed after this long (90s, 5m)."),
+    ] = None
+    jobs_per_worker: Annotated[
+        StrictInt, Field(ge=1, le=64, description="Sortie: jobs a worker runs at once (default 1); accelerators "
+                         "are split between them."),
+    ] = 1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolSection:
+        if self.workers is None and self.min_workers is None and self.max_workers is None:
+            raise fields.fail("give workers: N (or min_workers/max_workers)")
+        low = self.min_workers or 0
+        if self.max_workers is not None and low > self.max_workers:
+            raise fields.fail(f"min_workers ({low}) is above max_workers ({self.max_workers})")
+        if self.workers is not None and self.max_workers is not None and self.workers > self.max_workers:
+            raise fields.fail(f"workers ({self.workers}) is above max_workers ({self.max_workers})")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_workers is not None or self.max_workers is not None
+
+
 def _mapping_or_empty(value: Any) -> Any:
     return {} if value is None else value
 
@@ -154,6 +194,10 @@ class Task(BaseModel):
     ] = Field(default_factory=dict)
     setup: Annotated[StrictStr | None, Field(description="Shell commands run once on every node before run.")] = None
     run: Annotated[StrictStr | None, Field(description="Shell commands of the job, run on every node.")] = None
+    pool: Annotated[
+        PoolSection | None,
+        Field(description="Only in a pool YAML (`sortie jobs pool apply`): the workers; `run` is then ignored."),
+    ] = None
     inputs: Annotated[
         dict[StrictStr, float] | None,
         Field(description="SkyPilot's optimizer hint (input location and size); accepted and ignored."),
@@ -206,6 +250,7 @@ class Task(BaseModel):
             "file_mounts": dict(self.file_mounts),
             "storage_mounts": {key: dict(value) for key, value in self.storage_mounts.items()},
             "resources": [candidate.to_json() for candidate in self.candidates()],
+            **({"pool": self.pool.model_dump(mode="json")} if self.pool else {}),
         }
 
     def resources_str(self) -> str:
