@@ -115,8 +115,11 @@ def launch(
     detach_run: bool = typer.Option(False, "-d", "--detach-run", help="Return once submitted; do not stream logs."),
     dryrun: bool = typer.Option(False, "--dryrun", help="Validate and plan; launch nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dryrun: print the normalized task as JSON."),
+    pool: str = typer.Option(None, "-p", "--pool", help="Run on this pool's workers instead of a new cluster."),
+    num_jobs: int = typer.Option(1, "--num-jobs", help="With -p: this many jobs, told SKYPILOT_JOB_RANK 0..K-1."),
 ) -> None:
-    """Launch a managed job: a temporary cluster runs it and is destroyed when it ends."""
+    """Launch a managed job: a temporary cluster runs it and is destroyed when it ends (or, with -p, a pool's
+    worker runs it)."""
     from orchestrator.spec import Overrides, load_entrypoint
 
     def pairs(items: list[str]) -> tuple[tuple[str, str | None], ...]:
@@ -128,6 +131,17 @@ def launch(
                           workdir=workdir)
     pipeline = load_entrypoint(text, overrides)
     console = _console()
+    if pool is not None:
+        _launch_on_pool(pool, pipeline, num_jobs, yes=yes, dryrun=dryrun)
+        return
+    if num_jobs != 1:
+        from orchestrator.errors import UsageError
+
+        raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
+    if any(t.pool for t in pipeline.tasks):
+        from orchestrator.errors import UsageError
+
+        raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
     if dryrun and as_json:
         print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
         return
@@ -161,6 +175,26 @@ def launch(
     console.print(_useful_commands(job_id))
     if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, dryrun: bool) -> None:
+    from orchestrator.pool_service import PoolService
+
+    console = _console()
+    service = PoolService()
+    service.resolve_pool(pool)
+    label = pipeline.name or "sortie-job"
+    console.print(f"{num_jobs} job(s) {label!r} will run on pool {escape(pool)}.")
+    if dryrun:
+        console.print("Dry run: nothing launched.")
+        return
+    if not yes and not typer.confirm("Proceed?", default=True):
+        raise typer.Exit(1)
+    ids, notes = service.launch_on_pool(pool, pipeline, num_jobs)
+    for note in notes:
+        console.print(f"Note: {escape(note)}")
+    shown = f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+    console.print(f"Submitted {len(ids)} job(s) to pool {escape(pool)}: ID {shown}")
 
 
 class UploadProgress:
@@ -306,6 +340,7 @@ def cancel(
     job_ids: list[int] = typer.Argument(None, help="Job ids."),
     name: str = typer.Option(None, "-n", "--name", help="Cancel the job of this name."),
     all_jobs: bool = typer.Option(False, "-a", "--all", help="Cancel all of your jobs in progress."),
+    pool: str = typer.Option(None, "-p", "--pool", help="Cancel every job of this pool in progress."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
 ) -> None:
     """Cancel managed jobs: CANCELLING, then CANCELLED once their clusters are destroyed."""
@@ -313,9 +348,18 @@ def cancel(
     from orchestrator.service import current_user
 
     service = _service()
-    if sum(bool(x) for x in (job_ids, name, all_jobs)) != 1:
-        raise UsageError("give job ids, -n NAME or -a (exactly one of them)")
+    if sum(bool(x) for x in (job_ids, name, all_jobs, pool)) != 1:
+        raise UsageError("give job ids, -n NAME, -a or -p POOL (exactly one of them)")
     ids = list(job_ids or [])
+    if pool:
+        from orchestrator.pool_service import PoolService
+
+        pools = PoolService()
+        pools.resolve_pool(pool)
+        ids = [j.id for j in pools.store.pool_jobs(pool)]
+        if not ids:
+            _console().print(f"No jobs of pool {escape(pool)} in progress.")
+            return
     if name:
         ids = [service.resolve(None, name).id]
     if all_jobs:

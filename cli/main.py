@@ -15,6 +15,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 engine_app = typer.Typer(no_args_is_help=True, help="Install and inspect the Pulumi engine.")
 local_app = typer.Typer(no_args_is_help=True, help="The embedded local cloud: nodes, regions, preemption.")
 stack_app = typer.Typer(no_args_is_help=True, help="Stacks Sortie made: list, destroy, unlock.")
+import cli.pools  # noqa: E402, F401 - registers `sortie jobs pool`
 from cli.jobs import controller_app, jobs_app  # noqa: E402 - after the apps it extends
 
 app.add_typer(jobs_app, name="jobs")

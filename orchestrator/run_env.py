@@ -42,3 +42,21 @@ def node_env(*, envs: Mapping[str, str], secrets: Mapping[str, str], job_id: int
         env[f"SKYPILOT_{key}"] = value
         env[f"SORTIE_{key}"] = value
     return env
+
+
+def pool_job_env(*, job_rank: int, num_jobs: int, slot: int, jobs_per_worker: int,
+                 accelerators: Mapping[str, float]) -> dict[str, str]:
+    """What a pool job adds: its rank among the jobs of one `launch -p`, and, with several jobs per worker, its
+    share of the worker's accelerators (`CUDA_VISIBLE_DEVICES` and `SKYPILOT_NUM_GPUS_PER_NODE`)."""
+    env: dict[str, str] = {}
+    for key, value in {"JOB_RANK": str(job_rank), "NUM_JOBS": str(num_jobs)}.items():
+        env[f"SKYPILOT_{key}"] = value
+        env[f"SORTIE_{key}"] = value
+    total = int(sum(accelerators.values())) if accelerators else 0
+    if total and jobs_per_worker > 1:
+        per_job = max(total // jobs_per_worker, 1)
+        first = (slot * per_job) % total
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(first, min(first + per_job, total)))
+        for prefix in ("SKYPILOT", "SORTIE"):
+            env[f"{prefix}_NUM_GPUS_PER_NODE"] = str(per_job)
+    return env

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -49,6 +49,11 @@ class JobRow(Base):
     storage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     staging_heartbeat: Mapped[float | None] = mapped_column(Float)
     storage_cleaned_at: Mapped[float | None] = mapped_column(Float)
+    # Pool jobs: the pool, the worker running it now, and SKYPILOT_JOB_RANK / SKYPILOT_NUM_JOBS.
+    pool: Mapped[str | None] = mapped_column(String(63), index=True)
+    worker_id: Mapped[int | None] = mapped_column(Integer)
+    job_rank: Mapped[int | None] = mapped_column(Integer)
+    num_jobs: Mapped[int | None] = mapped_column(Integer)
     submitted_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
@@ -86,7 +91,8 @@ class AttemptRow(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     task_index: Mapped[int] = mapped_column(Integer)
     number: Mapped[int] = mapped_column(Integer)
-    stack_name: Mapped[str] = mapped_column(String(255), unique=True)
+    # A job's own cluster stack, or (pool jobs) its worker's stack, which many attempts share.
+    stack_name: Mapped[str] = mapped_column(String(255), index=True)
     infra: Mapped[str] = mapped_column(String(64))
     region: Mapped[str | None] = mapped_column(String(64))
     zone: Mapped[str | None] = mapped_column(String(64))
@@ -105,6 +111,59 @@ class AttemptRow(Base):
     exit_codes: Mapped[list[int] | None] = mapped_column(JSON)
     price_per_hour: Mapped[float | None] = mapped_column(Float)
     missed_polls: Mapped[int] = mapped_column(Integer, default=0)
+    # Pool jobs: which of the worker's `jobs_per_worker` slots (its share of the accelerators).
+    slot: Mapped[int | None] = mapped_column(Integer)
+
+
+class PoolRow(Base):
+    """A pool of reusable workers (`sortie jobs pool apply`), each worker its own stack."""
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    user: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    # The pool YAML's task (normalized; secret values redacted) and the hash of what defines a worker.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    workers: Mapped[int] = mapped_column(Integer)
+    min_workers: Mapped[int | None] = mapped_column(Integer)
+    max_workers: Mapped[int | None] = mapped_column(Integer)
+    idle_timeout: Mapped[float | None] = mapped_column(Float)
+    jobs_per_worker: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # ACTIVE -> DOWN (workers being destroyed) -> TERMINATED
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    storage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    last_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    last_busy_at: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class WorkerRow(Base):
+    """One pool worker: a stack of one node (a cluster of `num_nodes`), set up once, reused by jobs."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pool: Mapped[str] = mapped_column(ForeignKey("pools.name"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    stack_name: Mapped[str] = mapped_column(String(255), unique=True)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    # PROVISIONING -> SETTING_UP -> READY (BUSY while it has jobs) -> DRAINING -> TERMINATING -> TERMINATED;
+    # FAILED (setup failed, or the node was lost) -> TERMINATING
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    infra: Mapped[str | None] = mapped_column(String(64))
+    region: Mapped[str | None] = mapped_column(String(64))
+    use_spot: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    price_per_hour: Mapped[float | None] = mapped_column(Float)
+    nodes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    token_enc: Mapped[str | None] = mapped_column(Text)
+    missed_polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    ready_at: Mapped[float | None] = mapped_column(Float)
+    idle_since: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
 
 
 class StackRow(Base):

@@ -15,10 +15,11 @@ from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.job_status import ACTIVE, JobStatus, Phase
 from state.db import open_engine, session_factory
 from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
+from state.pool_store import PoolStore
 from state.secrets_box import SecretsBox
 
 
-class StateStore:
+class StateStore(PoolStore):
     """Durable state of one Sortie home (or one shared database)."""
 
     def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
@@ -42,7 +43,8 @@ class StateStore:
 
     def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
                name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
-               per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False) -> list[int]:
+               per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False,
+               pool: str | None = None) -> list[int]:
         """Submit `count` jobs of one pipeline in one transaction. Returns their ids. `staging`: the caller
         uploads the job's files next, and the controller waits for `finish_staging`."""
         now = time.time()
@@ -58,7 +60,8 @@ class StateStore:
                 job = JobRow(name=name if name is not None else pipeline.get("name"), user=user,
                              status=JobStatus.PENDING, is_pipeline=bool(pipeline.get("is_pipeline")), spec=spec,
                              secrets_enc=sealed, submitted_at=now, updated_at=now,
-                             staging_heartbeat=now if staging else None)
+                             staging_heartbeat=now if staging else None, pool=pool,
+                             job_rank=i if pool else None, num_jobs=count if pool else None)
                 session.add(job)
                 session.flush()
                 for index, task in enumerate(tasks):
@@ -189,7 +192,8 @@ class StateStore:
     def open_stack_names(self) -> set[str]:
         """Stacks of every attempt in progress, read now (not from an earlier snapshot)."""
         with self.session() as session:
-            return set(session.scalars(select(AttemptRow.stack_name).where(AttemptRow.phase != Phase.DONE)))
+            attempts = set(session.scalars(select(AttemptRow.stack_name).where(AttemptRow.phase != Phase.DONE)))
+        return attempts | self.live_worker_stacks()
 
     def count_attempts(self, job_id: int, task_index: int) -> int:
         with self.session() as session:

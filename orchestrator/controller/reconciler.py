@@ -8,6 +8,7 @@ a restarted controller simply issues again whatever was in flight when it died.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,12 +20,13 @@ from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
 from orchestrator.controller.node_files import NodeFiles, NodeStorageError, has_cached, task_steps
 from orchestrator.controller.ops import OperationPool
+from orchestrator.controller.pool_workers import PoolWorkers, job_dir
 from orchestrator.errors import NoCapacityError, StackOperationError
 from orchestrator.job_logs import JobLogs
 from orchestrator.job_status import JobStatus, Phase
 from orchestrator.placement import Infeasible, capacity_key, place
 from orchestrator.recovery import Failure, History, RecoveryRules, decide
-from orchestrator.run_env import node_env
+from orchestrator.run_env import node_env, pool_job_env
 from orchestrator.stack_driver import StackDriver, stack_name
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 from state.models import AttemptRow, JobRow
@@ -47,6 +49,7 @@ class Reconciler:
         self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op", wake)
         self._last_poll: dict[int, float] = {}
         self._ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
+        self.pools = PoolWorkers(self)
         self._last_janitor = 0.0
         self._last_storage_clean = 0.0
 
@@ -54,6 +57,7 @@ class Reconciler:
 
     def tick(self) -> int:
         """One pass over every job in progress. Returns how many jobs are in progress."""
+        self.pools.tick()
         jobs = self.store.active_jobs()
         attempts = self.store.open_attempts([j.id for j in jobs])
         for job in jobs:
@@ -150,6 +154,9 @@ class Reconciler:
                 why = "the uploads of `jobs launch` stopped before they finished (was it killed?); launch again"
                 self._finish(job, JobStatus.FAILED_PRECHECKS, why)
             return
+        if job.pool:
+            self._start_pool_job(job)
+            return
         task = self._task(job)
         hint = job.placement_hint or {}
         exclude = {capacity_key(a.region or "", a.use_spot)
@@ -178,6 +185,22 @@ class Reconciler:
         self.store.update_attempt(attempt.id, token_enc=self.store.box.seal(new_cluster_token()))
         self.logs.note(job.id, f"[placed] task {job.current_task} attempt {number} on "
                                f"{choice.infra}/{choice.region}{spot} as stack {name}")
+
+    def _start_pool_job(self, job: JobRow) -> None:
+        """A pool job waits PENDING for a READY worker with a free slot, then runs there at once."""
+        pool = self.store.pool(job.pool or "")
+        if pool is None or pool.status != "ACTIVE":
+            self._finish(job, JobStatus.CANCELLED, f"pool {job.pool} was taken down")
+            return
+        worker = self.pools.assign(job)
+        if worker is None:
+            if job.waiting_reason is None:
+                self.store.update_job(job.id, waiting_reason=f"waiting for a free worker of pool {job.pool}")
+            return
+        self.store.update_job(job.id, waiting_reason=None)
+        attempt = self.store.assign_worker(job, worker, (worker.price_per_hour or 0.0) / pool.jobs_per_worker)
+        self.logs.note(job.id, f"[placed] on pool {pool.name} worker {worker.number} ({worker.stack_name}), "
+                               f"slot {attempt.slot}")
 
     def _wait_for_capacity(self, job: JobRow, reason: str) -> None:
         """Every feasible region refused in this round: back off and go round again, or give up."""
@@ -324,8 +347,17 @@ class Reconciler:
             env = node_env(envs=task.get("envs") or {}, secrets=secrets, job_id=job.id, job_name=job.name,
                            task_index=job.current_task, submitted_at=job.submitted_at, rank=node["rank"], ips=ips,
                            accelerators=accelerators, task_name=task.get("name"), is_pipeline=job.is_pipeline)
+            command = task[kind]
+            if job.pool:
+                pool = self.store.pool(job.pool)
+                env.update(pool_job_env(job_rank=job.job_rank or 0, num_jobs=job.num_jobs or 1, slot=attempt.slot or 0,
+                                        jobs_per_worker=pool.jobs_per_worker if pool else 1,
+                                        accelerators=accelerators))
+                scratch = job_dir(job.id)
+                command = (f'mkdir -p "{scratch}" && export SORTIE_JOB_DIR="{scratch}" TMPDIR="{scratch}"\n'
+                           f"{command}")
             try:
-                client.run(task[kind], env=env, run_id=f"{kind}-{attempt.id}")
+                client.run(command, env=env, run_id=f"{kind}-{attempt.id}")
             except AgentError as exc:
                 if exc.status != 409:  # 409: already started (a restarted controller asked again)
                     raise
@@ -500,7 +532,28 @@ class Reconciler:
         self.store.set_stack(attempt.stack_name, "DESTROYING")
         self._note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
 
+    def _release_worker(self, job: JobRow, attempt: AttemptRow) -> None:
+        """A pool job's end: the worker stays; its job's run is stopped (cancel), its scratch dir cleaned, and a
+        lost worker is handed to the pool reconciler to replace."""
+        if attempt.outcome == "PREEMPTED":
+            worker = next((w for w in self.store.workers(job.pool) if w.id == job.worker_id), None)
+            pool = self.store.pool(job.pool or "")
+            if worker is not None and pool is not None and worker.status in ("READY", "DRAINING"):
+                self.pools.lost(pool, worker)
+        else:
+            for _node, client in self._clients(attempt):
+                with contextlib.suppress(AgentError):
+                    client.cancel(f"run-{attempt.id}")
+            self.pools.release(job, attempt.id)
+        self.store.update_job(job.id, worker_id=None)
+
     def _teardown(self, job: JobRow, attempt: AttemptRow) -> None:
+        if job.pool:
+            self._release_worker(job, attempt)
+            now = time.time()
+            self.store.update_attempt(attempt.id, phase=Phase.DONE, ended_at=now)
+            self._after_teardown(job, attempt, now)
+            return
         result = self._drive_stack_op(job, "destroy", attempt.stack_name,
                                       lambda: self.driver.destroy(attempt.stack_name))
         if result is None:
@@ -515,6 +568,9 @@ class Reconciler:
         cost = (attempt.price_per_hour or 0.0) * attempt.num_nodes * (now - attempt.started_at) / 3600
         self._note(job, "destroyed", f"stack {attempt.stack_name} destroyed", stack=attempt.stack_name,
                    region=attempt.region, attempt_cost=round(cost, 6))
+        self._after_teardown(job, attempt, now)
+
+    def _after_teardown(self, job: JobRow, attempt: AttemptRow, now: float) -> None:
         fresh = self.store.job(job.id) or job
         if attempt.after_teardown == "relaunch":
             tasks = self.store.tasks([job.id])[job.id]

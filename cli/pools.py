@@ -1,0 +1,176 @@
+"""`sortie jobs pool ...`: pools of reusable workers, each worker its own Pulumi stack."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.markup import escape
+
+from cli.jobs import _ago, _console, jobs_app, plain_table
+
+if TYPE_CHECKING:
+    from orchestrator.pool_service import PoolService
+    from orchestrator.pools import ApplyPlan
+
+pool_app = typer.Typer(no_args_is_help=True, help="Pools of reusable workers: apply, status, down.")
+jobs_app.add_typer(pool_app, name="pool")
+
+
+def _pools() -> PoolService:
+    from orchestrator.pool_service import PoolService
+
+    return PoolService()
+
+
+def _driver(service: PoolService):
+    from orchestrator.engine import require_engine
+    from orchestrator.pulumi_driver import PulumiStackDriver
+
+    require_engine()
+    return PulumiStackDriver(service.home, service.config)
+
+
+def plan_lines(plan: ApplyPlan) -> list[str]:
+    """The plan as a person reads it: the pool-level diff, then each worker stack's preview."""
+    data = plan.to_json()
+    before, after = data["workers"]["before"], data["workers"]["after"]
+    what = {"create": "create the pool", "in-place": "update in place (scale)", "unchanged": "no change",
+            "recreate": "recreate workers (rolling)"}[plan.mode]
+    lines = [f"Pool {plan.pool}: {what}"]
+    lines.append(f"  workers: {before if before is not None else '-'} -> {after}")
+    if data["policy"]["before"] != data["policy"]["after"]:
+        lines.append(f"  policy: {data['policy']['before'] or '-'} -> {data['policy']['after']}")
+    else:
+        lines.append(f"  policy: {data['policy']['after']}")
+    if plan.changed:
+        lines.append(f"  changed: {', '.join(plan.changed)}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    for stack, preview in sorted(data["previews"].items()):
+        counts = preview.get("counts") or {}
+        summary = ", ".join(f"{n} to {op}" for op, n in sorted(counts.items())) or (
+            "no changes" if preview["op"] == "same" else f"{len(preview['resources'])} to delete")
+        lines.append(f"  stack {stack}: {preview['op']} ({summary})")
+        for res in preview["resources"]:
+            if res["op"] == "same":
+                continue
+            keys = f" [{', '.join(res['keys'])}]" if res.get("keys") else ""
+            lines.append(f"    {res['op']:<8} {res['type']} {res.get('name', '')}{keys}")
+    return lines
+
+
+def _show_plan(service: PoolService, name: str, yaml_path: str, as_json: bool):
+    from orchestrator.spec import load_entrypoint
+
+    pipeline = load_entrypoint(yaml_path)
+    plan, new_hash = service.plan(name, pipeline, _driver(service))
+    if as_json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        for line in plan_lines(plan):
+            _console().print(escape(line))
+    return pipeline, plan, new_hash
+
+
+@pool_app.command("apply")
+def apply(
+    yaml_path: str = typer.Argument(..., help="A pool YAML: a task YAML with a pool: section."),
+    name: str = typer.Option(..., "-p", "--pool", help="Pool name."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan only."),
+    as_json: bool = typer.Option(False, "--json", help="The plan as JSON, for scripts."),
+) -> None:
+    """Create a pool, or update the pool of that name; shows the plan (with each worker stack's Pulumi
+    preview) and asks before changing anything."""
+    service = _pools()
+    pipeline, plan, new_hash = _show_plan(service, name, yaml_path, as_json)
+    if dry_run or plan.mode == "unchanged":
+        if not as_json:
+            _console().print("Nothing changed." if plan.mode == "unchanged" else "Dry run: nothing changed.")
+        return
+    if not yes and not typer.confirm("Proceed?", default=True):
+        raise typer.Exit(1)
+    service.apply(name, pipeline, plan, new_hash)
+    if not as_json:
+        _console().print(f"Pool {name} applied; workers converge in the background. "
+                         f"See `sortie jobs pool status {name}`.")
+
+
+@pool_app.command("diff")
+def diff(
+    yaml_path: str = typer.Argument(..., help="A pool YAML."),
+    name: str = typer.Option(..., "-p", "--pool", help="Pool name."),
+    as_json: bool = typer.Option(False, "--json", help="The plan as JSON, for scripts."),
+) -> None:
+    """The plan of `pool apply` (same as `apply --dry-run`); changes nothing."""
+    _show_plan(_pools(), name, yaml_path, as_json)
+
+
+def _worker_status(worker: Any, jobs: list[int]) -> str:
+    if worker.status == "READY" and jobs:
+        return f"BUSY (job {', '.join(map(str, jobs))})"
+    if worker.status == "DRAINING" and jobs:
+        return f"DRAINING (job {', '.join(map(str, jobs))})"
+    return worker.status
+
+
+@pool_app.command("status")
+def status(
+    name: str = typer.Argument(None, help="One pool (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
+) -> None:
+    """Pools: spec, policy, workers ready/total; per worker its stack, region and status; the pool's jobs."""
+    from orchestrator.controller.pool_workers import policy_of
+
+    found = _pools().status(name)
+    if as_json:
+        print(json.dumps([{
+            "name": s.pool.name, "status": s.pool.status, "policy": policy_of(s.pool).describe(),
+            "ready": s.ready(), "total": len(s.workers),
+            "workers": [{"number": w.number, "stack": w.stack_name, "infra": w.infra, "region": w.region,
+                         "status": _worker_status(w, s.jobs_on.get(w.id, [])), "jobs": s.jobs_on.get(w.id, [])}
+                        for w in s.workers],
+            "jobs": [{"id": j.id, "status": j.status, "rank": j.job_rank} for j in s.jobs],
+        } for s in found], indent=2))
+        return
+    console = _console()
+    if not found:
+        console.print("No pools. Create one with `sortie jobs pool apply -p NAME pool.yaml`.")
+        return
+    rows = [[s.pool.name, s.pool.status, policy_of(s.pool).describe(), f"{s.ready()}/{len(s.workers)}",
+             (s.pool.spec.get("resources_str") or ""), _ago(s.pool.updated_at)] for s in found]
+    console.print(escape(plain_table(["POOL", "STATUS", "POLICY", "READY", "RESOURCES", "UPDATED"], rows)))
+    for s in found:
+        console.print(f"\nPool {escape(s.pool.name)} workers:")
+        workers = [[str(w.number), w.stack_name, f"{w.infra}/{w.region}", _worker_status(w, s.jobs_on.get(w.id, []))]
+                   for w in s.workers]
+        console.print(escape(plain_table(["WORKER", "STACK", "INFRA", "STATUS"], workers)) if workers else "  none")
+        if s.jobs:
+            jobs = [[str(j.id), str(j.job_rank), j.name or "-", j.status] for j in s.jobs]
+            console.print(f"Pool {escape(s.pool.name)} jobs (latest):")
+            console.print(escape(plain_table(["ID", "RANK", "NAME", "STATUS"], jobs)))
+
+
+@pool_app.command("down")
+def down(
+    names: list[str] = typer.Argument(None, help="Pool names."),
+    all_pools: bool = typer.Option(False, "-a", "--all", help="Every pool."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    no_cancel: bool = typer.Option(False, "--no-cancel", help="Let running jobs finish; only new ones stop."),
+) -> None:
+    """Take pools down: cancel their jobs (unless --no-cancel) and destroy every worker stack, in the
+    background."""
+    from orchestrator.errors import UsageError
+
+    service = _pools()
+    if bool(names) == all_pools:
+        raise UsageError("give pool names or -a (one of them)")
+    targets = names or [s.pool.name for s in service.status()]
+    if not targets:
+        _console().print("No pools to take down.")
+        return
+    if not yes and not typer.confirm(f"Take down pool(s) {', '.join(targets)}?", default=True):
+        raise typer.Exit(1)
+    for pool in service.down(targets, cancel_jobs=not no_cancel):
+        _console().print(f"Pool {escape(pool)}: going down; its worker stacks are being destroyed.")

@@ -1,0 +1,218 @@
+"""The service layer for pools: plan and apply a pool YAML, show pools, take them down, launch jobs on them.
+The CLI (and later the dashboard) go through it; the controller's pool reconciler does the stack work."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import UsageError
+from orchestrator.pools import ApplyPlan, PoolPolicy, WorkerView, plan_apply, worker_hash
+from orchestrator.service import JobService, UnknownJobError, current_user
+
+if TYPE_CHECKING:
+    from orchestrator.spec import Pipeline, Task
+    from orchestrator.stack_driver import StackDriver
+    from state.models import JobRow, PoolRow, WorkerRow
+
+POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+class UnknownPoolError(UnknownJobError):
+    """No pool of that name."""
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    pool: PoolRow
+    workers: list[WorkerRow]
+    jobs_on: dict[int, list[int]]
+    jobs: list[JobRow]
+
+    def ready(self) -> int:
+        return sum(1 for w in self.workers if w.status == "READY")
+
+
+def _pool_task(name: str, pipeline: Pipeline) -> Task:
+    if not POOL_NAME.match(name):
+        raise UsageError(f"pool name {name!r}: lowercase letters, digits and -, starting with a letter, "
+                         "at most 31 characters")
+    if len(pipeline.tasks) != 1:
+        raise UsageError("a pool YAML holds one task (the workers' setup and resources), not a pipeline")
+    task = pipeline.tasks[0]
+    if task.pool is None:
+        raise UsageError("the YAML has no pool: section; a pool YAML says how many workers, e.g. `pool: {workers: 3}`"
+                         " (run is ignored for a pool: jobs bring their own with `sortie jobs launch -p`)")
+    if task.num_nodes != 1:
+        raise UsageError("num_nodes: pool workers are single nodes for now; remove num_nodes or set it to 1")
+    problems = task.unsupported_features()
+    if problems:
+        raise UsageError("; ".join(problems))
+    return task
+
+
+class PoolService(JobService):
+    def plan(self, name: str, pipeline: Pipeline, driver: StackDriver | None = None) -> tuple[ApplyPlan, str]:
+        """The plan of applying `pipeline` as pool `name` (with each worker stack's Pulumi preview when a
+        driver is given); changes nothing. Returns the plan and the new worker hash."""
+        task = _pool_task(name, pipeline)
+        spec = task.to_json()
+        new_hash = worker_hash(spec, list(task.secrets))
+        policy = PoolPolicy.from_section(spec["pool"])
+        row = self.store.pool(name)
+        live = row is not None and row.status != "TERMINATED"
+        workers = self.store.workers(name) if live else []
+        jobs_on = self.store.jobs_on_workers([w.id for w in workers])
+        views = [WorkerView(w.id, w.number, w.stack_name, w.spec_hash, w.status, len(jobs_on.get(w.id, [])))
+                 for w in workers]
+        old_policy = PoolPolicy(row.workers, row.min_workers, row.max_workers, row.idle_timeout,
+                                row.jobs_per_worker) if live and row else None
+        plan = plan_apply(name, row.spec if live and row else None, row.spec_hash if live and row else None,
+                          old_policy, views, spec, new_hash, policy)
+        if driver is not None:
+            plan = replace(plan, previews=self._previews(name, spec, plan, workers, driver))
+        return plan, new_hash
+
+    def _previews(self, name: str, spec: dict[str, Any], plan: ApplyPlan, workers: list[WorkerRow],
+                  driver: StackDriver) -> dict[str, Any]:
+        """Per worker stack: the Pulumi preview of what apply does to it (created, kept, or deleted)."""
+        from orchestrator.controller.pool_workers import worker_program
+        from orchestrator.placement import Infeasible, place
+        from stacks.spec import new_cluster_token
+
+        previews: dict[str, Any] = {}
+        jobs: list[tuple[str, Any]] = []
+        next_number = max((w.number for w in self.store.workers(name, live_only=False)), default=0) + 1
+        choice = place(spec["resources"], self.config)
+        if plan.create and isinstance(choice, Infeasible):
+            raise UsageError(f"pool {name}: cannot place a worker: {choice.reason}")
+        for i in range(plan.create):
+            number = next_number + i
+            stack = f"{self.config.pulumi.stack_prefix}-pool-{name}-w{number}"
+            program = worker_program(name, spec, stack, number, choice.infra, choice.region,  # type: ignore[union-attr]
+                                     choice.use_spot, new_cluster_token(), self.home)  # type: ignore[union-attr]
+            jobs.append((stack, program))
+        by_stack = {w.stack_name: w for w in workers}
+        for stack in plan.keep:
+            w = by_stack[stack]
+            jobs.append((stack, worker_program(name, spec, stack, w.number, w.infra, w.region, w.use_spot,
+                                               self.store.box.open(w.token_enc), self.home)))
+        for stack in plan.remove:
+            nodes = len(by_stack[stack].nodes or []) or 1
+            previews[stack] = {"op": "delete", "resources": [{"op": "delete", "type": "sortie:local:Node",
+                                                              "keys": []} for _ in range(nodes)]}
+        with ThreadPoolExecutor(max_workers=max(self.config.pulumi.operation_slots, 1)) as pool:
+            results = list(pool.map(lambda item: driver.preview(item[0], item[1]), jobs))
+        for (stack, _), preview in zip(jobs, results, strict=True):
+            changes = [{"op": c.op, "type": c.type, "name": c.name, "keys": list(c.keys)} for c in preview.changes]
+            op = "create" if stack not in by_stack else ("update" if preview.has_changes else "same")
+            previews[stack] = {"op": op, "resources": changes, "counts": preview.counts()}
+        return previews
+
+    def apply(self, name: str, pipeline: Pipeline, plan: ApplyPlan, new_hash: str) -> None:
+        """Record the pool's new spec and policy (staging its workdir and file mounts first) and make sure the
+        controller runs; the controller's pool reconciler creates, drains and destroys workers."""
+        from orchestrator.storage.staging import prepare, stage
+
+        task = _pool_task(name, pipeline)
+        spec = task.to_json()
+        storage_plan = prepare(pipeline, self.config, self.home)
+        storage = None
+        if not storage_plan.empty:
+            key = f"pool-{name}-{new_hash[:8]}"
+            storage = stage(storage_plan, key, self.config, self.home, record=lambda _: None)  # type: ignore[arg-type]
+        policy = PoolPolicy.from_section(spec["pool"])
+        self.store.apply_pool(name, user=current_user(), spec=spec, spec_hash=new_hash,
+                              policy={"workers": policy.workers, "min_workers": policy.min_workers,
+                                      "max_workers": policy.max_workers, "idle_timeout": policy.idle_timeout,
+                                      "jobs_per_worker": policy.jobs_per_worker},
+                              plan=plan.to_json(), storage=storage)
+        from orchestrator.controller.daemon import ensure_controller
+
+        ensure_controller(self.home)
+
+    def resolve_pool(self, name: str) -> PoolRow:
+        row = self.store.pool(name)
+        if row is None or row.status == "TERMINATED":
+            raise UnknownPoolError(f"no pool named {name!r}; see `sortie jobs pool status`")
+        return row
+
+    def status(self, name: str | None = None) -> list[PoolStatus]:
+        pools = [self.resolve_pool(name)] if name else self.store.pools()
+        found = []
+        for pool in pools:
+            workers = self.store.workers(pool.name)
+            found.append(PoolStatus(pool, workers, self.store.jobs_on_workers([w.id for w in workers]),
+                                    self.store.pool_jobs(pool.name, active_only=False)[-20:]))
+        return found
+
+    def down(self, names: list[str], *, cancel_jobs: bool = True) -> list[str]:
+        """Take pools down: their jobs cancelled (or left to finish), every worker stack destroyed by the
+        controller in the background."""
+        rows = [self.resolve_pool(n) for n in names]
+        for row in rows:
+            if cancel_jobs:
+                self.store.cancel_pool_jobs(row.name, current_user())
+            self.store.update_pool(row.name, status="DOWN")
+        from orchestrator.controller.daemon import ensure_controller
+
+        ensure_controller(self.home)
+        return [r.name for r in rows]
+
+    def launch_on_pool(self, pool_name: str, pipeline: Pipeline, num_jobs: int) -> tuple[list[int], list[str]]:
+        """Submit `num_jobs` jobs of `pipeline` to a pool in one transaction; each runs only `run`. Returns the
+        ids and notes on what was ignored."""
+        pool = self.resolve_pool(pool_name)
+        if num_jobs < 1:
+            raise UsageError("--num-jobs must be >= 1")
+        if len(pipeline.tasks) != 1:
+            raise UsageError("a pool runs single-task jobs; launch a pipeline without -p")
+        task = pipeline.tasks[0]
+        if not task.run:
+            raise UsageError("the job has no run: section; on a pool only `run` executes")
+        notes = [f"{what} of the job YAML is ignored on a pool (the workers' own was done once)"
+                 for what, present in (("setup", task.setup), ("file_mounts", task.file_mounts or task.storage_mounts),
+                                       ("workdir", task.workdir)) if present]
+        misfit = _misfit(task, pool)
+        if misfit:
+            raise UsageError(f"the job does not fit pool {pool_name}: {misfit}")
+        spec = {**pipeline.to_json(), "is_pipeline": False}
+        spec["tasks"][0].update(setup=None, workdir=None, file_mounts={}, storage_mounts={})
+        ids = self.store.submit(spec, [dict(task.secrets)], user=current_user(), name=pipeline.name, count=num_jobs,
+                                task_resources=[task.resources_str()], pool=pool_name)
+        from orchestrator.controller.daemon import ensure_controller
+
+        ensure_controller(self.home)
+        return ids, notes
+
+
+def _misfit(task: Task, pool: PoolRow) -> str | None:
+    """Why a job's resources do not fit on a pool's worker (None when they do)."""
+    worker = (pool.spec.get("resources") or [{}])[0]
+    have = worker.get("accelerators") or {}
+    per_job = pool.jobs_per_worker
+    reasons = []
+    for cand in task.candidates()[:1]:
+        data = cand.to_json()
+        for acc, count in (data.get("accelerators") or {}).items():
+            share = have.get(acc, 0) / per_job
+            if share < count:
+                reasons.append(f"it asks for {acc}:{count:g} and a worker offers {acc}:{share:g} per job")
+        if data.get("use_spot") and not worker.get("use_spot"):
+            reasons.append("it asks for spot and the workers are on demand")
+        for key in ("cpus", "memory"):
+            want = _amount(data.get(key))
+            if want is not None and (offer := _amount(worker.get(key))) is not None and want > offer:
+                reasons.append(f"it asks for {key} {data.get(key)} and a worker has {worker.get(key)}")
+    return "; ".join(reasons) or None
+
+
+def _amount(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(str(value).rstrip("+"))
+    except ValueError:
+        return None
