@@ -32,6 +32,7 @@ bench: setup
 	$(VENV)/bin/python bench/stack_ops.py
 	$(VENV)/bin/python bench/jobs.py
 	$(VENV)/bin/python bench/recovery.py
+	$(VENV)/bin/python bench/pools.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -117,7 +117,7 @@ class PoolService(JobService):
         from orchestrator.storage.staging import prepare, stage
 
         task = _pool_task(name, pipeline)
-        spec = task.to_json()
+        spec = {**task.to_json(), "resources_str": task.resources_str()}
         storage_plan = prepare(pipeline, self.config, self.home)
         storage = None
         if not storage_plan.empty:
