@@ -161,3 +161,6 @@ class FakeStackDriver:
     def list_stacks(self) -> list[str]:
         with self._lock:
             return sorted(self.stacks)
+
+    def log_path(self, stack: str) -> None:
+        return None  # no engine, no engine output

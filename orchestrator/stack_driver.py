@@ -7,13 +7,15 @@ process) and `FakeStackDriver` (in memory, for unit tests of the layers above).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
 
 from stacks.spec import StackProgram
 
 ChangeOp = Literal["create", "update", "replace", "delete", "same"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,23 @@ class StackDriver(Protocol):
     def list_stacks(self) -> list[str]:
         """Names of the stacks in the backend for Sortie's project."""
         ...
+
+    def log_path(self, stack: str) -> Path | None:
+        """Where the engine's output for the stack goes (None where there is no engine)."""
+        ...
+
+
+def copy_engine_output(driver: StackDriver, stack: str, fn: Callable[[], T], sink: Callable[[bytes], None]) -> T:
+    """Run one stack operation and hand the engine output it wrote to `sink` (a job's or a pool's log)."""
+    log_path = driver.log_path(stack)
+    start = log_path.stat().st_size if log_path and log_path.exists() else 0
+    try:
+        return fn()
+    finally:
+        if log_path and log_path.exists():
+            with log_path.open("rb") as fh:
+                fh.seek(start)
+                sink(fh.read())
 
 
 def stack_name(prefix: str, kind: str, owner_id: int | str, attempt: int) -> str:

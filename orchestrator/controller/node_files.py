@@ -9,11 +9,13 @@ another region needs nothing from the user's machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
@@ -22,6 +24,11 @@ from orchestrator.node_storage import encode_plan
 from orchestrator.storage.staging import NodeStep
 from orchestrator.storage.stores import open_store, parse_bucket_url
 
+if TYPE_CHECKING:
+    from orchestrator.controller.reconciler import Reconciler
+    from state.models import AttemptRow, JobRow
+
+log = logging.getLogger("sortie.controller")
 FETCH_TIMEOUT_SECONDS = 3600.0
 CACHE_INTERVAL_SECONDS = 2.0
 
@@ -119,3 +126,64 @@ class NodeFiles:
         except AgentError as exc:
             if exc.status != 404:
                 raise
+
+
+class JobFiles:
+    """The job reconciler's file work: sync at the start of an attempt, the MOUNT_CACHED flush before a task
+    ends, and the storage reconciler (an ended job's staged files and buckets removed)."""
+
+    def __init__(self, owner: Reconciler) -> None:
+        self.r = owner
+        self.ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
+
+    def _files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
+        return NodeFiles(self.r.config, self.r.store.home, task_steps(job.storage, job.current_task), attempt.id)
+
+    def _note(self, job: JobRow, rank: int) -> Callable[[str], None]:
+        return lambda line: self.r.logs.note(job.id, f"[files] node {rank}: {line}")
+
+    def sync(self, job: JobRow, attempt: AttemptRow) -> None:
+        """Every storage step on every node of the attempt (runs in the agent pool)."""
+        files = self._files(job, attempt)
+        for node, client in self.r.clients(attempt):
+            files.put(client, self._note(job, node["rank"]))
+
+    def _flush(self, job: JobRow, attempt: AttemptRow) -> None:
+        files = self._files(job, attempt)
+        for node, client in self.r.clients(attempt):
+            files.flush(client, self._note(job, node["rank"]))
+
+    def flushed(self, job: JobRow, attempt: AttemptRow, codes: tuple[int, ...]) -> bool:
+        """MOUNT_CACHED writes uploaded before the task ends (True at once when there are none). The exit codes
+        wait in `ended` meanwhile."""
+        if not has_cached(task_steps(job.storage, job.current_task)):
+            return True
+        key = ("flush", attempt.id)
+        result = self.r.agent_ops.collect(key)
+        if result is None:
+            self.ended[attempt.id] = codes
+            if not self.r.agent_ops.busy(key):
+                self.r.agent_ops.submit(key, self._flush, job, attempt)
+            return False
+        self.ended.pop(attempt.id, None)
+        if not result.ok:
+            self.r.note(job, "flush-failed", f"MOUNT_CACHED upload before the end failed: {result.error}")
+        return True
+
+    def clean_storage(self, stale_after: float) -> None:
+        """The storage reconciler: an ended job's job prefix, temporary or non-persistent buckets and two-hop
+        uploads are removed (in the agent pool; a failure is retried on a later pass)."""
+        from orchestrator.storage.staging import clean
+
+        for job in self.r.store.storage_to_clean(stale_after):
+            key = ("clean", job.id)
+            result = self.r.agent_ops.collect(key)
+            if result is None:
+                if not self.r.agent_ops.busy(key):
+                    self.r.agent_ops.submit(key, clean, job.storage or {}, self.r.config, self.r.store.home)
+            elif result.ok:
+                self.r.store.update_job(job.id, storage_cleaned_at=time.time())
+                if result.value:
+                    self.r.store.add_event(job.id, "storage-cleaned", ", ".join(result.value))
+            else:
+                log.warning("job %s: storage cleanup failed, will retry: %s", job.id, result.error)

@@ -19,6 +19,7 @@ from orchestrator.controller.node_files import NodeFiles, NodeStorageError, task
 from orchestrator.errors import NoCapacityError
 from orchestrator.placement import Infeasible, place
 from orchestrator.pools import PoolActions, PoolPolicy, WorkerView, decide_pool
+from orchestrator.stack_driver import copy_engine_output
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 
 if TYPE_CHECKING:
@@ -134,15 +135,7 @@ class PoolWorkers:
         return result
 
     def _logged(self, pool: str, stack: str, fn: Callable[[], Any]) -> Any:
-        log_path = self.r.driver.log_path(stack) if hasattr(self.r.driver, "log_path") else None
-        start = log_path.stat().st_size if log_path and log_path.exists() else 0
-        try:
-            return fn()
-        finally:
-            if log_path and log_path.exists():
-                with log_path.open("rb") as fh:
-                    fh.seek(start)
-                    self.r.logs.append(self.pool_log(pool), fh.read())
+        return copy_engine_output(self.r.driver, stack, fn, lambda data: self.r.logs.append(self.pool_log(pool), data))
 
     def _provisioning(self, pool: PoolRow, worker: WorkerRow) -> None:
         program = self._program(pool, worker)

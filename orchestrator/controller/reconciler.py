@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
-from orchestrator.controller.node_files import NodeFiles, NodeStorageError, has_cached, task_steps
+from orchestrator.controller.node_files import JobFiles, NodeStorageError, task_steps
 from orchestrator.controller.ops import OperationPool
 from orchestrator.controller.pool_workers import PoolWorkers, job_dir
 from orchestrator.errors import NoCapacityError, StackOperationError
@@ -27,7 +27,7 @@ from orchestrator.job_status import JobStatus, Phase
 from orchestrator.placement import Infeasible, capacity_key, place
 from orchestrator.recovery import Failure, History, RecoveryRules, decide
 from orchestrator.run_env import node_env, pool_job_env
-from orchestrator.stack_driver import StackDriver, stack_name
+from orchestrator.stack_driver import StackDriver, copy_engine_output, stack_name
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 from state.models import AttemptRow, JobRow
 from state.store import StateStore
@@ -48,7 +48,7 @@ class Reconciler:
         self.stack_ops = OperationPool(config.pulumi.operation_slots, "stack-op", wake)
         self.agent_ops = OperationPool(config.controller.agent_workers, "agent-op", wake)
         self._last_poll: dict[int, float] = {}
-        self._ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
+        self.files = JobFiles(self)
         self.pools = PoolWorkers(self)
         self._last_janitor = 0.0
         self._last_storage_clean = 0.0
@@ -70,26 +70,8 @@ class Reconciler:
             self._janitor()
         if time.monotonic() - self._last_storage_clean >= STORAGE_CLEAN_SECONDS:
             self._last_storage_clean = time.monotonic()
-            self._clean_storage()
+            self.files.clean_storage(STAGING_STALE_SECONDS)
         return len(jobs)
-
-    def _clean_storage(self) -> None:
-        """The storage reconciler: an ended job's job prefix, temporary or non-persistent buckets and two-hop
-        uploads are removed (in the agent pool; a failure is retried on a later tick)."""
-        from orchestrator.storage.staging import clean
-
-        for job in self.store.storage_to_clean(STAGING_STALE_SECONDS):
-            key = ("clean", job.id)
-            result = self.agent_ops.collect(key)
-            if result is None:
-                if not self.agent_ops.busy(key):
-                    self.agent_ops.submit(key, clean, job.storage or {}, self.config, self.store.home)
-            elif result.ok:
-                self.store.update_job(job.id, storage_cleaned_at=time.time())
-                if result.value:
-                    self.store.add_event(job.id, "storage-cleaned", ", ".join(result.value))
-            else:
-                log.warning("job %s: storage cleanup failed, will retry: %s", job.id, result.error)
 
     def _janitor(self) -> None:
         """The stacks reconciler: a stack row not yet DESTROYED whose attempt is over (a failed up whose
@@ -115,7 +97,7 @@ class Reconciler:
     def busy(self) -> bool:
         return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight())
 
-    def _note(self, job: JobRow, what: str, why: str, **data: Any) -> None:
+    def note(self, job: JobRow, what: str, why: str, **data: Any) -> None:
         self.store.add_event(job.id, what, why, task_index=job.current_task, data=data or None)
         self.logs.note(job.id, f"[{what}] {why}")
         log.info("job %s: %s: %s", job.id, what, why)
@@ -169,7 +151,7 @@ class Reconciler:
             if choice.no_capacity:
                 self._wait_for_capacity(job, choice.reason)
             else:
-                self._note(job, "infeasible", choice.reason)
+                self.note(job, "infeasible", choice.reason)
                 self._finish(job, JobStatus.FAILED_PRECHECKS, choice.reason)
             return
         cand = task["resources"][choice.candidate_index]
@@ -210,7 +192,7 @@ class Reconciler:
         history = History(backoff_rounds=job.backoff_rounds, waiting_since=job.waiting_since)
         decision = decide(Failure.NO_CAPACITY, rules, history, now, reason=reason)
         if decision.action == "give_up":
-            self._note(job, "gave-up", decision.reason)
+            self.note(job, "gave-up", decision.reason)
             self._finish(job, JobStatus.FAILED_NO_RESOURCE, decision.reason)
             return
         retry_at = now + decision.delay_s
@@ -218,7 +200,7 @@ class Reconciler:
         self.store.update_job(job.id, status=status, next_attempt_at=retry_at, round_started_at=retry_at,
                               backoff_rounds=job.backoff_rounds + 1, waiting_since=job.waiting_since or now,
                               waiting_reason=reason)
-        self._note(job, "backoff", decision.reason, next_try_at=retry_at, round=job.backoff_rounds + 1)
+        self.note(job, "backoff", decision.reason, next_try_at=retry_at, round=job.backoff_rounds + 1)
 
     # --- PROVISIONING: pulumi up ----------------------------------------------------------------------------
 
@@ -234,15 +216,8 @@ class Reconciler:
 
     def _stack_op(self, job_id: int, op: str, stack: str, fn: Callable[[], Any]) -> Any:
         """Run a stack operation and copy its engine output into the job's controller log."""
-        log_path = self.driver.log_path(stack) if hasattr(self.driver, "log_path") else None
-        start = log_path.stat().st_size if log_path and log_path.exists() else 0
-        try:
-            return fn()
-        finally:
-            if log_path and log_path.exists():
-                with log_path.open("rb") as fh:
-                    fh.seek(start)
-                    self.logs.append(self.logs.controller_log(job_id), fh.read())
+        return copy_engine_output(self.driver, stack, fn,
+                                  lambda data: self.logs.append(self.logs.controller_log(job_id), data))
 
     def _drive_stack_op(self, job: JobRow, op: str, stack: str, fn: Callable[[], Any]) -> Any:
         """The finished result of a stack operation, else None after making sure it runs."""
@@ -274,7 +249,7 @@ class Reconciler:
         self.store.set_stack(attempt.stack_name, "UP")
         self.store.update_job(job.id, waiting_since=None, backoff_rounds=0, placement_hint=None,
                               waiting_reason=None, next_attempt_at=None)
-        self._note(job, "provisioned", f"{len(nodes)} node(s) up in {attempt.infra}/{attempt.region}",
+        self.note(job, "provisioned", f"{len(nodes)} node(s) up in {attempt.infra}/{attempt.region}",
                    stack=attempt.stack_name)
         if job.cancel_requested:
             attempt.phase = Phase.SYNCING
@@ -287,7 +262,7 @@ class Reconciler:
         self.store.set_stack(attempt.stack_name, "DESTROYED" if cleaned else "FAILED", str(error))
         if isinstance(error, NoCapacityError):
             self.store.update_attempt(attempt.id, phase=Phase.DONE, outcome="NO_CAPACITY", ended_at=time.time())
-            self._note(job, "no-capacity", f"{attempt.infra}/{attempt.region}: {error}", region=attempt.region,
+            self.note(job, "no-capacity", f"{attempt.infra}/{attempt.region}: {error}", region=attempt.region,
                        stack=attempt.stack_name)
             if job.cancel_requested:
                 self._finish(job, JobStatus.CANCELLED, "cancelled while starting")
@@ -300,25 +275,17 @@ class Reconciler:
 
     # --- SYNCING: workdir and file mounts to every node --------------------------------------------------------
 
-    def _clients(self, attempt: AttemptRow) -> list[tuple[dict[str, Any], AgentClient]]:
+    def clients(self, attempt: AttemptRow) -> list[tuple[dict[str, Any], AgentClient]]:
         token = self.store.box.open(attempt.token_enc)
         nodes = sorted(attempt.nodes or [], key=lambda n: n["rank"])
         return [(n, AgentClient(n["url"], token, timeout=10)) for n in nodes]
-
-    def _node_files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
-        return NodeFiles(self.config, self.store.home, task_steps(job.storage, job.current_task), attempt.id)
-
-    def _sync(self, job: JobRow, attempt: AttemptRow) -> None:
-        files = self._node_files(job, attempt)
-        for node, client in self._clients(attempt):
-            files.put(client, lambda line, rank=node["rank"]: self.logs.note(job.id, f"[files] node {rank}: {line}"))
 
     def _syncing(self, job: JobRow, attempt: AttemptRow) -> None:
         task = self._task(job)
         key = ("sync", attempt.id)
         result = self.agent_ops.collect(key)
         if result is None:
-            self.agent_ops.submit(key, self._sync, job, attempt)
+            self.agent_ops.submit(key, self.files.sync, job, attempt)
             return
         if isinstance(result.error, NodeStorageError):
             self._after_failure(job, attempt, Failure.SETUP_ERROR, f"file mounts failed: {result.error}")
@@ -333,7 +300,7 @@ class Reconciler:
         self.store.update_task(job.id, job.current_task, status=JobStatus.RUNNING,
                                **({} if next_phase == Phase.SETTING_UP else {"run_started_at": now}))
         steps = task_steps(job.storage, job.current_task)
-        self._note(job, "synced", f"{len(steps)} workdir/file mount step(s) done on every node" if steps
+        self.note(job, "synced", f"{len(steps)} workdir/file mount step(s) done on every node" if steps
                    else "nothing to sync")
 
     # --- SETTING_UP and RUNNING: start on every node, poll, judge ------------------------------------------------
@@ -343,7 +310,7 @@ class Reconciler:
         secrets = self.store.secrets(job)[job.current_task]
         ips = [n["ip"] for n in sorted(attempt.nodes or [], key=lambda n: n["rank"])]
         accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
-        for node, client in self._clients(attempt):
+        for node, client in self.clients(attempt):
             env = node_env(envs=task.get("envs") or {}, secrets=secrets, job_id=job.id, job_name=job.name,
                            task_index=job.current_task, submitted_at=job.submitted_at, rank=node["rank"], ips=ips,
                            accelerators=accelerators, task_name=task.get("name"), is_pipeline=job.is_pipeline)
@@ -365,7 +332,7 @@ class Reconciler:
     def _poll(self, job: JobRow, attempt: AttemptRow, kind: str) -> list[NodeRun]:
         """Each node's run status, then the new log bytes (after the status, so an exited run's log is whole)."""
         found = []
-        for node, client in self._clients(attempt):
+        for node, client in self.clients(attempt):
             rank, run_id = node["rank"], f"{kind}-{attempt.id}"
             try:
                 status = client.status(run_id)
@@ -433,7 +400,7 @@ class Reconciler:
             self._node_trouble(job, attempt, f"agent(s) of rank {list(ranks)} unreachable for "
                                              f"{attempt.missed_polls} polls")
         else:
-            self._note(job, "agent-slow", f"rank(s) {list(ranks)} missed {attempt.missed_polls} polls, but "
+            self.note(job, "agent-slow", f"rank(s) {list(ranks)} missed {attempt.missed_polls} polls, but "
                                           "refresh says the nodes are there; waiting")
 
     def _setting_up(self, job: JobRow, attempt: AttemptRow) -> None:
@@ -447,33 +414,11 @@ class Reconciler:
             return
         self.store.update_attempt(attempt.id, phase=Phase.RUNNING)
         self.store.update_task(job.id, job.current_task, run_started_at=time.time())
-        self._note(job, "setup-done", "setup succeeded on every node")
-
-    def _flush(self, job: JobRow, attempt: AttemptRow) -> None:
-        files = self._node_files(job, attempt)
-        for node, client in self._clients(attempt):
-            files.flush(client, lambda line, rank=node["rank"]: self.logs.note(job.id, f"[files] node {rank}: {line}"))
-
-    def _flushed(self, job: JobRow, attempt: AttemptRow, codes: tuple[int, ...]) -> bool:
-        """MOUNT_CACHED writes uploaded before the task ends (True at once when there are none). The exit codes
-        wait in `_ended` meanwhile."""
-        if not has_cached(task_steps(job.storage, job.current_task)):
-            return True
-        key = ("flush", attempt.id)
-        result = self.agent_ops.collect(key)
-        if result is None:
-            self._ended[attempt.id] = codes
-            if not self.agent_ops.busy(key):
-                self.agent_ops.submit(key, self._flush, job, attempt)
-            return False
-        self._ended.pop(attempt.id, None)
-        if not result.ok:
-            self._note(job, "flush-failed", f"MOUNT_CACHED upload before the end failed: {result.error}")
-        return True
+        self.note(job, "setup-done", "setup succeeded on every node")
 
     def _running(self, job: JobRow, attempt: AttemptRow) -> None:
-        codes = self._ended.get(attempt.id) or self._runs(job, attempt, "run")
-        if codes is None or not self._flushed(job, attempt, codes):
+        codes = self.files.ended.get(attempt.id) or self._runs(job, attempt, "run")
+        if codes is None or not self.files.flushed(job, attempt, codes):
             return
         self._last_poll.pop(attempt.id, None)
         outcome = run_outcome(codes)
@@ -487,7 +432,7 @@ class Reconciler:
     def _node_trouble(self, job: JobRow, attempt: AttemptRow, why: str) -> None:
         """A node is gone or unusable: the policy relaunches elsewhere."""
         self.store.update_attempt(attempt.id, outcome="PREEMPTED")
-        self._note(job, "preempted", why, stack=attempt.stack_name, region=attempt.region)
+        self.note(job, "preempted", why, stack=attempt.stack_name, region=attempt.region)
         self._after_failure(job, attempt, Failure.PREEMPTED, why)
 
     def _after_failure(self, job: JobRow, attempt: AttemptRow, failure: Failure, why: str,
@@ -509,7 +454,7 @@ class Reconciler:
                               waiting_reason=decision.reason)
         if decision.spends_restart:
             self.store.update_task(job.id, job.current_task, restarts_on_errors=task_row.restarts_on_errors + 1)
-        self._note(job, "recovering", decision.reason, stack=attempt.stack_name, region=attempt.region,
+        self.note(job, "recovering", decision.reason, stack=attempt.stack_name, region=attempt.region,
                    strategy=rules.strategy)
         self._begin_teardown(job, attempt, None, decision.reason, codes)
 
@@ -530,7 +475,7 @@ class Reconciler:
         self.store.update_attempt(attempt.id, phase=Phase.TEARDOWN, after_teardown=after,
                                   outcome=attempt.outcome or (final.value if final else "RELAUNCH"))
         self.store.set_stack(attempt.stack_name, "DESTROYING")
-        self._note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
+        self.note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
 
     def _release_worker(self, job: JobRow, attempt: AttemptRow) -> None:
         """A pool job's end: the worker stays; its job's run is stopped (cancel), its scratch dir cleaned, and a
@@ -541,7 +486,7 @@ class Reconciler:
             if worker is not None and pool is not None and worker.status in ("READY", "DRAINING"):
                 self.pools.lost(pool, worker)
         else:
-            for _node, client in self._clients(attempt):
+            for _node, client in self.clients(attempt):
                 with contextlib.suppress(AgentError):
                     client.cancel(f"run-{attempt.id}")
             self.pools.release(job, attempt.id)
@@ -560,13 +505,13 @@ class Reconciler:
             return
         if not result.ok:  # never give up on destroying: log, and the next tick tries again
             self.store.set_stack(attempt.stack_name, "FAILED", str(result.error))
-            self._note(job, "destroy-failed", f"{result.error}; retrying", stack=attempt.stack_name)
+            self.note(job, "destroy-failed", f"{result.error}; retrying", stack=attempt.stack_name)
             return
         now = time.time()
         self.store.set_stack(attempt.stack_name, "DESTROYED")
         self.store.update_attempt(attempt.id, phase=Phase.DONE, ended_at=now)
         cost = (attempt.price_per_hour or 0.0) * attempt.num_nodes * (now - attempt.started_at) / 3600
-        self._note(job, "destroyed", f"stack {attempt.stack_name} destroyed", stack=attempt.stack_name,
+        self.note(job, "destroyed", f"stack {attempt.stack_name} destroyed", stack=attempt.stack_name,
                    region=attempt.region, attempt_cost=round(cost, 6))
         self._after_teardown(job, attempt, now)
 
@@ -579,7 +524,7 @@ class Reconciler:
         elif attempt.after_teardown == "next":
             self.store.update_task(job.id, job.current_task, status=JobStatus.SUCCEEDED, ended_at=now)
             self.store.update_job(job.id, current_task=job.current_task + 1, status=JobStatus.STARTING)
-            self._note(job, "task-done", f"task {job.current_task} succeeded; starting task {job.current_task + 1}")
+            self.note(job, "task-done", f"task {job.current_task} succeeded; starting task {job.current_task + 1}")
         else:
             self._finish(fresh, JobStatus(fresh.final_status or JobStatus.FAILED_CONTROLLER), fresh.failure_reason)
 
@@ -592,7 +537,7 @@ class Reconciler:
                 JobStatus.CANCELLED if status != JobStatus.SUCCEEDED else status)
             self.store.update_task(job.id, index, status=task_status, ended_at=now,
                                    failure_reason=why if index == job.current_task else None)
-        self._note(job, "finished", f"{status.value}" + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
+        self.note(job, "finished", f"{status.value}" + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
                    cost=round(self.store.costs([job.id])[job.id], 6))
 
     # --- errors inside the controller ------------------------------------------------------------------------------
@@ -612,4 +557,4 @@ class Reconciler:
             return
         delay = min(2.0 ** failures, 60.0)
         self.store.update_job(job.id, controller_failures=failures, next_attempt_at=time.time() + delay)
-        self._note(job, "controller-error", f"{why}; retry {failures} in {delay:.0f}s")
+        self.note(job, "controller-error", f"{why}; retry {failures} in {delay:.0f}s")
