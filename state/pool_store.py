@@ -39,8 +39,10 @@ class PoolStore:
                 policy["max_workers"]
             row.idle_timeout, row.jobs_per_worker = policy["idle_timeout"], policy["jobs_per_worker"]
             row.last_plan, row.updated_at, row.last_busy_at = plan, now, now
-            if storage is not None:
-                row.storage = storage
+            # The files of earlier applies stay until the pool goes down (old workers may still use them).
+            previous = row.storage or {}
+            older = [*previous.get("older", []), *([previous["cleanup"]] if previous.get("cleanup") else [])]
+            row.storage = {**(storage or {}), "older": older}
 
     def pool(self, name: str) -> PoolRow | None:
         with self.session() as session:

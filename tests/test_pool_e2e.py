@@ -197,3 +197,22 @@ def test_bad_pool_input_is_one_clear_line(cli: Sortie, tmp_path: Path) -> None:
     assert "does not fit pool small" in fails("jobs", "launch", "-y", "-p", "small", big)
     assert json.loads(cli.run("jobs", "queue", "-a", "--json").stdout) == []
     take_down(cli, "small")
+
+
+def test_pool_workdir_reaches_workers_cancel_by_pool_and_files_are_removed(cli: Sortie, tmp_path: Path) -> None:
+    work = tmp_path / "proj"
+    work.mkdir()
+    (work / "data.txt").write_text("pool-data-7\n")
+    yaml = write(tmp_path, "wd.yaml", f"pool:\n  workers: 1\nworkdir: {work}\nsetup: test -e data.txt\n")
+    cli.run("jobs", "pool", "apply", "-y", "-p", "p4", yaml)
+    wait_ready(cli, "p4", 1)
+    (job_id,) = launch_on(cli, "p4", write(tmp_path, "cat.yaml", "run: cat data.txt; echo in $PWD\n"))
+    assert cli.wait(job_id, timeout=90)["status"] == "SUCCEEDED"
+    assert "pool-data-7" in cli.logs(job_id)
+    sleepers = launch_on(cli, "p4", write(tmp_path, "sleep.yaml", "run: sleep 300\n"), 2)
+    cli.wait(sleepers[0], {"RUNNING"})
+    assert "cancelling" in cli.run("jobs", "cancel", "-y", "-p", "p4").stdout
+    assert {cli.wait(j, timeout=60)["status"] for j in sleepers} == {"CANCELLED"}
+    assert status(cli, "p4")["ready"] == 1  # cancelling jobs leaves the worker
+    take_down(cli, "p4")
+    assert not list((cli.home / "buckets").glob("sortie-tmp-*"))

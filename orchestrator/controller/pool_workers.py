@@ -79,8 +79,19 @@ class PoolWorkers:
             if worker.status == "READY" and worker.spec_hash == pool.spec_hash:
                 self._free[worker.id] = pool.jobs_per_worker - len(jobs_on.get(worker.id, []))
         if pool.status == "DOWN" and not workers:
+            self._clean_files(pool)
             self.store.update_pool(pool.name, status="TERMINATED")
             self.note(pool.name, "every worker destroyed; pool terminated")
+
+    def _clean_files(self, pool: PoolRow) -> None:
+        """The staged workdir and file mounts of every apply of the pool, and buckets it made non-persistent."""
+        from orchestrator.storage.staging import clean
+
+        storage = pool.storage or {}
+        for cleanup in [*storage.get("older", []), *([storage["cleanup"]] if storage.get("cleanup") else [])]:
+            removed = clean({"cleanup": cleanup}, self.r.config, self.store.home)
+            if removed:
+                self.note(pool.name, f"removed {', '.join(removed)}")
 
     def _apply(self, pool: PoolRow, workers: list[WorkerRow], actions: PoolActions) -> None:
         by_id = {w.id: w for w in workers}
