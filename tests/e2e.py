@@ -64,3 +64,13 @@ def write(tmp_path: Path, name: str, text: str) -> str:
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def path_view_works() -> bool:
+    """Whether local-cloud runs here see absolute upload and mount paths at those paths (mount namespaces)."""
+    import tempfile
+
+    from orchestrator.agent import probe_path_view
+
+    with tempfile.TemporaryDirectory() as sandbox:
+        return probe_path_view(Path(sandbox)) is not None

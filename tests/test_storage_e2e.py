@@ -12,9 +12,10 @@ import pytest
 
 from orchestrator.config import S3Config
 from orchestrator.storage import S3Store
-from tests.e2e import Sortie, write
+from tests.e2e import Sortie, path_view_works, write
 
-pytestmark = pytest.mark.e2e
+# Tasks here read and write absolute paths (/checkpoint, /data): local-cloud nodes need mount namespaces for that.
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not path_view_works(), reason="no mount namespaces here")]
 FAST = "controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  grace_misses: 2\n"
 
 TRAIN = """\
