@@ -152,7 +152,10 @@ run: |
 """
 
 
-def test_default_temporary_intermediate_bucket(cli: Sortie, tmp_path: Path) -> None:
+@pytest.mark.parametrize("two_hop", [False, True], ids=["temporary-bucket", "two-hop"])
+def test_workdir_and_file_mounts_reach_the_node_and_are_removed_after(sortie_cli, tmp_path: Path,
+                                                                     two_hop: bool) -> None:
+    cli = sortie_cli(FAST + ("jobs:\n  force_disable_cloud_bucket: true\n" if two_hop else ""))
     work = _project(tmp_path)
     yaml = write(tmp_path, "w.yaml", LIST.format(work=work, data=tmp_path / "data", cfg=tmp_path / "one.cfg"))
     job_id = cli.launch(yaml)
@@ -161,21 +164,8 @@ def test_default_temporary_intermediate_bucket(cli: Sortie, tmp_path: Path) -> N
     log = cli.logs(job_id)
     assert "main-code" in log and "dataset" in log and "cfg-1" in log and "gitignore respected" in log
     wait_storage_cleaned(cli, job_id)
-    assert not list((cli.home / "buckets").glob("sortie-tmp-*"))
-
-
-def test_two_hop_when_buckets_are_disabled(sortie_cli, tmp_path: Path) -> None:
-    cli = sortie_cli(FAST + "jobs:\n  force_disable_cloud_bucket: true\n")
-    work = _project(tmp_path)
-    yaml = write(tmp_path, "w.yaml", LIST.format(work=work, data=tmp_path / "data", cfg=tmp_path / "one.cfg"))
-    job_id = cli.launch(yaml)
-    job = cli.wait(job_id, timeout=90)
-    assert job["status"] == "SUCCEEDED", cli.logs(job_id, "--controller")
-    log = cli.logs(job_id)
-    assert "main-code" in log and "dataset" in log and "cfg-1" in log and "gitignore respected" in log
-    wait_storage_cleaned(cli, job_id)
-    assert not (cli.home / "jobs" / str(job_id) / "uploads").exists()
-    assert not (cli.home / "buckets").exists() or not list((cli.home / "buckets").iterdir())
+    assert not (cli.home / "jobs" / str(job_id) / "uploads").exists()  # the two-hop copy
+    assert not (cli.home / "buckets").exists() or not list((cli.home / "buckets").iterdir())  # the temporary bucket
 
 
 def test_upload_over_the_limit_is_refused_before_anything_is_submitted(sortie_cli, tmp_path: Path) -> None:

@@ -132,6 +132,17 @@ class Store(Protocol):
     def local_dir(self, bucket: str, prefix: str = "") -> Path | None: ...
 
 
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copy a file so that `target` is either the old file or the whole new one, never half of it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(target)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.sortie-{secrets.token_hex(4)}.tmp")
 
@@ -185,13 +196,7 @@ class LocalStore:
     def put_file(self, bucket: str, key: str, path: Path) -> None:
         target = self._existing(bucket) / normalize_key(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _temp_beside(target)
-            try:
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            _copy_atomic(path, target)
         except FileNotFoundError as exc:
             raise StorageError(f"cannot upload {path}: {exc.strerror}: {exc.filename}") from None
         except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
@@ -202,13 +207,7 @@ class LocalStore:
         source = self._existing(bucket) / normalize_key(key)
         if not source.is_file():
             raise StorageError(f"local://{bucket}/{key} does not exist; check the path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_beside(path)
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _copy_atomic(source, path)
 
     def delete_prefix(self, bucket: str, prefix: str) -> int:
         if not self.bucket_exists(bucket):
