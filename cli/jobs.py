@@ -59,35 +59,6 @@ def _duration(start: float | None, end: float | None) -> str:
     return f"{hours}h {minutes}m {secs}s" if hours else (f"{minutes}m {secs}s" if minutes else f"{secs}s")
 
 
-def _considered_table(pipeline: Pipeline) -> list[str]:
-    """SkyPilot's "Considered resources" table, for each task (local cloud prices are 0)."""
-    from rich.table import Table
-
-    from orchestrator.config import load_config
-    from orchestrator.placement import Infeasible, place
-
-    config = load_config()
-    out = []
-    for index, task in enumerate(pipeline.tasks):
-        cands = [c.to_json() for c in task.candidates()]
-        choice = place(cands, config)
-        table = Table("INFRA", "INSTANCE", "vCPUs", "Mem(GB)", "GPUS", "COST ($)", "CHOSEN", box=None,
-                      title=f"Considered resources ({task.num_nodes} node{'s' if task.num_nodes > 1 else ''})"
-                      + (f" for task {index} ({task.name})" if len(pipeline.tasks) > 1 else ""),
-                      title_justify="left")
-        for i, cand in enumerate(cands):
-            gpus = ", ".join(f"{k}:{v:g}" for k, v in cand["accelerators"].items()) or "-"
-            chosen = not isinstance(choice, Infeasible) and choice.candidate_index == i
-            infra = (f"Local ({choice.region})" if chosen and not isinstance(choice, Infeasible)
-                     else cand.get("infra") or cand.get("cloud") or "local")
-            table.add_row(infra, cand.get("instance_type") or "sandbox", cand.get("cpus") or "-",
-                          cand.get("memory") or "-", gpus, "0.00", "✔" if chosen else "")
-        out.append(table)
-        if isinstance(choice, Infeasible):
-            out.append(f"No feasible resources: {choice.reason}")
-    return out
-
-
 def _useful_commands(job_id: int) -> str:
     return (f"Managed Job ID: {job_id}\n"
             "Useful Commands\n"
@@ -149,7 +120,9 @@ def launch(
     console.print(f"Task from {'YAML spec' if is_file else 'command'}: {text}")
     label = pipeline.name or "sortie-job"
     console.print(f"Managed job {label!r} will be launched on (estimated):")
-    for item in _considered_table(pipeline):
+    from cli.clouds import considered_tables
+
+    for item in considered_tables(pipeline):
         console.print(item)
     service = _service()
     storage = service.plan_storage(pipeline)

@@ -4,6 +4,7 @@ so `sortie --help` stays fast. Errors print one line and exit non-zero; never a 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,15 +15,19 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Sortie: managed jobs on ephemeral Pulumi stacks.")
 engine_app = typer.Typer(no_args_is_help=True, help="Install and inspect the Pulumi engine.")
 local_app = typer.Typer(no_args_is_help=True, help="The embedded local cloud: nodes, regions, preemption.")
-stack_app = typer.Typer(no_args_is_help=True, help="Stacks Sortie made: list, destroy, unlock.")
+stack_app = typer.Typer(no_args_is_help=True, help="Stacks Sortie owns: ls, gc (orphans), destroy, unlock.")
 import cli.pools  # noqa: E402, F401 - registers `sortie jobs pool`
+from cli.clouds import register as register_cloud_commands  # noqa: E402
+
+register_cloud_commands(app)
 from cli.jobs import controller_app, jobs_app  # noqa: E402 - after the apps it extends
 
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(controller_app, name="controller")
 app.add_typer(engine_app, name="engine")
 app.add_typer(local_app, name="local")
-app.add_typer(stack_app, name="stack")
+app.add_typer(stack_app, name="stacks")
+app.add_typer(stack_app, name="stack", hidden=True)  # the earlier name
 
 
 def _console(stderr: bool = False):
@@ -162,13 +167,59 @@ def local_preempt(
         _console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
 
 
+def _owners() -> dict[str, str]:
+    """Each stack Sortie's state knows, with what it is for: `job 7 (task 0, attempt 2)` or `pool gpus worker 3`."""
+    from orchestrator.service import JobService
+
+    store = JobService().store
+    owners = {w.stack_name: f"pool {w.pool} worker {w.number} ({w.status})" for w in store.workers(live_only=False)}
+    for row in store.live_stacks():
+        owners.setdefault(row.name, f"job {row.job_id}" if row.job_id else row.kind)
+    return owners
+
+
 @stack_app.command("ls")
-def stack_ls() -> None:
-    """List the stacks in Sortie's backend."""
+def stack_ls(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
+    """The stacks in Sortie's backend (its project), each with the job or pool worker it belongs to."""
     from orchestrator.pulumi_driver import PulumiStackDriver
 
-    for name in PulumiStackDriver().list_stacks():
-        _console().print(name)
+    names = PulumiStackDriver().list_stacks()
+    owners = _owners()
+    if as_json:
+        print(json.dumps([{"stack": n, "owner": owners.get(n)} for n in names], indent=2))
+        return
+    from cli.jobs import plain_table
+
+    _console().print(plain_table(["STACK", "OWNER"], [[n, owners.get(n, "none (orphan?)")] for n in names]))
+
+
+@stack_app.command("gc")
+def stack_gc(
+    yes: bool = typer.Option(False, "-y", "--yes", help="Destroy without asking."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the orphans."),
+) -> None:
+    """Destroy orphans: stacks in Sortie's backend with no job attempt in progress and no live pool worker.
+    Lists them first; asks before destroying."""
+    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.service import JobService
+
+    driver = PulumiStackDriver()
+    store = JobService().store
+    in_use = store.open_stack_names()
+    orphans = [n for n in driver.list_stacks() if n not in in_use]
+    if not orphans:
+        _console().print("No orphan stacks.")
+        return
+    _console().print("Orphan stacks (no job attempt in progress, no live pool worker):")
+    for name in orphans:
+        _console().print(f"  {name}")
+    if dry_run or (not yes and not typer.confirm(f"Destroy {len(orphans)} stack(s)?", default=False)):
+        _console().print("Nothing destroyed.")
+        return
+    for name in orphans:
+        driver.destroy(name)
+        store.set_stack(name, "DESTROYED")
+        _console().print(f"destroyed {name}")
 
 
 @stack_app.command("destroy")

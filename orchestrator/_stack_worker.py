@@ -21,6 +21,7 @@ from typing import IO, Any, Literal
 
 from orchestrator.errors import (
     NoCapacityError,
+    PolicyViolationError,
     SortieError,
     StackLockedError,
     StackNotFoundError,
@@ -70,6 +71,8 @@ class DriverSettings:
     stacks_dir: str
     logs_dir: str
     concurrent_update_retries: int = 5
+    stack_tags: tuple[tuple[str, str], ...] = ()  # set on every stack Sortie creates
+    policy_packs: tuple[str, ...] = ()  # local policy pack directories run on every up and preview
 
 
 @dataclass(frozen=True)
@@ -176,9 +179,24 @@ class _Run:
             return exc
         text = str(exc)
         summary = _summary(text) if isinstance(exc, auto.errors.CommandError) else f"{type(exc).__name__}: {exc}"
+        violation = policy_violation(text)
+        if violation:
+            return PolicyViolationError(f"policy violation: {violation}", self.request.stack, self.log.name)
         cls = NoCapacityError if any(p in text for p in CAPACITY_PATTERNS) else StackOperationError
         return cls(f"{self.request.op} of stack {self.request.stack} failed: {summary}", self.request.stack,
                    self.log.name)
+
+
+def policy_violation(text: str) -> str | None:
+    """The first mandatory policy violation in the engine's output (`[mandatory]  pack v1  policy (urn)` and its
+    message on the next line), as one line; None when there is none."""
+    lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+    for index, line in enumerate(lines):
+        if line.startswith("[mandatory]"):
+            detail = " ".join(line.removeprefix("[mandatory]").split())
+            message = lines[index + 1] if index + 1 < len(lines) and lines[index + 1] else ""
+            return f"{detail}: {message}" if message else detail
+    return None
 
 
 def _changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
@@ -205,10 +223,25 @@ def _resources(stack: Any) -> list[ResourceState]:
     return found
 
 
+def _tag(run: _Run, stack: Any) -> None:
+    """The team's stack tags plus Sortie's own, so its stacks are easy to find and to fence off."""
+    tags = {"sortie:owner": "sortie", "sortie:kind": (run.request.program.kind if run.request.program else ""),
+            **dict(run.settings.stack_tags)}
+    for key, value in tags.items():
+        try:
+            stack.workspace.set_tag(run.request.stack, key, value)
+        except Exception as exc:  # a backend without tags: the stack still works
+            run.on_output(f"[sortie] could not set stack tag {key}: {exc}")
+            return
+
+
 def _do_up(run: _Run) -> UpResult:
     stack = run.stack(create=True)
+    _tag(run, stack)
+    packs = list(run.settings.policy_packs)
     try:
-        result = run.retrying(lambda: stack.up(on_output=run.on_output, color="never"))
+        result = run.retrying(lambda: stack.up(on_output=run.on_output, color="never",
+                                               **({"policy_packs": packs} if packs else {})))
     except Exception as exc:
         error = run.fail(exc)
         if run.request.cleanup_on_failure:
@@ -252,7 +285,9 @@ def _do_preview(run: _Run) -> Preview:
                                          keys=tuple(sorted(keys - {"__provider"})))
 
     try:
-        stack.preview(on_output=run.on_output, on_event=on_event, color="never", diff=True)
+        packs = list(run.settings.policy_packs)
+        stack.preview(on_output=run.on_output, on_event=on_event, color="never", diff=True,
+                      **({"policy_packs": packs} if packs else {}))
     finally:
         if not existed:
             stack.workspace.remove_stack(run.request.stack)

@@ -10,7 +10,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -112,6 +112,15 @@ class PulumiConfig(BaseModel):
     concurrent_update_retries: Annotated[
         int, Field(ge=0, description="Retries of an operation refused because the stack is locked.")
     ] = 5
+    stack_tags: Annotated[
+        dict[str, str],
+        Field(description="Tags set on every stack Sortie creates (with sortie:owner and sortie:kind)."),
+    ] = Field(default_factory=dict)
+    policy_packs: Annotated[
+        list[str],
+        Field(description="Local policy pack directories run on every up and preview (`--policy-pack`); a "
+              "mandatory violation fails the job as FAILED_PRECHECKS naming the policy."),
+    ] = Field(default_factory=list)
 
 
 class StateConfig(BaseModel):
@@ -215,6 +224,10 @@ class SortieConfig(BaseModel):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    allowed_clouds: Annotated[
+        list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,
+        Field(description="Only these clouds are considered (default: every cloud `sortie check` enables)."),
+    ] = None
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

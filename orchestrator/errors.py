@@ -41,6 +41,10 @@ class NoCapacityError(StackOperationError):
     """The infra had no capacity for a node (a cloud's capacity error, or a full local region)."""
 
 
+class PolicyViolationError(StackOperationError):
+    """A mandatory policy of a configured policy pack refused the stack (`pulumi.policy_packs`)."""
+
+
 class StackLockedError(StackOperationError):
     """Another operation holds the stack's lock, and retrying did not get it."""
 

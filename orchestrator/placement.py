@@ -1,5 +1,5 @@
-"""Where a task runs. For now the regions of the local cloud; the optimizer issue makes this
-cost-based across clouds.
+"""Where a task runs: the optimizer's plan (`orchestrator.optimizer`) over every enabled cloud, minus what
+said "no capacity" in this round.
 
 Order of trial: regions to avoid (EAGER_NEXT_REGION after a preemption) last, the preferred region
 (FAILOVER: where it just ran) first, then the cheapest declared price, then the order of the task's
@@ -22,6 +22,8 @@ class Placement:
     candidate_index: int
     use_spot: bool = False
     price_per_hour: float = 0.0
+    instance_type: str | None = None  # a catalog instance type (None on the local cloud)
+    zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,39 +39,26 @@ def capacity_key(region: str, use_spot: bool) -> str:
 
 
 def place(candidates: Sequence[dict], config: SortieConfig, exclude: Collection[str] = (),
-          prefer: str | None = None, avoid: Collection[str] = ()) -> Placement | Infeasible:
-    """The best (candidate, local region) that fits. Candidates are `Candidate.to_json()` dicts."""
-    reasons: list[str] = []
+          prefer: str | None = None, avoid: Collection[str] = (), *, ordered: bool = False, num_nodes: int = 1,
+          enabled: Collection[str] | None = None) -> Placement | Infeasible:
+    """The first option of the optimizer's plan (candidates are `Candidate.to_json()` dicts) that is not full,
+    with regions to avoid last and the preferred region first."""
+    from orchestrator.optimizer import plan_for
+
+    plan = plan_for(candidates, num_nodes, config, ordered=ordered, enabled=enabled)
+    if plan.chosen is None:
+        return Infeasible(plan.infeasible or "no candidate resources")
+    open_options = []
     full: list[str] = []
-    feasible: list[tuple[tuple, Placement]] = []
-    region_order = {r.name: i for i, r in enumerate(config.local.regions)}
-    for index, cand in enumerate(candidates):
-        cloud = cand.get("cloud") or (cand.get("infra") or "").split("/")[0] or None
-        if cloud not in (None, "local"):
-            reasons.append(f"infra {cand.get('infra') or cloud} is not enabled (only local is, for now)")
+    for position, option in enumerate(plan.options):
+        region = option.offer.region
+        if region in exclude or capacity_key(region, option.use_spot) in exclude:
+            full.append(option.infra + (" (spot)" if option.use_spot else ""))
             continue
-        wanted_region = cand.get("region")
-        if wanted_region and wanted_region not in region_order:
-            reasons.append(f"local has no region {wanted_region}")
-            continue
-        spot = bool(cand.get("use_spot"))
-        for region in config.local.regions:
-            if wanted_region and region.name != wanted_region:
-                continue
-            missing = [f"{name}:{count:g}" for name, count in (cand.get("accelerators") or {}).items()
-                       if region.accelerators.get(name, 0) < count]
-            if missing:
-                reasons.append(f"local/{region.name} has no {', '.join(missing)}")
-                continue
-            if region.name in exclude or capacity_key(region.name, spot) in exclude:
-                full.append(f"local/{region.name}" + (" (spot)" if spot else ""))
-                continue
-            price = region.price(spot)
-            order = (region.name in avoid, bool(prefer) and region.name != prefer, price, index,
-                     region_order[region.name])
-            feasible.append((order, Placement("local", region.name, index, spot, price)))
-    if feasible:
-        return min(feasible, key=lambda item: item[0])[1]
-    if full:
+        open_options.append(((region in avoid, bool(prefer) and region != prefer, position), option))
+    if not open_options:
         return Infeasible("no capacity in " + ", ".join(dict.fromkeys(full)), no_capacity=True)
-    return Infeasible("; ".join(dict.fromkeys(reasons)) or "no candidate resources")
+    best = min(open_options, key=lambda item: item[0])[1]
+    local = best.offer.cloud == "local"
+    return Placement(best.offer.cloud, best.offer.region, best.candidate_index, best.use_spot, best.price_per_node,
+                     instance_type=None if local else best.offer.instance_type, zone=best.offer.zone)

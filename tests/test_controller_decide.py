@@ -58,18 +58,21 @@ def test_place_skips_full_regions_and_then_says_no_capacity() -> None:
 
 
 def test_place_infeasible_names_the_reason() -> None:
-    gpu = place([cand(accelerators={"A100": 1.0})], CONFIG)
+    gpu = place([cand(accelerators={"A100": 1.0})], CONFIG, enabled=("local",))
     assert isinstance(gpu, Infeasible) and not gpu.no_capacity
-    assert "A100:1" in gpu.reason
-    aws = place([cand(infra="aws", cloud="aws")], CONFIG)
+    assert gpu.reason == "no instance has A100; accelerators here: H100"
+    many = place([cand(accelerators={"H100": 16.0})], CONFIG, enabled=("local",))
+    assert isinstance(many, Infeasible)
+    assert many.reason == "no instance with 16 H100; the most on one instance is 8: sandbox (local/region-b)"
+    aws = place([cand(infra="aws", cloud="aws")], CONFIG, enabled=("local",))
     assert isinstance(aws, Infeasible) and "aws" in aws.reason and "not enabled" in aws.reason
-    region = place([cand(cloud="local", region="region-zz")], CONFIG)
+    region = place([cand(cloud="local", region="region-zz")], CONFIG, enabled=("local",))
     assert isinstance(region, Infeasible) and "region-zz" in region.reason
 
 
 def test_place_falls_through_alternatives_in_order() -> None:
     cands = [cand(infra="aws", cloud="aws"), cand(accelerators={"H100": 8.0})]
-    assert place(cands, CONFIG) == Placement("local", "region-b", 1)
+    assert place(cands, CONFIG, enabled=("local",)) == Placement("local", "region-b", 1)
 
 
 def test_task_id_has_skypilots_shape() -> None:

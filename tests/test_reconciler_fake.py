@@ -47,3 +47,32 @@ def test_janitor_leaves_the_stacks_of_attempts_in_progress_alone(sortie_home: Pa
     reconciler._janitor()  # the attempt was placed after any earlier snapshot: still never reaped
     time.sleep(0.2)
     assert ("destroy", "sortie-job-1-t0-1") not in driver.operations
+
+
+def test_a_policy_violation_is_failed_prechecks_naming_the_policy(sortie_home: Path) -> None:
+    from orchestrator._stack_worker import policy_violation
+    from orchestrator.errors import PolicyViolationError
+
+    engine_output = ("Policy Violations:\n    [mandatory]  team-policies v1.2.0  no-spot-in-prod (node-0: "
+                     "pulumi-python:dynamic:Resource)\n    Spot nodes are not allowed in this project.\n"
+                     "error: update failed\n")
+    violation = policy_violation(engine_output)
+    assert violation == ("team-policies v1.2.0 no-spot-in-prod (node-0: pulumi-python:dynamic:Resource): "
+                         "Spot nodes are not allowed in this project.")
+    assert policy_violation("error: update failed\n") is None
+
+    class PolicyDriver(FakeStackDriver):
+        def up(self, stack: str, program: StackProgram, *, cleanup_on_failure: bool = True):  # type: ignore[override]
+            raise PolicyViolationError(f"policy violation: {violation}", stack)
+
+    store = StateStore(sortie_home)
+    (job_id,) = store.submit({"name": "j", "tasks": [{"name": "t", "run": "true", "num_nodes": 1,
+                                                      "resources": [{}]}]}, [{}], user="u")
+    reconciler = Reconciler(store, PolicyDriver(), load_config(sortie_home), sortie_home)
+    deadline = time.monotonic() + 10
+    while store.job(job_id).status not in ("FAILED_PRECHECKS", "FAILED_CONTROLLER"):
+        reconciler.tick()
+        assert time.monotonic() < deadline, store.job(job_id).status
+        time.sleep(0.05)
+    job = store.job(job_id)
+    assert job.status == "FAILED_PRECHECKS" and "no-spot-in-prod" in (job.failure_reason or "")

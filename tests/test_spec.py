@@ -649,7 +649,7 @@ def test_task_json() -> None:
     task = one("name: t\nnum_nodes: 2\nsetup: s\nrun: r\nenvs: {A: b}\nresources: {cpus: 2}\n")
     shown = task.to_json()
     assert list(shown) == ["name", "num_nodes", "envs", "secrets", "setup", "run", "workdir", "file_mounts",
-                           "storage_mounts", "resources"]
+                           "storage_mounts", "resources", "resources_ordered"]
     assert shown["resources"] == [c.to_json() for c in task.candidates()]
     json.dumps(shown)
 

@@ -21,7 +21,7 @@ from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, r
 from orchestrator.controller.node_files import JobFiles, NodeStorageError, task_steps
 from orchestrator.controller.ops import OperationPool
 from orchestrator.controller.pool_workers import PoolWorkers, job_dir
-from orchestrator.errors import NoCapacityError, StackOperationError
+from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
 from orchestrator.job_logs import JobLogs
 from orchestrator.job_status import JobStatus, Phase
 from orchestrator.placement import Infeasible, capacity_key, place
@@ -146,7 +146,8 @@ class Reconciler:
                    if a.task_index == job.current_task and a.outcome == "NO_CAPACITY"
                    and a.started_at >= (job.round_started_at or 0)}
         choice = place(task["resources"], self.config, exclude, prefer=hint.get("prefer"),
-                       avoid=hint.get("avoid") or ())
+                       avoid=hint.get("avoid") or (), ordered=bool(task.get("resources_ordered")),
+                       num_nodes=int(task["num_nodes"]))
         if isinstance(choice, Infeasible):
             if choice.no_capacity:
                 self._wait_for_capacity(job, choice.reason)
@@ -161,7 +162,7 @@ class Reconciler:
         spot = " (spot)" if choice.use_spot else ""
         attempt = self.store.create_attempt(
             job, stack_name=name, infra=choice.infra, region=choice.region, num_nodes=int(task["num_nodes"]),
-            use_spot=choice.use_spot, instance_type=cand.get("instance_type"), status=status,
+            use_spot=choice.use_spot, instance_type=choice.instance_type or cand.get("instance_type"), status=status,
             price_per_hour=choice.price_per_hour,
             why=f"{choice.infra}/{choice.region}{spot}, {task['num_nodes']} node(s), stack {name}")
         self.store.update_attempt(attempt.id, token_enc=self.store.box.seal(new_cluster_token()))
@@ -208,6 +209,7 @@ class Reconciler:
         task = self._task(job)
         accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
         spec = ClusterSpec(name=attempt.stack_name, infra=attempt.infra, region=attempt.region,
+                           instance_type=attempt.instance_type, disk_size=task["resources"][0].get("disk_size"),
                            num_nodes=attempt.num_nodes, use_spot=attempt.use_spot,
                            accelerators={k: int(v) for k, v in accelerators.items()},
                            labels={"sortie-job": str(job.id)}, token=self.store.box.open(attempt.token_enc),
@@ -270,6 +272,10 @@ class Reconciler:
         self.store.update_attempt(attempt.id, phase=Phase.DONE, outcome="ERROR", ended_at=time.time())
         if job.cancel_requested:
             self._finish(job, JobStatus.CANCELLED, "cancelled while starting")
+            return
+        if isinstance(error, PolicyViolationError):  # the team's policy said no: retrying cannot help
+            self.note(job, "policy-violation", str(error.message))
+            self._finish(job, JobStatus.FAILED_PRECHECKS, error.message)
             return
         self._controller_error(job, None, error or StackOperationError("up failed"))
 

@@ -250,6 +250,7 @@ class Task(BaseModel):
             "file_mounts": dict(self.file_mounts),
             "storage_mounts": {key: dict(value) for key, value in self.storage_mounts.items()},
             "resources": [candidate.to_json() for candidate in self.candidates()],
+            "resources_ordered": self.resources_ordered(),
             **({"pool": self.pool.model_dump(mode="json")} if self.pool else {}),
         }
 

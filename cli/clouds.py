@@ -1,0 +1,125 @@
+"""`sortie check`, `sortie show-gpus` and the "Considered resources" table: clouds, catalogs and the optimizer."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.markup import escape
+
+from cli.jobs import _console, plain_table
+
+if TYPE_CHECKING:
+    from orchestrator.spec import Pipeline
+
+MAX_TABLE_ROWS = 8
+CLOUD_NAMES = {"local": "Local", "aws": "AWS", "gcp": "GCP", "azure": "Azure", "kubernetes": "Kubernetes"}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check")(check)
+    app.command("show-gpus")(show_gpus)
+
+
+def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
+    """Which clouds are enabled, and why the others are not (offline: SDK extras and credentials)."""
+    from orchestrator.clouds import check as check_clouds
+    from orchestrator.config import load_config
+
+    found = check_clouds(load_config())
+    if as_json:
+        print(json.dumps([{"cloud": c.cloud, "enabled": c.enabled, "reason": c.reason} for c in found], indent=2))
+        return
+    console = _console()
+    for c in found:
+        mark = "[green]enabled[/green] " if c.enabled else "[dim]disabled[/dim]"
+        console.print(f"  {c.cloud:<11} {mark}  {escape(c.reason)}", markup=True)
+    enabled = [c.cloud for c in found if c.enabled]
+    console.print(f"Enabled clouds: {', '.join(enabled)}")
+
+
+def show_gpus(
+    name: str = typer.Argument(None, help="An accelerator (H100, A100, ...): its offers with prices."),
+    cloud: str = typer.Option(None, "--cloud", help="Only this cloud."),
+    region: str = typer.Option(None, "--region", help="Only this region."),
+    as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
+) -> None:
+    """Accelerators in the catalogs: without NAME, each with its counts per instance and clouds; with NAME, every
+    instance offering it per cloud and region with on-demand and spot prices (cheapest first)."""
+    from orchestrator.config import load_config
+    from orchestrator.errors import UsageError
+    from orchestrator.optimizer import catalog_offers, local_offers
+
+    offers = local_offers(load_config()) + catalog_offers(["aws", "gcp", "azure"])
+    offers = [o for o in offers if o.accelerators and (not cloud or o.cloud == cloud)
+              and (not region or o.region == region)]
+    if name is None:
+        summary: dict[str, dict[str, Any]] = {}
+        for o in offers:
+            for acc, count in o.accelerators.items():
+                entry = summary.setdefault(acc, {"counts": set(), "clouds": set()})
+                entry["counts"].add(count)
+                entry["clouds"].add(o.cloud)
+        rows = [[acc, ", ".join(f"{c:g}" for c in sorted(v["counts"])), ", ".join(sorted(v["clouds"]))]
+                for acc, v in sorted(summary.items())]
+        if as_json:
+            print(json.dumps([{"accelerator": r[0], "counts": r[1], "clouds": r[2]} for r in rows], indent=2))
+            return
+        _console().print(escape(plain_table(["GPU", "QTY", "CLOUDS"], rows)))
+        return
+    matching = sorted((o for o in offers if any(k.lower() == name.lower() for k in o.accelerators)),
+                      key=lambda o: (o.price, o.cloud, o.region))
+    if not matching:
+        known = sorted({k for o in offers for k in o.accelerators})
+        raise UsageError(f"no accelerator {name!r} in the catalogs; known: {', '.join(known)}")
+    rows = [[o.cloud, o.instance_type, next(f"{k}:{v:g}" for k, v in o.accelerators.items()), f"{o.vcpus:g}",
+             f"{o.memory_gib:g}", f"$ {o.price:.3f}", f"$ {o.spot_price:.3f}" if o.spot_price is not None else "-",
+             o.region] for o in matching]
+    if as_json:
+        print(json.dumps([dict(zip(["cloud", "instance_type", "accelerators", "vcpus", "memory_gib", "price",
+                                    "spot_price", "region"], r, strict=True)) for r in rows], indent=2))
+        return
+    _console().print(escape(plain_table(["CLOUD", "INSTANCE", "GPUS", "vCPUs", "Mem(GB)", "HOURLY_PRICE",
+                                         "HOURLY_SPOT_PRICE", "REGION"], rows)))
+
+
+def considered_tables(pipeline: Pipeline) -> list[Any]:
+    """SkyPilot's "Considered resources" table for each task: the cheapest option of each cloud and
+    alternative, priced for all its nodes, the chosen one marked."""
+    from rich.table import Table
+
+    from orchestrator.config import load_config
+    from orchestrator.optimizer import plan_for
+
+    config = load_config()
+    out: list[Any] = []
+    for index, task in enumerate(pipeline.tasks):
+        cands = [c.to_json() for c in task.candidates()]
+        plan = plan_for(cands, task.num_nodes, config, ordered=task.resources_ordered())
+        nodes = f"{task.num_nodes} node{'s' if task.num_nodes > 1 else ''}"
+        title = f"Considered resources ({nodes})" + (f" for task {index} ({task.name})" if len(pipeline.tasks) > 1
+                                                     else "")
+        table = Table("INFRA", "INSTANCE", "vCPUs", "Mem(GB)", "GPUS", "COST ($)", "CHOSEN", box=None, title=title,
+                      title_justify="left")
+        shown: set[tuple[str, int]] = set()
+        for option in plan.options:
+            key = (option.offer.cloud, option.candidate_index)
+            if key in shown and option is not plan.chosen:
+                continue
+            shown.add(key)
+            offer = option.offer
+            local = offer.cloud == "local"
+            gpus = ", ".join(f"{k}:{v:g}" for k, v in offer.accelerators.items()) or "-"
+            cloud_name = CLOUD_NAMES.get(offer.cloud, offer.cloud)
+            table.add_row(f"{cloud_name} ({offer.region}{', spot' if option.use_spot else ''})",
+                          offer.instance_type, "-" if local else f"{offer.vcpus:g}",
+                          "-" if local else f"{offer.memory_gib:g}", gpus, f"{option.cost_per_hour:.2f}",
+                          "✔" if option is plan.chosen else "")
+            if len(shown) >= MAX_TABLE_ROWS:
+                break
+        if plan.options:
+            out.append(table)
+        if plan.infeasible:
+            out.append(f"No feasible resources: {plan.infeasible}")
+    return out

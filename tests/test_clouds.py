@@ -1,0 +1,61 @@
+"""`sortie check`: which clouds are enabled and why, from SDK extras and credentials, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import clouds
+from orchestrator.config import SortieConfig
+
+
+@pytest.fixture
+def sdks(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    installed: set[str] = set()
+    monkeypatch.setattr(clouds, "_has_sdk", lambda cloud: cloud in installed)
+    return installed
+
+
+def by_cloud(env: dict[str, str], home: Path, config: SortieConfig | None = None) -> dict[str, clouds.CloudCheck]:
+    return {c.cloud: c for c in clouds.check(config or SortieConfig(), env=env, home=home)}
+
+
+def test_without_sdks_or_credentials_only_local_is_enabled(tmp_path: Path, sdks: set[str]) -> None:
+    found = by_cloud({}, tmp_path)
+    assert [c for c, v in found.items() if v.enabled] == ["local"]
+    assert found["aws"].reason == "the SDK extra is not installed: pip install 'sortie[aws]'"
+    sdks.update({"aws", "gcp", "azure", "kubernetes"})
+    found = by_cloud({}, tmp_path)
+    assert found["aws"].reason.startswith("no credentials found: set AWS_ACCESS_KEY_ID")
+    assert found["gcp"].reason.startswith("no credentials found: run `gcloud auth application-default login`")
+
+
+def test_credentials_in_the_environment_and_in_files_enable_clouds(tmp_path: Path, sdks: set[str]) -> None:
+    sdks.update({"aws", "gcp", "azure", "kubernetes"})
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text("apiVersion: v1\n")
+    key = tmp_path / "sa.json"
+    key.write_text("{}")
+    env = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "x", "GOOGLE_APPLICATION_CREDENTIALS": str(key),
+           "ARM_CLIENT_ID": "a", "ARM_TENANT_ID": "t", "ARM_SUBSCRIPTION_ID": "s"}
+    found = by_cloud(env, tmp_path)
+    assert all(c.enabled for c in found.values()), found
+    assert found["kubernetes"].reason == "credentials from ~/.kube/config"
+    narrowed = by_cloud(env, tmp_path, SortieConfig(allowed_clouds=["local", "aws"]))
+    assert [c for c, v in narrowed.items() if v.enabled] == ["local", "aws"]
+    assert narrowed["gcp"].reason == "not in allowed_clouds of the config"
+
+
+def test_sortie_check_cli_without_credentials(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GOOGLE_", "ARM_", "AZURE_", "KUBE"))}
+    env.update(SORTIE_HOME=str(tmp_path / "home"), HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "check", "--json"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    found = {c["cloud"]: c for c in json.loads(proc.stdout)}
+    assert found["local"]["enabled"] and not found["aws"]["enabled"]
