@@ -33,6 +33,7 @@ bench: setup
 	$(VENV)/bin/python bench/jobs.py
 	$(VENV)/bin/python bench/recovery.py
 	$(VENV)/bin/python bench/pools.py
+	$(VENV)/bin/python bench/optimizer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

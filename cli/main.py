@@ -20,6 +20,9 @@ import cli.pools  # noqa: E402, F401 - registers `sortie jobs pool`
 from cli.clouds import register as register_cloud_commands  # noqa: E402
 
 register_cloud_commands(app)
+from cli.catalog import catalog_app  # noqa: E402
+
+app.add_typer(catalog_app, name="catalog")
 from cli.jobs import controller_app, jobs_app  # noqa: E402 - after the apps it extends
 
 app.add_typer(jobs_app, name="jobs")

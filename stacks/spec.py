@@ -35,6 +35,21 @@ class ClusterSpec:
     token: str = field(default="", repr=False)
     # Where the local cloud keeps its sandboxes (the Sortie home's `local/`); local infra only.
     local_root: str | None = None
+    # --- cloud infras (aws, gcp, azure, kubernetes); the local cloud ignores these ---
+    # Team tags from config, put on every resource that takes tags (after `labels`, before Sortie's own).
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # A stack (`org/project/stack`) whose outputs name the network to use, instead of Sortie's defaults.
+    network_stack: str | None = None
+    # Which outputs of `network_stack` hold what (keys per cloud, e.g. `subnet`); unset keys use the cloud's default.
+    network_outputs: Mapping[str, str] = field(default_factory=dict)
+    # What the default firewall admits to the agent port; None: only the private network itself.
+    controller_cidr: str | None = None
+    agent_port: int = 8470
+    ssh_public_key: str | None = None
+    # For tags only.
+    job_id: str | None = None
+    attempt: str | None = None
+    user: str | None = None
 
 
 @dataclass(frozen=True)

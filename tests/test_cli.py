@@ -36,7 +36,7 @@ def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
 def test_help_lists_the_command_groups(sortie_home: Path) -> None:
     out = sortie(sortie_home, "--help")
     assert out.returncode == 0, out.stderr
-    for group in ("engine", "local", "stack"):
+    for group in ("engine", "local", "stacks", "check", "show-gpus", "catalog"):
         assert re.search(rf"\b{group}\b", out.stdout), out.stdout
     assert "Traceback" not in out.stderr
 
@@ -44,7 +44,9 @@ def test_help_lists_the_command_groups(sortie_home: Path) -> None:
 @pytest.mark.parametrize(("group", "commands"), [
     ("engine", ("install", "status")),
     ("local", ("nodes", "regions", "preempt")),
-    ("stack", ("ls", "destroy", "unlock")),
+    ("stacks", ("ls", "gc", "destroy", "unlock")),
+    ("stack", ("ls", "gc", "destroy", "unlock")),  # the earlier name still works
+    ("catalog", ("update", "show")),
 ])
 def test_group_help_lists_its_commands(sortie_home: Path, group: str, commands: tuple[str, ...]) -> None:
     out = sortie(sortie_home, group, "--help")

@@ -60,7 +60,7 @@ def test_place_skips_full_regions_and_then_says_no_capacity() -> None:
 def test_place_infeasible_names_the_reason() -> None:
     gpu = place([cand(accelerators={"A100": 1.0})], CONFIG, enabled=("local",))
     assert isinstance(gpu, Infeasible) and not gpu.no_capacity
-    assert gpu.reason == "no instance has A100; accelerators here: H100"
+    assert gpu.reason == "no instance has A100 (gcp has it, not enabled); accelerators here: H100"
     many = place([cand(accelerators={"H100": 16.0})], CONFIG, enabled=("local",))
     assert isinstance(many, Infeasible)
     assert many.reason == "no instance with 16 H100; the most on one instance is 8: sandbox (local/region-b)"

@@ -39,7 +39,8 @@ def test_spot_uses_spot_prices_and_is_cheaper() -> None:
     on_demand = plan("resources:\n  infra: gcp\n  accelerators: A100:8\nrun: x\n").chosen
     spot = plan("resources:\n  infra: gcp\n  accelerators: A100:8\n  use_spot: true\nrun: x\n").chosen
     assert on_demand and spot and spot.use_spot
-    assert spot.cost_per_hour == pytest.approx(spot.offer.spot_price or 0) < on_demand.cost_per_hour
+    assert spot.cost_per_hour == pytest.approx(spot.offer.spot_price or 0)
+    assert spot.cost_per_hour < on_demand.cost_per_hour
 
 
 def test_infra_filters_cloud_region_and_instance_type() -> None:

@@ -228,8 +228,8 @@ def test_unknown_region_is_an_error_naming_it(harness: Harness) -> None:
 
 
 def test_infra_without_builder_is_a_usage_error(harness: Harness) -> None:
-    with pytest.raises(UsageError, match=r"'aws' has no stack builder"):
-        cluster_program(spec(num_nodes=1, infra="aws"))
+    with pytest.raises(UsageError, match=r"'lambda' has no stack builder"):
+        cluster_program(spec(num_nodes=1, infra="lambda"))
     assert harness.mocks.resources == []
 
 

@@ -1,13 +1,24 @@
-"""Per-infra node builders behind one signature: `build(spec) -> list[BuiltNode]`.
+"""Per-infra node builders behind one signature: `build(spec, opts=None) -> list[BuiltNode]`.
 
 A builder declares the Pulumi resources of `spec.num_nodes` nodes and returns, per node, the
-outputs the cluster program exports. Only `local` exists now; cloud builders plug in here.
+outputs the cluster program exports. `opts` (optional) holds the options every resource it makes
+starts from, e.g. `parent=` when a `SortieCluster` component calls it.
+
+Cloud builders (aws, gcp, azure, kubernetes) load lazily: this module imports no provider SDK;
+`builder_for("aws")` imports `stacks.builders.aws` (and with it `pulumi_aws`) then. What they share
+lives here: the tags every resource carries, where a node is, and the boot script that installs the
+node agent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import re
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import pulumi
 
@@ -31,22 +42,198 @@ class BuiltNode:
                 "url": self.url, "region": self.region}
 
 
-NodeBuilder = Callable[[ClusterSpec], list[BuiltNode]]
+@dataclass(frozen=True)
+class CloudNode(BuiltNode):
+    """A cloud node: also where it is, what it is, and whether it is spot capacity."""
+
+    zone: pulumi.Output[str | None]
+    instance_type: pulumi.Output[str | None]
+    spot: bool
+
+    def export(self) -> dict[str, object]:
+        return {**super().export(), "zone": self.zone, "instance_type": self.instance_type, "spot": self.spot}
 
 
-def _local(spec: ClusterSpec) -> list[BuiltNode]:
+class NodeBuilder(Protocol):
+    def __call__(self, spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]: ...
+
+
+def _local(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
+    # The local builder takes no options: its nodes stay where they are (no parent), so the URNs of
+    # existing local stacks never change.
     from stacks.builders.local import build_local_nodes
 
     return build_local_nodes(spec)
 
 
-BUILDERS: dict[str, NodeBuilder] = {"local": _local}
+@dataclass(frozen=True)
+class LazyBuilder:
+    """A builder in a module imported only when first needed (it imports its cloud's SDK)."""
+
+    module: str
+    function: str
+    extra: str  # the `sortie[...]` extra that installs the SDK
+
+    def load(self) -> NodeBuilder:
+        try:
+            module = importlib.import_module(self.module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not exc.name.startswith("pulumi_"):
+                raise
+            raise UsageError(f"infra {self.extra!r} needs the {exc.name} package: "
+                             f"pip install 'sortie[{self.extra}]'") from None
+        builder: NodeBuilder = getattr(module, self.function)
+        return builder
+
+    def __call__(self, spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
+        return self.load()(spec, opts)
+
+
+BUILDERS: dict[str, NodeBuilder] = {
+    "local": _local,
+    "aws": LazyBuilder("stacks.builders.aws", "build_aws_nodes", "aws"),
+    "gcp": LazyBuilder("stacks.builders.gcp", "build_gcp_nodes", "gcp"),
+    "azure": LazyBuilder("stacks.builders.azure", "build_azure_nodes", "azure"),
+    "kubernetes": LazyBuilder("stacks.builders.kubernetes", "build_kubernetes_nodes", "kubernetes"),
+}
+_ALIASES = {"k8s": "kubernetes"}
 
 
 def builder_for(infra: str) -> NodeBuilder:
     cloud = infra.split("/", 1)[0]
+    cloud = _ALIASES.get(cloud, cloud)
     try:
-        return BUILDERS[cloud]
+        builder = BUILDERS[cloud]
     except KeyError:
         known = ", ".join(sorted(BUILDERS))
         raise UsageError(f"infra {infra!r} has no stack builder yet (available: {known})") from None
+    return builder.load() if isinstance(builder, LazyBuilder) else builder
+
+
+# --- what cloud builders share -----------------------------------------------------------------------------------
+
+DEFAULT_DISK_GB = 256
+AGENT_SOURCE = Path(__file__).resolve().parents[2] / "orchestrator" / "agent.py"
+AGENT_DIR = "/opt/sortie"
+SANDBOX_DIR = "/var/lib/sortie/sandbox"
+TOKEN_FILE = "/etc/sortie/token"
+_HEREDOC_END = "SORTIE_AGENT_EOF"
+
+
+def sortie_tags(spec: ClusterSpec) -> dict[str, str]:
+    """Tags for every resource of the cluster: team tags, then the spec's labels, then Sortie's own
+    (which win, so nothing can pass for, or hide, Sortie ownership)."""
+    own = {"sortie": "owner", "sortie-cluster": spec.name}
+    for key, value in (("sortie-job", spec.job_id), ("sortie-attempt", spec.attempt), ("sortie-user", spec.user)):
+        if value:
+            own[key] = str(value)
+    return {**{str(k): str(v) for k, v in spec.tags.items()}, **{str(k): str(v) for k, v in spec.labels.items()},
+            **own}
+
+
+def location(spec: ClusterSpec, cloud: str) -> tuple[str | None, str | None]:
+    """(region, zone) of the spec; `region` may also be an infra string like `aws/us-east-1/us-east-1a`."""
+    region, zone = spec.region, spec.zone
+    if region and "/" in region and cloud != "kubernetes":
+        parts = region.split("/")
+        if parts[0] in (cloud, *(k for k, v in _ALIASES.items() if v == cloud)):
+            parts = parts[1:]
+        region = parts[0] if parts and parts[0] not in ("", "*") else None
+        if len(parts) > 1 and parts[1] not in ("", "*"):
+            zone = zone or parts[1]
+    elif region and cloud == "kubernetes" and region.startswith(("kubernetes/", "k8s/")):
+        region = region.split("/", 1)[1] or None
+    return region or None, zone or None
+
+
+def network_output_names(spec: ClusterSpec, defaults: Mapping[str, str]) -> dict[str, str]:
+    """Which outputs of the network stack to read: the cloud's defaults, overridden per key by the spec."""
+    unknown = sorted(set(spec.network_outputs) - set(defaults))
+    if unknown:
+        raise UsageError(f"cluster {spec.name}: unknown network output keys {unknown} "
+                         f"(this cloud reads {sorted(defaults)})")
+    return {**defaults, **spec.network_outputs}
+
+
+def accelerator(spec: ClusterSpec) -> tuple[str, int] | None:
+    """The one accelerator kind a node has, if any (clouds attach one kind per node)."""
+    wanted = [(name, int(count)) for name, count in spec.accelerators.items() if int(count) > 0]
+    if len(wanted) > 1:
+        raise UsageError(f"cluster {spec.name}: one accelerator kind per node, got {dict(spec.accelerators)}")
+    return wanted[0] if wanted else None
+
+
+def dns_label(text: str, limit: int = 63) -> str:
+    """`text` as a lowercase RFC 1123 label (names of GCP and Kubernetes resources)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if not label or not label[0].isalpha():
+        label = f"s-{label}".rstrip("-")
+    return label[:limit].rstrip("-")
+
+
+def agent_source() -> str:
+    """The node agent, read now (at program time) to ship in the node's boot script."""
+    text = AGENT_SOURCE.read_text()
+    if _HEREDOC_END in text.splitlines():
+        raise RuntimeError(f"{AGENT_SOURCE} contains the line {_HEREDOC_END}; it cannot go in a here-document")
+    return text
+
+
+def agent_command(spec: ClusterSpec, node_id: str, *, token_stdin: bool) -> list[str]:
+    """The agent's command line on a node."""
+    command = ["python3", f"{AGENT_DIR}/agent.py", "--sandbox", SANDBOX_DIR, "--host", "0.0.0.0",
+               "--port", str(spec.agent_port), "--node-id", node_id]
+    return [*command, "--token-stdin"] if token_stdin else command
+
+
+def boot_script(spec: ClusterSpec, rank: int, token: str, source: str) -> str:
+    """A boot script (cloud-init user-data / startup script) that installs the agent as a systemd
+    service reading its token, from a root-only file, on stdin. It holds the token: only ever build
+    it inside an `apply` on a secret Output, so what carries it stays secret."""
+    command = " ".join(shlex.quote(part) for part in agent_command(spec, f"{spec.name}-{rank}", token_stdin=True))
+    return f"""#!/bin/bash
+# Sortie node bootstrap: the node agent as a systemd service (runs at every boot; idempotent).
+set -euo pipefail
+umask 077
+mkdir -p {AGENT_DIR} {SANDBOX_DIR} {Path(TOKEN_FILE).parent}
+cat > {AGENT_DIR}/agent.py <<'{_HEREDOC_END}'
+{source.rstrip()}
+{_HEREDOC_END}
+printf '%s\\n' {shlex.quote(token)} > {TOKEN_FILE}
+cat > /etc/systemd/system/sortie-agent.service <<'SORTIE_UNIT_EOF'
+[Unit]
+Description=Sortie node agent
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart=/usr/bin/env {command}
+StandardInput=file:{TOKEN_FILE}
+Environment=HOME=/root
+Restart=on-failure
+RestartSec=2
+# Runs live in their own process groups and outlive an agent restart, as their state on disk does.
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+SORTIE_UNIT_EOF
+systemctl daemon-reload
+systemctl enable sortie-agent.service
+systemctl restart sortie-agent.service
+"""
+
+
+def secret_boot_script(spec: ClusterSpec, rank: int) -> pulumi.Output[str]:
+    """The boot script of node `rank` as a secret Output (the agent source is read now)."""
+    source = agent_source()
+    return pulumi.Output.secret(spec.token).apply(lambda token: boot_script(spec, rank, token, source))
+
+
+def merge_opts(opts: pulumi.ResourceOptions | None, **extra: Any) -> pulumi.ResourceOptions:
+    """`opts` (a builder's caller's options) with `extra` on top."""
+    return pulumi.ResourceOptions.merge(opts or pulumi.ResourceOptions(), pulumi.ResourceOptions(**extra))
+
+
+def agent_url(ip: pulumi.Input[str], port: int) -> pulumi.Output[str]:
+    return pulumi.Output.concat("http://", ip, f":{port}")

@@ -1,0 +1,170 @@
+"""AWS nodes: one EC2 instance per node, booted with the node agent (imports pulumi_aws).
+
+Per node: an `aws.ec2.Instance` (spot: a one-time spot request that terminates on interruption),
+root volume of `disk_size` GiB, an AMI looked up per region (Deep Learning Base for GPU nodes,
+Ubuntu 22.04 otherwise; `spec.image` overrides) and gzip-compressed cloud-init user data that
+installs the agent; the token is in that user data, which is a secret Output.
+
+Network: by default the region's default VPC with one security group per cluster that admits the
+agent port from `controller_cidr` (else from the VPC's own CIDR) and nothing else inbound. With
+`network_stack`, the subnet and security group(s) come from that stack's outputs (`subnetId`,
+`securityGroupId` unless `network_outputs` says otherwise) and Sortie makes no security group.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import re
+
+import pulumi
+import pulumi_aws as aws
+
+from orchestrator.errors import UsageError
+from stacks.builders import (
+    DEFAULT_DISK_GB,
+    BuiltNode,
+    CloudNode,
+    accelerator,
+    agent_url,
+    location,
+    merge_opts,
+    network_output_names,
+    secret_boot_script,
+    sortie_tags,
+)
+from stacks.spec import ClusterSpec
+
+DEFAULT_INSTANCE_TYPE = "m6i.xlarge"
+NETWORK_OUTPUTS = {"subnet": "subnetId", "security_group": "securityGroupId"}
+USER_DATA_LIMIT = 16 * 1024  # what EC2 takes, before base64
+# (owner, name pattern) of the default images; `{arch}` is x86_64 or arm64.
+GPU_AMI = ("amazon", "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *")
+CPU_AMI = ("099720109477", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-{arch}-server-*")
+GPU_INSTANCE_TYPES: dict[str, dict[int, str]] = {
+    "T4": {1: "g4dn.xlarge", 4: "g4dn.12xlarge", 8: "g4dn.metal"},
+    "A10G": {1: "g5.xlarge", 4: "g5.12xlarge", 8: "g5.48xlarge"},
+    "L4": {1: "g6.xlarge", 4: "g6.12xlarge", 8: "g6.48xlarge"},
+    "L40S": {1: "g6e.xlarge", 4: "g6e.12xlarge", 8: "g6e.48xlarge"},
+    "V100": {1: "p3.2xlarge", 4: "p3.8xlarge", 8: "p3.16xlarge"},
+    "A100": {8: "p4d.24xlarge"},
+    "A100-80GB": {8: "p4de.24xlarge"},
+    "H100": {8: "p5.48xlarge"},
+}
+
+
+def instance_type(spec: ClusterSpec) -> str:
+    if spec.instance_type:
+        return spec.instance_type
+    acc = accelerator(spec)
+    if acc is None:
+        return DEFAULT_INSTANCE_TYPE
+    name, count = acc
+    found = GPU_INSTANCE_TYPES.get(name.upper(), {}).get(count)
+    if found is None:
+        raise UsageError(f"cluster {spec.name}: no default AWS instance type for {name}:{count}; set instance_type")
+    return found
+
+
+def is_arm(itype: str) -> bool:
+    """Graviton families (m7g, c6gn, t4g, g5g, ...) take arm64 images."""
+    match = re.match(r"^[a-z]+\d+([a-z-]*)\.", itype)
+    return bool(match and "g" in match.group(1))
+
+
+def default_ami(spec: ClusterSpec, itype: str, region: str | None, invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
+    gpu = accelerator(spec) is not None
+    owner, pattern = GPU_AMI if gpu else CPU_AMI
+    name = pattern.format(arch="arm64" if is_arm(itype) else "amd64")
+    image = aws.ec2.get_ami_output(
+        most_recent=True, owners=[owner], region=region,
+        filters=[{"name": "name", "values": [name]}, {"name": "state", "values": ["available"]},
+                 {"name": "architecture", "values": ["arm64" if is_arm(itype) else "x86_64"]}],
+        opts=invoke,
+    )
+    return image.id
+
+
+def user_data_base64(script: str) -> str:
+    """The boot script gzip-compressed (cloud-init unpacks it) and base64-encoded, within EC2's limit."""
+    packed = gzip.compress(script.encode(), mtime=0)
+    if len(packed) > USER_DATA_LIMIT:
+        raise UsageError(f"the node boot script is {len(packed)} bytes compressed; EC2 takes {USER_DATA_LIMIT}")
+    return base64.b64encode(packed).decode()
+
+
+def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
+    region, zone = location(spec, "aws")
+    itype = instance_type(spec)
+    tags = sortie_tags(spec)
+    base = merge_opts(opts)
+    invoke = pulumi.InvokeOptions(parent=base.parent)
+    subnet_id: pulumi.Input[str] | None = None
+    if spec.network_stack:
+        names = network_output_names(spec, NETWORK_OUTPUTS)
+        network = pulumi.StackReference(f"{spec.name}-network", stack_name=spec.network_stack, opts=base)
+        subnet_id = network.require_output(names["subnet"]).apply(_first)
+        group_ids: pulumi.Input[list[str]] = network.require_output(names["security_group"]).apply(_as_list)
+    else:
+        vpc = aws.ec2.get_vpc_output(default=True, region=region, opts=invoke)
+        if zone:
+            subnet_id = aws.ec2.get_subnet_output(default_for_az=True, availability_zone=zone, vpc_id=vpc.id,
+                                                  region=region, opts=invoke).id
+        cidr = spec.controller_cidr
+        group = aws.ec2.SecurityGroup(
+            f"{spec.name}-agent", vpc_id=vpc.id, region=region,
+            description=f"Sortie cluster {spec.name}: the node agent port only",
+            ingress=[{"protocol": "tcp", "from_port": spec.agent_port, "to_port": spec.agent_port,
+                      "cidr_blocks": [cidr] if cidr else [vpc.cidr_block],
+                      "description": "Sortie controller to node agent"}],
+            egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"],
+                     "ipv6_cidr_blocks": ["::/0"], "description": "all outbound"}],
+            tags={**tags, "Name": f"{spec.name}-agent"}, opts=base,
+        )
+        group_ids = [group.id]
+    key_name: pulumi.Input[str] | None = None
+    if spec.ssh_public_key:
+        key_name = aws.ec2.KeyPair(f"{spec.name}-key", public_key=spec.ssh_public_key, region=region,
+                                   tags=tags, opts=base).key_name
+    ami: pulumi.Input[str] = spec.image or default_ami(spec, itype, region, invoke)
+    market = ({"market_type": "spot",
+               "spot_options": {"spot_instance_type": "one-time", "instance_interruption_behavior": "terminate"}}
+              if spec.use_spot else None)
+    nodes: list[BuiltNode] = []
+    for rank in range(spec.num_nodes):
+        name = f"{spec.name}-node-{rank}"
+        instance = aws.ec2.Instance(
+            name,
+            ami=ami, instance_type=itype, region=region, availability_zone=zone if subnet_id is None else None,
+            subnet_id=subnet_id, vpc_security_group_ids=group_ids, key_name=key_name,
+            instance_market_options=market,
+            root_block_device={"volume_size": spec.disk_size or DEFAULT_DISK_GB, "volume_type": "gp3",
+                               "delete_on_termination": True, "encrypted": True},
+            metadata_options={"http_tokens": "required", "http_endpoint": "enabled"},
+            user_data_base64=secret_boot_script(spec, rank).apply(user_data_base64),
+            tags={**tags, "Name": name, "sortie-rank": str(rank)},
+            volume_tags={**tags, "Name": name, "sortie-rank": str(rank)},
+            # The agent a node booted with stays until the node goes: never stop a node to change it.
+            opts=merge_opts(base, additional_secret_outputs=["userData", "userDataBase64"],
+                            ignore_changes=["userData", "userDataBase64"]),
+        )
+        nodes.append(CloudNode(
+            rank=rank, node_id=instance.id, host=instance.private_ip, ip=instance.private_ip,
+            url=agent_url(instance.private_ip, spec.agent_port),
+            region=pulumi.Output.from_input(region) if region else instance.region,
+            zone=instance.availability_zone, instance_type=pulumi.Output.from_input(itype), spot=spec.use_spot,
+        ))
+    return nodes
+
+
+def _first(value: object) -> str:
+    """A subnet output may be one id or a list of them: the first."""
+    if isinstance(value, list | tuple):
+        if not value:
+            raise UsageError("the network stack's subnet output is an empty list")
+        return str(value[0])
+    return str(value)
+
+
+def _as_list(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]

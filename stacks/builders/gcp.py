@@ -1,0 +1,141 @@
+"""GCP nodes: one Compute Engine instance per node, booted with the node agent (imports pulumi_gcp).
+
+Per node: a `gcp.compute.Instance` (spot: `provisioning_model=SPOT`, preemptible, deleted when
+reclaimed, so a reclaimed node reads as gone), a boot disk of `disk_size` GB, GPUs as guest
+accelerators (which need `on_host_maintenance=TERMINATE`), and the agent's boot script as the
+`startup-script` metadata value, a secret Output since it holds the token. Labels follow GCP's
+rules (lowercase, `[a-z0-9_-]`, 63 characters).
+
+Network: by default the project's `default` network with an ephemeral external IP per node (for
+outbound traffic) and one firewall rule per cluster admitting the agent port from `controller_cidr`
+(else from the default network's internal range, 10.128.0.0/9) to the cluster's network tag. With
+`network_stack`, network and subnetwork come from that stack's outputs (`network`, `subnetwork`),
+nodes get no external IP and Sortie makes no firewall rule.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pulumi
+import pulumi_gcp as gcp
+
+from orchestrator.errors import UsageError
+from stacks.builders import (
+    DEFAULT_DISK_GB,
+    BuiltNode,
+    CloudNode,
+    accelerator,
+    agent_url,
+    dns_label,
+    location,
+    merge_opts,
+    network_output_names,
+    secret_boot_script,
+    sortie_tags,
+)
+from stacks.spec import ClusterSpec
+
+DEFAULT_MACHINE_TYPE = "n2-standard-4"
+DEFAULT_NETWORK = "default"
+DEFAULT_INTERNAL_RANGE = "10.128.0.0/9"  # the subnets of an auto-mode network such as `default`
+NETWORK_OUTPUTS = {"network": "network", "subnetwork": "subnetwork"}
+CPU_IMAGE = "ubuntu-os-cloud/ubuntu-2204-lts"
+GPU_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570"
+# accelerator -> (GCP accelerator type, machine type per count); N1 machines take T4/V100/P100/P4.
+GPUS: dict[str, tuple[str, dict[int, str]]] = {
+    "T4": ("nvidia-tesla-t4", {1: "n1-standard-8", 2: "n1-standard-16", 4: "n1-standard-32"}),
+    "V100": ("nvidia-tesla-v100", {1: "n1-standard-8", 2: "n1-standard-16", 4: "n1-standard-32", 8: "n1-standard-64"}),
+    "P100": ("nvidia-tesla-p100", {1: "n1-standard-8", 2: "n1-standard-16", 4: "n1-standard-32"}),
+    "P4": ("nvidia-tesla-p4", {1: "n1-standard-8", 2: "n1-standard-16", 4: "n1-standard-32"}),
+    "L4": ("nvidia-l4", {1: "g2-standard-4", 2: "g2-standard-24", 4: "g2-standard-48", 8: "g2-standard-96"}),
+    "A100": ("nvidia-tesla-a100", {n: f"a2-highgpu-{n}g" for n in (1, 2, 4, 8)}),
+    "A100-80GB": ("nvidia-a100-80gb", {n: f"a2-ultragpu-{n}g" for n in (1, 2, 4, 8)}),
+    "H100": ("nvidia-h100-80gb", {n: f"a3-highgpu-{n}g" for n in (1, 2, 4, 8)}),
+}
+
+
+def machine(spec: ClusterSpec) -> tuple[str, list[dict[str, object]]]:
+    """(machine type, guest accelerators) of the spec's nodes."""
+    acc = accelerator(spec)
+    if acc is None:
+        return spec.instance_type or DEFAULT_MACHINE_TYPE, []
+    name, count = acc
+    gpu_type, machines = GPUS.get(name.upper(), (name.lower(), {}))
+    machine_type = spec.instance_type or machines.get(count)
+    if machine_type is None:
+        raise UsageError(f"cluster {spec.name}: no default GCP machine type for {name}:{count}; set instance_type")
+    return machine_type, [{"type": gpu_type, "count": count}]
+
+
+def gcp_labels(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as GCP labels: lowercase keys (starting with a letter) and values of `[a-z0-9_-]`, 63 at most."""
+    labels: dict[str, str] = {}
+    for key, value in tags.items():
+        k = re.sub(r"[^a-z0-9_-]", "_", key.lower())[:63]
+        if not k or not k[0].isalpha():
+            k = f"k_{k}"[:63]
+        labels[k] = re.sub(r"[^a-z0-9_-]", "_", value.lower())[:63]
+    return labels
+
+
+def build_gcp_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
+    region, zone = location(spec, "gcp")
+    machine_type, gpus = machine(spec)
+    labels = gcp_labels(sortie_tags(spec))
+    base = merge_opts(opts)
+    zone_in: pulumi.Input[str] | None = zone
+    if zone is None and region:
+        zones = gcp.compute.get_zones_output(region=region, status="UP", opts=pulumi.InvokeOptions(parent=base.parent))
+        zone_in = zones.names.apply(lambda names: sorted(names)[0])
+    net_tag = dns_label(f"sortie-{spec.name}")
+    network: pulumi.Input[str] = DEFAULT_NETWORK
+    subnetwork: pulumi.Input[str] | None = None
+    if spec.network_stack:
+        names = network_output_names(spec, NETWORK_OUTPUTS)
+        ref = pulumi.StackReference(f"{spec.name}-network", stack_name=spec.network_stack, opts=base)
+        network = ref.require_output(names["network"])
+        subnetwork = ref.require_output(names["subnetwork"])
+    else:
+        gcp.compute.Firewall(
+            dns_label(f"{spec.name}-agent"), network=DEFAULT_NETWORK, direction="INGRESS",
+            description=f"Sortie cluster {spec.name}: the node agent port only",
+            allows=[{"protocol": "tcp", "ports": [str(spec.agent_port)]}],
+            source_ranges=[spec.controller_cidr or DEFAULT_INTERNAL_RANGE], target_tags=[net_tag], opts=base,
+        )
+    on_maintenance = "TERMINATE" if gpus else "MIGRATE"
+    scheduling = ({"provisioning_model": "SPOT", "preemptible": True, "automatic_restart": False,
+                   "on_host_maintenance": "TERMINATE", "instance_termination_action": "DELETE"}
+                  if spec.use_spot else
+                  {"provisioning_model": "STANDARD", "preemptible": False, "automatic_restart": True,
+                   "on_host_maintenance": on_maintenance})
+    image = spec.image or (GPU_IMAGE if gpus else CPU_IMAGE)
+    nodes: list[BuiltNode] = []
+    for rank in range(spec.num_nodes):
+        metadata: dict[str, pulumi.Input[str]] = {"startup-script": secret_boot_script(spec, rank)}
+        if spec.ssh_public_key:
+            metadata["ssh-keys"] = f"sortie:{spec.ssh_public_key.strip()}"
+        interface: dict[str, object] = {"network": network}
+        if subnetwork is not None:
+            interface["subnetwork"] = subnetwork
+        else:
+            interface["access_configs"] = [{}]
+        instance = gcp.compute.Instance(
+            dns_label(f"{spec.name}-node-{rank}"),
+            machine_type=machine_type, zone=zone_in,
+            boot_disk={"auto_delete": True,
+                       "initialize_params": {"image": image, "size": spec.disk_size or DEFAULT_DISK_GB,
+                                             "type": "pd-balanced", "labels": labels}},
+            network_interfaces=[interface], scheduling=scheduling, guest_accelerators=gpus or None,
+            metadata=metadata, labels={**labels, "sortie-rank": str(rank)}, tags=[net_tag],
+            allow_stopping_for_update=True,
+            opts=merge_opts(base, additional_secret_outputs=["metadata", "metadataStartupScript"]),
+        )
+        ip = instance.network_interfaces.apply(lambda nics: nics[0].network_ip)
+        node_zone = instance.zone
+        nodes.append(CloudNode(
+            rank=rank, node_id=instance.instance_id, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
+            region=pulumi.Output.from_input(region) if region else node_zone.apply(lambda z: z.rsplit("-", 1)[0]),
+            zone=node_zone, instance_type=pulumi.Output.from_input(machine_type), spot=spec.use_spot,
+        ))
+    return nodes

@@ -1,0 +1,161 @@
+"""Kubernetes nodes: one Pod per node running the node agent (imports pulumi_kubernetes).
+
+Per cluster: a Secret holding the token (a secret Output; the agent reads it from
+`$SORTIE_AGENT_TOKEN`, which it removes from its environment before anything runs) and a ConfigMap
+holding the agent's source. Per node: a Pod (image `python:3.11-slim` unless `spec.image`) that
+mounts the ConfigMap and starts the agent, with requests from `cpus`/`memory` (limits too when they
+are exact, not `N+`), `nvidia.com/gpu` limits for accelerators, `node.kubernetes.io/instance-type`
+as node selector when `instance_type` is set, and for spot: tolerations of the usual spot taints
+(`sortie.dev/spot`, GKE, AKS) and a preference for nodes labelled as spot.
+
+Where: the namespace is the stack config `sortie:namespace` (default `default`); a region, if any,
+is the kubeconfig context to use (and the nodes' region; else the current context, region None).
+The agent listens on the Pod IP; nothing is exposed outside the cluster's network. `network_stack`
+and `controller_cidr` do not apply.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from orchestrator.errors import UsageError
+from stacks.builders import (
+    AGENT_DIR,
+    BuiltNode,
+    CloudNode,
+    accelerator,
+    agent_command,
+    agent_source,
+    agent_url,
+    dns_label,
+    location,
+    merge_opts,
+    sortie_tags,
+)
+from stacks.spec import ClusterSpec
+
+DEFAULT_IMAGE = "python:3.11-slim"
+DEFAULT_NAMESPACE = "default"
+SPOT_TOLERATIONS = [
+    {"key": "sortie.dev/spot", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+    {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
+]
+SPOT_NODE_LABELS = [("sortie.dev/spot", "true"), ("cloud.google.com/gke-spot", "true"),
+                    ("eks.amazonaws.com/capacityType", "SPOT"), ("karpenter.sh/capacity-type", "spot"),
+                    ("kubernetes.azure.com/scalesetpriority", "spot")]
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(\+?)\s*$")
+
+
+def k8s_labels(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as Kubernetes labels: names and values of `[A-Za-z0-9_.-]` (63 at most), alphanumeric at both ends."""
+    def clean(text: str) -> str:
+        return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:63])
+
+    labels: dict[str, str] = {}
+    for key, value in tags.items():
+        prefix, _, name = key.rpartition("/")
+        name = clean(name)
+        if name:
+            labels[f"{prefix}/{name}" if prefix else name] = clean(value)
+    return labels
+
+
+def quantity(value: str | None, what: str, unit: str) -> tuple[str | None, bool]:
+    """(`value` as a Kubernetes quantity, whether it is exact) from `4`, `4+`, `0.5`."""
+    if value is None:
+        return None, False
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        raise UsageError(f"{what} {value!r} is not a number (optionally followed by +)")
+    return f"{match.group(1)}{unit}", not match.group(2)
+
+
+def resources(spec: ClusterSpec) -> dict[str, dict[str, str]]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    for key, raw, unit in (("cpu", spec.cpus, ""), ("memory", spec.memory, "Gi")):
+        amount, exact = quantity(raw, key, unit)
+        if amount is not None:
+            requests[key] = amount
+            if exact:
+                limits[key] = amount
+    if spec.disk_size:
+        requests["ephemeral-storage"] = f"{spec.disk_size}Gi"
+    acc = accelerator(spec)
+    if acc is not None:
+        limits["nvidia.com/gpu"] = str(acc[1])
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def scheduling(spec: ClusterSpec) -> dict[str, object]:
+    tolerations: list[dict[str, str]] = []
+    placement: dict[str, object] = {}
+    if accelerator(spec) is not None:
+        tolerations.append(GPU_TOLERATION)
+    if spec.instance_type:
+        placement["node_selector"] = {"node.kubernetes.io/instance-type": spec.instance_type}
+    if spec.use_spot:
+        tolerations.extend(SPOT_TOLERATIONS)
+        placement["affinity"] = {"node_affinity": {"preferred_during_scheduling_ignored_during_execution": [
+            {"weight": 100, "preference": {"match_expressions": [
+                {"key": key, "operator": "In", "values": [value]}]}}
+            for key, value in SPOT_NODE_LABELS]}}
+    if tolerations:
+        placement["tolerations"] = tolerations
+    return placement
+
+
+def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
+    context, _zone = location(spec, "kubernetes")
+    namespace = pulumi.Config("sortie").get("namespace") or DEFAULT_NAMESPACE
+    labels = k8s_labels(sortie_tags(spec))
+    base = merge_opts(opts, delete_before_replace=True)
+    if context:
+        provider = k8s.Provider(f"{spec.name}-k8s", context=context, opts=merge_opts(opts))
+        base = merge_opts(base, provider=provider)
+    prefix = dns_label(spec.name, 50)
+    secret = k8s.core.v1.Secret(
+        f"{spec.name}-token", type="Opaque", string_data={"token": pulumi.Output.secret(spec.token)},
+        metadata={"name": f"{prefix}-token", "namespace": namespace, "labels": labels}, opts=base,
+    )
+    agent = k8s.core.v1.ConfigMap(
+        f"{spec.name}-agent", data={"agent.py": agent_source()},
+        metadata={"name": f"{prefix}-agent", "namespace": namespace, "labels": labels}, opts=base,
+    )
+    needs = resources(spec)
+    nodes: list[BuiltNode] = []
+    for rank in range(spec.num_nodes):
+        pod_name = f"{prefix}-{rank}"
+        container: dict[str, object] = {
+            "name": "agent", "image": spec.image or DEFAULT_IMAGE,
+            "command": agent_command(spec, pod_name, token_stdin=False),
+            "env": [{"name": "SORTIE_AGENT_TOKEN",
+                     "value_from": {"secret_key_ref": {"name": secret.metadata.name, "key": "token"}}}],
+            "ports": [{"name": "agent", "container_port": spec.agent_port}],
+            "volume_mounts": [{"name": "agent", "mount_path": AGENT_DIR, "read_only": True},
+                              {"name": "sandbox", "mount_path": "/var/lib/sortie"}],
+            "readiness_probe": {"tcp_socket": {"port": spec.agent_port}, "period_seconds": 2},
+        }
+        if needs:
+            container["resources"] = needs
+        pod = k8s.core.v1.Pod(
+            f"{spec.name}-node-{rank}",
+            metadata={"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)}},
+            spec={"containers": [container], "restart_policy": "Always",
+                  "volumes": [{"name": "agent", "config_map": {"name": agent.metadata.name}},
+                              {"name": "sandbox", "empty_dir": {}}],
+                  **scheduling(spec)},
+            opts=base,
+        )
+        ip = pod.status.apply(lambda status: status.pod_ip if status else None)
+        nodes.append(CloudNode(
+            rank=rank, node_id=pod.metadata.name, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
+            region=pulumi.Output.from_input(context), zone=pulumi.Output.from_input(None),
+            instance_type=pulumi.Output.from_input(spec.instance_type), spot=spec.use_spot,
+        ))
+    return nodes
