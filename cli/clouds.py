@@ -11,6 +11,7 @@ from rich.markup import escape
 from cli.jobs import _console, plain_table
 
 if TYPE_CHECKING:
+    from orchestrator.config import SortieConfig
     from orchestrator.spec import Pipeline
 
 MAX_TABLE_ROWS = 8
@@ -84,7 +85,8 @@ def show_gpus(
                                          "HOURLY_SPOT_PRICE", "REGION"], rows)))
 
 
-def considered_tables(pipeline: Pipeline) -> list[Any]:
+def considered_tables(pipeline: Pipeline, config: SortieConfig | None = None,
+                      enabled: tuple[str, ...] | None = None) -> list[Any]:
     """SkyPilot's "Considered resources" table for each task: the cheapest option of each cloud and
     alternative, priced for all its nodes, the chosen one marked."""
     from rich.table import Table
@@ -92,11 +94,11 @@ def considered_tables(pipeline: Pipeline) -> list[Any]:
     from orchestrator.config import load_config
     from orchestrator.optimizer import plan_for
 
-    config = load_config()
+    config = config or load_config()
     out: list[Any] = []
     for index, task in enumerate(pipeline.tasks):
         cands = [c.to_json() for c in task.candidates()]
-        plan = plan_for(cands, task.num_nodes, config, ordered=task.resources_ordered())
+        plan = plan_for(cands, task.num_nodes, config, ordered=task.resources_ordered(), enabled=enabled)
         nodes = f"{task.num_nodes} node{'s' if task.num_nodes > 1 else ''}"
         title = f"Considered resources ({nodes})" + (f" for task {index} ({task.name})" if len(pipeline.tasks) > 1
                                                      else "")

@@ -68,6 +68,10 @@ def _show_plan(service: PoolService, name: str, yaml_path: str, as_json: bool):
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
+        from cli.clouds import considered_tables
+
+        for item in considered_tables(pipeline):  # where each worker goes
+            _console().print(item)
         for line in plan_lines(plan):
             _console().print(escape(line))
     return pipeline, plan, new_hash
