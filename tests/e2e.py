@@ -23,9 +23,10 @@ class Sortie:
         self.home = home
         self.env = {**os.environ, "SORTIE_HOME": str(home), "COLUMNS": "200"}
 
-    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, check: bool = True, timeout: float = 120,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([*SORTIE, *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input_text)
         if check and proc.returncode != 0:
             raise AssertionError(f"sortie {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
