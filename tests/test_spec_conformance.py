@@ -119,9 +119,14 @@ def test_notes_of_the_conformance_readme() -> None:
     (writer,) = load_entrypoint(str(YAMLS / "test_managed_jobs_mount_cached_writer.yaml")).tasks
     assert writer.envs == {"TEST_BUCKET": "", "MARKER": ""}
     assert writer.storage_mounts == {"/mnt/cached": {"name": "", "mode": "MOUNT_CACHED"}}
-    assert writer.unsupported_features() == [
-        "file_mounts./mnt/cached: buckets are not supported yet (local paths only)"
-    ]
+    assert writer.unsupported_features() == []  # buckets are supported; the empty name is refused at launch:
+    from orchestrator.config import SortieConfig
+    from orchestrator.storage import StorageError
+    from orchestrator.storage.staging import prepare
+
+    with pytest.raises(StorageError, match="the bucket name is empty"):
+        prepare(load_entrypoint(str(YAMLS / "test_managed_jobs_mount_cached_writer.yaml")), SortieConfig(),
+                Path("/nonexistent-sortie-home"))
     # A set of accelerators is unordered; a list is ordered.
     (unordered,) = load_entrypoint(str(YAMLS / "test_multiple_accelerators_unordered_with_default.yaml")).tasks
     assert not unordered.resources_ordered()

@@ -130,6 +130,8 @@ def _bucket_mount(what: str, dest: str, raw: dict[str, Any]) -> BucketMount:
             raise StorageError(f"{what}: name {name!r} and source {source} name different buckets; give one")
         return BucketMount(what, dest, url, mode, create=False, persistent=True)
     kind = store_kind(raw["store"]) if raw.get("store") else DEFAULT_STORE
+    if not name:
+        raise StorageError(f"{what}: the bucket name is empty (an unset ${{VAR}} in name:?); give a name")
     url = parse_bucket_url(f"{kind}://{name}")
     sources = tuple(Path(s) for s in ([source] if isinstance(source, str) else (source or [])))
     return BucketMount(what, dest, url, mode, create=True, persistent=persistent is not False, sources=sources)
