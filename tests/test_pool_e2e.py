@@ -150,7 +150,14 @@ def test_preempted_busy_worker_is_replaced_and_its_job_succeeds(cli: Sortie, tmp
     (job_id,) = launch_on(cli, "p2", job)
     cli.wait_for_log(job_id, "started")
     cli.run("local", "preempt", first)
-    final = cli.wait(job_id, timeout=150)
+    try:
+        final = cli.wait(job_id, timeout=150)
+    except AssertionError as exc:  # say what the controller saw
+        pool_log = cli.home / "logs" / "pools" / "p2.log"
+        raise AssertionError(f"{exc}\n--- controller log of the job:\n{cli.logs(job_id, '--controller')[-3000:]}"
+                             f"\n--- pool log:\n{pool_log.read_text()[-3000:] if pool_log.exists() else ''}"
+                             f"\n--- daemon log:\n{cli.run('controller', 'logs', check=False).stdout[-3000:]}"
+                             ) from None
     assert final["status"] == "SUCCEEDED" and final["tasks"][0]["recoveries"] == 1
     assert (tmp_path / "tries").read_text().strip() == "2"
     replaced = wait_ready(cli, "p2", 1, total=1)
