@@ -213,6 +213,33 @@ class JobsConfig(BaseModel):
     ] = 1024.0
 
 
+class CloudNetworkConfig(BaseModel):
+    """How Sortie's cloud clusters fit into a team's platform (AWS, GCP, Azure, Kubernetes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: Annotated[
+        dict[str, str], Field(description="The team's tags/labels, put on every cloud resource Sortie creates."),
+    ] = Field(default_factory=dict)
+    network_stack: Annotated[
+        str | None,
+        Field(description="A Pulumi stack (org/project/stack) whose outputs name the VPC/subnet/network to use, "
+              "read with a StackReference; default: Sortie makes a minimal firewall in the default network."),
+    ] = None
+    network_outputs: Annotated[
+        dict[str, str],
+        Field(description="Which outputs of network_stack hold what (e.g. {subnet: privateSubnetId}); default "
+              "names per cloud: subnetId/securityGroupId (AWS), network/subnetwork (GCP), "
+              "resourceGroupName/subnetId (Azure)."),
+    ] = Field(default_factory=dict)
+    controller_cidr: Annotated[
+        str | None,
+        Field(description="What the default firewall admits to the node agent's port (the controller's network); "
+              "default: the private network only."),
+    ] = None
+    ssh_public_key: Annotated[str | None, Field(description="An SSH key put on cloud VMs for debugging.")] = None
+
+
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
 
@@ -224,6 +251,7 @@ class SortieConfig(BaseModel):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    cloud: CloudNetworkConfig = Field(default_factory=CloudNetworkConfig)
     allowed_clouds: Annotated[
         list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,
         Field(description="Only these clouds are considered (default: every cloud `sortie check` enables)."),

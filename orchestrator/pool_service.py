@@ -92,13 +92,14 @@ class PoolService(JobService):
             number = next_number + i
             stack = f"{self.config.pulumi.stack_prefix}-pool-{name}-w{number}"
             program = worker_program(name, spec, stack, number, choice.infra, choice.region,  # type: ignore[union-attr]
-                                     choice.use_spot, new_cluster_token(), self.home)  # type: ignore[union-attr]
+                                     choice.use_spot, new_cluster_token(), self.home,  # type: ignore[union-attr]
+                                     self.config)
             jobs.append((stack, program))
         by_stack = {w.stack_name: w for w in workers}
         for stack in plan.keep:
             w = by_stack[stack]
             jobs.append((stack, worker_program(name, spec, stack, w.number, w.infra, w.region, w.use_spot,
-                                               self.store.box.open(w.token_enc), self.home)))
+                                               self.store.box.open(w.token_enc), self.home, self.config)))
         for stack in plan.remove:
             nodes = len(by_stack[stack].nodes or []) or 1
             previews[stack] = {"op": "delete", "resources": [{"op": "delete", "type": "sortie:local:Node",

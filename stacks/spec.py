@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 ProgramKind = Literal["cluster", "pool-worker"]
 
@@ -50,6 +50,15 @@ class ClusterSpec:
     job_id: str | None = None
     attempt: str | None = None
     user: str | None = None
+
+
+def cloud_fields(config: Any) -> dict[str, Any]:
+    """ClusterSpec fields from the Sortie config's `cloud:` section (a SortieConfig; typed loosely so stack
+    programs need not import the orchestrator)."""
+    cloud = config.cloud
+    return {"tags": dict(cloud.tags), "network_stack": cloud.network_stack,
+            "network_outputs": dict(cloud.network_outputs), "controller_cidr": cloud.controller_cidr,
+            "ssh_public_key": cloud.ssh_public_key}
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from orchestrator.errors import NoCapacityError
 from orchestrator.placement import Infeasible, place
 from orchestrator.pools import PoolActions, PoolPolicy, WorkerView, decide_pool
 from orchestrator.stack_driver import copy_engine_output
-from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
+from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
 
 if TYPE_CHECKING:
+    from orchestrator.config import SortieConfig
     from orchestrator.controller.reconciler import Reconciler
     from state.models import JobRow, PoolRow, WorkerRow
 
@@ -134,7 +135,7 @@ class PoolWorkers:
 
     def _program(self, pool: PoolRow, worker: WorkerRow) -> StackProgram:
         return worker_program(pool.name, pool.spec, worker.stack_name, worker.number, worker.infra, worker.region,
-                              worker.use_spot, self.store.box.open(worker.token_enc), self.store.home)
+                              worker.use_spot, self.store.box.open(worker.token_enc), self.store.home, self.r.config)
 
     def _op(self, pool: str, op: str, stack: str, fn: Callable[[], Any]) -> Any:
         """The result of a stack operation once done, else None after making sure it runs; engine output goes to
@@ -286,12 +287,13 @@ class PoolWorkers:
 
 
 def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, infra: str | None, region: str | None,
-                   use_spot: bool, token: str, home: Path) -> StackProgram:
+                   use_spot: bool, token: str, home: Path, config: SortieConfig | None = None) -> StackProgram:
     """The stack program of one worker (also what `pool apply` previews)."""
     accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
-                       labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"))
+                       labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
+                       **(cloud_fields(config) if config else {}))
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)
 
 

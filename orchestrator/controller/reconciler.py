@@ -28,7 +28,7 @@ from orchestrator.placement import Infeasible, capacity_key, place
 from orchestrator.recovery import Failure, History, RecoveryRules, decide
 from orchestrator.run_env import node_env, pool_job_env
 from orchestrator.stack_driver import StackDriver, copy_engine_output, stack_name
-from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
+from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
 from state.models import AttemptRow, JobRow
 from state.store import StateStore
 
@@ -213,7 +213,8 @@ class Reconciler:
                            num_nodes=attempt.num_nodes, use_spot=attempt.use_spot,
                            accelerators={k: int(v) for k, v in accelerators.items()},
                            labels={"sortie-job": str(job.id)}, token=self.store.box.open(attempt.token_enc),
-                           local_root=str(self.store.home / "local"))
+                           local_root=str(self.store.home / "local"), **cloud_fields(self.config),
+                           job_id=str(job.id), attempt=str(attempt.number), user=job.user)
         return StackProgram("cluster", spec)
 
     def _stack_op(self, job_id: int, op: str, stack: str, fn: Callable[[], Any]) -> Any:
