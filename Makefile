@@ -34,6 +34,7 @@ bench: setup
 	$(VENV)/bin/python bench/recovery.py
 	$(VENV)/bin/python bench/pools.py
 	$(VENV)/bin/python bench/optimizer.py
+	$(VENV)/bin/python bench/controller_sizing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
