@@ -111,7 +111,8 @@ def main() -> None:
           f"{after:.0f} MiB ({per_job_mib * 1024:.1f} KiB per job)")
     print(f"one node poll (status + log): {poll * 1000:.2f} ms of controller CPU")
     per_vcpu = 1 / per_job_cpu
-    print(f"sizing at a {args.tick_seconds:g} s tick and a {args.poll_interval:g} s poll interval: about {per_vcpu:,.0f} single-node running jobs per "
+    print(f"sizing at a {args.tick_seconds:g} s tick and a {args.poll_interval:g} s poll interval: about "
+          f"{per_vcpu:,.0f} single-node running jobs per "
           f"vCPU (CPU-bound), {1024 / max(per_job_mib, 1e-9):,.0f} jobs per GiB of state; plus ~250 MiB per "
           "concurrent stack operation (pulumi.max_concurrent_operations)")
 

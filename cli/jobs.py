@@ -386,6 +386,52 @@ def controller_start() -> None:
     _console().print(f"controller running, pid {info.pid}")
 
 
+@controller_app.command("up")
+def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
+    """Create the jobs controller's VM on the cloud of `jobs.controller.infra` (its own stack), running the
+    controller against the shared PostgreSQL state."""
+    from orchestrator.config import load_config, sortie_home
+    from orchestrator.controller.remote import CONTROLLER_STACK_KIND, controller_program, controller_stack
+    from orchestrator.errors import UsageError
+    from orchestrator.pulumi_driver import PulumiStackDriver
+    from state.store import StateStore
+
+    home = sortie_home()
+    config = load_config(home)
+    if config.jobs.controller.infra == "local":
+        raise UsageError("jobs.controller.infra is local: the controller runs here (`sortie controller start`)")
+    program, chosen = controller_program(config, home)
+    name = controller_stack(config)
+    _console().print(f"Controller VM: {config.jobs.controller.infra}/{chosen['region']} {chosen['instance_type']} "
+                     f"(${chosen['price_per_hour']:.3f}/h), stack {name}")
+    if not yes and not typer.confirm("Proceed?", default=True):
+        raise typer.Exit(1)
+    store = StateStore(home, config)
+    store.record_stack(name, CONTROLLER_STACK_KIND)
+    result = PulumiStackDriver(home, config).up(name, program)
+    store.set_stack(name, "UP")
+    node = result.outputs.get("controller") or {}
+    _console().print(f"controller up: {node.get('instance_id') or node.get('node_id')} at {node.get('ip')}")
+
+
+@controller_app.command("down")
+def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
+    """Destroy the cloud controller's VM (jobs stay in the shared state and resume at the next `up`)."""
+    from orchestrator.config import load_config, sortie_home
+    from orchestrator.controller.remote import controller_stack
+    from orchestrator.pulumi_driver import PulumiStackDriver
+    from state.store import StateStore
+
+    home = sortie_home()
+    config = load_config(home)
+    name = controller_stack(config)
+    if not yes and not typer.confirm(f"Destroy the controller stack {name}?", default=True):
+        raise typer.Exit(1)
+    PulumiStackDriver(home, config).destroy(name)
+    StateStore(home, config).set_stack(name, "DESTROYED")
+    _console().print(f"controller stack {name} destroyed")
+
+
 @controller_app.command("stop")
 def controller_stop() -> None:
     """Stop the controller; jobs stay in the state and resume at its next start."""

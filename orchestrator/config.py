@@ -190,10 +190,40 @@ class StorageConfig(BaseModel):
     ] = None
 
 
-class JobsConfig(BaseModel):
-    """Managed jobs: where uploads go on their way to the nodes."""
+class ControllerResources(BaseModel):
+    """The VM of a jobs controller on a cloud."""
 
     model_config = ConfigDict(extra="forbid")
+
+    cpus: Annotated[str, Field(description="vCPUs, e.g. 2 or 4+ (see the sizing in the README).")] = "2+"
+    memory: Annotated[str, Field(description="GiB, e.g. 8 or 8+.")] = "4+"
+    disk_size: Annotated[int, Field(ge=10, description="Disk GiB.")] = 50
+
+
+class JobsControllerConfig(BaseModel):
+    """Where the jobs controller runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    infra: Annotated[
+        Literal["local", "aws", "gcp", "azure", "kubernetes"],
+        Field(description="local (default): the controller runs where `sortie` runs. A cloud: `sortie controller "
+              "up` makes it a VM of its own stack; it needs a shared PostgreSQL (state.url)."),
+    ] = "local"
+    region: Annotated[str | None, Field(description="Region of the controller VM (default: the cheapest).")] = None
+    resources: ControllerResources = Field(default_factory=ControllerResources)
+    package: Annotated[
+        str,
+        Field(description="What the controller VM pip-installs (a package index name, a wheel URL, or a git URL)."),
+    ] = "sortie"
+
+
+class JobsConfig(BaseModel):
+    """Managed jobs: where uploads go on their way to the nodes, and where the controller runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    controller: JobsControllerConfig = Field(default_factory=JobsControllerConfig)
 
     bucket: Annotated[
         str | None,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ProgramKind = Literal["cluster", "pool-worker"]
+ProgramKind = Literal["cluster", "pool-worker", "controller"]
 
 
 def new_cluster_token() -> str:
@@ -46,6 +46,10 @@ class ClusterSpec:
     controller_cidr: str | None = None
     agent_port: int = 8470
     ssh_public_key: str | None = None
+    # "node" (runs the node agent) or "controller" (runs the jobs controller; `token` then holds its secret
+    # environment file, `controller_package` what it installs).
+    role: str = "node"
+    controller_package: str = "sortie"
     # For tags only.
     job_id: str | None = None
     attempt: str | None = None
@@ -76,6 +80,10 @@ class StackProgram:
             from stacks.cluster_program import cluster_program
 
             return lambda: cluster_program(self.spec)
+        if self.kind == "controller":
+            from stacks.controller_program import controller_program
+
+            return lambda: controller_program(self.spec)
         from stacks.pool_program import pool_worker_program
 
         return lambda: pool_worker_program(self.spec, self.pool or "", self.worker_index or 0)

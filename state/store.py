@@ -193,7 +193,9 @@ class StateStore(PoolStore):
         """Stacks of every attempt in progress, read now (not from an earlier snapshot)."""
         with self.session() as session:
             attempts = set(session.scalars(select(AttemptRow.stack_name).where(AttemptRow.phase != Phase.DONE)))
-        return attempts | self.live_worker_stacks()
+            controllers = set(session.scalars(select(StackRow.name).where(  # a cloud controller's own stack
+                StackRow.kind == "controller", StackRow.status != "DESTROYED")))
+        return attempts | controllers | self.live_worker_stacks()
 
     def count_attempts(self, job_id: int, task_index: int) -> int:
         with self.session() as session:
@@ -256,6 +258,15 @@ class StateStore(PoolStore):
         with self.session() as session, session.begin():
             session.execute(update(TaskRow).where(TaskRow.job_id == job_id, TaskRow.task_index == task_index)
                             .values(**fields))
+
+    def record_stack(self, name: str, kind: str) -> None:
+        """A stack that belongs to no job or worker (the cloud controller's), written before it is created."""
+        with self.session() as session, session.begin():
+            row = session.get(StackRow, name)
+            if row is None:
+                session.add(StackRow(name=name, kind=kind, status="CREATING", created_at=time.time()))
+            else:
+                row.status, row.destroyed_at = "CREATING", None
 
     def set_stack(self, name: str, status: str, error: str | None = None) -> None:
         values: dict[str, Any] = {"status": status, "last_error": error}

@@ -655,3 +655,24 @@ def test_component_parents_every_resource(harness: Harness, cloud: str) -> None:
     nodes, _ = exports["nodes"]
     assert [n["rank"] for n in nodes] == [0, 1]
     assert exports["head_ip"] == (nodes[0]["ip"], False)
+
+
+# --- the jobs controller on a cloud ----------------------------------------------------------------------------------
+
+def test_controller_vm_runs_the_controller_with_its_secrets_only_in_secret_user_data(harness: Harness) -> None:
+    from stacks.controller_program import controller_program
+
+    secret_env = "SORTIE_DB_URL=postgresql://sortie:hunter2@db.internal/sortie\n"
+    exports = harness.run(lambda: controller_program(spec("aws", name="sortie-controller-1", token=secret_env,
+                                                          instance_type="m6i.large", controller_package="sortie")))
+    (inputs,) = harness.mocks.of_type(AWS_INSTANCE)
+    assert inputs["instanceType"] == "m6i.large" and inputs["tags"]["sortie-role"] == "controller"
+    assert is_secret(inputs["userDataBase64"])
+    script = gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
+    assert "hunter2" in script and "sortie-controller.service" in script
+    assert "pip install --quiet 'sortie[postgres,aws]'" in script and "orchestrator.controller.daemon" in script
+    assert "agent.py" not in script  # a controller, not a node
+    for _typ, _name, other in harness.mocks.resources:  # nowhere in clear
+        assert "hunter2" not in json.dumps(public(other), default=str)
+    node, _ = exports["controller"]
+    assert node["instance_type"] == "m6i.large" and exports["infra"] == ("aws", False)

@@ -59,3 +59,23 @@ def test_sortie_check_cli_without_credentials(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     found = {c["cloud"]: c for c in json.loads(proc.stdout)}
     assert found["local"]["enabled"] and not found["aws"]["enabled"]
+
+
+def test_a_cloud_controller_needs_shared_state_and_an_enabled_cloud(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SORTIE_DB_URL"))}
+    home = tmp_path / "home"
+    home.mkdir()
+    env.update(SORTIE_HOME=str(home), HOME=str(tmp_path))
+
+    def sortie(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    (home / "config.yaml").write_text("jobs:\n  controller:\n    infra: aws\n")
+    first = sortie("controller", "up", "-y")
+    assert first.returncode != 0 and "set state.url to a PostgreSQL URL" in first.stderr
+    (home / "config.yaml").write_text("jobs:\n  controller:\n    infra: aws\n"
+                                      "state:\n  url: postgresql://sortie@db.invalid/sortie\n")
+    second = sortie("controller", "up", "-y")
+    assert second.returncode != 0 and "jobs.controller.infra: aws is not enabled" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr

@@ -70,6 +70,14 @@ def controller_info(home: Path | None = None) -> ControllerInfo:
 def ensure_controller(home: Path | None = None) -> ControllerInfo:
     """Start the controller if it is not running; wait until it holds its lock."""
     home = home or sortie_home()
+    from orchestrator.config import load_config
+
+    config = load_config(home)
+    if config.jobs.controller.infra != "local":  # the controller is a VM of its own: it must be up, not started
+        from orchestrator.controller.remote import check_remote
+
+        check_remote(config)
+        return ControllerInfo(running=True)
     info = controller_info(home)
     if info.running:
         return info

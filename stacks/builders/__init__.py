@@ -224,8 +224,56 @@ systemctl restart sortie-agent.service
 """
 
 
+def controller_boot_script(spec: ClusterSpec, secret_env: str) -> str:
+    """The boot script of a jobs controller VM: Sortie installed in a venv, its secret environment (the shared
+    state DB URL, the config) in a root-only file, the controller daemon as a systemd service."""
+    extras = ",".join(["postgres", spec.infra]) if spec.infra != "local" else "postgres"
+    package = f"{spec.controller_package}[{extras}]"
+    return f"""#!/bin/bash
+# Sortie jobs controller bootstrap (runs at every boot; idempotent).
+set -euo pipefail
+umask 077
+mkdir -p /etc/sortie /var/lib/sortie
+cat > /etc/sortie/controller.env <<'{_HEREDOC_END}'
+{secret_env.rstrip()}
+{_HEREDOC_END}
+if [ ! -x /opt/sortie/venv/bin/sortie ]; then
+  (command -v apt-get >/dev/null && apt-get update -y && apt-get install -y python3-venv) || true
+  python3 -m venv /opt/sortie/venv
+  /opt/sortie/venv/bin/pip install --quiet {shlex.quote(package)}
+fi
+set -a; . /etc/sortie/controller.env; set +a
+if [ -n "${{SORTIE_CONFIG_B64:-}}" ]; then
+  printf '%s' "$SORTIE_CONFIG_B64" | base64 -d > /var/lib/sortie/config.yaml
+fi
+SORTIE_HOME=/var/lib/sortie /opt/sortie/venv/bin/sortie engine install
+cat > /etc/systemd/system/sortie-controller.service <<'SORTIE_UNIT_EOF'
+[Unit]
+Description=Sortie jobs controller
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+EnvironmentFile=/etc/sortie/controller.env
+Environment=SORTIE_HOME=/var/lib/sortie
+ExecStart=/opt/sortie/venv/bin/python -m orchestrator.controller.daemon
+Restart=always
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+SORTIE_UNIT_EOF
+systemctl daemon-reload
+systemctl enable sortie-controller.service
+systemctl restart sortie-controller.service
+"""
+
+
 def secret_boot_script(spec: ClusterSpec, rank: int) -> pulumi.Output[str]:
-    """The boot script of node `rank` as a secret Output (the agent source is read now)."""
+    """The boot script of node `rank` as a secret Output (the agent source is read now). A controller VM
+    (`spec.role`) gets the controller's instead, with `spec.token` as its secret environment."""
+    if spec.role == "controller":
+        return pulumi.Output.secret(spec.token).apply(lambda env: controller_boot_script(spec, env))
     source = agent_source()
     return pulumi.Output.secret(spec.token).apply(lambda token: boot_script(spec, rank, token, source))
 
