@@ -61,7 +61,7 @@ def bench_pool(workers: int, jobs: int) -> float:
     from orchestrator.spec import load_yaml_text
 
     t = time.perf_counter()
-    ids, _ = service.launch_on_pool("bench", load_yaml_text("run: true\n"), 1000)
+    ids, _ = service.launch_on_pool("bench", load_yaml_text("run: echo hi\n"), 1000)
     print(f"submitting 1000 jobs to a pool (one transaction): {time.perf_counter() - t:.2f}s")
     service.cancel(ids)
     wait_all_done(env)

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,12 @@ class _Run:
         self.settings = request.settings
         self.log = log
         self.work_dir = Path(self.settings.stacks_dir) / (request.stack or "_workspace")
+        self.recent: deque[str] = deque(maxlen=400)  # the engine's last lines (policy reports go to stdout)
 
     def on_output(self, line: str) -> None:
         self.log.write(line if line.endswith("\n") else line + "\n")
         self.log.flush()
+        self.recent.append(line)
 
     def options(self, program: Callable[[], None] | None, work_dir: Path | None = None) -> Any:
         """Workspace options: Sortie's project, backend, secrets provider and engine; one work dir per stack."""
@@ -179,7 +182,7 @@ class _Run:
             return exc
         text = str(exc)
         summary = _summary(text) if isinstance(exc, auto.errors.CommandError) else f"{type(exc).__name__}: {exc}"
-        violation = policy_violation(text)
+        violation = policy_violation("\n".join(self.recent) + "\n" + text)
         if violation:
             return PolicyViolationError(f"policy violation: {violation}", self.request.stack, self.log.name)
         cls = NoCapacityError if any(p in text for p in CAPACITY_PATTERNS) else StackOperationError
@@ -187,15 +190,28 @@ class _Run:
                    self.log.name)
 
 
+_POLICY_END = ("- [", "error:", "Diagnostics:", "Policies:", "Resources:", "\u274c", "\u26a0")
+
+
 def policy_violation(text: str) -> str | None:
-    """The first mandatory policy violation in the engine's output (`[mandatory]  pack v1  policy (urn)` and its
-    message on the next line), as one line; None when there is none."""
+    """The first mandatory policy violation in the engine's output, as one line: the pack (`name@version`, from
+    the line that heads its violations), the policy and resource, and the policy's message."""
     lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+    pack = None
     for index, line in enumerate(lines):
-        if line.startswith("[mandatory]"):
-            detail = " ".join(line.removeprefix("[mandatory]").split())
-            message = lines[index + 1] if index + 1 < len(lines) and lines[index + 1] else ""
-            return f"{detail}: {message}" if message else detail
+        if line.startswith(("\u274c", "\u26a0")):  # "❌ team-policies@v0.0.1 (local: /path)"
+            pack = line.lstrip("\u274c\u26a0\ufe0f ").split(" (")[0]
+        body = line.removeprefix("- ").strip()
+        if not body.startswith("[mandatory]"):
+            continue
+        detail = " ".join(body.removeprefix("[mandatory]").split())
+        following = []
+        for later in lines[index + 1:]:
+            if not later or later.startswith(_POLICY_END):
+                break
+            following.append(later)
+        head = f"{pack} {detail}" if pack else detail
+        return f"{head}: {following[-1]}" if following else head
     return None
 
 

@@ -31,6 +31,7 @@ SDK_MODULE = "github.com/pulumi/pulumi/sdk/v3"
 PKG_MODULE = "github.com/pulumi/pulumi/pkg/v3"
 OFFICIAL_SITE = "https://get.pulumi.com"
 PROVIDER_SHIM = "pulumi-resource-pulumi-python"
+ANALYZER_SHIM = "pulumi-analyzer-policy-python"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 Progress = Callable[[str], None]
@@ -93,23 +94,26 @@ def require_engine() -> EngineInfo:
 
 
 def write_provider_shim(bin_dir: Path) -> Path:
-    """The plugin the engine launches to host Python dynamic providers (the local cloud's nodes).
+    """The plugins the engine launches for Python: `pulumi-resource-pulumi-python` hosts dynamic providers (the
+    local cloud's nodes); `pulumi-analyzer-policy-python` runs Python policy packs (`pulumi.policy_packs`).
 
-    It runs `$SORTIE_PYTHON` (set by Sortie for every engine run, so several checkouts can share one
-    engine root), else the interpreter that installed the engine.
+    They run `$SORTIE_PYTHON` (set by Sortie for every engine run, so several checkouts can share one engine
+    root), else the interpreter that installed the engine. Returns the provider shim.
     """
-    shim = bin_dir / PROVIDER_SHIM
-    content = (
-        "#!/bin/sh\n"
-        "# Written by `sortie engine install`: Pulumi runs this to host Python dynamic providers.\n"
-        f'exec "${{SORTIE_PYTHON:-{sys.executable}}}" -u -m pulumi.dynamic "$@"\n'
-    )
-    if not shim.exists() or shim.read_text() != content:
-        tmp = shim.with_suffix(".tmp")
-        tmp.write_text(content)
-        tmp.chmod(0o755)
-        os.replace(tmp, shim)
-    return shim
+    for name, module, what in ((PROVIDER_SHIM, "pulumi.dynamic", "host Python dynamic providers"),
+                               (ANALYZER_SHIM, "pulumi.policy", "run Python policy packs")):
+        shim = bin_dir / name
+        content = (
+            "#!/bin/sh\n"
+            f"# Written by `sortie engine install`: Pulumi runs this to {what}.\n"
+            f'exec "${{SORTIE_PYTHON:-{sys.executable}}}" -u -m {module} "$@"\n'
+        )
+        if not shim.exists() or shim.read_text() != content:
+            tmp = shim.with_suffix(".tmp")
+            tmp.write_text(content)
+            tmp.chmod(0o755)
+            os.replace(tmp, shim)
+    return bin_dir / PROVIDER_SHIM
 
 
 def _official_site_answers(timeout: float = 3.0) -> bool:

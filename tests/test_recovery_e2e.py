@@ -141,3 +141,16 @@ def test_cost_is_price_times_nodes_times_duration(cli: Sortie, tmp_path: Path) -
     assert "COST ($)" in cli.run("jobs", "queue", "--cost").stdout
     events = json.loads(cli.run("jobs", "events", str(job["id"]), "--json").stdout)
     assert events[-1]["data"]["cost"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_policy_pack_violation_is_failed_prechecks_naming_the_policy(sortie_cli, tmp_path: Path) -> None:
+    """A real Python policy pack (pulumi-policy) run by the engine on `up`: no spot nodes allowed."""
+    pack = Path(__file__).parent / "fixtures" / "policy_pack"
+    cli = sortie_cli(FAST + f"pulumi:\n  policy_packs: [{pack}]\n")
+    spot = cli.wait(cli.launch(write(tmp_path, "spot.yaml", "resources:\n  use_spot: true\nrun: echo hi\n")))
+    assert spot["status"] == "FAILED_PRECHECKS", spot
+    assert "no-spot-nodes" in spot["failure_reason"] and "Spot nodes are not allowed" in spot["failure_reason"]
+    assert len(attempts(cli, spot["id"])) == 1  # not retried
+    fine = cli.wait(cli.launch("echo on-demand-is-fine"))
+    assert fine["status"] == "SUCCEEDED"
+    assert LocalCloud(cli.home / "local").nodes() == []
