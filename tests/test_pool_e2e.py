@@ -223,3 +223,25 @@ def test_pool_workdir_reaches_workers_cancel_by_pool_and_files_are_removed(cli: 
     assert status(cli, "p4")["ready"] == 1  # cancelling jobs leaves the worker
     take_down(cli, "p4")
     assert not list((cli.home / "buckets").glob("sortie-tmp-*"))
+
+
+def test_several_jobs_per_worker_share_its_accelerators(sortie_cli, tmp_path: Path) -> None:
+    cli = sortie_cli(FAST + "local:\n  regions:\n    - {name: gpu-a, accelerators: {H100: 8}}\n")
+    yaml = write(tmp_path, "gpu-pool.yaml", "pool:\n  workers: 1\n  jobs_per_worker: 2\nresources:\n"
+                 "  accelerators: H100:8\n")
+    cli.run("jobs", "pool", "apply", "-y", "-p", "gpus", yaml)
+    wait_ready(cli, "gpus", 1)
+    job = write(tmp_path, "job.yaml", "resources:\n  accelerators: H100:4\nrun: |\n"
+                f"  echo \"gpus=$SKYPILOT_NUM_GPUS_PER_NODE cuda=$CUDA_VISIBLE_DEVICES\"\n"
+                f"  echo \"$(date +%s.%N) $(date +%s.%N)\" > /dev/null; touch {tmp_path}/in-$SKYPILOT_JOB_RANK\n"
+                f"  sleep 2; ls {tmp_path} | grep -c '^in-' > {tmp_path}/seen-$SKYPILOT_JOB_RANK\n")
+    ids = launch_on(cli, "gpus", job, 2)
+    for job_id in ids:
+        assert cli.wait(job_id, timeout=90)["status"] == "SUCCEEDED"
+    logs = sorted(cli.logs(j) for j in ids)
+    assert any("gpus=4 cuda=0,1,2,3" in log for log in logs) and any("gpus=4 cuda=4,5,6,7" in log for log in logs)
+    assert {(tmp_path / f"seen-{r}").read_text().strip() for r in (0, 1)} == {"2"}  # both ran at once
+    big = write(tmp_path, "big.yaml", "resources:\n  accelerators: H100:8\nrun: echo too-big\n")
+    refused = cli.run("jobs", "launch", "-y", "-p", "gpus", big, check=False)
+    assert refused.returncode != 0 and "offers H100:4 per job" in refused.stderr
+    take_down(cli, "gpus")

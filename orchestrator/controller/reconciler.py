@@ -324,9 +324,11 @@ class Reconciler:
             command = task[kind]
             if job.pool:
                 pool = self.store.pool(job.pool)
+                worker_resources = (pool.spec.get("resources") or [{}])[0] if pool else {}
+                worker_accelerators = worker_resources.get("accelerators") or {}
                 env.update(pool_job_env(job_rank=job.job_rank or 0, num_jobs=job.num_jobs or 1, slot=attempt.slot or 0,
                                         jobs_per_worker=pool.jobs_per_worker if pool else 1,
-                                        accelerators=accelerators))
+                                        accelerators=worker_accelerators))
                 scratch = job_dir(job.id)
                 command = (f'mkdir -p "{scratch}" && export SORTIE_JOB_DIR="{scratch}" TMPDIR="{scratch}"\n'
                            f"{command}")
