@@ -53,13 +53,16 @@ class PoolWorkers:
 
     # --- the tick ---------------------------------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self) -> int:
+        """One pass over every pool; returns how many pools exist (the controller stays up while any does)."""
         self._free = {}
-        for pool in self.store.pools():
+        pools = self.store.pools()
+        for pool in pools:
             try:
                 self._pool(pool)
             except Exception:  # one pool's trouble never stops the others
                 log.exception("pool %s: controller error", pool.name)
+        return len(pools)
 
     def _pool(self, pool: PoolRow) -> None:
         workers = self.store.workers(pool.name)

@@ -56,8 +56,9 @@ class Reconciler:
     # --- the tick ---------------------------------------------------------------------------------------
 
     def tick(self) -> int:
-        """One pass over every job in progress. Returns how many jobs are in progress."""
-        self.pools.tick()
+        """One pass over every pool and job in progress. Returns how many of them there are (the controller
+        does not stop itself while a pool exists: its workers need watching)."""
+        pools = self.pools.tick()
         jobs = self.store.active_jobs()
         attempts = self.store.open_attempts([j.id for j in jobs])
         for job in jobs:
@@ -71,7 +72,7 @@ class Reconciler:
         if time.monotonic() - self._last_storage_clean >= STORAGE_CLEAN_SECONDS:
             self._last_storage_clean = time.monotonic()
             self.files.clean_storage(STAGING_STALE_SECONDS)
-        return len(jobs)
+        return len(jobs) + pools
 
     def _janitor(self) -> None:
         """The stacks reconciler: a stack row not yet DESTROYED whose attempt is over (a failed up whose
