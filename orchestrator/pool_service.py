@@ -88,12 +88,12 @@ class PoolService(JobService):
         choice = place(spec["resources"], self.config)
         if plan.create and isinstance(choice, Infeasible):
             raise UsageError(f"pool {name}: cannot place a worker: {choice.reason}")
-        for i in range(plan.create):
+        placed = choice if not isinstance(choice, Infeasible) else None
+        for i in range(plan.create if placed else 0):
             number = next_number + i
             stack = f"{self.config.pulumi.stack_prefix}-pool-{name}-w{number}"
-            program = worker_program(name, spec, stack, number, choice.infra, choice.region,  # type: ignore[union-attr]
-                                     choice.use_spot, new_cluster_token(), self.home,  # type: ignore[union-attr]
-                                     self.config)
+            program = worker_program(name, spec, stack, number, placed.infra, placed.region, placed.use_spot,
+                                     new_cluster_token(), self.home, self.config)
             jobs.append((stack, program))
         by_stack = {w.stack_name: w for w in workers}
         for stack in plan.keep:
@@ -123,7 +123,7 @@ class PoolService(JobService):
         storage = None
         if not storage_plan.empty:
             key = f"pool-{name}-{new_hash[:8]}"
-            storage = stage(storage_plan, key, self.config, self.home, record=lambda _: None)  # type: ignore[arg-type]
+            storage = stage(storage_plan, key, self.config, self.home, record=lambda _: None)
         policy = PoolPolicy.from_section(spec["pool"])
         self.store.apply_pool(name, user=current_user(), spec=spec, spec_hash=new_hash,
                               policy={"workers": policy.workers, "min_workers": policy.min_workers,

@@ -209,14 +209,15 @@ def prepare(pipeline: Pipeline, config: SortieConfig, home: Path) -> StoragePlan
 Progress = Callable[[str, int, int], None]
 
 
-def two_hop_store(home: Path, job_id: int) -> LocalStore:
+def two_hop_store(home: Path, job_id: int | str) -> LocalStore:
     return LocalStore(home / "jobs" / str(job_id))
 
 
-def stage(plan: StoragePlan, job_id: int, config: SortieConfig, home: Path, *,
+def stage(plan: StoragePlan, job_id: int | str, config: SortieConfig, home: Path, *,
           record: Callable[[dict[str, Any]], None], progress: Progress | None = None) -> dict[str, Any]:
-    """Upload and create what `plan` says for job `job_id`. `record` is called with the cleanup record before
-    each write that needs cleaning up, so an interrupted stage is still cleaned. Returns the storage record."""
+    """Upload and create what `plan` says for job `job_id` (a pool's apply passes `pool-<name>-<hash>`).
+    `record` is called with the cleanup record before each write that needs cleaning up, so an interrupted
+    stage is still cleaned. Returns the storage record."""
     cleanup: dict[str, list[str]] = {"prefixes": [], "buckets": [], "dirs": []}
 
     def note(kind: str, value: str) -> None:
