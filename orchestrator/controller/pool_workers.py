@@ -161,7 +161,7 @@ class PoolWorkers:
             cleaned = "cleanup failed" not in str(result.error)
             self.store.set_stack(worker.stack_name, "DESTROYED" if cleaned else "FAILED", str(result.error))
             why = "no capacity" if isinstance(result.error, NoCapacityError) else "up failed"
-            self._fail(pool, worker, f"{why}: {result.error}", destroyed=cleaned)
+            self.fail(pool, worker, f"{why}: {result.error}", destroyed=cleaned)
             return
         out = result.value.outputs
         nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")}
@@ -211,7 +211,7 @@ class PoolWorkers:
                 self.r.agent_ops.submit(key, self._setup, pool, worker)
             return
         if not result.ok:
-            self._fail(pool, worker, f"setup failed: {result.error}")
+            self.fail(pool, worker, f"setup failed: {result.error}")
             return
         now = time.time()
         self.store.update_worker(worker.id, status="READY", ready_at=now, idle_since=now)
@@ -243,9 +243,9 @@ class PoolWorkers:
         if refreshed is None:
             return
         if refreshed.ok and refreshed.value.gone:
-            self._fail(pool, worker, "node gone (preempted or dead, says refresh)")
+            self.fail(pool, worker, "node gone (preempted or dead, says refresh)")
 
-    def _fail(self, pool: PoolRow, worker: WorkerRow, why: str, destroyed: bool = False) -> None:
+    def fail(self, pool: PoolRow, worker: WorkerRow, why: str, destroyed: bool = False) -> None:
         self._last_failure[pool.name] = time.time()
         status = "TERMINATED" if destroyed else "FAILED"
         self.store.update_worker(worker.id, status=status, failure_reason=why,

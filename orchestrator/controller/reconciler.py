@@ -488,13 +488,14 @@ class Reconciler:
         self.note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
 
     def _release_worker(self, job: JobRow, attempt: AttemptRow) -> None:
-        """A pool job's end: the worker stays; its job's run is stopped (cancel), its scratch dir cleaned, and a
-        lost worker is handed to the pool reconciler to replace."""
+        """A pool job's end: the worker stays; its job's run is stopped (cancel), its scratch dir cleaned. A worker
+        lost under its job is FAILED at once (the pool reconciler destroys and replaces it), so the job's recovery
+        never lands on it again."""
         if attempt.outcome == "PREEMPTED":
             worker = next((w for w in self.store.workers(job.pool) if w.id == job.worker_id), None)
             pool = self.store.pool(job.pool or "")
             if worker is not None and pool is not None and worker.status in ("READY", "DRAINING"):
-                self.pools.lost(pool, worker)
+                self.pools.fail(pool, worker, f"lost while running job {job.id}")
         else:
             for _node, client in self.clients(attempt):
                 with contextlib.suppress(AgentError):
