@@ -52,23 +52,25 @@ def bench_pool(workers: int, jobs: int) -> float:
     from orchestrator.pool_service import PoolService
 
     service = PoolService(Path(env["SORTIE_HOME"]))
-    while service.status("bench")[0].ready() < workers:
-        time.sleep(0.2)
-    t = time.perf_counter()
-    sortie(env, "jobs", "launch", "-y", "-p", "bench", "--num-jobs", str(jobs), "true")
-    wait_all_done(env)
-    wall = time.perf_counter() - t
-    from orchestrator.spec import load_yaml_text
+    try:
+        while service.status("bench")[0].ready() < workers:
+            time.sleep(0.2)
+        t = time.perf_counter()
+        sortie(env, "jobs", "launch", "-y", "-p", "bench", "--num-jobs", str(jobs), "true")
+        wait_all_done(env)
+        wall = time.perf_counter() - t
+        from orchestrator.spec import load_yaml_text
 
-    t = time.perf_counter()
-    ids, _ = service.launch_on_pool("bench", load_yaml_text("run: echo hi\n"), 1000)
-    print(f"submitting 1000 jobs to a pool (one transaction): {time.perf_counter() - t:.2f}s")
-    service.cancel(ids)
-    wait_all_done(env)
-    sortie(env, "jobs", "pool", "down", "-y", "bench")
-    while service.status():
-        time.sleep(0.2)
-    sortie(env, "controller", "stop")
+        t = time.perf_counter()
+        ids, _ = service.launch_on_pool("bench", load_yaml_text("run: echo hi\n"), 1000)
+        print(f"submitting 1000 jobs to a pool (one transaction): {time.perf_counter() - t:.2f}s")
+        service.cancel(ids)
+        wait_all_done(env)
+    finally:  # whatever happened, nothing is left
+        sortie(env, "jobs", "pool", "down", "-y", "bench")
+        while service.status():
+            time.sleep(0.2)
+        sortie(env, "controller", "stop")
     return wall
 
 

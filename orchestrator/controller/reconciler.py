@@ -484,7 +484,8 @@ class Reconciler:
             self.store.update_job(job.id, **fields)
         self.store.update_attempt(attempt.id, phase=Phase.TEARDOWN, after_teardown=after,
                                   outcome=attempt.outcome or (final.value if final else "RELAUNCH"))
-        self.store.set_stack(attempt.stack_name, "DESTROYING")
+        if not job.pool:  # a pool job's stack is its worker's, which stays
+            self.store.set_stack(attempt.stack_name, "DESTROYING")
         self.note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
 
     def _release_worker(self, job: JobRow, attempt: AttemptRow) -> None:
