@@ -14,6 +14,7 @@ import pytest
 
 from orchestrator import engine as engine_mod
 from orchestrator.engine import (
+    ANALYZER_SHIM,
     FALLBACK_VERSIONS,
     PINNED_VERSION,
     PKG_MODULE,
@@ -170,7 +171,10 @@ def test_write_provider_shim_is_executable_and_idempotent(tmp_path: Path) -> Non
     assert write_provider_shim(tmp_path) == shim
     assert shim.stat().st_mtime_ns == mtime
     assert shim.read_text() == text
-    assert sorted(p.name for p in tmp_path.iterdir()) == [PROVIDER_SHIM]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ANALYZER_SHIM, PROVIDER_SHIM]
+    analyzer = (tmp_path / ANALYZER_SHIM).read_text()  # runs Python policy packs
+    assert "-u -m pulumi.policy" in analyzer and "SORTIE_PYTHON" in analyzer
+    assert os.access(tmp_path / ANALYZER_SHIM, os.X_OK)
 
 
 def test_provider_shim_runs_sortie_python(tmp_path: Path) -> None:
