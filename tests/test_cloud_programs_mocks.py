@@ -28,6 +28,7 @@ from stacks.components import TYPE as COMPONENT_TYPE
 from stacks.components import SortieCluster
 from stacks.pool_program import pool_worker_program
 from stacks.spec import ClusterSpec
+from tests.pulumi_mocks import run_and_resolve
 
 pytest.importorskip("pulumi_aws")
 pytest.importorskip("pulumi_gcp")
@@ -172,21 +173,7 @@ class Harness:
         self.exported[name] = value
 
     def run(self, program: Callable[[], Any]) -> dict[str, tuple[Any, bool]]:
-        exported: dict[str, Any] = self.exported
-        resolved: dict[str, tuple[Any, bool]] = {}
-
-        async def settle() -> None:
-            for name, value in exported.items():
-                out = pulumi.Output.from_input(value)
-                resolved[name] = (await out.future(), await out.is_secret())
-
-        @pulumi.runtime.test
-        def body() -> Any:
-            program()
-            return settle()
-
-        body()
-        return resolved
+        return run_and_resolve(program, self.exported)
 
 
 @pytest.fixture

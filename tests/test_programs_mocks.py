@@ -22,6 +22,7 @@ from stacks.builders.local import LocalNodeProvider
 from stacks.cluster_program import cluster_program
 from stacks.pool_program import pool_worker_program
 from stacks.spec import ClusterSpec, StackProgram
+from tests.pulumi_mocks import run_and_resolve
 
 NODE_TYPE = "pulumi-python:dynamic:Resource"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value on the wire
@@ -72,20 +73,8 @@ class Harness:
         self.exported[name] = value
 
     def run(self, program: Callable[[], None]) -> dict[str, tuple[Any, bool]]:
-        exported, resolved = self.exported, self.exports
-
-        async def settle() -> None:
-            for name, value in exported.items():
-                out = pulumi.Output.from_input(value)
-                resolved[name] = (await out.future(), await out.is_secret())
-
-        @pulumi.runtime.test
-        def body() -> Any:
-            program()
-            return settle()
-
-        body()
-        return resolved
+        self.exports.update(run_and_resolve(program, self.exported))
+        return self.exports
 
 
 @pytest.fixture
