@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from orchestrator.dashboard import HERE, views
-from orchestrator.dashboard.api import MAX_PAGE, JobId, StatusName, job_detail, job_page, pool_detail, service_of
+from orchestrator.dashboard.api import MAX_PAGE, JobId, job_detail, job_page, pool_detail, service_of
 from orchestrator.job_status import JobStatus
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -25,10 +25,11 @@ def render(request: Request, name: str, **context: Any) -> Response:
     return templates.TemplateResponse(request, name, {"csrf": guard.csrf, **context})
 
 
-def _jobs_context(request: Request, status: list[StatusName], user: str | None, name: str | None, pool: str | None,
+def _jobs_context(request: Request, status: list[str], user: str | None, name: str | None, pool: str | None,
                   q: str | None, page: int, per_page: int) -> dict[str, Any]:
     service = service_of(request)
-    filters = {"status": [s.value for s in status], "user": user or "", "name": name or "", "pool": pool or "",
+    wanted = [s for s in status if s in STATUSES]  # the form's "any" is an empty value
+    filters = {"status": wanted, "user": user or "", "name": name or "", "pool": pool or "",
                "q": q or ""}
     result = job_page(service, status=filters["status"], user=user, name=name, pool=pool, q=q,
                       offset=(page - 1) * per_page, limit=per_page)
@@ -53,7 +54,7 @@ def index() -> Response:
 
 
 @router.get("/jobs")
-def jobs_page(request: Request, status: Annotated[list[StatusName], Query()] = [],  # noqa: B006
+def jobs_page(request: Request, status: Annotated[list[str], Query()] = [],  # noqa: B006
               user: str | None = None, name: str | None = None, pool: str | None = None, q: str | None = None,
               page: PageNo = 1, per_page: PerPage = 50) -> Response:
     service = service_of(request)
@@ -63,7 +64,7 @@ def jobs_page(request: Request, status: Annotated[list[StatusName], Query()] = [
 
 
 @router.get("/fragments/jobs")
-def jobs_fragment(request: Request, status: Annotated[list[StatusName], Query()] = [],  # noqa: B006
+def jobs_fragment(request: Request, status: Annotated[list[str], Query()] = [],  # noqa: B006
                   user: str | None = None, name: str | None = None, pool: str | None = None, q: str | None = None,
                   page: PageNo = 1, per_page: PerPage = 50) -> Response:
     return render(request, "_jobs_table.html", **_jobs_context(request, status, user, name, pool, q, page, per_page))
