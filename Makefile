@@ -35,6 +35,7 @@ bench: setup
 	$(VENV)/bin/python bench/pools.py
 	$(VENV)/bin/python bench/optimizer.py
 	$(VENV)/bin/python bench/controller_sizing.py
+	$(VENV)/bin/python bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -251,15 +251,9 @@ def queue(
 
 def _details(job) -> str:
     """Why a job waits (`no capacity in local/region-a; next try in 40s`) or why it failed."""
-    from orchestrator.job_status import JobStatus
+    from orchestrator.service import job_details
 
-    if JobStatus(job.status).terminal:
-        return job.failure_reason or ""
-    text = job.waiting_reason or ""
-    if job.next_attempt_at and job.next_attempt_at > time.time():
-        text = f"{text}; next try in {job.next_attempt_at - time.time():.0f}s" if text else \
-            f"next try in {job.next_attempt_at - time.time():.0f}s"
-    return text
+    return job_details(job)
 
 
 def _job_arg(job_id: int | None, name: str | None):

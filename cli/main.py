@@ -31,6 +31,9 @@ app.add_typer(engine_app, name="engine")
 app.add_typer(local_app, name="local")
 app.add_typer(stack_app, name="stacks")
 app.add_typer(stack_app, name="stack", hidden=True)  # the earlier name
+from cli.dashboard import dashboard_app  # noqa: E402
+
+app.add_typer(dashboard_app, name="dashboard")
 
 
 def _console(stderr: bool = False):

@@ -18,7 +18,7 @@ from orchestrator.job_status import JobStatus
 if TYPE_CHECKING:
     from orchestrator.spec import Pipeline
     from orchestrator.storage.staging import StoragePlan
-    from state.models import JobRow, TaskRow
+    from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
     from state.store import StateStore
 
 
@@ -33,10 +33,84 @@ def current_user() -> str:
         return "unknown"
 
 
+def job_details(job: JobRow, now: float | None = None) -> str:
+    """Why a job waits (`no capacity in local/region-a; next try in 40s`) or why it failed."""
+    if JobStatus(job.status).terminal:
+        return job.failure_reason or ""
+    now = now or time.time()
+    text = job.waiting_reason or ""
+    if job.next_attempt_at and job.next_attempt_at > now:
+        retry = f"next try in {job.next_attempt_at - now:.0f}s"
+        text = f"{text}; {retry}" if text else retry
+    return text
+
+
 @dataclass(frozen=True)
 class JobSummary:
     job: JobRow
     tasks: list[TaskRow]
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of jobs matching a filter, the number matching in all, and each job's cost so far."""
+
+    items: list[JobSummary]
+    total: int
+    costs: dict[int, float]
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    job: JobRow
+    tasks: list[TaskRow]
+    attempts: list[tuple[AttemptRow, float]]  # each with its cost
+    events: list[EventRow]
+    stacks: list[StackRow]
+    cost: float
+    details: str
+
+
+@dataclass(frozen=True)
+class ControllerStatus:
+    running: bool
+    pid: int | None
+    version: str | None
+    uptime: float | None
+    jobs_in_progress: dict[str, int]
+    stack_operations: int
+    backend: str
+
+
+class LogCursor:
+    """Reads the complete lines added to a job's log files since the last read, prefixed. `read()` returns
+    them and sets `ended` once the job had ended before the read (so nothing copied later is missed)."""
+
+    def __init__(self, service: JobService, job: JobRow, sources: Callable[[], list[tuple[Path, str]]]) -> None:
+        self.service, self.job, self.sources = service, job, sources
+        self.offsets: dict[Path, int] = {}
+        self.carries: dict[Path, bytes] = {}
+        self.ended = False
+
+    def read(self, follow: bool = True) -> list[str]:
+        row = self.service.store.job(self.job.id)
+        ended = row is None or JobStatus(row.status).terminal if follow else True
+        out: list[str] = []
+        for path, prefix in self.sources():
+            offset = self.offsets.get(path, 0)
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+            self.offsets[path] = offset + len(data)
+            lines, self.carries[path] = prefixed_lines(data, prefix, self.carries.get(path, b""))
+            out += lines
+        if ended:
+            for path, tail in self.carries.items():
+                if tail:
+                    out.append(tail.decode(errors="replace"))
+                    self.carries[path] = b""
+            self.ended = True
+        return out
 
 
 class JobService:
@@ -178,10 +252,11 @@ class JobService:
 
     # --- logs -------------------------------------------------------------------------------------------
 
-    def log_lines(self, job: JobRow, *, follow: bool, task: int | None = None,
-                  interval: float = 0.5) -> Iterator[str]:
-        """Lines of a job's logs, prefixed like SkyPilot's; with `follow`, until the job has ended and
-        every byte the controller copied has been shown."""
+    def log_cursor(self, job: JobRow, *, task: int | None = None, controller: bool = False) -> LogCursor:
+        """A cursor over a job's logs (or its controller log), for readers that poll (the dashboard)."""
+        if controller:
+            path = self.logs.controller_log(job.id)
+            return LogCursor(self, job, lambda: [(path, "")] if path.exists() else [])
         tasks = job.spec["tasks"]
 
         def sources() -> list[tuple[Path, str]]:
@@ -192,32 +267,50 @@ class JobService:
                                                      int(spec.get("num_nodes", 1)))))
             return found
 
-        return self._follow(job, sources, follow, interval)
+        return LogCursor(self, job, sources)
+
+    def log_lines(self, job: JobRow, *, follow: bool, task: int | None = None,
+                  interval: float = 0.5) -> Iterator[str]:
+        """Lines of a job's logs, prefixed like SkyPilot's; with `follow`, until the job has ended and
+        every byte the controller copied has been shown."""
+        return self._follow(self.log_cursor(job, task=task), follow, interval)
 
     def controller_log_lines(self, job: JobRow, *, follow: bool, interval: float = 0.5) -> Iterator[str]:
-        path = self.logs.controller_log(job.id)
-        return self._follow(job, lambda: [(path, "")] if path.exists() else [], follow, interval)
+        return self._follow(self.log_cursor(job, controller=True), follow, interval)
 
-    def _follow(self, job: JobRow, sources: Callable[[], list[tuple[Path, str]]], follow: bool,
-                interval: float) -> Iterator[str]:
-        """Complete lines of growing files, prefixed; with `follow`, until the job ended (read before the
-        files, so the last pass holds everything copied before the end), then any unfinished last lines."""
-        offsets: dict[Path, int] = {}
-        carries: dict[Path, bytes] = {}
+    @staticmethod
+    def _follow(cursor: LogCursor, follow: bool, interval: float) -> Iterator[str]:
+        """Complete lines of growing files; with `follow`, until the job ended, then any unfinished last lines."""
         while True:
-            ended = JobStatus(self.store.job(job.id).status).terminal if follow else True  # type: ignore[union-attr]
-            for path, prefix in sources():
-                offset = offsets.get(path, 0)
-                with path.open("rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
-                offsets[path] = offset + len(data)
-                lines, carries[path] = prefixed_lines(data, prefix, carries.get(path, b""))
-                yield from lines
-            if ended:
-                for path, tail in carries.items():
-                    if tail:
-                        yield tail.decode(errors="replace")
-                        carries[path] = b""
+            yield from cursor.read(follow)
+            if cursor.ended:
                 return
             time.sleep(interval)
+
+    # --- reads for the dashboard (and scripts) ------------------------------------------------------------
+
+    def page(self, *, statuses: list[str] | None = None, user: str | None = None, name: str | None = None,
+             pool: str | None = None, search: str | None = None, offset: int = 0, limit: int = 50) -> JobPage:
+        """Newest first, every user's jobs; filters combine; `total` counts every job matching them."""
+        jobs, total = self.store.page_jobs(statuses=statuses, user=user, name=name, pool=pool, search=search,
+                                           offset=offset, limit=limit)
+        ids = [j.id for j in jobs]
+        tasks = self.store.tasks(ids)
+        return JobPage([JobSummary(j, tasks[j.id]) for j in jobs], total, self.store.costs(ids))
+
+    def detail(self, job_id: int) -> JobDetail:
+        job = self.resolve(job_id)
+        now = time.time()
+        attempts = [(a, self.store.attempt_cost(a, now)) for a in self.store.attempts(job_id)]
+        return JobDetail(job, self.store.tasks([job_id])[job_id], attempts, self.store.events(job_id),
+                         self.store.job_stacks(job_id), sum(c for _, c in attempts), job_details(job, now))
+
+    def controller_status(self) -> ControllerStatus:
+        from orchestrator.controller.daemon import controller_info
+        from orchestrator.engine import backend_url
+        from state.db import _safe_url
+
+        info = controller_info(self.home)
+        counts = {s: n for s, n in self.store.count_by_status().items() if not JobStatus(s).terminal}
+        return ControllerStatus(info.running, info.pid, info.version, info.uptime if info.running else None,
+                                counts, self.store.stacks_busy(), _safe_url(backend_url(self.config, self.home)))

@@ -95,6 +95,51 @@ class StateStore(PoolStore):
         with self.session() as session:
             return list(session.scalars(query))
 
+    def page_jobs(self, *, statuses: Iterable[str] | None = None, user: str | None = None, name: str | None = None,
+                  pool: str | None = None, search: str | None = None, offset: int = 0,
+                  limit: int = 50) -> tuple[list[JobRow], int]:
+        """One page of jobs (newest first) matching every filter given, and how many match in all. `search`:
+        a job id, or a piece of a name or a user (case-insensitive)."""
+        conditions: list[Any] = []
+        if statuses:
+            conditions.append(JobRow.status.in_(list(statuses)))
+        if user:
+            conditions.append(JobRow.user == user)
+        if name:
+            conditions.append(JobRow.name == name)
+        if pool:
+            conditions.append(JobRow.pool == pool)
+        if search:
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            matches = [JobRow.name.ilike(pattern, escape="\\"), JobRow.user.ilike(pattern, escape="\\")]
+            if search.strip().isdigit() and len(search.strip()) < 18:
+                matches.append(JobRow.id == int(search.strip()))
+            conditions.append(or_(*matches))
+        with self.session() as session:
+            total = session.scalar(select(func.count()).select_from(JobRow).where(*conditions)) or 0
+            rows = list(session.scalars(select(JobRow).where(*conditions).order_by(JobRow.id.desc())
+                                        .offset(max(offset, 0)).limit(max(limit, 0))))
+        return rows, total
+
+    def job_users(self) -> list[str]:
+        with self.session() as session:
+            return list(session.scalars(select(JobRow.user).distinct().order_by(JobRow.user)))
+
+    def job_stacks(self, job_id: int) -> list[StackRow]:
+        with self.session() as session:
+            return list(session.scalars(select(StackRow).where(StackRow.job_id == job_id)
+                                        .order_by(StackRow.created_at)))
+
+    def stack(self, name: str) -> StackRow | None:
+        with self.session() as session:
+            return session.get(StackRow, name)
+
+    def stacks_busy(self) -> int:
+        """Stack operations under way: stacks being created or destroyed."""
+        with self.session() as session:
+            return session.scalar(select(func.count()).select_from(StackRow).where(
+                StackRow.status.in_(["CREATING", "DESTROYING"]))) or 0
+
     def count_by_status(self) -> dict[str, int]:
         with self.session() as session:
             rows = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status))
@@ -226,6 +271,12 @@ class StateStore(PoolStore):
                                  data={"stack": stack_name, "infra": infra, "region": region,
                                        "attempt": number + 1, "use_spot": use_spot}))
         return attempt
+
+    @staticmethod
+    def attempt_cost(attempt: AttemptRow, now: float | None = None) -> float:
+        """Price x nodes x hours of one attempt (to now while it runs)."""
+        end = attempt.ended_at or now or time.time()
+        return (attempt.price_per_hour or 0.0) * attempt.num_nodes * max(end - attempt.started_at, 0.0) / 3600
 
     def costs(self, job_ids: Sequence[int]) -> dict[int, float]:
         """Cost so far per job: the sum over its attempts of price x nodes x hours (to now if running)."""
