@@ -610,3 +610,20 @@ def test_a_database_at_revision_0001_is_upgraded_in_place(sortie_home: Path) -> 
     assert {"backoff_rounds", "waiting_since", "round_started_at", "placement_hint"} <= columns
     job = store.job(7)
     assert job is not None and job.backoff_rounds == 0 and job.status == "PENDING"
+
+
+def test_paged_and_filtered_jobs_with_totals(store: StateStore) -> None:
+    """What the dashboard lists, on both backends: filters, case-insensitive search with literal wildcards."""
+    alice = store.submit({"name": "train", "tasks": [{"name": "t", "run": "x"}]}, [{}], user="alice", count=30)
+    store.submit({"name": "eval_100%", "tasks": [{"name": "t", "run": "x"}]}, [{}], user="bob", count=12, pool="gpus")
+    store.update_job(alice[0], status="SUCCEEDED")
+    rows, total = store.page_jobs(limit=10)
+    assert total == 42 and [r.id for r in rows] == list(range(42, 32, -1))
+    assert store.page_jobs(user="alice", offset=25, limit=10)[1] == 30
+    assert len(store.page_jobs(user="alice", offset=25, limit=10)[0]) == 5
+    assert store.page_jobs(pool="gpus")[1] == 12
+    assert store.page_jobs(statuses=["SUCCEEDED"])[1] == 1
+    assert store.page_jobs(search="TRA")[1] == 30
+    assert store.page_jobs(search="100%")[1] == 12 and store.page_jobs(search="0%x")[1] == 0
+    assert store.page_jobs(search="e_a")[1] == 0  # _ is literal: "eva" does not match
+    assert store.page_jobs(search=str(alice[3]))[0][0].id == alice[3]
