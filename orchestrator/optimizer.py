@@ -192,12 +192,10 @@ def _count(offer: Offer, name: str) -> float:
 
 def local_offers(config: SortieConfig) -> list[Offer]:
     """The local cloud's regions as offers: a sandbox per node, declared accelerators and prices."""
-    found = []
-    for region in config.local.regions:
-        spot = None if region.spot_capacity == 0 else region.price(True)
-        found.append(Offer("local", "sandbox", 0.0, 0.0, dict(region.accelerators), region.name, None,
-                           region.price(False), spot))
-    return found
+    # Every region offers spot: a region without spot capacity (`spot_capacity: 0`) says so when a node is
+    # created, as a cloud does, and recovery moves on (to another region, or to on-demand).
+    return [Offer("local", "sandbox", 0.0, 0.0, dict(region.accelerators), region.name, None, region.price(False),
+                  region.price(True)) for region in config.local.regions]
 
 
 @functools.lru_cache(maxsize=8)
