@@ -80,8 +80,10 @@ def test_cancel_stops_the_running_task_and_skips_the_rest(cli: Sortie, tmp_path:
 
 def test_a_preempted_task_recovers_without_rerunning_finished_tasks(cli: Sortie, tmp_path: Path) -> None:
     counter = tmp_path / "prep-runs"
+    first = tmp_path / "first-train"  # the first attempt runs long enough to be preempted, on a loaded machine too
     yaml = write(tmp_path, "rec.yaml", f"name: rec\n---\nname: prep\nrun: echo x >> {counter}\n---\n"
-                 "name: train\nresources:\n  use_spot: true\nrun: echo started; sleep 3; echo trained\n")
+                 "name: train\nresources:\n  use_spot: true\n"
+                 f"run: if [ -e {first} ]; then echo trained; else touch {first}; echo started; sleep 120; fi\n")
     job_id = cli.launch(yaml)
     cli.wait_for_log(job_id, "started")
     cli.run("local", "preempt", "--job", str(job_id))

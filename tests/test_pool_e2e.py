@@ -146,7 +146,8 @@ def test_preempted_busy_worker_is_replaced_and_its_job_succeeds(cli: Sortie, tmp
     cli.run("jobs", "pool", "apply", "-y", "-p", "p2", pool_yaml(tmp_path, 1))
     first = wait_ready(cli, "p2", 1)["workers"][0]["stack"]
     job = write(tmp_path, "job.yaml", f"run: |\n  n=$(cat {tmp_path}/tries 2>/dev/null || echo 0)\n"
-                f"  echo $((n+1)) > {tmp_path}/tries\n  echo started; sleep 3; echo finished\n")
+                f"  echo $((n+1)) > {tmp_path}/tries\n"  # the first try runs until it is preempted
+                "  if [ $n = 0 ]; then echo started; sleep 120; fi; echo finished\n")
     (job_id,) = launch_on(cli, "p2", job)
     cli.wait_for_log(job_id, "started")
     cli.run("local", "preempt", first)

@@ -33,8 +33,9 @@ def attempts(cli: Sortie, job_id: int) -> list:
 
 def test_preempted_spot_job_recovers_in_another_region(cli: Sortie, tmp_path: Path) -> None:
     configure(cli)
+    first = tmp_path / "first-attempt"  # the first attempt runs long enough to be preempted, on a loaded machine too
     yaml = write(tmp_path, "spot.yaml", "name: spot\nresources:\n  use_spot: true\n"
-                 "run: echo started; sleep 3; echo done\n")
+                 f"run: if [ -e {first} ]; then echo done; else touch {first}; echo started; sleep 120; fi\n")
     job_id = cli.launch(yaml)
     cli.wait_for_log(job_id, "started")
     cli.run("local", "preempt", "--job", str(job_id), "--node", "0")
