@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
+from orchestrator.timefmt import ago, duration
+
 if TYPE_CHECKING:
     from orchestrator.service import JobService
     from orchestrator.spec import Pipeline
@@ -37,26 +39,6 @@ def _service() -> JobService:
     from orchestrator.service import JobService
 
     return JobService()
-
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    delta = max(time.time() - ts, 0)
-    for unit, size in (("day", 86400), ("hr", 3600), ("min", 60)):
-        if delta >= size:
-            n = int(delta // size)
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    return "a few secs ago"
-
-
-def _duration(start: float | None, end: float | None) -> str:
-    if not start:
-        return "-"
-    seconds = int((end or time.time()) - start)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes}m {secs}s" if hours else (f"{minutes}m {secs}s" if minutes else f"{secs}s")
 
 
 def _useful_commands(job_id: int) -> str:
@@ -237,14 +219,14 @@ def queue(
         recoveries = sum(t.recoveries for t in tasks)
         resources = tasks[0].resources if len(tasks) == 1 else "-"
         money = [f"{costs[job.id]:.4f}"] if cost else []
-        table.append([str(job.id), "-", job.name or "-", *user, resources, _ago(job.submitted_at),
-                      _duration(job.submitted_at, job.ended_at), _duration(run_start, job.ended_at),
+        table.append([str(job.id), "-", job.name or "-", *user, resources, ago(job.submitted_at),
+                      duration(job.submitted_at, job.ended_at), duration(run_start, job.ended_at),
                       str(recoveries), *money, job.status, _details(job)])
         if job.is_pipeline:
             for t in tasks:
                 table.append(["", str(t.task_index), f"↳ {t.name or '-'}", *[""] * len(user), t.resources, "",
-                              _duration(t.started_at, t.ended_at) if t.started_at else "-",
-                              _duration(t.run_started_at, t.ended_at), str(t.recoveries), *[""] * len(money),
+                              duration(t.started_at, t.ended_at) if t.started_at else "-",
+                              duration(t.run_started_at, t.ended_at), str(t.recoveries), *[""] * len(money),
                               t.status, ""])
     print(plain_table(columns, table))
 
@@ -368,7 +350,7 @@ def controller_status() -> None:
     if not info.running:
         console.print("controller: not running (the next `sortie jobs launch` starts it)")
         return
-    console.print(f"controller: running, pid {info.pid}, version {info.version}, up {_duration(info.started_at, None)}")
+    console.print(f"controller: running, pid {info.pid}, version {info.version}, up {duration(info.started_at, None)}")
 
 
 @controller_app.command("start")

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from cli.jobs import _ago, _console, jobs_app, plain_table
+from cli.jobs import _console, jobs_app, plain_table
+from orchestrator.timefmt import ago
 
 if TYPE_CHECKING:
     from orchestrator.pool_service import PoolService
@@ -143,7 +144,7 @@ def status(
         console.print("No pools. Create one with `sortie jobs pool apply -p NAME pool.yaml`.")
         return
     rows = [[s.pool.name, s.pool.status, policy_of(s.pool).describe(), f"{s.ready()}/{len(s.workers)}",
-             (s.pool.spec.get("resources_str") or ""), _ago(s.pool.updated_at)] for s in found]
+             (s.pool.spec.get("resources_str") or ""), ago(s.pool.updated_at)] for s in found]
     console.print(escape(plain_table(["POOL", "STATUS", "POLICY", "READY", "RESOURCES", "UPDATED"], rows)))
     for s in found:
         console.print(f"\nPool {escape(s.pool.name)} workers:")

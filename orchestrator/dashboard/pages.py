@@ -10,13 +10,14 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from orchestrator import timefmt
 from orchestrator.dashboard import HERE, views
 from orchestrator.dashboard.api import MAX_PAGE, JobId, job_detail, job_page, pool_detail, service_of
 from orchestrator.job_status import JobStatus
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
-templates.env.filters.update(ago=views.ago, duration=views.duration, clock=views.clock)
+templates.env.filters.update(ago=timefmt.ago, duration=timefmt.duration, clock=timefmt.clock)
 STATUSES = [s.value for s in JobStatus]
 
 

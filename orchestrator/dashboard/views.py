@@ -3,7 +3,6 @@ Only fields chosen here leave the process: no spec, no sealed secrets, no node t
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -246,29 +245,3 @@ def status_out(c: ControllerStatus) -> StatusOut:
     return StatusOut(version=__version__, controller_running=c.running, controller_pid=c.pid,
                      controller_version=c.version, uptime=c.uptime, jobs_in_progress=c.jobs_in_progress,
                      stack_operations=c.stack_operations, backend=c.backend)
-
-
-# --- formatting for the pages -----------------------------------------------------------------------------
-
-def ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    delta = max(time.time() - ts, 0)
-    for unit, size in (("day", 86400), ("hr", 3600), ("min", 60)):
-        if delta >= size:
-            n = int(delta // size)
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    return "a few secs ago"
-
-
-def duration(start: float | None, end: float | None = None) -> str:
-    if not start:
-        return "-"
-    seconds = int(max((end or time.time()) - start, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes}m {secs}s" if hours else (f"{minutes}m {secs}s" if minutes else f"{secs}s")
-
-
-def clock(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
