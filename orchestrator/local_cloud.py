@@ -60,7 +60,8 @@ class LocalNode:
         return f"http://{self.host}:{self.port}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists and is not a zombie (pid 0 or less: no)."""
     if pid <= 0:
         return False
     try:
@@ -101,11 +102,11 @@ def _kill_tree(agent_pid: int, sandbox: str, grace: float = 3.0) -> None:
     """Stop the agent and every process it started, including ones that left its process groups."""
     _signal(agent_pid, signal.SIGTERM)  # the agent stops its runs' process groups itself
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (_pid_alive(agent_pid) or _processes_of_sandbox(sandbox)):
+    while time.monotonic() < deadline and (pid_alive(agent_pid) or _processes_of_sandbox(sandbox)):
         time.sleep(0.05)
     for _ in range(50):
         leftovers = [p for p in _processes_of_sandbox(sandbox) if p != os.getpid()]
-        if _pid_alive(agent_pid):
+        if pid_alive(agent_pid):
             leftovers.append(agent_pid)
         if not leftovers:
             return
@@ -215,7 +216,7 @@ class LocalCloud:
     def alive(self, node_id: str) -> bool:
         """The infra's word on a node: it exists, was not preempted, and its agent process runs."""
         node = self.get(node_id)
-        return node is not None and not node.preempted and _pid_alive(node.pid)
+        return node is not None and not node.preempted and pid_alive(node.pid)
 
     def set_labels(self, node_id: str, labels: dict[str, str]) -> LocalNode:
         node = self.get(node_id)

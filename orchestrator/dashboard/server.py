@@ -18,6 +18,7 @@ from pathlib import Path
 
 from orchestrator.config import sortie_home
 from orchestrator.errors import SortieError
+from orchestrator.local_cloud import pid_alive
 
 DEFAULT_PORT = 8765
 
@@ -34,12 +35,9 @@ def url_of(host: str, port: int) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """A live (not zombie) process that is a dashboard server (a reused pid is not)."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         return b"orchestrator.dashboard.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
