@@ -68,25 +68,40 @@ def test_jobs_filter_live_log_and_cancel(cli: Sortie, page, tmp_path: Path) -> N
     expect = sync_api.expect
     slow = cli.launch("-n", "ticker", "for i in $(seq 1 600); do echo tick-$i; sleep 0.3; done")
     quick = cli.launch("-n", "quick", "echo quick-done")
+    broken = cli.launch("-n", "broken", "exit 3")
     assert cli.wait(quick)["status"] == "SUCCEEDED"
+    assert cli.wait(broken)["status"] == "FAILED"
     cli.wait(slow, {"RUNNING"})
 
-    # The jobs page lists both; a filter narrows it.
+    # The jobs page lists all three; a filter on several statuses narrows it.
     tab.goto(f"{url}/jobs")
     expect(tab.locator(f"#job-{slow}")).to_be_visible()
     expect(tab.locator(f"#job-{quick} .st")).to_have_text("SUCCEEDED")
-    expect(tab.locator("#total")).to_have_text("2")
+    expect(tab.locator("#total")).to_have_text("3")
     shot(tab, "01-jobs")
-    tab.select_option("#f-status", "SUCCEEDED")  # submits the filter form
-    expect(tab.locator("#total")).to_have_text("1")
+    tab.click("#f-status summary")
+    tab.check("#f-status input[value=SUCCEEDED]")
+    tab.check("#f-status input[value=FAILED]")
+    shot(tab, "02-status-filter-open")
+    tab.click("#f-status-apply")
+    expect(tab.locator("#total")).to_have_text("2")
     expect(tab.locator(f"#job-{slow}")).to_have_count(0)
     expect(tab.locator(f"#job-{quick}")).to_be_visible()
+    expect(tab.locator(f"#job-{broken}")).to_be_visible()
+    expect(tab.locator("#f-status summary")).to_have_text("SUCCEEDED, FAILED")
+    # A group pick: "in progress" ticks every status that has not ended, and only those.
+    tab.click("#f-status summary")
+    tab.click("#f-status button[data-check-group=active]")
+    assert not tab.is_checked("#f-status input[value=SUCCEEDED]")
+    tab.click("#f-status-apply")
+    expect(tab.locator("#total")).to_have_text("1")
+    expect(tab.locator(f"#job-{slow}")).to_be_visible()
     tab.goto(f"{url}/jobs")
     tab.fill("#f-q", "tick")
     tab.press("#f-q", "Enter")
     expect(tab.locator("#total")).to_have_text("1")
     expect(tab.locator(f"#job-{slow}")).to_be_visible()
-    shot(tab, "02-jobs-filtered")
+    shot(tab, "03-jobs-searched")
 
     # The job page streams the running job's lines as they are written.
     tab.goto(f"{url}/jobs/{slow}")
@@ -95,10 +110,10 @@ def test_jobs_filter_live_log_and_cancel(cli: Sortie, page, tmp_path: Path) -> N
     first = max(map(int, re.findall(r"tick-(\d+)", log.inner_text())))
     expect(log).to_contain_text(f"tick-{first + 5}", timeout=30_000)
     expect(tab.locator("#attempts")).to_contain_text("local")
-    shot(tab, "03-job-log-streaming")
+    shot(tab, "04-job-log-streaming")
     tab.check("#controller-log-switch")
     expect(log).to_contain_text("[placed]")
-    shot(tab, "04-controller-log")
+    shot(tab, "05-controller-log")
 
     # Cancel with the button: a confirmation, then the status changes without a reload.
     tab.evaluate("window.notReloaded = true")
@@ -109,7 +124,7 @@ def test_jobs_filter_live_log_and_cancel(cli: Sortie, page, tmp_path: Path) -> N
     expect(tab.locator("#job-status")).to_have_text("CANCELLED", timeout=60_000)
     assert dialogs == [f"Cancel job {slow}?"]
     assert tab.evaluate("window.notReloaded") is True
-    shot(tab, "05-job-cancelled")
+    shot(tab, "06-job-cancelled")
     assert cli.job(slow)["status"] == "CANCELLED"
 
 
@@ -147,6 +162,6 @@ def test_the_pool_page_shows_its_workers(cli: Sortie, page, tmp_path: Path) -> N
         expect(tab.locator("#workers")).to_contain_text("READY")
         expect(tab.locator("#policy")).to_have_text("1 worker(s)")
         expect(tab.locator("#plan-mode")).to_contain_text("pool created")
-        shot(tab, "06-pool")
+        shot(tab, "07-pool")
     finally:
         take_down(cli, "web")

@@ -19,6 +19,8 @@ router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
 templates.env.filters.update(ago=timefmt.ago, duration=timefmt.duration, clock=timefmt.clock)
 STATUSES = [s.value for s in JobStatus]
+# The status filter's quick picks: "in progress" (not ended) and "failed" (every FAILED_* kind).
+STATUS_GROUPS = {s.value: "failed" if s.failed else "ended" if s.terminal else "active" for s in JobStatus}
 
 
 def render(request: Request, name: str, **context: Any) -> Response:
@@ -60,7 +62,7 @@ def jobs_page(request: Request, status: Annotated[list[str], Query()] = [],  # n
               page: PageNo = 1, per_page: PerPage = 50) -> Response:
     service = service_of(request)
     context = _jobs_context(request, status, user, name, pool, q, page, per_page)
-    return render(request, "jobs.html", statuses=STATUSES, users=service.store.job_users(),
+    return render(request, "jobs.html", statuses=STATUSES, status_groups=STATUS_GROUPS, users=service.store.job_users(),
                   pools=[p.name for p in service.store.pools(include_terminated=True)], **context)
 
 

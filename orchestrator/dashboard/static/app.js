@@ -87,6 +87,11 @@ function autoSubmitFilters() {
     return;
   }
   form.querySelectorAll("select").forEach((el) => el.addEventListener("change", () => form.submit()));
+  // The status filter takes several statuses: tick them (or pick a group), then Apply.
+  form.querySelectorAll("button[data-check-group]").forEach((button) => button.addEventListener("click", () => {
+    const group = button.dataset.checkGroup;
+    form.querySelectorAll("input[name=status]").forEach((box) => { box.checked = box.dataset.group === group; });
+  }));
 }
 
 document.addEventListener("click", (event) => {
