@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:
+    from orchestrator.config import SortieConfig
 
 dashboard_app = typer.Typer(help="The web dashboard: jobs and pools, live.", invoke_without_command=True)
 
@@ -27,30 +33,34 @@ def _need_fastapi() -> None:
 def dashboard(
     ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond loopback a token is required."),
-    port: int = typer.Option(8765, "--port", help="Port (0: any free port)."),
+    port: int = typer.Option(8765, "--port",
+                             help="Port (0: any free port); with a cloud controller, the tunnel's local port."),
     open_browser: bool = typer.Option(False, "--open", help="Open it in a browser, where there is one."),
     foreground: bool = typer.Option(False, "--foreground", help="Serve in this process until Ctrl-C."),
 ) -> None:
-    """Start the dashboard on this (the controller's) machine, or find the one running, and print its URL."""
+    """Start the dashboard on the controller's machine, or find the one running, and print its URL. With the
+    controller on a cloud VM (jobs.controller.infra), the VM serves it and this opens an SSH tunnel to it."""
     if ctx.invoked_subcommand is not None:
         return
-    _need_fastapi()
     from orchestrator.config import load_config, sortie_home
     from orchestrator.dashboard import server
     from orchestrator.dashboard.security import is_loopback, load_or_create_token, token_path
     from orchestrator.errors import UsageError
 
     home = sortie_home()
-    if load_config(home).jobs.controller.infra != "local":
-        _console().print("note: the controller runs on its own VM; this dashboard reads the shared state from here")
+    config = load_config(home)
     console = _console()
+    if config.jobs.controller.infra != "local":
+        _remote_dashboard(home, config, host, port, open_browser, foreground)
+        return
+    _need_fastapi()
     token, created = (None, False) if is_loopback(host) else load_or_create_token(home)
     if foreground:
         console.print(f"Dashboard: {server.url_of(host, port)} (Ctrl-C stops it)")
         server.serve(host, port, home)
         return
     found = server.running(home)
-    if found and found["host"] != host:
+    if found and (found.get("kind") == "tunnel" or found["host"] != host):
         raise UsageError(f"a dashboard already runs on {found['url']}; `sortie dashboard stop` first")
     info = found or server.start(home, host, port)
     url = info["url"]
@@ -63,20 +73,59 @@ def dashboard(
             console.print(f"Token: in {token_path(home)} "
                           f"(send `Authorization: Bearer TOKEN`, or open {url}/?token=TOKEN)")
     if open_browser:
-        import webbrowser
+        _open(f"{url}/?token={token}" if token and created else url)
 
-        link = f"{url}/?token={token}" if token and created else url
-        if not webbrowser.open(link):
-            console.print("No browser found here; open the URL above.")
+
+def _open(url: str) -> None:
+    import webbrowser
+
+    if not webbrowser.open(url):
+        _console().print("No browser found here; open the URL above.")
+
+
+def _remote_dashboard(home: Path, config: SortieConfig, host: str, port: int, open_browser: bool,
+                      foreground: bool) -> None:
+    """The controller runs on a cloud VM, and so does its dashboard (on the VM's loopback): tunnel to it."""
+    from orchestrator.controller.remote import controller_ssh_target
+    from orchestrator.dashboard import server, tunnel
+    from orchestrator.dashboard.security import is_loopback
+    from orchestrator.errors import UsageError
+
+    if not is_loopback(host):
+        raise UsageError(f"--host {host}: the tunnel to the controller VM's dashboard listens on loopback only "
+                         "(its dashboard has no token: share it over SSH, not the network)")
+    console = _console()
+    found = server.running(home)
+    if found and found.get("kind") != "tunnel":
+        raise UsageError(f"a dashboard of this machine runs on {found['url']}; `sortie dashboard stop` first")
+    target = controller_ssh_target(config, home)
+    if foreground:
+        local = port or tunnel.free_port()
+        console.print(f"Dashboard: http://127.0.0.1:{local} (the controller VM's, through SSH to {target}; "
+                      "Ctrl-C closes the tunnel)")
+        code = tunnel.hold_tunnel(target, local)
+        if code != 0:
+            raise UsageError(f"ssh to the controller VM ({target}) failed (exit {code}); its reason is above")
+        return
+    info = found or tunnel.open_tunnel(home, target, port)
+    console.print(f"Dashboard: {info['url']} (the controller VM's, through SSH to {info['via']}; "
+                  f"{'already open' if found else 'tunnel opened'}, pid {info['pid']})")
+    if open_browser:
+        _open(info["url"])
 
 
 @dashboard_app.command("stop")
 def stop() -> None:
-    """Stop the dashboard of this Sortie home."""
+    """Stop the dashboard of this Sortie home (or close the tunnel to the controller VM's)."""
     from orchestrator.dashboard import server
 
-    pid = server.stop()
-    _console().print(f"dashboard stopped (pid {pid})" if pid else "no dashboard was running")
+    info = server.stop()
+    if info is None:
+        _console().print("no dashboard was running")
+    elif info.get("kind") == "tunnel":
+        _console().print(f"tunnel to the controller VM closed (pid {info['pid']}); its dashboard keeps running there")
+    else:
+        _console().print(f"dashboard stopped (pid {info['pid']})")
 
 
 @dashboard_app.command("status")
@@ -85,4 +134,9 @@ def status() -> None:
     from orchestrator.dashboard import server
 
     found = server.running()
-    _console().print(f"dashboard: {found['url']} (pid {found['pid']})" if found else "dashboard: not running")
+    if found is None:
+        _console().print("dashboard: not running")
+    elif found.get("kind") == "tunnel":
+        _console().print(f"dashboard: {found['url']} (tunnel to the controller VM, {found['via']}; pid {found['pid']})")
+    else:
+        _console().print(f"dashboard: {found['url']} (pid {found['pid']})")

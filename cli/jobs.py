@@ -367,7 +367,12 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     """Create the jobs controller's VM on the cloud of `jobs.controller.infra` (its own stack), running the
     controller against the shared PostgreSQL state."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.controller.remote import CONTROLLER_STACK_KIND, controller_program, controller_stack
+    from orchestrator.controller.remote import (
+        CONTROLLER_STACK_KIND,
+        controller_program,
+        controller_stack,
+        forget_host_key,
+    )
     from orchestrator.errors import UsageError
     from orchestrator.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
@@ -384,17 +389,22 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
         raise typer.Exit(1)
     store = StateStore(home, config)
     store.record_stack(name, CONTROLLER_STACK_KIND)
+    forget_host_key(home)
     result = PulumiStackDriver(home, config).up(name, program)
-    store.set_stack(name, "UP")
+    # Its address (public outputs only) in the shared state: `sortie dashboard` tunnels to it from anywhere.
+    store.set_stack(name, "UP", outputs=result.public_outputs())
     node = result.outputs.get("controller") or {}
-    _console().print(f"controller up: {node.get('instance_id') or node.get('node_id')} at {node.get('ip')}")
+    where = node.get("public_ip") or node.get("ip")
+    _console().print(f"controller up: {node.get('node_id')} at {where} (private {node.get('ip')}); "
+                     "`sortie dashboard` opens its dashboard")
 
 
 @controller_app.command("down")
 def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
     """Destroy the cloud controller's VM (jobs stay in the shared state and resume at the next `up`)."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.controller.remote import controller_stack
+    from orchestrator.controller.remote import controller_stack, forget_host_key
+    from orchestrator.dashboard import server as dashboard_server
     from orchestrator.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
@@ -404,7 +414,11 @@ def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not 
     if not yes and not typer.confirm(f"Destroy the controller stack {name}?", default=True):
         raise typer.Exit(1)
     PulumiStackDriver(home, config).destroy(name)
-    StateStore(home, config).set_stack(name, "DESTROYED")
+    StateStore(home, config).set_stack(name, "DESTROYED", outputs={})
+    forget_host_key(home)
+    found = dashboard_server.recorded(home)
+    if found and found.get("kind") == "tunnel":
+        dashboard_server.stop(home)
     _console().print(f"controller stack {name} destroyed")
 
 

@@ -216,6 +216,16 @@ class JobsControllerConfig(BaseModel):
         str,
         Field(description="What the controller VM pip-installs (a package index name, a wheel URL, or a git URL)."),
     ] = "sortie"
+    ssh_cidr: Annotated[
+        str,
+        Field(description="Who may reach the controller VM's SSH port, through which `sortie dashboard` tunnels to "
+              "the dashboard it serves on its loopback (key login only)."),
+    ] = "0.0.0.0/0"
+    ssh_user: Annotated[
+        str | None,
+        Field(description="The login user on the controller VM (default: the image's: ubuntu on AWS, sortie on "
+              "GCP and Azure)."),
+    ] = None
 
 
 class JobsConfig(BaseModel):
@@ -267,7 +277,16 @@ class CloudNetworkConfig(BaseModel):
         Field(description="What the default firewall admits to the node agent's port (the controller's network); "
               "default: the private network only."),
     ] = None
-    ssh_public_key: Annotated[str | None, Field(description="An SSH key put on cloud VMs for debugging.")] = None
+    ssh_public_key: Annotated[
+        str | None,
+        Field(description="An SSH public key put on cloud VMs (default: the controller VM gets Sortie's own key, "
+              "<home>/ssh/sortie-controller, made at `sortie controller up`)."),
+    ] = None
+    ssh_private_key: Annotated[
+        str | None,
+        Field(description="The private key of ssh_public_key, for `sortie dashboard`'s tunnel to the controller VM "
+              "(default: ssh's own keys and agent)."),
+    ] = None
 
 
 class SortieConfig(BaseModel):

@@ -7,7 +7,7 @@ import dataclasses
 
 import pulumi
 
-from stacks.builders import builder_for
+from stacks.builders import REMOTE_DASHBOARD_PORT, builder_for
 from stacks.spec import ClusterSpec
 
 
@@ -15,5 +15,5 @@ def controller_program(spec: ClusterSpec) -> None:
     controller = dataclasses.replace(spec, num_nodes=1, role="controller",
                                      labels={**spec.labels, "sortie-role": "controller"})
     (node,) = builder_for(controller.infra)(controller)
-    pulumi.export("controller", node.export())
+    pulumi.export("controller", {**node.export(), "dashboard_port": REMOTE_DASHBOARD_PORT})
     pulumi.export("infra", controller.infra)

@@ -46,6 +46,8 @@ class ClusterSpec:
     controller_cidr: str | None = None
     agent_port: int = 8470
     ssh_public_key: str | None = None
+    # The controller role only: what may reach its SSH port (the dashboard tunnel); nodes never open SSH.
+    ssh_cidr: str | None = None
     # "node" (runs the node agent) or "controller" (runs the jobs controller; `token` then holds its secret
     # environment file, `controller_package` what it installs).
     role: str = "node"

@@ -180,6 +180,8 @@ class StackRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     destroyed_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Public outputs (never secrets) of a stack that belongs to no job: the cloud controller's address.
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class EventRow(Base):

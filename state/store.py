@@ -319,12 +319,19 @@ class StateStore(PoolStore):
             else:
                 row.status, row.destroyed_at = "CREATING", None
 
-    def set_stack(self, name: str, status: str, error: str | None = None) -> None:
+    def set_stack(self, name: str, status: str, error: str | None = None,
+                  outputs: dict[str, Any] | None = None) -> None:
         values: dict[str, Any] = {"status": status, "last_error": error}
+        if outputs is not None:
+            values["outputs"] = outputs
         if status == "DESTROYED":
             values["destroyed_at"] = time.time()
         with self.session() as session, session.begin():
             session.execute(update(StackRow).where(StackRow.name == name).values(**values))
+
+    def stack(self, name: str) -> StackRow | None:
+        with self.session() as session:
+            return session.get(StackRow, name)
 
     def live_stacks(self) -> list[StackRow]:
         with self.session() as session:

@@ -56,6 +56,8 @@ AZ_NIC = "azure-native:network:NetworkInterface"
 K8S_POD = "kubernetes:core/v1:Pod"
 K8S_SECRET = "kubernetes:core/v1:Secret"
 K8S_CONFIGMAP = "kubernetes:core/v1:ConfigMap"
+AZ_NSG = "azure-native:network:NetworkSecurityGroup"
+AZ_PUBLIC_IP = "azure-native:network:PublicIPAddress"
 STACK_REF = "pulumi:pulumi:StackReference"
 
 
@@ -124,15 +126,20 @@ class CloudMocks(pulumi.runtime.Mocks):
         n = len(self.resources)
         outs: dict[str, Any] = {}
         if args.typ == AWS_INSTANCE:
-            outs = {"privateIp": f"10.1.0.{n}", "availabilityZone": inputs.get("availabilityZone") or "us-east-1b"}
+            outs = {"privateIp": f"10.1.0.{n}", "publicIp": f"54.0.0.{n}",
+                    "availabilityZone": inputs.get("availabilityZone") or "us-east-1b"}
             return f"i-{n:08x}", {**inputs, **outs}
         if args.typ == GCP_INSTANCE:
-            nics = [{**nic, "networkIp": f"10.128.0.{n}"} for nic in inputs.get("networkInterfaces", [])]
+            nics = [{**nic, "networkIp": f"10.128.0.{n}",
+                     "accessConfigs": [{**c, "natIp": f"34.0.0.{n}"} for c in nic.get("accessConfigs", [])]}
+                    for nic in inputs.get("networkInterfaces", [])]
             return f"projects/p/zones/z/instances/{args.name}", {**inputs, "networkInterfaces": nics,
                                                                   "instanceId": f"{9000 + n}"}
         if args.typ == AZ_NIC:
             configs = [{**c, "privateIPAddress": f"10.80.0.{n}"} for c in inputs.get("ipConfigurations", [])]
             return f"/nic/{args.name}", {**inputs, "ipConfigurations": configs}
+        if args.typ == AZ_PUBLIC_IP:
+            return f"/ip/{args.name}", {**inputs, "ipAddress": f"20.0.0.{n}"}
         if args.typ == AZ_VM:
             return f"/vm/{args.name}", {**inputs, "vmId": f"vm-guid-{n}"}
         if args.typ == K8S_POD:
@@ -657,9 +664,45 @@ def test_controller_vm_runs_the_controller_with_its_secrets_only_in_secret_user_
     assert is_secret(inputs["userDataBase64"])
     script = gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
     assert "hunter2" in script and "sortie-controller.service" in script
-    assert "pip install --quiet 'sortie[postgres,aws]'" in script and "orchestrator.controller.daemon" in script
+    assert "pip install --quiet 'sortie[postgres,dashboard,aws]'" in script
+    assert "orchestrator.controller.daemon" in script
+    # The dashboard runs beside it on the VM's loopback; `sortie dashboard` reaches it through SSH.
+    assert "sortie-dashboard.service" in script
+    assert "-m orchestrator.dashboard.server --host 127.0.0.1 --port 8765" in script
     assert "agent.py" not in script  # a controller, not a node
     for _typ, _name, other in harness.mocks.resources:  # nowhere in clear
         assert "hunter2" not in json.dumps(public(other), default=str)
     node, _ = exports["controller"]
     assert node["instance_type"] == "m6i.large" and exports["infra"] == ("aws", False)
+    assert node["public_ip"].startswith("54.0.0.") and node["ssh_user"] == "ubuntu"
+
+
+def ssh_sources(harness: Harness, cloud: str) -> list[list[str]]:
+    """Per firewall rule that admits port 22: where from."""
+    if cloud == "aws":
+        return [rule["cidrBlocks"] for group in harness.mocks.of_type(AWS_SG) for rule in group["ingress"]
+                if rule["fromPort"] <= 22 <= rule["toPort"]]
+    if cloud == "gcp":
+        return [wall["sourceRanges"] for wall in harness.mocks.of_type(GCP_FIREWALL)
+                if any("22" in allow.get("ports", []) for allow in wall["allows"])]
+    return [[rule["sourceAddressPrefix"]] for nsg in harness.mocks.of_type(AZ_NSG) for rule in nsg["securityRules"]
+            if rule["destinationPortRange"] == "22"]
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_only_the_controller_vm_admits_ssh_and_it_exports_where_and_as_whom(harness: Harness, cloud: str) -> None:
+    from stacks.controller_program import controller_program
+
+    exports = harness.run(lambda: controller_program(spec(cloud, name="sortie-controller-1", token="DB=x\n",
+                                                          ssh_public_key="ssh-ed25519 AAAA me",
+                                                          ssh_cidr="198.51.100.0/24")))
+    assert ssh_sources(harness, cloud) == [["198.51.100.0/24"]]
+    node, _ = exports["controller"]
+    assert node["public_ip"] and node["public_ip"] != node["ip"]
+    assert node["ssh_user"] == {"aws": "ubuntu", "gcp": "sortie", "azure": "sortie"}[cloud]
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_cluster_nodes_never_admit_ssh(harness: Harness, cloud: str) -> None:
+    harness.run(lambda: cluster_program(spec(cloud, ssh_public_key="ssh-ed25519 AAAA me", ssh_cidr="0.0.0.0/0")))
+    assert ssh_sources(harness, cloud) == []

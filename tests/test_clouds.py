@@ -79,3 +79,27 @@ def test_a_cloud_controller_needs_shared_state_and_an_enabled_cloud(tmp_path: Pa
     second = sortie("controller", "up", "-y")
     assert second.returncode != 0 and "jobs.controller.infra: aws is not enabled" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+
+
+def test_the_controller_vm_admits_sorties_own_ssh_key_unless_the_team_names_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from orchestrator.controller.remote import controller_program
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setattr(clouds, "_has_sdk", lambda cloud: True)
+    config = SortieConfig.model_validate({
+        "jobs": {"controller": {"infra": "aws", "ssh_cidr": "198.51.100.0/24"}},
+        "state": {"url": "postgresql://sortie@db.invalid/sortie"}})
+    program, _chosen = controller_program(config, tmp_path)
+    key = tmp_path / "ssh" / "sortie-controller"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY")
+    assert program.spec.ssh_public_key == (tmp_path / "ssh" / "sortie-controller.pub").read_text().strip()
+    assert program.spec.ssh_public_key.startswith("ssh-ed25519 ") and program.spec.ssh_cidr == "198.51.100.0/24"
+    again, _ = controller_program(config, tmp_path)  # the same key next time
+    assert again.spec.ssh_public_key == program.spec.ssh_public_key
+    team = config.model_copy(update={"cloud": config.cloud.model_copy(update={"ssh_public_key": "ssh-rsa AAAB team"})})
+    theirs, _ = controller_program(team, tmp_path / "other")
+    assert theirs.spec.ssh_public_key == "ssh-rsa AAAB team" and not (tmp_path / "other" / "ssh").exists()

@@ -4,6 +4,8 @@ against the shared PostgreSQL state, so the machine running `sortie` can go away
 from __future__ import annotations
 
 import base64
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,78 @@ from orchestrator.config import CONFIG_FILE, SortieConfig
 from orchestrator.errors import UsageError
 
 CONTROLLER_STACK_KIND = "controller"
+CONTROLLER_KEY = "sortie-controller"  # under <home>/ssh/, made at `controller up` unless cloud.ssh_public_key is set
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where SSH reaches the controller VM, and the far end of the dashboard's tunnel on it."""
+
+    host: str
+    user: str
+    port: int
+    identity: Path | None  # None: ssh's own keys and agent
+    known_hosts: Path
+    dashboard_port: int
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}" + (f":{self.port}" if self.port != 22 else "")
+
+
+def ssh_dir(home: Path) -> Path:
+    return home / "ssh"
+
+
+def controller_public_key(config: SortieConfig, home: Path) -> str:
+    """The SSH key the controller VM admits: `cloud.ssh_public_key`, else Sortie's own (made now if missing,
+    private half 0600 under <home>/ssh/)."""
+    if config.cloud.ssh_public_key:
+        return config.cloud.ssh_public_key.strip()
+    private = ssh_dir(home) / CONTROLLER_KEY
+    public = private.with_suffix(".pub")
+    if not (private.exists() and public.exists()):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+        private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private.unlink(missing_ok=True)
+        with os.fdopen(os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                        serialization.NoEncryption()))
+        line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        public.write_text(f"{line.decode()} sortie-controller\n")
+    return public.read_text().strip()
+
+
+def forget_host_key(home: Path) -> None:
+    """A new controller VM has a new host key: drop the one the tunnel accepted for the old VM."""
+    (ssh_dir(home) / "known_hosts").unlink(missing_ok=True)
+
+
+def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
+    """How `sortie dashboard` reaches the cloud controller's VM, from its stack's outputs in the shared state."""
+    from orchestrator.dashboard.server import DEFAULT_PORT
+    from state.store import StateStore
+
+    check_remote(config)
+    row = StateStore(config=config).stack(controller_stack(config))
+    node = dict(((row.outputs if row else None) or {}).get("controller") or {})
+    host = node.get("public_ip") or node.get("ip")
+    user = config.jobs.controller.ssh_user or node.get("ssh_user")
+    if not host or not user:
+        raise UsageError(f"the state has no SSH address for the controller VM ({controller_stack(config)}): "
+                         "run `sortie controller up` again to record it")
+    if config.cloud.ssh_public_key:
+        identity = Path(config.cloud.ssh_private_key).expanduser() if config.cloud.ssh_private_key else None
+    else:
+        identity = ssh_dir(home) / CONTROLLER_KEY
+    if identity is not None and not identity.exists():
+        raise UsageError(f"the SSH key for the controller VM is missing: {identity} (cloud.ssh_private_key, or "
+                         "Sortie's own key, made by the `sortie controller up` that created the VM)")
+    return SshTarget(host=str(host), user=str(user), port=int(node.get("ssh_port") or 22), identity=identity,
+                     known_hosts=ssh_dir(home) / "known_hosts",
+                     dashboard_port=int(node.get("dashboard_port") or DEFAULT_PORT))
 
 
 def controller_stack(config: SortieConfig) -> str:
@@ -63,10 +137,12 @@ def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str,
     env = [f"SORTIE_DB_URL={state_url}"]
     if config_file.exists():
         env.append(f"SORTIE_CONFIG_B64={base64.b64encode(config_file.read_bytes()).decode()}")
+    fields = {**cloud_fields(config), "ssh_public_key": controller_public_key(config, home),
+              "ssh_cidr": wanted.ssh_cidr}
     spec = ClusterSpec(name=controller_stack(config), infra=wanted.infra, region=option.offer.region,
                        zone=option.offer.zone, instance_type=option.offer.instance_type,
                        disk_size=wanted.resources.disk_size, token="\n".join(env) + "\n",
-                       controller_package=wanted.package, **cloud_fields(config))
+                       controller_package=wanted.package, **fields)
     chosen = {"instance_type": option.offer.instance_type, "region": option.offer.region,
               "price_per_hour": option.price_per_node}
     return StackProgram(CONTROLLER_STACK_KIND, spec), chosen

@@ -25,6 +25,10 @@ import pulumi
 from orchestrator.errors import UsageError
 from stacks.spec import ClusterSpec
 
+# Where the controller VM's dashboard listens, on its loopback (the SSH tunnel's far end).
+REMOTE_DASHBOARD_PORT = 8765
+SSH_PORT = 22
+
 
 @dataclass(frozen=True)
 class BuiltNode:
@@ -49,9 +53,13 @@ class CloudNode(BuiltNode):
     zone: pulumi.Output[str | None]
     instance_type: pulumi.Output[str | None]
     spot: bool
+    # Where SSH reaches it from outside its network (None: no public address), and as whom.
+    public_ip: pulumi.Output[str | None] | None = None
+    ssh_user: str | None = None
 
     def export(self) -> dict[str, object]:
-        return {**super().export(), "zone": self.zone, "instance_type": self.instance_type, "spot": self.spot}
+        return {**super().export(), "zone": self.zone, "instance_type": self.instance_type, "spot": self.spot,
+                "public_ip": self.public_ip, "ssh_user": self.ssh_user, "ssh_port": SSH_PORT}
 
 
 class NodeBuilder(Protocol):
@@ -224,10 +232,17 @@ systemctl restart sortie-agent.service
 """
 
 
+def ssh_source(spec: ClusterSpec) -> str | None:
+    """What the default firewall admits to SSH: `spec.ssh_cidr` on the controller VM (the dashboard tunnel);
+    nothing on nodes (the controller reaches their agents over the private network)."""
+    return (spec.ssh_cidr or "0.0.0.0/0") if spec.role == "controller" else None
+
+
 def controller_boot_script(spec: ClusterSpec, secret_env: str) -> str:
     """The boot script of a jobs controller VM: Sortie installed in a venv, its secret environment (the shared
-    state DB URL, the config) in a root-only file, the controller daemon as a systemd service."""
-    extras = ",".join(["postgres", spec.infra]) if spec.infra != "local" else "postgres"
+    state DB URL, the config) in a root-only file, the controller daemon and the dashboard (on loopback) as
+    systemd services."""
+    extras = ",".join(["postgres", "dashboard", spec.infra]) if spec.infra != "local" else "postgres,dashboard"
     package = f"{spec.controller_package}[{extras}]"
     return f"""#!/bin/bash
 # Sortie jobs controller bootstrap (runs at every boot; idempotent).
@@ -263,9 +278,24 @@ RestartSec=5
 [Install]
 WantedBy=multi-user.target
 SORTIE_UNIT_EOF
+cat > /etc/systemd/system/sortie-dashboard.service <<'SORTIE_UNIT_EOF'
+[Unit]
+Description=Sortie dashboard (loopback only; `sortie dashboard` reaches it through an SSH tunnel)
+After=sortie-controller.service
+
+[Service]
+EnvironmentFile=/etc/sortie/controller.env
+Environment=SORTIE_HOME=/var/lib/sortie
+ExecStart=/opt/sortie/venv/bin/python -m orchestrator.dashboard.server --host 127.0.0.1 --port {REMOTE_DASHBOARD_PORT}
+Restart=always
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+SORTIE_UNIT_EOF
 systemctl daemon-reload
-systemctl enable sortie-controller.service
-systemctl restart sortie-controller.service
+systemctl enable sortie-controller.service sortie-dashboard.service
+systemctl restart sortie-controller.service sortie-dashboard.service
 """
 
 

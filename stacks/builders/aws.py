@@ -23,6 +23,7 @@ import pulumi_aws as aws
 from orchestrator.errors import UsageError
 from stacks.builders import (
     DEFAULT_DISK_GB,
+    SSH_PORT,
     BuiltNode,
     CloudNode,
     accelerator,
@@ -32,6 +33,7 @@ from stacks.builders import (
     network_output_names,
     secret_boot_script,
     sortie_tags,
+    ssh_source,
 )
 from stacks.spec import ClusterSpec
 
@@ -41,6 +43,7 @@ USER_DATA_LIMIT = 16 * 1024  # what EC2 takes, before base64
 # (owner, name pattern) of the default images; `{arch}` is x86_64 or arm64.
 GPU_AMI = ("amazon", "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *")
 CPU_AMI = ("099720109477", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-{arch}-server-*")
+SSH_USER = "ubuntu"  # both default images are Ubuntu
 GPU_INSTANCE_TYPES: dict[str, dict[int, str]] = {
     "T4": {1: "g4dn.xlarge", 4: "g4dn.12xlarge", 8: "g4dn.metal"},
     "A10G": {1: "g5.xlarge", 4: "g5.12xlarge", 8: "g5.48xlarge"},
@@ -111,12 +114,16 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             subnet_id = aws.ec2.get_subnet_output(default_for_az=True, availability_zone=zone, vpc_id=vpc.id,
                                                   region=region, opts=invoke).id
         cidr = spec.controller_cidr
+        ingress: list[dict[str, object]] = [
+            {"protocol": "tcp", "from_port": spec.agent_port, "to_port": spec.agent_port,
+             "cidr_blocks": [cidr] if cidr else [vpc.cidr_block], "description": "Sortie controller to node agent"}]
+        if ssh_cidr := ssh_source(spec):
+            ingress.append({"protocol": "tcp", "from_port": SSH_PORT, "to_port": SSH_PORT, "cidr_blocks": [ssh_cidr],
+                            "description": "SSH to the Sortie controller (the dashboard tunnel)"})
         group = aws.ec2.SecurityGroup(
             f"{spec.name}-agent", vpc_id=vpc.id, region=region,
-            description=f"Sortie cluster {spec.name}: the node agent port only",
-            ingress=[{"protocol": "tcp", "from_port": spec.agent_port, "to_port": spec.agent_port,
-                      "cidr_blocks": [cidr] if cidr else [vpc.cidr_block],
-                      "description": "Sortie controller to node agent"}],
+            description=f"Sortie cluster {spec.name}: the node agent port (and SSH on the controller) only",
+            ingress=ingress,
             egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"],
                      "ipv6_cidr_blocks": ["::/0"], "description": "all outbound"}],
             tags={**tags, "Name": f"{spec.name}-agent"}, opts=base,
@@ -153,6 +160,7 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             url=agent_url(instance.private_ip, spec.agent_port),
             region=pulumi.Output.from_input(region) if region else instance.region,
             zone=instance.availability_zone, instance_type=pulumi.Output.from_input(itype), spot=spec.use_spot,
+            public_ip=instance.public_ip.apply(lambda ip: ip or None), ssh_user=SSH_USER,
         ))
     return nodes
 

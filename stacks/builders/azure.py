@@ -26,6 +26,7 @@ from pulumi_azure_native import compute, network, resources
 from orchestrator.errors import UsageError
 from stacks.builders import (
     DEFAULT_DISK_GB,
+    SSH_PORT,
     BuiltNode,
     CloudNode,
     accelerator,
@@ -36,6 +37,7 @@ from stacks.builders import (
     network_output_names,
     secret_boot_script,
     sortie_tags,
+    ssh_source,
 )
 from stacks.spec import ClusterSpec
 
@@ -122,7 +124,12 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
                 "protocol": "Tcp", "source_port_range": "*", "destination_port_range": str(spec.agent_port),
                 "source_address_prefix": spec.controller_cidr or "VirtualNetwork",
                 "destination_address_prefix": "*", "description": "Sortie controller to node agent",
-            }],
+            }] + ([{
+                "name": "sortie-controller-ssh", "priority": 110, "direction": "Inbound", "access": "Allow",
+                "protocol": "Tcp", "source_port_range": "*", "destination_port_range": str(SSH_PORT),
+                "source_address_prefix": ssh_cidr, "destination_address_prefix": "*",
+                "description": "SSH to the Sortie controller (the dashboard tunnel)",
+            }] if (ssh_cidr := ssh_source(spec)) else []),
         )
         vnet = network.VirtualNetwork(f"{spec.name}-vnet", resource_group_name=group_name, location=region,
                                       address_space={"address_prefixes": [VNET_RANGE]}, tags=tags, opts=base)
@@ -143,6 +150,9 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
                 f"{name}-ip", resource_group_name=group_name, location=region, sku={"name": "Standard"},
                 public_ip_allocation_method="Static", zones=[zone] if zone else None, tags=node_tags, opts=base)
             ip_config["public_ip_address"] = {"id": public_ip.id}
+            address: pulumi.Output[str | None] | None = public_ip.ip_address
+        else:
+            address = None
         nic = network.NetworkInterface(f"{name}-nic", resource_group_name=group_name, location=region,
                                        ip_configurations=[ip_config], tags=node_tags, opts=base)
         spot = ({"priority": "Spot", "eviction_policy": "Delete", "billing_profile": {"max_price": -1}}
@@ -173,5 +183,6 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
             rank=rank, node_id=vm.vm_id, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
             region=pulumi.Output.from_input(region) if region else vm.location,
             zone=pulumi.Output.from_input(zone), instance_type=pulumi.Output.from_input(size), spot=spec.use_spot,
+            public_ip=address, ssh_user=ADMIN_USER,
         ))
     return nodes

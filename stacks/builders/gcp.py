@@ -23,6 +23,7 @@ import pulumi_gcp as gcp
 from orchestrator.errors import UsageError
 from stacks.builders import (
     DEFAULT_DISK_GB,
+    SSH_PORT,
     BuiltNode,
     CloudNode,
     accelerator,
@@ -33,11 +34,13 @@ from stacks.builders import (
     network_output_names,
     secret_boot_script,
     sortie_tags,
+    ssh_source,
 )
 from stacks.spec import ClusterSpec
 
 DEFAULT_MACHINE_TYPE = "n2-standard-4"
 DEFAULT_NETWORK = "default"
+SSH_USER = "sortie"  # the login of `ssh-keys` metadata
 DEFAULT_INTERNAL_RANGE = "10.128.0.0/9"  # the subnets of an auto-mode network such as `default`
 NETWORK_OUTPUTS = {"network": "network", "subnetwork": "subnetwork"}
 CPU_IMAGE = "ubuntu-os-cloud/ubuntu-2204-lts"
@@ -103,6 +106,13 @@ def build_gcp_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             allows=[{"protocol": "tcp", "ports": [str(spec.agent_port)]}],
             source_ranges=[spec.controller_cidr or DEFAULT_INTERNAL_RANGE], target_tags=[net_tag], opts=base,
         )
+        if ssh_cidr := ssh_source(spec):
+            gcp.compute.Firewall(
+                dns_label(f"{spec.name}-ssh"), network=DEFAULT_NETWORK, direction="INGRESS",
+                description=f"Sortie controller {spec.name}: SSH (the dashboard tunnel)",
+                allows=[{"protocol": "tcp", "ports": [str(SSH_PORT)]}],
+                source_ranges=[ssh_cidr], target_tags=[net_tag], opts=base,
+            )
     on_maintenance = "TERMINATE" if gpus else "MIGRATE"
     scheduling = ({"provisioning_model": "SPOT", "preemptible": True, "automatic_restart": False,
                    "on_host_maintenance": "TERMINATE", "instance_termination_action": "DELETE"}
@@ -114,7 +124,7 @@ def build_gcp_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
     for rank in range(spec.num_nodes):
         metadata: dict[str, pulumi.Input[str]] = {"startup-script": secret_boot_script(spec, rank)}
         if spec.ssh_public_key:
-            metadata["ssh-keys"] = f"sortie:{spec.ssh_public_key.strip()}"
+            metadata["ssh-keys"] = f"{SSH_USER}:{spec.ssh_public_key.strip()}"
         interface: dict[str, object] = {"network": network}
         if subnetwork is not None:
             interface["subnetwork"] = subnetwork
@@ -137,5 +147,12 @@ def build_gcp_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             rank=rank, node_id=instance.instance_id, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
             region=pulumi.Output.from_input(region) if region else node_zone.apply(lambda z: z.rsplit("-", 1)[0]),
             zone=node_zone, instance_type=pulumi.Output.from_input(machine_type), spot=spec.use_spot,
+            public_ip=instance.network_interfaces.apply(_nat_ip), ssh_user=SSH_USER,
         ))
     return nodes
+
+
+def _nat_ip(nics: list) -> str | None:
+    """The first interface's external address, if it has one (the default network's nodes do)."""
+    configs = (nics[0].access_configs if nics else None) or []
+    return (configs[0].nat_ip or None) if configs else None
