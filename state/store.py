@@ -329,10 +329,6 @@ class StateStore(PoolStore):
         with self.session() as session, session.begin():
             session.execute(update(StackRow).where(StackRow.name == name).values(**values))
 
-    def stack(self, name: str) -> StackRow | None:
-        with self.session() as session:
-            return session.get(StackRow, name)
-
     def live_stacks(self) -> list[StackRow]:
         with self.session() as session:
             return list(session.scalars(select(StackRow).where(StackRow.status != "DESTROYED")))
