@@ -52,6 +52,9 @@ class ClusterSpec:
     # environment file, `controller_package` what it installs).
     role: str = "node"
     controller_package: str = "sortie"
+    # A cloud node that does bucket work itself (COPY, MOUNT_CACHED, S3 MOUNT: `python -m orchestrator.node_storage`)
+    # pip-installs this (with the s3 extra) into NODE_VENV at boot; None: the agent only (stdlib).
+    node_package: str | None = None
     # For tags only.
     job_id: str | None = None
     attempt: str | None = None

@@ -706,3 +706,44 @@ def test_only_the_controller_vm_admits_ssh_and_it_exports_where_and_as_whom(harn
 def test_cluster_nodes_never_admit_ssh(harness: Harness, cloud: str) -> None:
     harness.run(lambda: cluster_program(spec(cloud, ssh_public_key="ssh-ed25519 AAAA me", ssh_cidr="0.0.0.0/0")))
     assert ssh_sources(harness, cloud) == []
+
+
+# --- nodes that do bucket work themselves ----------------------------------------------------------------------------
+
+def test_a_cloud_node_with_bucket_work_installs_sortie_before_its_agent(harness: Harness) -> None:
+    harness.run(lambda: cluster_program(spec("aws", num_nodes=1, node_package="sortie==0.1.0")))
+    (inputs,) = harness.mocks.of_type(AWS_INSTANCE)
+    script = gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
+    install = script.index("/var/lib/sortie/venv/bin/pip install --quiet 'sortie==0.1.0[s3]'")
+    assert install < script.index("systemctl restart sortie-agent.service")
+    assert "python3 -m venv /var/lib/sortie/venv" in script
+
+
+def test_a_node_without_bucket_work_installs_only_the_agent(harness: Harness) -> None:
+    harness.run(lambda: cluster_program(spec("aws", num_nodes=1)))
+    (inputs,) = harness.mocks.of_type(AWS_INSTANCE)
+    assert "pip install" not in gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
+
+
+def test_a_pod_with_bucket_work_installs_sortie_then_execs_its_agent(harness: Harness) -> None:
+    harness.run(lambda: cluster_program(spec("kubernetes", num_nodes=1, node_package="sortie")))
+    (pod,) = harness.mocks.of_type(K8S_POD)
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["/bin/sh", "-c"]
+    assert "/var/lib/sortie/venv/bin/pip install --quiet 'sortie[s3]'" in command[2]
+    assert "\nexec python3 /opt/sortie/agent.py " in command[2]
+
+
+def test_which_nodes_install_sortie_and_which_python_runs_their_bucket_steps() -> None:
+    from orchestrator.config import SortieConfig
+    from orchestrator.controller.node_files import node_package_for, node_python
+    from orchestrator.storage.staging import NodeStep
+
+    config = SortieConfig.model_validate({"jobs": {"controller": {"package": "sortie==0.1.0"}}})
+    copy = NodeStep(dest="/data", kind="copy", url="s3://bucket/data")
+    push = NodeStep(dest="~/sky_workdir", kind="push", path="/tmp/x")
+    local_mount = NodeStep(dest="/ckpt", kind="mount", url="local://ckpt")
+    assert node_package_for([copy], "aws", config) == "sortie==0.1.0"
+    assert node_package_for([push, local_mount], "aws", config) is None  # pushed by the controller, or a link
+    assert node_package_for([copy], "local", config) is None and node_package_for([], "gcp", config) is None
+    assert node_python("aws") == "/var/lib/sortie/venv/bin/python" and node_python("local") is None

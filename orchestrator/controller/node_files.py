@@ -53,6 +53,24 @@ def _is_node_side(step: NodeStep) -> bool:
     return step.kind == "mount" and parse_bucket_url(step.url or "").store != "local"
 
 
+def node_package_for(steps: Sequence[NodeStep], infra: str | None, config: SortieConfig) -> str | None:
+    """What a cloud node must pip-install to run these steps itself (`ClusterSpec.node_package`): the package
+    the controller VM installs, when a step runs on the node; None on the local cloud (its nodes run this
+    machine's Python) and when no step does."""
+    if (infra or "local") == "local" or not any(_is_node_side(s) for s in steps):
+        return None
+    return config.jobs.controller.package
+
+
+def node_python(infra: str | None) -> str | None:
+    """The Python a node runs its bucket steps with: NODE_PYTHON on a cloud (None: this machine's)."""
+    if (infra or "local") == "local":
+        return None
+    from stacks.builders import NODE_PYTHON
+
+    return NODE_PYTHON
+
+
 def _credentials_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
@@ -137,7 +155,8 @@ class JobFiles:
         self.ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
 
     def _files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
-        return NodeFiles(self.r.config, self.r.store.home, task_steps(job.storage, job.current_task), attempt.id)
+        return NodeFiles(self.r.config, self.r.store.home, task_steps(job.storage, job.current_task), attempt.id,
+                         python=node_python(attempt.infra))
 
     def _note(self, job: JobRow, rank: int) -> Callable[[str], None]:
         return lambda line: self.r.logs.note(job.id, f"[files] node {rank}: {line}")

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.agent_client import AgentClient, AgentError
-from orchestrator.controller.node_files import NodeFiles, NodeStorageError, task_steps
+from orchestrator.controller.node_files import (
+    NodeFiles,
+    NodeStorageError,
+    node_package_for,
+    node_python,
+    task_steps,
+)
 from orchestrator.errors import NoCapacityError
 from orchestrator.placement import Infeasible, place
 from orchestrator.pools import PoolActions, PoolPolicy, WorkerView, decide_pool
@@ -138,7 +144,8 @@ class PoolWorkers:
 
     def _program(self, pool: PoolRow, worker: WorkerRow) -> StackProgram:
         return worker_program(pool.name, pool.spec, worker.stack_name, worker.number, worker.infra, worker.region,
-                              worker.use_spot, self.store.box.open(worker.token_enc), self.store.home, self.r.config)
+                              worker.use_spot, self.store.box.open(worker.token_enc), self.store.home, self.r.config,
+                              node_package=node_package_for(task_steps(pool.storage, 0), worker.infra, self.r.config))
 
     def _op(self, pool: str, op: str, stack: str, fn: Callable[[], Any]) -> Any:
         """The result of a stack operation once done, else None after making sure it runs; engine output goes to
@@ -179,7 +186,8 @@ class PoolWorkers:
         """Files and setup on every node of the worker, once."""
         from orchestrator.run_env import node_env
 
-        files = NodeFiles(self.r.config, self.store.home, task_steps(pool.storage, 0), worker.id)
+        files = NodeFiles(self.r.config, self.store.home, task_steps(pool.storage, 0), worker.id,
+                          python=node_python(worker.infra))
         setup = pool.spec.get("setup")
         clients = self.clients(worker)
         ips = [n["ip"] for n, _ in clients]
@@ -290,13 +298,15 @@ class PoolWorkers:
 
 
 def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, infra: str | None, region: str | None,
-                   use_spot: bool, token: str, home: Path, config: SortieConfig | None = None) -> StackProgram:
-    """The stack program of one worker (also what `pool apply` previews)."""
+                   use_spot: bool, token: str, home: Path, config: SortieConfig | None = None,
+                   node_package: str | None = None) -> StackProgram:
+    """The stack program of one worker (also what `pool apply` previews; a pool with files is recreated at every
+    apply, so a preview without `node_package`, which staging decides, shows no false change)."""
     accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
                        labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
-                       **(cloud_fields(config) if config else {}))
+                       node_package=node_package, **(cloud_fields(config) if config else {}))
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)
 
 

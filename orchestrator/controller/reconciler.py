@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
-from orchestrator.controller.node_files import JobFiles, NodeStorageError, task_steps
+from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_package_for, task_steps
 from orchestrator.controller.ops import OperationPool
 from orchestrator.controller.pool_workers import PoolWorkers, job_dir
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
@@ -215,6 +215,8 @@ class Reconciler:
                            accelerators={k: int(v) for k, v in accelerators.items()},
                            labels={"sortie-job": str(job.id)}, token=self.store.box.open(attempt.token_enc),
                            local_root=str(self.store.home / "local"), **cloud_fields(self.config),
+                           node_package=node_package_for(task_steps(job.storage, job.current_task), attempt.infra,
+                                                         self.config),
                            job_id=str(job.id), attempt=str(attempt.number), user=job.user)
         return StackProgram("cluster", spec)
 

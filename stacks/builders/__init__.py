@@ -123,6 +123,9 @@ def builder_for(infra: str) -> NodeBuilder:
 DEFAULT_DISK_GB = 256
 AGENT_SOURCE = Path(__file__).resolve().parents[2] / "orchestrator" / "agent.py"
 AGENT_DIR = "/opt/sortie"
+# Where a node that does bucket work has Sortie (`spec.node_package`); writable on every infra (a pod's volume).
+NODE_VENV = "/var/lib/sortie/venv"
+NODE_PYTHON = f"{NODE_VENV}/bin/python"
 SANDBOX_DIR = "/var/lib/sortie/sandbox"
 TOKEN_FILE = "/etc/sortie/token"
 _HEREDOC_END = "SORTIE_AGENT_EOF"
@@ -194,6 +197,19 @@ def agent_command(spec: ClusterSpec, node_id: str, *, token_stdin: bool) -> list
     return [*command, "--token-stdin"] if token_stdin else command
 
 
+def node_package_install(spec: ClusterSpec) -> str:
+    """Shell lines that install `spec.node_package[s3]` into NODE_VENV once (nothing without one): what a node
+    needs to run its bucket steps (`python -m orchestrator.node_storage`)."""
+    if not spec.node_package:
+        return ""
+    package = shlex.quote(f"{spec.node_package}[s3]")
+    return (f"if [ ! -x {NODE_PYTHON} ]; then\n"
+            f"  python3 -m venv {NODE_VENV} 2>/dev/null || {{ (command -v apt-get >/dev/null && apt-get update -y "
+            f"&& apt-get install -y python3-venv) || true; python3 -m venv {NODE_VENV}; }}\n"
+            f"  {NODE_VENV}/bin/pip install --quiet {package}\n"
+            "fi\n")
+
+
 def boot_script(spec: ClusterSpec, rank: int, token: str, source: str) -> str:
     """A boot script (cloud-init user-data / startup script) that installs the agent as a systemd
     service reading its token, from a root-only file, on stdin. It holds the token: only ever build
@@ -208,7 +224,7 @@ cat > {AGENT_DIR}/agent.py <<'{_HEREDOC_END}'
 {source.rstrip()}
 {_HEREDOC_END}
 printf '%s\\n' {shlex.quote(token)} > {TOKEN_FILE}
-cat > /etc/systemd/system/sortie-agent.service <<'SORTIE_UNIT_EOF'
+{node_package_install(spec)}cat > /etc/systemd/system/sortie-agent.service <<'SORTIE_UNIT_EOF'
 [Unit]
 Description=Sortie node agent
 Wants=network-online.target

@@ -17,6 +17,7 @@ and `controller_cidr` do not apply.
 from __future__ import annotations
 
 import re
+import shlex
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -33,6 +34,7 @@ from stacks.builders import (
     dns_label,
     location,
     merge_opts,
+    node_package_install,
     sortie_tags,
 )
 from stacks.spec import ClusterSpec
@@ -133,7 +135,7 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
         pod_name = f"{prefix}-{rank}"
         container: dict[str, object] = {
             "name": "agent", "image": spec.image or DEFAULT_IMAGE,
-            "command": agent_command(spec, pod_name, token_stdin=False),
+            "command": pod_command(spec, pod_name),
             "env": [{"name": "SORTIE_AGENT_TOKEN",
                      "value_from": {"secret_key_ref": {"name": secret.metadata.name, "key": "token"}}}],
             "ports": [{"name": "agent", "container_port": spec.agent_port}],
@@ -159,3 +161,12 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
             instance_type=pulumi.Output.from_input(spec.instance_type), spot=spec.use_spot,
         ))
     return nodes
+
+
+def pod_command(spec: ClusterSpec, pod_name: str) -> list[str]:
+    """The agent's command, after installing Sortie for the node's bucket work when the spec asks for it."""
+    command = agent_command(spec, pod_name, token_stdin=False)
+    install = node_package_install(spec)
+    if not install:
+        return command
+    return ["/bin/sh", "-c", f"set -e\n{install}exec {shlex.join(command)}"]
