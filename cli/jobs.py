@@ -342,11 +342,17 @@ def events(job_id: int = typer.Argument(..., help="Job id."),
 
 @controller_app.command("status")
 def controller_status() -> None:
-    """Whether the controller runs, since when, and what it holds."""
+    """Whether the controller runs, since when, and what it holds (on a cloud VM: its stack and address)."""
+    from orchestrator.config import load_config
     from orchestrator.controller.daemon import controller_info
+    from orchestrator.controller.remote import remote_status
 
-    info = controller_info()
     console = _console()
+    config = load_config()
+    if config.jobs.controller.infra != "local":
+        console.print(remote_status(config))
+        return
+    info = controller_info()
     if not info.running:
         console.print("controller: not running (the next `sortie jobs launch` starts it)")
         return
@@ -425,8 +431,13 @@ def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not 
 @controller_app.command("stop")
 def controller_stop() -> None:
     """Stop the controller; jobs stay in the state and resume at its next start."""
+    from orchestrator.config import load_config
     from orchestrator.controller.daemon import stop_controller
+    from orchestrator.errors import UsageError
 
+    if load_config().jobs.controller.infra != "local":
+        raise UsageError("the controller runs on a cloud VM (jobs.controller.infra): `sortie controller down` "
+                         "destroys it (jobs wait in the state)")
     info = stop_controller()
     _console().print(f"controller stopped (pid {info.pid})" if info.running else "controller was not running")
 

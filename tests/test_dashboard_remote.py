@@ -101,8 +101,16 @@ def test_the_dashboard_of_a_cloud_controller_is_reached_through_an_ssh_tunnel(se
     assert before.returncode != 0 and "sortie controller up" in before.stderr
     assert len(before.stderr.strip().splitlines()) == 1 and "Traceback" not in before.stderr
 
+    assert "never created: start it with `sortie controller up`" in setup.sortie("controller", "status").stdout
+    stop = setup.sortie("controller", "stop")  # nothing to stop here: it says what does
+    assert stop.returncode != 0 and "`sortie controller down`" in stop.stderr
+
     setup.mark_up({"controller": {"ip": "10.0.0.5", "public_ip": "127.0.0.1", "ssh_user": sshd.user,
-                                  "ssh_port": sshd.port, "dashboard_port": setup.vm_port}, "infra": "aws"})
+                                  "ssh_port": sshd.port, "dashboard_port": setup.vm_port,
+                                  "instance_type": "m6i.large", "region": "us-east-1"}, "infra": "aws"})
+    status = setup.sortie("controller", "status").stdout
+    assert "runs on a VM on aws" in status
+    assert "UP at 127.0.0.1 (m6i.large, us-east-1)" in status
     out = setup.sortie("dashboard", "--port", "0")
     assert out.returncode == 0, out.stderr
     assert f"through SSH to {sshd.user}@127.0.0.1:{sshd.port}" in out.stdout and "tunnel opened" in out.stdout

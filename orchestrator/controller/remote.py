@@ -62,6 +62,23 @@ def forget_host_key(home: Path) -> None:
     (ssh_dir(home) / "known_hosts").unlink(missing_ok=True)
 
 
+def remote_status(config: SortieConfig) -> str:
+    """One line on the cloud controller's VM, from the shared state: its stack's status and address."""
+    from state.store import StateStore
+
+    _shared_state_url(config)
+    name = controller_stack(config)
+    row = StateStore(config=config).stack(name)
+    where = f"runs on a VM on {config.jobs.controller.infra} (jobs.controller.infra)"
+    if row is None or row.status != "UP":
+        state = row.status if row else "never created"
+        return f"controller: {where}, stack {name} {state}: start it with `sortie controller up`"
+    node = dict((row.outputs or {}).get("controller") or {})
+    address = node.get("public_ip") or node.get("ip") or "address not recorded"
+    return (f"controller: {where}, stack {name} UP at {address} ({node.get('instance_type') or '?'}, "
+            f"{node.get('region') or '?'}); `sortie dashboard` opens its dashboard")
+
+
 def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
     """How `sortie dashboard` reaches the cloud controller's VM, from its stack's outputs in the shared state."""
     from orchestrator.dashboard.server import DEFAULT_PORT
