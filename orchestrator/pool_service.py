@@ -115,8 +115,10 @@ class PoolService(JobService):
     def apply(self, name: str, pipeline: Pipeline, plan: ApplyPlan, new_hash: str) -> None:
         """Record the pool's new spec and policy (staging its workdir and file mounts first) and make sure the
         controller runs; the controller's pool reconciler creates, drains and destroys workers."""
+        from orchestrator.controller.daemon import check_controller, ensure_controller
         from orchestrator.storage.staging import prepare, stage
 
+        check_controller(self.config)
         task = _pool_task(name, pipeline)
         spec = {**task.to_json(), "resources_str": task.resources_str()}
         storage_plan = prepare(pipeline, self.config, self.home)
@@ -130,8 +132,6 @@ class PoolService(JobService):
                                       "max_workers": policy.max_workers, "idle_timeout": policy.idle_timeout,
                                       "jobs_per_worker": policy.jobs_per_worker},
                               plan=plan.to_json(), storage=storage)
-        from orchestrator.controller.daemon import ensure_controller
-
         ensure_controller(self.home)
 
     def resolve_pool(self, name: str) -> PoolRow:
@@ -179,12 +179,13 @@ class PoolService(JobService):
         misfit = _misfit(task, pool)
         if misfit:
             raise UsageError(f"the job does not fit pool {pool_name}: {misfit}")
+        from orchestrator.controller.daemon import check_controller, ensure_controller
+
+        check_controller(self.config)
         spec = {**pipeline.to_json(), "is_pipeline": False}
         spec["tasks"][0].update(setup=None, workdir=None, file_mounts={}, storage_mounts={})
         ids = self.store.submit(spec, [dict(task.secrets)], user=current_user(), name=pipeline.name, count=num_jobs,
                                 task_resources=[task.resources_str()], pool=pool_name)
-        from orchestrator.controller.daemon import ensure_controller
-
         ensure_controller(self.home)
         return ids, notes
 

@@ -150,6 +150,10 @@ class JobService:
         plan = storage if storage is not None else self.plan_storage(pipeline)
         if not plan.empty and count != 1:
             raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
+        if start_controller:
+            from orchestrator.controller.daemon import check_controller
+
+            check_controller(self.config)
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
         ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=current_user(),
                                 name=pipeline.name, count=count, staging=not plan.empty,

@@ -102,6 +102,10 @@ def test_the_dashboard_of_a_cloud_controller_is_reached_through_an_ssh_tunnel(se
     assert len(before.stderr.strip().splitlines()) == 1 and "Traceback" not in before.stderr
 
     assert "never created: start it with `sortie controller up`" in setup.sortie("controller", "status").stdout
+    launch = setup.sortie("jobs", "launch", "-y", "-d", "echo hi")  # no local controller is started either
+    assert launch.returncode != 0 and "start it with `sortie controller up`" in launch.stderr
+    assert len(launch.stderr.strip().splitlines()) == 1
+    assert not (setup.laptop / "controller.pid").exists() and not (setup.laptop / "logs" / "controller.log").exists()
     stop = setup.sortie("controller", "stop")  # nothing to stop here: it says what does
     assert stop.returncode != 0 and "`sortie controller down`" in stop.stderr
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from orchestrator import __version__
-from orchestrator.config import load_config, sortie_home
+from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 START_TIMEOUT = 30.0
@@ -67,6 +67,15 @@ def controller_info(home: Path | None = None) -> ControllerInfo:
     return ControllerInfo(False)
 
 
+def check_controller(config: SortieConfig) -> None:
+    """What a submit checks before it writes anything: a controller on a cloud VM must be up (it cannot be started
+    from here); a local one is started afterwards by `ensure_controller`."""
+    if config.jobs.controller.infra != "local":
+        from orchestrator.controller.remote import check_remote
+
+        check_remote(config)
+
+
 def ensure_controller(home: Path | None = None) -> ControllerInfo:
     """Start the controller if it is not running; wait until it holds its lock."""
     home = home or sortie_home()
@@ -74,9 +83,7 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
 
     config = load_config(home)
     if config.jobs.controller.infra != "local":  # the controller is a VM of its own: it must be up, not started
-        from orchestrator.controller.remote import check_remote
-
-        check_remote(config)
+        check_controller(config)
         return ControllerInfo(running=True)
     info = controller_info(home)
     if info.running:

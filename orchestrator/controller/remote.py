@@ -7,10 +7,13 @@ import base64
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import CONFIG_FILE, SortieConfig
 from orchestrator.errors import UsageError
+
+if TYPE_CHECKING:
+    from state.models import StackRow
 
 CONTROLLER_STACK_KIND = "controller"
 CONTROLLER_KEY = "sortie-controller"  # under <home>/ssh/, made at `controller up` unless cloud.ssh_public_key is set
@@ -64,11 +67,8 @@ def forget_host_key(home: Path) -> None:
 
 def remote_status(config: SortieConfig) -> str:
     """One line on the cloud controller's VM, from the shared state: its stack's status and address."""
-    from state.store import StateStore
-
-    _shared_state_url(config)
     name = controller_stack(config)
-    row = StateStore(config=config).stack(name)
+    row = controller_row(config)
     where = f"runs on a VM on {config.jobs.controller.infra} (jobs.controller.infra)"
     if row is None or row.status != "UP":
         state = row.status if row else "never created"
@@ -82,11 +82,8 @@ def remote_status(config: SortieConfig) -> str:
 def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
     """How `sortie dashboard` reaches the cloud controller's VM, from its stack's outputs in the shared state."""
     from orchestrator.dashboard.server import DEFAULT_PORT
-    from state.store import StateStore
 
-    check_remote(config)
-    row = StateStore(config=config).stack(controller_stack(config))
-    node = dict(((row.outputs if row else None) or {}).get("controller") or {})
+    node = dict((check_remote(config).outputs or {}).get("controller") or {})
     host = node.get("public_ip") or node.get("ip")
     user = config.jobs.controller.ssh_user or node.get("ssh_user")
     if not host or not user:
@@ -118,16 +115,21 @@ def _shared_state_url(config: SortieConfig) -> str:
     return url
 
 
-def check_remote(config: SortieConfig) -> None:
-    """For a cloud controller: its stack must be up (else a clear error saying how to start it)."""
+def controller_row(config: SortieConfig) -> StackRow | None:
+    """The cloud controller's stack row in the shared state (None: never created)."""
     from state.store import StateStore
 
     _shared_state_url(config)
-    store = StateStore(config=config)
-    row = next((r for r in store.live_stacks() if r.name == controller_stack(config)), None)
+    return StateStore(config=config).stack(controller_stack(config))
+
+
+def check_remote(config: SortieConfig) -> StackRow:
+    """For a cloud controller: its stack must be up (else a clear error saying how to start it)."""
+    row = controller_row(config)
     if row is None or row.status != "UP":
         raise UsageError(f"the jobs controller runs on {config.jobs.controller.infra} (jobs.controller.infra) and is "
                          "not up: start it with `sortie controller up`")
+    return row
 
 
 def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str, Any]]:

@@ -61,21 +61,20 @@ def open_tunnel(home: Path, target: SshTarget, local_port: int = 0, timeout: flo
     info = {"kind": "tunnel", "pid": proc.pid, "host": "127.0.0.1", "port": port, "url": url, "probe_url": url,
             "marker": forward_spec(port, target), "via": str(target), "started_at": time.time()}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         if proc.poll() is not None:
             raise SortieError(f"cannot reach the controller VM over SSH ({target}): {_why(log, since)}")
         if server.answers(url):
             server.record(home, info)
             return info
         refused = "open failed" in log.read_bytes()[since:].decode(errors="replace")  # the VM refused the forward
-        if refused or time.monotonic() + 0.2 >= deadline:
+        if refused or time.monotonic() >= deadline:
             proc.kill()
             proc.wait(timeout=10)
             raise SortieError(f"the SSH tunnel to {target} works but the VM's dashboard does not answer on its port "
                               f"{target.dashboard_port} ({_why(log, since)}): is its sortie-dashboard service "
                               "running? (`systemctl status sortie-dashboard` on the VM)")
         time.sleep(0.2)
-    raise AssertionError("unreachable")
 
 
 def hold_tunnel(target: SshTarget, local_port: int) -> int:
