@@ -21,8 +21,15 @@ def duration(start: float | None, end: float | None = None) -> str:
     """`1h 2m 3s`, `2m 3s` or `3s` from start to end (or now); `-` without a start."""
     if not start:
         return "-"
-    seconds = int(max((end or time.time()) - start, 0))
-    hours, rest = divmod(seconds, 3600)
+    return seconds((end or time.time()) - start)
+
+
+def seconds(span: float | None) -> str:
+    """A span of seconds as `1h 2m 3s`, `2m 3s` or `3s` (never negative); `-` for none."""
+    if span is None:
+        return "-"
+    total = int(max(span, 0))
+    hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h {minutes}m {secs}s" if hours else (f"{minutes}m {secs}s" if minutes else f"{secs}s")
 

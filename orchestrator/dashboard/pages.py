@@ -17,7 +17,7 @@ from orchestrator.job_status import JobStatus
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
-templates.env.filters.update(ago=timefmt.ago, duration=timefmt.duration, clock=timefmt.clock)
+templates.env.filters.update(ago=timefmt.ago, duration=timefmt.duration, clock=timefmt.clock, seconds=timefmt.seconds)
 STATUSES = [s.value for s in JobStatus]
 # The status filter's quick picks: "in progress" (not ended) and "failed" (every FAILED_* kind).
 STATUS_GROUPS = {s.value: "failed" if s.failed else "ended" if s.terminal else "active" for s in JobStatus}
