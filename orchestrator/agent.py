@@ -10,7 +10,10 @@ environment before anything runs). Every request must carry `Authorization: Bear
 
 HTTP API (JSON):
     GET  /health                    node id, pid, uptime, runs in progress
-    POST /runs                      {"command", "env"?, "cwd"?, "run_id"?} -> {"run_id"}
+    POST /runs                      {"command", "env"?, "cwd"?, "run_id"?, "view"?} -> {"run_id"}
+                                    view false (--confine only): run in the node's own mount namespace,
+                                    without the path view, so that what the run mounts under mounts/
+                                    (a FUSE mount of a bucket) is there for the runs after it
     GET  /runs                      every run's status
     GET  /runs/<id>                 {"state": running|exited|cancelled, "exit_code", ...}
     GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
@@ -128,7 +131,8 @@ class Agent:
         given = hashlib.sha256(header[len("Bearer "):].strip().encode()).digest()
         return hmac.compare_digest(given, self._token_digest)
 
-    def start_run(self, command: str, env: dict[str, str], cwd: str | None, run_id: str | None) -> str:
+    def start_run(self, command: str, env: dict[str, str], cwd: str | None, run_id: str | None,
+                  view: bool = True) -> str:
         run_id = run_id or uuid.uuid4().hex[:12]
         if not RUN_ID.match(run_id):
             raise ValueError(f"run_id {run_id!r} must match {RUN_ID.pattern}")
@@ -148,7 +152,9 @@ class Agent:
             if "HOME" not in env:  # `~/...` uploads land in home/: runs see them at ~ too
                 (self.sandbox / "home").mkdir(exist_ok=True)
                 child_env["HOME"] = str(self.sandbox / "home")
-            if self._view_script is None:
+            if not view:
+                pass  # the node's own namespace: a mount made under mounts/ outlives the run
+            elif self._view_script is None:
                 (run_dir / "output.log").write_text(NO_VIEW_NOTE.format(MOUNTS_ENV, child_env[MOUNTS_ENV]))
             else:
                 with self._lock:
@@ -393,7 +399,10 @@ class _Handler(BaseHTTPRequestHandler):
                 env = body.get("env") or {}
                 if not isinstance(env, dict):
                     raise ValueError("env: must be an object of strings")
-                run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"))
+                view = body.get("view", True)
+                if not isinstance(view, bool):
+                    raise ValueError("view: must be true or false")
+                run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"), view)
                 self._json(201, {"run_id": run_id})
             elif parts == ["links"]:
                 dest, target = body.get("dest"), body.get("target")

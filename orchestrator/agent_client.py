@@ -71,8 +71,12 @@ class AgentClient:
         return self._json("GET", "/health")
 
     def run(self, command: str, env: dict[str, str] | None = None, cwd: str | None = None,
-            run_id: str | None = None) -> str:
+            run_id: str | None = None, view: bool = True) -> str:
+        """Start `command` on the node. `view=False`: outside the path view of a local-cloud node, in its own
+        mount namespace (what the run mounts stays for the runs after it)."""
         body: dict[str, Any] = {"command": command, "env": env or {}}
+        if not view:
+            body["view"] = False
         if cwd:
             body["cwd"] = cwd
         if run_id:

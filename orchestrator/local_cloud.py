@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator import agent as agent_module
+from orchestrator import node_view
 from orchestrator.errors import SortieError
 
 NO_CAPACITY_MARKER = "[no-capacity]"
@@ -114,6 +115,20 @@ def _kill_tree(agent_pid: int, sandbox: str, grace: float = 3.0) -> None:
             _signal(pid, signal.SIGKILL)
         time.sleep(0.05)
     raise SortieError(f"could not stop the processes of node sandbox {sandbox}; kill them by hand")
+
+
+def _detach_mounts(sandbox: str) -> None:
+    """Detach every mount at or below the sandbox; refuse (and keep the sandbox) if one stays."""
+    for _ in range(3):
+        points = node_view.mounts_under(sandbox)
+        if not points:
+            return
+        for point in points:
+            node_view.detach(point)
+    left = node_view.mounts_under(sandbox)
+    if left:
+        raise SortieError(f"cannot unmount {left[0]} in node sandbox {sandbox}; unmount it by hand "
+                          f"(umount -l {left[0]}), then delete the node again")
 
 
 class LocalCloud:
@@ -248,10 +263,14 @@ class LocalCloud:
         return [self.preempt(n.node_id) for n in nodes]
 
     def terminate(self, node_id: str) -> None:
-        """Delete a node: stop its agent and everything it started, remove its sandbox. Idempotent."""
+        """Delete a node: detach what its runs mounted in the sandbox (a bucket's FUSE mount: removing the
+        sandbox must never reach into a bucket), stop its agent and everything it started, remove its
+        sandbox. Idempotent."""
         sandbox = self.nodes_dir / node_id
         node = self.get(node_id)
+        _detach_mounts(str(sandbox))
         _kill_tree(node.pid if node else 0, str(sandbox))
+        _detach_mounts(str(sandbox))  # a mount made while the processes were stopping
         with self._capacity_lock():
             shutil.rmtree(sandbox, ignore_errors=True)
 
@@ -261,4 +280,5 @@ class LocalCloud:
         if self.nodes_dir.exists():
             for sandbox in self.nodes_dir.iterdir():
                 found += [f"process {pid} of {sandbox.name}" for pid in _processes_of_sandbox(str(sandbox))]
+            found += [f"mount {point}" for point in node_view.mounts_under(str(self.nodes_dir))]
         return found

@@ -1,4 +1,5 @@
-"""Bucket work on a node, run by the node agent as an ordinary run (so it sees the node's paths):
+"""Bucket work on a node, run by the node agent (outside a local-cloud node's path view, so that an S3 MOUNT made
+under $SORTIE_MOUNTS_ROOT is seen by the runs after it at its path):
 
     python -m orchestrator.node_storage fetch PLAN     COPY steps download; MOUNT_CACHED steps pull; S3 MOUNTs mount
     python -m orchestrator.node_storage cache PLAN     MOUNT_CACHED: upload changes every few seconds until SIGTERM,
@@ -83,6 +84,32 @@ def _cached(plan: dict[str, Any], stores: _Stores) -> list[CachedSync]:
     return syncs
 
 
+def fuse_mount_command(tool: str, remote: str, target: Path, endpoint: str | None, log: Path,
+                       env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command line (and its environment) that FUSE-mounts the S3 `remote` (`bucket[/prefix]`) at `target`.
+
+    rclone streams: `--vfs-cache-mode off`, so a write reaches the bucket when its file is closed and nothing
+    waits in a local cache when the node goes (random writes fail: MOUNT_CACHED is for those, as in SkyPilot);
+    directory listings are re-read after 5 s, so files written by other nodes show. rclone's S3 client refuses
+    AWS_CA_BUNDLE (`LoadCustomCABundleError`): that bundle is given to it as `--ca-cert` instead."""
+    env = dict(env)
+    if tool == "rclone":
+        command = ["rclone", "mount", f":s3:{remote}", str(target), "--daemon", "--s3-provider",
+                   "Other" if endpoint else "AWS", "--s3-env-auth", "--vfs-cache-mode", "off",
+                   "--dir-cache-time", "5s", "--log-file", str(log)]
+        if endpoint:
+            command += ["--s3-endpoint", endpoint]
+        bundle = env.pop("AWS_CA_BUNDLE", None)
+        if bundle:
+            command += ["--ca-cert", bundle]
+        return command, env
+    command = ["s3fs", remote.replace("/", ":/", 1) if "/" in remote else remote, str(target),
+               "-o", f"logfile={log}"]
+    if endpoint:
+        command += ["-o", f"url={endpoint}", "-o", "use_path_request_style"]
+    return command, env
+
+
 def _fuse_mount(step: dict[str, Any], plan: dict[str, Any]) -> None:
     """MOUNT of an S3 bucket: a FUSE mount with rclone or s3fs where the node has one."""
     tool = next((t for t in FUSE_TOOLS if shutil.which(t)), None)
@@ -94,20 +121,24 @@ def _fuse_mount(step: dict[str, Any], plan: dict[str, Any]) -> None:
     target = node_path(step["dest"])
     target.mkdir(parents=True, exist_ok=True)
     endpoint = (plan.get("storage") or {}).get("s3", {}).get("endpoint_url")
-    remote = f"{url.bucket}/{url.prefix}".rstrip("/")
-    if tool == "rclone":
-        command = ["rclone", "mount", f":s3:{remote}", str(target), "--daemon", "--s3-provider", "Other" if endpoint
-                   else "AWS", "--s3-env-auth", "--vfs-cache-mode", "writes"]
-        if endpoint:
-            command += ["--s3-endpoint", endpoint]
-    else:
-        command = ["s3fs", remote.replace("/", ":/", 1) if "/" in remote else remote, str(target)]
-        if endpoint:
-            command += ["-o", f"url={endpoint}", "-o", "use_path_request_style"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise SortieError(f"{step['dest']}: {tool} could not mount {step['url']}: "
-                          f"{(done.stderr or done.stdout).strip().splitlines()[-1:] or ['no output']}")
+    log = _state_dir() / f"{tool}-{hashlib.sha256(step['dest'].encode()).hexdigest()[:16]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command, env = fuse_mount_command(tool, f"{url.bucket}/{url.prefix}".rstrip("/"), target, endpoint, log,
+                                      dict(os.environ))
+    said = log.with_suffix(".out")
+    try:
+        # Output to a file, not a pipe: the daemon it leaves running would hold a pipe open to the end.
+        with said.open("ab") as out:
+            code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=90,
+                                  env=env).returncode
+    except subprocess.TimeoutExpired:
+        raise SortieError(f"{step['dest']}: {tool} did not mount {step['url']} within 90 s (log: {log})") from None
+    if code != 0:
+        lines = [line.strip() for path in (log, said) if path.exists()
+                 for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if any(w in line for w in ("ERROR", "CRITICAL", "Failed", "failed"))]
+        why = (errors or lines or [f"exit code {code}"])[-1]
+        raise SortieError(f"{step['dest']}: {tool} could not mount {step['url']}: {why}")
 
 
 def fetch(plan: dict[str, Any]) -> None:

@@ -9,6 +9,9 @@ machine's filesystem looks unchanged; nothing is created on the machine outside 
     python3 node_view.py enter --sandbox S [--cwd C] [--view P]... -- COMMAND [ARG]...
     python3 node_view.py probe --sandbox S      exit 0 if mount namespaces work here
 
+`mounts_under` and `detach` serve the node's teardown: what a run mounted under the sandbox outside the view
+(a bucket's FUSE mount) is detached before the sandbox is removed, so removing it never reaches into a bucket.
+
 How `enter` builds the view, in a new mount namespace whose mounts are all private (as root; other
 users get a user namespace that maps only their own uid and gid):
   1. a tmpfs on `<sandbox>/.root`, the new root; each entry of `/` is recreated in it (a directory
@@ -28,6 +31,8 @@ import argparse
 import contextlib
 import ctypes
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -171,6 +176,33 @@ def enter(sandbox: str, cwd: str | None, views: list[str], command: list[str]) -
     except OSError as exc:
         print(f"sortie: {command[0]}: {exc.strerror}", file=sys.stderr, flush=True)
         sys.exit(127)
+
+
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it (space, tab, newline and backslash as octal escapes)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points at or below `path` in this process's mount namespace, deepest first."""
+    base = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = {_unescape(fields[4]) for fields in map(str.split, lines) if len(fields) > 4}
+    return sorted((p for p in points if _under(p, base)), key=lambda p: (-p.count("/"), p))
+
+
+def detach(point: str) -> bool:
+    """Unmount `point` lazily (it leaves the tree at once; a dead FUSE mount included): umount2(MNT_DETACH) as
+    root, else fusermount's `-uz` for a user's own FUSE mount. Whether it is gone."""
+    if _libc.umount2(point.encode(), MNT_DETACH) != 0:
+        for tool in ("fusermount3", "fusermount"):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                if subprocess.run([tool, "-uz", point], capture_output=True, timeout=30).returncode == 0:
+                    break
+    return point not in mounts_under(os.path.dirname(point) or "/")
 
 
 def probe(sandbox: str) -> bool:

@@ -263,3 +263,63 @@ def test_s3_mount_without_fuse_fails_with_a_clear_reason(sortie_cli, s3_env: S3C
     job = cli.wait(job_id, timeout=90)
     assert job["status"] == "FAILED_SETUP"
     assert "needs a FUSE mount tool" in job["failure_reason"] and "MOUNT_CACHED" in job["failure_reason"]
+
+
+def test_s3_mount_reads_and_writes_through_rclone(sortie_cli, s3_env: S3Config, tmp_path: Path) -> None:
+    """An S3 MOUNT on a local-cloud node is a real rclone FUSE mount: the run reads the bucket and writes to it at
+    the mount's path, the write is in the bucket when the job ends, and the teardown leaves the bucket whole."""
+    from tests.test_node_mounts import fuse_works
+
+    why = fuse_works()
+    if why:
+        pytest.skip(why)
+    s3 = S3Store(s3_env)
+    bucket = bucket_name("mnt")
+    s3.create_bucket(bucket)
+    (tmp_path / "in.txt").write_text("from-the-bucket\n")
+    s3.put_file(bucket, "inputs/in.txt", tmp_path / "in.txt")
+    cli = sortie_cli(FAST + s3_config(s3_env.endpoint_url or ""))
+    yaml = write(tmp_path, "m.yaml", f"""\
+file_mounts:
+  /mnt/b:
+    source: s3://{bucket}
+    mode: MOUNT
+run: |
+  echo "read $(cat /mnt/b/inputs/in.txt)"
+  echo written-on-the-node > /mnt/b/result.txt
+  grep -q "fuse.rclone" /proc/self/mountinfo && echo "a FUSE mount"
+""")
+    job_id = cli.launch(yaml)
+    job = cli.wait(job_id, timeout=120)
+    assert job["status"] == "SUCCEEDED", (cli.logs(job_id), cli.logs(job_id, "--controller"))
+    log = cli.logs(job_id)
+    assert "read from-the-bucket" in log and "a FUSE mount" in log
+    assert s3.list_objects(bucket) == {"inputs/in.txt": len("from-the-bucket\n"),
+                                       "result.txt": len("written-on-the-node\n")}
+
+
+def test_preempted_training_resumes_from_its_checkpoint_on_an_s3_mount(sortie_cli, s3_env: S3Config,
+                                                                      tmp_path: Path) -> None:
+    """The checkpoint story over a real FUSE mount: the preempted node's mount dies with it and is detached at its
+    teardown; the new node mounts the bucket again and resumes from the step the first one wrote."""
+    from tests.test_node_mounts import fuse_works
+
+    why = fuse_works()
+    if why:
+        pytest.skip(why)
+    s3 = S3Store(s3_env)
+    bucket = bucket_name("ckpt")
+    s3.create_bucket(bucket)
+    cli = sortie_cli(FAST + s3_config(s3_env.endpoint_url or ""))
+    yaml = write(tmp_path, "train.yaml", TRAIN.format(bucket=bucket, mode="MOUNT", persistent="true",
+                                                      marker=tmp_path / "first-attempt")
+                 .replace(f"name: {bucket}", f"name: {bucket}\n    store: s3"))
+    job_id = cli.launch(yaml)
+    cli.wait_for_log(job_id, "step 3\n", timeout=90)
+    cli.run("local", "preempt", "--job", str(job_id))
+    job = cli.wait(job_id, timeout=150)
+    assert job["status"] == "SUCCEEDED", cli.logs(job_id, "--controller")
+    points = resume_points(cli.logs(job_id))
+    assert points[0] == 0 and len(points) == 2 and points[1] >= 3
+    assert "trained to step 8" in cli.logs(job_id)
+    assert s3.list_objects(bucket) == {"step": 2}  # "8\n", and no step.tmp left behind

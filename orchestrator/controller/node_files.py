@@ -4,7 +4,8 @@ The steps come from the job's storage record (`orchestrator.storage.staging.Node
 from the controller to the agent; a local-store MOUNT is a link from the node's path to the store's directory
 (local-cloud nodes share this machine); COPY, MOUNT_CACHED and S3 MOUNTs run on the node as
 `python -m orchestrator.node_storage`, so the node downloads from the bucket itself and a recovery in
-another region needs nothing from the user's machine.
+another region needs nothing from the user's machine. Those runs are outside a local-cloud node's path view
+(`view=False`): an S3 MOUNT is a FUSE mount under the node's mounts/, which the runs after it see at its path.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class NodeFiles:
                     note: Callable[[str], None]) -> None:
         run_id = f"{verb}-{self.attempt_id}"
         try:
-            client.run(self._command(verb, steps), env=_credentials_env(), run_id=run_id)
+            client.run(self._command(verb, steps), env=_credentials_env(), run_id=run_id, view=False)
         except AgentError as exc:
             if exc.status != 409:  # 409: started before (a restarted controller asks again)
                 raise
@@ -120,7 +121,7 @@ class NodeFiles:
                     raise NodeStorageError(f"{step.where}: {step.url} has no local directory to mount")
                 folder.mkdir(parents=True, exist_ok=True)
                 client.link(step.dest, str(folder))
-            elif step.dest != "." and step.kind in ("copy", "cached"):
+            elif step.dest != "." and step.kind in ("copy", "cached", "mount"):
                 client.link(step.dest, None)  # declare the path, so later runs see it there (local-cloud views)
         node_side = [s for s in self.steps if _is_node_side(s)]
         if node_side:
@@ -128,7 +129,7 @@ class NodeFiles:
         if has_cached(self.steps):
             try:
                 client.run(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
-                           env=_credentials_env(), run_id=f"cache-{self.attempt_id}")
+                           env=_credentials_env(), run_id=f"cache-{self.attempt_id}", view=False)
             except AgentError as exc:
                 if exc.status != 409:
                     raise

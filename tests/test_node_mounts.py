@@ -1,0 +1,127 @@
+"""FUSE mounts of buckets on local-cloud nodes: the bucket work runs outside the path view (so what it mounts is
+there for the runs after it), and a node's teardown detaches every mount in its sandbox before removing it, so
+removing the sandbox never reaches into a bucket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import node_storage, node_view
+from orchestrator.errors import SortieError
+from orchestrator.local_cloud import LocalCloud
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mount namespaces and FUSE are Linux")
+
+
+def fuse_works() -> str | None:
+    """Why an rclone FUSE mount cannot be made here, or None when it can."""
+    if shutil.which("rclone") is None:
+        return "no rclone (apt-get install -y rclone fuse3)"
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse"
+    return None
+
+
+def _run(client, command: str, view: bool = True) -> tuple[int | None, str]:
+    run_id = client.run(command, view=view)
+    status = client.wait(run_id, timeout=60)
+    return status.exit_code, client.log(run_id)[0].decode()
+
+
+def test_a_run_outside_the_view_shares_the_agents_mount_namespace(start_agent) -> None:
+    agent = start_agent(confine=True)
+    client = agent.client()
+    code, inside = _run(client, "readlink /proc/self/ns/mnt")
+    if "no mount namespaces here" in inside:
+        pytest.skip("mount namespaces do not work on this machine")
+    assert code == 0
+    code, outside = _run(client, "readlink /proc/self/ns/mnt; echo root=$SORTIE_MOUNTS_ROOT", view=False)
+    assert code == 0
+    ours = os.readlink("/proc/self/ns/mnt")  # the agent was started from this process: the same namespace
+    assert inside.strip().splitlines()[-1] != ours
+    assert outside.splitlines() == [ours, f"root={agent.sandbox / 'mounts'}"]
+
+
+def test_the_agent_refuses_a_view_that_is_not_a_boolean(start_agent) -> None:
+    from orchestrator.agent_client import AgentError
+
+    client = start_agent(confine=True).client()
+    with pytest.raises(AgentError, match="view: must be true or false"):
+        client._json("POST", "/runs", {"command": "true", "view": "no"})
+
+
+def test_mounts_under_reads_escaped_paths(tmp_path: Path) -> None:
+    assert node_view._unescape(r"/a\040b\011c\134d") == "/a b\tc\\d"
+    assert node_view.mounts_under(str(tmp_path)) == []
+    assert "/proc" in node_view.mounts_under("/proc")
+
+
+@pytest.mark.parametrize("preempted", [False, True], ids=["live-mount", "dead-mount-after-preemption"])
+def test_terminate_detaches_a_fuse_mount_and_leaves_the_bucket_whole(sortie_home: Path, tmp_path: Path,
+                                                                      preempted: bool) -> None:
+    why = fuse_works()
+    if why:
+        pytest.skip(why)
+    bucket = tmp_path / "bucket"
+    (bucket / "ckpt").mkdir(parents=True)
+    (bucket / "ckpt" / "step").write_text("7\n")
+    cloud = LocalCloud(sortie_home / "local")
+    node = cloud.launch("fuse-node-0", "fuse", 0, "local", "token-fuse-test-123")
+    from orchestrator.agent_client import AgentClient
+
+    client = AgentClient(node.url, "token-fuse-test-123")
+    mount = Path(node.sandbox) / "mounts" / "data"
+    code, out = _run(client, f"mkdir -p {mount} && rclone mount :local:{bucket} {mount} --daemon "
+                             "--vfs-cache-mode off", view=False)
+    try:
+        if code != 0:
+            pytest.skip(f"FUSE mounts are refused here: {out.strip().splitlines()[-1:]}")
+        assert node_view.mounts_under(node.sandbox) == [str(mount)]
+        assert (mount / "ckpt" / "step").read_text() == "7\n"  # the bucket shows through the mount
+        if preempted:
+            cloud.preempt(node.node_id)  # rclone dies with the node: the mount is left dead
+            time.sleep(0.2)
+            assert node_view.mounts_under(node.sandbox) == [str(mount)]
+    finally:
+        cloud.terminate(node.node_id)
+    assert (bucket / "ckpt" / "step").read_text() == "7\n"  # the sandbox went; the bucket's files did not
+    assert not Path(node.sandbox).exists()
+    assert cloud.leftovers() == []
+    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    assert not [line for line in running if f":local:{bucket}" in line]  # rclone went with the node
+
+
+def test_fuse_mount_command_for_rclone_moves_the_ca_bundle_to_a_flag(tmp_path: Path) -> None:
+    env = {"AWS_CA_BUNDLE": "/etc/ca.pem", "AWS_ACCESS_KEY_ID": "k"}
+    command, run_env = node_storage.fuse_mount_command("rclone", "b/p", tmp_path / "m", "http://127.0.0.1:9",
+                                                       tmp_path / "r.log", env)
+    assert command[:4] == ["rclone", "mount", ":s3:b/p", str(tmp_path / "m")]
+    assert command[command.index("--ca-cert") + 1] == "/etc/ca.pem" and "AWS_CA_BUNDLE" not in run_env
+    assert command[command.index("--s3-provider") + 1] == "Other"
+    assert command[command.index("--s3-endpoint") + 1] == "http://127.0.0.1:9"
+    assert command[command.index("--vfs-cache-mode") + 1] == "off"  # nothing waits in a cache at teardown
+    assert env["AWS_CA_BUNDLE"] == "/etc/ca.pem"  # the caller's environment is left as it was
+    aws, _ = node_storage.fuse_mount_command("rclone", "b", tmp_path / "m", None, tmp_path / "r.log", {})
+    assert aws[aws.index("--s3-provider") + 1] == "AWS" and "--s3-endpoint" not in aws and "--ca-cert" not in aws
+
+
+def test_fuse_mount_command_for_s3fs(tmp_path: Path) -> None:
+    command, _ = node_storage.fuse_mount_command("s3fs", "b/p/q", tmp_path / "m", "http://h:9", tmp_path / "l", {})
+    assert command[:3] == ["s3fs", "b:/p/q", str(tmp_path / "m")]
+    assert "url=http://h:9" in command and "use_path_request_style" in command
+
+
+def test_mount_without_a_fuse_tool_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_storage.shutil, "which", lambda _tool: None)
+    with pytest.raises(SortieError) as err:
+        node_storage._fuse_mount({"dest": "/mnt/b", "url": "s3://b", "where": "file_mounts./mnt/b"}, {})
+    message = str(err.value)
+    assert message.startswith("file_mounts./mnt/b: MOUNT of s3://b needs a FUSE mount tool")
+    assert "MOUNT_CACHED" in message and "install rclone" in message
