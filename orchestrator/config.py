@@ -175,6 +175,10 @@ class S3Config(BaseModel):
     profile: Annotated[
         str | None, Field(description="Named profile from ~/.aws for credentials. Default: boto3's chain.")
     ] = None
+    mount_tool: Annotated[
+        Literal["auto", "rclone", "s3fs"],
+        Field(description="The FUSE tool a node mounts an S3 MOUNT with: auto (rclone, else s3fs), rclone or s3fs."),
+    ] = "auto"
 
 
 class StorageConfig(BaseModel):

@@ -84,21 +84,25 @@ def _cached(plan: dict[str, Any], stores: _Stores) -> list[CachedSync]:
     return syncs
 
 
-def fuse_mount_command(tool: str, remote: str, target: Path, endpoint: str | None, log: Path,
+def fuse_mount_command(tool: str, remote: str, target: Path, s3: dict[str, Any], log: Path,
                        env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The command line (and its environment) that FUSE-mounts the S3 `remote` (`bucket[/prefix]`) at `target`.
+    """The command line (and its environment) that FUSE-mounts the S3 `remote` (`bucket[/prefix]`) at `target`,
+    with the settings of `storage.s3` (endpoint_url, region, profile).
 
     rclone streams: `--vfs-cache-mode off`, so a write reaches the bucket when its file is closed and nothing
     waits in a local cache when the node goes (random writes fail: MOUNT_CACHED is for those, as in SkyPilot);
     directory listings are re-read after 5 s, so files written by other nodes show. rclone's S3 client refuses
-    AWS_CA_BUNDLE (`LoadCustomCABundleError`): that bundle is given to it as `--ca-cert` instead."""
+    AWS_CA_BUNDLE (`LoadCustomCABundleError`): that bundle is given to it as `--ca-cert` instead. s3fs uploads a
+    file when it is closed too."""
     env = dict(env)
+    endpoint, region, profile = s3.get("endpoint_url"), s3.get("region"), s3.get("profile")
     if tool == "rclone":
         command = ["rclone", "mount", f":s3:{remote}", str(target), "--daemon", "--s3-provider",
                    "Other" if endpoint else "AWS", "--s3-env-auth", "--vfs-cache-mode", "off",
                    "--dir-cache-time", "5s", "--log-file", str(log)]
-        if endpoint:
-            command += ["--s3-endpoint", endpoint]
+        for flag, value in (("--s3-endpoint", endpoint), ("--s3-region", region), ("--s3-profile", profile)):
+            if value:
+                command += [flag, value]
         bundle = env.pop("AWS_CA_BUNDLE", None)
         if bundle:
             command += ["--ca-cert", bundle]
@@ -107,23 +111,40 @@ def fuse_mount_command(tool: str, remote: str, target: Path, endpoint: str | Non
                "-o", f"logfile={log}"]
     if endpoint:
         command += ["-o", f"url={endpoint}", "-o", "use_path_request_style"]
+    if region:
+        command += ["-o", f"endpoint={region}"]
+    if profile:
+        command += ["-o", f"profile={profile}"]
     return command, env
+
+
+def _fuse_tool(s3: dict[str, Any], where: str, url: str) -> str:
+    """The FUSE tool for an S3 MOUNT on this node (`storage.s3.mount_tool`), or a one-line reason."""
+    chosen = s3.get("mount_tool") or "auto"
+    tools = FUSE_TOOLS if chosen == "auto" else (chosen,)
+    tool = next((t for t in tools if shutil.which(t)), None)
+    if tool is not None and Path("/dev/fuse").exists():
+        return tool
+    if tool is None and chosen != "auto":
+        missing = f"storage.s3.mount_tool is {chosen}, which is not installed"
+    elif tool is None:
+        missing = "neither rclone nor s3fs found here" + ("" if Path("/dev/fuse").exists() else ", no /dev/fuse")
+    else:
+        missing = "no /dev/fuse found here"
+    raise SortieError(f"{where}: MOUNT of {url} needs a FUSE mount tool on the node ({missing}); use mode: COPY "
+                      "or MOUNT_CACHED, or install rclone")
 
 
 def _fuse_mount(step: dict[str, Any], plan: dict[str, Any]) -> None:
     """MOUNT of an S3 bucket: a FUSE mount with rclone or s3fs where the node has one."""
-    tool = next((t for t in FUSE_TOOLS if shutil.which(t)), None)
-    if tool is None or not Path("/dev/fuse").exists():
-        missing = "no /dev/fuse" if tool is None and not Path("/dev/fuse").exists() else "neither rclone nor s3fs"
-        raise SortieError(f"{step.get('where') or step['dest']}: MOUNT of {step['url']} needs a FUSE mount tool "
-                          f"on the node ({missing} found here); use mode: COPY or MOUNT_CACHED, or install rclone")
+    s3 = (plan.get("storage") or {}).get("s3") or {}
+    tool = _fuse_tool(s3, step.get("where") or step["dest"], step["url"])
     url = parse_bucket_url(step["url"])
     target = node_path(step["dest"])
     target.mkdir(parents=True, exist_ok=True)
-    endpoint = (plan.get("storage") or {}).get("s3", {}).get("endpoint_url")
     log = _state_dir() / f"{tool}-{hashlib.sha256(step['dest'].encode()).hexdigest()[:16]}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command, env = fuse_mount_command(tool, f"{url.bucket}/{url.prefix}".rstrip("/"), target, endpoint, log,
+    command, env = fuse_mount_command(tool, f"{url.bucket}/{url.prefix}".rstrip("/"), target, s3, log,
                                       dict(os.environ))
     said = log.with_suffix(".out")
     try:

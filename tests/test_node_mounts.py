@@ -100,22 +100,28 @@ def test_terminate_detaches_a_fuse_mount_and_leaves_the_bucket_whole(sortie_home
 
 def test_fuse_mount_command_for_rclone_moves_the_ca_bundle_to_a_flag(tmp_path: Path) -> None:
     env = {"AWS_CA_BUNDLE": "/etc/ca.pem", "AWS_ACCESS_KEY_ID": "k"}
-    command, run_env = node_storage.fuse_mount_command("rclone", "b/p", tmp_path / "m", "http://127.0.0.1:9",
+    command, run_env = node_storage.fuse_mount_command("rclone", "b/p", tmp_path / "m",
+                                                       {"endpoint_url": "http://127.0.0.1:9", "region": "eu-west-1"},
                                                        tmp_path / "r.log", env)
     assert command[:4] == ["rclone", "mount", ":s3:b/p", str(tmp_path / "m")]
     assert command[command.index("--ca-cert") + 1] == "/etc/ca.pem" and "AWS_CA_BUNDLE" not in run_env
     assert command[command.index("--s3-provider") + 1] == "Other"
     assert command[command.index("--s3-endpoint") + 1] == "http://127.0.0.1:9"
+    assert command[command.index("--s3-region") + 1] == "eu-west-1" and "--s3-profile" not in command
     assert command[command.index("--vfs-cache-mode") + 1] == "off"  # nothing waits in a cache at teardown
     assert env["AWS_CA_BUNDLE"] == "/etc/ca.pem"  # the caller's environment is left as it was
-    aws, _ = node_storage.fuse_mount_command("rclone", "b", tmp_path / "m", None, tmp_path / "r.log", {})
+    aws, _ = node_storage.fuse_mount_command("rclone", "b", tmp_path / "m", {"profile": "team"}, tmp_path / "r.log",
+                                             {})
     assert aws[aws.index("--s3-provider") + 1] == "AWS" and "--s3-endpoint" not in aws and "--ca-cert" not in aws
+    assert aws[aws.index("--s3-profile") + 1] == "team"
 
 
 def test_fuse_mount_command_for_s3fs(tmp_path: Path) -> None:
-    command, _ = node_storage.fuse_mount_command("s3fs", "b/p/q", tmp_path / "m", "http://h:9", tmp_path / "l", {})
+    command, _ = node_storage.fuse_mount_command("s3fs", "b/p/q", tmp_path / "m",
+                                                 {"endpoint_url": "http://h:9", "region": "eu-west-1"},
+                                                 tmp_path / "l", {})
     assert command[:3] == ["s3fs", "b:/p/q", str(tmp_path / "m")]
-    assert "url=http://h:9" in command and "use_path_request_style" in command
+    assert "url=http://h:9" in command and "use_path_request_style" in command and "endpoint=eu-west-1" in command
 
 
 def test_mount_without_a_fuse_tool_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,4 +130,40 @@ def test_mount_without_a_fuse_tool_names_the_way_out(monkeypatch: pytest.MonkeyP
         node_storage._fuse_mount({"dest": "/mnt/b", "url": "s3://b", "where": "file_mounts./mnt/b"}, {})
     message = str(err.value)
     assert message.startswith("file_mounts./mnt/b: MOUNT of s3://b needs a FUSE mount tool")
-    assert "MOUNT_CACHED" in message and "install rclone" in message
+    assert "neither rclone nor s3fs" in message and "MOUNT_CACHED" in message and "install rclone" in message
+
+
+def test_a_chosen_mount_tool_that_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_storage.shutil, "which", lambda tool: None if tool == "s3fs" else f"/usr/bin/{tool}")
+    plan = {"storage": {"s3": {"mount_tool": "s3fs"}}}
+    with pytest.raises(SortieError, match=r"storage\.s3\.mount_tool is s3fs, which is not installed"):
+        node_storage._fuse_mount({"dest": "/mnt/b", "url": "s3://b"}, plan)
+
+
+@pytest.mark.parametrize("tool", ["rclone", "s3fs"])
+def test_each_mount_tool_mounts_a_bucket_that_reads_and_writes_through(
+        tool: str, s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """node_storage's own mount, with each tool, of a bucket on moto's server: a read, a write that is in the
+    bucket once the file is closed, and a teardown detach that leaves the bucket whole."""
+    from orchestrator.storage import S3Store
+
+    if not shutil.which(tool) or not Path("/dev/fuse").exists():
+        pytest.skip(f"no {tool} or no /dev/fuse (apt-get install -y {tool} fuse3)")
+    s3 = S3Store(s3_env)
+    bucket = f"tool-{tool}"
+    s3.create_bucket(bucket)
+    (tmp_path / "in.txt").write_text("in-bucket\n")
+    s3.put_file(bucket, "data/in.txt", tmp_path / "in.txt")
+    monkeypatch.setenv("SORTIE_MOUNTS_ROOT", str(tmp_path / "mounts"))
+    monkeypatch.setenv("SORTIE_NODE_SANDBOX", str(tmp_path))
+    plan = {"storage": {"s3": {"endpoint_url": s3_env.endpoint_url, "mount_tool": tool}}}
+    node_storage._fuse_mount({"dest": "/mnt/b", "url": f"s3://{bucket}"}, plan)
+    mount = tmp_path / "mounts" / "mnt" / "b"
+    try:
+        assert node_view.mounts_under(str(tmp_path)) == [str(mount)]
+        assert (mount / "data" / "in.txt").read_text() == "in-bucket\n"
+        (mount / "out.txt").write_text("from-the-node\n")
+        assert s3.list_objects(bucket) == {"data/in.txt": 10, "out.txt": 14}
+    finally:
+        assert node_view.detach(str(mount))
+    assert node_view.mounts_under(str(tmp_path)) == [] and s3.list_objects(bucket)["data/in.txt"] == 10
