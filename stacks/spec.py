@@ -55,6 +55,9 @@ class ClusterSpec:
     # A cloud node that does bucket work itself (COPY, MOUNT_CACHED, S3 MOUNT: `python -m orchestrator.node_storage`)
     # pip-installs this (with the s3 extra) into NODE_VENV at boot; None: the agent only (stdlib).
     node_package: str | None = None
+    # A cloud node that FUSE-mounts an S3 bucket (MOUNT) installs rclone and fuse3 at boot where it has apt-get
+    # and lacks them (without them the mount step fails the task with the reason).
+    node_fuse: bool = False
     # For tags only.
     job_id: str | None = None
     attempt: str | None = None

@@ -722,7 +722,8 @@ def test_a_cloud_node_with_bucket_work_installs_sortie_before_its_agent(harness:
 def test_a_node_without_bucket_work_installs_only_the_agent(harness: Harness) -> None:
     harness.run(lambda: cluster_program(spec("aws", num_nodes=1)))
     (inputs,) = harness.mocks.of_type(AWS_INSTANCE)
-    assert "pip install" not in gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
+    script = gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
+    assert "pip install" not in script and "rclone" not in script
 
 
 def test_a_pod_with_bucket_work_installs_sortie_then_execs_its_agent(harness: Harness) -> None:
@@ -747,3 +748,22 @@ def test_which_nodes_install_sortie_and_which_python_runs_their_bucket_steps() -
     assert node_package_for([push, local_mount], "aws", config) is None  # pushed by the controller, or a link
     assert node_package_for([copy], "local", config) is None and node_package_for([], "gcp", config) is None
     assert node_python("aws") == "/var/lib/sortie/venv/bin/python" and node_python("local") is None
+
+
+def test_a_cloud_node_with_an_s3_mount_installs_rclone_at_boot(harness: Harness) -> None:
+    harness.run(lambda: cluster_program(spec("aws", num_nodes=1, node_package="sortie", node_fuse=True)))
+    (inputs,) = harness.mocks.of_type(AWS_INSTANCE)
+    script = gzip.decompress(base64.b64decode(inputs["userDataBase64"]["value"])).decode()
+    assert script.index("apt-get install -y rclone fuse3") < script.index("systemctl restart sortie-agent.service")
+
+
+def test_which_nodes_need_a_fuse_tool() -> None:
+    from orchestrator.controller.node_files import node_fuse_for
+    from orchestrator.storage.staging import NodeStep
+
+    s3_mount = NodeStep(dest="/ckpt", kind="mount", url="s3://bucket/ckpt")
+    local_mount = NodeStep(dest="/ckpt", kind="mount", url="local://ckpt")
+    copy = NodeStep(dest="/data", kind="copy", url="s3://bucket/data")
+    assert node_fuse_for([copy, s3_mount], "gcp") is True
+    assert node_fuse_for([copy, local_mount], "aws") is False  # a copy needs no FUSE; a local store is a link
+    assert node_fuse_for([s3_mount], "local") is False  # the local cloud uses this machine's rclone

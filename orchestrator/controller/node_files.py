@@ -63,6 +63,12 @@ def node_package_for(steps: Sequence[NodeStep], infra: str | None, config: Sorti
     return config.jobs.controller.package
 
 
+def node_fuse_for(steps: Sequence[NodeStep], infra: str | None) -> bool:
+    """Whether a cloud node FUSE-mounts an S3 bucket for these steps (`ClusterSpec.node_fuse`: its boot installs
+    rclone); False on the local cloud, whose nodes use this machine's tools."""
+    return (infra or "local") != "local" and any(s.kind == "mount" and _is_node_side(s) for s in steps)
+
+
 def node_python(infra: str | None) -> str | None:
     """The Python a node runs its bucket steps with: NODE_PYTHON on a cloud (None: this machine's)."""
     if (infra or "local") == "local":

@@ -18,6 +18,7 @@ from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.controller.node_files import (
     NodeFiles,
     NodeStorageError,
+    node_fuse_for,
     node_package_for,
     node_python,
     task_steps,
@@ -143,9 +144,11 @@ class PoolWorkers:
             handler[worker.status](pool, worker)
 
     def _program(self, pool: PoolRow, worker: WorkerRow) -> StackProgram:
+        steps = task_steps(pool.storage, 0)
         return worker_program(pool.name, pool.spec, worker.stack_name, worker.number, worker.infra, worker.region,
                               worker.use_spot, self.store.box.open(worker.token_enc), self.store.home, self.r.config,
-                              node_package=node_package_for(task_steps(pool.storage, 0), worker.infra, self.r.config))
+                              node_package=node_package_for(steps, worker.infra, self.r.config),
+                              node_fuse=node_fuse_for(steps, worker.infra))
 
     def _op(self, pool: str, op: str, stack: str, fn: Callable[[], Any]) -> Any:
         """The result of a stack operation once done, else None after making sure it runs; engine output goes to
@@ -299,14 +302,14 @@ class PoolWorkers:
 
 def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, infra: str | None, region: str | None,
                    use_spot: bool, token: str, home: Path, config: SortieConfig | None = None,
-                   node_package: str | None = None) -> StackProgram:
+                   node_package: str | None = None, node_fuse: bool = False) -> StackProgram:
     """The stack program of one worker (also what `pool apply` previews; a pool with files is recreated at every
-    apply, so a preview without `node_package`, which staging decides, shows no false change)."""
+    apply, so a preview without `node_package` and `node_fuse`, which staging decides, shows no false change)."""
     accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
                        labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
-                       node_package=node_package, **(cloud_fields(config) if config else {}))
+                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}))
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)
 
 

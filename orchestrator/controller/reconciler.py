@@ -18,7 +18,13 @@ from typing import Any
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
-from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_package_for, task_steps
+from orchestrator.controller.node_files import (
+    JobFiles,
+    NodeStorageError,
+    node_fuse_for,
+    node_package_for,
+    task_steps,
+)
 from orchestrator.controller.ops import OperationPool
 from orchestrator.controller.pool_workers import PoolWorkers, job_dir
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
@@ -209,14 +215,15 @@ class Reconciler:
     def _program(self, job: JobRow, attempt: AttemptRow) -> StackProgram:
         task = self._task(job)
         accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
+        steps = task_steps(job.storage, job.current_task)
         spec = ClusterSpec(name=attempt.stack_name, infra=attempt.infra, region=attempt.region,
                            instance_type=attempt.instance_type, disk_size=task["resources"][0].get("disk_size"),
                            num_nodes=attempt.num_nodes, use_spot=attempt.use_spot,
                            accelerators={k: int(v) for k, v in accelerators.items()},
                            labels={"sortie-job": str(job.id)}, token=self.store.box.open(attempt.token_enc),
                            local_root=str(self.store.home / "local"), **cloud_fields(self.config),
-                           node_package=node_package_for(task_steps(job.storage, job.current_task), attempt.infra,
-                                                         self.config),
+                           node_package=node_package_for(steps, attempt.infra, self.config),
+                           node_fuse=node_fuse_for(steps, attempt.infra),
                            job_id=str(job.id), attempt=str(attempt.number), user=job.user)
         return StackProgram("cluster", spec)
 

@@ -199,15 +199,19 @@ def agent_command(spec: ClusterSpec, node_id: str, *, token_stdin: bool) -> list
 
 def node_package_install(spec: ClusterSpec) -> str:
     """Shell lines that install `spec.node_package[s3]` into NODE_VENV once (nothing without one): what a node
-    needs to run its bucket steps (`python -m orchestrator.node_storage`)."""
+    needs to run its bucket steps (`python -m orchestrator.node_storage`); with `spec.node_fuse`, rclone and fuse3
+    for its S3 MOUNTs too (from apt, where it has apt-get; a failure here is reported by the mount step)."""
     if not spec.node_package:
         return ""
     package = shlex.quote(f"{spec.node_package}[s3]")
-    return (f"if [ ! -x {NODE_PYTHON} ]; then\n"
+    fuse = ("command -v rclone >/dev/null || { command -v apt-get >/dev/null && apt-get update -y "
+            "&& apt-get install -y rclone fuse3; } || true\n") if spec.node_fuse else ""
+    venv = (f"if [ ! -x {NODE_PYTHON} ]; then\n"
             f"  python3 -m venv {NODE_VENV} 2>/dev/null || {{ (command -v apt-get >/dev/null && apt-get update -y "
             f"&& apt-get install -y python3-venv) || true; python3 -m venv {NODE_VENV}; }}\n"
             f"  {NODE_VENV}/bin/pip install --quiet {package}\n"
             "fi\n")
+    return fuse + venv
 
 
 def boot_script(spec: ClusterSpec, rank: int, token: str, source: str) -> str:
