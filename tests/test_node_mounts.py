@@ -20,10 +20,10 @@ from orchestrator.local_cloud import LocalCloud
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mount namespaces and FUSE are Linux")
 
 
-def fuse_works() -> str | None:
-    """Why an rclone FUSE mount cannot be made here, or None when it can."""
-    if shutil.which("rclone") is None:
-        return "no rclone (apt-get install -y rclone fuse3)"
+def fuse_works(tool: str = "rclone") -> str | None:
+    """Why a FUSE mount with `tool` cannot be made here, or None when it can."""
+    if shutil.which(tool) is None:
+        return f"no {tool} (apt-get install -y {tool} fuse3)"
     if not Path("/dev/fuse").exists():
         return "no /dev/fuse"
     return None
@@ -147,8 +147,9 @@ def test_each_mount_tool_mounts_a_bucket_that_reads_and_writes_through(
     bucket once the file is closed, and a teardown detach that leaves the bucket whole."""
     from orchestrator.storage import S3Store
 
-    if not shutil.which(tool) or not Path("/dev/fuse").exists():
-        pytest.skip(f"no {tool} or no /dev/fuse (apt-get install -y {tool} fuse3)")
+    why = fuse_works(tool)
+    if why:
+        pytest.skip(why)
     s3 = S3Store(s3_env)
     bucket = f"tool-{tool}"
     s3.create_bucket(bucket)

@@ -265,20 +265,25 @@ def test_s3_mount_without_fuse_fails_with_a_clear_reason(sortie_cli, s3_env: S3C
     assert "needs a FUSE mount tool" in job["failure_reason"] and "MOUNT_CACHED" in job["failure_reason"]
 
 
-def test_s3_mount_reads_and_writes_through_rclone(sortie_cli, s3_env: S3Config, tmp_path: Path) -> None:
-    """An S3 MOUNT on a local-cloud node is a real rclone FUSE mount: the run reads the bucket and writes to it at
-    the mount's path, the write is in the bucket when the job ends, and the teardown leaves the bucket whole."""
+@pytest.fixture
+def fuse_s3(sortie_cli, s3_env: S3Config) -> tuple[S3Store, Sortie]:
+    """The S3 store on moto and a CLI configured for it, where nodes can FUSE-mount it with rclone."""
     from tests.test_node_mounts import fuse_works
 
     why = fuse_works()
     if why:
         pytest.skip(why)
-    s3 = S3Store(s3_env)
+    return S3Store(s3_env), sortie_cli(FAST + s3_config(s3_env.endpoint_url or ""))
+
+
+def test_s3_mount_reads_and_writes_through_rclone(fuse_s3: tuple[S3Store, Sortie], tmp_path: Path) -> None:
+    """An S3 MOUNT on a local-cloud node is a real rclone FUSE mount: the run reads the bucket and writes to it at
+    the mount's path, the write is in the bucket when the job ends, and the teardown leaves the bucket whole."""
+    s3, cli = fuse_s3
     bucket = bucket_name("mnt")
     s3.create_bucket(bucket)
     (tmp_path / "in.txt").write_text("from-the-bucket\n")
     s3.put_file(bucket, "inputs/in.txt", tmp_path / "in.txt")
-    cli = sortie_cli(FAST + s3_config(s3_env.endpoint_url or ""))
     yaml = write(tmp_path, "m.yaml", f"""\
 file_mounts:
   /mnt/b:
@@ -298,19 +303,13 @@ run: |
                                        "result.txt": len("written-on-the-node\n")}
 
 
-def test_preempted_training_resumes_from_its_checkpoint_on_an_s3_mount(sortie_cli, s3_env: S3Config,
+def test_preempted_training_resumes_from_its_checkpoint_on_an_s3_mount(fuse_s3: tuple[S3Store, Sortie],
                                                                       tmp_path: Path) -> None:
     """The checkpoint story over a real FUSE mount: the preempted node's mount dies with it and is detached at its
     teardown; the new node mounts the bucket again and resumes from the step the first one wrote."""
-    from tests.test_node_mounts import fuse_works
-
-    why = fuse_works()
-    if why:
-        pytest.skip(why)
-    s3 = S3Store(s3_env)
+    s3, cli = fuse_s3
     bucket = bucket_name("ckpt")
     s3.create_bucket(bucket)
-    cli = sortie_cli(FAST + s3_config(s3_env.endpoint_url or ""))
     yaml = write(tmp_path, "train.yaml", TRAIN.format(bucket=bucket, mode="MOUNT", persistent="true",
                                                       marker=tmp_path / "first-attempt")
                  .replace(f"name: {bucket}", f"name: {bucket}\n    store: s3"))
