@@ -322,3 +322,24 @@ def test_preempted_training_resumes_from_its_checkpoint_on_an_s3_mount(fuse_s3: 
     assert points[0] == 0 and len(points) == 2 and points[1] >= 3
     assert "trained to step 8" in cli.logs(job_id)
     assert s3.list_objects(bucket) == {"step": 2}  # "8\n", and no step.tmp left behind
+
+
+def test_pool_workers_mount_an_s3_bucket_that_their_jobs_write(fuse_s3: tuple[S3Store, Sortie],
+                                                              tmp_path: Path) -> None:
+    """A pool's S3 MOUNT is made once per worker, outside the path view: every job on the worker sees it at its
+    path, and the pool's teardown detaches it and leaves the bucket whole."""
+    from tests.test_pool_e2e import launch_on, take_down, wait_ready
+
+    s3, cli = fuse_s3
+    bucket = bucket_name("pool")
+    s3.create_bucket(bucket)
+    pool = write(tmp_path, "pool.yaml", f"pool:\n  workers: 1\nfile_mounts:\n  /results:\n    source: s3://{bucket}\n"
+                 "    mode: MOUNT\nsetup: test -d /results\n")
+    cli.run("jobs", "pool", "apply", "-y", "-p", "mnt", pool)
+    wait_ready(cli, "mnt", 1)
+    job = write(tmp_path, "job.yaml", "run: echo \"rank $SKYPILOT_JOB_RANK\" > /results/out-$SKYPILOT_JOB_RANK.txt\n")
+    ids = launch_on(cli, "mnt", job, 2)
+    for job_id in ids:
+        assert cli.wait(job_id, timeout=90)["status"] == "SUCCEEDED", cli.logs(job_id)
+    take_down(cli, "mnt")
+    assert s3.list_objects(bucket) == {"out-0.txt": len("rank 0\n"), "out-1.txt": len("rank 1\n")}
