@@ -123,12 +123,13 @@ def _fuse_tool(s3: dict[str, Any], where: str, url: str) -> str:
     chosen = s3.get("mount_tool") or "auto"
     tools = FUSE_TOOLS if chosen == "auto" else (chosen,)
     tool = next((t for t in tools if shutil.which(t)), None)
-    if tool is not None and Path("/dev/fuse").exists():
+    has_fuse = Path("/dev/fuse").exists()
+    if tool is not None and has_fuse:
         return tool
     if tool is None and chosen != "auto":
         missing = f"storage.s3.mount_tool is {chosen}, which is not installed"
     elif tool is None:
-        missing = "neither rclone nor s3fs found here" + ("" if Path("/dev/fuse").exists() else ", no /dev/fuse")
+        missing = "neither rclone nor s3fs found here" + ("" if has_fuse else ", no /dev/fuse")
     else:
         missing = "no /dev/fuse found here"
     raise SortieError(f"{where}: MOUNT of {url} needs a FUSE mount tool on the node ({missing}); use mode: COPY "
