@@ -33,8 +33,9 @@ def rss_mib() -> float:
 
 
 def tick_cost(jobs: int) -> tuple[float, float, float]:
-    from orchestrator.config import load_config
     from orchestrator.controller.reconciler import Reconciler
+
+    from orchestrator.config import load_config
     from orchestrator.fake_driver import FakeStackDriver
     from orchestrator.spec import load_yaml_text
     from state.store import StateStore

@@ -374,13 +374,13 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     controller against the shared PostgreSQL state."""
     from orchestrator.config import load_config, sortie_home
     from orchestrator.controller.remote import (
-        CONTROLLER_STACK_KIND,
         controller_program,
         controller_stack,
         forget_host_key,
     )
     from orchestrator.errors import UsageError
     from orchestrator.pulumi_driver import PulumiStackDriver
+    from state.machine import StackKind
     from state.store import StateStore
 
     home = sortie_home()
@@ -394,11 +394,11 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     if not yes and not typer.confirm("Proceed?", default=True):
         raise typer.Exit(1)
     store = StateStore(home, config)
-    store.record_stack(name, CONTROLLER_STACK_KIND)
+    store.record_stack(name, StackKind.CONTROLLER)
     forget_host_key(home)
     result = PulumiStackDriver(home, config).up(name, program)
     # Its address (public outputs only) in the shared state: `sortie dashboard` tunnels to it from anywhere.
-    store.set_stack(name, "UP", outputs=result.public_outputs())
+    store.stack_up(name, outputs=result.public_outputs())
     node = result.outputs.get("controller") or {}
     where = node.get("public_ip") or node.get("ip")
     _console().print(f"controller up: {node.get('node_id')} at {where} (private {node.get('ip')}); "
@@ -420,7 +420,7 @@ def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not 
     if not yes and not typer.confirm(f"Destroy the controller stack {name}?", default=True):
         raise typer.Exit(1)
     PulumiStackDriver(home, config).destroy(name)
-    StateStore(home, config).set_stack(name, "DESTROYED", outputs={})
+    StateStore(home, config).stack_destroyed(name, missing_ok=True)
     forget_host_key(home)
     found = dashboard_server.recorded(home)
     if found and found.get("kind") == "tunnel":

@@ -224,7 +224,7 @@ def stack_gc(
         return
     for name in orphans:
         driver.destroy(name)
-        store.set_stack(name, "DESTROYED")
+        store.stack_destroyed(name, missing_ok=True)
         _console().print(f"destroyed {name}")
 
 

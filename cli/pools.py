@@ -126,7 +126,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
 ) -> None:
     """Pools: spec, policy, workers ready/total; per worker its stack, region and status; the pool's jobs."""
-    from orchestrator.controller.pool_workers import policy_of
+    from orchestrator.pools import policy_of
 
     found = _pools().status(name)
     if as_json:

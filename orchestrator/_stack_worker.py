@@ -269,6 +269,7 @@ def _do_up(run: _Run) -> UpResult:
             except Exception as cleanup_exc:
                 error.message += f"; cleanup failed too, run `sortie stack destroy {run.request.stack}`: " \
                                  f"{run.fail(cleanup_exc).message}"
+                error.cleanup_failed = True
         raise error from None
     outputs = {k: v.value for k, v in result.outputs.items()}
     secret = frozenset(k for k, v in result.outputs.items() if v.secret)

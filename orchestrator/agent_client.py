@@ -83,6 +83,17 @@ class AgentClient:
             body["run_id"] = run_id
         return self._json("POST", "/runs", body)["run_id"]
 
+    def start(self, command: str, run_id: str, env: dict[str, str] | None = None, view: bool = True) -> bool:
+        """Start the run `run_id` unless it was started before (a restarted controller asks again: the agent
+        answers 409). True when this call started it."""
+        try:
+            self.run(command, env=env, run_id=run_id, view=view)
+        except AgentError as exc:
+            if exc.status != 409:
+                raise
+            return False
+        return True
+
     def status(self, run_id: str) -> RunStatus:
         return RunStatus(**self._json("GET", f"/runs/{run_id}"))
 

@@ -24,13 +24,15 @@ class EngineError(SortieError):
 
 
 class StackOperationError(SortieError):
-    """A stack operation failed. `log_path` holds the engine's whole output."""
+    """A stack operation failed. `log_path` holds the engine's whole output. `cleanup_failed`: a failed `up`
+    could not destroy what it had made, so the stack is left for the janitor."""
 
-    def __init__(self, message: str, stack: str = "", log_path: str = "") -> None:
-        super().__init__(message, stack, log_path)
+    def __init__(self, message: str, stack: str = "", log_path: str = "", cleanup_failed: bool = False) -> None:
+        super().__init__(message, stack, log_path, cleanup_failed)
         self.message = message
         self.stack = stack
         self.log_path = log_path
+        self.cleanup_failed = cleanup_failed
 
     def __str__(self) -> str:
         tail = f" (engine log: {self.log_path})" if self.log_path else ""

@@ -78,8 +78,8 @@ class PoolService(JobService):
     def _previews(self, name: str, spec: dict[str, Any], plan: ApplyPlan, workers: list[WorkerRow],
                   driver: StackDriver) -> dict[str, Any]:
         """Per worker stack: the Pulumi preview of what apply does to it (created, kept, or deleted)."""
-        from orchestrator.controller.pool_workers import worker_program
         from orchestrator.placement import Infeasible, place
+        from orchestrator.pools import worker_program
         from stacks.spec import new_cluster_token
 
         previews: dict[str, Any] = {}
@@ -156,7 +156,7 @@ class PoolService(JobService):
         for row in rows:
             if cancel_jobs:
                 self.store.cancel_pool_jobs(row.name, current_user())
-            self.store.update_pool(row.name, status="DOWN")
+            self.store.pool_down(row.name, current_user())
         from orchestrator.controller.daemon import ensure_controller
 
         ensure_controller(self.home)

@@ -16,7 +16,14 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from stacks.spec import ClusterSpec, StackProgram, cloud_fields
+
+if TYPE_CHECKING:
+    from orchestrator.config import SortieConfig
+    from state.models import PoolRow
 
 WORKER_KEYS = ("setup", "workdir", "file_mounts", "storage_mounts", "resources", "num_nodes", "envs")
 LIVE = ("PROVISIONING", "SETTING_UP", "READY", "DRAINING")
@@ -181,3 +188,21 @@ def decide_pool(policy: PoolPolicy, spec_hash: str, workers: list[WorkerView], d
     for worker in sorted(outdated, key=lambda w: (w.jobs > 0, w.number))[:allowance]:
         (drain if worker.jobs else destroy).append(worker.id)
     return PoolActions(create=create, drain=tuple(drain), destroy=tuple(dict.fromkeys(destroy)))
+
+
+def policy_of(pool: PoolRow) -> PoolPolicy:
+    return PoolPolicy(workers=pool.workers, min_workers=pool.min_workers, max_workers=pool.max_workers,
+                      idle_timeout=pool.idle_timeout, jobs_per_worker=pool.jobs_per_worker)
+
+
+def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, infra: str | None, region: str | None,
+                   use_spot: bool, token: str, home: Path, config: SortieConfig | None = None,
+                   node_package: str | None = None, node_fuse: bool = False) -> StackProgram:
+    """The stack program of one worker (also what `pool apply` previews; a pool with files is recreated at every
+    apply, so a preview without `node_package` and `node_fuse`, which staging decides, shows no false change)."""
+    accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
+    spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
+                       use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
+                       labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
+                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}))
+    return StackProgram("pool-worker", spec, pool=pool, worker_index=number)

@@ -176,7 +176,7 @@ class JobService:
         def beat(what: str, done: int, total: int) -> None:
             if time.monotonic() - last_beat[0] > 5:
                 last_beat[0] = time.monotonic()
-                self.store.update_job(job_id, staging_heartbeat=time.time())
+                self.store.staging_heartbeat(job_id)
             if progress:
                 progress(what, done, total)
 
@@ -184,7 +184,7 @@ class JobService:
 
         def record(storage: dict[str, Any]) -> None:
             recorded.update(storage)
-            self.store.update_job(job_id, storage=storage)
+            self.store.record_storage(job_id, storage)
 
         try:
             storage = stage(plan, job_id, self.config, self.home, record=record, progress=beat)
@@ -193,15 +193,13 @@ class JobService:
                 f"staging the job's files failed: {type(exc).__name__}: {exc}")
             self.store.fail_staging(job_id, why)
             try:
-                clean(recorded, self.config, self.home)
-                self.store.update_job(job_id, storage_cleaned_at=time.time())
+                self.store.storage_cleaned(job_id, clean(recorded, self.config, self.home))
             except Exception:  # the controller's storage reconciler retries
                 from orchestrator.controller.daemon import ensure_controller
 
                 ensure_controller(self.home)
             raise
-        if not self.store.finish_staging(job_id, storage):  # cancelled meanwhile: the reconciler cleans up
-            self.store.update_job(job_id, storage=storage, staging_heartbeat=None)
+        self.store.finish_staging(job_id, storage)  # False: cancelled meanwhile, and the storage janitor cleans up
 
     def resolve(self, job_id: int | None = None, name: str | None = None) -> JobRow:
         """One job by id or by name; a name shared by several jobs is an error listing their ids."""

@@ -1,14 +1,15 @@
 """Tables of Sortie's durable state (SQLAlchemy 2). Times are UTC epoch seconds (floats), portable
 across SQLite and PostgreSQL and cheap to subtract for durations.
 
-Only `state.store` writes these tables.
+Only the named transitions (`state.transitions`, `state.pool_transitions`) write these tables; the
+statuses and their legal moves are `state.machine`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -86,6 +87,8 @@ class AttemptRow(Base):
     """One cluster attempt of a task: where it ran and how it ended."""
 
     __tablename__ = "attempts"
+    # Two writers can never place the same attempt of a task (the loser's transaction fails).
+    __table_args__ = (UniqueConstraint("job_id", "task_index", "number", name="uq_attempts_job_task_number"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -95,19 +98,18 @@ class AttemptRow(Base):
     stack_name: Mapped[str] = mapped_column(String(255), index=True)
     infra: Mapped[str] = mapped_column(String(64))
     region: Mapped[str | None] = mapped_column(String(64))
-    zone: Mapped[str | None] = mapped_column(String(64))
     instance_type: Mapped[str | None] = mapped_column(String(64))
     use_spot: Mapped[bool] = mapped_column(Boolean, default=False)
     num_nodes: Mapped[int] = mapped_column(Integer, default=1)
-    # PROVISIONING -> SYNCING -> SETTING_UP -> RUNNING -> TEARDOWN -> DONE
+    # state.machine.Phase: PROVISIONING -> SYNCING -> SETTING_UP -> RUNNING -> TEARDOWN -> DONE
     phase: Mapped[str] = mapped_column(String(32), index=True)
-    # What follows the teardown: "finish" (the job's final status) or "relaunch" (a new attempt).
+    # state.machine.AfterTeardown: what follows the teardown (finish, next task, relaunch).
     after_teardown: Mapped[str | None] = mapped_column(String(16))
     nodes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     token_enc: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
-    outcome: Mapped[str | None] = mapped_column(String(32))
+    outcome: Mapped[str | None] = mapped_column(String(32))  # state.machine.Outcome
     exit_codes: Mapped[list[int] | None] = mapped_column(JSON)
     price_per_hour: Mapped[float | None] = mapped_column(Float)
     missed_polls: Mapped[int] = mapped_column(Integer, default=0)
@@ -198,3 +200,18 @@ class EventRow(Base):
     what: Mapped[str] = mapped_column(String(64))
     why: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class PoolEventRow(Base):
+    """Append-only history of a pool and its workers, written by the same transactions as their statuses."""
+
+    __tablename__ = "pool_events"
+    __table_args__ = (Index("ix_pool_events_pool_id", "pool", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pool: Mapped[str] = mapped_column(String(63))
+    worker: Mapped[int | None] = mapped_column(Integer)  # the worker's number in its pool
+    at: Mapped[float] = mapped_column(Float)
+    who: Mapped[str] = mapped_column(String(64))
+    what: Mapped[str] = mapped_column(String(64))
+    why: Mapped[str | None] = mapped_column(Text)

@@ -1,5 +1,6 @@
-"""The only code that writes Sortie's tables. Short transactions; every status change is guarded
-by the status it expects and leaves an event."""
+"""Sortie's durable state: `StateStore` reads the tables, and writes them only through the named transitions it
+mixes in (`state.transitions` for jobs, tasks, attempts and stacks; `state.pool_transitions` for pools and
+workers), each one guarded transaction with its event. Statuses and their legal moves: `state.machine`."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
-from orchestrator.job_status import ACTIVE, JobStatus, Phase
 from state.db import open_engine, session_factory
+from state.machine import ACTIVE, OPEN_PHASES, JobStatus, StackKind, StackStatus
 from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
-from state.pool_store import PoolStore
+from state.pool_transitions import PoolTransitions
 from state.secrets_box import SecretsBox
+from state.transitions import JobTransitions, attempt_cost
 
 
-class StateStore(PoolStore):
+class StateStore(JobTransitions, PoolTransitions):
     """Durable state of one Sortie home (or one shared database)."""
 
     def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
@@ -138,7 +140,7 @@ class StateStore(PoolStore):
         """Stack operations under way: stacks being created or destroyed."""
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(StackRow).where(
-                StackRow.status.in_(["CREATING", "DESTROYING"]))) or 0
+                StackRow.status.in_([StackStatus.CREATING, StackStatus.DESTROYING]))) or 0
 
     def count_by_status(self) -> dict[str, int]:
         with self.session() as session:
@@ -167,48 +169,7 @@ class StateStore(PoolStore):
             return list(session.scalars(select(AttemptRow).where(AttemptRow.job_id == job_id)
                                         .order_by(AttemptRow.id)))
 
-    def request_cancel(self, job_id: int, who: str) -> bool:
-        """Ask for a cancel; False if the job had already ended (or does not exist). One conditional
-        UPDATE decides, so concurrent requests log one event."""
-        now = time.time()
-        active = [s.value for s in ACTIVE]
-        with self.session() as session, session.begin():
-            first = session.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.status.in_(active), JobRow.cancel_requested.is_(False),
-            ).values(cancel_requested=True, updated_at=now)).rowcount == 1
-            if first:
-                session.add(EventRow(job_id=job_id, at=now, who=who, what="cancel-requested"))
-                return True
-            status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
-            return status is not None and status in active
-
     # --- the controller's writes -------------------------------------------------------------------------
-
-    def finish_staging(self, job_id: int, storage: dict[str, Any]) -> bool:
-        """The uploads of `jobs launch` are done: record what goes on the nodes; False if the job ended
-        meanwhile (cancelled, or failed for a stale upload), when the caller must undo its uploads."""
-        now = time.time()
-        with self.session() as session, session.begin():
-            done = session.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.status.in_([s.value for s in ACTIVE]),
-                JobRow.staging_heartbeat.is_not(None),
-            ).values(storage=storage, staging_heartbeat=None, updated_at=now)).rowcount == 1
-            if done:
-                session.add(EventRow(job_id=job_id, at=now, who="user", what="staged",
-                                     why="workdir, file mounts and buckets are ready"))
-            return done
-
-    def fail_staging(self, job_id: int, why: str) -> None:
-        """`jobs launch` could not stage the job's files: FAILED_PRECHECKS, its storage left to be cleaned."""
-        now = time.time()
-        with self.session() as session, session.begin():
-            session.execute(update(JobRow).where(JobRow.id == job_id).values(
-                status=JobStatus.FAILED_PRECHECKS, final_status=JobStatus.FAILED_PRECHECKS, failure_reason=why,
-                ended_at=now, updated_at=now, staging_heartbeat=None))
-            session.execute(update(TaskRow).where(TaskRow.job_id == job_id).values(
-                status=JobStatus.FAILED_PRECHECKS, ended_at=now))
-            session.add(EventRow(job_id=job_id, at=now, who="user", what="finished",
-                                 why=f"FAILED_PRECHECKS: {why}"))
 
     def storage_to_clean(self, stale_after: float, limit: int = 100) -> list[JobRow]:
         """Ended jobs whose buckets, job prefixes and upload dirs are not yet removed, once no `jobs launch`
@@ -231,52 +192,20 @@ class StateStore(PoolStore):
         if not job_ids:
             return {}
         with self.session() as session:
-            query = select(AttemptRow).where(AttemptRow.job_id.in_(list(job_ids)), AttemptRow.phase != Phase.DONE)
+            query = select(AttemptRow).where(AttemptRow.job_id.in_(list(job_ids)),
+                                             AttemptRow.phase.in_(list(OPEN_PHASES)))
             return {row.job_id: row for row in session.scalars(query)}
 
     def open_stack_names(self) -> set[str]:
         """Stacks of every attempt in progress, read now (not from an earlier snapshot)."""
         with self.session() as session:
-            attempts = set(session.scalars(select(AttemptRow.stack_name).where(AttemptRow.phase != Phase.DONE)))
+            attempts = set(session.scalars(select(AttemptRow.stack_name).where(
+                AttemptRow.phase.in_(list(OPEN_PHASES)))))
             controllers = set(session.scalars(select(StackRow.name).where(  # a cloud controller's own stack
-                StackRow.kind == "controller", StackRow.status != "DESTROYED")))
+                StackRow.kind == StackKind.CONTROLLER, StackRow.status != StackStatus.DESTROYED)))
         return attempts | controllers | self.live_worker_stacks()
 
-    def count_attempts(self, job_id: int, task_index: int) -> int:
-        with self.session() as session:
-            return session.scalar(select(func.count()).select_from(AttemptRow).where(
-                AttemptRow.job_id == job_id, AttemptRow.task_index == task_index)) or 0
-
-    def create_attempt(self, job: JobRow, *, stack_name: str, infra: str, region: str | None, num_nodes: int,
-                       use_spot: bool, instance_type: str | None = None, status: JobStatus = JobStatus.STARTING,
-                       price_per_hour: float = 0.0, why: str = "") -> AttemptRow:
-        now = time.time()
-        with self.session() as session, session.begin():
-            number = session.scalar(select(func.count()).select_from(AttemptRow).where(
-                AttemptRow.job_id == job.id, AttemptRow.task_index == job.current_task)) or 0
-            attempt = AttemptRow(job_id=job.id, task_index=job.current_task, number=number + 1,
-                                 stack_name=stack_name, infra=infra, region=region, num_nodes=num_nodes,
-                                 use_spot=use_spot, instance_type=instance_type, phase=Phase.PROVISIONING,
-                                 started_at=now, price_per_hour=price_per_hour)
-            session.add(attempt)
-            session.add(StackRow(name=stack_name, job_id=job.id, kind="cluster", status="CREATING", created_at=now))
-            session.execute(update(JobRow).where(JobRow.id == job.id).values(
-                status=status, updated_at=now, started_at=func.coalesce(JobRow.started_at, now)))
-            session.execute(update(TaskRow).where(TaskRow.job_id == job.id, TaskRow.task_index == job.current_task)
-                            .values(status=status, started_at=func.coalesce(TaskRow.started_at, now)))
-            session.flush()
-            session.execute(update(StackRow).where(StackRow.name == stack_name).values(attempt_id=attempt.id))
-            session.add(EventRow(job_id=job.id, task_index=job.current_task, at=now, who="controller",
-                                 what="placed", why=why or f"{infra}/{region}",
-                                 data={"stack": stack_name, "infra": infra, "region": region,
-                                       "attempt": number + 1, "use_spot": use_spot}))
-        return attempt
-
-    @staticmethod
-    def attempt_cost(attempt: AttemptRow, now: float | None = None) -> float:
-        """Price x nodes x hours of one attempt (to now while it runs)."""
-        end = attempt.ended_at or now or time.time()
-        return (attempt.price_per_hour or 0.0) * attempt.num_nodes * max(end - attempt.started_at, 0.0) / 3600
+    attempt_cost = staticmethod(attempt_cost)
 
     def costs(self, job_ids: Sequence[int]) -> dict[int, float]:
         """Cost so far per job: the sum over its attempts of price x nodes x hours (to now if running)."""
@@ -292,49 +221,29 @@ class StateStore(PoolStore):
                 found[job_id] += (price or 0.0) * nodes * max((ended or now) - started, 0.0) / 3600
         return found
 
-    def update_attempt(self, attempt_id: int, **fields: Any) -> None:
+    def record_missed_polls(self, attempt_id: int, missed: int) -> None:
+        """How many polls in a row a node of the attempt missed (not a status: the loss is decided elsewhere)."""
         with self.session() as session, session.begin():
-            session.execute(update(AttemptRow).where(AttemptRow.id == attempt_id).values(**fields))
+            session.execute(update(AttemptRow).where(AttemptRow.id == attempt_id).values(missed_polls=missed))
 
-    def update_job(self, job_id: int, *, expect: Iterable[str] | None = None, **fields: Any) -> bool:
-        """Guarded write: applies only while the job's status is one of `expect` (when given)."""
-        fields["updated_at"] = time.time()
+    def staging_heartbeat(self, job_id: int) -> None:
+        """`jobs launch` is still uploading the job's files."""
         with self.session() as session, session.begin():
-            query = update(JobRow).where(JobRow.id == job_id)
-            if expect is not None:
-                query = query.where(JobRow.status.in_(list(expect)))
-            return session.execute(query.values(**fields)).rowcount == 1
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.staging_heartbeat.is_not(None)).values(
+                staging_heartbeat=time.time()))
 
-    def update_task(self, job_id: int, task_index: int, **fields: Any) -> None:
+    def record_storage(self, job_id: int, storage: dict[str, Any]) -> None:
+        """What `jobs launch` has uploaded so far (so the cleaner can remove it, whatever happens next)."""
         with self.session() as session, session.begin():
-            session.execute(update(TaskRow).where(TaskRow.job_id == job_id, TaskRow.task_index == task_index)
-                            .values(**fields))
-
-    def record_stack(self, name: str, kind: str) -> None:
-        """A stack that belongs to no job or worker (the cloud controller's), written before it is created."""
-        with self.session() as session, session.begin():
-            row = session.get(StackRow, name)
-            if row is None:
-                session.add(StackRow(name=name, kind=kind, status="CREATING", created_at=time.time()))
-            else:
-                row.status, row.destroyed_at = "CREATING", None
-
-    def set_stack(self, name: str, status: str, error: str | None = None,
-                  outputs: dict[str, Any] | None = None) -> None:
-        values: dict[str, Any] = {"status": status, "last_error": error}
-        if outputs is not None:
-            values["outputs"] = outputs
-        if status == "DESTROYED":
-            values["destroyed_at"] = time.time()
-        with self.session() as session, session.begin():
-            session.execute(update(StackRow).where(StackRow.name == name).values(**values))
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(storage=storage))
 
     def live_stacks(self) -> list[StackRow]:
         with self.session() as session:
-            return list(session.scalars(select(StackRow).where(StackRow.status != "DESTROYED")))
+            return list(session.scalars(select(StackRow).where(StackRow.status != StackStatus.DESTROYED)))
 
     def add_event(self, job_id: int, what: str, why: str | None = None, *, who: str = "controller",
                   task_index: int | None = None, data: dict[str, Any] | None = None) -> None:
+        """An event that changes no state (an observation: a slow agent, a node out of disk)."""
         with self.session() as session, session.begin():
             session.add(EventRow(job_id=job_id, task_index=task_index, at=time.time(), who=who, what=what, why=why,
                                  data=data))

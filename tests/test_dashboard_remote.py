@@ -26,7 +26,8 @@ from tests.sshd import Sshd, sshd  # noqa: F401  (a fixture)
 pytest.importorskip("fastapi", reason="the dashboard extra is not installed (pip install 'sortie[dashboard]')")
 
 from orchestrator.config import load_config
-from orchestrator.controller.remote import CONTROLLER_STACK_KIND, controller_stack
+from orchestrator.controller.remote import controller_stack
+from state.machine import StackKind
 from orchestrator.dashboard.tunnel import free_port
 from state.store import StateStore
 from tests.test_dashboard_api import _submit
@@ -51,8 +52,8 @@ class Setup:
         """What `sortie controller up` records: the stack UP, and its public outputs."""
         store = StateStore(self.laptop, load_config(self.laptop))
         name = controller_stack(load_config(self.laptop))
-        store.record_stack(name, CONTROLLER_STACK_KIND)
-        store.set_stack(name, "UP", outputs=outputs)
+        store.record_stack(name, StackKind.CONTROLLER)
+        store.stack_up(name, outputs=outputs)
 
 
 def get_json(url: str) -> object:

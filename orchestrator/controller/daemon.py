@@ -3,6 +3,10 @@
 One instance is guaranteed by an exclusive lock on `<home>/controller/controller.lock`, held for the
 daemon's life (the kernel drops it when the process dies, however it dies). `controller.json`
 beside it says who holds it. APScheduler 3.x (in-memory job store) is only the ticker.
+
+`Controller` composes the reconcilers over one `ControllerContext`: pools and their workers first (so a job
+finds a worker made READY this tick), then jobs, then the stacks janitor and the storage janitor. Each loads
+its rows, decides with pure functions and applies through the named transitions of `state`.
 """
 
 from __future__ import annotations
@@ -17,13 +21,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator import __version__
 from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
+
+if TYPE_CHECKING:
+    from orchestrator.controller.context import Connect, ControllerContext
+    from orchestrator.stack_driver import StackDriver
+    from state.store import StateStore
 
 START_TIMEOUT = 30.0
 
@@ -124,11 +135,43 @@ def stop_controller(home: Path | None = None, timeout: float = 60.0) -> Controll
     return info
 
 
+class Controller:
+    """Every reconciler of one controller, ticked in order."""
+
+    def __init__(self, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
+                 wake: Callable[[], None] | None = None, *, inline: bool = False,
+                 connect: Connect | None = None) -> None:
+        from orchestrator.controller.context import ControllerContext, connect_agent
+        from orchestrator.controller.janitors import StackJanitor, StorageJanitor
+        from orchestrator.controller.jobs import JobReconciler
+        from orchestrator.controller.pools import PoolReconciler
+
+        self.ctx: ControllerContext = ControllerContext.create(store, driver, config, home, wake, inline=inline,
+                                                               connect=connect or connect_agent)
+        self.pools = PoolReconciler(self.ctx)
+        self.jobs = JobReconciler(self.ctx, self.pools)
+        self.stack_janitor = StackJanitor(self.ctx)
+        self.storage_janitor = StorageJanitor(self.ctx)
+
+    def tick(self) -> int:
+        """One pass of every reconciler. Returns how many pools and jobs are in progress (the controller does not
+        stop itself while a pool exists: its workers need watching)."""
+        active = self.pools.tick() + self.jobs.tick()
+        self.stack_janitor.tick()
+        self.storage_janitor.tick()
+        return active
+
+    def busy(self) -> bool:
+        return self.ctx.busy()
+
+    def shutdown(self) -> None:
+        self.ctx.shutdown()
+
+
 def run_daemon(home: Path) -> None:
     """The daemon's main: hold the lock, tick until stopped or idle past the autostop time."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from orchestrator.controller.reconciler import Reconciler
     from orchestrator.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
@@ -161,7 +204,7 @@ def run_daemon(home: Path) -> None:
         with contextlib.suppress(Exception):  # the scheduler may be shutting down
             scheduler.modify_job("tick", next_run_time=datetime.now())
 
-    reconciler = Reconciler(store, driver, config, home, wake)
+    controller = Controller(store, driver, config, home, wake)
     stop = threading.Event()
     idle_since = [time.monotonic()]
 
@@ -170,13 +213,13 @@ def run_daemon(home: Path) -> None:
         for _ in range(10):  # passes while operations keep finishing, bounded
             woken.clear()
             try:
-                active = reconciler.tick()
+                active = controller.tick()
             except Exception:
                 log.exception("tick failed")
                 return
             if not woken.is_set():
                 break
-        if active or reconciler.busy():
+        if active or controller.busy():
             idle_since[0] = time.monotonic()
         elif time.monotonic() - idle_since[0] > config.controller.autostop_idle_minutes * 60:
             log.info("no job in progress for %.1f minutes: stopping", config.controller.autostop_idle_minutes)
@@ -190,8 +233,7 @@ def run_daemon(home: Path) -> None:
     log.info("controller %s started (pid %s) on %s", __version__, os.getpid(), home)
     stop.wait()
     scheduler.shutdown(wait=True)
-    reconciler.stack_ops.shutdown()
-    reconciler.agent_ops.shutdown()
+    controller.shutdown()
     log.info("controller stopped")
     (_dir(home) / "controller.json").unlink(missing_ok=True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,7 @@ from orchestrator.storage.staging import NodeStep
 from orchestrator.storage.stores import open_store, parse_bucket_url
 
 if TYPE_CHECKING:
-    from orchestrator.controller.reconciler import Reconciler
+    from orchestrator.controller.context import ControllerContext
     from state.models import AttemptRow, JobRow
 
 log = logging.getLogger("sortie.controller")
@@ -101,11 +100,7 @@ class NodeFiles:
     def _run_to_end(self, client: AgentClient, verb: str, steps: Sequence[NodeStep],
                     note: Callable[[str], None]) -> None:
         run_id = f"{verb}-{self.attempt_id}"
-        try:
-            client.run(self._command(verb, steps), env=_credentials_env(), run_id=run_id, view=False)
-        except AgentError as exc:
-            if exc.status != 409:  # 409: started before (a restarted controller asks again)
-                raise
+        client.start(self._command(verb, steps), run_id, env=_credentials_env(), view=False)
         status = client.wait(run_id, timeout=FETCH_TIMEOUT_SECONDS, interval=0.2)
         output, _ = client.log(run_id, 0)
         lines = output.decode(errors="replace").splitlines()
@@ -133,12 +128,8 @@ class NodeFiles:
         if node_side:
             self._run_to_end(client, "fetch", node_side, note)
         if has_cached(self.steps):
-            try:
-                client.run(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
-                           env=_credentials_env(), run_id=f"cache-{self.attempt_id}", view=False)
-            except AgentError as exc:
-                if exc.status != 409:
-                    raise
+            client.start(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
+                         f"cache-{self.attempt_id}", env=_credentials_env(), view=False)
 
     def flush(self, client: AgentClient, note: Callable[[str], None]) -> None:
         """Upload MOUNT_CACHED writes once more, then stop the background uploader."""
@@ -154,62 +145,36 @@ class NodeFiles:
 
 
 class JobFiles:
-    """The job reconciler's file work: sync at the start of an attempt, the MOUNT_CACHED flush before a task
-    ends, and the storage reconciler (an ended job's staged files and buckets removed)."""
+    """The job reconciler's file work: sync at the start of an attempt, and the MOUNT_CACHED flush before a task
+    ends."""
 
-    def __init__(self, owner: Reconciler) -> None:
-        self.r = owner
-        self.ended: dict[int, tuple[int, ...]] = {}  # run exit codes of attempts flushing MOUNT_CACHED writes
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
 
     def _files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
-        return NodeFiles(self.r.config, self.r.store.home, task_steps(job.storage, job.current_task), attempt.id,
+        return NodeFiles(self.ctx.config, self.ctx.home, task_steps(job.storage, attempt.task_index), attempt.id,
                          python=node_python(attempt.infra))
 
     def _note(self, job: JobRow, rank: int) -> Callable[[str], None]:
-        return lambda line: self.r.logs.note(job.id, f"[files] node {rank}: {line}")
+        return lambda line: self.ctx.logs.note(job.id, f"[files] node {rank}: {line}")
+
+    def has_cached(self, job: JobRow) -> bool:
+        return has_cached(task_steps(job.storage, job.current_task))
 
     def sync(self, job: JobRow, attempt: AttemptRow) -> None:
         """Every storage step on every node of the attempt (runs in the agent pool)."""
         files = self._files(job, attempt)
-        for node, client in self.r.clients(attempt):
+        for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
             files.put(client, self._note(job, node["rank"]))
 
-    def _flush(self, job: JobRow, attempt: AttemptRow) -> None:
+    def flush(self, job: JobRow, attempt: AttemptRow, codes: tuple[int, ...]) -> tuple[int, ...]:
+        """MOUNT_CACHED writes uploaded before the task ends (runs in the agent pool); hands the run's exit codes
+        back. A failed upload is told in the job's events and does not change the job's outcome."""
         files = self._files(job, attempt)
-        for node, client in self.r.clients(attempt):
-            files.flush(client, self._note(job, node["rank"]))
-
-    def flushed(self, job: JobRow, attempt: AttemptRow, codes: tuple[int, ...]) -> bool:
-        """MOUNT_CACHED writes uploaded before the task ends (True at once when there are none). The exit codes
-        wait in `ended` meanwhile."""
-        if not has_cached(task_steps(job.storage, job.current_task)):
-            return True
-        key = ("flush", attempt.id)
-        result = self.r.agent_ops.collect(key)
-        if result is None:
-            self.ended[attempt.id] = codes
-            if not self.r.agent_ops.busy(key):
-                self.r.agent_ops.submit(key, self._flush, job, attempt)
-            return False
-        self.ended.pop(attempt.id, None)
-        if not result.ok:
-            self.r.note(job, "flush-failed", f"MOUNT_CACHED upload before the end failed: {result.error}")
-        return True
-
-    def clean_storage(self, stale_after: float) -> None:
-        """The storage reconciler: an ended job's job prefix, temporary or non-persistent buckets and two-hop
-        uploads are removed (in the agent pool; a failure is retried on a later pass)."""
-        from orchestrator.storage.staging import clean
-
-        for job in self.r.store.storage_to_clean(stale_after):
-            key = ("clean", job.id)
-            result = self.r.agent_ops.collect(key)
-            if result is None:
-                if not self.r.agent_ops.busy(key):
-                    self.r.agent_ops.submit(key, clean, job.storage or {}, self.r.config, self.r.store.home)
-            elif result.ok:
-                self.r.store.update_job(job.id, storage_cleaned_at=time.time())
-                if result.value:
-                    self.r.store.add_event(job.id, "storage-cleaned", ", ".join(result.value))
-            else:
-                log.warning("job %s: storage cleanup failed, will retry: %s", job.id, result.error)
+        try:
+            for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+                files.flush(client, self._note(job, node["rank"]))
+        except Exception as exc:
+            self.ctx.store.add_event(job.id, "flush-failed", f"MOUNT_CACHED upload before the end failed: {exc}",
+                                     task_index=attempt.task_index)
+        return codes

@@ -1,4 +1,10 @@
-"""Keyed background operations: the ticker submits, later ticks collect. Never blocks the ticker."""
+"""Keyed background operations of the controller: stack operations and agent calls run in bounded pools, so
+the ticker never blocks. Where this sits: under every reconciler, which asks `ensure(key, fn, *args)` each tick
+until the operation's result comes back once.
+
+`workers=0` runs each operation at once on the caller's thread (unit tests and the crash-point harness: one
+tick then does exactly what it asks, in order).
+"""
 
 from __future__ import annotations
 
@@ -22,49 +28,53 @@ class Finished:
 
 
 class OperationPool:
-    """At most one operation per key; bounded workers. `collect(key)` hands a finished result over once."""
+    """At most one operation per key; bounded workers."""
 
     def __init__(self, workers: int, name: str, on_done: Callable[[], None] | None = None) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
         self._futures: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
         self._on_done = on_done
 
-    def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> bool:
-        """Start `fn(*args)` under `key` unless an operation of that key is already running or uncollected."""
-        with self._lock:
-            if key in self._futures:
-                return False
-            future = self._pool.submit(fn, *args)
-            self._futures[key] = future
-        if self._on_done is not None:  # a finished operation wakes the ticker: no waiting for the next tick
-            on_done = self._on_done
-            future.add_done_callback(lambda _f: on_done())
-        return True
-
-    def running(self, key: Hashable) -> bool:
+    def ensure(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Finished | None:
+        """The result of the operation `key` once it has finished (handed over once, then forgotten); until then
+        None, after making sure `fn(*args)` runs under that key."""
         with self._lock:
             future = self._futures.get(key)
-        return future is not None and not future.done()
-
-    def busy(self, key: Hashable) -> bool:
-        """Submitted and not yet collected."""
-        with self._lock:
-            return key in self._futures
-
-    def collect(self, key: Hashable) -> Finished | None:
-        """The result of a finished operation (removing it), or None while none has finished."""
-        with self._lock:
-            future = self._futures.get(key)
-            if future is None or not future.done():
+            if future is None:
+                future = self._start(fn, args)
+                self._futures[key] = future
+                started = True
+            else:
+                started = False
+            if not future.done():
+                if started and self._on_done is not None:  # a finished operation wakes the ticker at once
+                    on_done = self._on_done
+                    future.add_done_callback(lambda _f: on_done())
                 return None
             del self._futures[key]
         error = future.exception()
         return Finished(error=error) if error is not None else Finished(value=future.result())
+
+    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # a BaseException (a crash, an exit) goes on up, as it would kill the process
+            future.set_exception(exc)
+        return future
+
+    def busy(self, key: Hashable) -> bool:
+        """Started and its result not yet handed over."""
+        with self._lock:
+            return key in self._futures
 
     def in_flight(self) -> int:
         with self._lock:
             return sum(1 for f in self._futures.values() if not f.done())
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -61,7 +61,6 @@ class AttemptOut(BaseModel):
     stack: str
     infra: str
     region: str | None
-    zone: str | None
     instance_type: str | None
     use_spot: bool
     num_nodes: int
@@ -188,7 +187,7 @@ def page_out(page: JobPage, offset: int, limit: int) -> JobsPageOut:
 
 def attempt_out(a: AttemptRow, cost: float) -> AttemptOut:
     return AttemptOut(task=a.task_index, number=a.number, stack=a.stack_name, infra=a.infra, region=a.region,
-                      zone=a.zone, instance_type=a.instance_type, use_spot=a.use_spot, num_nodes=a.num_nodes,
+                      instance_type=a.instance_type, use_spot=a.use_spot, num_nodes=a.num_nodes,
                       phase=a.phase, started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome,
                       exit_codes=a.exit_codes, price_per_hour=a.price_per_hour, cost=round(cost, 6))
 
@@ -224,7 +223,7 @@ def worker_status(status: str, jobs: list[int]) -> str:
 
 
 def pool_out(s: PoolStatus) -> PoolOut:
-    from orchestrator.controller.pool_workers import policy_of
+    from orchestrator.pools import policy_of
 
     p = s.pool
     workers = [WorkerOut(number=w.number, stack=w.stack_name, infra=w.infra, region=w.region, use_spot=w.use_spot,

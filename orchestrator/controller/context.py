@@ -1,0 +1,78 @@
+"""What every reconciler of the controller shares: the state, the stack driver, the config, the logs, the
+bounded pools of background operations, and the way to reach a node's agent.
+
+Where this sits: built once by the daemon (`orchestrator.controller.daemon.Controller`), handed to each
+reconciler (jobs, pools and workers, the stacks janitor, the storage janitor). Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.agent_client import AgentClient
+from orchestrator.config import SortieConfig
+from orchestrator.controller.ops import Finished, OperationPool
+from orchestrator.job_logs import JobLogs
+from orchestrator.stack_driver import StackDriver, copy_engine_output
+from state.store import StateStore
+
+log = logging.getLogger("sortie.controller")
+Connect = Callable[[str, str], AgentClient]  # (agent URL, cluster token) -> a client
+
+
+def connect_agent(url: str, token: str) -> AgentClient:
+    return AgentClient(url, token, timeout=10)
+
+
+@dataclass
+class ControllerContext:
+    store: StateStore
+    driver: StackDriver
+    config: SortieConfig
+    home: Path
+    logs: JobLogs
+    stack_ops: OperationPool
+    agent_ops: OperationPool
+    connect: Connect = connect_agent
+
+    @classmethod
+    def create(cls, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
+               wake: Callable[[], None] | None = None, *, inline: bool = False,
+               connect: Connect = connect_agent) -> ControllerContext:
+        """`inline`: operations run at once on the ticker's thread (unit tests, the crash-point harness)."""
+        return cls(store, driver, config, home, JobLogs(home),
+                   OperationPool(0 if inline else config.pulumi.operation_slots, "stack-op", wake),
+                   OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake), connect)
+
+    def clients(self, nodes: list[dict[str, Any]] | None, token_enc: str | None) -> list[tuple[dict[str, Any],
+                                                                                                 AgentClient]]:
+        """A client per node, by rank."""
+        token = self.store.box.open(token_enc)
+        return [(n, self.connect(n["url"], token)) for n in sorted(nodes or [], key=lambda n: n["rank"])]
+
+    def stack_op(self, op: str, stack: str, fn: Callable[[], Any], log_path: Path) -> Finished | None:
+        """A stack operation's result once it finished, else None after making sure it runs; the engine's output
+        goes to `log_path` (a job's controller log, a pool's log)."""
+        return self.stack_ops.ensure((op, stack), copy_engine_output, self.driver, stack, fn,
+                                     lambda data: self.logs.append(log_path, data))
+
+    def busy(self) -> bool:
+        return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight())
+
+    def shutdown(self) -> None:
+        self.stack_ops.shutdown()
+        self.agent_ops.shutdown()
+
+
+def pool_log(home: Path, pool: str) -> Path:
+    return home / "logs" / "pools" / f"{pool}.log"
+
+
+def note_pool(ctx: ControllerContext, pool: str, line: str) -> None:
+    ctx.logs.append(pool_log(ctx.home, pool), f"{time.strftime('%H:%M:%S')} {line}\n".encode())
+    log.info("pool %s: %s", pool, line)

@@ -1,0 +1,133 @@
+"""Setup and run on every node of an attempt: start them (idempotently, under fixed run ids), copy their logs
+as they grow, and judge what the nodes say.
+
+Where this sits: called by the job reconciler (`orchestrator.controller.jobs`) for attempts in SETTING_UP and
+RUNNING. Nothing here writes a status: it answers "still going", "every node exited with these codes", or "a
+node looks lost", and the job reconciler applies that through the named transitions.
+
+A run is started when a poll finds it missing on a node (the agent answers 404), so a restarted controller
+starts what never started and re-attaches to what did; the agent refuses a second start of one run id (409).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.controller.context import ControllerContext
+from orchestrator.controller.decide import NodeRun, RunsVerdict, judge_runs
+from orchestrator.run_env import node_env, pool_job_env
+from state.models import AttemptRow, JobRow
+
+
+def run_id(kind: str, attempt: AttemptRow) -> str:
+    return f"{kind}-{attempt.id}"
+
+
+def job_dir(job_id: int) -> str:
+    """A pool job's scratch directory on its worker ($SORTIE_JOB_DIR, also $TMPDIR), removed after the job."""
+    return f"$HOME/.sortie-jobs/{job_id}"
+
+
+class NodeRuns:
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+        self._polled_at: dict[tuple[int, str], float] = {}  # when each attempt's runs were last polled (pacing)
+
+    def _commands(self, job: JobRow, attempt: AttemptRow, kind: str) -> dict[int, tuple[str, dict[str, str]]]:
+        """Per rank: the command and its environment."""
+        task = job.spec["tasks"][attempt.task_index]
+        secrets = self.ctx.store.secrets(job)[attempt.task_index]
+        ips = [n["ip"] for n in sorted(attempt.nodes or [], key=lambda n: n["rank"])]
+        accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
+        found = {}
+        for node in attempt.nodes or []:
+            env = node_env(envs=task.get("envs") or {}, secrets=secrets, job_id=job.id, job_name=job.name,
+                           task_index=attempt.task_index, submitted_at=job.submitted_at, rank=node["rank"], ips=ips,
+                           accelerators=accelerators, task_name=task.get("name"), is_pipeline=job.is_pipeline)
+            command = task[kind]
+            if job.pool:
+                pool = self.ctx.store.pool(job.pool)
+                worker_resources = (pool.spec.get("resources") or [{}])[0] if pool else {}
+                env.update(pool_job_env(job_rank=job.job_rank or 0, num_jobs=job.num_jobs or 1, slot=attempt.slot or 0,
+                                        jobs_per_worker=pool.jobs_per_worker if pool else 1,
+                                        accelerators=worker_resources.get("accelerators") or {}))
+                scratch = job_dir(job.id)
+                command = (f'mkdir -p "{scratch}" && export SORTIE_JOB_DIR="{scratch}" TMPDIR="{scratch}"\n'
+                           f"{command}")
+            found[node["rank"]] = (command, env)
+        return found
+
+    def _poll(self, job: JobRow, attempt: AttemptRow, kind: str) -> list[NodeRun]:
+        """Each node's run: started if missing, its status, then its new log bytes (read after the status, so an
+        exited run's log is whole)."""
+        found = []
+        commands: dict[int, tuple[str, dict[str, str]]] | None = None
+        name = run_id(kind, attempt)
+        for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+            rank = node["rank"]
+            try:
+                try:
+                    status = client.status(name)
+                except AgentError as exc:
+                    if exc.status != 404:
+                        raise
+                    commands = commands or self._commands(job, attempt, kind)
+                    command, env = commands[rank]
+                    client.start(command, name, env=env)
+                    status = client.status(name)
+                self._copy_log(job, attempt, kind, rank, client, name)
+                found.append(NodeRun(rank, status.state, status.exit_code))  # type: ignore[arg-type]
+            except AgentError:
+                found.append(NodeRun(rank, "unreachable"))
+        return found
+
+    def _copy_log(self, job: JobRow, attempt: AttemptRow, kind: str, rank: int, client: AgentClient,
+                  name: str) -> None:
+        path = self.ctx.logs.run_log(job.id, attempt.task_index, attempt.number, kind, rank)
+        offset = path.stat().st_size if path.exists() else 0
+        while True:
+            data, offset = client.log(name, offset)
+            if not data:
+                break
+            self.ctx.logs.append(path, data)
+
+    def drive(self, job: JobRow, attempt: AttemptRow, kind: str) -> RunsVerdict | None:
+        """Poll every node (at most once per poll interval); None until a poll has come back. Records the missed
+        polls of unreachable nodes."""
+        key = (attempt.id, kind)
+        op_key = ("poll", attempt.id, kind)
+        if not self.ctx.agent_ops.busy(op_key):
+            due = self._polled_at.get(key, 0.0) + self.ctx.config.controller.poll_interval_seconds
+            if time.time() < due:
+                return None
+            self._polled_at[key] = time.time()
+        polled = self.ctx.agent_ops.ensure(op_key, self._poll, job, attempt, kind)
+        if polled is None:
+            return None
+        if not polled.ok:
+            raise polled.error  # type: ignore[misc]
+        nodes: list[NodeRun] = polled.value
+        verdict = judge_runs(nodes, attempt.missed_polls, self.ctx.config.controller.grace_misses)
+        misses = attempt.missed_polls + 1 if any(n.state == "unreachable" for n in nodes) else 0
+        if misses != attempt.missed_polls:
+            self.ctx.store.record_missed_polls(attempt.id, misses)
+            attempt.missed_polls = misses
+        if verdict.kind == "done":
+            self.forget(attempt.id)
+        return verdict
+
+    def forget(self, attempt_id: int) -> None:
+        for key in [k for k in self._polled_at if k[0] == attempt_id]:
+            del self._polled_at[key]
+
+    def stop(self, attempt: AttemptRow, kind: str = "run") -> list[Any]:
+        """Cancel the attempt's run on every node that answers (a pool job's end: the worker stays)."""
+        stopped = []
+        for _node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+            try:
+                stopped.append(client.cancel(run_id(kind, attempt)))
+            except AgentError:
+                continue
+        return stopped

@@ -1,0 +1,266 @@
+"""The named transitions of pools, their workers and the jobs that run on them; and their reads. Mixed into
+`StateStore`. Like `state.transitions`: one guarded transaction each, its event (`pool_events`, or the job's
+`events` for a pool job) in that same transaction, `TransitionError` when a row is not where expected."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exists, func, select, update
+
+from state.machine import (
+    ACTIVE,
+    LIVE_WORKER,
+    OPEN_PHASES,
+    JobStatus,
+    Phase,
+    PoolStatus,
+    StackKind,
+    StackStatus,
+    TransitionError,
+    WorkerStatus,
+)
+from state.models import AttemptRow, JobRow, PoolEventRow, PoolRow, StackRow, TaskRow, WorkerRow
+from state.transitions import event, guarded
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+_ACTIVE = [s.value for s in ACTIVE]
+_LIVE = [s.value for s in LIVE_WORKER]
+
+
+def pool_event(session: Session, pool: str, what: str, why: str | None = None, *, worker: int | None = None,
+               who: str = "controller") -> None:
+    session.add(PoolEventRow(pool=pool, worker=worker, at=time.time(), who=who, what=what, why=why))
+
+
+class PoolTransitions:
+    """Mixed into StateStore: `session()` comes from there."""
+
+    def session(self) -> Session:  # pragma: no cover - provided by StateStore
+        raise NotImplementedError
+
+    def request_cancel(self, job_id: int, who: str) -> bool:  # pragma: no cover - provided by JobTransitions
+        raise NotImplementedError
+
+    # --- pools ------------------------------------------------------------------------------------------
+
+    def apply_pool(self, name: str, *, user: str, spec: dict[str, Any], spec_hash: str, policy: dict[str, Any],
+                   plan: dict[str, Any], storage: dict[str, Any] | None) -> None:
+        """Create the pool, or give it a new spec and policy; the pool reconciler converges its workers."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            row = session.get(PoolRow, name)
+            if row is None:
+                row = PoolRow(name=name, created_at=now)
+                session.add(row)
+            row.user, row.spec, row.spec_hash, row.status = user, spec, spec_hash, PoolStatus.ACTIVE
+            row.workers, row.min_workers, row.max_workers = policy["workers"], policy["min_workers"], \
+                policy["max_workers"]
+            row.idle_timeout, row.jobs_per_worker = policy["idle_timeout"], policy["jobs_per_worker"]
+            row.last_plan, row.updated_at, row.last_busy_at = plan, now, now
+            # The files of earlier applies stay until the pool goes down (old workers may still use them).
+            previous = row.storage or {}
+            older = [*previous.get("older", []), *([previous["cleanup"]] if previous.get("cleanup") else [])]
+            row.storage = {**(storage or {}), "older": older}
+            pool_event(session, name, "applied", f"{policy['workers']} worker(s), spec {spec_hash[:12]}", who=user)
+
+    def pool_down(self, name: str, who: str) -> None:
+        with self.session() as session, session.begin():
+            guarded(session, PoolRow, [PoolRow.name == name], [PoolStatus.ACTIVE], f"pool {name} down",
+                    status=PoolStatus.DOWN, updated_at=time.time())
+            pool_event(session, name, "down", "every worker is to be destroyed", who=who)
+
+    def pool_terminated(self, name: str) -> None:
+        with self.session() as session, session.begin():
+            if session.scalar(select(exists().where(WorkerRow.pool == name, WorkerRow.status.in_(_LIVE)))):
+                raise TransitionError(f"pool {name} still has workers")
+            guarded(session, PoolRow, [PoolRow.name == name], [PoolStatus.DOWN], f"pool {name} terminated",
+                    status=PoolStatus.TERMINATED, updated_at=time.time())
+            pool_event(session, name, "terminated", "every worker destroyed")
+
+    def pool_busy(self, name: str) -> None:
+        """The pool has jobs now (its idle time starts again); not a status."""
+        with self.session() as session, session.begin():
+            session.execute(update(PoolRow).where(PoolRow.name == name).values(last_busy_at=time.time()))
+
+    def pool(self, name: str) -> PoolRow | None:
+        with self.session() as session:
+            return session.get(PoolRow, name)
+
+    def pools(self, *, include_terminated: bool = False) -> list[PoolRow]:
+        with self.session() as session:
+            query = select(PoolRow).order_by(PoolRow.name)
+            if not include_terminated:
+                query = query.where(PoolRow.status != PoolStatus.TERMINATED)
+            return list(session.scalars(query))
+
+    def pool_events(self, name: str) -> list[PoolEventRow]:
+        with self.session() as session:
+            return list(session.scalars(select(PoolEventRow).where(PoolEventRow.pool == name)
+                                        .order_by(PoolEventRow.id)))
+
+    # --- workers ----------------------------------------------------------------------------------------
+
+    def workers(self, pool: str | None = None, *, live_only: bool = True) -> list[WorkerRow]:
+        with self.session() as session:
+            query = select(WorkerRow).order_by(WorkerRow.pool, WorkerRow.number)
+            if pool is not None:
+                query = query.where(WorkerRow.pool == pool)
+            if live_only:
+                query = query.where(WorkerRow.status.in_(_LIVE))
+            return list(session.scalars(query))
+
+    def create_worker(self, pool: str, *, spec_hash: str, stack_prefix: str, infra: str, region: str | None,
+                      use_spot: bool, price_per_hour: float, token_enc: str) -> WorkerRow:
+        """A new worker row and its stack row, in one transaction (the janitor never sees one without the other)."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            guarded(session, PoolRow, [PoolRow.name == pool], [PoolStatus.ACTIVE], f"new worker of pool {pool}",
+                    updated_at=now)
+            number = (session.scalar(select(func.max(WorkerRow.number)).where(WorkerRow.pool == pool)) or 0) + 1
+            stack = f"{stack_prefix}-pool-{pool}-w{number}"
+            worker = WorkerRow(pool=pool, number=number, stack_name=stack, spec_hash=spec_hash,
+                               status=WorkerStatus.PROVISIONING, infra=infra, region=region, use_spot=use_spot,
+                               price_per_hour=price_per_hour, token_enc=token_enc, created_at=now)
+            session.add(worker)
+            session.merge(StackRow(name=stack, kind=StackKind.POOL_WORKER, status=StackStatus.CREATING,
+                                   created_at=now, destroyed_at=None))
+            pool_event(session, pool, "creating", f"{stack} in {infra}/{region}", worker=number)
+            session.flush()
+            session.expunge(worker)
+            return worker
+
+    def _worker_move(self, worker: WorkerRow, expect: Sequence[str], to: WorkerStatus, what: str, why: str,
+                     stack: StackStatus | None = None, stack_error: str | None = None, **values: Any) -> None:
+        now = time.time()
+        with self.session() as session, session.begin():
+            guarded(session, WorkerRow, [WorkerRow.id == worker.id], expect,
+                    f"worker {worker.number} of pool {worker.pool} {what}", status=to, **values)
+            if stack is not None:
+                stack_values: dict[str, Any] = {"status": stack, "last_error": stack_error}
+                if stack == StackStatus.DESTROYED:
+                    stack_values["destroyed_at"] = now
+                session.execute(update(StackRow).where(StackRow.name == worker.stack_name).values(**stack_values))
+            pool_event(session, worker.pool, what, why, worker=worker.number)
+
+    def worker_provisioned(self, worker: WorkerRow, nodes: list[dict[str, Any]]) -> None:
+        self._worker_move(worker, [WorkerStatus.PROVISIONING], WorkerStatus.SETTING_UP, "provisioned",
+                          f"{len(nodes)} node(s) up; setting up", stack=StackStatus.UP, nodes=nodes)
+
+    def worker_ready(self, worker: WorkerRow) -> None:
+        now = time.time()
+        self._worker_move(worker, [WorkerStatus.SETTING_UP], WorkerStatus.READY, "ready", "files and setup done",
+                          ready_at=now, idle_since=now)
+
+    def drain_worker(self, worker: WorkerRow) -> None:
+        self._worker_move(worker, [WorkerStatus.READY], WorkerStatus.DRAINING, "draining",
+                          "finishes its jobs, then goes")
+
+    def fail_worker(self, worker: WorkerRow, why: str, *, destroyed: bool | None = None) -> None:
+        """The worker's setup failed or its node was lost: FAILED (the pool reconciler destroys and replaces it).
+        A failed `up` cleaned up after itself (`destroyed` True: TERMINATED at once; False: its stack FAILED, for
+        the janitor)."""
+        if destroyed is None:
+            self._worker_move(worker, [WorkerStatus.PROVISIONING, WorkerStatus.SETTING_UP, WorkerStatus.READY,
+                                       WorkerStatus.DRAINING], WorkerStatus.FAILED, "failed", why,
+                              failure_reason=why)
+        else:
+            self._worker_move(worker, [WorkerStatus.PROVISIONING],
+                              WorkerStatus.TERMINATED if destroyed else WorkerStatus.FAILED, "failed", why,
+                              stack=StackStatus.DESTROYED if destroyed else StackStatus.FAILED, stack_error=why,
+                              failure_reason=why, **({"ended_at": time.time()} if destroyed else {}))
+
+    def terminate_worker(self, worker: WorkerRow, why: str) -> None:
+        self._worker_move(worker, [WorkerStatus.PROVISIONING, WorkerStatus.SETTING_UP, WorkerStatus.READY,
+                                   WorkerStatus.DRAINING, WorkerStatus.FAILED], WorkerStatus.TERMINATING,
+                          "terminating", why, stack=StackStatus.DESTROYING)
+
+    def worker_terminated(self, worker: WorkerRow) -> None:
+        self._worker_move(worker, [WorkerStatus.TERMINATING], WorkerStatus.TERMINATED, "terminated",
+                          f"{worker.stack_name} destroyed", stack=StackStatus.DESTROYED, ended_at=time.time())
+
+    def record_worker_health(self, worker_id: int, *, missed_polls: int | None = None,
+                             idle_since: float | None = None) -> None:
+        """Health observations of a worker (not a status)."""
+        values: dict[str, Any] = {}
+        if missed_polls is not None:
+            values["missed_polls"] = missed_polls
+        if idle_since is not None:
+            values["idle_since"] = idle_since
+        with self.session() as session, session.begin():
+            session.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(**values))
+
+    def live_worker_stacks(self) -> set[str]:
+        with self.session() as session:
+            return set(session.scalars(select(WorkerRow.stack_name).where(WorkerRow.status.in_(_LIVE))))
+
+    # --- pool jobs ----------------------------------------------------------------------------------------
+
+    def pool_jobs(self, pool: str, *, active_only: bool = True) -> list[JobRow]:
+        with self.session() as session:
+            query = select(JobRow).where(JobRow.pool == pool).order_by(JobRow.id)
+            if active_only:
+                query = query.where(JobRow.status.in_(_ACTIVE))
+            return list(session.scalars(query))
+
+    def assign_worker(self, job_id: int, worker_id: int, price_per_hour: float) -> AttemptRow:
+        """Start a pool job on a READY worker: an attempt on the worker's stack, straight to RUNNING, in the
+        lowest slot no other job of the worker holds. Refused (`TransitionError`) when the worker is not READY,
+        has no free slot, or the job already has an attempt in progress."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            job = session.get(JobRow, job_id)
+            worker = session.get(WorkerRow, worker_id)
+            pool = session.get(PoolRow, worker.pool) if worker else None
+            if job is None or worker is None or pool is None or worker.status != WorkerStatus.READY:
+                raise TransitionError(f"job {job_id} on worker {worker_id}: the worker is not READY")
+            taken = set(session.scalars(select(AttemptRow.slot).join(JobRow, JobRow.id == AttemptRow.job_id).where(
+                JobRow.worker_id == worker.id, AttemptRow.stack_name == worker.stack_name,
+                AttemptRow.phase.in_([p.value for p in OPEN_PHASES]))))
+            if len(taken) >= pool.jobs_per_worker:
+                raise TransitionError(f"job {job_id} on worker {worker.number}: no free slot")
+            slot = next(i for i in range(len(taken) + 1) if i not in taken)
+            number = (session.scalar(select(func.max(AttemptRow.number)).where(
+                AttemptRow.job_id == job.id, AttemptRow.task_index == job.current_task)) or 0) + 1
+            guarded(session, JobRow, [JobRow.id == job.id, JobRow.final_status.is_(None), ~exists().where(
+                AttemptRow.job_id == job.id, AttemptRow.phase.in_([p.value for p in OPEN_PHASES]))],
+                    [JobStatus.PENDING, JobStatus.RECOVERING], f"assign job {job.id}",
+                    status=JobStatus.RUNNING, worker_id=worker.id, updated_at=now, waiting_reason=None,
+                    started_at=func.coalesce(JobRow.started_at, now))
+            attempt = AttemptRow(job_id=job.id, task_index=job.current_task, number=number,
+                                 stack_name=worker.stack_name, infra=worker.infra or "local", region=worker.region,
+                                 num_nodes=len(worker.nodes or []), use_spot=worker.use_spot, phase=Phase.RUNNING,
+                                 started_at=now, price_per_hour=price_per_hour, nodes=worker.nodes,
+                                 token_enc=worker.token_enc, slot=slot)
+            session.add(attempt)
+            session.execute(update(TaskRow).where(TaskRow.job_id == job.id, TaskRow.task_index == job.current_task)
+                            .values(status=JobStatus.RUNNING, started_at=func.coalesce(TaskRow.started_at, now),
+                                    run_started_at=now))
+            session.execute(update(WorkerRow).where(WorkerRow.id == worker.id).values(idle_since=None))
+            event(session, job.id, "placed", f"pool {worker.pool} worker {worker.number} ({worker.stack_name})",
+                  task_index=job.current_task, at=now,
+                  data={"stack": worker.stack_name, "worker": worker.number, "attempt": number, "slot": slot})
+            session.flush()
+            session.expunge(attempt)
+            return attempt
+
+    def cancel_pool_jobs(self, pool: str, who: str) -> list[int]:
+        """Ask every job of the pool in progress to cancel; their ids."""
+        ids = [j.id for j in self.pool_jobs(pool)]
+        return [job_id for job_id in ids if self.request_cancel(job_id, who)]
+
+    def jobs_on_workers(self, worker_ids: Sequence[int]) -> dict[int, list[int]]:
+        """Active job ids per worker."""
+        found: dict[int, list[int]] = {w: [] for w in worker_ids}
+        if not worker_ids:
+            return found
+        with self.session() as session:
+            rows = session.execute(select(JobRow.worker_id, JobRow.id).where(
+                JobRow.worker_id.in_(list(worker_ids)), JobRow.status.in_(_ACTIVE)))
+            for worker_id, job_id in rows:
+                found.setdefault(worker_id, []).append(job_id)
+        return found

@@ -1,0 +1,426 @@
+"""The named transitions of jobs, their tasks, attempts and stacks: the only code that changes their statuses.
+
+Where this sits: below the controller and the services, above the tables (`state.models`). Each function is
+one transaction that checks the state it expects (`UPDATE ... WHERE id = :id AND <status> IN (:expected)`, the
+row count checked), writes its event in the same transaction, and raises `TransitionError` when the row is not
+where the caller thought. The moves each may make are `state.machine.TRANSITIONS`.
+
+`end_attempt` is the one that matters most: it closes an attempt and, in the same transaction, sets its task's
+status and advances the pipeline or finishes the job, so no crash can leave a finished task looking unfinished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from state.machine import (
+    ACTIVE,
+    OPEN_PHASES,
+    TERMINAL,
+    WORKING_PHASES,
+    AfterTeardown,
+    JobStatus,
+    Outcome,
+    Phase,
+    StackKind,
+    StackStatus,
+    TransitionError,
+)
+from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+_ACTIVE = [s.value for s in ACTIVE]
+
+
+@dataclass(frozen=True)
+class Relaunch:
+    """The recovery policy's answer when an attempt fails and the task is to run again."""
+
+    reason: str
+    prefer_region: str | None = None
+    avoid_regions: tuple[str, ...] = ()
+    spends_restart: bool = False
+    strategy: str | None = None
+
+
+def guarded(session: Session, model: Any, where: Sequence[Any], expect: Iterable[str] | None, what: str,
+            **values: Any) -> None:
+    """`UPDATE model SET values WHERE where AND status IN expect`: exactly one row, else `TransitionError`."""
+    conditions = list(where)
+    if expect is not None:
+        column = model.phase if model is AttemptRow else model.status
+        conditions.append(column.in_([str(s) for s in expect]))
+    if session.execute(update(model).where(*conditions).values(**values)).rowcount != 1:
+        raise TransitionError(f"{what}: the row is not in an expected state")
+
+
+def event(session: Session, job_id: int, what: str, why: str | None = None, *, task_index: int | None = None,
+          who: str = "controller", data: dict[str, Any] | None = None, at: float | None = None) -> None:
+    session.add(EventRow(job_id=job_id, task_index=task_index, at=at or time.time(), who=who, what=what, why=why,
+                         data={k: v for k, v in (data or {}).items() if v is not None} or None))
+
+
+def _open_attempt_exists(job_id: int) -> Any:
+    return exists().where(AttemptRow.job_id == job_id, AttemptRow.phase.in_([p.value for p in OPEN_PHASES]))
+
+
+def _finish(session: Session, job: JobRow, status: JobStatus, why: str | None, now: float, who: str) -> None:
+    """The job ends with `status`: its current task takes it, later tasks are CANCELLED (or SUCCEEDED with it)."""
+    guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"finish job {job.id}", status=status,
+            final_status=status, ended_at=now, updated_at=now, failure_reason=why, worker_id=None)
+    for index in range(job.current_task, len(job.spec["tasks"])):
+        task_status = status if index == job.current_task or status == JobStatus.SUCCEEDED else JobStatus.CANCELLED
+        session.execute(update(TaskRow).where(TaskRow.job_id == job.id, TaskRow.task_index == index,
+                                              TaskRow.status.in_(_ACTIVE)).values(
+            status=task_status, ended_at=now, failure_reason=why if index == job.current_task else None))
+    cost = sum(attempt_cost(a, now) for a in session.scalars(
+        select(AttemptRow).where(AttemptRow.job_id == job.id)))
+    event(session, job.id, "finished", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
+          task_index=job.current_task, who=who, data={"cost": round(cost, 6)}, at=now)
+
+
+def attempt_cost(attempt: AttemptRow, now: float | None = None) -> float:
+    """Price x nodes x hours of one attempt (to now while it runs)."""
+    end = attempt.ended_at or now or time.time()
+    return (attempt.price_per_hour or 0.0) * attempt.num_nodes * max(end - attempt.started_at, 0.0) / 3600
+
+
+class JobTransitions:
+    """Mixed into `StateStore`: `session()` comes from there."""
+
+    def session(self) -> Session:  # pragma: no cover - provided by StateStore
+        raise NotImplementedError
+
+    def _job_in(self, session: Session, job_id: int) -> JobRow:
+        job = session.get(JobRow, job_id)
+        if job is None:
+            raise TransitionError(f"job {job_id} does not exist")
+        return job
+
+    def _attempt_in(self, session: Session, attempt_id: int) -> tuple[AttemptRow, JobRow]:
+        attempt = session.get(AttemptRow, attempt_id)
+        if attempt is None:
+            raise TransitionError(f"attempt {attempt_id} does not exist")
+        return attempt, self._job_in(session, attempt.job_id)
+
+    # --- before a cluster ---------------------------------------------------------------------------------
+
+    def place_attempt(self, job_id: int, task_index: int, *, name_for: Callable[[int], str], infra: str,
+                      region: str | None, num_nodes: int, use_spot: bool, instance_type: str | None,
+                      price_per_hour: float, token_enc: str, why: str) -> AttemptRow:
+        """A new attempt of the job's current task, its stack row (CREATING) and its sealed cluster token, in
+        one transaction. The attempt number is the task's next; a unique constraint refuses a second writer."""
+        now = time.time()
+        try:
+            with self.session() as session, session.begin():
+                job = self._job_in(session, job_id)
+                number = (session.scalar(select(func.max(AttemptRow.number)).where(
+                    AttemptRow.job_id == job_id, AttemptRow.task_index == task_index)) or 0) + 1
+                status = JobStatus.RECOVERING if job.status == JobStatus.RECOVERING else JobStatus.STARTING
+                guarded(session, JobRow, [JobRow.id == job_id, JobRow.current_task == task_index,
+                                          JobRow.final_status.is_(None), ~_open_attempt_exists(job_id)],
+                        [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"place job {job_id}",
+                        status=status, updated_at=now, started_at=func.coalesce(JobRow.started_at, now),
+                        waiting_reason=None)
+                guarded(session, TaskRow, [TaskRow.job_id == job_id, TaskRow.task_index == task_index],
+                        [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"place task {task_index}",
+                        status=status, started_at=func.coalesce(TaskRow.started_at, now))
+                stack = name_for(number)
+                attempt = AttemptRow(job_id=job_id, task_index=task_index, number=number, stack_name=stack,
+                                     infra=infra, region=region, num_nodes=num_nodes, use_spot=use_spot,
+                                     instance_type=instance_type, phase=Phase.PROVISIONING, started_at=now,
+                                     price_per_hour=price_per_hour, token_enc=token_enc)
+                session.add(attempt)
+                session.flush()
+                session.merge(StackRow(name=stack, job_id=job_id, attempt_id=attempt.id, kind=StackKind.CLUSTER,
+                                       status=StackStatus.CREATING, created_at=now, destroyed_at=None))
+                event(session, job_id, "placed", why, task_index=task_index, at=now,
+                      data={"stack": stack, "infra": infra, "region": region, "attempt": number,
+                            "use_spot": use_spot})
+                session.flush()
+                session.expunge(attempt)
+                return attempt
+        except IntegrityError as exc:  # another writer placed this attempt number first
+            raise TransitionError(f"place job {job_id}: attempt already placed ({exc.orig})") from None
+
+    def wait_for_capacity(self, job_id: int, *, retry_at: float, reason: str, why: str) -> None:
+        """Every feasible region refused this round: wait until `retry_at` and go round again."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            job = self._job_in(session, job_id)
+            status = JobStatus.STARTING if job.status == JobStatus.PENDING else job.status
+            guarded(session, JobRow, [JobRow.id == job_id, ~_open_attempt_exists(job_id)],
+                    [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"back off job {job_id}",
+                    status=status, next_attempt_at=retry_at, round_started_at=retry_at,
+                    backoff_rounds=JobRow.backoff_rounds + 1, waiting_since=func.coalesce(JobRow.waiting_since, now),
+                    waiting_reason=reason, updated_at=now)
+            event(session, job_id, "backoff", why, task_index=job.current_task, at=now,
+                  data={"next_try_at": retry_at, "round": job.backoff_rounds + 1})
+
+    def set_waiting(self, job_id: int, reason: str | None) -> None:
+        """Why a job waits (shown by the queue and the dashboard); not a status change."""
+        with self.session() as session, session.begin():
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(_ACTIVE)).values(
+                waiting_reason=reason))
+
+    def mark_cancelling(self, job_id: int) -> None:
+        """A cancel arrived while an operation that cannot be interrupted (`up`) is under way."""
+        with self.session() as session, session.begin():
+            guarded(session, JobRow, [JobRow.id == job_id, JobRow.cancel_requested.is_(True)],
+                    [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING, JobStatus.RUNNING,
+                     JobStatus.CANCELLING], f"cancelling job {job_id}",
+                    status=JobStatus.CANCELLING, updated_at=time.time())
+
+    # --- a cluster's life ---------------------------------------------------------------------------------
+
+    def attempt_provisioned(self, attempt_id: int, nodes: list[dict[str, Any]], why: str) -> None:
+        """`up` finished: the nodes are known, the stack is UP, the capacity wait (if any) is over."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            attempt, job = self._attempt_in(session, attempt_id)
+            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], [Phase.PROVISIONING],
+                    f"provisioned attempt {attempt_id}", phase=Phase.SYNCING, nodes=nodes)
+            session.execute(update(StackRow).where(StackRow.name == attempt.stack_name).values(
+                status=StackStatus.UP, last_error=None))
+            session.execute(update(JobRow).where(JobRow.id == job.id).values(
+                waiting_since=None, backoff_rounds=0, placement_hint=None, waiting_reason=None, next_attempt_at=None,
+                controller_failures=0, updated_at=now))
+            event(session, job.id, "provisioned", why, task_index=attempt.task_index, at=now,
+                  data={"stack": attempt.stack_name})
+
+    def attempt_running(self, attempt_id: int, phase: Phase, what: str, why: str) -> None:
+        """Files synced (to SETTING_UP, or RUNNING without a setup) or setup done (to RUNNING). The job and the
+        task are RUNNING from the first of these."""
+        now = time.time()
+        expect = [Phase.SYNCING] if phase == Phase.SETTING_UP else [Phase.SYNCING, Phase.SETTING_UP]
+        with self.session() as session, session.begin():
+            attempt, job = self._attempt_in(session, attempt_id)
+            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], expect, f"{what} attempt {attempt_id}",
+                    phase=phase)
+            session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status.in_(
+                [JobStatus.STARTING, JobStatus.RECOVERING])).values(status=JobStatus.RUNNING, updated_at=now))
+            task_values: dict[str, Any] = {"status": JobStatus.RUNNING}
+            if phase == Phase.RUNNING:
+                task_values["run_started_at"] = now
+            session.execute(update(TaskRow).where(
+                TaskRow.job_id == job.id, TaskRow.task_index == attempt.task_index,
+                TaskRow.status.in_([JobStatus.STARTING, JobStatus.RECOVERING, JobStatus.RUNNING]),
+            ).values(**task_values))
+            event(session, job.id, what, why, task_index=attempt.task_index, at=now)
+
+    def begin_teardown(self, attempt_id: int, *, why: str, final: JobStatus | None = None,
+                       relaunch: Relaunch | None = None, outcome: Outcome | None = None,
+                       exit_codes: Sequence[int] = (), cancelling: bool = False) -> None:
+        """The attempt is over: its stack is to be destroyed, then the job ends with `final`, moves on to the next
+        task (`final` SUCCEEDED with tasks left), or relaunches (`relaunch`, the policy's decision: the restart it
+        spends is counted here, with the failure, so a crash can never count it twice)."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            attempt, job = self._attempt_in(session, attempt_id)
+            if relaunch is not None:
+                after = AfterTeardown.RELAUNCH
+            elif final == JobStatus.SUCCEEDED and attempt.task_index + 1 < len(job.spec["tasks"]):
+                after = AfterTeardown.NEXT
+            else:
+                after = AfterTeardown.FINISH
+            settled = outcome or (Outcome(final.value) if final else Outcome.RELAUNCH)
+            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], WORKING_PHASES,
+                    f"teardown of attempt {attempt_id}", phase=Phase.TEARDOWN, after_teardown=after,
+                    outcome=attempt.outcome or settled, exit_codes=list(exit_codes) or attempt.exit_codes)
+            job_values: dict[str, Any] = {"updated_at": now}
+            if after == AfterTeardown.FINISH:
+                job_values.update(final_status=final or JobStatus.FAILED_CONTROLLER,
+                                  failure_reason=None if final == JobStatus.SUCCEEDED else why)
+                if final == JobStatus.CANCELLED or cancelling:
+                    job_values["status"] = JobStatus.CANCELLING
+            if relaunch is not None:
+                job_values.update(status=JobStatus.RECOVERING, round_started_at=now, waiting_reason=relaunch.reason,
+                                  placement_hint={"prefer": relaunch.prefer_region,
+                                                  "avoid": sorted(relaunch.avoid_regions)})
+            guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"teardown of job {job.id}", **job_values)
+            task_values: dict[str, Any] = {}
+            if exit_codes and attempt.phase == Phase.RUNNING:
+                task_values["exit_codes"] = list(exit_codes)
+            if relaunch is not None and relaunch.spends_restart:
+                task_values["restarts_on_errors"] = TaskRow.restarts_on_errors + 1
+            if task_values:
+                session.execute(update(TaskRow).where(TaskRow.job_id == job.id,
+                                                      TaskRow.task_index == attempt.task_index).values(**task_values))
+            if not job.pool:  # a pool job's stack is its worker's, which stays
+                session.execute(update(StackRow).where(StackRow.name == attempt.stack_name,
+                                                       StackRow.status != StackStatus.DESTROYED).values(
+                    status=StackStatus.DESTROYING))
+            if relaunch is not None:
+                event(session, job.id, "recovering", relaunch.reason, task_index=attempt.task_index, at=now,
+                      data={"stack": attempt.stack_name, "region": attempt.region, "strategy": relaunch.strategy})
+            event(session, job.id, "teardown", why, task_index=attempt.task_index, at=now,
+                  data={"stack": attempt.stack_name, "exit_codes": list(exit_codes) or None})
+
+    def end_attempt(self, attempt_id: int, *, stack: StackStatus | None = StackStatus.DESTROYED,
+                    stack_error: str | None = None, outcome: Outcome | None = None,
+                    finish: tuple[JobStatus, str | None] | None = None, retry_at: float | None = None,
+                    what: str = "destroyed", why: str = "") -> None:
+        """Close the attempt and, in the same transaction, do what follows it: after a teardown, what
+        `begin_teardown` decided (relaunch: the task RECOVERING; next: the task SUCCEEDED and the pipeline's next
+        task; finish: the job's final status). A failed `up` (PROVISIONING, which cleaned up after itself) ends
+        the attempt with its `outcome` and, if given, finishes the job (`finish`) or backs it off after a
+        controller error (`retry_at`)."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            attempt, job = self._attempt_in(session, attempt_id)
+            after = (AfterTeardown(attempt.after_teardown) if attempt.phase == Phase.TEARDOWN and attempt.after_teardown
+                     else (AfterTeardown.FINISH if finish else None))
+            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], [Phase.TEARDOWN, Phase.PROVISIONING],
+                    f"end of attempt {attempt_id}", phase=Phase.DONE, ended_at=now,
+                    outcome=outcome or attempt.outcome)
+            if stack is not None and not job.pool:
+                values: dict[str, Any] = {"status": stack, "last_error": stack_error}
+                if stack == StackStatus.DESTROYED:
+                    values["destroyed_at"] = now
+                session.execute(update(StackRow).where(StackRow.name == attempt.stack_name).values(**values))
+            cost = attempt_cost(attempt, now)
+            event(session, job.id, what, why, task_index=attempt.task_index, at=now,
+                  data={"stack": attempt.stack_name, "region": attempt.region, "attempt_cost": round(cost, 6)})
+            job_values: dict[str, Any] = {"updated_at": now}
+            if job.pool:
+                job_values["worker_id"] = None
+            if after == AfterTeardown.RELAUNCH:
+                session.execute(update(TaskRow).where(TaskRow.job_id == job.id,
+                                                      TaskRow.task_index == attempt.task_index).values(
+                    status=JobStatus.RECOVERING, recoveries=TaskRow.recoveries + 1))
+            elif after == AfterTeardown.NEXT:
+                guarded(session, TaskRow, [TaskRow.job_id == job.id, TaskRow.task_index == attempt.task_index],
+                        ACTIVE, f"task {attempt.task_index} of job {job.id} done", status=JobStatus.SUCCEEDED,
+                        ended_at=now)
+                job_values.update(current_task=attempt.task_index + 1, status=JobStatus.STARTING)
+                event(session, job.id, "task-done", f"task {attempt.task_index} succeeded; starting task "
+                                                     f"{attempt.task_index + 1}", task_index=attempt.task_index,
+                      at=now)
+            elif after == AfterTeardown.FINISH:
+                status, reason = finish or (JobStatus(job.final_status or JobStatus.FAILED_CONTROLLER),
+                                            job.failure_reason)
+                session.execute(update(JobRow).where(JobRow.id == job.id).values(**job_values))
+                session.flush()
+                session.refresh(job)
+                _finish(session, job, status, reason, now, "controller")
+                return
+            elif retry_at is not None:
+                job_values.update(controller_failures=JobRow.controller_failures + 1, next_attempt_at=retry_at)
+            guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"end of attempt {attempt_id}", **job_values)
+
+    # --- jobs without a cluster ---------------------------------------------------------------------------
+
+    def finish_job(self, job_id: int, status: JobStatus, why: str | None, *, who: str = "controller") -> None:
+        """End a job that has no attempt in progress (cancelled before placement, infeasible, out of patience)."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            job = self._job_in(session, job_id)
+            if session.scalar(select(_open_attempt_exists(job_id))):
+                raise TransitionError(f"finish job {job_id}: an attempt is in progress")
+            _finish(session, job, status, why, now, who)
+
+    def controller_error(self, job_id: int, *, failures: int, retry_at: float, why: str) -> None:
+        """An unexpected error while driving the job: count it and back off (`failures` is the new count)."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            job = self._job_in(session, job_id)
+            guarded(session, JobRow, [JobRow.id == job_id, JobRow.controller_failures == failures - 1], ACTIVE,
+                    f"controller error of job {job_id}", controller_failures=failures, next_attempt_at=retry_at,
+                    updated_at=now)
+            event(session, job_id, "controller-error", why, task_index=job.current_task, at=now)
+
+    def request_cancel(self, job_id: int, who: str) -> bool:
+        """Ask for a cancel; False if the job had already ended (or does not exist). One conditional
+        UPDATE decides, so concurrent requests log one event."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            first = session.execute(update(JobRow).where(
+                JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.cancel_requested.is_(False),
+            ).values(cancel_requested=True, updated_at=now)).rowcount == 1
+            if first:
+                event(session, job_id, "cancel-requested", who=who, at=now)
+                return True
+            status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+            return status is not None and status in _ACTIVE
+
+    # --- staging (jobs launch uploads the job's files) --------------------------------------------------------
+
+    def finish_staging(self, job_id: int, storage: dict[str, Any]) -> bool:
+        """The uploads of `jobs launch` are done: record what goes on the nodes; False if the job ended
+        meanwhile (cancelled, or failed for a stale upload): the storage is still recorded, for the cleaner."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            done = session.execute(update(JobRow).where(
+                JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.staging_heartbeat.is_not(None),
+            ).values(storage=storage, staging_heartbeat=None, updated_at=now)).rowcount == 1
+            if done:
+                event(session, job_id, "staged", "workdir, file mounts and buckets are ready", who="user", at=now)
+            else:
+                session.execute(update(JobRow).where(JobRow.id == job_id).values(storage=storage,
+                                                                                  staging_heartbeat=None))
+            return done
+
+    def fail_staging(self, job_id: int, why: str, storage: dict[str, Any] | None = None) -> None:
+        """`jobs launch` could not stage the job's files: FAILED_PRECHECKS, its storage left to be cleaned."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            job = self._job_in(session, job_id)
+            if storage is not None:
+                session.execute(update(JobRow).where(JobRow.id == job_id).values(storage=storage))
+            _finish(session, job, JobStatus.FAILED_PRECHECKS, why, now, "user")
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(staging_heartbeat=None))
+
+    def storage_cleaned(self, job_id: int, removed: Sequence[str]) -> None:
+        now = time.time()
+        with self.session() as session, session.begin():
+            guarded(session, JobRow, [JobRow.id == job_id, JobRow.storage_cleaned_at.is_(None)],
+                    [s.value for s in TERMINAL], f"storage of job {job_id}", storage_cleaned_at=now)
+            if removed:
+                event(session, job_id, "storage-cleaned", ", ".join(removed), at=now)
+
+    # --- stacks that outlived their attempt (the janitor's), and stacks of no job ----------------------------
+
+    def stack_destroyed(self, name: str, *, missing_ok: bool = False) -> None:
+        """A stack is gone (its public outputs with it). `missing_ok`: a stack Sortie has no row for (found in the
+        backend by `stacks gc`) is fine."""
+        with self.session() as session, session.begin():
+            if missing_ok and session.get(StackRow, name) is None:
+                return
+            guarded(session, StackRow, [StackRow.name == name],
+                    [StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED,
+                     *([StackStatus.DESTROYED] if missing_ok else [])],
+                    f"stack {name} destroyed", status=StackStatus.DESTROYED, destroyed_at=time.time(),
+                    last_error=None, outputs=None)
+
+    def stack_failed(self, name: str, error: str) -> None:
+        with self.session() as session, session.begin():
+            guarded(session, StackRow, [StackRow.name == name],
+                    [StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED],
+                    f"stack {name} failed", status=StackStatus.FAILED, last_error=error)
+
+    def record_stack(self, name: str, kind: StackKind) -> None:
+        """A stack that belongs to no job or worker (the cloud controller's), written before it is created."""
+        with self.session() as session, session.begin():
+            row = session.get(StackRow, name)
+            if row is None:
+                session.add(StackRow(name=name, kind=kind, status=StackStatus.CREATING, created_at=time.time()))
+            elif row.status in (StackStatus.DESTROYED, StackStatus.FAILED, StackStatus.CREATING):
+                row.status, row.destroyed_at = StackStatus.CREATING, None
+            else:
+                raise TransitionError(f"stack {name} is {row.status}, not to be created again")
+
+    def stack_up(self, name: str, outputs: dict[str, Any] | None = None) -> None:
+        with self.session() as session, session.begin():
+            values: dict[str, Any] = {"status": StackStatus.UP, "last_error": None}
+            if outputs is not None:
+                values["outputs"] = outputs
+            guarded(session, StackRow, [StackRow.name == name], [StackStatus.CREATING, StackStatus.UP],
+                    f"stack {name} up", **values)
