@@ -10,6 +10,7 @@ site answers within a few seconds; else a build from the Go module proxy (the ai
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -216,12 +217,29 @@ def _build_from_proxy(root: Path, version: str, log: Path, progress: Progress) -
 
 
 def install_engine(force: bool = False, progress: Progress | None = None) -> tuple[EngineInfo, str]:
-    """Install the engine if needed. Returns the engine and how it got there (present/official/built)."""
+    """Install the engine if needed. Returns the engine and how it got there (present/official/built). Several
+    installs at once (checkouts sharing the cache, parallel test runs) take turns: the second waits for the first
+    build and finds its engine, instead of building it again beside it."""
     report = progress or (lambda _msg: None)
     existing = None if force else find_engine()
     if existing is not None:
         write_provider_shim(existing.bin_dir)
         return existing, "present"
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with (cache_dir() / "engine-install.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report("another `sortie engine install` is building the engine; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = None if force else find_engine()
+        if existing is not None:
+            write_provider_shim(existing.bin_dir)
+            return existing, "present"
+        return _install_engine(report)
+
+
+def _install_engine(report: Progress) -> tuple[EngineInfo, str]:
     failures: list[str] = []
     for version in (PINNED_VERSION, *FALLBACK_VERSIONS):
         root = engine_root(version)
