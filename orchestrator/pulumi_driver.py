@@ -4,6 +4,10 @@
 - One work dir per stack under `<home>/stacks/` (a shared workspace file races: pulumi#8186).
 - Each operation in a fresh worker process (`orchestrator._stack_worker`), at most
   `pulumi.max_concurrent_operations` at once; the SDK's process-global state never accumulates.
+- Operations on a stack (`up`, `destroy`, `refresh`, `remove`) run detached from the controller, each in its own
+  session, with its request, pid and result in `<home>/ops/<stack>/`: a controller killed meanwhile does not end
+  the operation, and the restarted one adopts it (waits for the same worker, whose lock is alive, not stale)
+  and reads its result, instead of starting it over.
 - `ConcurrentUpdateError` retried with backoff; `cancel_stale_locks()` clears locks a crash left.
 - Engine output appended to `<home>/logs/stacks/<stack>.log`.
 """
@@ -21,6 +25,7 @@ from typing import Any
 
 from orchestrator._stack_worker import DriverSettings, Op, StackRequest
 from orchestrator.config import SortieConfig, load_config, sortie_home
+from orchestrator.detached_ops import DETACHED_OPS, DetachedOperations
 from orchestrator.engine import backend_url, engine_env, require_engine
 from orchestrator.errors import StackOperationError
 from orchestrator.stack_driver import Preview, RefreshResult, UpResult
@@ -52,12 +57,16 @@ class PulumiStackDriver:
         self._env = {**os.environ, **engine_env(self.home, self.config, engine)}
         self._slots = threading.BoundedSemaphore(max_concurrent or self.config.pulumi.operation_slots)
         self.timeout = timeout
+        self.operations = DetachedOperations(self.home / "ops")
 
     def log_path(self, stack: str) -> Path:
         return Path(self.settings.logs_dir) / f"{stack}.log"
 
     def _call(self, op: Op, stack: str = "", program: StackProgram | None = None, **flags: bool) -> Any:
         request = StackRequest(op=op, stack=stack, settings=self.settings, program=program, **flags)
+        if stack and op in DETACHED_OPS:
+            with self._slots:
+                return self.operations.run(request, self._env, self.timeout, str(self.log_path(stack)))
         with self._slots, tempfile.TemporaryDirectory(prefix="sortie-op-") as tmp:
             result_path = Path(tmp) / "result.pickle"
             try:

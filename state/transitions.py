@@ -232,6 +232,7 @@ class JobTransitions:
             else:
                 after = AfterTeardown.FINISH
             settled = outcome or (Outcome(final.value) if final else Outcome.RELAUNCH)
+            was_running = attempt.phase == Phase.RUNNING  # read before the update below changes it
             guarded(session, AttemptRow, [AttemptRow.id == attempt_id], WORKING_PHASES,
                     f"teardown of attempt {attempt_id}", phase=Phase.TEARDOWN, after_teardown=after,
                     outcome=attempt.outcome or settled, exit_codes=list(exit_codes) or attempt.exit_codes)
@@ -247,7 +248,7 @@ class JobTransitions:
                                                   "avoid": sorted(relaunch.avoid_regions)})
             guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"teardown of job {job.id}", **job_values)
             task_values: dict[str, Any] = {}
-            if exit_codes and attempt.phase == Phase.RUNNING:
+            if exit_codes and was_running:
                 task_values["exit_codes"] = list(exit_codes)
             if relaunch is not None and relaunch.spends_restart:
                 task_values["restarts_on_errors"] = TaskRow.restarts_on_errors + 1

@@ -18,6 +18,7 @@ from orchestrator.dashboard import create_app
 from orchestrator.spec import load_yaml_text
 from state.models import JobRow
 from state.store import StateStore
+from tests.factory import place, set_attempt, set_job
 
 LOOPBACK = "http://127.0.0.1:8765"
 XSS = "<script>alert('x')</script>"
@@ -122,10 +123,10 @@ def test_job_detail_has_attempts_with_cost_events_and_stacks(client: TestClient,
     store = StateStore(big_home)
     job = store.job(client.get("/api/jobs", params={"user": "alice", "status": "PENDING", "limit": 1})
                     .json()["items"][0]["id"])
-    attempt = store.create_attempt(job, stack_name=f"sortie-job-{job.id}-t0-1", infra="local", region="region-a",
-                                   num_nodes=2, use_spot=True, instance_type="local-4x16", price_per_hour=1.5)
-    store.update_attempt(attempt.id, ended_at=attempt.started_at + 3600, outcome="preempted")
-    store.update_job(job.id, waiting_reason="no capacity in local/region-a")
+    attempt = place(store, job.id, f"sortie-job-{job.id}-t0-1", num_nodes=2, use_spot=True,
+                    instance_type="local-4x16", price_per_hour=1.5)
+    set_attempt(store, attempt.id, ended_at=attempt.started_at + 3600, outcome="preempted")
+    set_job(store, job.id, waiting_reason="no capacity in local/region-a")
     detail = client.get(f"/api/jobs/{job.id}").json()
     (a,) = detail["attempts"]
     assert (a["infra"], a["region"], a["instance_type"], a["use_spot"], a["outcome"]) == (

@@ -24,13 +24,14 @@ import orchestrator.config
 import state.db
 import state.secrets_box
 from orchestrator.errors import SortieError
-from orchestrator.job_status import ACTIVE, JobStatus, Phase
+from state.machine import ACTIVE, JobStatus, Phase, TransitionError
 from state.models import AttemptRow, Base, EventRow, JobRow, StackRow, TaskRow
 from state.store import StateStore
+from tests.factory import place, set_attempt, set_job, set_task
 
 pytest_plugins = ["tests.pg"]
 
-TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "alembic_version"}
+TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "pool_events", "alembic_version"}
 PIPELINE = {"name": "train", "is_pipeline": True,
             "tasks": [{"name": "prep", "run": "echo prep", "envs": {"A": "1"}},
                       {"name": "fit", "run": "echo fit", "envs": {"B": "2"}}]}
@@ -297,7 +298,7 @@ def test_request_cancel_active_job(store: StateStore) -> None:
 
 def test_request_cancel_ended_or_unknown_job(store: StateStore) -> None:
     job_id = submit_one(store)
-    assert store.update_job(job_id, status=JobStatus.SUCCEEDED)
+    set_job(store, job_id, status=JobStatus.SUCCEEDED)
     assert store.request_cancel(job_id, "alice") is False
     assert store.job(job_id).cancel_requested is False
     assert [e.what for e in store.events(job_id)] == ["submitted"]
@@ -329,26 +330,12 @@ def test_concurrent_cancels_log_one_event(store: StateStore, backend: str, reque
     assert len([e for e in store.events(job_id) if e.what == "cancel-requested"]) == 1
 
 
-def test_update_job_guarded_by_expected_status(store: StateStore) -> None:
-    job_id = submit_one(store)
-    before = store.job(job_id)
-    assert store.update_job(job_id, expect=[JobStatus.STARTING, JobStatus.RUNNING], status=JobStatus.FAILED,
-                            failure_reason="nope") is False
-    after = store.job(job_id)
-    assert (after.status, after.failure_reason, after.updated_at) == ("PENDING", None, before.updated_at)
-    assert store.update_job(job_id, expect=[JobStatus.PENDING], status=JobStatus.STARTING) is True
-    assert store.job(job_id).status == "STARTING" and store.job(job_id).updated_at >= before.updated_at
-    assert store.update_job(job_id, waiting_reason="quota") is True
-    assert store.job(job_id).waiting_reason == "quota"
-    assert store.update_job(123456, status=JobStatus.RUNNING) is False
-
-
 # --- attempts and stacks ------------------------------------------------------------------------------------
 
-def test_create_attempt(store: StateStore) -> None:
+def test_place_attempt(store: StateStore) -> None:
     job_id = submit_one(store, PIPELINE)
-    first = store.create_attempt(store.job(job_id), stack_name="sortie-1-a", infra="local", region="region-a",
-                                 num_nodes=2, use_spot=True, instance_type="small")
+    first = place(store, job_id, "sortie-1-a", num_nodes=2, use_spot=True, instance_type="small",
+                  why="local/region-a")
     assert (first.number, first.task_index, first.phase, first.num_nodes, first.use_spot) == \
         (1, 0, "PROVISIONING", 2, True)
     job = store.job(job_id)
@@ -364,52 +351,51 @@ def test_create_attempt(store: StateStore) -> None:
     assert placed.data == {"stack": "sortie-1-a", "infra": "local", "region": "region-a", "attempt": 1,
                            "use_spot": True}
 
-    store.update_attempt(first.id, phase=Phase.DONE, outcome="preempted")
-    second = store.create_attempt(store.job(job_id), stack_name="sortie-1-b", infra="local", region="region-b",
-                                  num_nodes=2, use_spot=True, status=JobStatus.RECOVERING, why="preempted")
+    set_attempt(store, first.id, phase=Phase.DONE, outcome="PREEMPTED")
+    set_job(store, job_id, status=JobStatus.RECOVERING)
+    second = place(store, job_id, "sortie-1-b", region="region-b", num_nodes=2, use_spot=True, why="preempted")
     assert second.number == 2 and second.id != first.id
     again = store.job(job_id)
     assert again.status == "RECOVERING" and again.started_at == job.started_at
     assert store.tasks([job_id])[job_id][0].started_at == task.started_at
     assert store.events(job_id)[-1].why == "preempted"
 
-    assert store.update_job(job_id, current_task=1)
-    third = store.create_attempt(store.job(job_id), stack_name="sortie-1-c", infra="local", region=None,
-                                 num_nodes=1, use_spot=False)
+    set_attempt(store, second.id, phase=Phase.DONE)
+    set_job(store, job_id, current_task=1)
+    third = place(store, job_id, "sortie-1-c", region=None)
     assert (third.number, third.task_index) == (1, 1)
-    assert store.count_attempts(job_id, 0) == 2 and store.count_attempts(job_id, 1) == 1
     assert [a.stack_name for a in store.attempts(job_id)] == ["sortie-1-a", "sortie-1-b", "sortie-1-c"]
 
 
 def test_open_attempts_skip_done_ones(store: StateStore) -> None:
     one, two, idle = store.submit(SINGLE, [{}], user="alice", count=3)
-    a1 = store.create_attempt(store.job(one), stack_name="s-1", infra="local", region="r", num_nodes=1,
-                              use_spot=False)
-    a2 = store.create_attempt(store.job(two), stack_name="s-2", infra="local", region="r", num_nodes=1,
-                              use_spot=False)
+    a1 = place(store, one, "s-1")
+    a2 = place(store, two, "s-2")
     assert {job_id: a.id for job_id, a in store.open_attempts([one, two, idle]).items()} == {one: a1.id, two: a2.id}
     for phase in (Phase.RUNNING, Phase.TEARDOWN):
-        store.update_attempt(a1.id, phase=phase)
+        set_attempt(store, a1.id, phase=phase)
         assert store.open_attempts([one])[one].phase == phase
-    store.update_attempt(a1.id, phase=Phase.DONE)
+    set_attempt(store, a1.id, phase=Phase.DONE)
     assert store.open_attempts([one, two, idle]).keys() == {two}
     assert store.open_attempts([]) == {}
 
 
-def test_set_stack_and_live_stacks(store: StateStore) -> None:
+def test_stack_transitions_and_live_stacks(store: StateStore) -> None:
     job_id = submit_one(store)
     for name in ("s-a", "s-b", "s-c"):
-        store.create_attempt(store.job(job_id), stack_name=name, infra="local", region="r", num_nodes=1,
-                             use_spot=False)
-    store.set_stack("s-a", "UP")
-    store.set_stack("s-b", "FAILED", error="quota exceeded")
-    store.set_stack("s-c", "DESTROYED")
+        attempt = place(store, job_id, name)
+        set_attempt(store, attempt.id, phase=Phase.DONE)
+    store.stack_up("s-a")
+    store.stack_failed("s-b", "quota exceeded")
+    store.stack_destroyed("s-c")
     with store.session() as session:
         stacks = {s.name: s for s in session.scalars(select(StackRow))}
     assert stacks["s-c"].destroyed_at is not None
     assert stacks["s-a"].destroyed_at is None and stacks["s-b"].destroyed_at is None
     assert (stacks["s-b"].status, stacks["s-b"].last_error) == ("FAILED", "quota exceeded")
     assert sorted(s.name for s in store.live_stacks()) == ["s-a", "s-b"]
+    with pytest.raises(TransitionError):
+        store.stack_up("s-c")  # a destroyed stack does not come back up
 
 
 # --- reading jobs -------------------------------------------------------------------------------------------
@@ -418,9 +404,9 @@ def test_list_jobs_filters_and_order(store: StateStore) -> None:
     a1, a2 = store.submit(SINGLE, [{}], user="alice", name="train", count=2)
     (b1,) = store.submit(SINGLE, [{}], user="bob", name="eval")
     (a3,) = store.submit(SINGLE, [{}], user="alice", name="train")
-    store.update_job(a1, status=JobStatus.SUCCEEDED)
-    store.update_job(b1, status=JobStatus.RUNNING)
-    store.update_job(a3, status=JobStatus.FAILED_SETUP)
+    set_job(store, a1, status=JobStatus.SUCCEEDED)
+    set_job(store, b1, status=JobStatus.RUNNING)
+    set_job(store, a3, status=JobStatus.FAILED_SETUP)
 
     def ids(**kwargs: object) -> list[int]:
         return [job.id for job in store.list_jobs(**kwargs)]
@@ -577,11 +563,10 @@ def test_bad_url_in_the_cli_is_one_line_without_traceback(sortie_home: Path) -> 
 
 def test_attempt_rows_roundtrip_json(store: StateStore) -> None:
     job_id = submit_one(store)
-    attempt = store.create_attempt(store.job(job_id), stack_name="s-json", infra="local", region="r",
-                                   num_nodes=2, use_spot=False)
+    attempt = place(store, job_id, "s-json", region="r", num_nodes=2)
     nodes = [{"name": "n0", "ip": "10.0.0.1", "gpus": {"H100": 8}}, {"name": "n1", "ip": None}]
-    store.update_attempt(attempt.id, nodes=nodes, exit_codes=[0, 137], price_per_hour=1.25)
-    store.update_task(job_id, 0, exit_codes=[0, 137], recoveries=1)
+    set_attempt(store, attempt.id, nodes=nodes, exit_codes=[0, 137], price_per_hour=1.25)
+    set_task(store, job_id, 0, exit_codes=[0, 137], recoveries=1)
     (row,) = store.attempts(job_id)
     assert (row.nodes, row.exit_codes, row.price_per_hour) == (nodes, [0, 137], 1.25)
     task = store.tasks([job_id])[job_id][0]
@@ -616,7 +601,7 @@ def test_paged_and_filtered_jobs_with_totals(store: StateStore) -> None:
     """What the dashboard lists, on both backends: filters, case-insensitive search with literal wildcards."""
     alice = store.submit({"name": "train", "tasks": [{"name": "t", "run": "x"}]}, [{}], user="alice", count=30)
     store.submit({"name": "eval_100%", "tasks": [{"name": "t", "run": "x"}]}, [{}], user="bob", count=12, pool="gpus")
-    store.update_job(alice[0], status="SUCCEEDED")
+    set_job(store, alice[0], status="SUCCEEDED")
     rows, total = store.page_jobs(limit=10)
     assert total == 42 and [r.id for r in rows] == list(range(42, 32, -1))
     assert store.page_jobs(user="alice", offset=25, limit=10)[1] == 30
