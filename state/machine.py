@@ -43,9 +43,10 @@ class JobStatus(StrEnum):
 
 TaskStatus = JobStatus  # a task takes its job's names (SkyPilot shows both in one column)
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.FAILED_SETUP,
-                      JobStatus.FAILED_PRECHECKS, JobStatus.FAILED_NO_RESOURCE, JobStatus.FAILED_CONTROLLER})
-ACTIVE = frozenset(set(JobStatus) - TERMINAL)
+TERMINAL: frozenset[JobStatus] = frozenset({
+    JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.FAILED_SETUP, JobStatus.FAILED_PRECHECKS,
+    JobStatus.FAILED_NO_RESOURCE, JobStatus.FAILED_CONTROLLER})
+ACTIVE: frozenset[JobStatus] = frozenset(s for s in JobStatus if s not in TERMINAL)
 
 
 class Phase(StrEnum):
@@ -59,8 +60,8 @@ class Phase(StrEnum):
     DONE = "DONE"
 
 
-OPEN_PHASES = frozenset(set(Phase) - {Phase.DONE})
-WORKING_PHASES = frozenset({Phase.PROVISIONING, Phase.SYNCING, Phase.SETTING_UP, Phase.RUNNING})
+OPEN_PHASES: frozenset[Phase] = frozenset(p for p in Phase if p != Phase.DONE)
+WORKING_PHASES: frozenset[Phase] = frozenset({Phase.PROVISIONING, Phase.SYNCING, Phase.SETTING_UP, Phase.RUNNING})
 
 
 class AfterTeardown(StrEnum):
@@ -99,7 +100,7 @@ class WorkerStatus(StrEnum):
     TERMINATED = "TERMINATED"
 
 
-LIVE_WORKER = frozenset(set(WorkerStatus) - {WorkerStatus.TERMINATED})
+LIVE_WORKER: frozenset[WorkerStatus] = frozenset(s for s in WorkerStatus if s != WorkerStatus.TERMINATED)
 
 
 class StackStatus(StrEnum):

@@ -28,8 +28,8 @@ from state.transitions import event, guarded
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-_ACTIVE = [s.value for s in ACTIVE]
-_LIVE = [s.value for s in LIVE_WORKER]
+_ACTIVE = sorted(ACTIVE)
+_LIVE = sorted(LIVE_WORKER)
 
 
 def pool_event(session: Session, pool: str, what: str, why: str | None = None, *, worker: int | None = None,
@@ -220,14 +220,14 @@ class PoolTransitions:
                 raise TransitionError(f"job {job_id} on worker {worker_id}: the worker is not READY")
             taken = set(session.scalars(select(AttemptRow.slot).join(JobRow, JobRow.id == AttemptRow.job_id).where(
                 JobRow.worker_id == worker.id, AttemptRow.stack_name == worker.stack_name,
-                AttemptRow.phase.in_([p.value for p in OPEN_PHASES]))))
+                AttemptRow.phase.in_(sorted(OPEN_PHASES)))))
             if len(taken) >= pool.jobs_per_worker:
                 raise TransitionError(f"job {job_id} on worker {worker.number}: no free slot")
             slot = next(i for i in range(len(taken) + 1) if i not in taken)
             number = (session.scalar(select(func.max(AttemptRow.number)).where(
                 AttemptRow.job_id == job.id, AttemptRow.task_index == job.current_task)) or 0) + 1
             guarded(session, JobRow, [JobRow.id == job.id, JobRow.final_status.is_(None), ~exists().where(
-                AttemptRow.job_id == job.id, AttemptRow.phase.in_([p.value for p in OPEN_PHASES]))],
+                AttemptRow.job_id == job.id, AttemptRow.phase.in_(sorted(OPEN_PHASES)))],
                     [JobStatus.PENDING, JobStatus.RECOVERING], f"assign job {job.id}",
                     status=JobStatus.RUNNING, worker_id=worker.id, updated_at=now, waiting_reason=None,
                     started_at=func.coalesce(JobRow.started_at, now))

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
@@ -89,7 +89,7 @@ class StateStore(JobTransitions, PoolTransitions):
         if statuses:
             query = query.where(JobRow.status.in_(list(statuses)))
         if active_only:
-            query = query.where(JobRow.status.in_([s.value for s in ACTIVE]))
+            query = query.where(JobRow.status.in_(sorted(ACTIVE)))
         if user is not None:
             query = query.where(JobRow.user == user)
         if limit:
@@ -113,7 +113,8 @@ class StateStore(JobTransitions, PoolTransitions):
             conditions.append(JobRow.pool == pool)
         if search:
             pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            matches = [JobRow.name.ilike(pattern, escape="\\"), JobRow.user.ilike(pattern, escape="\\")]
+            matches: list[ColumnElement[bool]] = [JobRow.name.ilike(pattern, escape="\\"),
+                                                  JobRow.user.ilike(pattern, escape="\\")]
             if search.strip().isdigit() and len(search.strip()) < 18:
                 matches.append(JobRow.id == int(search.strip()))
             conditions.append(or_(*matches))
@@ -176,7 +177,7 @@ class StateStore(JobTransitions, PoolTransitions):
         is still uploading for them (its heartbeat is gone, or older than `stale_after` seconds)."""
         staging_over = or_(JobRow.staging_heartbeat.is_(None), JobRow.staging_heartbeat < time.time() - stale_after)
         with self.session() as session:
-            query = (select(JobRow).where(JobRow.status.not_in([s.value for s in ACTIVE]),
+            query = (select(JobRow).where(JobRow.status.not_in(sorted(ACTIVE)),
                                           JobRow.storage.is_not(None), JobRow.storage_cleaned_at.is_(None),
                                           staging_over)
                      .order_by(JobRow.id).limit(limit))
@@ -184,7 +185,7 @@ class StateStore(JobTransitions, PoolTransitions):
 
     def active_jobs(self) -> list[JobRow]:
         with self.session() as session:
-            query = select(JobRow).where(JobRow.status.in_([s.value for s in ACTIVE])).order_by(JobRow.id)
+            query = select(JobRow).where(JobRow.status.in_(sorted(ACTIVE))).order_by(JobRow.id)
             return list(session.scalars(query))
 
     def open_attempts(self, job_ids: Sequence[int]) -> dict[int, AttemptRow]:

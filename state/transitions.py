@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from state.machine import (
@@ -37,7 +37,7 @@ from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-_ACTIVE = [s.value for s in ACTIVE]
+_ACTIVE = sorted(ACTIVE)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Relaunch:
     strategy: str | None = None
 
 
+def rowcount(result: Any) -> int:
+    """Rows an UPDATE matched (its result is a cursor result; the ORM's signature says only `Result`)."""
+    return cast(CursorResult, result).rowcount
+
+
 def guarded(session: Session, model: Any, where: Sequence[Any], expect: Iterable[str] | None, what: str,
             **values: Any) -> None:
     """`UPDATE model SET values WHERE where AND status IN expect`: exactly one row, else `TransitionError`."""
@@ -58,7 +63,7 @@ def guarded(session: Session, model: Any, where: Sequence[Any], expect: Iterable
     if expect is not None:
         column = model.phase if model is AttemptRow else model.status
         conditions.append(column.in_([str(s) for s in expect]))
-    if session.execute(update(model).where(*conditions).values(**values)).rowcount != 1:
+    if rowcount(session.execute(update(model).where(*conditions).values(**values))) != 1:
         raise TransitionError(f"{what}: the row is not in an expected state")
 
 
@@ -69,7 +74,7 @@ def event(session: Session, job_id: int, what: str, why: str | None = None, *, t
 
 
 def _open_attempt_exists(job_id: int) -> Any:
-    return exists().where(AttemptRow.job_id == job_id, AttemptRow.phase.in_([p.value for p in OPEN_PHASES]))
+    return exists().where(AttemptRow.job_id == job_id, AttemptRow.phase.in_(sorted(OPEN_PHASES)))
 
 
 def _finish(session: Session, job: JobRow, status: JobStatus, why: str | None, now: float, who: str) -> None:
@@ -343,9 +348,9 @@ class JobTransitions:
         UPDATE decides, so concurrent requests log one event."""
         now = time.time()
         with self.session() as session, session.begin():
-            first = session.execute(update(JobRow).where(
+            first = rowcount(session.execute(update(JobRow).where(
                 JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.cancel_requested.is_(False),
-            ).values(cancel_requested=True, updated_at=now)).rowcount == 1
+            ).values(cancel_requested=True, updated_at=now))) == 1
             if first:
                 event(session, job_id, "cancel-requested", who=who, at=now)
                 return True
@@ -359,9 +364,9 @@ class JobTransitions:
         meanwhile (cancelled, or failed for a stale upload): the storage is still recorded, for the cleaner."""
         now = time.time()
         with self.session() as session, session.begin():
-            done = session.execute(update(JobRow).where(
+            done = rowcount(session.execute(update(JobRow).where(
                 JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.staging_heartbeat.is_not(None),
-            ).values(storage=storage, staging_heartbeat=None, updated_at=now)).rowcount == 1
+            ).values(storage=storage, staging_heartbeat=None, updated_at=now))) == 1
             if done:
                 event(session, job_id, "staged", "workdir, file mounts and buckets are ready", who="user", at=now)
             else:
@@ -383,7 +388,7 @@ class JobTransitions:
         now = time.time()
         with self.session() as session, session.begin():
             guarded(session, JobRow, [JobRow.id == job_id, JobRow.storage_cleaned_at.is_(None)],
-                    [s.value for s in TERMINAL], f"storage of job {job_id}", storage_cleaned_at=now)
+                    sorted(TERMINAL), f"storage of job {job_id}", storage_cleaned_at=now)
             if removed:
                 event(session, job_id, "storage-cleaned", ", ".join(removed), at=now)
 

@@ -27,8 +27,8 @@ pytest.importorskip("fastapi", reason="the dashboard extra is not installed (pip
 
 from orchestrator.config import load_config
 from orchestrator.controller.remote import controller_stack
-from state.machine import StackKind
 from orchestrator.dashboard.tunnel import free_port
+from state.machine import StackKind
 from state.store import StateStore
 from tests.test_dashboard_api import _submit
 

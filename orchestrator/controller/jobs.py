@@ -266,6 +266,7 @@ class JobReconciler:
     def _running(self, job: JobRow, attempt: AttemptRow) -> None:
         """The run's exit codes, after MOUNT_CACHED writes are uploaded (the flush carries the codes)."""
         flush_key = ("flush", attempt.id)
+        codes: tuple[int, ...] | None
         if not self.ctx.agent_ops.busy(flush_key):
             codes = self._codes(job, attempt, "run")
             if codes is None:
@@ -277,7 +278,7 @@ class JobReconciler:
             flushed = self.ctx.agent_ops.ensure(flush_key, self.files.flush, job, attempt, ())
             if flushed is None:
                 return
-            codes = flushed.value
+            codes = tuple(flushed.value)
         if run_outcome(codes) == JobStatus.SUCCEEDED:
             self._teardown_for(job, attempt, "run succeeded on every node", final=JobStatus.SUCCEEDED, codes=codes)
         else:

@@ -177,8 +177,11 @@ class PoolReconciler:
         setup = pool.spec.get("setup")
         clients = self.ctx.clients(worker.nodes, worker.token_enc)
         ips = [n["ip"] for n, _ in clients]
+        def note(line: str) -> None:
+            self.note(pool.name, f"worker {worker.number}: {line}")
+
         for _node, client in clients:
-            files.put(client, lambda line, n=worker.number: self.note(pool.name, f"worker {n}: {line}"))
+            files.put(client, note)
         if not setup:
             return
         run_id = f"setup-w{worker.id}"

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import CONFIG_FILE, SortieConfig
 from orchestrator.errors import UsageError
-from state.machine import StackKind
 
 if TYPE_CHECKING:
     from state.models import StackRow
@@ -164,4 +163,4 @@ def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str,
                        controller_package=wanted.package, **fields)
     chosen = {"instance_type": option.offer.instance_type, "region": option.offer.region,
               "price_per_hour": option.price_per_node}
-    return StackProgram(StackKind.CONTROLLER, spec), chosen
+    return StackProgram("controller", spec), chosen
