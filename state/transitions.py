@@ -223,7 +223,7 @@ class JobTransitions:
 
     def begin_teardown(self, attempt_id: int, *, why: str, final: JobStatus | None = None,
                        relaunch: Relaunch | None = None, outcome: Outcome | None = None,
-                       exit_codes: Sequence[int] = (), cancelling: bool = False) -> None:
+                       exit_codes: Sequence[int] = (), cancelling: bool = False, failure: str | None = None) -> None:
         """The attempt is over: its stack is to be destroyed, then the job ends with `final`, moves on to the next
         task (`final` SUCCEEDED with tasks left), or relaunches (`relaunch`, the policy's decision: the restart it
         spends is counted here, with the failure, so a crash can never count it twice)."""
@@ -264,6 +264,9 @@ class JobTransitions:
                 session.execute(update(StackRow).where(StackRow.name == attempt.stack_name,
                                                        StackRow.status != StackStatus.DESTROYED).values(
                     status=StackStatus.DESTROYING))
+            if outcome == Outcome.PREEMPTED:
+                event(session, job.id, "preempted", failure or why, task_index=attempt.task_index, at=now,
+                      data={"stack": attempt.stack_name, "region": attempt.region})
             if relaunch is not None:
                 event(session, job.id, "recovering", relaunch.reason, task_index=attempt.task_index, at=now,
                       data={"stack": attempt.stack_name, "region": attempt.region, "strategy": relaunch.strategy})

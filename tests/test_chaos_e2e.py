@@ -19,6 +19,8 @@ from tests.e2e import TERMINAL, Sortie, write
 pytestmark = pytest.mark.e2e
 JOBS = int(os.environ.get("SORTIE_CHAOS_JOBS", "20"))
 CHAOS_SECONDS = float(os.environ.get("SORTIE_CHAOS_SECONDS", "45"))
+KILL_RATE = float(os.environ.get("SORTIE_CHAOS_KILL_RATE", "0.3"))  # of each pause, the chance of a SIGKILL
+SLEEP_MAX = int(os.environ.get("SORTIE_CHAOS_SLEEP", "6"))  # each job's run sleeps 2..SLEEP_MAX seconds
 
 
 @pytest.fixture
@@ -38,18 +40,20 @@ def kill_controller(cli: Sortie) -> bool:
 
 def test_chaos(cli: Sortie, tmp_path: Path) -> None:
     rng = random.Random(20261125)
-    kinds = ["ok", "fail", "setup_fail", "ok"]
+    kinds = ["ok", "fail", "setup_fail", "pipeline", "ok"]
     plan: dict[int, str] = {}
     scripts = {
         "ok": "run: echo start; sleep {s}; echo end\n",
         "fail": "run: echo start; sleep {s}; exit 3\n",
         "setup_fail": "setup: exit 4\nrun: echo never\n",
+        "pipeline": "---\nname: a\nrun: echo start; sleep {s}; echo end\n---\nname: b\nrun: echo start; sleep {s}; "
+                    "echo end\n",
     }
-    expected = {"ok": "SUCCEEDED", "fail": "FAILED", "setup_fail": "FAILED_SETUP"}
+    expected = {"ok": "SUCCEEDED", "fail": "FAILED", "setup_fail": "FAILED_SETUP", "pipeline": "SUCCEEDED"}
 
     def submit(i: int) -> tuple[int, str]:
         kind = kinds[i % len(kinds)]
-        path = write(tmp_path, f"job{i}.yaml", f"name: chaos-{i}\n" + scripts[kind].format(s=rng.randint(2, 6)))
+        path = write(tmp_path, f"job{i}.yaml", f"name: chaos-{i}\n" + scripts[kind].format(s=rng.randint(2, SLEEP_MAX)))
         return cli.launch(path), kind
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -59,7 +63,7 @@ def test_chaos(cli: Sortie, tmp_path: Path) -> None:
     deadline = time.monotonic() + CHAOS_SECONDS
     while time.monotonic() < deadline:
         time.sleep(rng.uniform(1.0, 4.0))
-        if rng.random() < 0.3:
+        if rng.random() < KILL_RATE:
             kills += kill_controller(cli)
             time.sleep(rng.uniform(0.0, 1.5))
             cli.run("controller", "start")
@@ -95,6 +99,10 @@ def test_chaos(cli: Sortie, tmp_path: Path) -> None:
         assert all(e.at >= events[0].at for e in events)
         task_recoveries = sum(t.recoveries for t in store.tasks([job_id])[job_id])
         assert task_recoveries == sum(1 for a in attempts if a.outcome == "PREEMPTED"), (job_id, whats)
+        if final[job_id]["status"] == "SUCCEEDED":  # no task ran to its end twice (a controller kill never reruns)
+            for task_dir in (cli.home / "logs" / "jobs" / str(job_id)).glob("task-*"):
+                ends = sum(log.read_text().splitlines().count("end") for log in task_dir.glob("a*-run-rank*.log"))
+                assert ends == 1, (job_id, task_dir.name, ends)
     assert JOBS >= 20 or os.environ.get("SORTIE_CHAOS_JOBS")
     counts = {s: sum(1 for f in final.values() if f["status"] == s) for s in sorted(TERMINAL)}
     print(f"\nchaos: {JOBS} jobs, {preemptions} preemptions, {kills} controller SIGKILLs, "

@@ -317,19 +317,23 @@ class JobReconciler:
         decision = decide(failure, rules, history, time.time(), exit_codes=codes, reason=why)
         outcome = Outcome(failure.value)
         if decision.action == "give_up":
-            self._teardown_for(job, attempt, decision.reason, final=decision.status, codes=codes, outcome=outcome)
+            self._teardown_for(job, attempt, decision.reason, final=decision.status, codes=codes, outcome=outcome,
+                               failure=why)
             return
         relaunch = Relaunch(decision.reason, decision.prefer_region, tuple(sorted(decision.avoid_regions)),
                             decision.spends_restart, rules.strategy)
-        self._teardown_for(job, attempt, decision.reason, relaunch=relaunch, codes=codes, outcome=outcome)
+        self._teardown_for(job, attempt, decision.reason, relaunch=relaunch, codes=codes, outcome=outcome,
+                           failure=why)
 
     # --- TEARDOWN: destroy, then finish, next task or relaunch -----------------------------------------------------
 
     def _teardown_for(self, job: JobRow, attempt: AttemptRow, why: str, *, final: JobStatus | None = None,
                       relaunch: Relaunch | None = None, codes: tuple[int, ...] = (),
-                      outcome: Outcome | None = None) -> None:
+                      outcome: Outcome | None = None, failure: str | None = None) -> None:
         self.store.begin_teardown(attempt.id, why=why, final=final, relaunch=relaunch, outcome=outcome,
-                                  exit_codes=codes, cancelling=bool(job.cancel_requested))
+                                  exit_codes=codes, cancelling=bool(job.cancel_requested), failure=failure)
+        if outcome == Outcome.PREEMPTED:
+            self.say(job, "preempted", failure or why)
         if relaunch is not None:
             self.say(job, "recovering", relaunch.reason)
         self.say(job, "teardown", why)
