@@ -238,10 +238,6 @@ def _details(job) -> str:
     return job_details(job)
 
 
-def _job_arg(job_id: int | None, name: str | None):
-    return _service().resolve(job_id, name)
-
-
 @jobs_app.command("logs")
 def logs(
     job_id: int = typer.Argument(None, help="Job id (default: the latest job)."),

@@ -97,9 +97,6 @@ class AgentClient:
     def status(self, run_id: str) -> RunStatus:
         return RunStatus(**self._json("GET", f"/runs/{run_id}"))
 
-    def runs(self) -> list[RunStatus]:
-        return [RunStatus(**item) for item in self._json("GET", "/runs")]
-
     def log(self, run_id: str, offset: int = 0) -> tuple[bytes, int]:
         """Log bytes from `offset`, and the offset to ask for next."""
         raw, headers = self._request("GET", f"/runs/{run_id}/log?offset={offset}")

@@ -128,5 +128,6 @@ def copy_engine_output(driver: StackDriver, stack: str, fn: Callable[[], T], sin
 
 def stack_name(prefix: str, kind: str, owner_id: int | str, attempt: int) -> str:
     """Deterministic stack names, so a restarted controller finds every stack it made:
-    `<prefix>-<kind>-<owner id>-<attempt>`, e.g. `sortie-job-42-1`, `sortie-pool-gpu-3`."""
+    `<prefix>-<kind>-<owner id>-<attempt>`: a job's cluster is `sortie-job-42-t0-1` (job 42, task 0, attempt 1).
+    Pool workers are named by their pool (`sortie-pool-gpu-w3`, `state.pool_transitions.create_worker`)."""
     return f"{prefix}-{kind}-{owner_id}-{attempt}"

@@ -101,16 +101,6 @@ def _load_cached(cloud: str, path: str, _size: int, _mtime_ns: int) -> tuple[Off
     return parse_catalog(cloud, text, path)
 
 
-def comment_lines(text: str) -> list[str]:
-    """The leading `#` lines of a catalog, without the `#`."""
-    lines = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line[1:].strip())
-    return lines
-
-
 def parse_catalog(cloud: str, text: str, source: str = "<catalog>") -> tuple[Offering, ...]:
     """Parse catalog text; raise a one-line `CatalogError` naming the file and line of the first bad row."""
     lines = text.splitlines()
