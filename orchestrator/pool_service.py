@@ -90,6 +90,7 @@ class PoolService(JobService):
             raise UsageError(f"pool {name}: cannot place a worker: {choice.reason}")
         placed = choice if not isinstance(choice, Infeasible) else None
         for i in range(plan.create if placed else 0):
+            assert placed is not None
             number = next_number + i
             stack = f"{self.config.pulumi.stack_prefix}-pool-{name}-w{number}"
             program = worker_program(name, spec, stack, number, placed.infra, placed.region, placed.use_spot,

@@ -145,7 +145,7 @@ def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str,
     status = {c.cloud: c for c in check(config)}[wanted.infra]
     if not status.enabled:
         raise UsageError(f"jobs.controller.infra: {wanted.infra} is not enabled: {status.reason}")
-    candidate = {"cloud": wanted.infra, "region": wanted.region, "cpus": wanted.resources.cpus,
+    candidate: dict[str, Any] = {"cloud": wanted.infra, "region": wanted.region, "cpus": wanted.resources.cpus,
                  "memory": wanted.resources.memory, "accelerators": {}}
     plan = plan_for([candidate], 1, config, ordered=False, enabled=(wanted.infra,))
     if plan.chosen is None:

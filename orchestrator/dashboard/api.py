@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/api")
 StatusName = StrEnum("StatusName", {s.value: s.value for s in JobStatus})  # type: ignore[misc]
 JobId = Annotated[int, Path(ge=1, le=2**53, description="The job's id.")]
 MAX_PAGE = 500
-NOT_FOUND = {404: {"description": "No such job, pool or stack."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such job, pool or stack."}}
 
 
 def service_of(request: Request) -> PoolService:

@@ -34,7 +34,7 @@ def _jobs_context(request: Request, status: list[str], user: str | None, name: s
     wanted = [s for s in status if s in STATUSES]  # the form's "any" is an empty value
     filters = {"status": wanted, "user": user or "", "name": name or "", "pool": pool or "",
                "q": q or ""}
-    result = job_page(service, status=filters["status"], user=user, name=name, pool=pool, q=q,
+    result = job_page(service, status=list(filters["status"]), user=user, name=name, pool=pool, q=q,
                       offset=(page - 1) * per_page, limit=per_page)
     pages = max((result.total + per_page - 1) // per_page, 1)
     query = [(k, v) for k, v in filters.items() if k != "status" and v] + [("status", s) for s in filters["status"]]
