@@ -137,7 +137,8 @@ def plan_apply(name: str, old_spec: dict[str, Any] | None, old_hash: str | None,
         return ApplyPlan(name, "create", None, after, None, new_policy.describe(), create=after)
     if old_hash != new_hash:
         changed = tuple(changed_keys(old_spec, new_spec)) or ("workdir/file_mounts (always re-synced)",)
-        notes: tuple[str, ...] = ("rolling: new workers are set up before old ones drain (finish their jobs) and are destroyed",)
+        notes: tuple[str, ...] = (
+            "rolling: new workers are set up before old ones drain (finish their jobs) and are destroyed",)
         return ApplyPlan(name, "recreate", len(live), after, old_policy.describe(), new_policy.describe(),
                          changed=changed, create=after, remove=tuple(w.stack for w in live), notes=notes)
     current = len(live)
