@@ -24,6 +24,7 @@ stack-demo: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: setup lint
 	$(VENV)/bin/pytest -q --durations=15

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -215,7 +215,7 @@ def policy_violation(text: str) -> str | None:
     return None
 
 
-def _changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+def _changed_inputs(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> set[str]:
     """Input keys whose values differ (dynamic providers report no per-key diff of their own)."""
     if not old or not new:
         return set()

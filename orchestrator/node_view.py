@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -44,7 +45,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 SETUP_FAILED = 125
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc: Any = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
@@ -123,7 +124,9 @@ def build_root(sandbox: str, views: list[str], warn: object = print) -> str:
             _mirror("/" + name, os.path.join(root, name))
         except OSError as exc:
             warn(f"sortie: path view: /{name} is not shown: {exc}")
-    owned, shown, places = {"/"}, [], []
+    owned: set[str] = {"/"}
+    shown: list[str] = []
+    places: list[str] = []
     for original, place in anchors:
         source = os.path.realpath(os.path.join(mounts, original.lstrip("/")))
         if any(_under(original, s) for s in shown) or not os.path.exists(source):

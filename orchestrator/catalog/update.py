@@ -253,7 +253,7 @@ def azure_prices(fetch: Fetch, types: Collection[str], regions: Iterable[str]) -
             url = page.get("NextPageLink") or None
     return PriceList(
         on_demand={k: v[1] for k, v in on_demand.items()}, spot={k: v[1] for k, v in spot.items()},
-        sources=tuple(sources),
+        sources=tuple(s for s in sources if s),
         header=("On-demand: Linux pay-as-you-go meters (priceType Consumption; Windows and Low Priority skipped);",
                 "spot: the same query's meters with 'Spot' in meterName; empty where there is none."))
 
@@ -308,6 +308,7 @@ def aws_prices(fetch: Fetch, types: Collection[str], regions: Iterable[str], spo
                          "the previous spot prices are kept")
             spot = None
             break
+        assert spot is not None
         spot.update({(t, region): p for t, p in found.items()})
     if spot is None:
         header.append("Spot: kept from the previous catalog (reading them needs AWS credentials).")
@@ -503,7 +504,7 @@ def gcp_prices(fetch: Fetch, current: Iterable[Offering], regions: Iterable[str]
             raise CatalogError(f"gcp: {_redact(first)}: nextPageToken does not end (stopped after {pages} pages)")
 
     wanted_regions = set(regions)
-    shapes = {}
+    shapes: dict[str, Any] = {}
     for o in current:
         shapes.setdefault(o.instance_type, o)
     on_demand: dict[tuple[str, str], float] = {}
