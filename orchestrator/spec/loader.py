@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.spec import overrides as overrides_module
+from orchestrator.spec import values
 from orchestrator.spec.errors import SpecError, problems_from
 from orchestrator.spec.overrides import Overrides, ResolvedOverrides
 from orchestrator.spec.task import Pipeline, Task
@@ -138,6 +139,8 @@ def _pipeline(documents: list[Any], resolved: ResolvedOverrides, base_dir: Path,
         documents = documents[1:]
     is_pipeline = header or len(documents) > 1
     several = len(documents) > 1
+    if len(documents) > values.MAX_PIPELINE_TASKS:
+        raise SpecError([f"{source}: a pipeline has at most {values.MAX_PIPELINE_TASKS} tasks, not {len(documents)}"])
     tasks: list[Task] = []
     for index, document in enumerate(documents):
         if resolved.name is not None and not is_pipeline and isinstance(document, dict):
@@ -162,6 +165,9 @@ def load_yaml_text(text: str, overrides: Overrides = Overrides(), base_dir: Path
     resolved = overrides_module.resolve(overrides, base)
     if not isinstance(text, str):
         raise SpecError([f"{source}: expected YAML text, not {kind(text)}"])
+    if len(text) > values.MAX_SPEC_BYTES or len(text.encode(errors="surrogatepass")) > values.MAX_SPEC_BYTES:
+        raise SpecError([f"{source}: a task YAML is at most {values.MAX_SPEC_BYTES // (1024 * 1024)} MiB; "
+                         "keep large data in files (file_mounts) instead"])
     documents = _parse_yaml(text, source)
     if documents and all(doc is None or isinstance(doc, str) for doc in documents) and any(documents):
         raise SpecError([f"{source}: expected a task (fields like `run: echo hi`), found only text"])
