@@ -281,11 +281,13 @@ class Resources(_ResourceFields):
     ] = None
     any_of: Annotated[
         list[ResourceOption] | None,
-        Field(min_length=1, max_length=values.MAX_ALTERNATIVES, description="Alternatives, any of which will do: each overrides fields of this section."),
+        Field(min_length=1, max_length=values.MAX_ALTERNATIVES,
+              description="Alternatives, any of which will do: each overrides fields of this section."),
     ] = None
     ordered: Annotated[
         list[ResourceOption] | None,
-        Field(min_length=1, max_length=values.MAX_ALTERNATIVES, description="Alternatives in order of preference: each overrides fields of this section."),
+        Field(min_length=1, max_length=values.MAX_ALTERNATIVES,
+              description="Alternatives in order of preference: each overrides fields of this section."),
     ] = None
 
     @model_validator(mode="after")
