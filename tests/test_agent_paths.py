@@ -104,3 +104,20 @@ def test_an_existing_directory_sortie_did_not_place_is_never_removed(start_agent
         client.upload(str(src), "made2")
     assert err.value.status == 409
     assert (agent.sandbox / "workdir" / "made2" / "f").read_text() == "x\n"
+
+
+def test_node_storage_paths_follow_the_agent_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.errors import SortieError
+    from orchestrator.node_storage import node_path
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SORTIE_MOUNTS_ROOT", str(tmp_path / "mounts"))
+    assert node_path("data") == tmp_path / "work" / "data"
+    assert node_path("~/data") == tmp_path / "home" / "data"
+    assert node_path("/data") == tmp_path / "mounts" / "data"
+    for dest in ("../x", "~/../../x", "/a/../../x"):
+        with pytest.raises(SortieError, match="'..'"):
+            node_path(dest)
