@@ -17,7 +17,14 @@ from typing import Any
 
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
-from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
+from orchestrator.controller.decide import (
+    NodeRun,
+    agent_refusal,
+    first_failure,
+    judge_runs,
+    run_outcome,
+    setup_outcome,
+)
 from orchestrator.controller.node_files import (
     JobFiles,
     NodeStorageError,
@@ -25,6 +32,7 @@ from orchestrator.controller.node_files import (
     node_package_for,
     task_steps,
 )
+from orchestrator.controller.node_reports import report_node_errors
 from orchestrator.controller.ops import OperationPool
 from orchestrator.controller.pool_workers import PoolWorkers, job_dir
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
@@ -307,6 +315,10 @@ class Reconciler:
         if isinstance(result.error, NodeStorageError):
             self._after_failure(job, attempt, Failure.SETUP_ERROR, f"file mounts failed: {result.error}")
             return
+        refused = agent_refusal(result.error, "sync")  # issue 17: a node's 4xx fails the task, never relaunches
+        if refused is not None:
+            self._begin_teardown(job, attempt, refused, f"file sync refused by the node: {result.error}")
+            return
         if not result.ok:
             self._node_trouble(job, attempt, f"file sync failed: {result.error}")
             return
@@ -362,7 +374,7 @@ class Reconciler:
                     if not data:
                         break
                     self.logs.append(path, data)
-                found.append(NodeRun(rank, status.state, status.exit_code))  # type: ignore[arg-type]
+                found.append(NodeRun(rank, status.state, status.exit_code, status.node_error))  # type: ignore[arg-type]
             except AgentError as exc:
                 found.append(NodeRun(rank, "missing" if exc.status == 404 else "unreachable"))
         return found
@@ -375,6 +387,10 @@ class Reconciler:
             self._last_poll[attempt.id] = 0.0
             return None
         started = self.agent_ops.collect(start_key)
+        refused = agent_refusal(started.error, kind) if started is not None else None  # issue 17
+        if refused is not None:
+            self._begin_teardown(job, attempt, refused, f"the node refused to start {kind}: {started.error}")
+            return None
         if started is not None and not started.ok:
             self._node_trouble(job, attempt, f"could not start {kind}: {started.error}")
             return None
@@ -390,6 +406,7 @@ class Reconciler:
         if not polled.ok:
             raise polled.error  # type: ignore[misc]
         nodes: list[NodeRun] = polled.value
+        report_node_errors(self.store, job, nodes)  # issue 17: a full disk on a node is said, not silent
         if any(n.state == "missing" for n in nodes):  # a restarted controller: start what never started
             self._last_poll.pop(attempt.id, None)
             return None
