@@ -147,6 +147,9 @@ class JobService:
         controller runs. Everything that can be checked is checked before anything is written: a bad
         store, a missing bucket or an upload over the limit submits nothing. `storage`: the plan from
         `plan_storage`, when the caller already made it."""
+        from orchestrator.disk import check_home_space
+
+        check_home_space(self.home)  # issue 17: a full home refuses launches with one line
         plan = storage if storage is not None else self.plan_storage(pipeline)
         if not plan.empty and count != 1:
             raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
