@@ -133,9 +133,12 @@ class JobService:
     def plan_storage(self, pipeline: Pipeline) -> StoragePlan:
         """What a launch of `pipeline` would upload and create, checked (sizes, stores, buckets named by URL
         existing); writes nothing."""
+        from orchestrator.clouds import enabled_clouds
+        from orchestrator.limits import num_nodes_problems
         from orchestrator.storage.staging import prepare
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
+        problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))
         return prepare(pipeline, self.config, self.home)

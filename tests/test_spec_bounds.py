@@ -121,3 +121,27 @@ def test_fuzz_accepted_specs_stay_in_bounds_and_refusals_are_one_liners(task: di
             assert "\0" not in value
         for dest in [*spec_task.file_mounts, *spec_task.storage_mounts]:
             destination_parts(dest)  # no `..`, no NUL: what the agent also demands
+
+
+def test_num_nodes_against_the_configured_maximum_and_local_capacity(tmp_path: Path) -> None:
+    from orchestrator.config import SortieConfig
+    from orchestrator.limits import num_nodes_problems
+
+    def tasks(text: str) -> list:
+        return list(load_yaml_text(text, Overrides(), tmp_path).tasks)
+
+    config = SortieConfig()
+    assert num_nodes_problems(tasks("num_nodes: 16\nrun: x\n"), config, lambda: ["local"]) == []
+    (line,) = num_nodes_problems(tasks("num_nodes: 1000\nrun: x\n"), config, lambda: ["local"])
+    assert line.startswith("num_nodes: 1000 is over jobs.max_num_nodes (512)")
+    (line,) = num_nodes_problems(tasks("num_nodes: 17\nrun: x\n"), config, lambda: ["local"])
+    assert "never fit" in line and "at most 16" in line and "local.regions[].capacity" in line
+    # A task that may also go to an enabled cloud is that cloud's to refuse; an explicit local one is not.
+    assert num_nodes_problems(tasks("num_nodes: 17\nrun: x\n"), config, lambda: ["local", "aws"]) == []
+    (line,) = num_nodes_problems(tasks("num_nodes: 17\nresources: {infra: local}\nrun: x\n"), config,
+                                 lambda: ["local", "aws"])
+    assert "never fit" in line
+    big = SortieConfig.model_validate({"local": {"regions": [{"name": "a", "capacity": 4}, {"name": "b"}]}})
+    assert big.local.regions[1].capacity == 16
+    unlimited = SortieConfig.model_validate({"local": {"regions": [{"name": "a", "capacity": None}]}})
+    assert num_nodes_problems(tasks("num_nodes: 500\nrun: x\n"), unlimited, lambda: ["local"]) == []
