@@ -8,8 +8,6 @@ beside it says who holds it. APScheduler 3.x (in-memory job store) is only the t
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import signal
@@ -51,20 +49,13 @@ class ControllerInfo:
 
 
 def controller_info(home: Path | None = None) -> ControllerInfo:
-    """Whether a controller holds this home's lock, and who it is."""
-    home = home or sortie_home()
-    lock_path = _dir(home) / "controller.lock"
-    with lock_path.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                data = json.loads((_dir(home) / "controller.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                data = {}
-            return ControllerInfo(True, data.get("pid"), data.get("started_at"), data.get("version"))
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return ControllerInfo(False)
+    """Whether a live controller holds this home (by flock, pid and process start time: `lock.holder`)."""
+    from orchestrator.controller import lock
+
+    found = lock.holder(_dir(home or sortie_home()))
+    if found is None:
+        return ControllerInfo(False)
+    return ControllerInfo(True, found.pid or None, found.started_at or None, found.version)
 
 
 def check_controller(config: SortieConfig) -> None:
@@ -97,7 +88,7 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         info = controller_info(home)
-        if info.running and info.pid:
+        if info.running and info.pid:  # a pid only once its record is written and names a live process
             return info
         if proc.poll() is not None:
             info = controller_info(home)
@@ -109,18 +100,20 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
     raise SortieError(f"the controller did not start within {START_TIMEOUT:.0f}s (log: {log})")
 
 
-def stop_controller(home: Path | None = None, timeout: float = 60.0) -> ControllerInfo:
-    """Ask the controller to stop (SIGTERM) and wait. Jobs stay in the state; the next start resumes them."""
+def stop_controller(home: Path | None = None, timeout: float = 600.0) -> ControllerInfo:
+    """Ask the controller to stop (SIGTERM) and wait until its process has exited: its in-flight stack operations
+    finish first, and it holds its lock until then. Jobs stay in the state; the next start resumes them."""
+    from orchestrator.controller import lock
+
     home = home or sortie_home()
     info = controller_info(home)
     if not info.running or not info.pid:
         return info
+    proc_start = lock.process_start_time(info.pid)
     os.kill(info.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while controller_info(home).running:
-        if time.monotonic() > deadline:
-            raise SortieError(f"the controller (pid {info.pid}) did not stop within {timeout:.0f}s")
-        time.sleep(0.1)
+    if proc_start is not None and not lock.wait_for_exit(info.pid, proc_start, timeout):
+        raise SortieError(f"the controller (pid {info.pid}) did not exit within {timeout:.0f}s (it finishes its "
+                          "stack operations first); run `sortie controller stop` again to keep waiting")
     return info
 
 
@@ -128,23 +121,21 @@ def run_daemon(home: Path) -> None:
     """The daemon's main: hold the lock, tick until stopped or idle past the autostop time."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from orchestrator.controller import lock
     from orchestrator.controller.reconciler import Reconciler
     from orchestrator.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
-    lock = (_dir(home) / "controller.lock").open("a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print("another controller holds this home's lock; exiting", flush=True)
+    started = time.time()
+    try:  # issue 17: held until this process exits; controller.json is written before the lock counts as taken
+        lock.acquire(_dir(home), __version__, started)
+    except lock.LockHeld as held:
+        print(f"{held}; exiting", flush=True)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("sortie.controller")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # not a line per tick, nor per coalesced wake
-    started = time.time()
-    (_dir(home) / "controller.json").write_text(json.dumps(
-        {"pid": os.getpid(), "started_at": started, "version": __version__}))
     config = load_config(home)
     store = StateStore(home, config)
     driver = PulumiStackDriver(home, config)
@@ -192,8 +183,7 @@ def run_daemon(home: Path) -> None:
     scheduler.shutdown(wait=True)
     reconciler.stack_ops.shutdown()
     reconciler.agent_ops.shutdown()
-    log.info("controller stopped")
-    (_dir(home) / "controller.json").unlink(missing_ok=True)
+    log.info("controller stopped; in-flight operations finish before the process exits")
 
 
 def main() -> None:
