@@ -175,8 +175,13 @@ class JobService:
     def _stage(self, plan: StoragePlan, job_id: int, progress: Callable[[str, int, int], None] | None) -> None:
         """Upload the job's files and create its buckets. On any failure the job is FAILED_PRECHECKS and what
         was made is removed here, or else by the controller's storage reconciler."""
-        from orchestrator.storage.staging import clean, stage
+        from functools import partial
 
+        from orchestrator.storage.staging import clean, named_buckets, stage
+        from state.bucket_refs import add_refs, release_refs
+
+        add_refs(self.store, job_id, named_buckets(plan))  # issue 17: before any bucket is made or used
+        release = partial(release_refs, self.store, job_id)
         last_beat = [time.monotonic()]
 
         def beat(what: str, done: int, total: int) -> None:
@@ -199,7 +204,7 @@ class JobService:
                 f"staging the job's files failed: {type(exc).__name__}: {exc}")
             self.store.fail_staging(job_id, why)
             try:
-                clean(recorded, self.config, self.home)
+                clean(recorded, self.config, self.home, release)
                 self.store.update_job(job_id, storage_cleaned_at=time.time())
             except Exception:  # the controller's storage reconciler retries
                 from orchestrator.controller.daemon import ensure_controller

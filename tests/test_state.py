@@ -30,7 +30,7 @@ from state.store import StateStore
 
 pytest_plugins = ["tests.pg"]
 
-TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "alembic_version"}
+TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "bucket_refs", "alembic_version"}
 PIPELINE = {"name": "train", "is_pipeline": True,
             "tasks": [{"name": "prep", "run": "echo prep", "envs": {"A": "1"}},
                       {"name": "fit", "run": "echo fit", "envs": {"B": "2"}}]}

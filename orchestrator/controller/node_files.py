@@ -199,14 +199,18 @@ class JobFiles:
     def clean_storage(self, stale_after: float) -> None:
         """The storage reconciler: an ended job's job prefix, temporary or non-persistent buckets and two-hop
         uploads are removed (in the agent pool; a failure is retried on a later pass)."""
+        from functools import partial
+
         from orchestrator.storage.staging import clean
+        from state.bucket_refs import release_refs
 
         for job in self.r.store.storage_to_clean(stale_after):
             key = ("clean", job.id)
             result = self.r.agent_ops.collect(key)
             if result is None:
                 if not self.r.agent_ops.busy(key):
-                    self.r.agent_ops.submit(key, clean, job.storage or {}, self.r.config, self.r.store.home)
+                    self.r.agent_ops.submit(key, clean, job.storage or {}, self.r.config, self.r.store.home,
+                                            partial(release_refs, self.r.store, job.id))  # issue 17
             elif result.ok:
                 self.r.store.update_job(job.id, storage_cleaned_at=time.time())
                 if result.value:

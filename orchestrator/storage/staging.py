@@ -297,10 +297,27 @@ def _make_bucket(mount: BucketMount, store: Store, created: set[str],
 
 # --- cleanup: when the job has ended ------------------------------------------------------------------------------
 
-def clean(storage: dict[str, Any], config: SortieConfig, home: Path) -> list[str]:
+def named_buckets(plan: StoragePlan) -> dict[str, bool]:
+    """The buckets a plan mounts by name (`bucket URL -> delete it once no job mounts it`): what a job references
+    in the state while it lives (`state.bucket_refs`)."""
+    found: dict[str, bool] = {}
+    for steps in plan.tasks:
+        for _dest, item in steps:
+            if not isinstance(item, int) and item.create:
+                key = str(BucketURL(item.url.store, item.url.bucket))
+                found[key] = found.get(key, False) or not item.persistent
+    return found
+
+
+def clean(storage: dict[str, Any], config: SortieConfig, home: Path,
+          release: Callable[[list[str]], list[str]] | None = None) -> list[str]:
     """Remove what a job's staging recorded: job prefixes in the intermediate bucket, temporary and
-    non-persistent buckets Sortie created, two-hop directories. Idempotent. Returns what was removed."""
+    non-persistent buckets Sortie created, two-hop directories. Idempotent. Returns what was removed.
+    `release` (the job's `state.bucket_refs.release_refs`) says which of its buckets no other live job mounts:
+    only those are deleted."""
     cleanup = storage.get("cleanup") or {}
+    if release is not None:
+        cleanup = {**cleanup, "buckets": release(list(cleanup.get("buckets", [])))}
     removed: list[str] = []
     for text in cleanup.get("prefixes", []):
         url = parse_bucket_url(text)
