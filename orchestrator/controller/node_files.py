@@ -78,15 +78,18 @@ def node_python(infra: str | None) -> str | None:
     return NODE_PYTHON
 
 
-def _credentials_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+def _credentials_env(infra: str | None = "local") -> dict[str, str]:
+    from orchestrator.node_credentials import node_credentials_env
+
+    return node_credentials_env(infra, os.environ)  # issue 17: never the controller's keys on a cloud node
 
 
 class NodeFiles:
     """The storage steps of one attempt on its nodes."""
 
     def __init__(self, config: SortieConfig, home: Path, steps: Sequence[NodeStep], attempt_id: int,
-                 python: str | None = None) -> None:
+                 python: str | None = None, infra: str | None = "local") -> None:
+        self.infra = infra
         self.config = config
         self.home = home
         self.steps = list(steps)
@@ -102,7 +105,7 @@ class NodeFiles:
                     note: Callable[[str], None]) -> None:
         run_id = f"{verb}-{self.attempt_id}"
         try:
-            client.run(self._command(verb, steps), env=_credentials_env(), run_id=run_id, view=False)
+            client.run(self._command(verb, steps), env=_credentials_env(self.infra), run_id=run_id, view=False)
         except AgentError as exc:
             if exc.status != 409:  # 409: started before (a restarted controller asks again)
                 raise
@@ -135,7 +138,7 @@ class NodeFiles:
         if has_cached(self.steps):
             try:
                 client.run(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
-                           env=_credentials_env(), run_id=f"cache-{self.attempt_id}", view=False)
+                           env=_credentials_env(self.infra), run_id=f"cache-{self.attempt_id}", view=False)
             except AgentError as exc:
                 if exc.status != 409:
                     raise
@@ -163,7 +166,7 @@ class JobFiles:
 
     def _files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
         return NodeFiles(self.r.config, self.r.store.home, task_steps(job.storage, job.current_task), attempt.id,
-                         python=node_python(attempt.infra))
+                         python=node_python(attempt.infra), infra=attempt.infra)
 
     def _note(self, job: JobRow, rank: int) -> Callable[[str], None]:
         return lambda line: self.r.logs.note(job.id, f"[files] node {rank}: {line}")

@@ -190,7 +190,7 @@ class PoolWorkers:
         from orchestrator.run_env import node_env
 
         files = NodeFiles(self.r.config, self.store.home, task_steps(pool.storage, 0), worker.id,
-                          python=node_python(worker.infra))
+                          python=node_python(worker.infra), infra=worker.infra)
         setup = pool.spec.get("setup")
         clients = self.clients(worker)
         ips = [n["ip"] for n, _ in clients]
