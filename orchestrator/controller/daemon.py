@@ -138,6 +138,12 @@ def run_daemon(home: Path) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # not a line per tick, nor per coalesced wake
     config = load_config(home)
     store = StateStore(home, config)
+    from state.key_check import state_key_problem
+
+    key_trouble = state_key_problem(store)  # issue 17: said once at start, not as one failure per job
+    if key_trouble is not None:
+        log.error("%s", key_trouble)
+        raise SortieError(key_trouble)
     driver = PulumiStackDriver(home, config)
     unlocked = driver.cancel_stale_locks()
     if unlocked:
