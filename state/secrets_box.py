@@ -17,7 +17,6 @@ from cryptography.fernet import Fernet, InvalidToken
 from orchestrator.config import private_once
 from orchestrator.errors import SortieError
 
-
 STATE_KEY_ENV = "SORTIE_STATE_KEY"
 
 
