@@ -265,6 +265,7 @@ def main() -> None:
     """Entry point: run the app; turn errors into one line and an exit code."""
     from orchestrator.errors import SortieError
 
+    os.umask(0o077)  # issue 17: what Sortie writes (state DB, logs, keys, sandboxes) is its user's alone
     try:
         app()  # usage errors and --help exit here, with click's own messages and codes
     except SortieError as exc:

@@ -78,6 +78,7 @@ EXIT_WRITE_RETRY_SECONDS = 2.0
 RUN_ENV_PASSTHROUGH = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
                                  "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH"})
 NO_SPACE = "no space left on the node"
+RUN_UMASK = 0o022  # a run's own files are as on any machine; the agent's records keep the umask it was given
 NO_VIEW_NOTE = "sortie: no mount namespaces here; absolute paths of uploads and mounts are under ${} ({})\n"
 
 
@@ -165,7 +166,8 @@ def _kill_group(pgid: int, grace: float) -> None:
 class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
-    def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False) -> None:
+    def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False,
+                 hide: list[str] | None = None) -> None:
         self.sandbox = sandbox
         self.node_id = node_id
         self.confine = confine
@@ -181,7 +183,10 @@ class Agent:
         self.write_error: str | None = None
         self._lock = threading.Lock()
         views = sandbox / "views.json"
-        self._views: set[str] = set(json.loads(views.read_text())["views"]) if views.exists() else set()
+        recorded = json.loads(views.read_text()) if views.exists() else {}
+        self._views: set[str] = set(recorded.get("views", []))
+        self._shows: set[str] = set(recorded.get("shows", []))  # link targets, shown to runs though under `hide`
+        self._hide = list(hide or [])  # directories runs see empty (the Sortie home; the sandbox shows again)
         self._view_script = probe_path_view(sandbox) if confine else None
 
     def authorized(self, header: str | None) -> bool:
@@ -232,12 +237,13 @@ class Agent:
             else:
                 with self._lock:
                     views = [f"--view={v}" for v in sorted(self._views)]
+                    views += [f"--hide={h}" for h in self._hide] + [f"--show={s}" for s in sorted(self._shows)]
                 argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
                         f"--cwd={workdir}", *views, "--", *argv]
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(
-                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
+                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, umask=RUN_UMASK,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             )
         finally:
@@ -362,12 +368,17 @@ class Agent:
                 raise FileExistsError(f"destination {dest!r}: {path} is a directory on the node that Sortie did "
                                       "not place there; it is left as it is (choose another destination)")
 
-    def _add_view(self, dest: str) -> None:
-        """Record an absolute destination of a confined agent: runs started from now on see it at its path."""
-        if self.confine and dest.startswith("/"):
+    def _add_view(self, dest: str, target: str | None = None) -> None:
+        """Record an absolute destination of a confined agent: runs started from now on see it at its path (and
+        a link's target, which they see even where it lies under a hidden directory)."""
+        if self.confine and (dest.startswith("/") or target):
             with self._lock:
-                self._views.add("/" + os.path.normpath(dest).lstrip("/"))
-                write_json_atomic(self.sandbox / "views.json", {"views": sorted(self._views)})
+                if dest.startswith("/"):
+                    self._views.add("/" + os.path.normpath(dest).lstrip("/"))
+                if target:
+                    self._shows.add(os.path.realpath(target))
+                write_json_atomic(self.sandbox / "views.json", {"views": sorted(self._views),
+                                                                "shows": sorted(self._shows)})
 
     def link(self, dest: str, target: str | None) -> Path:
         """A symlink at `dest` (placed as an upload to `dest` is) to the node's directory `target`. With no
@@ -391,7 +402,7 @@ class Agent:
             raise
         os.replace(staged, path)
         self._record_placed(path)
-        self._add_view(dest)
+        self._add_view(dest, target)
         return path
 
     def receive_files(self, dest: str, stream: object, length: int, single_file: bool = False) -> Path:
@@ -555,8 +566,9 @@ class _AgentServer(ThreadingHTTPServer):
         self.agent = agent
 
 
-def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False) -> None:
-    agent = Agent(sandbox, token, node_id, confine)
+def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
+          hide: list[str] | None = None) -> None:
+    agent = Agent(sandbox, token, node_id, confine, hide)
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:
@@ -581,6 +593,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--token-stdin", action="store_true", help="read the token from the first line of stdin")
     parser.add_argument("--confine", action="store_true", help="absolute upload paths land under <sandbox>/mounts")
+    parser.add_argument("--hide", action="append", default=[],
+                        help="with --confine: a directory runs see empty (the Sortie home); repeatable")
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
@@ -590,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error("a token is required: pass --token-stdin, --token-file or set SORTIE_AGENT_TOKEN")
     args.sandbox.mkdir(parents=True, exist_ok=True)
-    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine)
+    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine,
+          args.hide)
 
 
 if __name__ == "__main__":

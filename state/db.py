@@ -6,6 +6,7 @@ PostgreSQL), and only when the schema is behind: a CLI read costs one small quer
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -92,6 +93,10 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0]
         raise SortieError(f"state DB {_safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
+    if engine.dialect.name == "sqlite" and engine.url.database:  # issue 17: 0600, even if made with a wider umask
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.chmod(engine.url.database + suffix, 0o600)
     return engine
 
 

@@ -193,6 +193,7 @@ def run_daemon(home: Path) -> None:
 
 
 def main() -> None:
+    os.umask(0o077)  # issue 17: logs, stack state and sandboxes are this user's alone (also under systemd)
     try:
         run_daemon(sortie_home())
     except SortieError as exc:
