@@ -15,7 +15,8 @@ from state.db_errors import describe_db_error
 
 def test_describe_names_the_condition_in_one_line() -> None:
     def err(text: str) -> OperationalError:
-        return OperationalError("INSERT INTO jobs (spec) VALUES (?)", ({"secret": "x"},), sqlite3.OperationalError(text))
+        return OperationalError("INSERT INTO jobs (spec) VALUES (?)", ({"secret": "x"},),
+                                sqlite3.OperationalError(text))
 
     assert describe_db_error(err("attempt to write a readonly database"), "/h/state.db") == (
         "the state database is read-only (/h/state.db); make it writable, or point SORTIE_DB_URL elsewhere")
