@@ -145,3 +145,21 @@ def test_num_nodes_against_the_configured_maximum_and_local_capacity(tmp_path: P
     assert big.local.regions[1].capacity == 16
     unlimited = SortieConfig.model_validate({"local": {"regions": [{"name": "a", "capacity": None}]}})
     assert num_nodes_problems(tasks("num_nodes: 500\nrun: x\n"), unlimited, lambda: ["local"]) == []
+
+
+def test_nesting_and_special_files_name_the_field_and_line(tmp_path: Path) -> None:
+    from orchestrator.config import SortieConfig
+    from orchestrator.errors import SortieError
+    from orchestrator.storage.staging import prepare
+
+    deep = "[" * 3000 + "]" * 3000
+    found = problems(f"name: n\nrun: x\nenvs:\n  A: {deep}\n", tmp_path)
+    assert found == ["task.yaml: envs: nested too deeply at line 4; flatten it"], found
+    loop = "run: x\nenvs: &e\n  A: *e\n"
+    found = problems(loop, tmp_path)
+    assert len(found) == 1 and found[0].startswith("envs"), found
+    pipeline = load_yaml_text("run: x\nfile_mounts:\n  /data/zero: /dev/zero\n", Overrides(), tmp_path,
+                              source="task.yaml")
+    with pytest.raises(SortieError) as err:
+        prepare(pipeline, SortieConfig(), tmp_path)
+    assert str(err.value).startswith("file_mounts./data/zero (task.yaml line 3): /dev/zero is neither a file")

@@ -9,6 +9,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -316,3 +317,15 @@ class Pipeline(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The normalized form `jobs launch --dryrun --json` prints."""
         return {"name": self.name, "tasks": [task.to_json() for task in self.tasks]}
+
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr(default="")
+
+    def set_lines(self, lines: dict[str, int], source: str) -> None:
+        """Where each field was written (the loader's `key_lines`), for messages found after loading."""
+        self._lines, self._source = dict(lines), source
+
+    def where(self, field: str) -> str:
+        """`field` with the file and line it was written at, when known: `file_mounts./x (task.yaml line 4)`."""
+        line = self._lines.get(field)
+        return f"{field} ({self._source} line {line})" if line else field

@@ -145,7 +145,10 @@ def _tree(source: str, what: str, folder: str, limit: int) -> LocalTree:
     path = Path(source)
     if not path.exists():
         raise StorageError(f"{what}: local path {source} does not exist")
-    found = scan_tree(path)
+    try:
+        found = scan_tree(path)
+    except StorageError as exc:  # issue 17: name the field (and its line) that points there
+        raise StorageError(f"{what}: {exc}") from None
     size = sum(item[2] for item in found)
     if size > limit:
         raise UploadTooLarge(f"{what} {source} is {human_bytes(size)} after .gitignore/.skyignore, over the "
@@ -186,9 +189,9 @@ def prepare(pipeline: Pipeline, config: SortieConfig, home: Path) -> StoragePlan
         prefix = f"tasks[{index}]." if len(pipeline.tasks) > 1 else ""
         steps: list[tuple[str, int | BucketMount]] = []
         if task.workdir:
-            steps.append((".", tree_index(task.workdir, f"{prefix}workdir", "workdir")))
+            steps.append((".", tree_index(task.workdir, pipeline.where(f"{prefix}workdir"), "workdir")))
         for dest, source in task.file_mounts.items():
-            steps.append((dest, tree_index(source, f"{prefix}file_mounts.{dest}", "mount")))
+            steps.append((dest, tree_index(source, pipeline.where(f"{prefix}file_mounts.{dest}"), "mount")))
         for dest, raw in task.storage_mounts.items():
             mount = _bucket_mount(f"{prefix}file_mounts.{dest}", dest, raw)
             if not mount.create:
