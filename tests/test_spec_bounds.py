@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.agent import destination_parts
+from orchestrator.errors import SortieError
 from orchestrator.spec import Overrides, SpecError, load_yaml_text, values
 
 FUZZ_EXAMPLES = int(os.environ.get("SORTIE_FUZZ_EXAMPLES", "300"))
@@ -98,6 +99,19 @@ _TASK = st.fixed_dictionaries({}, optional={
 })
 
 
+_SERVICES: dict[str, object] = {}
+
+
+def _fuzz_service(tmp_path_factory):  # one home for every example: a refusal must leave its DB empty
+    from orchestrator.service import JobService
+
+    if "service" not in _SERVICES:
+        home = tmp_path_factory.getbasetemp() / "fuzz-home"
+        home.mkdir(exist_ok=True)
+        _SERVICES["service"] = JobService(home)
+    return _SERVICES["service"]
+
+
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(task=_TASK)
 def test_fuzz_accepted_specs_stay_in_bounds_and_refusals_are_one_liners(task: dict, tmp_path_factory) -> None:
@@ -112,6 +126,12 @@ def test_fuzz_accepted_specs_stay_in_bounds_and_refusals_are_one_liners(task: di
     except SpecError as exc:
         assert exc.problems and all(isinstance(p, str) and p and "Traceback" not in p for p in exc.problems)
         return
+    service = _fuzz_service(tmp_path_factory)
+    try:  # what `jobs launch` checks next, before it writes anything
+        service.plan_storage(pipeline)
+    except SortieError as exc:
+        assert "\n" not in str(exc) and "Traceback" not in str(exc)
+        assert service.store.count_by_status() == {}  # no refusal writes a row
     for spec_task in pipeline.tasks:
         assert 1 <= spec_task.num_nodes <= values.MAX_NUM_NODES
         assert spec_task.name is None or len(spec_task.name) <= values.MAX_NAME_LENGTH
