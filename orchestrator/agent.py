@@ -19,10 +19,19 @@ HTTP API (JSON):
     GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
     POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
     POST /files?dest=PATH           a tar stream, extracted at PATH (relative: under workdir/; `~/x`: under
-                                    home/; absolute: as is, or under mounts/ when started with --confine)
+                                    home/; absolute: as is, or under mounts/ when started with --confine).
+                                    400 for a PATH with `..`, NUL or ~user, or that leads out of its root; 409
+                                    when PATH holds something the agent did not place (never removed); 507 when
+                                    the node's disk is full
     POST /links                     {"dest", "target"} -> {"path"}: a symlink at dest (placed as uploads are)
                                     to `target`, an existing directory on the node, replacing what was there;
                                     target null: only declare dest (a path whose content a later run writes)
+
+Runs get only the environment the controller sends (the task's envs and secrets, SkyPilot's variables), the
+agent's own SORTIE_NODE_SANDBOX, and RUN_ENV_PASSTHROUGH of the agent's environment. An ended run's exit code is
+kept in memory and written to exit.json, retried while the disk is full; meanwhile its status (and /health) carry
+"node_error". With --hide DIR (repeatable; the local cloud passes the Sortie home), confined runs see DIR empty,
+but for their own sandbox and the targets of links.
 
 Path view (--confine only): runs see each absolute upload or link destination P at P, showing mounts/P,
 and the rest of the machine unchanged (a private mount namespace: node_view.py, needed beside this file
