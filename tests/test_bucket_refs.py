@@ -70,3 +70,17 @@ def test_release_is_idempotent_and_leaves_persistent_buckets(sortie_home: Path) 
     assert release_refs(store, one, []) == ["local://tmp"]  # its own duty, no other job mounts it
     assert release_refs(store, one, []) == []
     assert release_refs(store, two, []) == []  # persistent: never deleted
+
+
+def test_a_bucket_that_existed_before_is_never_deleted(sortie_home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    store = StateStore(sortie_home)
+    config = load_config(sortie_home)
+    bucket_store = open_store("local", config.storage, sortie_home)
+    bucket_store.create_bucket("shared-scratch")  # made by someone else, before any job
+    job_a, storage_a = _launch(store, sortie_home, src)
+    job_b, storage_b = _launch(store, sortie_home, src)
+    assert clean(storage_a, config, sortie_home, lambda b: release_refs(store, job_a, b)) == []
+    assert clean(storage_b, config, sortie_home, lambda b: release_refs(store, job_b, b)) == []
+    assert bucket_store.bucket_exists("shared-scratch")

@@ -301,14 +301,14 @@ def _make_bucket(mount: BucketMount, store: Store, created: set[str],
 # --- cleanup: when the job has ended ------------------------------------------------------------------------------
 
 def named_buckets(plan: StoragePlan) -> dict[str, bool]:
-    """The buckets a plan mounts by name (`bucket URL -> delete it once no job mounts it`): what a job references
-    in the state while it lives (`state.bucket_refs`)."""
+    """The buckets a plan mounts by name: what a job references in the state while it lives (`state.bucket_refs`),
+    each `-> False`: the duty to delete one comes only from the job that made it (its cleanup record), so a bucket
+    that existed before is never deleted, `persistent: false` or not."""
     found: dict[str, bool] = {}
     for steps in plan.tasks:
         for _dest, item in steps:
             if not isinstance(item, int) and item.create:
-                key = str(BucketURL(item.url.store, item.url.bucket))
-                found[key] = found.get(key, False) or not item.persistent
+                found[str(BucketURL(item.url.store, item.url.bucket))] = False
     return found
 
 
