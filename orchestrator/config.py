@@ -290,6 +290,11 @@ class CloudNetworkConfig(BaseModel):
         Field(description="What the default firewall admits to the node agent's port (the controller's network); "
               "default: the private network only."),
     ] = None
+    node_instance_profile: Annotated[
+        str | None,
+        Field(description="AWS: an IAM instance profile (name) attached to every node, the identity its bucket work "
+              "uses (nodes never get the controller's AWS credentials); scope it to your jobs' buckets."),
+    ] = None
     ssh_public_key: Annotated[
         str | None,
         Field(description="An SSH public key put on cloud VMs (default: the controller VM gets Sortie's own key, "
