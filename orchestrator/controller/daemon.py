@@ -83,7 +83,7 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller.daemon"],
-                                env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL, umask=0o077,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
