@@ -89,3 +89,21 @@ def test_stop_times_out_with_one_line_while_the_process_runs(sortie_home: Path) 
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_of_many_starting_at_once_while_status_probes_exactly_one_holds(tmp_path: Path) -> None:
+    directory = tmp_path / "controller"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom orchestrator.controller import lock\n"
+            "try:\n    lock.acquire(Path(sys.argv[1]), 't')\nexcept lock.LockHeld:\n    sys.exit(3)\n"
+            "print('held', flush=True)\ntime.sleep(5)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:  # `controller status` probing the lock all the while
+        lock.holder(directory)
+    holders = 0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=30)
+        holders += out.strip() == "held"
+        assert proc.returncode in (0, 3)
+    assert holders == 1

@@ -102,24 +102,37 @@ class LockHeld(Exception):
         self.pid = pid
 
 
-def acquire(directory: Path, version: str, started_at: float | None = None) -> Holder:
+def acquire(directory: Path, version: str, started_at: float | None = None, patience: float = 2.0) -> Holder:
     """Take the lock for this process and write the record; LockHeld when a live controller has it (even one
-    whose lock file was deleted). The lock stays held until the process exits."""
+    whose lock file was deleted). The lock stays held until the process exits. A lock busy for less than
+    `patience` seconds is tried again (`holder()` probes it for an instant)."""
     directory.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         os.chmod(directory, 0o700)
-    current = holder(directory)
-    if current is not None and current.pid != os.getpid():
-        raise LockHeld(current.pid)
-    fh = (directory / LOCK_NAME).open("a")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise LockHeld(read_record(directory).get("pid") or 0) from None
-    if os.fstat(fh.fileno()).st_ino != os.stat(directory / LOCK_NAME).st_ino:  # replaced while we opened it
-        fh.close()
-        raise LockHeld(read_record(directory).get("pid") or 0)
+    deadline = time.monotonic() + patience
+    while True:
+        fh = (directory / LOCK_NAME).open("a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise LockHeld(read_record(directory).get("pid") or 0) from None
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(directory / LOCK_NAME).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        fh.close()  # the file was replaced or removed while we opened it: take the one there now
+    data = read_record(directory)
+    other = data.get("pid")
+    if other != os.getpid() and alive(other, data.get("proc_start")) and data.get("lock_inode") != \
+            os.fstat(fh.fileno()).st_ino:
+        fh.close()  # a live controller whose lock file was deleted from under it: it still runs
+        raise LockHeld(other)
     _HELD.append(fh)
     me = Holder(os.getpid(), started_at or time.time(), version, process_start_time(os.getpid()) or 0)
     record = {"pid": me.pid, "started_at": me.started_at, "version": version, "proc_start": me.proc_start,
