@@ -33,9 +33,8 @@ def rss_mib() -> float:
 
 
 def tick_cost(jobs: int) -> tuple[float, float, float]:
-    from orchestrator.controller.reconciler import Reconciler
-
     from orchestrator.config import load_config
+    from orchestrator.controller.daemon import Controller
     from orchestrator.fake_driver import FakeStackDriver
     from orchestrator.spec import load_yaml_text
     from state.store import StateStore
@@ -53,7 +52,7 @@ def tick_cost(jobs: int) -> tuple[float, float, float]:
 
         session.execute(update(JobRow).where(JobRow.id.in_(ids)).values(next_attempt_at=time.time() + 3600))
     before = rss_mib()
-    reconciler = Reconciler(store, FakeStackDriver(), load_config(home), home)
+    reconciler = Controller(store, FakeStackDriver(), load_config(home), home)
     times = []
     for _ in range(5):
         t = time.perf_counter()

@@ -38,6 +38,11 @@ def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.
         console.print(f"  {c.cloud:<11} {mark}  {escape(c.reason)}", markup=True)
     enabled = [c.cloud for c in found if c.enabled]
     console.print(f"Enabled clouds: {', '.join(enabled)}")
+    if "local" in enabled:
+        from orchestrator.isolation import local_isolation
+
+        _isolated, how = local_isolation()
+        console.print(f"Local-cloud isolation: {escape(how)}", markup=True)
 
 
 def show_gpus(

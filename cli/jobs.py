@@ -349,6 +349,12 @@ def controller_status() -> None:
         console.print(remote_status(config))
         return
     info = controller_info()
+    from orchestrator.config import sortie_home
+    from orchestrator.disk import home_space_problem
+
+    full = home_space_problem(sortie_home())  # issue 17: a full home is said here
+    if full is not None:
+        console.print(f"disk: {full}: new launches are refused; jobs in progress go on", markup=False)
     if not info.running:
         console.print("controller: not running (the next `sortie jobs launch` starts it)")
         return

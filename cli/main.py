@@ -248,10 +248,24 @@ def stack_unlock() -> None:
     _console().print(f"cancelled stale locks of: {', '.join(cancelled)}" if cancelled else "no stale locks")
 
 
+def _db_error_line(exc: Exception) -> str:
+    from orchestrator.config import load_config, sortie_home
+    from state.db import _safe_url, database_url
+    from state.db_errors import describe_db_error
+
+    try:
+        home = sortie_home()
+        where = _safe_url(database_url(home, load_config(home)))
+    except Exception:  # the config itself may be what fails; the line still says what happened
+        where = "the configured state database"
+    return describe_db_error(exc, where.removeprefix("sqlite:///"))  # type: ignore[arg-type]
+
+
 def main() -> None:
     """Entry point: run the app; turn errors into one line and an exit code."""
     from orchestrator.errors import SortieError
 
+    os.umask(0o077)  # issue 17: what Sortie writes (state DB, logs, keys, sandboxes) is its user's alone
     try:
         app()  # usage errors and --help exit here, with click's own messages and codes
     except SortieError as exc:
@@ -264,6 +278,11 @@ def main() -> None:
     except Exception as exc:
         if os.environ.get("SORTIE_DEBUG"):
             raise
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError):  # one line, never the SQL and its parameters
+            _console(stderr=True).print(f"error: {_db_error_line(exc)}", markup=False, highlight=False)
+            sys.exit(1)
         _console(stderr=True).print(f"error: unexpected {type(exc).__name__}: {exc} "
                                     "(set SORTIE_DEBUG=1 for the traceback)")
         sys.exit(1)

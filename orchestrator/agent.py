@@ -19,10 +19,19 @@ HTTP API (JSON):
     GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
     POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
     POST /files?dest=PATH           a tar stream, extracted at PATH (relative: under workdir/; `~/x`: under
-                                    home/; absolute: as is, or under mounts/ when started with --confine)
+                                    home/; absolute: as is, or under mounts/ when started with --confine).
+                                    400 for a PATH with `..`, NUL or ~user, or that leads out of its root; 409
+                                    when PATH holds something the agent did not place (never removed); 507 when
+                                    the node's disk is full
     POST /links                     {"dest", "target"} -> {"path"}: a symlink at dest (placed as uploads are)
                                     to `target`, an existing directory on the node, replacing what was there;
                                     target null: only declare dest (a path whose content a later run writes)
+
+Runs get only the environment the controller sends (the task's envs and secrets, SkyPilot's variables), the
+agent's own SORTIE_NODE_SANDBOX, and RUN_ENV_PASSTHROUGH of the agent's environment. An ended run's exit code is
+kept in memory and written to exit.json, retried while the disk is full; meanwhile its status (and /health) carry
+"node_error". With --hide DIR (repeatable; the local cloud passes the Sortie home), confined runs see DIR empty,
+but for their own sandbox and the targets of links.
 
 Path view (--confine only): runs see each absolute upload or link destination P at P, showing mounts/P,
 and the rest of the machine unchanged (a private mount namespace: node_view.py, needed beside this file
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -70,7 +80,63 @@ MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 5.0
 SANDBOX_ENV = "SORTIE_NODE_SANDBOX"
 MOUNTS_ENV = "SORTIE_MOUNTS_ROOT"
+EXIT_WRITE_RETRY_SECONDS = 2.0
+# What a run inherits from the agent's own environment; the rest of a run's environment is what the controller
+# sends (the task's envs and secrets, and SkyPilot's variables). The agent's (and on the local cloud the
+# controller's) SORTIE_*, AWS_*, PYTHONPATH and the like never reach a run.
+RUN_ENV_PASSTHROUGH = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
+                                 "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH"})
+NO_SPACE = "no space left on the node"
+RUN_UMASK = 0o022  # a run's own files are as on any machine; the agent's records keep the umask it was given
 NO_VIEW_NOTE = "sortie: no mount namespaces here; absolute paths of uploads and mounts are under ${} ({})\n"
+
+
+def destination_parts(dest: str) -> tuple[str, str]:
+    """Split a node destination into its root ("workdir", "home" or "absolute") and a normalised relative
+    path. Refuses `..` components, NUL bytes and `~user` (ValueError, one line naming the destination)."""
+    if not dest or "\0" in dest:
+        raise ValueError(f"destination {dest!r}: must be a non-empty path without NUL bytes")
+    if dest == "~" or dest.startswith("~/"):
+        root, rest = "home", dest[1:]
+    elif dest.startswith("~"):
+        raise ValueError(f"destination {dest!r}: ~user paths are not supported; use ~/... or an absolute path")
+    elif dest.startswith("/"):
+        root, rest = "absolute", dest
+    else:
+        root, rest = "workdir", dest
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"destination {dest!r}: '..' is not allowed (a destination stays inside the node's "
+                         "workdir, home or mounts)")
+    return root, "/".join(parts)
+
+
+def contained(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symlink of its existing part followed, is `root` or under it."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
+def place_destination(dest: str, workdir: Path, home: Path, mounts: Path | None) -> Path:
+    """Where `dest` lands on a node: relative under `workdir`, `~/...` under `home`, absolute under `mounts`
+    (a confined node) or as is (a node that is all the job's). ValueError when it would land outside its root,
+    through `..` or through a symlink that leads out (checked on the parent: the last component itself may be
+    a symlink that is replaced)."""
+    kind, rest = destination_parts(dest)
+    if kind == "absolute" and mounts is None:
+        return Path("/" + rest)
+    root = {"workdir": workdir, "home": home, "absolute": mounts}[kind]
+    assert root is not None
+    path = root / rest if rest else root
+    if not contained(path.parent if rest else path, root):
+        raise ValueError(f"destination {dest!r}: resolves outside the node's {kind} root ({root})")
+    return path
+
+
+def run_base_env(environ: dict[str, str]) -> dict[str, str]:
+    """The part of the agent's environment a run inherits (RUN_ENV_PASSTHROUGH and LC_*)."""
+    return {k: v for k, v in environ.items() if k in RUN_ENV_PASSTHROUGH or k.startswith("LC_")}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -109,7 +175,8 @@ def _kill_group(pgid: int, grace: float) -> None:
 class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
-    def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False) -> None:
+    def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False,
+                 hide: list[str] | None = None) -> None:
         self.sandbox = sandbox
         self.node_id = node_id
         self.confine = confine
@@ -120,9 +187,15 @@ class Agent:
         self.started_at = time.time()
         self._token_digest = hashlib.sha256(token.encode()).digest()
         self._procs: dict[str, subprocess.Popen] = {}
+        # Exit records not yet on disk (a full disk): served from here, written by the waiter when it can.
+        self._exits: dict[str, dict] = {}
+        self.write_error: str | None = None
         self._lock = threading.Lock()
         views = sandbox / "views.json"
-        self._views: set[str] = set(json.loads(views.read_text())["views"]) if views.exists() else set()
+        recorded = json.loads(views.read_text()) if views.exists() else {}
+        self._views: set[str] = set(recorded.get("views", []))
+        self._shows: set[str] = set(recorded.get("shows", []))  # link targets, shown to runs though under `hide`
+        self._hide = list(hide or [])  # directories runs see empty (the Sortie home; the sandbox shows again)
         self._view_script = probe_path_view(sandbox) if confine else None
 
     def authorized(self, header: str | None) -> bool:
@@ -141,11 +214,25 @@ class Agent:
             if run_dir.exists():
                 raise FileExistsError(f"run {run_id} already exists")
             run_dir.mkdir()
+        try:
+            proc = self._spawn(run_dir, command, env, cwd, view)
+        except OSError:  # a full disk, say: leave no half-made run behind, so that the same id can be retried
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        with self._lock:
+            self._procs[run_id] = proc
+        threading.Thread(target=self._wait, args=(run_id, proc), daemon=True).start()
+        return run_id
+
+    def _spawn(self, run_dir: Path, command: str, env: dict[str, str], cwd: str | None,
+               view: bool) -> subprocess.Popen:
+        run_id = run_dir.name
         workdir = Path(cwd).expanduser() if cwd else self.workdir
         if not workdir.is_absolute():
             workdir = self.workdir / workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        child_env = {**os.environ, **{str(k): str(v) for k, v in env.items()}, SANDBOX_ENV: str(self.sandbox)}
+        child_env = {**run_base_env(dict(os.environ)), **{str(k): str(v) for k, v in env.items()},
+                     SANDBOX_ENV: str(self.sandbox)}
         argv = ["/bin/bash", "-c", command]
         if self.confine:
             child_env[MOUNTS_ENV] = str(self.sandbox / "mounts")
@@ -159,31 +246,50 @@ class Agent:
             else:
                 with self._lock:
                     views = [f"--view={v}" for v in sorted(self._views)]
+                    views += [f"--hide={h}" for h in self._hide] + [f"--show={s}" for s in sorted(self._shows)]
                 argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
                         f"--cwd={workdir}", *views, "--", *argv]
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(
-                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
+                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, umask=RUN_UMASK,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             )
         finally:
             log.close()
-        write_json_atomic(run_dir / "meta.json", {
-            "run_id": run_id, "command": command, "cwd": str(workdir), "pid": proc.pid, "pgid": proc.pid,
-            "started_at": time.time(), "env_keys": sorted(env),
-        })
-        with self._lock:
-            self._procs[run_id] = proc
-        threading.Thread(target=self._wait, args=(run_id, proc), daemon=True).start()
-        return run_id
+        try:
+            write_json_atomic(run_dir / "meta.json", {
+                "run_id": run_id, "command": command, "cwd": str(workdir), "pid": proc.pid, "pgid": proc.pid,
+                "started_at": time.time(), "env_keys": sorted(env),
+            })
+        except OSError:  # no record of it, so no run: stop it
+            _kill_group(proc.pid, 1.0)
+            proc.wait()
+            raise
+        return proc
 
     def _wait(self, run_id: str, proc: subprocess.Popen) -> None:
+        """Record a run's exit code: in memory first (served at once), then on disk, retried until it lands
+        (a full disk must not lose it, nor leave the run looking "running")."""
         rc = proc.wait()
         code = rc if rc >= 0 else 128 - rc
-        write_json_atomic(self.runs_dir / run_id / "exit.json", {"exit_code": code, "ended_at": time.time()})
+        record = {"exit_code": code, "ended_at": time.time()}
         with self._lock:
+            self._exits[run_id] = record
             self._procs.pop(run_id, None)
+        while True:
+            try:
+                write_json_atomic(self.runs_dir / run_id / "exit.json", record)
+            except OSError as exc:
+                self.write_error = f"{NO_SPACE} ({self.sandbox})" if exc.errno == errno.ENOSPC else \
+                    f"cannot write {self.runs_dir / run_id / 'exit.json'}: {exc.strerror or exc}"
+                time.sleep(EXIT_WRITE_RETRY_SECONDS)
+                continue
+            with self._lock:
+                self._exits.pop(run_id, None)
+                if not self._exits:
+                    self.write_error = None
+            return
 
     def status(self, run_id: str) -> dict | None:
         run_dir = self.runs_dir / run_id
@@ -192,13 +298,17 @@ class Agent:
             return None
         meta = json.loads(meta_path.read_text())
         exit_path = run_dir / "exit.json"
-        ended = json.loads(exit_path.read_text()) if exit_path.exists() else None
+        with self._lock:
+            ended = self._exits.get(run_id)
+        if ended is None and exit_path.exists():
+            ended = json.loads(exit_path.read_text())
         cancelled = (run_dir / "cancelled").exists()
         state = "running" if ended is None else ("cancelled" if cancelled else "exited")
         return {
             "run_id": run_id, "state": state, "exit_code": ended["exit_code"] if ended else None,
             "pid": meta["pid"], "started_at": meta["started_at"], "ended_at": ended["ended_at"] if ended else None,
             "log_size": (run_dir / "output.log").stat().st_size if (run_dir / "output.log").exists() else 0,
+            **({"node_error": self.write_error} if self.write_error else {}),
         }
 
     def all_status(self) -> list[dict]:
@@ -226,7 +336,7 @@ class Agent:
                     proc.wait(timeout=CANCEL_GRACE_SECONDS)
                 # The waiter thread records the exit code; give it a moment to land.
                 deadline = time.monotonic() + 1.0
-                while not (self.runs_dir / run_id / "exit.json").exists() and time.monotonic() < deadline:
+                while self.status(run_id)["state"] == "running" and time.monotonic() < deadline:  # type: ignore[index]
                     time.sleep(0.01)
         return self.status(run_id)
 
@@ -237,20 +347,47 @@ class Agent:
             _kill_group(proc.pid, 1.0)
 
     def resolve(self, dest: str) -> Path:
-        """Where an upload to `dest` lands on this node."""
-        if dest.startswith("~"):
-            return self.sandbox / "home" / dest.lstrip("~/")
-        path = Path(dest)
-        if not path.is_absolute():
-            return self.workdir / path
-        return self.sandbox / "mounts" / os.path.normpath(dest).lstrip("/") if self.confine else path
+        """Where an upload to `dest` lands on this node (ValueError when outside the sandbox's roots)."""
+        return place_destination(dest, self.workdir, self.sandbox / "home",
+                                 self.sandbox / "mounts" if self.confine else None)
 
-    def _add_view(self, dest: str) -> None:
-        """Record an absolute destination of a confined agent: runs started from now on see it at its path."""
-        if self.confine and dest.startswith("/"):
+    def _placed_paths(self) -> set[str]:
+        placed = self.sandbox / "placed.json"
+        return set(json.loads(placed.read_text())["paths"]) if placed.exists() else set()
+
+    def _record_placed(self, path: Path) -> None:
+        with self._lock:
+            paths = self._placed_paths() | {str(path)}
+            write_json_atomic(self.sandbox / "placed.json", {"paths": sorted(paths)})
+
+    def _clear_for(self, dest: str, path: Path) -> None:
+        """Make room at `path` for what `dest` places. Only what this agent placed (or its own workdir, or an
+        empty directory) is removed; anything else there is refused (FileExistsError: 409)."""
+        if path.is_symlink() or path.is_file():
+            if str(path) not in self._placed_paths() and not contained(path.parent, self.sandbox):
+                raise FileExistsError(f"destination {dest!r}: {path} is on the node already and Sortie did not "
+                                      "place it; it is left as it is (choose another destination)")
+            path.unlink()
+        elif path.is_dir():
+            if path == self.workdir or str(path) in self._placed_paths():
+                shutil.rmtree(path)
+            elif not any(path.iterdir()):
+                path.rmdir()
+            else:
+                raise FileExistsError(f"destination {dest!r}: {path} is a directory on the node that Sortie did "
+                                      "not place there; it is left as it is (choose another destination)")
+
+    def _add_view(self, dest: str, target: str | None = None) -> None:
+        """Record an absolute destination of a confined agent: runs started from now on see it at its path (and
+        a link's target, which they see even where it lies under a hidden directory)."""
+        if self.confine and (dest.startswith("/") or target):
             with self._lock:
-                self._views.add("/" + os.path.normpath(dest).lstrip("/"))
-                write_json_atomic(self.sandbox / "views.json", {"views": sorted(self._views)})
+                if dest.startswith("/"):
+                    self._views.add("/" + os.path.normpath(dest).lstrip("/"))
+                if target:
+                    self._shows.add(os.path.realpath(target))
+                write_json_atomic(self.sandbox / "views.json", {"views": sorted(self._views),
+                                                                "shows": sorted(self._shows)})
 
     def link(self, dest: str, target: str | None) -> Path:
         """A symlink at `dest` (placed as an upload to `dest` is) to the node's directory `target`. With no
@@ -267,15 +404,21 @@ class Agent:
         staged = path.with_name(f".{path.name}.link-tmp")
         staged.unlink(missing_ok=True)
         staged.symlink_to(target)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+        try:
+            self._clear_for(dest, path)
+        except FileExistsError:
+            staged.unlink()
+            raise
         os.replace(staged, path)
-        self._add_view(dest)
+        self._record_placed(path)
+        self._add_view(dest, target)
         return path
 
     def receive_files(self, dest: str, stream: object, length: int, single_file: bool = False) -> Path:
         """Extract a tar stream at `dest`, replacing what was there only once the whole stream arrived."""
         target = self.resolve(dest)
+        if target in (Path("/"), self.sandbox / "home", self.sandbox / "mounts"):
+            raise ValueError(f"files: dest {dest!r} would replace a whole root ({target})")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".upload-") as tmp:
             archive = Path(tmp) / "upload.tar"
@@ -295,18 +438,17 @@ class Agent:
                 if len(members) != 1 or not members[0].is_file():
                     raise ValueError("files: file=1 needs a tar of exactly one regular file")
                 staged = members[0]
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+            self._clear_for(dest, target)
             os.replace(staged, target)
+        self._record_placed(target)
         self._add_view(dest)
         return target
 
     def health(self) -> dict:
         running = sum(1 for s in self.all_status() if s["state"] == "running")
         return {"status": "ok", "node_id": self.node_id, "pid": os.getpid(),
-                "uptime_s": round(time.time() - self.started_at, 3), "runs_running": running}
+                "uptime_s": round(time.time() - self.started_at, 3), "runs_running": running,
+                **({"node_error": self.write_error} if self.write_error else {})}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -418,6 +560,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(409, str(exc))
         except (ValueError, json.JSONDecodeError, tarfile.TarError) as exc:
             self._error(400, str(exc))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self._error(HTTPStatus.INSUFFICIENT_STORAGE, f"{NO_SPACE} ({agent.sandbox})")
+            else:
+                self._error(500, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
 
 
 class _AgentServer(ThreadingHTTPServer):
@@ -428,8 +575,9 @@ class _AgentServer(ThreadingHTTPServer):
         self.agent = agent
 
 
-def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False) -> None:
-    agent = Agent(sandbox, token, node_id, confine)
+def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
+          hide: list[str] | None = None) -> None:
+    agent = Agent(sandbox, token, node_id, confine, hide)
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:
@@ -454,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--token-stdin", action="store_true", help="read the token from the first line of stdin")
     parser.add_argument("--confine", action="store_true", help="absolute upload paths land under <sandbox>/mounts")
+    parser.add_argument("--hide", action="append", default=[],
+                        help="with --confine: a directory runs see empty (the Sortie home); repeatable")
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
@@ -463,7 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error("a token is required: pass --token-stdin, --token-file or set SORTIE_AGENT_TOKEN")
     args.sandbox.mkdir(parents=True, exist_ok=True)
-    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine)
+    serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine,
+          args.hide)
 
 
 if __name__ == "__main__":

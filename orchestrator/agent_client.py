@@ -30,6 +30,12 @@ class RunStatus:
     started_at: float
     ended_at: float | None
     log_size: int
+    node_error: str | None = None  # the node cannot write its records (a full disk): the agent's words
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunStatus:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @property
     def done(self) -> bool:
@@ -95,7 +101,7 @@ class AgentClient:
         return True
 
     def status(self, run_id: str) -> RunStatus:
-        return RunStatus(**self._json("GET", f"/runs/{run_id}"))
+        return RunStatus.from_json(self._json("GET", f"/runs/{run_id}"))
 
     def log(self, run_id: str, offset: int = 0) -> tuple[bytes, int]:
         """Log bytes from `offset`, and the offset to ask for next."""
@@ -127,7 +133,7 @@ class AgentClient:
         return self._json("POST", "/links", {"dest": dest, "target": target})["path"]
 
     def cancel(self, run_id: str) -> RunStatus:
-        return RunStatus(**self._json("POST", f"/runs/{run_id}/cancel", {}))
+        return RunStatus.from_json(self._json("POST", f"/runs/{run_id}/cancel", {}))
 
     def wait(self, run_id: str, timeout: float = 60.0, interval: float = 0.1) -> RunStatus:
         deadline = time.monotonic() + timeout

@@ -27,6 +27,9 @@ def sortie_home() -> Path:
     return home
 
 
+DEFAULT_LOCAL_CAPACITY = 16  # local nodes per region unless configured: what a laptop survives
+
+
 class LocalRegion(BaseModel):
     """One region of the embedded local cloud."""
 
@@ -35,8 +38,9 @@ class LocalRegion(BaseModel):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Region name, e.g. region-a.")]
     capacity: Annotated[
         int | None,
-        Field(ge=0, description="Most nodes alive at once in this region; none means unlimited."),
-    ] = None
+        Field(ge=0, description="Most nodes alive at once in this region (each is a process on this machine); "
+              "null means unlimited."),
+    ] = DEFAULT_LOCAL_CAPACITY
     accelerators: Annotated[
         dict[str, int],
         Field(description="Accelerators each node of this region declares, e.g. {H100: 8}. Declared, not real."),
@@ -250,6 +254,11 @@ class JobsConfig(BaseModel):
         Field(description="Never use a bucket for uploads: they go to the controller, and nodes fetch from it "
               "(the two-hop path)."),
     ] = False
+    max_num_nodes: Annotated[
+        int,
+        Field(ge=1, le=10_000, description="Most nodes one task may ask for (num_nodes); a launch asking for more "
+              "is refused."),
+    ] = 512
     max_upload_mb: Annotated[
         float,
         Field(gt=0, description="Largest workdir or local file mount a launch uploads, after .gitignore and "
@@ -280,6 +289,11 @@ class CloudNetworkConfig(BaseModel):
         str | None,
         Field(description="What the default firewall admits to the node agent's port (the controller's network); "
               "default: the private network only."),
+    ] = None
+    node_instance_profile: Annotated[
+        str | None,
+        Field(description="AWS: an IAM instance profile (name) attached to every node, the identity its bucket work "
+              "uses (nodes never get the controller's AWS credentials); scope it to your jobs' buckets."),
     ] = None
     ssh_public_key: Annotated[
         str | None,

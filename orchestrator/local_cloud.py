@@ -200,6 +200,14 @@ class LocalCloud:
             self.terminate(node_id)
             raise
 
+    def hidden_from_runs(self) -> list[str]:
+        """What a node's runs see empty (issue 17): the Sortie home (state DB, keys, logs, other nodes'
+        sandboxes), when this local cloud lives in it as `<home>/local`; always this cloud's own root."""
+        hidden = [str(self.root)]
+        if self.root.name == "local":
+            hidden.append(str(self.root.parent))
+        return hidden
+
     def _start_agent(self, node: LocalNode, token: str) -> LocalNode:
         sandbox = Path(node.sandbox)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PULUMI_", "SORTIE_AGENT"))}
@@ -207,7 +215,7 @@ class LocalCloud:
         with (sandbox / "agent.log").open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, agent_module.__file__, "--sandbox", node.sandbox, "--node-id", node.node_id,
-                 "--token-stdin", "--confine"],
+                 "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()]],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
             )

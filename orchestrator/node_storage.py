@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from orchestrator.agent import place_destination
 from orchestrator.config import StorageConfig
 from orchestrator.errors import SortieError
 from orchestrator.storage.stores import Store, open_store, parse_bucket_url
@@ -45,14 +46,14 @@ def _decode_plan(text: str) -> dict[str, Any]:
 
 
 def node_path(dest: str) -> Path:
-    """Where `dest` is on this node. On a local-cloud node (the agent sets $SORTIE_MOUNTS_ROOT) an absolute path
-    is under that root, which the node's later runs see at the path itself."""
-    if dest.startswith("~"):
-        return Path(os.path.expanduser(dest))
+    """Where `dest` is on this node, by the agent's rules (`place_destination`): relative under the run's working
+    directory, `~/...` under $HOME, absolute under $SORTIE_MOUNTS_ROOT on a local-cloud node (which the node's
+    later runs see at the path itself). A destination that would leave its root is a SortieError."""
     root = os.environ.get("SORTIE_MOUNTS_ROOT")
-    if root and dest.startswith("/"):
-        return Path(root) / dest.lstrip("/")
-    return Path(dest).absolute()
+    try:
+        return place_destination(dest, Path.cwd(), Path(os.path.expanduser("~")), Path(root) if root else None)
+    except ValueError as exc:
+        raise SortieError(str(exc)) from None
 
 
 def _state_dir() -> Path:

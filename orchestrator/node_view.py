@@ -111,7 +111,29 @@ def anchor(view: str) -> tuple[str, str]:
     return view, os.path.realpath(view)
 
 
-def build_root(sandbox: str, views: list[str], warn: object = print) -> str:
+def hide_paths(root: str, hide: list[str], show: list[str], warn: object = print) -> None:
+    """Issue 17: each `hide` path (the Sortie home: its state, keys, other nodes' sandboxes) is an empty tmpfs in
+    the new root; each `show` path under one (a local-store bucket the node links to) is bound back at its path.
+    The node's own sandbox is shown again by `build_root` afterwards."""
+    for path in sorted({os.path.realpath(h) for h in hide if h.startswith("/") and h.strip("/")}):
+        if not os.path.isdir(path) or not os.path.isdir(root + path):
+            continue
+        try:
+            _mount("tmpfs", root + path, "tmpfs", 0, "mode=700,size=64k")
+        except OSError as exc:
+            warn(f"sortie: isolation: {path} could not be hidden: {exc}")  # type: ignore[operator]
+            continue
+        for shown in sorted({os.path.realpath(s) for s in show}):
+            if _under(shown, path) and os.path.isdir(shown):
+                try:
+                    os.makedirs(root + shown, exist_ok=True)
+                    _mount(shown, root + shown, None, MS_BIND | MS_REC)
+                except OSError as exc:
+                    warn(f"sortie: isolation: {shown} is not shown: {exc}")  # type: ignore[operator]
+
+
+def build_root(sandbox: str, views: list[str], warn: object = print, hide: list[str] | None = None,
+               show: list[str] | None = None) -> str:
     """Make the new root in `<sandbox>/.root` (in this process's private namespace) and return it."""
     mounts = os.path.join(sandbox, "mounts")
     anchors = sorted({anchor(os.path.normpath(v)) for v in views if v.startswith("/") and v.strip("/")},
@@ -146,6 +168,7 @@ def build_root(sandbox: str, views: list[str], warn: object = print) -> str:
             continue
         shown.append(original)
         places.append(place)
+    hide_paths(root, hide or [], show or [], warn)
     # A view over an ancestor of the sandbox (an upload to /tmp, say) hid it: show it again at its path
     # (the mount point is made through the view, so inside the sandbox's mounts/).
     inside = root + sandbox
@@ -163,12 +186,13 @@ def build_root(sandbox: str, views: list[str], warn: object = print) -> str:
     return root
 
 
-def enter(sandbox: str, cwd: str | None, views: list[str], command: list[str]) -> None:
+def enter(sandbox: str, cwd: str | None, views: list[str], command: list[str], hide: list[str] | None = None,
+          show: list[str] | None = None) -> None:
     """Run `command` (exec: this process becomes it) in the path view; exit 125 if the view fails."""
     sandbox = os.path.realpath(sandbox)
     try:
         private_namespace()
-        root = build_root(sandbox, views, lambda line: print(line, file=sys.stderr, flush=True))
+        root = build_root(sandbox, views, lambda line: print(line, file=sys.stderr, flush=True), hide, show)
         os.chroot(root)
         os.chdir(cwd or "/")
     except OSError as exc:
@@ -228,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--sandbox", required=True)
     run.add_argument("--cwd")
     run.add_argument("--view", action="append", default=[], help="an absolute path shown from <sandbox>/mounts")
+    run.add_argument("--hide", action="append", default=[], help="a directory runs see empty (the Sortie home)")
+    run.add_argument("--show", action="append", default=[], help="a directory under a hidden one shown again")
     run.add_argument("command", nargs=argparse.REMAINDER)
     check = sub.add_parser("probe", help="exit 0 if mount namespaces work here")
     check.add_argument("--sandbox", required=True)
@@ -237,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("enter: a command is required after --")
-    enter(args.sandbox, args.cwd, args.view, command)
+    enter(args.sandbox, args.cwd, args.view, command, args.hide, args.show)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ class PulumiStackDriver:
                     f"{op} of stack {stack}: worker process died with exit code {proc.returncode}: {tail[0]}",
                     stack, str(self.log_path(stack)))
             status, value = pickle.loads(result_path.read_bytes())
+        if self.settings.backend_url.startswith("file://"):  # issue 17: no empty lock directories pile up
+            from orchestrator.backend_locks import prune_empty_lock_dirs
+
+            prune_empty_lock_dirs(Path(self.settings.backend_url.removeprefix("file://")))
         if status == "error":
             raise value
         return value

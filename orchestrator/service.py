@@ -133,9 +133,12 @@ class JobService:
     def plan_storage(self, pipeline: Pipeline) -> StoragePlan:
         """What a launch of `pipeline` would upload and create, checked (sizes, stores, buckets named by URL
         existing); writes nothing."""
+        from orchestrator.clouds import enabled_clouds
+        from orchestrator.limits import num_nodes_problems
         from orchestrator.storage.staging import prepare
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
+        problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))
         return prepare(pipeline, self.config, self.home)
@@ -147,6 +150,9 @@ class JobService:
         controller runs. Everything that can be checked is checked before anything is written: a bad
         store, a missing bucket or an upload over the limit submits nothing. `storage`: the plan from
         `plan_storage`, when the caller already made it."""
+        from orchestrator.disk import check_home_space
+
+        check_home_space(self.home)  # issue 17: a full home refuses launches with one line
         plan = storage if storage is not None else self.plan_storage(pipeline)
         if not plan.empty and count != 1:
             raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
@@ -169,8 +175,13 @@ class JobService:
     def _stage(self, plan: StoragePlan, job_id: int, progress: Callable[[str, int, int], None] | None) -> None:
         """Upload the job's files and create its buckets. On any failure the job is FAILED_PRECHECKS and what
         was made is removed here, or else by the controller's storage reconciler."""
-        from orchestrator.storage.staging import clean, stage
+        from functools import partial
 
+        from orchestrator.storage.staging import clean, named_buckets, stage
+        from state.bucket_refs import add_refs, release_refs
+
+        add_refs(self.store, job_id, named_buckets(plan))  # issue 17: before any bucket is made or used
+        release = partial(release_refs, self.store, job_id)
         last_beat = [time.monotonic()]
 
         def beat(what: str, done: int, total: int) -> None:
@@ -193,7 +204,7 @@ class JobService:
                 f"staging the job's files failed: {type(exc).__name__}: {exc}")
             self.store.fail_staging(job_id, why)
             try:
-                self.store.storage_cleaned(job_id, clean(recorded, self.config, self.home))
+                self.store.storage_cleaned(job_id, clean(recorded, self.config, self.home, release))
             except Exception:  # the controller's storage reconciler retries
                 from orchestrator.controller.daemon import ensure_controller
 

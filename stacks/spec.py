@@ -58,6 +58,9 @@ class ClusterSpec:
     # A cloud node that FUSE-mounts an S3 bucket (MOUNT) installs rclone and fuse3 at boot where it has apt-get
     # and lacks them (without them the mount step fails the task with the reason).
     node_fuse: bool = False
+    # AWS: the IAM instance profile nodes get, their own identity for bucket work (issue 17: nodes never get the
+    # controller's credentials); None: none attached by Sortie.
+    instance_profile: str | None = None
     # For tags only.
     job_id: str | None = None
     attempt: str | None = None
@@ -70,7 +73,7 @@ def cloud_fields(config: Any) -> dict[str, Any]:
     cloud = config.cloud
     return {"tags": dict(cloud.tags), "network_stack": cloud.network_stack,
             "network_outputs": dict(cloud.network_outputs), "controller_cidr": cloud.controller_cidr,
-            "ssh_public_key": cloud.ssh_public_key}
+            "ssh_public_key": cloud.ssh_public_key, "instance_profile": getattr(cloud, "node_instance_profile", None)}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ PostgreSQL), and only when the schema is behind: a CLI read costs one small quer
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -18,7 +19,7 @@ from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 _PG_MIGRATION_LOCK = 742_015
 
 
@@ -92,6 +93,10 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0]
         raise SortieError(f"state DB {_safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
+    if engine.dialect.name == "sqlite" and engine.url.database:  # issue 17: 0600, even if made with a wider umask
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.chmod(engine.url.database + suffix, 0o600)
     return engine
 
 

@@ -149,6 +149,7 @@ TRANSITIONS: dict[str, frozenset[Move]] = {name: frozenset(moves) for name, move
     "request_cancel": set(),  # a flag, not a status: the controller acts on it
     "finish_staging": set(),
     "controller_error": set(),  # a count and a back-off time, not a status
+    "report_node_condition": set(),  # a node's condition in the job's DETAILS
     "place_attempt": (_moves("job", (_J.PENDING, _J.STARTING), _J.STARTING)
                       | _moves("job", _J.RECOVERING, _J.RECOVERING)
                       | _moves("task", (_J.PENDING, _J.STARTING, _J.RECOVERING), (_J.STARTING, _J.RECOVERING))

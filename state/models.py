@@ -215,3 +215,14 @@ class PoolEventRow(Base):
     who: Mapped[str] = mapped_column(String(64))
     what: Mapped[str] = mapped_column(String(64))
     why: Mapped[str | None] = mapped_column(Text)
+
+
+class BucketRefRow(Base):
+    """A live job mounts a bucket Sortie makes by name; a `persistent: false` one is deleted when none is left."""
+
+    __tablename__ = "bucket_refs"
+
+    bucket: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    delete_when_unused: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)

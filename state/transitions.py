@@ -176,6 +176,19 @@ class JobTransitions:
             session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(_ACTIVE)).values(
                 waiting_reason=reason))
 
+    def report_node_condition(self, job_id: int, task_index: int, *, expected: str | None, wanted: str | None,
+                              what: str, why: str) -> bool:
+        """A condition the job's nodes report without failing (a full disk) goes into its DETAILS, or leaves them,
+        with its event. Guarded by the DETAILS the caller saw, so a repeated report writes nothing."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            guard = JobRow.waiting_reason.is_(None) if expected is None else JobRow.waiting_reason == expected
+            done = rowcount(session.execute(update(JobRow).where(JobRow.id == job_id, guard).values(
+                waiting_reason=wanted, updated_at=now))) == 1
+            if done:
+                event(session, job_id, what, why, task_index=task_index, at=now)
+            return done
+
     def mark_cancelling(self, job_id: int) -> None:
         """A cancel arrived while an operation that cannot be interrupted (`up`) is under way."""
         with self.session() as session, session.begin():

@@ -81,20 +81,21 @@ def test_local_regions_defaults(sortie_home: Path) -> None:
     rows = _table_rows(out.stdout)
     assert set(rows) == {"local/region-a", "local/region-b"}
     for cells in rows.values():
-        assert cells == ["0", "unlimited", "-"]
+        assert cells == ["0", "16", "-"]  # finite by default (issue 17)
 
 
 def test_local_regions_from_config(sortie_home: Path) -> None:
     (sortie_home / "config.yaml").write_text(
         "local:\n  regions:\n    - name: gpu-east\n      capacity: 3\n      accelerators: {H100: 8}\n"
-        "    - name: region-b\n"
+        "    - name: region-b\n    - name: big\n      capacity: null\n"
     )
     out = sortie(sortie_home, "local", "regions")
     assert out.returncode == 0, out.stderr
     rows = _table_rows(out.stdout)
-    assert set(rows) == {"local/gpu-east", "local/region-b"}
+    assert set(rows) == {"local/gpu-east", "local/region-b", "local/big"}
     assert rows["local/gpu-east"] == ["0", "3", "H100:8"]
-    assert rows["local/region-b"] == ["0", "unlimited", "-"]
+    assert rows["local/region-b"] == ["0", "16", "-"]  # the finite default (issue 17)
+    assert rows["local/big"] == ["0", "unlimited", "-"]  # only when asked for
 
 
 def test_bad_config_is_one_line_error_naming_the_field(sortie_home: Path) -> None:

@@ -767,3 +767,19 @@ def test_which_nodes_need_a_fuse_tool() -> None:
     assert node_fuse_for([copy, s3_mount], "gcp") is True
     assert node_fuse_for([copy, local_mount], "aws") is False  # a copy needs no FUSE; a local store is a link
     assert node_fuse_for([s3_mount], "local") is False  # the local cloud uses this machine's rclone
+
+
+def test_aws_nodes_get_the_configured_instance_profile_never_keys(harness: Harness) -> None:
+    harness.run(lambda: cluster_program(spec("aws", instance_profile="sortie-nodes")))
+    for inputs in harness.mocks.of_type(AWS_INSTANCE):
+        assert inputs["iamInstanceProfile"] == "sortie-nodes"
+        assert "AWS_SECRET_ACCESS_KEY" not in str(inputs)
+
+
+def test_cloud_fields_carry_the_node_instance_profile() -> None:
+    from orchestrator.config import SortieConfig
+    from stacks.spec import cloud_fields
+
+    config = SortieConfig.model_validate({"cloud": {"node_instance_profile": "sortie-nodes"}})
+    assert cloud_fields(config)["instance_profile"] == "sortie-nodes"
+    assert cloud_fields(SortieConfig())["instance_profile"] is None

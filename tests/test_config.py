@@ -44,7 +44,7 @@ def test_defaults_without_a_config_file(sortie_home: Path) -> None:
     config = load_config(sortie_home)
     assert config == SortieConfig()
     assert [r.name for r in config.local.regions] == ["region-a", "region-b"]
-    assert all(r.capacity is None for r in config.local.regions)
+    assert all(r.capacity == 16 for r in config.local.regions)  # finite by default (issue 17)
     assert all(r.accelerators == {} for r in config.local.regions)
     assert config.local.region(None) is config.local.regions[0]
     assert config.local.region(None).name == "region-a"

@@ -255,3 +255,17 @@ def test_schemathesis_finds_no_server_error(api_schema) -> None:
             check()
         except Unsatisfiable:  # no parameters to break (negative mode)
             assert mode == GenerationMode.NEGATIVE
+
+
+@pytest.mark.parametrize("host", ["evil.example@127.0.0.1", "127.0.0.1.evil.example", "127.0.0.1:80@evil",
+                                  "localhost:99999", "127.0.0.1:", "127.0.0.300", "::1", "localhost/x",
+                                  "localhost:8765 ", "user:pw@localhost"])
+def test_host_must_be_exactly_a_loopback_name_and_port(client: TestClient, host: str) -> None:
+    assert client.get("/jobs", headers={"Host": host}).status_code == 403
+
+
+def test_loopback_host_headers_that_are_exact_pass() -> None:
+    from orchestrator.dashboard.security import loopback_host_header
+
+    for host in ("localhost", "localhost:8765", "127.0.0.1", "127.0.0.1:1", "[::1]:8765", "127.1.2.3:65535"):
+        assert loopback_host_header(host), host

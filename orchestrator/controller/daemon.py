@@ -12,8 +12,6 @@ its rows, decides with pure functions and applies through the named transitions 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import signal
@@ -62,20 +60,13 @@ class ControllerInfo:
 
 
 def controller_info(home: Path | None = None) -> ControllerInfo:
-    """Whether a controller holds this home's lock, and who it is."""
-    home = home or sortie_home()
-    lock_path = _dir(home) / "controller.lock"
-    with lock_path.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                data = json.loads((_dir(home) / "controller.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                data = {}
-            return ControllerInfo(True, data.get("pid"), data.get("started_at"), data.get("version"))
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return ControllerInfo(False)
+    """Whether a live controller holds this home (by flock, pid and process start time: `lock.holder`)."""
+    from orchestrator.controller import lock
+
+    found = lock.holder(_dir(home or sortie_home()))
+    if found is None:
+        return ControllerInfo(False)
+    return ControllerInfo(True, found.pid or None, found.started_at or None, found.version)
 
 
 def check_controller(config: SortieConfig) -> None:
@@ -103,12 +94,12 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller.daemon"],
-                                env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL, umask=0o077,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         info = controller_info(home)
-        if info.running and info.pid:
+        if info.running and info.pid:  # a pid only once its record is written and names a live process
             return info
         if proc.poll() is not None:
             info = controller_info(home)
@@ -120,18 +111,20 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
     raise SortieError(f"the controller did not start within {START_TIMEOUT:.0f}s (log: {log})")
 
 
-def stop_controller(home: Path | None = None, timeout: float = 60.0) -> ControllerInfo:
-    """Ask the controller to stop (SIGTERM) and wait. Jobs stay in the state; the next start resumes them."""
+def stop_controller(home: Path | None = None, timeout: float = 600.0) -> ControllerInfo:
+    """Ask the controller to stop (SIGTERM) and wait until its process has exited: its in-flight stack operations
+    finish first, and it holds its lock until then. Jobs stay in the state; the next start resumes them."""
+    from orchestrator.controller import lock
+
     home = home or sortie_home()
     info = controller_info(home)
     if not info.running or not info.pid:
         return info
+    proc_start = lock.process_start_time(info.pid)
     os.kill(info.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while controller_info(home).running:
-        if time.monotonic() > deadline:
-            raise SortieError(f"the controller (pid {info.pid}) did not stop within {timeout:.0f}s")
-        time.sleep(0.1)
+    if proc_start is not None and not lock.wait_for_exit(info.pid, proc_start, timeout):
+        raise SortieError(f"the controller (pid {info.pid}) did not exit within {timeout:.0f}s (it finishes its "
+                          "stack operations first); run `sortie controller stop` again to keep waiting")
     return info
 
 
@@ -172,24 +165,28 @@ def run_daemon(home: Path) -> None:
     """The daemon's main: hold the lock, tick until stopped or idle past the autostop time."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from orchestrator.controller import lock
     from orchestrator.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
-    lock = (_dir(home) / "controller.lock").open("a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print("another controller holds this home's lock; exiting", flush=True)
+    started = time.time()
+    try:  # issue 17: held until this process exits; controller.json is written before the lock counts as taken
+        lock.acquire(_dir(home), __version__, started)
+    except lock.LockHeld as held:
+        print(f"{held}; exiting", flush=True)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("sortie.controller")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # not a line per tick, nor per coalesced wake
-    started = time.time()
-    (_dir(home) / "controller.json").write_text(json.dumps(
-        {"pid": os.getpid(), "started_at": started, "version": __version__}))
     config = load_config(home)
     store = StateStore(home, config)
+    from state.key_check import state_key_problem
+
+    key_trouble = state_key_problem(store)  # issue 17: said once at start, not as one failure per job
+    if key_trouble is not None:
+        log.error("%s", key_trouble)
+        raise SortieError(key_trouble)
     driver = PulumiStackDriver(home, config)
     unlocked = driver.cancel_stale_locks()
     if unlocked:
@@ -234,11 +231,11 @@ def run_daemon(home: Path) -> None:
     stop.wait()
     scheduler.shutdown(wait=True)
     controller.shutdown()
-    log.info("controller stopped")
-    (_dir(home) / "controller.json").unlink(missing_ok=True)
+    log.info("controller stopped; stack operations in flight go on detached, for the next controller to adopt")
 
 
 def main() -> None:
+    os.umask(0o077)  # issue 17: logs, stack state and sandboxes are this user's alone (also under systemd)
     try:
         run_daemon(sortie_home())
     except SortieError as exc:

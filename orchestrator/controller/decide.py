@@ -17,6 +17,7 @@ class NodeRun:
     rank: int
     state: Literal["running", "exited", "cancelled", "missing", "unreachable"]
     exit_code: int | None = None
+    node_error: str | None = None  # the node cannot write its records (a full disk), in the agent's words
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,27 @@ def run_outcome(exit_codes: Sequence[int]) -> JobStatus:
 def first_failure(exit_codes: Sequence[int]) -> str:
     failed = [(rank, code) for rank, code in enumerate(exit_codes) if code]
     return ", ".join(f"rank {rank} exited with {code}" for rank, code in failed)
+
+
+# An agent's answers that say the request itself can never succeed (the task asks for something the node refuses:
+# a bad env value, a destination outside the sandbox, a directory it did not place). Not 401 (a replaced node
+# with a new token), 404 (a node that lost its state), 408/429 (try again), 409 (asked twice).
+_RETRYABLE_4XX = frozenset({401, 404, 408, 409, 429})
+
+
+def agent_refusal(error: BaseException | None, stage: Literal["sync", "setup", "run"]) -> JobStatus | None:
+    """The final status when `error` is the agent refusing a request of the task for good (a 4xx), else None
+    (unreachable, 5xx, a full disk: node trouble that a relaunch may cure). A refused file sync or setup is
+    FAILED_SETUP; a refused run is FAILED_PRECHECKS (the task asks what no node runs)."""
+    status = getattr(error, "status", None)
+    if not isinstance(status, int) or not 400 <= status < 500 or status in _RETRYABLE_4XX:
+        return None
+    return JobStatus.FAILED_PRECHECKS if stage == "run" else JobStatus.FAILED_SETUP
+
+
+def no_space_note(node_errors: Sequence[tuple[int, str | None]]) -> str | None:
+    """One line for DETAILS and an event when nodes report that they cannot write (a full disk), else None."""
+    found = [(rank, error) for rank, error in node_errors if error]
+    if not found:
+        return None
+    return "; ".join(f"node {rank}: {error}" for rank, error in sorted(found))

@@ -70,13 +70,17 @@ class StorageJanitor(Periodic):
     period = 2.0
 
     def sweep(self) -> None:
+        from functools import partial
+
         from orchestrator.controller.jobs import STAGING_STALE_SECONDS
         from orchestrator.storage.staging import clean
+        from state.bucket_refs import release_refs
 
         store = self.ctx.store
         for job in store.storage_to_clean(STAGING_STALE_SECONDS):
+            # a non-persistent bucket goes only when no other live job mounts it (references in the state)
             result = self.ctx.agent_ops.ensure(("clean", job.id), clean, job.storage or {}, self.ctx.config,
-                                               self.ctx.home)
+                                               self.ctx.home, partial(release_refs, store, job.id))
             if result is None:
                 continue
             if result.ok:

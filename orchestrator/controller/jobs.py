@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.controller.context import ControllerContext
-from orchestrator.controller.decide import first_failure, run_outcome, setup_outcome
+from orchestrator.controller.decide import agent_refusal, first_failure, run_outcome, setup_outcome
 from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_fuse_for, node_package_for, task_steps
 from orchestrator.controller.pools import PoolReconciler
-from orchestrator.controller.runs import NodeRuns
+from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
 from orchestrator.placement import Infeasible, capacity_key, place
 from orchestrator.recovery import Failure, History, RecoveryRules, decide
@@ -233,6 +233,10 @@ class JobReconciler:
         if isinstance(result.error, NodeStorageError):
             self._after_failure(job, attempt, Failure.SETUP_ERROR, f"file mounts failed: {result.error}")
             return
+        refused = agent_refusal(result.error, "sync")  # the node refuses what the task asks: no relaunch can help
+        if refused is not None:
+            self._teardown_for(job, attempt, f"file sync refused by the node: {result.error}", final=refused)
+            return
         if not result.ok:
             self._node_trouble(job, attempt, f"file sync failed: {result.error}")
             return
@@ -244,8 +248,12 @@ class JobReconciler:
 
     # --- SETTING_UP and RUNNING ---------------------------------------------------------------------------------
 
-    def _codes(self, job: JobRow, attempt: AttemptRow, kind: str) -> tuple[int, ...] | None:
-        verdict = self.runs.drive(job, attempt, kind)
+    def _codes(self, job: JobRow, attempt: AttemptRow, kind: Literal["setup", "run"]) -> tuple[int, ...] | None:
+        try:
+            verdict = self.runs.drive(job, attempt, kind)
+        except RunRefused as exc:  # a 4xx to the start: the task's failure, never a relaunch
+            self._teardown_for(job, attempt, f"the node refused to start {kind}: {exc.error}", final=exc.status)
+            return None
         if verdict is None or verdict.kind == "wait":
             return None
         if verdict.kind == "node_lost":

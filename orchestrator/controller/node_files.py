@@ -77,15 +77,18 @@ def node_python(infra: str | None) -> str | None:
     return NODE_PYTHON
 
 
-def _credentials_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+def _credentials_env(infra: str | None = "local") -> dict[str, str]:
+    from orchestrator.node_credentials import node_credentials_env
+
+    return node_credentials_env(infra, os.environ)  # issue 17: never the controller's keys on a cloud node
 
 
 class NodeFiles:
     """The storage steps of one attempt on its nodes."""
 
     def __init__(self, config: SortieConfig, home: Path, steps: Sequence[NodeStep], attempt_id: int,
-                 python: str | None = None) -> None:
+                 python: str | None = None, infra: str | None = "local") -> None:
+        self.infra = infra
         self.config = config
         self.home = home
         self.steps = list(steps)
@@ -100,7 +103,7 @@ class NodeFiles:
     def _run_to_end(self, client: AgentClient, verb: str, steps: Sequence[NodeStep],
                     note: Callable[[str], None]) -> None:
         run_id = f"{verb}-{self.attempt_id}"
-        client.start(self._command(verb, steps), run_id, env=_credentials_env(), view=False)
+        client.start(self._command(verb, steps), run_id, env=_credentials_env(self.infra), view=False)
         status = client.wait(run_id, timeout=FETCH_TIMEOUT_SECONDS, interval=0.2)
         output, _ = client.log(run_id, 0)
         lines = output.decode(errors="replace").splitlines()
@@ -129,7 +132,7 @@ class NodeFiles:
             self._run_to_end(client, "fetch", node_side, note)
         if has_cached(self.steps):
             client.start(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
-                         f"cache-{self.attempt_id}", env=_credentials_env(), view=False)
+                         f"cache-{self.attempt_id}", env=_credentials_env(self.infra), view=False)
 
     def flush(self, client: AgentClient, note: Callable[[str], None]) -> None:
         """Upload MOUNT_CACHED writes once more, then stop the background uploader."""
@@ -153,7 +156,7 @@ class JobFiles:
 
     def _files(self, job: JobRow, attempt: AttemptRow) -> NodeFiles:
         return NodeFiles(self.ctx.config, self.ctx.home, task_steps(job.storage, attempt.task_index), attempt.id,
-                         python=node_python(attempt.infra))
+                         python=node_python(attempt.infra), infra=attempt.infra)
 
     def _note(self, job: JobRow, rank: int) -> Callable[[str], None]:
         return lambda line: self.ctx.logs.note(job.id, f"[files] node {rank}: {line}")

@@ -173,7 +173,7 @@ class PoolReconciler:
         from orchestrator.run_env import node_env
 
         files = NodeFiles(self.ctx.config, self.ctx.home, task_steps(pool.storage, 0), worker.id,
-                          python=node_python(worker.infra))
+                          python=node_python(worker.infra), infra=worker.infra)
         setup = pool.spec.get("setup")
         clients = self.ctx.clients(worker.nodes, worker.token_enc)
         ips = [n["ip"] for n, _ in clients]

@@ -153,6 +153,9 @@ def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str,
     option = plan.chosen
     config_file = home / CONFIG_FILE
     env = [f"SORTIE_DB_URL={state_url}"]
+    from state.secrets_box import STATE_KEY_ENV, SecretsBox
+
+    env.append(f"{STATE_KEY_ENV}={SecretsBox(home).key}")  # issue 17: the VM opens the secrets this home sealed
     if config_file.exists():
         env.append(f"SORTIE_CONFIG_B64={base64.b64encode(config_file.read_bytes()).decode()}")
     fields = {**cloud_fields(config), "ssh_public_key": controller_public_key(config, home),

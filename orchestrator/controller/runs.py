@@ -16,9 +16,20 @@ from typing import Any
 
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.controller.context import ControllerContext
-from orchestrator.controller.decide import NodeRun, RunsVerdict, judge_runs
+from orchestrator.controller.decide import NodeRun, RunsVerdict, agent_refusal, judge_runs
+from orchestrator.controller.node_reports import report_node_errors
 from orchestrator.run_env import node_env, pool_job_env
+from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
+
+
+class RunRefused(Exception):
+    """The agent refused to start a run for good (a 4xx other than "already started"): `status` is the task's end."""
+
+    def __init__(self, status: JobStatus, error: AgentError) -> None:
+        super().__init__(str(error))
+        self.status = status
+        self.error = error
 
 
 def run_id(kind: str, attempt: AttemptRow) -> str:
@@ -75,10 +86,16 @@ class NodeRuns:
                         raise
                     commands = commands or self._commands(job, attempt, kind)
                     command, env = commands[rank]
-                    client.start(command, name, env=env)
+                    try:
+                        client.start(command, name, env=env)
+                    except AgentError as refused:
+                        final = agent_refusal(refused, "run" if kind == "run" else "setup")
+                        if final is not None:
+                            raise RunRefused(final, refused) from None
+                        raise
                     status = client.status(name)
                 self._copy_log(job, attempt, kind, rank, client, name)
-                found.append(NodeRun(rank, status.state, status.exit_code))  # type: ignore[arg-type]
+                found.append(NodeRun(rank, status.state, status.exit_code, status.node_error))  # type: ignore[arg-type]
             except AgentError:
                 found.append(NodeRun(rank, "unreachable"))
         return found
@@ -109,6 +126,7 @@ class NodeRuns:
         if not polled.ok:
             raise polled.error  # type: ignore[misc]
         nodes: list[NodeRun] = polled.value
+        report_node_errors(self.ctx.store, job, nodes)  # a full disk on a node is said, not silent
         verdict = judge_runs(nodes, attempt.missed_polls, self.ctx.config.controller.grace_misses)
         misses = attempt.missed_polls + 1 if any(n.state == "unreachable" for n in nodes) else 0
         if misses != attempt.missed_polls:

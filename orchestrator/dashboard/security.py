@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+_LOOPBACK_HOST_HEADER = re.compile(r"(localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::(\d{1,5}))?")
+
+
+def loopback_host_header(value: str) -> bool:
+    """Whether a Host header is exactly a loopback name, with at most a port (issue 17: `evil.example@127.0.0.1`,
+    `127.0.0.1.evil.example` and anything with userinfo, paths or spaces are refused)."""
+    match = _LOOPBACK_HOST_HEADER.fullmatch(value)
+    if match is None:
+        return False
+    if match.group(1).startswith("127.") and not all(0 <= int(p) <= 255 for p in match.group(1).split(".")):
+        return False
+    return match.group(2) is None or 0 < int(match.group(2)) <= 65535
 
 
 def token_path(home: Path) -> Path:
@@ -65,10 +80,8 @@ class Guard:
         return header[7:].strip() if header.lower().startswith("bearer ") else None
 
     async def __call__(self, request: Request, call_next) -> Response:
-        if self.loopback_only:
-            host = urlsplit("//" + (request.headers.get("host") or "")).hostname or ""
-            if not is_loopback(host):
-                return JSONResponse({"detail": "the dashboard answers only to a loopback Host"}, status_code=403)
+        if self.loopback_only and not loopback_host_header(request.headers.get("host") or ""):
+            return JSONResponse({"detail": "the dashboard answers only to a loopback Host"}, status_code=403)
         by_header = False
         if self.token is not None:
             by_header = self._same(self.bearer(request), self.token)

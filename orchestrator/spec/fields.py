@@ -124,6 +124,8 @@ Duration = Annotated[
 
 
 def _autostop(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise Bad(f"must be true/false, a number of minutes (0 or more), or a mapping, not {value}")
     if isinstance(value, (bool, int, str, dict)):
         return value
     raise Bad(f"must be true/false, minutes, or a mapping, not {kind(value)}")
@@ -163,13 +165,41 @@ def _env_key(value: Any) -> str:
 def _env_value(value: Any, _handler: Any) -> str:
     if value is None:
         raise PydanticCustomError(NULL_ENV_ERROR, "no value")
-    if isinstance(value, str):
-        return value
     if isinstance(value, (bool, int, float)):  # SkyPilot turns YAML scalars into text the same way (str())
         return str(value)
     if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads 2024-01-01 as a date
         return str(value)
-    raise fail(f"must be text (or a number, or true/false), not {kind(value)}")
+    if not isinstance(value, str):
+        raise fail(f"must be text (or a number, or true/false), not {kind(value)}")
+    check_text(value, values.MAX_ENV_VALUE_BYTES, "a value")
+    return value
+
+
+def check_text(value: str, limit: int, what: str) -> None:
+    """Refuse text with a NUL byte (no process can be given it) or longer than `limit` UTF-8 bytes."""
+    if "\0" in value:
+        raise fail(f"{what} cannot hold a NUL byte (\\0)")
+    if len(value) > limit or len(value.encode(errors="surrogatepass")) > limit:
+        raise fail(f"{what} is at most {limit:,} bytes, not {len(value.encode(errors='surrogatepass')):,}")
+
+
+def _env_map(value: Any) -> Any:
+    value = _stringify_keys(value)
+    if isinstance(value, dict) and len(value) > values.MAX_ENV_COUNT:
+        raise fail(f"at most {values.MAX_ENV_COUNT} variables, not {len(value)}")
+    return value
+
+
+def _command(value: Any, _handler: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise fail(f"must be text, not {show(value)}")
+    check_text(value, values.MAX_COMMAND_BYTES, "a command")
+    return value
+
+
+Command = Annotated[str | None, WrapValidator(_command), schema({"type": "string"})]
 
 
 def _stringify_keys(value: Any) -> Any:
@@ -183,7 +213,7 @@ EnvName = Annotated[str, parsed(_env_key, nullable=False)]
 EnvValue = Annotated[str, WrapValidator(_env_value)]
 EnvMap = Annotated[
     dict[EnvName, EnvValue],
-    BeforeValidator(_stringify_keys),
+    BeforeValidator(_env_map),
     WithJsonSchema({"type": "object", "propertyNames": {"pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"},
             "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"},
                                                {"type": "null"}]}}),
@@ -232,6 +262,15 @@ def mount_destination(value: Any) -> str:
         raise Bad("a mount destination is a path on the node, not a bucket URL")
     if value.endswith("/") and value != "/":
         raise Bad("remove the trailing slash from the destination")
+    if "\0" in value:
+        raise Bad("a mount destination cannot hold a NUL byte")
+    if ".." in value.split("/"):
+        raise Bad(f"a mount destination cannot go up with '..' ({show(value)}); name a path inside the node's "
+                  "workdir, home (~/...) or an absolute path")
+    if value.startswith("~") and value != "~" and not value.startswith("~/"):
+        raise Bad(f"~user paths are not supported ({show(value)}); use ~/... or an absolute path")
+    if len(value) > values.MAX_PATH_LENGTH:
+        raise Bad(f"a mount destination is at most {values.MAX_PATH_LENGTH} characters")
     return value
 
 
@@ -256,6 +295,7 @@ def storage_local_source(value: str, info: ValidationInfo) -> str:
 def local_source(value: Any, _handler: Any, info: ValidationInfo) -> str:
     if not isinstance(value, str) or not value.strip():
         raise fail(f"must be a local path, a bucket URL or a storage mapping, not {show(value)}")
+    check_text(value, values.MAX_PATH_LENGTH, "a local path")
     if value.endswith("/") and value != "/":
         raise fail(f"remove the trailing slash from {show(value)}")
     path = resolve_local(value, info)

@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.spec import overrides as overrides_module
+from orchestrator.spec import values
 from orchestrator.spec.errors import SpecError, problems_from
 from orchestrator.spec.overrides import Overrides, ResolvedOverrides
 from orchestrator.spec.task import Pipeline, Task
@@ -31,9 +32,46 @@ _VAR = re.compile(r"\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
 _ALIASES = {"gpus": "accelerators", "spot_recovery": "job_recovery"}
 
 
-def _parse_yaml(text: str, source: str) -> list[Any]:
+def _field_at(text: str, line: int) -> str:
+    """The top-level field a 1-based `line` of a YAML text lies in (the nearest `key:` at column 0 above it)."""
+    for row in reversed(text.splitlines()[:line]):
+        match = re.match(r"([A-Za-z_][\w.-]*)\s*:", row)
+        if match:
+            return match.group(1)
+    return "the document"
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """1-based lines of the fields of a task YAML, named as messages name them (`file_mounts./data`, and with
+    several tasks `tasks[1].file_mounts./data`); empty when the text does not compose."""
+    found: dict[str, int] = {}
     try:
-        return list(yaml.safe_load_all(text))
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except (yaml.YAMLError, RecursionError):
+        return found
+    header = len(documents) > 1 and isinstance(documents[0], yaml.MappingNode) and \
+        [k.value for k, _ in documents[0].value] == ["name"]
+    tasks = [d for d in documents[1 if header else 0:] if d is not None]
+    for index, node in enumerate(tasks):
+        prefix = f"tasks[{index}]." if len(tasks) > 1 else ""
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        for key, value in node.value:
+            found[f"{prefix}{key.value}"] = key.start_mark.line + 1
+            if isinstance(value, yaml.MappingNode):
+                for sub, _ in value.value:
+                    found[f"{prefix}{key.value}.{sub.value}"] = sub.start_mark.line + 1
+    return found
+
+
+def _parse_yaml(text: str, source: str) -> list[Any]:
+    loader: yaml.SafeLoader | None = None
+    try:
+        loader = yaml.SafeLoader(text)
+        documents = []
+        while loader.check_data():
+            documents.append(loader.get_data())
+        return documents
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -42,7 +80,11 @@ def _parse_yaml(text: str, source: str) -> list[Any]:
     except yaml.YAMLError as exc:
         raise SpecError([f"{source}: not valid YAML: {show(str(exc))[1:-1]}"]) from None
     except RecursionError:
-        raise SpecError([f"{source}: not valid YAML: nested too deeply"]) from None
+        line = loader.get_mark().line + 1 if loader is not None else 1
+        raise SpecError([f"{source}: {_field_at(text, line)}: nested too deeply at line {line}; flatten it"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _fill_vars(text: str, envs: dict[str, str]) -> str:
@@ -117,8 +159,19 @@ def _task(
     except ValidationError as exc:
         return None, problems + problems_from(exc, label)
     except RecursionError:
-        return None, [*problems, f"{label or source}: nested too deeply (a YAML alias loop?)"]
+        field = next((k for k, v in doc.items() if _loops(v)), None) if isinstance(doc, dict) else None
+        where = f"{prefix}{field}" if field else (label or source)
+        return None, [*problems, f"{where}: nested too deeply (a YAML alias loop?)"]
     return (None if problems else task), problems
+
+
+def _loops(value: Any) -> bool:
+    """Whether a loaded YAML value refers to itself (an alias loop)."""
+    try:
+        json.dumps(value, default=str)
+    except (ValueError, RecursionError):
+        return True
+    return False
 
 
 def _pipeline(documents: list[Any], resolved: ResolvedOverrides, base_dir: Path, source: str) -> Pipeline:
@@ -138,6 +191,8 @@ def _pipeline(documents: list[Any], resolved: ResolvedOverrides, base_dir: Path,
         documents = documents[1:]
     is_pipeline = header or len(documents) > 1
     several = len(documents) > 1
+    if len(documents) > values.MAX_PIPELINE_TASKS:
+        raise SpecError([f"{source}: a pipeline has at most {values.MAX_PIPELINE_TASKS} tasks, not {len(documents)}"])
     tasks: list[Task] = []
     for index, document in enumerate(documents):
         if resolved.name is not None and not is_pipeline and isinstance(document, dict):
@@ -162,10 +217,15 @@ def load_yaml_text(text: str, overrides: Overrides = Overrides(), base_dir: Path
     resolved = overrides_module.resolve(overrides, base)
     if not isinstance(text, str):
         raise SpecError([f"{source}: expected YAML text, not {kind(text)}"])
+    if len(text) > values.MAX_SPEC_BYTES or len(text.encode(errors="surrogatepass")) > values.MAX_SPEC_BYTES:
+        raise SpecError([f"{source}: a task YAML is at most {values.MAX_SPEC_BYTES // (1024 * 1024)} MiB; "
+                         "keep large data in files (file_mounts) instead"])
     documents = _parse_yaml(text, source)
     if documents and all(doc is None or isinstance(doc, str) for doc in documents) and any(documents):
         raise SpecError([f"{source}: expected a task (fields like `run: echo hi`), found only text"])
-    return _pipeline(documents, resolved, base, source)
+    pipeline = _pipeline(documents, resolved, base, source)
+    pipeline.set_lines(key_lines(text), source)
+    return pipeline
 
 
 def _looks_like_task_yaml(text: str) -> bool:

@@ -141,6 +141,13 @@ class JobRecovery(BaseModel):
         Field(description="Sortie: the wait between rounds of capacity retries, exponential from initial to max."),
     ] = None
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> JobRecovery:
+        if self.backoff and self.backoff.initial and self.backoff.max and self.backoff.initial > self.backoff.max:
+            raise fields.fail(f"initial ({self.backoff.initial:g}s) is longer than max ({self.backoff.max:g}s); "
+                              "make initial at most max", ".backoff")
+        return self
+
     def spec(self) -> JobRecoverySpec:
         backoff = self.backoff or Backoff()
         return JobRecoverySpec(self.strategy, self.max_restarts_on_errors, tuple(self.recover_on_exit_codes),
@@ -274,11 +281,13 @@ class Resources(_ResourceFields):
     ] = None
     any_of: Annotated[
         list[ResourceOption] | None,
-        Field(description="Alternatives, any of which will do: each overrides fields of this section."),
+        Field(min_length=1, max_length=values.MAX_ALTERNATIVES,
+              description="Alternatives, any of which will do: each overrides fields of this section."),
     ] = None
     ordered: Annotated[
         list[ResourceOption] | None,
-        Field(description="Alternatives in order of preference: each overrides fields of this section."),
+        Field(min_length=1, max_length=values.MAX_ALTERNATIVES,
+              description="Alternatives in order of preference: each overrides fields of this section."),
     ] = None
 
     @model_validator(mode="after")

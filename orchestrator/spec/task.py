@@ -9,6 +9,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -163,7 +164,11 @@ class Task(BaseModel):
         fields.Workdir,
         Field(description="Local directory synced to every node; setup and run start in it."),
     ] = None
-    num_nodes: Annotated[StrictInt, Field(ge=1, description="Number of nodes (default 1).")] = 1
+    num_nodes: Annotated[
+        StrictInt,
+        Field(ge=1, le=values.MAX_NUM_NODES, description="Number of nodes (default 1); at most "
+              "`jobs.max_num_nodes` and what the chosen infra can hold."),
+    ] = 1
     resources: Annotated[
         Resources,
         BeforeValidator(_mapping_or_empty),
@@ -182,6 +187,7 @@ class Task(BaseModel):
     ] = Field(default_factory=dict)
     file_mounts: Annotated[
         dict[fields.MountDestination, fields.LocalSource],
+        Field(max_length=values.MAX_FILE_MOUNTS),
         BeforeValidator(_mapping_or_empty),
         Field(description="Node path -> a local file or directory to copy there, a bucket URL (s3://..., "
               "local://...) to copy, or a storage object {name, source, store, mode, persistent} to mount. "
@@ -192,8 +198,8 @@ class Task(BaseModel):
         BeforeValidator(_mapping_or_empty),
         Field(description="Bucket mounts taken from file_mounts, kept as written (not a YAML field)."),
     ] = Field(default_factory=dict)
-    setup: Annotated[StrictStr | None, Field(description="Shell commands run once on every node before run.")] = None
-    run: Annotated[StrictStr | None, Field(description="Shell commands of the job, run on every node.")] = None
+    setup: Annotated[fields.Command, Field(description="Shell commands run once on every node before run.")] = None
+    run: Annotated[fields.Command, Field(description="Shell commands of the job, run on every node.")] = None
     pool: Annotated[
         PoolSection | None,
         Field(description="Only in a pool YAML (`sortie jobs pool apply`): the workers; `run` is then ignored."),
@@ -302,7 +308,8 @@ class Pipeline(BaseModel):
         str | None,
         Field(description="From a first document holding only `name:`; for a single task, the task's name."),
     ] = None
-    tasks: Annotated[list[Task], Field(min_length=1, description="The tasks, in the order they run.")]
+    tasks: Annotated[list[Task], Field(min_length=1, max_length=values.MAX_PIPELINE_TASKS,
+                                       description="The tasks, in the order they run.")]
     is_pipeline: Annotated[
         bool, Field(description="True when the YAML had several documents (even if one task resulted)."),
     ] = False
@@ -310,3 +317,15 @@ class Pipeline(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The normalized form `jobs launch --dryrun --json` prints."""
         return {"name": self.name, "tasks": [task.to_json() for task in self.tasks]}
+
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr(default="")
+
+    def set_lines(self, lines: dict[str, int], source: str) -> None:
+        """Where each field was written (the loader's `key_lines`), for messages found after loading."""
+        self._lines, self._source = dict(lines), source
+
+    def where(self, field: str) -> str:
+        """`field` with the file and line it was written at, when known: `file_mounts./x (task.yaml line 4)`."""
+        line = self._lines.get(field)
+        return f"{field} ({self._source} line {line})" if line else field

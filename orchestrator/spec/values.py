@@ -49,6 +49,17 @@ _GIB_PER_UNIT = {
     "t": 2.0**10, "tb": 2.0**10, "p": 2.0**20, "pb": 2.0**20,
 }
 _MEMORY_SPEC = re.compile(r"^[0-9]+[GgMmTt][Bb]\+?$")  # SkyPilot's "24GB+" accelerator-by-memory form
+# Bounds on what a task YAML may hold (each refused with the field named; see README "Limits").
+MAX_SPEC_BYTES = 2 * 1024 * 1024  # a whole task YAML (every document)
+MAX_NAME_LENGTH = 255  # task and pipeline names (the state's column)
+MAX_COMMAND_BYTES = 100_000  # setup and run: each is one argument of `bash -c` (Linux: under 128 KiB)
+MAX_ENV_VALUE_BYTES = 100_000  # one env or secret value (an environment string is under 128 KiB on Linux)
+MAX_ENV_COUNT = 1000  # envs, and secrets, each
+MAX_PATH_LENGTH = 4096  # a mount destination or local source (PATH_MAX)
+MAX_FILE_MOUNTS = 1000  # file_mounts entries of one task
+MAX_PIPELINE_TASKS = 100  # tasks of one pipeline
+MAX_NUM_NODES = 10_000  # num_nodes, before the configured maximum and the infra's capacity are checked
+MAX_ALTERNATIVES = 100  # any_of / ordered entries
 NAME_PATTERN = r"^[a-zA-Z0-9]+(?:[._-]{1,2}[a-zA-Z0-9]+)*$"
 _NAME = re.compile(NAME_PATTERN)
 _ENV_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -139,6 +150,8 @@ def parse_name(value: Any) -> str:
     """A task or pipeline name: SkyPilot's rule (letters, digits, and up to two of . _ - between them)."""
     if not isinstance(value, str):
         raise Bad(f"must be text, not {kind(value)}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise Bad(f"a name is at most {MAX_NAME_LENGTH} characters, not {len(value)}")
     if not _NAME.fullmatch(value):
         raise Bad(
             f"{show(value)} is not a valid name (letters and digits, joined by single or double . _ -; "

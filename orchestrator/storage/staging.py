@@ -145,7 +145,10 @@ def _tree(source: str, what: str, folder: str, limit: int) -> LocalTree:
     path = Path(source)
     if not path.exists():
         raise StorageError(f"{what}: local path {source} does not exist")
-    found = scan_tree(path)
+    try:
+        found = scan_tree(path)
+    except StorageError as exc:  # issue 17: name the field (and its line) that points there
+        raise StorageError(f"{what}: {exc}") from None
     size = sum(item[2] for item in found)
     if size > limit:
         raise UploadTooLarge(f"{what} {source} is {human_bytes(size)} after .gitignore/.skyignore, over the "
@@ -186,9 +189,9 @@ def prepare(pipeline: Pipeline, config: SortieConfig, home: Path) -> StoragePlan
         prefix = f"tasks[{index}]." if len(pipeline.tasks) > 1 else ""
         steps: list[tuple[str, int | BucketMount]] = []
         if task.workdir:
-            steps.append((".", tree_index(task.workdir, f"{prefix}workdir", "workdir")))
+            steps.append((".", tree_index(task.workdir, pipeline.where(f"{prefix}workdir"), "workdir")))
         for dest, source in task.file_mounts.items():
-            steps.append((dest, tree_index(source, f"{prefix}file_mounts.{dest}", "mount")))
+            steps.append((dest, tree_index(source, pipeline.where(f"{prefix}file_mounts.{dest}"), "mount")))
         for dest, raw in task.storage_mounts.items():
             mount = _bucket_mount(f"{prefix}file_mounts.{dest}", dest, raw)
             if not mount.create:
@@ -297,10 +300,27 @@ def _make_bucket(mount: BucketMount, store: Store, created: set[str],
 
 # --- cleanup: when the job has ended ------------------------------------------------------------------------------
 
-def clean(storage: dict[str, Any], config: SortieConfig, home: Path) -> list[str]:
+def named_buckets(plan: StoragePlan) -> dict[str, bool]:
+    """The buckets a plan mounts by name: what a job references in the state while it lives (`state.bucket_refs`),
+    each `-> False`: the duty to delete one comes only from the job that made it (its cleanup record), so a bucket
+    that existed before is never deleted, `persistent: false` or not."""
+    found: dict[str, bool] = {}
+    for steps in plan.tasks:
+        for _dest, item in steps:
+            if not isinstance(item, int) and item.create:
+                found[str(BucketURL(item.url.store, item.url.bucket))] = False
+    return found
+
+
+def clean(storage: dict[str, Any], config: SortieConfig, home: Path,
+          release: Callable[[list[str]], list[str]] | None = None) -> list[str]:
     """Remove what a job's staging recorded: job prefixes in the intermediate bucket, temporary and
-    non-persistent buckets Sortie created, two-hop directories. Idempotent. Returns what was removed."""
+    non-persistent buckets Sortie created, two-hop directories. Idempotent. Returns what was removed.
+    `release` (the job's `state.bucket_refs.release_refs`) says which of its buckets no other live job mounts:
+    only those are deleted."""
     cleanup = storage.get("cleanup") or {}
+    if release is not None:
+        cleanup = {**cleanup, "buckets": release(list(cleanup.get("buckets", [])))}
     removed: list[str] = []
     for text in cleanup.get("prefixes", []):
         url = parse_bucket_url(text)

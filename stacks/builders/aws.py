@@ -148,6 +148,7 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             root_block_device={"volume_size": spec.disk_size or DEFAULT_DISK_GB, "volume_type": "gp3",
                                "delete_on_termination": True, "encrypted": True},
             metadata_options={"http_tokens": "required", "http_endpoint": "enabled"},
+            iam_instance_profile=spec.instance_profile if spec.role == "node" else None,
             user_data_base64=secret_boot_script(spec, rank).apply(user_data_base64),
             tags={**tags, "Name": name, "sortie-rank": str(rank)},
             volume_tags={**tags, "Name": name, "sortie-rank": str(rank)},
