@@ -192,6 +192,7 @@ def run_daemon(home: Path) -> None:
     scheduler.shutdown(wait=True)
     reconciler.stack_ops.shutdown()
     reconciler.agent_ops.shutdown()
+    reconciler.watchers.hub.close()  # issue 15
     log.info("controller stopped")
     (_dir(home) / "controller.json").unlink(missing_ok=True)
 

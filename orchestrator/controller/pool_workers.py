@@ -234,7 +234,16 @@ class PoolWorkers:
         key = ("worker-health", worker.id)
         result = self.r.agent_ops.collect(key)
         if result is None:
-            due = time.time() - self._last_health.get(worker.id, 0.0) >= self.r.config.controller.poll_interval_seconds
+            # --- issue 15: the watch is the heartbeat; a node it reports lost is refreshed now --------------
+            watch = self.r.watchers.look(("worker", worker.id), worker.nodes or [],
+                                         lambda: self.store.box.open(worker.token_enc))
+            if watch.lost_ranks and (self.r.stack_ops.busy(("refresh", worker.stack_name))
+                                     or self.r.watchers.may_confirm(("worker", worker.id))):
+                self.lost(pool, worker)
+                return
+            interval = self.r.watchers.poll_interval(watch, self.r.config.controller.poll_interval_seconds)
+            # --- end issue 15 ---------------------------------------------------------------------------
+            due = time.time() - self._last_health.get(worker.id, 0.0) >= interval
             if due and not self.r.agent_ops.busy(key):
                 self._last_health[worker.id] = time.time()
                 self.r.agent_ops.submit(key, lambda: [c.health() for _, c in self.clients(worker)])
@@ -272,6 +281,7 @@ class PoolWorkers:
             self.note(pool.name, f"worker {worker.number}: destroy failed, retrying: {result.error}")
             return
         self.store.set_stack(worker.stack_name, "DESTROYED")
+        self.r.watchers.forget(("worker", worker.id), worker.nodes or [])  # issue 15
         self.store.update_worker(worker.id, status="TERMINATED", ended_at=time.time())
         self.note(pool.name, f"worker {worker.number}: destroyed")
 

@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
+from orchestrator.controller.node_events import NodeEvents, NodeWatchers
 from orchestrator.controller.node_files import (
     JobFiles,
     NodeStorageError,
@@ -56,6 +57,9 @@ class Reconciler:
         self._last_poll: dict[int, float] = {}
         self.files = JobFiles(self)
         self.pools = PoolWorkers(self)
+        # issue 15: one watch per live node on one asyncio loop (node_events.py); polls wait for its news
+        self.watchers = NodeWatchers(NodeEvents(wake, watch_timeout=config.controller.watch_timeout_seconds,
+                                                confirm_seconds=config.controller.loss_confirm_seconds))
         self._last_janitor = 0.0
         self._last_storage_clean = 0.0
 
@@ -383,7 +387,18 @@ class Reconciler:
         poll_key = ("poll", attempt.id, kind)
         polled = self.agent_ops.collect(poll_key)
         if polled is None:
-            if time.time() - self._last_poll.get(attempt.id, 0.0) >= self.config.controller.poll_interval_seconds:
+            # --- issue 15: a change the watch saw polls now; a node it reports lost is refreshed now -------
+            if self.agent_ops.busy(poll_key):
+                return None
+            watch = self.watchers.look(("attempt", attempt.id), attempt.nodes or [],
+                                       lambda: self.store.box.open(attempt.token_enc), f"{kind}-{attempt.id}")
+            if watch.lost_ranks and (self.stack_ops.busy(("refresh", attempt.stack_name))
+                                     or self.watchers.may_confirm(("attempt", attempt.id))):
+                self._confirm_node_loss(job, attempt, watch.lost_ranks)
+                return None
+            interval = self.watchers.poll_interval(watch, self.config.controller.poll_interval_seconds)
+            # --- end issue 15 ---------------------------------------------------------------------------
+            if watch.news or time.time() - self._last_poll.get(attempt.id, 0.0) >= interval:
                 self._last_poll[attempt.id] = time.time()
                 self.agent_ops.submit(poll_key, self._poll, job, attempt, kind)
             return None
@@ -495,6 +510,7 @@ class Reconciler:
                                   outcome=attempt.outcome or (final.value if final else "RELAUNCH"))
         if not job.pool:  # a pool job's stack is its worker's, which stays
             self.store.set_stack(attempt.stack_name, "DESTROYING")
+        self.watchers.forget(("attempt", attempt.id), () if job.pool else attempt.nodes or [])  # issue 15
         self.note(job, "teardown", why, stack=attempt.stack_name, exit_codes=list(exit_codes) or None)
 
     def _release_worker(self, job: JobRow, attempt: AttemptRow) -> None:
