@@ -201,6 +201,7 @@ class Agent:
         self._views: set[str] = set(json.loads(views.read_text())["views"]) if views.exists() else set()
         self._view_script = probe_path_view(sandbox) if confine else None
         self.watch = WatchJournal(sandbox)
+        self.stopping = False  # SIGTERM: the runs killed on the way out are not reported as exits (a lost node)
         self._log_sizes: dict[str, int] = {}
         threading.Thread(target=self._sample_logs, daemon=True, name="log-sampler").start()
 
@@ -267,6 +268,8 @@ class Agent:
             self._procs.pop(run_id, None)
         self._note_log(run_id)  # the whole log's size before the exit: a watcher copies it, then judges the exit
         self._log_sizes.pop(run_id, None)
+        if self.stopping:
+            return
         kind = "cancelled" if (self.runs_dir / run_id / "cancelled").exists() else "exited"
         self.watch.record(kind, run_id, exit_code=code, ended_at=ended_at)
 
@@ -550,6 +553,7 @@ def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:
+        agent.stopping = True
         agent.shutdown_runs()
         threading.Thread(target=server.shutdown, daemon=True).start()
 

@@ -29,14 +29,14 @@ from typing import Any, Literal
 
 log = logging.getLogger("sortie.node_events")
 WATCH_TIMEOUT = 20.0  # seconds an agent holds a quiet watch: the heartbeat
-WATCH_MARGIN = 5.0  # no answer this long past the heartbeat: the watch is broken
+WATCH_MARGIN = 5.0  # no answer this long past the heartbeat (less for a heartbeat under 10 s): the watch is broken
 CONFIRM_SECONDS = 2.0  # a broken watch whose agent does not answer probes this long: the node is reported lost
 PROBE_TIMEOUT = 2.0
 PROBE_EVERY = 0.25  # while confirming; slower (up to PROBE_BACKOFF_MAX) once the node is reported lost
 PROBE_BACKOFF_MAX = 5.0
 EXPIRE_SECONDS = 120.0  # a watch nobody asked about for this long is closed
 RUNS_KEPT = 256  # runs remembered per node (a pool worker runs many jobs over its life)
-CONNECT_SLOTS = 256  # new watches opening at once (the rest wait their turn: no connection storm)
+CONNECT_SLOTS = 32  # new watches opening at once (the rest wait their turn: no connection storm)
 MAX_WATCHES = 20_000
 
 Mode = Literal["connecting", "watch", "poll"]
@@ -235,7 +235,8 @@ class NodeEvents:
             seen = node.seen
             wait = 0.0 if first else self.watch_timeout  # the first answer at once: what happened so far
             params = {"since": str(seen.seq), "timeout": str(wait), **({"epoch": seen.epoch} if seen.epoch else {})}
-            limit = aiohttp.ClientTimeout(total=wait + WATCH_MARGIN)
+            margin = WATCH_MARGIN if first else min(WATCH_MARGIN, max(1.0, wait / 2))
+            limit = aiohttp.ClientTimeout(total=wait + margin)
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     if first:
