@@ -201,8 +201,9 @@ class NodeEvents:
         self._watch_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
             limit=self.max_watches + 16, limit_per_host=0, resolver=resolver, keepalive_timeout=self.watch_timeout * 3))
         self._probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-            limit=64, limit_per_host=8, resolver=resolver, force_close=True))
+            limit=64, limit_per_host=0, resolver=resolver, force_close=True))
         self._connect_slots = asyncio.Semaphore(CONNECT_SLOTS)
+        self._probe_timeout = aiohttp.ClientTimeout(total=None, sock_connect=PROBE_TIMEOUT, sock_read=PROBE_TIMEOUT)
         self._ready.set()
         janitor = asyncio.ensure_future(self._expire())
         await self._stop_event.wait()
@@ -236,7 +237,8 @@ class NodeEvents:
             wait = 0.0 if first else self.watch_timeout  # the first answer at once: what happened so far
             params = {"since": str(seen.seq), "timeout": str(wait), **({"epoch": seen.epoch} if seen.epoch else {})}
             margin = WATCH_MARGIN if first else min(WATCH_MARGIN, max(1.0, wait / 2))
-            limit = aiohttp.ClientTimeout(total=wait + margin)
+            # Read and connect timeouts, not a total: waiting for a pooled connection is no sign of a lost node.
+            limit = aiohttp.ClientTimeout(total=None, sock_connect=WATCH_MARGIN, sock_read=wait + margin)
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     if first:
@@ -303,7 +305,7 @@ class NodeEvents:
         aiohttp = self._aiohttp
         try:
             async with self._probe_session.get(f"{node.seen.url}/health", headers=headers,
-                                               timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as resp:
+                                               timeout=self._probe_timeout) as resp:
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
