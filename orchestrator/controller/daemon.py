@@ -87,6 +87,9 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
         return ControllerInfo(running=True)
     info = controller_info(home)
     if info.running:
+        if info.pid:  # issue 15: something to do (a launch, a cancel): the controller ticks now, not in a second
+            with contextlib.suppress(OSError):
+                os.kill(info.pid, signal.SIGUSR1)
         return info
     log = controller_log_path(home)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +187,7 @@ def run_daemon(home: Path) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=wake, daemon=True).start())  # issue 15
     scheduler.add_job(tick, "interval", id="tick", seconds=config.controller.tick_seconds, max_instances=1,
                       coalesce=True, next_run_time=datetime.now())
     scheduler.start()
