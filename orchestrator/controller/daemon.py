@@ -89,7 +89,8 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
     if info.running:
         if info.pid:  # issue 15: something to do (a launch, a cancel): the controller ticks now, not in a second
             with contextlib.suppress(OSError):
-                os.kill(info.pid, signal.SIGUSR1)
+                if b"orchestrator.controller.daemon" in Path(f"/proc/{info.pid}/cmdline").read_bytes():
+                    os.kill(info.pid, signal.SIGUSR1)
         return info
     log = controller_log_path(home)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,7 @@ def run_daemon(home: Path) -> None:
     except BlockingIOError:
         print("another controller holds this home's lock; exiting", flush=True)
         return
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # issue 15: a wake before the ticker exists is a no-op
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("sortie.controller")
