@@ -47,13 +47,15 @@ def test_ten_thousand_watches_idle_cheaply_and_record_a_thousand_exits_within_5s
         assert events.modes() == {"watch": NODES}, "a watch broke while idle"
 
         exited_at = farm.control("exit", first=0, count=EXITS, code=7)
-
-        def recorded() -> int:
-            return sum(1 for i in range(EXITS) if (s := events.latest(i)) and s.runs["run-0"].exit_code == 7)
-
-        wait_for(lambda: recorded() == EXITS, 5.0, f"all {EXITS} exits recorded")
-        last = max(events.latest(i).runs["run-0"].seen_at for i in range(EXITS))  # type: ignore[union-attr]
-        assert last - exited_at < 5.0
+        # version(): a cheap look, so that this thread does not hold the interpreter from the hub's loop
+        wait_for(lambda: time.sleep(0.1) or all(events.version(i, "run-0")[0] >= 2 for i in range(EXITS)), 60,
+                 f"all {EXITS} exits recorded")
+        runs = [events.latest(i).runs["run-0"] for i in range(EXITS)]  # type: ignore[union-attr]
+        assert all(r.state == "exited" and r.exit_code == 7 for r in runs)
+        last = max(r.seen_at for r in runs) - exited_at
+        print(f"\n{NODES} watches: {rss:.0f} MiB RSS, {idle_cores:.2f} cores idle; {EXITS} exits recorded within "
+              f"{last:.2f}s")
+        assert last < 5.0, f"the last of {EXITS} exits was recorded {last:.1f}s after they happened"
         assert all(events.latest(i).runs["run-0"].state == "running" for i in range(EXITS, EXITS + 100))  # type: ignore[union-attr]
     finally:
         events.close()
