@@ -28,7 +28,7 @@ def rss_mib() -> float:
                     reason="needs an open-files limit above 11,000")
 def test_ten_thousand_watches_idle_cheaply_and_record_a_thousand_exits_within_5s() -> None:
     proc, farm = start_farm(NODES)
-    events = NodeEvents(watch_timeout=10.0)
+    events = NodeEvents()  # the default 20 s heartbeat
     try:
         def all_watched() -> bool:
             for index in range(NODES):  # as the reconciler does each tick: still wanted
@@ -39,7 +39,7 @@ def test_ten_thousand_watches_idle_cheaply_and_record_a_thousand_exits_within_5s
         wait_for(all_watched, 600, f"{NODES} nodes in watch mode")
         time.sleep(2.0)
         cpu, wall = time.process_time(), time.monotonic()
-        time.sleep(10.0)  # one whole heartbeat of every watch
+        time.sleep(20.0)  # one whole heartbeat of every watch
         idle_cores = (time.process_time() - cpu) / (time.monotonic() - wall)
         rss = rss_mib()
         assert rss <= 500, f"{rss:.0f} MiB RSS holding {NODES} watches"

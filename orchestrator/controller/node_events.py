@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -193,8 +194,9 @@ class NodeEvents:
 
     async def _main(self) -> None:
         import aiohttp
+        import yarl
 
-        self._aiohttp = aiohttp
+        self._aiohttp, self._yarl = aiohttp, yarl
         resolver = aiohttp.ThreadedResolver()
         # Watches hold a connection each (one per node); probes have a small pool of their own, so a full watch
         # pool never delays a probe. Keep-alive: a node's next watch reuses its connection.
@@ -229,27 +231,29 @@ class NodeEvents:
                 self.drop(key)
 
     async def _watch(self, key: Hashable, node: _Node) -> None:
-        aiohttp = self._aiohttp
+        aiohttp, yarl = self._aiohttp, self._yarl
         headers = {"Authorization": f"Bearer {node.token}"}
+        # Read and connect timeouts, not a total: waiting for a pooled connection is no sign of a lost node.
+        margin = min(WATCH_MARGIN, max(1.0, self.watch_timeout / 2))
+        held = aiohttp.ClientTimeout(total=None, sock_connect=WATCH_MARGIN, sock_read=self.watch_timeout + margin)
+        at_once = aiohttp.ClientTimeout(total=None, sock_connect=WATCH_MARGIN, sock_read=WATCH_MARGIN)
         first = True
         while not node.dropped:
             seen = node.seen
             wait = 0.0 if first else self.watch_timeout  # the first answer at once: what happened so far
-            params = {"since": str(seen.seq), "timeout": str(wait), **({"epoch": seen.epoch} if seen.epoch else {})}
-            margin = WATCH_MARGIN if first else min(WATCH_MARGIN, max(1.0, wait / 2))
-            # Read and connect timeouts, not a total: waiting for a pooled connection is no sign of a lost node.
-            limit = aiohttp.ClientTimeout(total=None, sock_connect=WATCH_MARGIN, sock_read=wait + margin)
+            epoch = f"&epoch={seen.epoch}" if seen.epoch and seen.epoch.isalnum() else ""
+            url = yarl.URL(f"{seen.url}/watch?since={seen.seq}&timeout={wait}{epoch}", encoded=True)
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     if first:
                         await stack.enter_async_context(self._connect_slots)
-                    async with self._watch_session.get(f"{seen.url}/watch", params=params, headers=headers,
-                                                       timeout=limit) as resp:
+                    limit = at_once if first else held
+                    async with self._watch_session.get(url, headers=headers, timeout=limit) as resp:
                         if resp.status in (404, 401, 403):
                             self._set_mode(node, "poll", f"its agent answered /watch with {resp.status}")
                             return
                         resp.raise_for_status()
-                        body = await resp.json()
+                        body = json.loads(await resp.read())
                 self._apply(node, body)
                 first = False
             except asyncio.CancelledError:
