@@ -74,10 +74,10 @@ def test_an_exit_on_a_real_agent_reaches_the_hub_and_wakes_the_controller(start_
     agent = start_agent()
     events, woken = hub(watch_timeout=30.0)
     client = agent.client()
-    run_id = client.run("sleep 1; echo done; exit 5")
     events.ensure_watch("n0", agent.url, agent.token)
     wait_for(lambda: (s := events.latest("n0")) and s.mode == "watch", 10, "watch mode")
     woken.clear()
+    run_id = client.run("sleep 1; echo done; exit 5")
     wait_for(lambda: (s := events.latest("n0")) and s.runs.get(run_id) and s.runs[run_id].state == "exited", 10,
              "the exit seen")
     assert woken.is_set()
