@@ -239,7 +239,8 @@ class PoolWorkers:
                                          lambda: self.store.box.open(worker.token_enc))
             if watch.lost_ranks and (self.r.stack_ops.busy(("refresh", worker.stack_name))
                                      or self.r.watchers.may_confirm(("worker", worker.id))):
-                self.lost(pool, worker)
+                if not self.store.jobs_on_workers([worker.id]).get(worker.id):  # else its job's refresh decides
+                    self.lost(pool, worker)
                 return
             interval = self.r.watchers.poll_interval(watch, self.r.config.controller.poll_interval_seconds)
             # --- end issue 15 ---------------------------------------------------------------------------
