@@ -37,6 +37,7 @@ bench: setup
 	$(VENV)/bin/python bench/optimizer.py
 	$(VENV)/bin/python bench/controller_sizing.py
 	$(VENV)/bin/python bench/dashboard.py
+	$(VENV)/bin/python bench/node_events.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

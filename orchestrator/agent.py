@@ -18,6 +18,12 @@ HTTP API (JSON):
     GET  /runs/<id>                 {"state": running|exited|cancelled, "exit_code", ...}
     GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
     POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
+    GET  /watch?since=N&timeout=S&epoch=E
+                                    long poll: {"epoch", "seq", "events": [...], "reset"} with every change after
+                                    seq N (run started, exited or cancelled with its exit code, log grown to an
+                                    offset), at once if there is one, else when one happens or after S seconds
+                                    (at most 300). reset true (with "runs", every run's status): the events after N
+                                    are no longer all kept, or E is not this node's journal; start again from "seq"
     POST /files?dest=PATH           a tar stream, extracted at PATH (relative: under workdir/; `~/x`: under
                                     home/; absolute: as is, or under mounts/ when started with --confine).
                                     400 for a PATH with `..`, NUL or ~user, or that leads out of its root; 409
@@ -44,6 +50,8 @@ Layout in the sandbox (it survives agent and controller restarts):
     runs/<id>/output.log            stdout and stderr together
     runs/<id>/exit.json             {"exit_code", "ended_at"} when the run ends (128+N for signal N)
     runs/<id>/cancelled             present if the run was cancelled
+    watch.jsonl, watch.json         the change journal (one JSON event a line, its last WATCH_KEEP events kept) and
+                                    its epoch: sequence numbers go on across agent restarts
     workdir/                        default cwd of runs
     home/, mounts/                  where `~/...` and (with --confine) absolute upload paths land; with
                                     --confine, home/ is also $HOME of runs
@@ -53,10 +61,12 @@ Layout in the sandbox (it survives agent and controller restarts):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -88,6 +98,10 @@ RUN_ENV_PASSTHROUGH = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LA
                                  "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH"})
 NO_SPACE = "no space left on the node"
 RUN_UMASK = 0o022  # a run's own files are as on any machine; the agent's records keep the umask it was given
+WATCH_KEEP = 4096  # events a watcher can resume from; the journal file is compacted past twice that
+WATCH_BATCH = 1000  # events in one /watch answer at most (the rest in the next)
+WATCH_MAX_TIMEOUT = 300.0
+LOG_EVENT_SECONDS = 0.5  # log growth of a run is reported at most this often
 NO_VIEW_NOTE = "sortie: no mount namespaces here; absolute paths of uploads and mounts are under ${} ({})\n"
 
 
@@ -172,6 +186,72 @@ def _kill_group(pgid: int, grace: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+class WatchJournal:
+    """The node's changes, numbered in order and kept on disk, so that a watcher (GET /watch) that comes back,
+    or a restarted agent, goes on from a sequence number without losing a change. One condition: a held
+    watch is a thread waiting on it, nothing more."""
+
+    def __init__(self, sandbox: Path) -> None:
+        self.path = sandbox / "watch.jsonl"
+        self._cond = threading.Condition()
+        self._events: collections.deque[dict] = collections.deque(maxlen=WATCH_KEEP)
+        self._lines = 0
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()  # bounded: compacted past 2 * WATCH_KEEP lines
+            self._lines = len(lines)
+            for line in lines[-WATCH_KEEP:]:
+                with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
+                    event = json.loads(line)
+                    if not self._events or event["seq"] == self._events[-1]["seq"] + 1:
+                        self._events.append(event)
+        self.seq = self._events[-1]["seq"] if self._events else 0
+        epoch_file = sandbox / "watch.json"
+        try:
+            self.epoch = str(json.loads(epoch_file.read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.epoch = uuid.uuid4().hex
+            write_json_atomic(epoch_file, {"epoch": self.epoch})
+
+    def record(self, kind: str, run_id: str, **data: object) -> None:
+        with self._cond:
+            self.seq += 1
+            event = {"seq": self.seq, "kind": kind, "run_id": run_id, "time": time.time(), **data}
+            self._events.append(event)
+            try:  # on disk for a restarted agent; a full disk keeps it in memory (a restart then sends a reset)
+                if self._lines >= 2 * WATCH_KEEP:  # compact: keep what a watcher can still resume from
+                    tmp = self.path.with_name(".watch.jsonl.tmp")
+                    tmp.write_text("".join(json.dumps(e) + "\n" for e in self._events))
+                    os.replace(tmp, self.path)
+                    self._lines = len(self._events)
+                else:
+                    with self.path.open("a") as fh:
+                        fh.write(json.dumps(event) + "\n")
+                    self._lines += 1
+            except OSError:
+                pass
+            finally:
+                self._cond.notify_all()
+
+    def since(self, seq: int, timeout: float, epoch: str | None = None) -> tuple[list[dict], int, bool]:
+        """The events after `seq` (waiting up to `timeout` seconds for one), the seq to go on from, and whether
+        the watcher must reset (take every run's status afresh): events after `seq` were dropped, `seq` is ahead
+        of this journal, or `epoch` is another journal's."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                first = self._events[0]["seq"] if self._events else self.seq + 1
+                if seq > self.seq or seq < first - 1 or (epoch and epoch != self.epoch):
+                    return [], self.seq, True
+                if seq < self.seq:
+                    start = seq - first + 1
+                    events = list(itertools.islice(self._events, start, start + WATCH_BATCH))
+                    return events, events[-1]["seq"], False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return [], seq, False
+                self._cond.wait(remaining)
+
+
 class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
@@ -197,6 +277,10 @@ class Agent:
         self._shows: set[str] = set(recorded.get("shows", []))  # link targets, shown to runs though under `hide`
         self._hide = list(hide or [])  # directories runs see empty (the Sortie home; the sandbox shows again)
         self._view_script = probe_path_view(sandbox) if confine else None
+        self.watch = WatchJournal(sandbox)
+        self.stopping = False  # SIGTERM: the runs killed on the way out are not reported as exits (a lost node)
+        self._log_sizes: dict[str, int] = {}
+        threading.Thread(target=self._sample_logs, daemon=True, name="log-sampler").start()
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -221,6 +305,7 @@ class Agent:
             raise
         with self._lock:
             self._procs[run_id] = proc
+        self.watch.record("started", run_id, pid=proc.pid)
         threading.Thread(target=self._wait, args=(run_id, proc), daemon=True).start()
         return run_id
 
@@ -273,10 +358,16 @@ class Agent:
         (a full disk must not lose it, nor leave the run looking "running")."""
         rc = proc.wait()
         code = rc if rc >= 0 else 128 - rc
-        record = {"exit_code": code, "ended_at": time.time()}
+        ended_at = time.time()
+        record = {"exit_code": code, "ended_at": ended_at}
         with self._lock:
             self._exits[run_id] = record
             self._procs.pop(run_id, None)
+        self._note_log(run_id)  # the whole log's size before the exit: a watcher copies it, then judges the exit
+        self._log_sizes.pop(run_id, None)
+        if not self.stopping:  # a run killed because the agent stops is no exit (the node is going)
+            kind = "cancelled" if (self.runs_dir / run_id / "cancelled").exists() else "exited"
+            self.watch.record(kind, run_id, exit_code=code, ended_at=ended_at)
         while True:
             try:
                 write_json_atomic(self.runs_dir / run_id / "exit.json", record)
@@ -290,6 +381,22 @@ class Agent:
                 if not self._exits:
                     self.write_error = None
             return
+
+    def _note_log(self, run_id: str) -> None:
+        """A `log` event when the run's log grew since the last one."""
+        with contextlib.suppress(OSError):
+            size = (self.runs_dir / run_id / "output.log").stat().st_size
+            if size != self._log_sizes.get(run_id, 0):
+                self._log_sizes[run_id] = size
+                self.watch.record("log", run_id, offset=size)
+
+    def _sample_logs(self) -> None:
+        while True:
+            time.sleep(LOG_EVENT_SECONDS)
+            with self._lock:
+                running = list(self._procs)
+            for run_id in running:
+                self._note_log(run_id)
 
     def status(self, run_id: str) -> dict | None:
         run_dir = self.runs_dir / run_id
@@ -502,6 +609,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [p for p in url.path.split("/") if p]
         if parts == ["health"]:
             self._json(200, agent.health())
+        elif parts == ["watch"]:
+            self._watch(parse_qs(url.query))
         elif parts == ["runs"]:
             self._json(200, agent.all_status())
         elif len(parts) == 2 and parts[0] == "runs":
@@ -517,6 +626,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, data, "application/octet-stream", {"X-Next-Offset": str(offset + len(data))})
         else:
             self._error(404, f"no route GET {url.path}")
+
+    def _watch(self, query: dict[str, list[str]]) -> None:
+        try:
+            since = int(query.get("since", ["0"])[0])
+            timeout = min(max(float(query.get("timeout", ["0"])[0]), 0.0), WATCH_MAX_TIMEOUT)
+        except ValueError:
+            self._error(400, "watch: since must be an integer and timeout a number of seconds")
+            return
+        journal = self.server.agent.watch
+        events, seq, reset = journal.since(since, timeout, query.get("epoch", [""])[0] or None)
+        body: dict[str, object] = {"epoch": journal.epoch, "reset": reset, "events": events, "seq": seq}
+        if reset:  # taken after `seq`: a change in between shows in both, never in neither
+            body["runs"] = self.server.agent.all_status()
+        self._json(200, body)
 
     def do_POST(self) -> None:
         if not self._authorized():
@@ -581,6 +704,7 @@ def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:
+        agent.stopping = True
         agent.shutdown_runs()
         threading.Thread(target=server.shutdown, daemon=True).start()
 

@@ -135,6 +135,12 @@ class AgentClient:
     def cancel(self, run_id: str) -> RunStatus:
         return RunStatus.from_json(self._json("POST", f"/runs/{run_id}/cancel", {}))
 
+    def watch(self, since: int = 0, timeout: float = 0.0, epoch: str | None = None) -> dict:
+        """The node's changes after `since` (the agent's GET /watch), waiting up to `timeout` seconds for one."""
+        query = f"/watch?since={since}&timeout={timeout}" + (f"&epoch={epoch}" if epoch else "")
+        raw, _ = self._request("GET", query, timeout=timeout + self.timeout)
+        return json.loads(raw)
+
     def wait(self, run_id: str, timeout: float = 60.0, interval: float = 0.1) -> RunStatus:
         deadline = time.monotonic() + timeout
         while True:

@@ -157,6 +157,14 @@ class ControllerConfig(BaseModel):
         int, Field(ge=1, le=100, description="Polls a node's agent may miss before the infra is asked (refresh) "
                    "whether the node is gone; one missed poll never kills a healthy job.")
     ] = 3
+    watch_timeout_seconds: Annotated[
+        float, Field(gt=0, le=300, description="How long a node's agent holds a quiet watch (its heartbeat); a watch "
+                     "with no answer 5 s past this is broken, and the node is probed at once.")
+    ] = 20.0
+    loss_confirm_seconds: Annotated[
+        float, Field(gt=0, le=600, description="After a node's watch breaks, how long its agent may not answer "
+                     "probes before the infra is asked (refresh) whether the node is gone.")
+    ] = 1.0
     agent_workers: Annotated[
         int, Field(ge=1, le=256, description="Concurrent agent calls (polls, log copies, file syncs).")
     ] = 16

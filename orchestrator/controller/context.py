@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.config import SortieConfig
+from orchestrator.controller.node_events import NodeEvents, NodeWatchers, WatchSignal
 from orchestrator.controller.ops import Finished, OperationPool
 from orchestrator.job_logs import JobLogs
 from orchestrator.stack_driver import StackDriver, copy_engine_output
@@ -39,15 +40,19 @@ class ControllerContext:
     stack_ops: OperationPool
     agent_ops: OperationPool
     connect: Connect = connect_agent
+    watchers: NodeWatchers | None = None  # issue 15: one watch per live node (node_events.py)
 
     @classmethod
     def create(cls, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
                wake: Callable[[], None] | None = None, *, inline: bool = False,
                connect: Connect = connect_agent) -> ControllerContext:
         """`inline`: operations run at once on the ticker's thread (unit tests, the crash-point harness)."""
+        watchers = NodeWatchers(NodeEvents(wake, watch_timeout=config.controller.watch_timeout_seconds,
+                                           confirm_seconds=config.controller.loss_confirm_seconds))
         return cls(store, driver, config, home, JobLogs(home),
                    OperationPool(0 if inline else config.pulumi.operation_slots, "stack-op", wake),
-                   OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake), connect)
+                   OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake), connect,
+                   watchers)
 
     def clients(self, nodes: list[dict[str, Any]] | None, token_enc: str | None) -> list[tuple[dict[str, Any],
                                                                                                  AgentClient]]:
@@ -61,12 +66,31 @@ class ControllerContext:
         return self.stack_ops.ensure((op, stack), copy_engine_output, self.driver, stack, fn,
                                      lambda data: self.logs.append(log_path, data))
 
+    def watch(self, owner: Any, nodes: list[dict[str, Any]] | None, token_enc: str | None,
+              run: str | None = None) -> WatchSignal:
+        """Issue 15: what the nodes' watches saw since `owner`'s last look (news, lost ranks, quiet)."""
+        if self.watchers is None:
+            return WatchSignal(False, (), False)
+        return self.watchers.look(owner, nodes or [], lambda: self.store.box.open(token_enc), run)
+
+    def confirm_loss_now(self, owner: Any, stack: str, signal: WatchSignal) -> bool:
+        """Issue 15: a node of `stack` reported lost by its watch: refresh now (while one is in flight, or at most
+        once per `confirm_again_seconds` per owner)."""
+        return bool(signal.lost_ranks) and self.watchers is not None and (
+            self.stack_ops.busy(("refresh", stack)) or self.watchers.may_confirm(owner))
+
+    def poll_every(self, signal: WatchSignal) -> float:
+        interval = self.config.controller.poll_interval_seconds
+        return self.watchers.poll_interval(signal, interval) if self.watchers is not None else interval
+
     def busy(self) -> bool:
         return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight())
 
     def shutdown(self) -> None:
         self.stack_ops.shutdown()
         self.agent_ops.shutdown()
+        if self.watchers is not None:
+            self.watchers.hub.close()
 
 
 def pool_log(home: Path, pool: str) -> Path:

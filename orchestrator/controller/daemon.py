@@ -89,6 +89,10 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
         return ControllerInfo(running=True)
     info = controller_info(home)
     if info.running:
+        if info.pid:  # issue 15: something to do (a launch, a cancel): the controller ticks now, not in a second
+            with contextlib.suppress(OSError):
+                if b"orchestrator.controller.daemon" in Path(f"/proc/{info.pid}/cmdline").read_bytes():
+                    os.kill(info.pid, signal.SIGUSR1)
         return info
     log = controller_log_path(home)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +179,7 @@ def run_daemon(home: Path) -> None:
     except lock.LockHeld as held:
         print(f"{held}; exiting", flush=True)
         return
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # issue 15: a wake before the ticker exists is a no-op
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("sortie.controller")
@@ -224,6 +229,7 @@ def run_daemon(home: Path) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=wake, daemon=True).start())  # issue 15
     scheduler.add_job(tick, "interval", id="tick", seconds=config.controller.tick_seconds, max_instances=1,
                       coalesce=True, next_run_time=datetime.now())
     scheduler.start()

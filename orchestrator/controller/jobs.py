@@ -340,6 +340,8 @@ class JobReconciler:
                       outcome: Outcome | None = None, failure: str | None = None) -> None:
         self.store.begin_teardown(attempt.id, why=why, final=final, relaunch=relaunch, outcome=outcome,
                                   exit_codes=codes, cancelling=bool(job.cancel_requested), failure=failure)
+        if self.ctx.watchers is not None:  # a pool job's nodes are its worker's, still watched
+            self.ctx.watchers.forget(("attempt", attempt.id), () if job.pool else attempt.nodes or [])
         if outcome == Outcome.PREEMPTED:
             self.say(job, "preempted", failure or why)
         if relaunch is not None:

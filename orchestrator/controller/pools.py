@@ -212,7 +212,13 @@ class PoolReconciler:
         whose node the infra no longer has (refresh) is FAILED, destroyed and replaced."""
         key = ("worker-health", worker.id)
         if not self.ctx.agent_ops.busy(key):
-            if time.time() - self._health_at.get(worker.id, 0.0) < self.ctx.config.controller.poll_interval_seconds:
+            # issue 15: the watch is the heartbeat; a node it reports lost is refreshed now
+            watch = self.ctx.watch(("worker", worker.id), worker.nodes, worker.token_enc)
+            if self.ctx.confirm_loss_now(("worker", worker.id), worker.stack_name, watch):
+                if not self.store.jobs_on_workers([worker.id]).get(worker.id):  # else its job's refresh decides
+                    self._confirm_lost(pool, worker)
+                return
+            if time.time() - self._health_at.get(worker.id, 0.0) < self.ctx.poll_every(watch):
                 return
             self._health_at[worker.id] = time.time()
         clients = self.ctx.clients(worker.nodes, worker.token_enc)
@@ -249,6 +255,8 @@ class PoolReconciler:
             self.note(pool.name, f"worker {worker.number}: destroy failed, retrying: {result.error}")
             return
         self.store.worker_terminated(worker)
+        if self.ctx.watchers is not None:  # issue 15
+            self.ctx.watchers.forget(("worker", worker.id), worker.nodes or [])
         self.note(pool.name, f"worker {worker.number}: destroyed")
 
     # --- pool jobs ------------------------------------------------------------------------------------------

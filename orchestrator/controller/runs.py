@@ -116,8 +116,12 @@ class NodeRuns:
         key = (attempt.id, kind)
         op_key = ("poll", attempt.id, kind)
         if not self.ctx.agent_ops.busy(op_key):
-            due = self._polled_at.get(key, 0.0) + self.ctx.config.controller.poll_interval_seconds
-            if time.time() < due:
+            # issue 15: a change the watch saw polls now; a node it reports lost is refreshed now
+            watch = self.ctx.watch(("attempt", attempt.id), attempt.nodes, attempt.token_enc, run_id(kind, attempt))
+            if self.ctx.confirm_loss_now(("attempt", attempt.id), attempt.stack_name, watch):
+                return RunsVerdict("node_lost", lost_ranks=watch.lost_ranks)
+            due = self._polled_at.get(key, 0.0) + self.ctx.poll_every(watch)
+            if time.time() < due and not watch.news:
                 return None
             self._polled_at[key] = time.time()
         polled = self.ctx.agent_ops.ensure(op_key, self._poll, job, attempt, kind)

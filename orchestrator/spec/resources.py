@@ -324,7 +324,7 @@ class Resources(_ResourceFields):
         base = {name: getattr(self, name) for name in _ResourceFields.model_fields}
         base["accelerators"] = self.accelerators
         merged_list = []
-        options: list[Any] = list(self.options()) or [None]
+        options: list[Any] = list(self.options() or [None])
         for option in options:
             merged = dict(base)
             if option is not None:
