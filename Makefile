@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup engine demo stack-demo test lint bench clean
+.PHONY: setup engine test-deps demo stack-demo test lint bench clean
 
 setup: $(STAMP) engine
 
@@ -25,7 +25,14 @@ stack-demo: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+# What the tests need beyond the venv: Debian packages (apt-get as root, else the one command to run) and the
+# Kubernetes provider plugin and control plane (built from the Go module proxy once, cached in ~/.cache/sortie).
+test-deps: setup
+	.ci/test-deps.sh
+	$(VENV)/bin/sortie engine install --plugin kubernetes
+	$(VENV)/bin/python -m orchestrator.kube_binaries
+
+test: setup lint test-deps
 	$(VENV)/bin/pytest -q --durations=15
 
 bench: setup
