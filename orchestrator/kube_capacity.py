@@ -58,12 +58,12 @@ class KubeTarget:
     insecure: bool
 
 
-def kubeconfig_path(config: SortieConfig, env: dict[str, str] | None = None) -> Path:
+def kubeconfig_path(config: SortieConfig, env: dict[str, str] | None = None, home: Path | None = None) -> Path:
     env = dict(os.environ) if env is None else env
     if config.kubernetes.kubeconfig:
         return Path(config.kubernetes.kubeconfig).expanduser().resolve()
     first = next((p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p), None)
-    return Path(first).expanduser().resolve() if first else Path.home() / ".kube" / "config"
+    return Path(first).expanduser().resolve() if first else (home or Path.home()) / ".kube" / "config"
 
 
 def _named(entries: Any, name: str, what: str, path: Path) -> dict[str, Any]:
@@ -77,9 +77,9 @@ def _relative(path: Path, value: str | None) -> str | None:
     return str((path.parent / Path(value).expanduser()).resolve()) if value else None
 
 
-def load_target(config: SortieConfig, env: dict[str, str] | None = None) -> KubeTarget:
+def load_target(config: SortieConfig, env: dict[str, str] | None = None, home: Path | None = None) -> KubeTarget:
     """The context Sortie uses; UsageError naming the kubeconfig and what is wrong with it."""
-    path = kubeconfig_path(config, env)
+    path = kubeconfig_path(config, env, home)
     if not path.is_file():
         raise UsageError(f"no kubeconfig at {path}: set KUBECONFIG or kubernetes.kubeconfig in the config")
     if path.stat().st_size > 4 * 2**20:

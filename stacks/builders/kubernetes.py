@@ -139,7 +139,7 @@ def namespace_for(spec: ClusterSpec) -> tuple[str, bool]:
     configured = spec.kube_namespace or pulumi.Config("sortie").get("namespace")
     if configured:
         return configured, False
-    return dns_label(f"sortie-{spec.name}", 63), True
+    return dns_label(spec.name if spec.name.startswith("sortie") else f"sortie-{spec.name}", 63), True
 
 
 def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
