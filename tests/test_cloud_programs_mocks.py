@@ -518,7 +518,8 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     (namespace,) = harness.mocks.of_type("kubernetes:core/v1:Namespace")
     assert namespace["metadata"]["name"] == "sortie-job-7-1"
     (service,) = harness.mocks.of_type("kubernetes:core/v1:Service")
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1"}
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1"}
 
     nodes, _ = exports["nodes"]
     assert [n["node_id"] for n in nodes] == ["sortie-job-7-1-0", "sortie-job-7-1-1"]
