@@ -218,3 +218,26 @@ def test_a_pod_no_node_can_hold_is_no_capacity(kube: KubeCluster, kdriver) -> No
         kdriver.up(spec.name, StackProgram("cluster", spec))
     assert "Insufficient cpu" in failed.value.message and "\n" not in failed.value.message
     assert _namespace_gone(kube, "sortie-k8s-11-1")  # the failed up cleaned up after itself
+
+
+def test_jobs_launch_infra_kubernetes_makes_real_objects_and_cancel_removes_them(
+        kube: KubeCluster, k8s_plugin, sortie_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sortie jobs launch --infra kubernetes` through the controller: the optimizer places the job on the
+    cluster's capacity, the real provider makes its objects; cancel destroys them. (kwok runs no agent, so the job
+    never reaches RUNNING here: the controller waits for an agent that a real kubelet would start.)"""
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+    sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n"
+                        "cloud:\n  tags: {team: ml-infra}\n")
+    sortie.env["KUBECONFIG"] = str(kube.kubeconfig)
+    job_id = sortie.launch("--infra", "kubernetes", "--cpus", "4+", "echo hi")
+    selector = f"/api/v1/pods?labelSelector=sortie-job%3D{job_id}"
+    (pod,) = kube.wait("the job's pod", lambda: kube.items(selector), timeout=180)
+    labels = pod["metadata"]["labels"]
+    assert (labels["sortie"], labels["team"], labels["sortie-attempt"]) == ("owner", "ml-infra", "1")
+    namespace = pod["metadata"]["namespace"]
+    # The one CPU-only shape (a task without accelerators gets no GPU node), sized as the node's allocatable.
+    assert namespace.startswith("sortie-") and pod["spec"]["nodeName"] == "kwok-cpu"
+    assert pod["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+    sortie.run("jobs", "cancel", "-y", str(job_id))
+    assert sortie.wait(job_id, timeout=180)["status"] == "CANCELLED"
+    kube.wait("the job's namespace to be deleted", lambda: _namespace_gone(kube, namespace), timeout=120)
