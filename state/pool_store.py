@@ -26,8 +26,9 @@ class PoolStore:
     # --- pools ------------------------------------------------------------------------------------------
 
     def apply_pool(self, name: str, *, user: str, spec: dict[str, Any], spec_hash: str, policy: dict[str, Any],
-                   plan: dict[str, Any], storage: dict[str, Any] | None) -> None:
-        """Create the pool, or give it a new spec and policy; the pool reconciler converges its workers."""
+                   plan: dict[str, Any], storage: dict[str, Any] | None, updated_workers: Sequence[int] = ()) -> None:
+        """Create the pool, or give it a new spec and policy; the pool reconciler converges its workers.
+        `updated_workers` were updated in place to the new spec (issue 18): they get its hash in this transaction."""
         now = time.time()
         with self.session() as session, session.begin():
             row = session.get(PoolRow, name)
@@ -43,6 +44,9 @@ class PoolStore:
             previous = row.storage or {}
             older = [*previous.get("older", []), *([previous["cleanup"]] if previous.get("cleanup") else [])]
             row.storage = {**(storage or {}), "older": older}
+            if updated_workers:  # issue 18: workers the provider updated in place now match the new spec
+                session.execute(update(WorkerRow).where(WorkerRow.pool == name, WorkerRow.id.in_(updated_workers))
+                                .values(spec_hash=spec_hash))
 
     def pool(self, name: str) -> PoolRow | None:
         with self.session() as session:

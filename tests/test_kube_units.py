@@ -121,3 +121,17 @@ def test_check_reports_kubernetes_from_the_kubeconfig(tmp_path: Path) -> None:
     broken = {c.cloud: c for c in check(SortieConfig(kubernetes=KubernetesConfig(context="nope")),
                                         env={"KUBECONFIG": str(path)}, home=tmp_path)}
     assert not broken["kubernetes"].enabled and "no context named 'nope'" in broken["kubernetes"].reason
+
+
+def test_pool_mode_follows_the_providers_diff() -> None:
+    from orchestrator.pools import ApplyPlan, follow_provider_diff
+
+    recreate = ApplyPlan("p", "recreate", 2, 2, "2 workers", "2 workers", changed=("resources",), create=2,
+                         remove=("w1", "w2"))
+    update = follow_provider_diff(recreate, {"w1": ["same", "update"], "w2": ["update", "same"]})
+    assert (update.mode, update.keep, update.remove, update.create) == ("update", ("w1", "w2"), (), 0)
+    replaced = follow_provider_diff(recreate, {"w1": ["update"], "w2": ["replace", "update"]})
+    assert replaced.mode == "recreate" and "the provider replaces resources of w2" in replaced.notes
+    assert follow_provider_diff(recreate, {"w1": ["update"]}) is recreate  # not every worker has a provider diff
+    files = ApplyPlan("p", "recreate", 2, 2, "", "", changed=("workdir",), create=2, remove=("w1", "w2"))
+    assert follow_provider_diff(files, {"w1": ["same"], "w2": ["same"]}).mode == "recreate"

@@ -309,6 +309,9 @@ def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, inf
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
                        labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
+                       # issue 18: the task's sizes (a Kubernetes worker's pod requests them; other infras ignore)
+                       cpus=(task["resources"][0].get("cpus") if task["resources"] else None),
+                       memory=(task["resources"][0].get("memory") if task["resources"] else None),
                        node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}))
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)
 
