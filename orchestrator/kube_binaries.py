@@ -114,6 +114,27 @@ def _build_kwok(version: str, progress: Progress) -> None:
     install_atomically(building / "kwok", kwok_dir(version) / "bin" / "kwok")
 
 
+def install_kubelet(progress: Progress | None = None) -> Path:
+    """The kubelet of the same version (a real node in the tests), built like the control plane when missing."""
+    report = progress or (lambda _msg: None)
+    binary = kube_dir() / "bin" / "kubelet"
+    if reported_version(binary) == KUBERNETES_VERSION:
+        return binary
+    what = f"kubelet v{KUBERNETES_VERSION}"
+    build_dir = cache_dir() / "kubernetes-build" / f"v{KUBERNETES_VERSION}"
+    if not (build_dir / "go.mod").is_file() or not (build_dir / "go.sum").is_file():
+        _build_control_plane(KUBERNETES_VERSION, report)  # writes and resolves the wrapper module
+    major, minor, _patch = KUBERNETES_VERSION.split(".")
+    stamp = " ".join(f"-X k8s.io/component-base/version.{key}={value}" for key, value in (
+        ("gitVersion", f"v{KUBERNETES_VERSION}"), ("gitMajor", major), ("gitMinor", minor), ("gitTreeState", "clean")))
+    building = build_dir / "kubelet.building"
+    run_go(["build", "-v", "-trimpath", "-ldflags", f"-s -w {stamp}", "-o", str(building),
+            "k8s.io/kubernetes/cmd/kubelet"], build_dir, kube_dir() / "install.log", report, "compiling the kubelet",
+           what)
+    install_atomically(building, binary)
+    return binary
+
+
 def find_kube_binaries() -> KubeBinaries | None:
     bin_dir = kube_dir() / "bin"
     kwok = kwok_dir() / "bin" / "kwok"
