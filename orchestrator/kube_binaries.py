@@ -164,11 +164,15 @@ def install_kube_binaries(progress: Progress | None = None) -> tuple[KubeBinarie
 
 
 def main() -> None:
-    """`python -m orchestrator.kube_binaries`: build the test cluster's binaries (what `make test` runs)."""
+    """`python -m orchestrator.kube_binaries`: build the test cluster's binaries, kubelet included (what `make test`
+    runs)."""
     def say(msg: str) -> None:
         print(f"\r\033[K{msg[:150]}", end="", flush=True)
 
     found, took = install_kube_binaries(say)
+    started = time.monotonic()
+    install_kubelet(say)  # the tests' real node
+    took += time.monotonic() - started
     how = f"built in {took:.0f}s" if took > 1 else "cached"
     print(f"\r\033[KKubernetes v{KUBERNETES_VERSION} control plane and kwok v{KWOK_VERSION} in {found.bin_dir.parent}"
           f" and {found.kwok.parent} ({how}); etcd: {found.etcd}")

@@ -241,3 +241,16 @@ def test_jobs_launch_infra_kubernetes_makes_real_objects_and_cancel_removes_them
     sortie.run("jobs", "cancel", "-y", str(job_id))
     assert sortie.wait(job_id, timeout=180)["status"] == "CANCELLED"
     kube.wait("the job's namespace to be deleted", lambda: _namespace_gone(kube, namespace), timeout=120)
+
+
+def test_engine_install_and_status_list_the_plugin(k8s_plugin, sortie_home: Path) -> None:
+    from tests.e2e import Sortie
+
+    sortie = Sortie(sortie_home)
+    out = sortie.run("engine", "install", "--plugin", "kubernetes", timeout=300).stdout
+    assert f"Provider plugin kubernetes v{k8s_plugin.version} already installed: {k8s_plugin.path}" in out
+    status = sortie.run("engine", "status").stdout
+    assert f"plugin:   kubernetes v{k8s_plugin.version}: {k8s_plugin.path}" in status
+    bad = sortie.run("engine", "install", "--plugin", "aws", check=False)
+    assert bad.returncode != 0 and "--plugin 'aws': Sortie builds only kubernetes" in bad.stderr
+    assert "Traceback" not in bad.stderr
