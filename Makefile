@@ -35,7 +35,7 @@ test-deps: setup
 test: setup lint test-deps
 	$(VENV)/bin/pytest -q --durations=15
 
-bench: setup
+bench: setup test-deps
 	$(VENV)/bin/python bench/stack_ops.py
 	$(VENV)/bin/python bench/jobs.py
 	$(VENV)/bin/python bench/recovery.py
@@ -43,6 +43,7 @@ bench: setup
 	$(VENV)/bin/python bench/optimizer.py
 	$(VENV)/bin/python bench/controller_sizing.py
 	$(VENV)/bin/python bench/dashboard.py
+	$(VENV)/bin/python bench/kubernetes.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
