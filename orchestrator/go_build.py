@@ -47,7 +47,9 @@ def module_file(module: str, version: str, build_dir: Path, log: Path, progress:
     with log.open("a") as fh:
         fh.write(f"\n$ go mod download -json {module}@{version}\n")
     progress(f"fetching {module}@{version}")
-    out = subprocess.run([go, "mod", "download", "-json", f"{module}@{version}"], cwd=build_dir, env=go_env(),
+    # Without -mod=mod: the download works inside a wrapper module and outside any module alike.
+    out = subprocess.run([go, "mod", "download", "-json", f"{module}@{version}"], cwd=build_dir,
+                         env={**go_env(), "GOFLAGS": "-buildvcs=false"},
                          capture_output=True, text=True, timeout=1800)
     with log.open("a") as fh:
         fh.write(out.stdout + out.stderr)

@@ -28,6 +28,8 @@ from orchestrator.go_build import install_atomically, module_file, run_go
 KUBERNETES_VERSION = "1.37.2"
 KWOK_VERSION = "0.8.0"
 CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+KWOK_STAGES = ("node/fast/node-initialize.yaml", "node/heartbeat/node-heartbeat.yaml", "pod/fast/pod-ready.yaml",
+               "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml")
 _STAGING = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", re.MULTILINE)
 
 
@@ -36,6 +38,10 @@ class KubeBinaries:
     bin_dir: Path
     kwok: Path
     etcd: Path
+
+    @property
+    def kwok_stages(self) -> Path:
+        return self.kwok.parent.parent / "stages.yaml"
 
     def path(self, name: str) -> Path:
         return self.bin_dir / name
@@ -112,6 +118,16 @@ def _build_kwok(version: str, progress: Progress) -> None:
     run_go(["install", "-v", "-trimpath", "-ldflags", "-s -w", f"sigs.k8s.io/kwok/cmd/kwok@v{version}"],
            build_dir, log, progress, "compiling kwok", what, extra_env={"GOBIN": str(building), "GOFLAGS": ""})
     install_atomically(building / "kwok", kwok_dir(version) / "bin" / "kwok")
+    write_kwok_stages(module_file("sigs.k8s.io/kwok", f"v{version}", build_dir, log, progress, what), version)
+
+
+def write_kwok_stages(source: Path, version: str = KWOK_VERSION) -> Path:
+    """kwok simulates nothing without stages: its own `fast` node and pod stages (nodes become Ready and keep
+    their heartbeat; pods are Running at once, complete and go away when deleted), as one multi-document file."""
+    docs = [(source / "kustomize" / "stage" / rel).read_text().strip() for rel in KWOK_STAGES]
+    target = kwok_dir(version) / "stages.yaml"
+    target.write_text("\n---\n".join(docs) + "\n")
+    return target
 
 
 def install_kubelet(progress: Progress | None = None) -> Path:
@@ -139,7 +155,7 @@ def find_kube_binaries() -> KubeBinaries | None:
     bin_dir = kube_dir() / "bin"
     kwok = kwok_dir() / "bin" / "kwok"
     etcd = find_etcd()
-    if etcd is None or not kwok.is_file():
+    if etcd is None or not kwok.is_file() or not (kwok.parent.parent / "stages.yaml").is_file():
         return None
     if any(reported_version(bin_dir / name) != KUBERNETES_VERSION for name in CONTROL_PLANE):
         return None
@@ -154,7 +170,7 @@ def install_kube_binaries(progress: Progress | None = None) -> tuple[KubeBinarie
         raise EngineError("etcd is not installed: run `apt-get install etcd-server` (make test does it as root)")
     if any(reported_version(kube_dir() / "bin" / name) != KUBERNETES_VERSION for name in CONTROL_PLANE):
         _build_control_plane(KUBERNETES_VERSION, report)
-    if not (kwok_dir() / "bin" / "kwok").is_file():
+    if not (kwok_dir() / "bin" / "kwok").is_file() or not (kwok_dir() / "stages.yaml").is_file():
         _build_kwok(KWOK_VERSION, report)
     found = find_kube_binaries()
     if found is None:

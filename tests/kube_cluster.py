@@ -252,7 +252,8 @@ def kube_cluster(root: Path, timeout: float = 180.0) -> Iterator[KubeCluster]:
             f"--authorization-kubeconfig={admin}", "--leader-elect=false", "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}", "--v=1"])
         _start(cluster, "kwok", [
-            str(binaries.kwok), f"--kubeconfig={admin}", "--manage-all-nodes=false",
+            str(binaries.kwok), f"--kubeconfig={admin}", f"--config={binaries.kwok_stages}",
+            "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake", f"--cidr={POD_CIDR}",
             "--node-ip=10.244.0.1", f"--server-address=127.0.0.1:{free_port()}"])
         # The controller manager makes each namespace's `default` service account: pods need it.
