@@ -161,18 +161,30 @@ def test_capacity_offers_come_from_the_nodes(kube: KubeCluster, monkeypatch: pyt
     assert too_big.chosen is None
 
 
-def test_unreachable_api_server_is_one_clear_line(tmp_path: Path, kube: KubeCluster, kdriver,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.errors import StackOperationError
-    from orchestrator.kube_capacity import KubeUnreachable, kubernetes_offers
+def _dead_kubeconfig(tmp_path: Path, kube: KubeCluster) -> Path:
     from tests.kube_cluster import free_port
 
     dead = tmp_path / "dead-kubeconfig"
     dead.write_text(kubeconfig_yaml(f"https://127.0.0.1:{free_port()}", kube.pki))
+    return dead
+
+
+def test_unreachable_api_server_offers_nothing_and_says_why(tmp_path: Path, kube: KubeCluster) -> None:
+    from orchestrator.kube_capacity import KubeUnreachable, kubernetes_offers
+    from orchestrator.optimizer import plan_for
+
+    config = SortieConfig(kubernetes=KubernetesConfig(kubeconfig=str(_dead_kubeconfig(tmp_path, kube))))
     with pytest.raises(KubeUnreachable) as err:
-        kubernetes_offers(SortieConfig(kubernetes=KubernetesConfig(kubeconfig=str(dead))))
-    assert "unreachable" in str(err.value) and "\n" not in str(err.value)
-    spec = _spec("sortie-k8s-9-1", kubeconfig=str(dead))
+        kubernetes_offers(config)
+    assert "is unreachable" in str(err.value) and "\n" not in str(err.value)
+    plan = plan_for([{"infra": "kubernetes"}], 1, config, ordered=False, enabled=("kubernetes",))
+    assert plan.chosen is None and "kubernetes: the API server https://127.0.0.1:" in (plan.infeasible or "")
+
+
+def test_unreachable_api_server_fails_up_with_one_line(tmp_path: Path, kube: KubeCluster, kdriver) -> None:
+    from orchestrator.errors import StackOperationError
+
+    spec = _spec("sortie-k8s-9-1", kubeconfig=str(_dead_kubeconfig(tmp_path, kube)))
     with pytest.raises(StackOperationError) as failed:
         kdriver.up(spec.name, StackProgram("cluster", spec))
     assert "connection refused" in failed.value.message.lower() and "\n" not in failed.value.message
