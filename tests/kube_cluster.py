@@ -237,6 +237,7 @@ def kube_cluster(root: Path, timeout: float = 180.0) -> Iterator[KubeCluster]:
             f"--client-ca-file={pki / 'ca.crt'}", f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc", "--authorization-mode=Node,RBAC",
+            "--endpoint-reconciler-type=none",  # a loopback advertise address is refused by the reconciler
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true", "--v=1"])
         admin = str(cluster.kubeconfig)
         cluster.wait("the API server to answer /readyz", lambda: (_check_alive(cluster), _ready(cluster))[1],
