@@ -79,10 +79,19 @@ def schema() -> None:
 
 
 @engine_app.command("install")
-def engine_install(force: bool = typer.Option(False, "--force", help="Rebuild even if installed.")) -> None:
+def engine_install(
+    force: bool = typer.Option(False, "--force", help="Rebuild even if installed."),
+    plugin: list[str] = typer.Option([], "--plugin", help="Also build this provider plugin (kubernetes): the "
+                                     "Go module proxy's source, stamped with the installed SDK's version."),
+) -> None:
     """Install the pinned Pulumi engine (build it from the Go module proxy when offline)."""
     from orchestrator.engine import engine_root, install_engine
+    from orchestrator.errors import UsageError
+    from orchestrator.provider_plugins import PLUGINS, install_plugin
 
+    for name in plugin:
+        if name not in PLUGINS:
+            raise UsageError(f"--plugin {name!r}: Sortie builds only {', '.join(PLUGINS)}")
     console = _console()
     started = time.monotonic()
     with console.status(f"Pulumi engine: checking {engine_root()}") as status:
@@ -91,6 +100,14 @@ def engine_install(force: bool = typer.Option(False, "--force", help="Rebuild ev
     verb = {"present": "already installed", "official": "installed by the official installer",
             "built": "built from the Go module proxy"}[how]
     console.print(f"Pulumi engine v{info.version} {verb}: {info.path} ({took:.1f}s)")
+    for name in plugin:
+        started = time.monotonic()
+        with console.status(f"{name} provider plugin: checking") as status:
+            found, how = install_plugin(name, force=force,
+                                        progress=lambda msg, n=name: status.update(f"{n} provider plugin: {msg}"))
+        verb = {"present": "already installed", "built": "built from the Go module proxy"}[how]
+        console.print(f"Provider plugin {name} v{found.version} {verb}: {found.path} "
+                      f"({time.monotonic() - started:.1f}s)")
 
 
 @engine_app.command("status")
@@ -99,6 +116,7 @@ def engine_status() -> None:
     from orchestrator.config import load_config, sortie_home
     from orchestrator.engine import PINNED_VERSION, backend_url, engine_root, find_engine
     from orchestrator.errors import EngineError
+    from orchestrator.provider_plugins import PLUGINS, find_plugin, sdk_version
 
     home = sortie_home()
     config = load_config(home)
@@ -109,6 +127,12 @@ def engine_status() -> None:
     console.print(f"backend:  {backend_url(config, home)}")
     console.print(f"secrets:  {config.pulumi.secrets_provider}")
     console.print(f"home:     {home}")
+    for name in PLUGINS:
+        wanted = sdk_version(name)
+        found = find_plugin(name)
+        where = (str(found.path) if found else "not built: run `sortie engine install --plugin " + name + "`"
+                 ) if wanted else f"SDK not installed (pip install 'sortie[{name}]')"
+        console.print(f"plugin:   {name} {'v' + wanted if wanted else '-'}: {where}")
     if info is None:
         raise EngineError("the Pulumi engine is not installed; run `sortie engine install`")
 

@@ -38,6 +38,7 @@ def plan_lines(plan: ApplyPlan) -> list[str]:
     data = plan.to_json()
     before, after = data["workers"]["before"], data["workers"]["after"]
     what = {"create": "create the pool", "in-place": "update in place (scale)", "unchanged": "no change",
+            "update": "update workers in place (the provider's diff)",
             "recreate": "recreate workers (rolling)"}[plan.mode]
     lines = [f"Pool {plan.pool}: {what}"]
     lines.append(f"  workers: {before if before is not None else '-'} -> {after}")
@@ -96,7 +97,7 @@ def apply(
         return
     if not yes and not typer.confirm("Proceed?", default=True):
         raise typer.Exit(1)
-    service.apply(name, pipeline, plan, new_hash)
+    service.apply(name, pipeline, plan, new_hash, driver=_driver(service) if plan.mode == "update" else None)
     if not as_json:
         _console().print(f"Pool {name} applied; workers converge in the background. "
                          f"See `sortie jobs pool status {name}`.")

@@ -51,6 +51,9 @@ CAPACITY_PATTERNS = (
     "SkuNotAvailable",
     "AllocationFailed",
     "OverconstrainedAllocationRequest",
+    # Kubernetes: a pod the scheduler could not place (the provider reports its PodScheduled message on timeout).
+    "nodes are available: ",
+    "Insufficient nvidia.com/gpu",
 )
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value in state
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -62,13 +62,6 @@ def _credentials(cloud: str, env: Mapping[str, str], home: Path) -> str | None:
         if _file(home / ".azure" / "azureProfile.json"):
             return "an `az login` profile"
         return None
-    if cloud == "kubernetes":
-        kubeconfig = env.get("KUBECONFIG", "").split(os.pathsep)[0]
-        if _file(kubeconfig):
-            return f"KUBECONFIG={kubeconfig}"
-        if _file(home / ".kube" / "config"):
-            return "~/.kube/config"
-        return None
     return None
 
 
@@ -97,12 +90,30 @@ def check(config: SortieConfig, env: Mapping[str, str] | None = None, home: Path
         if not _has_sdk(cloud):
             found.append(CloudCheck(cloud, False, f"the SDK extra is not installed: pip install 'sortie[{cloud}]'"))
             continue
+        if cloud == "kubernetes":
+            found.append(_kube_check(config, env, home))
+            continue
         where = _credentials(cloud, env, home)
         if where is None:
             found.append(CloudCheck(cloud, False, f"no credentials found: {_HOW[cloud]}"))
             continue
         found.append(CloudCheck(cloud, True, f"credentials from {where}"))
     return found
+
+
+def _kube_check(config: SortieConfig, env: Mapping[str, str], home: Path) -> CloudCheck:
+    """Enabled when the kubeconfig (kubernetes.kubeconfig, $KUBECONFIG, ~/.kube/config) names a usable context;
+    read offline, as kubectl reads it (whether its API server answers is the optimizer's question)."""
+    from orchestrator.errors import UsageError
+    from orchestrator.kube_capacity import kubeconfig_path, load_target
+
+    if not _file(kubeconfig_path(config, dict(env), home)):
+        return CloudCheck("kubernetes", False, f"no kubeconfig found: {_HOW['kubernetes']}")
+    try:
+        target = load_target(config, dict(env), home)
+    except UsageError as exc:
+        return CloudCheck("kubernetes", False, str(exc))
+    return CloudCheck("kubernetes", True, f"kubeconfig {target.path}, context {target.context} ({target.server})")
 
 
 def enabled_clouds(config: SortieConfig) -> tuple[str, ...]:

@@ -315,6 +315,32 @@ class CloudNetworkConfig(BaseModel):
     ] = None
 
 
+class KubernetesConfig(BaseModel):
+    """Where Sortie's Kubernetes clusters go (infra `kubernetes`, region = a kubeconfig context)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kubeconfig: Annotated[
+        str | None,
+        Field(max_length=4096, description="The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)."),
+    ] = None
+    context: Annotated[
+        str | None,
+        Field(max_length=253, description="The context whose cluster is offered (default: the current context)."),
+    ] = None
+    namespace: Annotated[
+        str | None,
+        Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+              description="A namespace to put every cluster in, as is (default: a namespace per cluster, "
+              "sortie-<cluster>, made and deleted with it; that needs permission to create namespaces)."),
+    ] = None
+    pod_timeout_s: Annotated[
+        int,
+        Field(ge=10, le=3600, description="Seconds a launch waits for each pod to be scheduled and ready; a pod "
+              "still Pending then (no node has the resources) counts as no capacity, and the job tries elsewhere."),
+    ] = 600
+
+
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
 
@@ -327,6 +353,7 @@ class SortieConfig(BaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     cloud: CloudNetworkConfig = Field(default_factory=CloudNetworkConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     allowed_clouds: Annotated[
         list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,
         Field(description="Only these clouds are considered (default: every cloud `sortie check` enables)."),

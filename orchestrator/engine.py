@@ -274,6 +274,13 @@ def backend_url(config: SortieConfig, home: Path) -> str:
     return config.pulumi.backend_url or default_backend_url(home)
 
 
+def _plugin_dirs() -> list[str]:
+    """Provider plugins Sortie built (`sortie engine install --plugin kubernetes`): found by the engine on PATH."""
+    from orchestrator.provider_plugins import plugin_path_dirs
+
+    return plugin_path_dirs()
+
+
 def engine_env(home: Path | None = None, config: SortieConfig | None = None,
                engine: EngineInfo | None = None) -> dict[str, str]:
     """Environment variables Sortie sets for every engine run (never set by hand)."""
@@ -284,7 +291,7 @@ def engine_env(home: Path | None = None, config: SortieConfig | None = None,
         "PULUMI_SKIP_UPDATE_CHECK": "true",
         "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
         "PULUMI_HOME": os.environ.get("PULUMI_HOME") or str(home / "pulumi-home"),
-        "PATH": f"{engine.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": os.pathsep.join([str(engine.bin_dir), *_plugin_dirs(), os.environ.get("PATH", "")]),
         "SORTIE_PYTHON": sys.executable,
         "SORTIE_HOME": str(home),
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p),

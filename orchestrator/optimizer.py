@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import SortieConfig
+from orchestrator.errors import SortieError
 
 CATALOG_CLOUDS = ("aws", "gcp", "azure")
 
@@ -222,4 +223,16 @@ def plan_for(candidates: Sequence[dict[str, Any]], num_nodes: int, config: Sorti
         enabled = enabled_clouds(config)
     # Every catalog, enabled or not: the disabled ones only serve the message when nothing fits.
     offers = local_offers(config) + catalog_offers(CATALOG_CLOUDS)
-    return optimize(candidates, num_nodes, offers, ordered=ordered, enabled=enabled)
+    kube_error = None
+    if "kubernetes" in enabled:
+        # A Kubernetes cluster's offers are its nodes, read from its API server (orchestrator/kube_capacity.py).
+        from orchestrator.kube_capacity import kubernetes_offers
+
+        try:
+            offers += kubernetes_offers(config)
+        except SortieError as exc:
+            kube_error = str(exc)
+    plan = optimize(candidates, num_nodes, offers, ordered=ordered, enabled=enabled)
+    if kube_error and plan.chosen is None:
+        return Plan(infeasible=f"{plan.infeasible or 'no candidate resources'}; {kube_error}")
+    return plan

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
-from orchestrator.pools import ApplyPlan, PoolPolicy, WorkerView, plan_apply, worker_hash
+from orchestrator.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
 from orchestrator.service import JobService, UnknownJobError, current_user
 
 if TYPE_CHECKING:
@@ -73,6 +73,9 @@ class PoolService(JobService):
                           old_policy, views, spec, new_hash, policy)
         if driver is not None:
             plan = replace(plan, previews=self._previews(name, spec, plan, workers, driver))
+            # On Kubernetes the provider's diff of each live worker decides update-in-place versus recreate.
+            plan = follow_provider_diff(plan, {stack: [r["op"] for r in p["resources"]]
+                                               for stack, p in plan.previews.items() if p.get("provider_diff")})
         return plan, new_hash
 
     def _previews(self, name: str, spec: dict[str, Any], plan: ApplyPlan, workers: list[WorkerRow],
@@ -102,6 +105,11 @@ class PoolService(JobService):
             jobs.append((stack, worker_program(name, spec, stack, w.number, w.infra, w.region, w.use_spot,
                                                self.store.box.open(w.token_enc), self.home, self.config)))
         for stack in plan.remove:
+            w = by_stack[stack]
+            if plan.mode == "recreate" and w.infra == "kubernetes":  # the new spec on the worker's own stack
+                jobs.append((stack, worker_program(name, spec, stack, w.number, w.infra, w.region, w.use_spot,
+                                                   self.store.box.open(w.token_enc), self.home, self.config)))
+                continue
             nodes = len(by_stack[stack].nodes or []) or 1
             previews[stack] = {"op": "delete", "resources": [{"op": "delete", "type": "sortie:local:Node",
                                                               "keys": []} for _ in range(nodes)]}
@@ -110,12 +118,16 @@ class PoolService(JobService):
         for (stack, _), preview in zip(jobs, results, strict=True):
             changes = [{"op": c.op, "type": c.type, "name": c.name, "keys": list(c.keys)} for c in preview.changes]
             op = "create" if stack not in by_stack else ("update" if preview.has_changes else "same")
-            previews[stack] = {"op": op, "resources": changes, "counts": preview.counts()}
+            previews[stack] = {"op": op, "resources": changes, "counts": preview.counts(),
+                               "provider_diff": stack in plan.remove}
         return previews
 
-    def apply(self, name: str, pipeline: Pipeline, plan: ApplyPlan, new_hash: str) -> None:
+    def apply(self, name: str, pipeline: Pipeline, plan: ApplyPlan, new_hash: str,
+              driver: StackDriver | None = None) -> None:
         """Record the pool's new spec and policy (staging its workdir and file mounts first) and make sure the
-        controller runs; the controller's pool reconciler creates, drains and destroys workers."""
+        controller runs; the controller's pool reconciler creates, drains and destroys workers. An `update` plan
+        (the provider's diff has no replacement) first runs `up` of each kept worker's stack with the new spec,
+        then records the new hash on those workers in the pool's own transaction."""
         from orchestrator.controller.daemon import check_controller, ensure_controller
         from orchestrator.storage.staging import prepare, stage
 
@@ -128,12 +140,30 @@ class PoolService(JobService):
             key = f"pool-{name}-{new_hash[:8]}"
             storage = stage(storage_plan, key, self.config, self.home, record=lambda _: None)
         policy = PoolPolicy.from_section(spec["pool"])
-        self.store.apply_pool(name, user=current_user(), spec=spec, spec_hash=new_hash,
+        updated = self._update_in_place(name, spec, plan, driver) if plan.mode == "update" else []
+        self.store.apply_pool(name, user=current_user(), spec=spec, spec_hash=new_hash, updated_workers=updated,
                               policy={"workers": policy.workers, "min_workers": policy.min_workers,
                                       "max_workers": policy.max_workers, "idle_timeout": policy.idle_timeout,
                                       "jobs_per_worker": policy.jobs_per_worker},
                               plan=plan.to_json(), storage=storage)
         ensure_controller(self.home)
+
+    def _update_in_place(self, name: str, spec: dict[str, Any], plan: ApplyPlan,
+                         driver: StackDriver | None) -> list[int]:
+        """`up` of each kept worker's stack with the new spec; returns their ids."""
+        from orchestrator.controller.pool_workers import worker_program
+
+        if driver is None:
+            raise UsageError(f"pool {name}: an in-place update needs the stack driver")
+        by_stack = {w.stack_name: w for w in self.store.workers(name)}
+        updated = []
+        for stack in plan.keep:
+            w = by_stack[stack]
+            driver.up(stack, worker_program(name, spec, stack, w.number, w.infra, w.region, w.use_spot,
+                                            self.store.box.open(w.token_enc), self.home, self.config),
+                      cleanup_on_failure=False)
+            updated.append(w.id)
+        return updated
 
     def resolve_pool(self, name: str) -> PoolRow:
         row = self.store.pool(name)

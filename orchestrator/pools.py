@@ -1,7 +1,8 @@
 """Pools, the pure parts: what defines a worker, the plan an apply shows, and what the pool reconciler does
 next. No I/O here, so every rule is tested against plain values.
 
-In place or recreate (the seed's rule): a worker is defined by its setup, file mounts, workdir, resources,
+In place or recreate (the seed's rule, refined by the provider's diff where it can tell: see
+`follow_provider_diff`): a worker is defined by its setup, file mounts, workdir, resources,
 node count and envs. An apply that changes only the worker count (or the autoscaling policy) scales in place:
 new worker stacks, or idle workers destroyed, never a busy one. An apply that changes what defines a worker
 recreates them, rolling: new workers are created and set up first, old ones drain (finish their jobs) and are
@@ -15,7 +16,7 @@ import hashlib
 import json
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 
 WORKER_KEYS = ("setup", "workdir", "file_mounts", "storage_mounts", "resources", "num_nodes", "envs")
 LIVE = ("PROVISIONING", "SETTING_UP", "READY", "DRAINING")
-ApplyMode = Literal["create", "in-place", "recreate", "unchanged"]
+ApplyMode = Literal["create", "in-place", "update", "recreate", "unchanged"]
+# A preview op on a live worker's stack that means the worker does not survive the change.
+REPLACING_OPS = ("replace", "create", "delete")
 
 
 def worker_hash(task: dict[str, Any], secret_names: list[str] | tuple[str, ...] = ()) -> str:
@@ -153,6 +156,27 @@ def plan_apply(name: str, old_spec: dict[str, Any] | None, old_hash: str | None,
                      keep=tuple(w.stack for w in live if w not in removable), notes=notes)
 
 
+def follow_provider_diff(plan: ApplyPlan, worker_ops: dict[str, list[str]]) -> ApplyPlan:
+    """A recreate that Sortie's hash decided, checked against the provider's preview of the new spec on each live
+    worker's own stack (`worker_ops`: stack -> the ops of its resources). When no resource of any worker would be
+    replaced, created or deleted (e.g. only labels change on Kubernetes pods), the workers are updated in place
+    (`update`: an `up` of each worker's stack, jobs keep running); any replacement keeps the rolling recreate.
+    Workdir and file mounts always recreate (their files are synced at setup)."""
+    if plan.mode != "recreate" or not plan.remove or set(worker_ops) != set(plan.remove):
+        return plan
+    if any(key.startswith("workdir/file_mounts") or key in ("workdir", "file_mounts", "storage_mounts", "setup")
+           for key in plan.changed):
+        return plan
+    replacing = sorted(stack for stack, ops in worker_ops.items() if any(op in REPLACING_OPS for op in ops))
+    if replacing:
+        return replace(plan, notes=(*plan.notes, "the provider replaces resources of " + ", ".join(replacing)))
+    after = plan.workers_after
+    keep, remove = plan.remove[:after], plan.remove[after:]
+    note = "the provider updates every worker's resources in place (its diff has no replacement): jobs keep running"
+    return replace(plan, mode="update", create=max(after - len(plan.remove), 0), keep=keep, remove=remove,
+                   notes=(note,))
+
+
 def _removal_order(workers: list[WorkerView]) -> list[WorkerView]:
     """Which workers go first when a pool shrinks: not ready yet, then idle, then busy; newest first."""
     rank = {"PROVISIONING": 0, "SETTING_UP": 0, "READY": 1}
@@ -205,5 +229,8 @@ def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, inf
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
                        labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
+                       # the task's sizes (a Kubernetes worker's pod requests them; other infras ignore them)
+                       cpus=(task["resources"][0].get("cpus") if task["resources"] else None),
+                       memory=(task["resources"][0].get("memory") if task["resources"] else None),
                        node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}))
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)

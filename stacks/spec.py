@@ -45,6 +45,12 @@ class ClusterSpec:
     # What the default firewall admits to the agent port; None: only the private network itself.
     controller_cidr: str | None = None
     agent_port: int = 8470
+    # Kubernetes only (config `kubernetes:`): the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config) and
+    # the namespace to use as is (default: a namespace per cluster, created and deleted with its stack).
+    kubeconfig: str | None = None
+    kube_namespace: str | None = None
+    # Kubernetes: seconds `up` waits for each pod to be scheduled and ready before it fails (no capacity).
+    kube_pod_timeout_s: int = 600
     ssh_public_key: str | None = None
     # The controller role only: what may reach its SSH port (the dashboard tunnel); nodes never open SSH.
     ssh_cidr: str | None = None
@@ -73,7 +79,10 @@ def cloud_fields(config: Any) -> dict[str, Any]:
     cloud = config.cloud
     return {"tags": dict(cloud.tags), "network_stack": cloud.network_stack,
             "network_outputs": dict(cloud.network_outputs), "controller_cidr": cloud.controller_cidr,
-            "ssh_public_key": cloud.ssh_public_key, "instance_profile": getattr(cloud, "node_instance_profile", None)}
+            "ssh_public_key": cloud.ssh_public_key, "instance_profile": getattr(cloud, "node_instance_profile", None),
+            "kubeconfig": getattr(getattr(config, "kubernetes", None), "kubeconfig", None),
+            "kube_namespace": getattr(getattr(config, "kubernetes", None), "namespace", None),
+            "kube_pod_timeout_s": getattr(getattr(config, "kubernetes", None), "pod_timeout_s", 600)}
 
 
 @dataclass(frozen=True)

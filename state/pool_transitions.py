@@ -49,8 +49,10 @@ class PoolTransitions:
     # --- pools ------------------------------------------------------------------------------------------
 
     def apply_pool(self, name: str, *, user: str, spec: dict[str, Any], spec_hash: str, policy: dict[str, Any],
-                   plan: dict[str, Any], storage: dict[str, Any] | None) -> None:
-        """Create the pool, or give it a new spec and policy; the pool reconciler converges its workers."""
+                   plan: dict[str, Any], storage: dict[str, Any] | None, updated_workers: Sequence[int] = ()) -> None:
+        """Create the pool, or give it a new spec and policy; the pool reconciler converges its workers.
+        `updated_workers` were updated in place to the new spec (the provider's diff said so): they get its hash in
+        this transaction."""
         now = time.time()
         with self.session() as session, session.begin():
             row = session.get(PoolRow, name)
@@ -66,6 +68,9 @@ class PoolTransitions:
             previous = row.storage or {}
             older = [*previous.get("older", []), *([previous["cleanup"]] if previous.get("cleanup") else [])]
             row.storage = {**(storage or {}), "older": older}
+            if updated_workers:
+                session.execute(update(WorkerRow).where(WorkerRow.pool == name, WorkerRow.id.in_(updated_workers))
+                                .values(spec_hash=spec_hash))
             pool_event(session, name, "applied", f"{policy['workers']} worker(s), spec {spec_hash[:12]}", who=user)
 
     def pool_down(self, name: str, who: str) -> None:

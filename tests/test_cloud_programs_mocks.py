@@ -492,7 +492,8 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     assert len(pods) == 2
     for rank, pod in enumerate(pods):
         assert pod["metadata"]["name"] == f"sortie-job-7-1-{rank}"
-        assert pod["metadata"]["namespace"] == "default"
+        assert pod["metadata"]["namespace"] == "sortie-job-7-1"  # the cluster's own namespace
+        assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == (f"sortie-job-7-1-{rank}", "sortie-job-7-1")
         (container,) = pod["spec"]["containers"]
         assert container["image"] == "python:3.11-slim"
         assert container["command"][:2] == ["python3", "/opt/sortie/agent.py"]
@@ -514,6 +515,11 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     assert is_secret(secret["stringData"]) and reveal(secret["stringData"]) == {"token": TOKEN}
     (configmap,) = harness.mocks.of_type(K8S_CONFIGMAP)
     assert configmap["data"]["agent.py"] == AGENT_SOURCE
+    (namespace,) = harness.mocks.of_type("kubernetes:core/v1:Namespace")
+    assert namespace["metadata"]["name"] == "sortie-job-7-1"
+    (service,) = harness.mocks.of_type("kubernetes:core/v1:Service")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1"}
 
     nodes, _ = exports["nodes"]
     assert [n["node_id"] for n in nodes] == ["sortie-job-7-1-0", "sortie-job-7-1-1"]

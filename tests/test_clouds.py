@@ -38,14 +38,16 @@ def test_without_sdks_or_credentials_only_local_is_enabled(tmp_path: Path, sdks:
 def test_credentials_in_the_environment_and_in_files_enable_clouds(tmp_path: Path, sdks: set[str]) -> None:
     sdks.update({"aws", "gcp", "azure", "kubernetes"})
     (tmp_path / ".kube").mkdir()
-    (tmp_path / ".kube" / "config").write_text("apiVersion: v1\n")
+    (tmp_path / ".kube" / "config").write_text(
+        "apiVersion: v1\ncurrent-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "clusters: [{name: k, cluster: {server: 'https://k8s.example:6443'}}]\nusers: [{name: u, user: {token: t}}]\n")
     key = tmp_path / "sa.json"
     key.write_text("{}")
     env = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "x", "GOOGLE_APPLICATION_CREDENTIALS": str(key),
            "ARM_CLIENT_ID": "a", "ARM_TENANT_ID": "t", "ARM_SUBSCRIPTION_ID": "s"}
     found = by_cloud(env, tmp_path)
     assert all(c.enabled for c in found.values()), found
-    assert found["kubernetes"].reason == "credentials from ~/.kube/config"
+    assert found["kubernetes"].reason == f"kubeconfig {tmp_path}/.kube/config, context c (https://k8s.example:6443)"
     narrowed = by_cloud(env, tmp_path, SortieConfig(allowed_clouds=["local", "aws"]))
     assert [c for c, v in narrowed.items() if v.enabled] == ["local", "aws"]
     assert narrowed["gcp"].reason == "not in allowed_clouds of the config"

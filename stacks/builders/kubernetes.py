@@ -1,17 +1,20 @@
 """Kubernetes nodes: one Pod per node running the node agent (imports pulumi_kubernetes).
 
-Per cluster: a Secret holding the token (a secret Output; the agent reads it from
-`$SORTIE_AGENT_TOKEN`, which it removes from its environment before anything runs) and a ConfigMap
-holding the agent's source. Per node: a Pod (image `python:3.11-slim` unless `spec.image`) that
-mounts the ConfigMap and starts the agent, with requests from `cpus`/`memory` (limits too when they
-are exact, not `N+`), `nvidia.com/gpu` limits for accelerators, `node.kubernetes.io/instance-type`
-as node selector when `instance_type` is set, and for spot: tolerations of the usual spot taints
-(`sortie.dev/spot`, GKE, AKS) and a preference for nodes labelled as spot.
+Per cluster: a Namespace of its own (`sortie-<cluster>`, deleted with the stack, which takes everything in it)
+unless the config names one (`kubernetes.namespace`, used as is: a team's namespace where Sortie may not create
+namespaces); a Secret holding the token (a secret Output; the agent reads it from `$SORTIE_AGENT_TOKEN`, which it
+removes from its environment before anything runs); a ConfigMap holding the agent's source; and for several nodes
+a headless Service, so node `r` is `<cluster>-<r>.<cluster>.<namespace>.svc`. Per node: a Pod (image
+`python:3.11-slim` unless `image_id: docker:<image>`) that mounts the ConfigMap and starts the agent, with requests
+from `cpus`/`memory` (limits too when they are exact, not `N+`) or from an instance type Sortie named after a
+node's allocatable (`8CPU--32GB--1H100`), `nvidia.com/gpu` limits for accelerators,
+`node.kubernetes.io/instance-type` as node selector for a real instance type, and for spot: tolerations of the
+usual spot taints (`sortie.dev/spot`, GKE, AKS) and a preference for nodes labelled as spot. Every object carries
+Sortie's tags as labels.
 
-Where: the namespace is the stack config `sortie:namespace` (default `default`); a region, if any,
-is the kubeconfig context to use (and the nodes' region; else the current context, region None).
-The agent listens on the Pod IP; nothing is exposed outside the cluster's network. `network_stack`
-and `controller_cidr` do not apply.
+Where: a region, if any, is the kubeconfig context to use (`kubernetes.kubeconfig` in the config, else
+$KUBECONFIG or ~/.kube/config). The agent listens on the Pod IP; nothing is exposed outside the cluster's network.
+`network_stack` and `controller_cidr` do not apply.
 """
 
 from __future__ import annotations
@@ -80,7 +83,9 @@ def quantity(value: str | None, what: str, unit: str) -> tuple[str | None, bool]
 def resources(spec: ClusterSpec) -> dict[str, dict[str, str]]:
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    for key, raw, unit in (("cpu", spec.cpus, ""), ("memory", spec.memory, "Gi")):
+    sized = synthetic_instance(spec.instance_type)
+    cpus, memory = (spec.cpus or sized[0], spec.memory or sized[1]) if sized else (spec.cpus, spec.memory)
+    for key, raw, unit in (("cpu", cpus, ""), ("memory", memory, "Gi")):
         amount, exact = quantity(raw, key, unit)
         if amount is not None:
             requests[key] = amount
@@ -99,7 +104,7 @@ def scheduling(spec: ClusterSpec) -> dict[str, object]:
     placement: dict[str, object] = {}
     if accelerator(spec) is not None:
         tolerations.append(GPU_TOLERATION)
-    if spec.instance_type:
+    if spec.instance_type and synthetic_instance(spec.instance_type) is None:
         placement["node_selector"] = {"node.kubernetes.io/instance-type": spec.instance_type}
     if spec.use_spot:
         tolerations.extend(SPOT_TOLERATIONS)
@@ -112,15 +117,44 @@ def scheduling(spec: ClusterSpec) -> dict[str, object]:
     return placement
 
 
+_SYNTHETIC_TYPE = re.compile(r"^(\d+(?:\.\d+)?)CPU--(\d+(?:\.\d+)?)GB(?:--(\d+)([A-Za-z0-9_.-]+))?$")
+
+
+def pod_image(spec: ClusterSpec) -> str:
+    """The container image: `image_id: docker:<image>` (SkyPilot's form) or a bare image name; else the default."""
+    image = (spec.image or "").strip()
+    image = image.removeprefix("docker:").strip()
+    return image or DEFAULT_IMAGE
+
+
+def synthetic_instance(instance_type: str | None) -> tuple[str, str] | None:
+    """(cpus, memory GiB) of an instance type Sortie names after a node's allocatable (`8CPU--32GB[--1H100]`,
+    SkyPilot's form for Kubernetes); None for a real instance type, which becomes a node selector."""
+    match = _SYNTHETIC_TYPE.match(instance_type or "")
+    return (match.group(1), match.group(2)) if match else None
+
+
+def namespace_for(spec: ClusterSpec) -> tuple[str, bool]:
+    """(namespace, whether this stack creates it): the configured one as is, else one per cluster."""
+    configured = spec.kube_namespace or pulumi.Config("sortie").get("namespace")
+    if configured:
+        return configured, False
+    return dns_label(spec.name if spec.name.startswith("sortie") else f"sortie-{spec.name}", 63), True
+
+
 def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
     context, _zone = location(spec, "kubernetes")
-    namespace = pulumi.Config("sortie").get("namespace") or DEFAULT_NAMESPACE
-    labels = k8s_labels(sortie_tags(spec))
-    base = merge_opts(opts, delete_before_replace=True)
-    if context:
-        provider = k8s.Provider(f"{spec.name}-k8s", context=context, opts=merge_opts(opts))
-        base = merge_opts(base, provider=provider)
+    namespace, own_namespace = namespace_for(spec)
     prefix = dns_label(spec.name, 50)
+    labels = k8s_labels(sortie_tags(spec))  # includes sortie-cluster, the headless Service's selector
+    base = merge_opts(opts, delete_before_replace=True)
+    if context or spec.kubeconfig:
+        provider = k8s.Provider(f"{spec.name}-k8s", context=context, kubeconfig=spec.kubeconfig,
+                                opts=merge_opts(opts))
+        base = merge_opts(base, provider=provider)
+    if own_namespace:
+        ns = k8s.core.v1.Namespace(f"{spec.name}-ns", metadata={"name": namespace, "labels": labels}, opts=base)
+        base = merge_opts(base, depends_on=[ns])
     secret = k8s.core.v1.Secret(
         f"{spec.name}-token", type="Opaque", string_data={"token": pulumi.Output.secret(spec.token)},
         metadata={"name": f"{prefix}-token", "namespace": namespace, "labels": labels}, opts=base,
@@ -129,12 +163,22 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
         f"{spec.name}-agent", data={"agent.py": agent_source()},
         metadata={"name": f"{prefix}-agent", "namespace": namespace, "labels": labels}, opts=base,
     )
+    if spec.num_nodes > 1:
+        # Stable DNS names for the nodes of a multi-node cluster: <prefix>-<rank>.<prefix>.<namespace>.svc.
+        k8s.core.v1.Service(
+            f"{spec.name}-nodes",
+            metadata={"name": prefix, "namespace": namespace, "labels": labels},
+            spec={"cluster_ip": "None", "selector": {"sortie-cluster": labels["sortie-cluster"]},
+                  "publish_not_ready_addresses": True,
+                  "ports": [{"name": "agent", "port": spec.agent_port, "target_port": spec.agent_port}]},
+            opts=base,
+        )
     needs = resources(spec)
     nodes: list[BuiltNode] = []
     for rank in range(spec.num_nodes):
         pod_name = f"{prefix}-{rank}"
         container: dict[str, object] = {
-            "name": "agent", "image": spec.image or DEFAULT_IMAGE,
+            "name": "agent", "image": pod_image(spec),
             "command": pod_command(spec, pod_name),
             "env": [{"name": "SORTIE_AGENT_TOKEN",
                      "value_from": {"secret_key_ref": {"name": secret.metadata.name, "key": "token"}}}],
@@ -145,14 +189,20 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
         }
         if needs:
             container["resources"] = needs
+        pod_spec: dict[str, object] = {
+            "containers": [container], "restart_policy": "Always",
+            "volumes": [{"name": "agent", "config_map": {"name": agent.metadata.name}},
+                        {"name": "sandbox", "empty_dir": {}}],
+            **scheduling(spec)}
+        if spec.num_nodes > 1:
+            pod_spec.update(hostname=pod_name, subdomain=prefix)
         pod = k8s.core.v1.Pod(
             f"{spec.name}-node-{rank}",
-            metadata={"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)}},
-            spec={"containers": [container], "restart_policy": "Always",
-                  "volumes": [{"name": "agent", "config_map": {"name": agent.metadata.name}},
-                              {"name": "sandbox", "empty_dir": {}}],
-                  **scheduling(spec)},
-            opts=base,
+            metadata={"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)},
+                      # How long `up` waits for the pod to be scheduled and ready: a pod left Pending for want
+                      # of resources fails as no capacity (the scheduler's message), and recovery tries elsewhere.
+                      "annotations": {"pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)}},
+            spec=pod_spec, opts=base,
         )
         ip = pod.status.apply(lambda status: status.pod_ip if status else None)
         nodes.append(CloudNode(
