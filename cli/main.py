@@ -103,8 +103,10 @@ def engine_install(
     for name in plugin:
         started = time.monotonic()
         with console.status(f"{name} provider plugin: checking") as status:
-            found, how = install_plugin(name, force=force,
-                                        progress=lambda msg, n=name: status.update(f"{n} provider plugin: {msg}"))
+            def tell(msg: str, n: str = name) -> None:
+                status.update(f"{n} provider plugin: {msg}")
+
+            found, how = install_plugin(name, force=force, progress=tell)
         verb = {"present": "already installed", "built": "built from the Go module proxy"}[how]
         console.print(f"Provider plugin {name} v{found.version} {verb}: {found.path} "
                       f"({time.monotonic() - started:.1f}s)")

@@ -670,7 +670,7 @@ class _Handler(BaseHTTPRequestHandler):
                 run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"), view)
                 self._json(201, {"run_id": run_id})
             elif parts == ["links"]:
-                dest, target = body.get("dest"), body.get("target")
+                dest, target = body.get("dest"), body.get("target")  # type: ignore[assignment]
                 if not isinstance(dest, str) or not dest or not isinstance(target, str | None):
                     raise ValueError("links: dest must be a non-empty string and target a string or null")
                 self._json(201, {"path": str(agent.link(dest, target))})

@@ -34,6 +34,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -111,7 +112,7 @@ def anchor(view: str) -> tuple[str, str]:
     return view, os.path.realpath(view)
 
 
-def hide_paths(root: str, hide: list[str], show: list[str], warn: object = print) -> None:
+def hide_paths(root: str, hide: list[str], show: list[str], warn: Callable[[str], object] = print) -> None:
     """Issue 17: each `hide` path (the Sortie home: its state, keys, other nodes' sandboxes) is an empty tmpfs in
     the new root; each `show` path under one (a local-store bucket the node links to) is bound back at its path.
     The node's own sandbox is shown again by `build_root` afterwards."""
@@ -121,7 +122,7 @@ def hide_paths(root: str, hide: list[str], show: list[str], warn: object = print
         try:
             _mount("tmpfs", root + path, "tmpfs", 0, "mode=700,size=64k")
         except OSError as exc:
-            warn(f"sortie: isolation: {path} could not be hidden: {exc}")  # type: ignore[operator]
+            warn(f"sortie: isolation: {path} could not be hidden: {exc}")
             continue
         for shown in sorted({os.path.realpath(s) for s in show}):
             if _under(shown, path) and os.path.isdir(shown):
@@ -129,10 +130,10 @@ def hide_paths(root: str, hide: list[str], show: list[str], warn: object = print
                     os.makedirs(root + shown, exist_ok=True)
                     _mount(shown, root + shown, None, MS_BIND | MS_REC)
                 except OSError as exc:
-                    warn(f"sortie: isolation: {shown} is not shown: {exc}")  # type: ignore[operator]
+                    warn(f"sortie: isolation: {shown} is not shown: {exc}")
 
 
-def build_root(sandbox: str, views: list[str], warn: object = print, hide: list[str] | None = None,
+def build_root(sandbox: str, views: list[str], warn: Callable[[str], object] = print, hide: list[str] | None = None,
                show: list[str] | None = None) -> str:
     """Make the new root in `<sandbox>/.root` (in this process's private namespace) and return it."""
     mounts = os.path.join(sandbox, "mounts")

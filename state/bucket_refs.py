@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, select, update
 
 from state.models import BucketRefRow, EventRow
 from state.store import StateStore
 
-bucket_refs = BucketRefRow.__table__
+bucket_refs = cast(Table, BucketRefRow.__table__)
 
 
 def add_refs(store: StateStore, job_id: int, buckets: Mapping[str, bool]) -> None:
@@ -26,7 +27,7 @@ def add_refs(store: StateStore, job_id: int, buckets: Mapping[str, bool]) -> Non
         if rows:
             session.execute(bucket_refs.insert(), rows)
             session.add(EventRow(job_id=job_id, at=now, who="user", what="buckets-referenced",
-                                 why=", ".join(sorted(r["bucket"] for r in rows))))
+                                 why=", ".join(sorted(str(r["bucket"]) for r in rows))))
 
 
 def release_refs(store: StateStore, job_id: int, delete_candidates: Sequence[str]) -> list[str]:

@@ -68,7 +68,7 @@ def holder(directory: Path) -> Holder | None:
     recorded = alive(pid, proc_start) and pid != os.getpid()
     locked = _locked_by_other(directory / LOCK_NAME)
     if recorded and (locked or not _same_file_as_record(directory, data)):
-        return Holder(pid, data.get("started_at") or 0.0, data.get("version"), proc_start)
+        return Holder(int(pid or 0), data.get("started_at") or 0.0, data.get("version"), int(proc_start or 0))
     if locked:  # held, but its record is not written yet (or stale): running, pid unknown
         return Holder(0, 0.0, None, 0)
     return None
@@ -132,7 +132,7 @@ def acquire(directory: Path, version: str, started_at: float | None = None, pati
     if other != os.getpid() and alive(other, data.get("proc_start")) and data.get("lock_inode") != \
             os.fstat(fh.fileno()).st_ino:
         fh.close()  # a live controller whose lock file was deleted from under it: it still runs
-        raise LockHeld(other)
+        raise LockHeld(int(other or 0))
     _HELD.append(fh)
     me = Holder(os.getpid(), started_at or time.time(), version, process_start_time(os.getpid()) or 0)
     record = {"pid": me.pid, "started_at": me.started_at, "version": version, "proc_start": me.proc_start,

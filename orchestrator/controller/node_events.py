@@ -281,7 +281,8 @@ class NodeEvents:
                     run.seen_at, run.version = now, run.version + 1
                 changed = True
             for event in body["events"]:
-                run = seen.runs[event["run_id"]] = seen.runs.pop(event["run_id"], None) or RunSeen()  # newest last
+                known = seen.runs.pop(event["run_id"]) if event["run_id"] in seen.runs else RunSeen()
+                run = seen.runs[event["run_id"]] = known  # newest last
                 kind = event["kind"]
                 if kind == "started":
                     run.state = "running"

@@ -324,7 +324,9 @@ class Resources(_ResourceFields):
         base = {name: getattr(self, name) for name in _ResourceFields.model_fields}
         base["accelerators"] = self.accelerators
         merged_list = []
-        options: list[Any] = list(self.options() or [None])
+        options: list[Any] = list(self.options() or [])
+        if not options:
+            options = [None]
         for option in options:
             merged = dict(base)
             if option is not None:

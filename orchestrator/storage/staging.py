@@ -249,7 +249,7 @@ def stage(plan: StoragePlan, job_id: int | str, config: SortieConfig, home: Path
         for tree in plan.trees:
             url = base.join(tree.folder)
             upload_tree(store, tree.source, url, what=tree.what,
-                        progress=(lambda done, total, t=tree: progress(t.what, done, total)) if progress else None)
+                        progress=_tree_progress(progress, tree.what))
             tree_steps.append(NodeStep(".", "copy", url=str(url.join(tree.source.name) if tree.source.is_file()
                                                              else url)))
     elif plan.trees:
@@ -259,7 +259,7 @@ def stage(plan: StoragePlan, job_id: int | str, config: SortieConfig, home: Path
         for tree in plan.trees:
             url = BucketURL("local", TWO_HOP_BUCKET, tree.folder)
             upload_tree(local, tree.source, url, what=tree.what,
-                        progress=(lambda done, total, t=tree: progress(t.what, done, total)) if progress else None)
+                        progress=_tree_progress(progress, tree.what))
             folder = local.local_dir(TWO_HOP_BUCKET, tree.folder)
             assert folder is not None
             tree_steps.append(NodeStep(".", "push", path=str(folder / tree.source.name if tree.source.is_file()
@@ -280,7 +280,7 @@ def stage(plan: StoragePlan, job_id: int | str, config: SortieConfig, home: Path
                 for source in item.sources:
                     target = item.url.join(source.name) if len(item.sources) > 1 else item.url
                     upload_tree(store_of(item.url), source, target, what=item.what,
-                                progress=(lambda d, t, m=item: progress(m.what, d, t)) if progress else None)
+                                progress=_tree_progress(progress, item.what))
             kind: StepKind = {"COPY": "copy", "MOUNT": "mount", "MOUNT_CACHED": "cached"}[item.mode]  # type: ignore
             out.append(NodeStep(dest, kind, url=str(item.url), where=item.what).to_json())
         tasks.append(out)
@@ -336,3 +336,11 @@ def clean(storage: dict[str, Any], config: SortieConfig, home: Path,
         shutil.rmtree(text, ignore_errors=True)
         removed.append(text)
     return removed
+
+
+def _tree_progress(progress: Callable[[str, int, int], None] | None,
+                   what: str) -> Callable[[int, int], None] | None:
+    """One upload's progress, told as `progress(what, done, total)`."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(what, done, total)
