@@ -151,7 +151,7 @@ class PoolService(JobService):
     def _update_in_place(self, name: str, spec: dict[str, Any], plan: ApplyPlan,
                          driver: StackDriver | None) -> list[int]:
         """`up` of each kept worker's stack with the new spec; returns their ids."""
-        from orchestrator.controller.pool_workers import worker_program
+        from orchestrator.pools import worker_program
 
         if driver is None:
             raise UsageError(f"pool {name}: an in-place update needs the stack driver")
