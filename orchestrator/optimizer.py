@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.cloud_features import offer_supports
 from orchestrator.config import SortieConfig
 
 CATALOG_CLOUDS = ("aws", "gcp", "azure")
@@ -92,10 +93,17 @@ def _fits_amount(want: tuple[float, bool] | None, have: float) -> bool:
 
 
 def _cloud_of(cand: dict[str, Any]) -> str | None:
-    return cand.get("cloud") or (cand.get("infra") or "").split("/")[0] or None
+    """The candidate's cloud; None for any (`*/us-east-1` names a region of any cloud)."""
+    cloud = cand.get("cloud") or (cand.get("infra") or "").split("/")[0] or None
+    return None if cloud == "*" else cloud
 
 
 def _matches(cand: dict[str, Any], offer: Offer) -> bool:
+    return _matches_hardware(cand, offer) and offer_supports(cand, offer.cloud, offer.instance_type,
+                                                             offer.region) is None
+
+
+def _matches_hardware(cand: dict[str, Any], offer: Offer) -> bool:
     cloud = _cloud_of(cand)
     if cloud and cloud != offer.cloud:
         return False
@@ -151,6 +159,10 @@ def _why_not(cand: dict[str, Any], offers: Sequence[Offer], enabled: Collection[
     cloud = _cloud_of(cand)
     if cloud and cloud not in enabled:
         return f"{cloud} is not enabled (see `sortie check`)"
+    fitting = [o for o in offers if o.cloud in enabled and _matches_hardware(cand, o)]
+    if fitting:  # the hardware is there; a feature of the task is what no such offer can serve
+        reasons = [offer_supports(cand, o.cloud, o.instance_type, o.region) for o in fitting]
+        return "; ".join(dict.fromkeys(r for r in reasons if r))
     elsewhere = [o for o in offers if _matches(cand, o) and o.cloud not in enabled]
     pool = [o for o in offers if (not cloud or o.cloud == cloud) and o.cloud in enabled]
     for name, count in (cand.get("accelerators") or {}).items():

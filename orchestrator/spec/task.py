@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -198,6 +198,11 @@ class Task(BaseModel):
         PoolSection | None,
         Field(description="Only in a pool YAML (`sortie jobs pool apply`): the workers; `run` is then ignored."),
     ] = None
+    config: Annotated[
+        dict[StrictStr, Any] | None,
+        Field(description="Per-task config overrides (SkyPilot's `config:`): kubernetes.pod_config (merged into "
+              "the pod spec) and docker.run_options; any other key is refused."),
+    ] = None
     inputs: Annotated[
         dict[StrictStr, float] | None,
         Field(description="SkyPilot's optimizer hint (input location and size); accepted and ignored."),
@@ -251,6 +256,7 @@ class Task(BaseModel):
             "storage_mounts": {key: dict(value) for key, value in self.storage_mounts.items()},
             "resources": [candidate.to_json() for candidate in self.candidates()],
             "resources_ordered": self.resources_ordered(),
+            **({"config": self.config} if self.config else {}),
             **({"pool": self.pool.model_dump(mode="json")} if self.pool else {}),
         }
 
@@ -306,7 +312,30 @@ class Pipeline(BaseModel):
     is_pipeline: Annotated[
         bool, Field(description="True when the YAML had several documents (even if one task resulted)."),
     ] = False
+    execution: Annotated[
+        Literal["serial", "parallel"],
+        Field(description="serial: a pipeline, one task after another; parallel: a job group (SkyPilot's "
+              "`execution: parallel` header), every task at once on its own cluster."),
+    ] = "serial"
+    primary_tasks: Annotated[
+        list[str] | None,
+        Field(description="Job group: the tasks whose end ends the group (default: all of them)."),
+    ] = None
+    termination_delay: Annotated[
+        float | dict[str, float] | None,
+        Field(description="Job group: seconds the other tasks keep running after the primary tasks end (one "
+              "number, or per task name with `default`)."),
+    ] = None
+    warnings: Annotated[
+        list[str], Field(description="What the load ignored, one line each (a `service:` section, overrides)."),
+    ] = Field(default_factory=list)
+
+    @property
+    def is_job_group(self) -> bool:
+        return self.execution == "parallel"
 
     def to_json(self) -> dict[str, Any]:
         """The normalized form `jobs launch --dryrun --json` prints."""
-        return {"name": self.name, "tasks": [task.to_json() for task in self.tasks]}
+        group = {"execution": self.execution, "primary_tasks": self.primary_tasks,
+                 "termination_delay": self.termination_delay} if self.is_job_group else {}
+        return {"name": self.name, "tasks": [task.to_json() for task in self.tasks], **group}

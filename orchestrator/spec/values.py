@@ -351,6 +351,11 @@ def _keyed_accelerator(name: Any, count: Any) -> tuple[str, float]:
     return accel, _count(count, name)
 
 
+class AcceleratorSet(list):  # type: ignore[type-arg]
+    """Unordered alternatives naming one accelerator at several counts (`{'A100:4', 'A100:8', 'A100-80GB:2'}`):
+    a mapping cannot hold them, so they are a list that is not a preference order."""
+
+
 def parse_accelerators(value: Any, *, several: bool) -> dict[str, float] | list[dict[str, float]]:
     """Normalize SkyPilot's accelerator forms.
 
@@ -365,14 +370,16 @@ def parse_accelerators(value: Any, *, several: bool) -> dict[str, float] | list[
         if not value:
             raise Bad("names no accelerator; write one like V100:1, or remove the field")
         found: dict[str, float] = {}
+        entries: list[dict[str, float]] = []
         for key, count in value.items():
             name, number = _keyed_accelerator(key, count)
-            if name in found and found[name] != number:
-                raise Bad(
-                    f"{name} appears twice with different counts; a set names each accelerator once "
-                    "(use a list for ordered alternatives)"
-                )
+            if {name: number} not in entries:
+                entries.append({name: number})
             found[name] = number
+        if len(entries) > len(found):  # one accelerator at several counts: one alternative per entry
+            if not several:
+                raise Bad("only one accelerator here, like A100:1 (put alternatives in separate any_of entries)")
+            return AcceleratorSet(entries)
         if len(found) > 1 and not several:
             raise Bad("only one accelerator here, like A100:1 (put alternatives in separate any_of entries)")
         return found
@@ -397,7 +404,7 @@ def accelerator_alternatives(value: dict[str, float] | list[dict[str, float]] | 
     """The normalized accelerators field as a list of choices, each {} or one entry."""
     if value is None:
         return [{}]
-    if isinstance(value, list):
+    if isinstance(value, list):  # ordered, or an AcceleratorSet
         return [dict(item) for item in value]
     return [{name: count} for name, count in value.items()]
 

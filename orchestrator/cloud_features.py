@@ -1,0 +1,97 @@
+"""What each cloud does with a candidate's ports, disk_tier, network_tier, image_id and accelerator_args.
+Pure: the optimizer asks `offer_supports` (an instance type that cannot serve the feature is not an option, as
+in SkyPilot), the launcher asks `unsupported_on` for the reason, and the cloud builders read the mappings.
+
+Disk tiers (the OS disk), after SkyPilot's documented meanings; `best` is the highest tier the cloud offers:
+- AWS: low gp3 3,000 IOPS / 125 MB/s; medium gp3 6,000 / 250; high gp3 16,000 / 1,000; ultra io2 (up to
+  64,000 IOPS, 500 per GiB).
+- GCP: low pd-standard; medium pd-balanced; high pd-ssd; ultra pd-extreme.
+- Azure: low Standard_LRS; medium StandardSSD_LRS; high Premium_LRS; ultra: an OS disk cannot be Ultra on
+  Azure, so no Azure offer serves it (best is high).
+- Local and Kubernetes: no disk tiers; only `best` (whatever there is) fits.
+Network tiers: `standard` fits every offer; `best` only instance types with the cloud's fast fabric (AWS EFA,
+GCP GPUDirect a3/a4, Azure InfiniBand ND96), and the builder turns it on (AWS a cluster placement group, GCP
+gVNIC, Azure accelerated networking).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DISK_TIERS_BY_CLOUD: dict[str, dict[str, dict[str, Any]]] = {
+    "aws": {
+        "low": {"volume_type": "gp3", "iops": 3000, "throughput": 125},
+        "medium": {"volume_type": "gp3", "iops": 6000, "throughput": 250},
+        "high": {"volume_type": "gp3", "iops": 16000, "throughput": 1000},
+        "ultra": {"volume_type": "io2", "iops": 64000},
+    },
+    "gcp": {"low": {"type": "pd-standard"}, "medium": {"type": "pd-balanced"}, "high": {"type": "pd-ssd"},
+            "ultra": {"type": "pd-extreme"}},
+    "azure": {"low": {"storage_account_type": "Standard_LRS"}, "medium": {"storage_account_type": "StandardSSD_LRS"},
+              "high": {"storage_account_type": "Premium_LRS"}},
+}
+_BEST_DISK = {"aws": "ultra", "gcp": "ultra", "azure": "high"}
+
+# Instance-type prefixes with the cloud's fast network (network_tier: best).
+NETWORK_BEST_PREFIXES: dict[str, tuple[str, ...]] = {
+    "aws": ("p4d.", "p4de.", "p5.", "p5e.", "p5en.", "p6-", "trn1.32xlarge", "trn1n.", "trn2.", "hpc"),
+    "gcp": ("a3-highgpu-8g", "a3-megagpu-8g", "a3-ultragpu-8g", "a4-", "a4x-"),
+    "azure": ("Standard_ND96", "Standard_ND128"),
+}
+CONTAINER_PREFIX = "docker:"
+
+
+def disk_settings(cloud: str, tier: str | None, disk_size_gb: int) -> dict[str, Any] | None:
+    """The volume settings of a disk tier on a cloud; None for the cloud's default (no tier)."""
+    if tier is None:
+        return None
+    tier = _BEST_DISK.get(cloud, tier) if tier == "best" else tier
+    settings = DISK_TIERS_BY_CLOUD.get(cloud, {}).get(tier)
+    if settings is None:
+        return None
+    settings = dict(settings)
+    if settings.get("volume_type") == "io2":
+        settings["iops"] = min(settings["iops"], 500 * max(disk_size_gb, 8))
+    return settings
+
+
+def has_fast_network(cloud: str, instance_type: str) -> bool:
+    return instance_type.startswith(NETWORK_BEST_PREFIXES.get(cloud, ()))
+
+
+def is_container_image(image_id: Any) -> bool:
+    return isinstance(image_id, str) and image_id.startswith(CONTAINER_PREFIX)
+
+
+def tpu_requested(candidate: dict[str, Any]) -> bool:
+    return any(name.lower().startswith("tpu-") for name in (candidate.get("accelerators") or {}))
+
+
+def offer_supports(candidate: dict[str, Any], cloud: str, instance_type: str, region: str | None = None) -> str | None:
+    """None when an offer can serve the candidate's features; else why not, in a few words."""
+    disk_tier = candidate.get("disk_tier")
+    if disk_tier and disk_tier != "best" and disk_tier not in DISK_TIERS_BY_CLOUD.get(cloud, {}):
+        return f"disk_tier {disk_tier} is not offered on {cloud}"
+    if candidate.get("network_tier") == "best" and not has_fast_network(cloud, instance_type):
+        return f"network_tier best needs an instance type with a fast network ({instance_type} has none)"
+    image = candidate.get("image_id")
+    if is_container_image(image):
+        return "container images (image_id: docker:...) are not supported yet"
+    if isinstance(image, str) and image and cloud in ("local", "kubernetes"):
+        return f"a machine image (image_id) has no meaning on {cloud}"
+    if isinstance(image, dict) and image and cloud in ("local", "kubernetes"):
+        return f"machine images (image_id) have no meaning on {cloud}"
+    if isinstance(image, dict) and image and region is not None and region not in image:
+        return f"image_id names no image for {region} (regions: {', '.join(sorted(image))})"
+    if candidate.get("accelerator_args") and not tpu_requested(candidate):
+        return "accelerator_args are for TPUs (accelerators: tpu-...)"
+    if candidate.get("ports") and cloud == "kubernetes":
+        return "ports on Kubernetes (a Service) are not supported yet"
+    return None
+
+
+def region_image(image_id: Any, region: str | None) -> str | None:
+    """The machine image for a region: `image_id` itself, or its entry for `region` in a mapping."""
+    if isinstance(image_id, dict):
+        return image_id.get(region or "") or None
+    return image_id or None
