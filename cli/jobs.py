@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -15,7 +14,6 @@ from orchestrator.timefmt import ago, duration
 
 if TYPE_CHECKING:
     from orchestrator.service import JobService
-    from orchestrator.spec import Pipeline
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Managed jobs: launch, queue, logs, cancel.")
 controller_app = typer.Typer(no_args_is_help=True, help="The controller daemon: status, stop, logs.")
@@ -48,108 +46,6 @@ def _useful_commands(job_id: int) -> str:
             f"├── To stream job logs:               sortie jobs logs {job_id}\n"
             f"├── To stream controller logs:        sortie jobs logs --controller {job_id}\n"
             "└── To view all managed jobs:         sortie jobs queue")
-
-
-@jobs_app.command("launch")
-def launch(
-    entrypoint: list[str] = typer.Argument(..., help="A task YAML, or a command to run."),
-    name: str = typer.Option(None, "-n", "--name", help="Name of the job (or pipeline)."),
-    env: list[str] = typer.Option([], "--env", help="K=V, or K to take it from your environment. Repeatable."),
-    env_file: str = typer.Option(None, "--env-file", help="A dotenv file of K=V lines."),
-    secret: list[str] = typer.Option([], "--secret", help="K=V, or K from your environment; never shown."),
-    infra: str = typer.Option(None, "--infra", help="local, local/region-a, aws/us-east-1, ..."),
-    cpus: str = typer.Option(None, "--cpus", help="vCPUs per node: 4 or 4+."),
-    memory: str = typer.Option(None, "--memory", help="GB per node: 16 or 16+."),
-    gpus: str = typer.Option(None, "--gpus", help="Accelerators per node, like H100:8."),
-    num_nodes: int = typer.Option(None, "--num-nodes", help="Nodes of the cluster."),
-    use_spot: bool = typer.Option(None, "--use-spot/--no-use-spot", help="Spot instances."),
-    workdir: str = typer.Option(None, "--workdir", help="Local directory synced to every node."),
-    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
-    detach_run: bool = typer.Option(False, "-d", "--detach-run", help="Return once submitted; do not stream logs."),
-    dryrun: bool = typer.Option(False, "--dryrun", help="Validate and plan; launch nothing."),
-    as_json: bool = typer.Option(False, "--json", help="With --dryrun: print the normalized task as JSON."),
-    pool: str = typer.Option(None, "-p", "--pool", help="Run on this pool's workers instead of a new cluster."),
-    num_jobs: int = typer.Option(1, "--num-jobs", help="With -p: this many jobs, told SKYPILOT_JOB_RANK 0..K-1."),
-) -> None:
-    """Launch a managed job: a temporary cluster runs it and is destroyed when it ends (or, with -p, a pool's
-    worker runs it)."""
-    from orchestrator.spec import Overrides, load_entrypoint
-
-    def pairs(items: list[str]) -> tuple[tuple[str, str | None], ...]:
-        return tuple((i.split("=", 1)[0], i.split("=", 1)[1] if "=" in i else None) for i in items)
-
-    text = " ".join(entrypoint)
-    overrides = Overrides(name=name, envs=pairs(env), env_file=env_file, secrets=pairs(secret), infra=infra,
-                          cpus=cpus, memory=memory, gpus=gpus, num_nodes=num_nodes, use_spot=use_spot,
-                          workdir=workdir)
-    pipeline = load_entrypoint(text, overrides)
-    console = _console()
-    if pool is not None:
-        _launch_on_pool(pool, pipeline, num_jobs, yes=yes, dryrun=dryrun)
-        return
-    if num_jobs != 1:
-        from orchestrator.errors import UsageError
-
-        raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
-    if any(t.pool for t in pipeline.tasks):
-        from orchestrator.errors import UsageError
-
-        raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
-    if dryrun and as_json:
-        print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
-        return
-    is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()
-    console.print(f"Task from {'YAML spec' if is_file else 'command'}: {text}")
-    label = pipeline.name or "sortie-job"
-    console.print(f"Managed job {label!r} will be launched on (estimated):")
-    from cli.clouds import considered_tables
-
-    for item in considered_tables(pipeline):
-        console.print(item)
-    service = _service()
-    storage = service.plan_storage(pipeline)
-    if storage.describe():
-        console.print("Files and buckets:")
-        for line in storage.describe():
-            console.print(f"  {escape(line)}")
-    if dryrun:
-        console.print("Dry run: nothing launched.")
-        return
-    if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
-        raise typer.Exit(1)
-    (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=storage)
-    console.print(f"Managed job {label!r} submitted: ID {job_id}")
-    if not detach_run:
-        job = service.resolve(job_id)
-        for line in service.log_lines(job, follow=True):
-            print(line, flush=True)
-        final = service.resolve(job_id)
-        mark = "✓" if final.status == "SUCCEEDED" else "✗"
-        reason = f": {final.failure_reason}" if final.failure_reason and final.status != "SUCCEEDED" else ""
-        console.print(f"{mark} Managed job finished: {job_id} (status: {final.status}){reason}.")
-    console.print(_useful_commands(job_id))
-    if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
-        raise typer.Exit(1)
-
-
-def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, dryrun: bool) -> None:
-    from orchestrator.pool_service import PoolService
-
-    console = _console()
-    service = PoolService()
-    service.resolve_pool(pool)
-    label = pipeline.name or "sortie-job"
-    console.print(f"{num_jobs} job(s) {label!r} will run on pool {escape(pool)}.")
-    if dryrun:
-        console.print("Dry run: nothing launched.")
-        return
-    if not yes and not typer.confirm("Proceed?", default=True):
-        raise typer.Exit(1)
-    ids, notes = service.launch_on_pool(pool, pipeline, num_jobs)
-    for note in notes:
-        console.print(f"Note: {escape(note)}")
-    shown = f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
-    console.print(f"Submitted {len(ids)} job(s) to pool {escape(pool)}: ID {shown}")
 
 
 class UploadProgress:
