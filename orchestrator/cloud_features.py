@@ -95,3 +95,39 @@ def region_image(image_id: Any, region: str | None) -> str | None:
     if isinstance(image_id, dict):
         return image_id.get(region or "") or None
     return image_id or None
+
+
+def port_ranges(ports: Any) -> list[tuple[int, int]]:
+    """("8080", "9000-9001") -> [(8080, 8080), (9000, 9001)]."""
+    out = []
+    for port in ports or ():
+        low, _, high = str(port).partition("-")
+        out.append((int(low), int(high or low)))
+    return out
+
+
+def cluster_features(candidate: dict[str, Any], region: str | None) -> dict[str, Any]:
+    """The ClusterSpec fields (`stacks.spec.ClusterSpec`) of a chosen candidate (`Candidate.to_json()`): its
+    ports, disk and network tiers, and the machine image for the region. The controller passes them when it
+    builds a cluster: `ClusterSpec(..., **cluster_features(candidate, region))`."""
+    image = candidate.get("image_id")
+    return {
+        "ports": tuple(str(p) for p in candidate.get("ports") or ()),
+        "disk_tier": candidate.get("disk_tier"),
+        "network_tier": candidate.get("network_tier"),
+        "image": None if is_container_image(image) else region_image(image, region),
+        "accelerator_args": dict(candidate.get("accelerator_args") or {}),
+    }
+
+
+def attempt_features(task: dict[str, Any], infra: str, region: str | None) -> dict[str, Any]:
+    """`cluster_features` of the candidate an attempt placed (the first of a stored task's candidates that fits
+    the attempt's cloud and region; candidates share their features in nearly every YAML)."""
+    cloud = infra.split("/", 1)[0]
+    for candidate in task.get("resources") or []:
+        if candidate.get("cloud") not in (None, cloud) or candidate.get("region") not in (None, region):
+            continue
+        if offer_supports(candidate, cloud, "", region) is None or candidate.get("network_tier") == "best":
+            return cluster_features(candidate, region)
+    first = (task.get("resources") or [{}])[0]
+    return cluster_features(first, region)

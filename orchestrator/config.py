@@ -281,6 +281,11 @@ class CloudNetworkConfig(BaseModel):
         Field(description="What the default firewall admits to the node agent's port (the controller's network); "
               "default: the private network only."),
     ] = None
+    ports_cidr: Annotated[
+        str,
+        Field(description="What a task's `ports` admit in the cluster's firewall (security group, firewall rule, "
+              "NSG); default: anywhere, as SkyPilot does."),
+    ] = "0.0.0.0/0"
     ssh_public_key: Annotated[
         str | None,
         Field(description="An SSH public key put on cloud VMs (default: the controller VM gets Sortie's own key, "

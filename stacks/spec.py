@@ -31,6 +31,12 @@ class ClusterSpec:
     use_spot: bool = False
     disk_size: int | None = None
     image: str | None = None
+    # --- a task's resource features (issue 16); see orchestrator.cloud_features ---
+    ports: tuple[str, ...] = ()          # "8080" or "8000-8010": opened in the cluster's firewall from ports_cidr
+    ports_cidr: str = "0.0.0.0/0"         # config cloud.ports_cidr (SkyPilot's default: anywhere)
+    disk_tier: str | None = None          # low|medium|high|ultra|best: the OS disk's volume type
+    network_tier: str | None = None       # best: the cloud's fast network (placement group, gVNIC, accel. net.)
+    accelerator_args: Mapping[str, Any] = field(default_factory=dict)  # TPUs: runtime_version, tpu_vm, ...
     labels: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
     # Where the local cloud keeps its sandboxes (the Sortie home's `local/`); local infra only.
@@ -70,7 +76,7 @@ def cloud_fields(config: Any) -> dict[str, Any]:
     cloud = config.cloud
     return {"tags": dict(cloud.tags), "network_stack": cloud.network_stack,
             "network_outputs": dict(cloud.network_outputs), "controller_cidr": cloud.controller_cidr,
-            "ssh_public_key": cloud.ssh_public_key}
+            "ssh_public_key": cloud.ssh_public_key, "ports_cidr": getattr(cloud, "ports_cidr", None) or "0.0.0.0/0"}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.cloud_features import attempt_features  # issue 16
 from orchestrator.config import SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
 from orchestrator.controller.node_files import (
@@ -224,7 +225,8 @@ class Reconciler:
                            local_root=str(self.store.home / "local"), **cloud_fields(self.config),
                            node_package=node_package_for(steps, attempt.infra, self.config),
                            node_fuse=node_fuse_for(steps, attempt.infra),
-                           job_id=str(job.id), attempt=str(attempt.number), user=job.user)
+                           job_id=str(job.id), attempt=str(attempt.number), user=job.user,
+                           **attempt_features(task, attempt.infra, attempt.region))  # issue 16: ports, tiers, image
         return StackProgram("cluster", spec)
 
     def _stack_op(self, job_id: int, op: str, stack: str, fn: Callable[[], Any]) -> Any:
