@@ -188,3 +188,48 @@ def test_endpoints_are_on_loopback_locally_and_the_public_address_on_a_cloud() -
     assert endpoints(task, "aws/us-east-1", nodes) == {8080: "3.3.3.3:8080", 9000: "3.3.3.3:9000",
                                                         9001: "3.3.3.3:9001"}
     assert endpoints(task, "aws", []) == {} and endpoints({"resources": [{}]}, "aws", nodes) == {}
+
+
+# ---- section 2: catalogs that cover what people rent ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("accelerators", "where"), [
+    ("H100:1", {("gcp", "a3-highgpu-1g"), ("azure", "Standard_NC40ads_H100_v5")}),
+    ("H100:2", {("gcp", "a3-highgpu-2g"), ("azure", "Standard_NC80adis_H100_v5")}),
+    ("H100:4", {("gcp", "a3-highgpu-4g")}),
+    ("H200:8", {("aws", "p5e.48xlarge"), ("aws", "p5en.48xlarge"), ("gcp", "a3-ultragpu-8g"),
+                ("azure", "Standard_ND96isr_H200_v5")}),
+    ("L40S:1", {("aws", "g6e.xlarge"), ("aws", "g6e.2xlarge"), ("aws", "g6e.4xlarge"), ("aws", "g6e.8xlarge"),
+                ("aws", "g6e.16xlarge")}),
+    ("B200:8", {("aws", "p6-b200.48xlarge"), ("gcp", "a4-highgpu-8g")}),
+    ("GB200:4", {("azure", "Standard_ND128isr_NDR_GB200_v6")}),
+    ("MI300X:8", {("azure", "Standard_ND96isr_MI300X_v5")}),
+    ("A100-40GB:8", {("aws", "p4d.24xlarge"), ("gcp", "a2-highgpu-8g"), ("azure", "Standard_ND96asr_v4")}),
+    ("Trainium:16", {("aws", "trn1.32xlarge"), ("aws", "trn1n.32xlarge")}),
+    ("Inferentia2:1", {("aws", "inf2.xlarge"), ("aws", "inf2.8xlarge")}),
+    ("T4:2", {("gcp", "n1-standard-16")}),
+    ("tpu-v5e-8", {("gcp", "v5litepod-8")}),
+    ("tpu-v6e-8", {("gcp", "v6e-8")}),
+    ("tpu-v5p-8", {("gcp", "v5p-8")}),
+    ("tpu-v4-8", {("gcp", "v4-8")}),
+])
+def test_skypilot_accelerator_names_find_their_instances(accelerators: str, where: set[tuple[str, str]]) -> None:
+    result = plan(f"resources:\n  accelerators: {accelerators}\nrun: x\n", enabled=("aws", "gcp", "azure"))
+    found = {(o.offer.cloud, o.offer.instance_type) for o in result.options}
+    assert where <= found, result.infeasible
+
+
+def test_t4_comes_at_every_count_gcp_attaches() -> None:
+    counts = {n for n in (1, 2, 4) if plan(f"resources:\n  infra: gcp\n  accelerators: T4:{n}\nrun: x\n").chosen}
+    assert counts == {1, 2, 4}
+
+
+def test_tpus_imply_gcp_with_their_accelerator_args() -> None:
+    text = ("resources:\n  accelerators: tpu-v5e-8\n  accelerator_args: {runtime_version: v2-alpha-tpuv5-lite}\n"
+            "run: x\n")
+    result = plan(text)
+    assert result.options and {o.offer.cloud for o in result.options} == {"gcp"}
+    (candidate,) = load_yaml_text(text).tasks[0].candidates()
+    assert candidate.to_json()["accelerator_args"] == {"runtime_version": "v2-alpha-tpuv5-lite"}
+    assert plan("resources:\n  accelerators: A100:1\n  accelerator_args: {tpu_vm: true}\nrun: x\n").infeasible \
+        == "accelerator_args are for TPUs (accelerators: tpu-...)"

@@ -39,7 +39,8 @@ SORTIE_STORES: tuple[str, ...] = ("local", "s3")  # the STORE_TYPES Sortie can u
 _CANONICAL_ACCELERATORS = (
     "A10", "A10G", "A100", "A100-80GB", "A100-40GB", "A40", "A6000", "B100", "B200", "GB200", "H100", "H100-MEGA",
     "H100-SXM", "H200", "K80", "L4", "L40", "L40S", "M60", "P100", "P4", "P40", "RTX4090", "RTX6000", "T4", "T4g",
-    "V100", "V100-32GB", "MI100", "MI210", "MI250", "MI300X", "Gaudi", "Gaudi2", "Inferentia", "Trainium",
+    "V100", "V100-32GB", "MI100", "MI210", "MI250", "MI300X", "MI325X", "Gaudi", "Gaudi2", "Inferentia", "Inferentia2",
+    "Trainium", "Trainium2",
 )
 _ACCELERATOR_BY_LOWER = {name.lower(): name for name in _CANONICAL_ACCELERATORS}
 

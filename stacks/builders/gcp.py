@@ -56,6 +56,8 @@ GPUS: dict[str, tuple[str, dict[int, str]]] = {
     "A100": ("nvidia-tesla-a100", {n: f"a2-highgpu-{n}g" for n in (1, 2, 4, 8)}),
     "A100-80GB": ("nvidia-a100-80gb", {n: f"a2-ultragpu-{n}g" for n in (1, 2, 4, 8)}),
     "H100": ("nvidia-h100-80gb", {n: f"a3-highgpu-{n}g" for n in (1, 2, 4, 8)}),
+    "H200": ("nvidia-h200-141gb", {8: "a3-ultragpu-8g"}),
+    "B200": ("nvidia-b200", {8: "a4-highgpu-8g"}),
 }
 
 
