@@ -233,3 +233,62 @@ def test_tpus_imply_gcp_with_their_accelerator_args() -> None:
     assert candidate.to_json()["accelerator_args"] == {"runtime_version": "v2-alpha-tpuv5-lite"}
     assert plan("resources:\n  accelerators: A100:1\n  accelerator_args: {tpu_vm: true}\nrun: x\n").infeasible \
         == "accelerator_args are for TPUs (accelerators: tpu-...)"
+
+
+# ---- workdir: {url, ref} --------------------------------------------------------------------------------------
+
+
+def _git(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def bare_repo(tmp_path: Path) -> Path:
+    """A local bare repository: main holds `two`, tag v1 holds `one`, branch dev holds `three`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _git("init", "-q", "-b", "main", cwd=src)
+    for text, extra in (("one", ("tag", "v1")), ("two", None)):
+        (src / "f").write_text(text)
+        _git("add", "f", cwd=src)
+        _git("commit", "-qm", text, cwd=src)
+        if extra:
+            _git(*extra, cwd=src)
+    _git("checkout", "-qb", "dev", cwd=src)
+    (src / "f").write_text("three")
+    _git("commit", "-qam", "three", cwd=src)
+    _git("checkout", "-q", "main", cwd=src)
+    _git("clone", "-q", "--bare", str(src), str(tmp_path / "repo.git"), cwd=tmp_path)
+    return tmp_path / "repo.git"
+
+
+@pytest.mark.parametrize(("ref", "content"), [("v1", "one"), ("dev", "three"), (None, "two")])
+def test_a_git_workdir_is_cloned_on_the_node_at_its_ref(bare_repo: Path, tmp_path: Path, ref: str | None,
+                                                        content: str) -> None:
+    import subprocess
+
+    ref_line = f"\n  ref: {ref}" if ref else ""
+    task = load_yaml_text(f"workdir:\n  url: {bare_repo.name}{ref_line}\nsetup: cat f > seen\nrun: x\n",
+                          base_dir=bare_repo.parent).tasks[0]
+    assert task.workdir == {"url": str(bare_repo), **({"ref": ref} if ref else {})}
+    setup = task.to_json()["setup"]
+    node_workdir = tmp_path / f"node-{ref}"
+    (node_workdir / "data").mkdir(parents=True)  # a file mount may be there first
+    subprocess.run(["bash", "-c", setup], cwd=node_workdir, check=True, capture_output=True)
+    assert (node_workdir / "f").read_text() == content and (node_workdir / "seen").read_text() == content
+    subprocess.run(["bash", "-c", setup], cwd=node_workdir, check=True, capture_output=True)  # a rerun is a no-op
+
+
+def test_git_workdir_problems_and_the_git_flags(bare_repo: Path, tmp_path: Path) -> None:
+    assert problems("workdir: {url: 'https://me:tok@example.com/r.git'}\nrun: x\n") == [
+        "workdir.url: put no credentials in the URL (they would be shown); give the token as a secret"]
+    assert problems("workdir: {url: ./nope, branch: x}\nrun: x\n", base=tmp_path)[0] == (
+        "workdir.branch: unknown key branch; a git workdir has url and ref")
+    assert problems("workdir: {ref: v1}\nrun: x\n") == ["workdir.url: a git workdir needs url: the repository to clone"]
+    task = load_yaml_text("run: x\n", Overrides(git_url=str(bare_repo), git_ref="dev"), tmp_path).tasks[0]
+    assert task.workdir == {"url": str(bare_repo), "ref": "dev"} and "git clone" in task.to_json()["setup"]
+    failing = load_yaml_text("run: x\n", Overrides(git_url="https://example.invalid/r.git")).tasks[0]
+    assert failing.to_json()["setup"].count("git clone") == 1

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.spec import fields, values
+from orchestrator.spec import fields, git_workdir, values
 from orchestrator.spec.resources import Candidate, Resources
 from orchestrator.spec.values import kind
 
@@ -161,7 +161,8 @@ class Task(BaseModel):
     name: Annotated[fields.Name, Field(description="Task name (letters, digits, . _ -).")] = None
     workdir: Annotated[
         fields.Workdir,
-        Field(description="Local directory synced to every node; setup and run start in it."),
+        Field(description="Local directory synced to every node, or a git repository {url, ref} every node "
+              "clones at ref; setup and run start in it."),
     ] = None
     num_nodes: Annotated[StrictInt, Field(ge=1, description="Number of nodes (default 1).")] = 1
     resources: Annotated[
@@ -243,8 +244,9 @@ class Task(BaseModel):
         return self.resources.is_ordered()
 
     def to_json(self) -> dict[str, Any]:
-        """The normalized form `jobs launch --dryrun --json` prints; secret values are redacted."""
-        return {
+        """The normalized form `jobs launch --dryrun --json` prints; secret values are redacted. A git workdir
+        puts its clone before `setup` (`git_workdir.with_clone`), so every node of every attempt clones it."""
+        return git_workdir.with_clone({
             "name": self.name,
             "num_nodes": self.num_nodes,
             "envs": dict(self.envs),
@@ -258,7 +260,7 @@ class Task(BaseModel):
             "resources_ordered": self.resources_ordered(),
             **({"config": self.config} if self.config else {}),
             **({"pool": self.pool.model_dump(mode="json")} if self.pool else {}),
-        }
+        })
 
     def resources_str(self) -> str:
         """A short summary for tables, like SkyPilot's: `1x[CPU:2+]`, `2x[H100:8]`, `1x[A100:1|T4:1, spot]`."""
