@@ -120,14 +120,42 @@ def cluster_features(candidate: dict[str, Any], region: str | None) -> dict[str,
     }
 
 
+def merge_pod_config(base: dict[str, Any], extra: Any) -> dict[str, Any]:
+    """`config.kubernetes.pod_config` merged into a pod (`{metadata, spec}`), as SkyPilot does: mappings merge
+    key by key, the `containers` list merges item by item (the first is the node's), other lists are appended."""
+    if not isinstance(extra, dict):
+        return base
+    merged = dict(base)
+    for key, value in extra.items():
+        mine = merged.get(key)
+        if isinstance(mine, dict) and isinstance(value, dict):
+            merged[key] = merge_pod_config(mine, value)
+        elif key == "containers" and isinstance(mine, list) and isinstance(value, list):
+            merged[key] = [merge_pod_config(a, b) if isinstance(a, dict) and isinstance(b, dict) else b
+                           for a, b in zip(mine, value, strict=False)] + mine[len(value):] + value[len(mine):]
+        elif isinstance(mine, list) and isinstance(value, list):
+            merged[key] = mine + value
+        else:
+            merged[key] = value
+    return merged
+
+
 def attempt_features(task: dict[str, Any], infra: str, region: str | None) -> dict[str, Any]:
     """`cluster_features` of the candidate an attempt placed (the first of a stored task's candidates that fits
-    the attempt's cloud and region; candidates share their features in nearly every YAML)."""
+    the attempt's cloud and region; candidates share their features in nearly every YAML), with the task's
+    `config_features`."""
     cloud = infra.split("/", 1)[0]
     for candidate in task.get("resources") or []:
         if candidate.get("cloud") not in (None, cloud) or candidate.get("region") not in (None, region):
             continue
         if offer_supports(candidate, cloud, "", region) is None or candidate.get("network_tier") == "best":
-            return cluster_features(candidate, region)
+            return {**cluster_features(candidate, region), **config_features(task)}
     first = (task.get("resources") or [{}])[0]
-    return cluster_features(first, region)
+    return {**cluster_features(first, region), **config_features(task)}
+
+
+def config_features(task: dict[str, Any]) -> dict[str, Any]:
+    """The ClusterSpec fields of a task's `config:` (the keys `orchestrator.spec.documents.CONFIG_KEYS`)."""
+    config = task.get("config") or {}
+    kubernetes = config.get("kubernetes") if isinstance(config.get("kubernetes"), dict) else {}
+    return {"pod_config": dict(kubernetes.get("pod_config") or {})}

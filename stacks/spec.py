@@ -37,6 +37,7 @@ class ClusterSpec:
     disk_tier: str | None = None          # low|medium|high|ultra|best: the OS disk's volume type
     network_tier: str | None = None       # best: the cloud's fast network (placement group, gVNIC, accel. net.)
     accelerator_args: Mapping[str, Any] = field(default_factory=dict)  # TPUs: runtime_version, tpu_vm, ...
+    pod_config: Mapping[str, Any] = field(default_factory=dict)  # Kubernetes: config.kubernetes.pod_config
     labels: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
     # Where the local cloud keeps its sandboxes (the Sortie home's `local/`); local infra only.

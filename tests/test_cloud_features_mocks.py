@@ -102,3 +102,22 @@ def test_features_of_a_candidate_and_of_an_attempt() -> None:
     assert features["image"] == "ami-east" and features["ports"] == ("8080",)
     assert disk_settings("azure", "best", 100) == {"storage_account_type": "Premium_LRS"}
     assert disk_settings("gcp", None, 100) is None
+
+
+def test_kubernetes_pod_config_is_merged_into_the_pod(harness: Harness) -> None:  # noqa: F811
+    pod_config = {"metadata": {"annotations": {"team/owner": "ml"}},
+                  "spec": {"runtimeClassName": "nvidia", "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                           "containers": [{"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}]}}
+    harness.run(lambda: cluster_program(spec("kubernetes", num_nodes=1, pod_config=pod_config)))
+    (pod,) = harness.mocks.of_type("kubernetes:core/v1:Pod")
+    assert pod["spec"]["runtimeClassName"] == "nvidia"
+    assert {"key": "gpu", "operator": "Exists"} in pod["spec"]["tolerations"]
+    (container,) = pod["spec"]["containers"]
+    names = [e["name"] for e in container["env"]]
+    assert names == ["SORTIE_AGENT_TOKEN", "NCCL_DEBUG"] and container["name"] == "agent"
+    assert pod["metadata"]["annotations"] == {"team/owner": "ml"} and pod["metadata"]["labels"]["sortie-rank"] == "0"
+
+
+def test_config_features_carry_the_pod_config() -> None:
+    task = {"resources": [{}], "config": {"kubernetes": {"pod_config": {"spec": {"hostIPC": True}}}}}
+    assert attempt_features(task, "kubernetes", None)["pod_config"] == {"spec": {"hostIPC": True}}

@@ -22,6 +22,7 @@ import shlex
 import pulumi
 import pulumi_kubernetes as k8s
 
+from orchestrator.cloud_features import merge_pod_config
 from orchestrator.errors import UsageError
 from stacks.builders import (
     AGENT_DIR,
@@ -145,15 +146,14 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
         }
         if needs:
             container["resources"] = needs
-        pod = k8s.core.v1.Pod(
-            f"{spec.name}-node-{rank}",
-            metadata={"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)}},
-            spec={"containers": [container], "restart_policy": "Always",
-                  "volumes": [{"name": "agent", "config_map": {"name": agent.metadata.name}},
-                              {"name": "sandbox", "empty_dir": {}}],
-                  **scheduling(spec)},
-            opts=base,
-        )
+        pod_parts = merge_pod_config({  # issue 16: the task's config.kubernetes.pod_config merged in
+            "metadata": {"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)}},
+            "spec": {"containers": [container], "restart_policy": "Always",
+                     "volumes": [{"name": "agent", "config_map": {"name": agent.metadata.name}},
+                                 {"name": "sandbox", "empty_dir": {}}],
+                     **scheduling(spec)}}, snake_keys(dict(spec.pod_config)))
+        pod = k8s.core.v1.Pod(f"{spec.name}-node-{rank}", metadata=pod_parts["metadata"], spec=pod_parts["spec"],
+                              opts=base)
         ip = pod.status.apply(lambda status: status.pod_ip if status else None)
         nodes.append(CloudNode(
             rank=rank, node_id=pod.metadata.name, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
@@ -161,6 +161,21 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
             instance_type=pulumi.Output.from_input(spec.instance_type), spot=spec.use_spot,
         ))
     return nodes
+
+
+def snake_keys(value: object) -> object:
+    """A pod_config written as Kubernetes YAML (camelCase keys) in the SDK's snake_case; labels, annotations and
+    other maps of names keep their keys."""
+    if isinstance(value, list):
+        return [snake_keys(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", str(key)).lower()
+        free_form = name in ("labels", "annotations", "node_selector", "limits", "requests")
+        out[name] = item if free_form else snake_keys(item)
+    return out
 
 
 def pod_command(spec: ClusterSpec, pod_name: str) -> list[str]:
