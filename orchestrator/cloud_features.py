@@ -16,6 +16,10 @@ gVNIC, Azure accelerated networking).
 
 from __future__ import annotations
 
+import functools
+import shlex
+import shutil
+import subprocess
 from typing import Any
 
 DISK_TIERS_BY_CLOUD: dict[str, dict[str, dict[str, Any]]] = {
@@ -75,9 +79,11 @@ def offer_supports(candidate: dict[str, Any], cloud: str, instance_type: str, re
     if candidate.get("network_tier") == "best" and not has_fast_network(cloud, instance_type):
         return f"network_tier best needs an instance type with a fast network ({instance_type} has none)"
     image = candidate.get("image_id")
-    if is_container_image(image):
-        return "container images (image_id: docker:...) are not supported yet"
-    if isinstance(image, str) and image and cloud in ("local", "kubernetes"):
+    if is_container_image(image) and cloud != "local":
+        return f"container images (image_id: docker:...) are not supported yet on {cloud}"
+    if is_container_image(image) and local_container_engine() is None:
+        return "the local cloud cannot run container images here (no working podman or docker)"
+    if isinstance(image, str) and image and not is_container_image(image) and cloud in ("local", "kubernetes"):
         return f"a machine image (image_id) has no meaning on {cloud}"
     if isinstance(image, dict) and image and cloud in ("local", "kubernetes"):
         return f"machine images (image_id) have no meaning on {cloud}"
@@ -116,6 +122,7 @@ def cluster_features(candidate: dict[str, Any], region: str | None) -> dict[str,
         "disk_tier": candidate.get("disk_tier"),
         "network_tier": candidate.get("network_tier"),
         "image": None if is_container_image(image) else region_image(image, region),
+        "container_image": image.removeprefix(CONTAINER_PREFIX) if is_container_image(image) else None,
         "accelerator_args": dict(candidate.get("accelerator_args") or {}),
     }
 
@@ -158,4 +165,22 @@ def config_features(task: dict[str, Any]) -> dict[str, Any]:
     """The ClusterSpec fields of a task's `config:` (the keys `orchestrator.spec.documents.CONFIG_KEYS`)."""
     config = task.get("config") or {}
     kubernetes = config.get("kubernetes") if isinstance(config.get("kubernetes"), dict) else {}
-    return {"pod_config": dict(kubernetes.get("pod_config") or {})}
+    docker = config.get("docker") if isinstance(config.get("docker"), dict) else {}
+    options = docker.get("run_options") or []
+    options = shlex.split(options) if isinstance(options, str) else [str(o) for o in options]
+    return {"pod_config": dict(kubernetes.get("pod_config") or {}), "container_options": tuple(options)}
+
+
+@functools.lru_cache(maxsize=1)
+def local_container_engine() -> str | None:
+    """The podman or docker this machine can run containers with (its daemon answers), else None."""
+    for engine in ("podman", "docker"):
+        path = shutil.which(engine)
+        if path is None:
+            continue
+        try:
+            if subprocess.run([path, "info"], capture_output=True, timeout=30).returncode == 0:
+                return path
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None

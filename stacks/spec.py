@@ -38,6 +38,8 @@ class ClusterSpec:
     network_tier: str | None = None       # best: the cloud's fast network (placement group, gVNIC, accel. net.)
     accelerator_args: Mapping[str, Any] = field(default_factory=dict)  # TPUs: runtime_version, tpu_vm, ...
     pod_config: Mapping[str, Any] = field(default_factory=dict)  # Kubernetes: config.kubernetes.pod_config
+    container_image: str | None = None    # image_id: docker:<image>: setup and run go into a container of it
+    container_options: tuple[str, ...] = ()  # config.docker.run_options
     labels: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
     # Where the local cloud keeps its sandboxes (the Sortie home's `local/`); local infra only.

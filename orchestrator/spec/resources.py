@@ -261,12 +261,9 @@ class _ResourceFields(BaseModel):
     ] = None
 
     def unsupported(self, path: str) -> list[str]:
-        """What this alternative asks for that Sortie cannot launch on any cloud yet, one line each. (What only
-        some clouds can do is for the optimizer: `orchestrator.cloud_features.offer_supports`.)"""
-        found = []
-        if isinstance(self.image_id, str) and self.image_id.startswith("docker:"):
-            found.append(f"{path}.image_id: container images (docker:...) are not supported yet")
-        return found
+        """What this alternative asks for that Sortie cannot launch on any cloud yet: nothing now. What only
+        some clouds can do is for the optimizer (`orchestrator.cloud_features.offer_supports`)."""
+        return []
 
 
 class ResourceOption(_ResourceFields):
