@@ -129,11 +129,22 @@ class Container:
         self._started = False
         self.error: str | None = None
 
-    def ensure(self) -> None:
-        """Start the container once (a leftover of the same name goes first); `error` says why it could not."""
+    def ensure(self, env: dict[str, str]) -> None:
+        """Start the container once (a leftover of the same name goes first); `error` says why it could not.
+        A private registry is logged in to first with SkyPilot's SKYPILOT_DOCKER_USERNAME/PASSWORD/SERVER from
+        the task's envs or secrets (the password on stdin, never in a process's arguments)."""
         with self._lock:
             if self._started or self.error:
                 return
+            user, password = env.get("SKYPILOT_DOCKER_USERNAME"), env.get("SKYPILOT_DOCKER_PASSWORD")
+            if user and password:
+                server = env.get("SKYPILOT_DOCKER_SERVER") or ""
+                login = subprocess.run([self.engine, "login", "--username", user, "--password-stdin",
+                                        *([server] if server else [])], input=password, capture_output=True,
+                                       text=True, timeout=300)
+                if login.returncode != 0:
+                    self.error = f"cannot log in to the registry {server or '(default)'} as {user}"
+                    return
             subprocess.run([self.engine, "rm", "-f", self.name], capture_output=True, timeout=120)
             gpus: list[str] = []
             if shutil.which("nvidia-smi"):
@@ -148,8 +159,9 @@ class Container:
             else:
                 self._started = True
 
-    def argv(self, command: str, cwd: Path, env_keys: list[str], pid_file: Path) -> list[str]:
-        self.ensure()
+    def argv(self, command: str, cwd: Path, env: dict[str, str], pid_file: Path) -> list[str]:
+        self.ensure(env)
+        env_keys = [k for k in env if _ENV_KEY.match(k)] + [SANDBOX_ENV]
         if self.error:
             return ["/bin/sh", "-c", 'echo "sortie: $1" >&2; exit 125', "sortie", self.error]
         names = [part for key in env_keys for part in ("-e", key)]  # values come from the client's environment
@@ -226,8 +238,8 @@ class Agent:
                 argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
                         f"--cwd={workdir}", *views, "--", *argv]
         if self.container is not None:  # the path view is the container's own filesystem
-            keys = [str(k) for k in env if _ENV_KEY.match(str(k))] + [SANDBOX_ENV]
-            argv = self.container.argv(command, workdir, keys, run_dir / "container.pid")
+            argv = self.container.argv(command, workdir, {str(k): str(v) for k, v in env.items()},
+                                       run_dir / "container.pid")
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(

@@ -79,9 +79,7 @@ def offer_supports(candidate: dict[str, Any], cloud: str, instance_type: str, re
     if candidate.get("network_tier") == "best" and not has_fast_network(cloud, instance_type):
         return f"network_tier best needs an instance type with a fast network ({instance_type} has none)"
     image = candidate.get("image_id")
-    if is_container_image(image) and cloud != "local":
-        return f"container images (image_id: docker:...) are not supported yet on {cloud}"
-    if is_container_image(image) and local_container_engine() is None:
+    if is_container_image(image) and cloud == "local" and local_container_engine() is None:
         return "the local cloud cannot run container images here (no working podman or docker)"
     if isinstance(image, str) and image and not is_container_image(image) and cloud in ("local", "kubernetes"):
         return f"a machine image (image_id) has no meaning on {cloud}"

@@ -121,3 +121,24 @@ def test_kubernetes_pod_config_is_merged_into_the_pod(harness: Harness) -> None:
 def test_config_features_carry_the_pod_config() -> None:
     task = {"resources": [{}], "config": {"kubernetes": {"pod_config": {"spec": {"hostIPC": True}}}}}
     assert attempt_features(task, "kubernetes", None)["pod_config"] == {"spec": {"hostIPC": True}}
+
+
+def test_a_cloud_node_with_a_container_image_runs_its_agent_with_it(harness: Harness) -> None:  # noqa: F811
+    import base64
+    import gzip
+
+    from tests.test_cloud_programs_mocks import reveal as open_secret
+
+    harness.run(lambda: cluster_program(spec("aws", num_nodes=1, container_image="vllm/vllm-openai:latest",
+                                             container_options=("--shm-size=16g",))))
+    (instance,) = harness.mocks.of_type(AWS_INSTANCE)
+    script = gzip.decompress(base64.b64decode(open_secret(instance["userDataBase64"]))).decode()
+    assert "--container-image vllm/vllm-openai:latest --container-engine docker" in script
+    assert "--container-option=--shm-size=16g" in script and "apt-get install -y docker.io" in script
+
+
+def test_on_kubernetes_the_container_image_is_the_pods_image(harness: Harness) -> None:  # noqa: F811
+    harness.run(lambda: cluster_program(spec("kubernetes", num_nodes=1, container_image="python:3.11-slim")))
+    (pod,) = harness.mocks.of_type("kubernetes:core/v1:Pod")
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "python:3.11-slim" and "--container-image" not in container["command"]

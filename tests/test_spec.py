@@ -484,7 +484,6 @@ def test_unsupported_features_of_resources() -> None:
     """)
     assert task.resources.ports == ["8080-8081", "9000-9001"]
     assert task.unsupported_features() == [
-        "resources.image_id: container images (docker:...) are not supported yet",
         "resources: cloud lambda is not supported (Sortie runs on local, aws, gcp, azure, kubernetes)",
     ]
     aws = task.candidates()[1].to_json()

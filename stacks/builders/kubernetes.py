@@ -135,7 +135,7 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
     for rank in range(spec.num_nodes):
         pod_name = f"{prefix}-{rank}"
         container: dict[str, object] = {
-            "name": "agent", "image": spec.image or DEFAULT_IMAGE,
+            "name": "agent", "image": spec.container_image or spec.image or DEFAULT_IMAGE,  # image_id: docker:...
             "command": pod_command(spec, pod_name),
             "env": [{"name": "SORTIE_AGENT_TOKEN",
                      "value_from": {"secret_key_ref": {"name": secret.metadata.name, "key": "token"}}}],
