@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.cloud_features import attempt_features  # issue 16
 from orchestrator.controller.node_files import (
     NodeFiles,
     NodeStorageError,
@@ -309,7 +310,8 @@ def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, inf
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
                        labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
-                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}))
+                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}),
+                       **attempt_features(task, infra or "local", region))  # issue 16: ports, tiers, images
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)
 
 
