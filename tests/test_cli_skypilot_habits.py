@@ -162,3 +162,23 @@ def test_pool_apply_names_and_workers(tmp_path: Path) -> None:
     assert other.startswith("sortie-pool-") and len(other) == len("sortie-pool-") + 4
     with pytest.raises(UsageError, match="above the pool's max_workers"):
         _load_pool_yaml(str(path), 6)
+
+
+def test_dryrun_json_carries_every_accepted_resource_field(
+        sortie_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import orchestrator.launch_checks as checks
+
+    monkeypatch.setattr(checks, "launch_refusals", lambda pipeline, config, enabled=None: [])  # no cloud here
+    path = tmp_path / "t.yaml"
+    path.write_text("resources:\n  accelerators: tpu-v5e-8\n"
+                    "  accelerator_args: {runtime_version: v2-alpha-tpuv5-lite}\n  ports: [8080]\n"
+                    "  image_id: projects/me/global/images/x\n  disk_tier: high\n"
+                    "  network_tier: best\n  labels: {team: ml}\nrun: x\n")
+    code, out, err = run_cli(["jobs", "launch", "--dryrun", "--json", str(path)], monkeypatch, capsys)
+    assert code == 0, err
+    (candidate,) = json.loads(out)["tasks"][0]["resources"]
+    assert {k: candidate[k] for k in ("ports", "image_id", "disk_tier", "network_tier", "labels",
+                                      "accelerator_args")} == {
+        "ports": ["8080"], "image_id": "projects/me/global/images/x", "disk_tier": "high", "network_tier": "best",
+        "labels": {"team": "ml"}, "accelerator_args": {"runtime_version": "v2-alpha-tpuv5-lite"}}
