@@ -129,7 +129,7 @@ class Container:
         self._started = False
         self.error: str | None = None
 
-    def ensure(self, env: dict[str, str]) -> None:
+    def ensure(self, env: dict[str, str], binds: list[tuple[str, str]] = ()) -> None:
         """Start the container once (a leftover of the same name goes first); `error` says why it could not.
         A private registry is logged in to first with SkyPilot's SKYPILOT_DOCKER_USERNAME/PASSWORD/SERVER from
         the task's envs or secrets (the password on stdin, never in a process's arguments)."""
@@ -149,8 +149,9 @@ class Container:
             gpus: list[str] = []
             if shutil.which("nvidia-smi"):
                 gpus = ["--gpus", "all"] if Path(self.engine).name == "docker" else ["--device", "nvidia.com/gpu=all"]
+            volumes = [part for host, path in binds if os.path.exists(host) for part in ("-v", f"{host}:{path}")]
             argv = [self.engine, "run", "-d", "--name", self.name, "--network", "host",
-                    "-v", f"{self.sandbox}:{self.sandbox}", "-w", str(self.workdir), *gpus, *self.options,
+                    "-v", f"{self.sandbox}:{self.sandbox}", *volumes, "-w", str(self.workdir), *gpus, *self.options,
                     "--entrypoint", "/bin/sh", self.image, "-c", "sleep infinity || while :; do sleep 3600; done"]
             done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
             if done.returncode != 0:
@@ -159,9 +160,12 @@ class Container:
             else:
                 self._started = True
 
-    def argv(self, command: str, cwd: Path, env: dict[str, str], pid_file: Path) -> list[str]:
-        self.ensure(env)
-        env_keys = [k for k in env if _ENV_KEY.match(k)] + [SANDBOX_ENV]
+    def argv(self, command: str, cwd: Path, env: dict[str, str], pid_file: Path,
+             binds: list[tuple[str, str]] = (), extra_keys: tuple[str, ...] = ()) -> list[str]:
+        """The client command of one run; the container starts at the first (after the node's files and mounts
+        are in place: `binds` puts each absolute file-mount destination at its path)."""
+        self.ensure(env, binds)
+        env_keys = [k for k in env if _ENV_KEY.match(k)] + [SANDBOX_ENV, *extra_keys]
         if self.error:
             return ["/bin/sh", "-c", 'echo "sortie: $1" >&2; exit 125', "sortie", self.error]
         names = [part for key in env_keys for part in ("-e", key)]  # values come from the client's environment
@@ -237,9 +241,12 @@ class Agent:
                     views = [f"--view={v}" for v in sorted(self._views)]
                 argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
                         f"--cwd={workdir}", *views, "--", *argv]
-        if self.container is not None:  # the path view is the container's own filesystem
+        if self.container is not None and view:  # setup and run; the node's own steps (view=False) stay outside
+            with self._lock:
+                binds = [(str(self.resolve(view)), view) for view in sorted(self._views)]
             argv = self.container.argv(command, workdir, {str(k): str(v) for k, v in env.items()},
-                                       run_dir / "container.pid")
+                                       run_dir / "container.pid", binds,
+                                       (MOUNTS_ENV, "HOME") if self.confine else ())
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(
@@ -297,7 +304,7 @@ class Agent:
             return None
         if status["state"] == "running":
             (self.runs_dir / run_id / "cancelled").touch()
-            if self.container is not None:  # the run's processes are in the container, not under the client
+            if self.container is not None and (self.runs_dir / run_id / "container.pid").exists():
                 self.container.signal(self.runs_dir / run_id / "container.pid", "TERM")
             _kill_group(status["pid"], CANCEL_GRACE_SECONDS)
             with self._lock:
@@ -330,7 +337,7 @@ class Agent:
 
     def _add_view(self, dest: str) -> None:
         """Record an absolute destination of a confined agent: runs started from now on see it at its path."""
-        if self.confine and dest.startswith("/"):
+        if (self.confine or self.container is not None) and dest.startswith("/"):
             with self._lock:
                 self._views.add("/" + os.path.normpath(dest).lstrip("/"))
                 write_json_atomic(self.sandbox / "views.json", {"views": sorted(self._views)})

@@ -52,16 +52,19 @@ def image(tmp_path: Path):
 
 def test_setup_and_run_execute_in_the_task_image(sortie: Sortie, tmp_path: Path, image: str) -> None:
     assert not Path("/etc/sortie-image-marker").exists()  # only the image has it
+    (tmp_path / "in.txt").write_text("mounted-file")
     yaml = write(tmp_path, "c.yaml", f"envs: {{GREETING: hello-container}}\n"
+                 f"file_mounts:\n  /data/in.txt: {tmp_path / 'in.txt'}\n"
                  f"resources:\n  infra: local\n  image_id: docker:{image}\n"
                  f"config:\n  docker:\n    run_options: {RUN_OPTIONS}\n"
                  "setup: cat /etc/sortie-image-marker\n"
-                 "run: echo \"$GREETING $(cat /etc/sortie-image-marker) rank=$SKYPILOT_NODE_RANK\"\n")
+                 "run: echo \"$GREETING $(cat /etc/sortie-image-marker) $(cat /data/in.txt) "
+                 "rank=$SKYPILOT_NODE_RANK\"\n")
     plan = sortie.run("jobs", "launch", "--dryrun", yaml).stdout
     assert "Local" in plan
     job = sortie.wait(sortie.launch(yaml), timeout=300)
     logs = sortie.logs(job["id"])
-    assert job["status"] == "SUCCEEDED", logs
-    assert "(setup) inside-the-image" in logs and "hello-container inside-the-image rank=0" in logs
+    assert job["status"] == "SUCCEEDED", (job["failure_reason"], logs)
+    assert "(setup) inside-the-image" in logs and "hello-container inside-the-image mounted-file rank=0" in logs
     left = subprocess.run([ENGINE, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
     assert not [n for n in left.split() if n.startswith("sortie-")]  # the node's container went with it
