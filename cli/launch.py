@@ -78,8 +78,11 @@ def launch(
         raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
     if any(t.pool for t in pipeline.tasks):
         raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
+    from orchestrator.clouds import enabled_clouds
+
     cfg = load_config()
-    refusals = launch_refusals(pipeline, cfg)
+    enabled = enabled_clouds(cfg)  # once: the checks and the tables below share it
+    refusals = launch_refusals(pipeline, cfg, enabled)
     if dryrun and pipeline.is_job_group:  # planned; only the launch waits for the controller
         refusals = [r for r in refusals if not r.startswith("execution:")]
     if dryrun and as_json:
@@ -94,7 +97,7 @@ def launch(
     console.print(f"Managed {what} {label!r} will be launched on (estimated):")
     from cli.clouds import considered_tables
 
-    for item in considered_tables(pipeline, cfg):
+    for item in considered_tables(pipeline, cfg, enabled):
         if not isinstance(item, str):  # the reasons come once, below
             console.print(item)
     if refusals:
