@@ -73,15 +73,14 @@ def queue(
     rows = service.queue(all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
                          statuses=wanted or None, limit=limit or (None if all_jobs else DEFAULT_LIMIT))
     costs = service.store.costs([r.job.id for r in rows])
-    placed = _placement(service, [r.job.id for r in rows], {r.job.id: r.job.spec for r in rows}) \
-        if verbose or as_json else {}
+    placed = _placement(service, [r.job.id for r in rows], {r.job.id: r.job.spec for r in rows}) if verbose else {}
     if as_json:
         print(json.dumps([{
             "id": r.job.id, "name": r.job.name, "user": r.job.user, "status": r.job.status, "pool": r.job.pool,
             "submitted_at": r.job.submitted_at, "started_at": r.job.started_at, "ended_at": r.job.ended_at,
             "failure_reason": r.job.failure_reason, "details": _details(r.job), "cost": round(costs[r.job.id], 6),
-            "infra": placed[r.job.id]["infra"], "worker_cluster": placed[r.job.id]["worker_cluster"],
-            "endpoints": {str(k): v for k, v in placed[r.job.id]["endpoints"].items()},
+            **({"infra": placed[r.job.id]["infra"], "worker_cluster": placed[r.job.id]["worker_cluster"],
+                "endpoints": {str(k): v for k, v in placed[r.job.id]["endpoints"].items()}} if verbose else {}),
             "tasks": [{"task": t.task_index, "name": t.name, "status": t.status, "resources": t.resources,
                        "recoveries": t.recoveries, "exit_codes": t.exit_codes} for t in r.tasks],
         } for r in rows], indent=2))

@@ -72,7 +72,9 @@ def test_queue_takes_comma_lists_json_and_shows_requested_and_pool(
     assert code == 0
     rows = json.loads(out)
     assert [r["id"] for r in rows] == [3, 2, 1] and all(r["pool"] is None for r in rows)
-    assert rows[0]["tasks"][0]["resources"] == "1x[CPU:1+]" and rows[0]["endpoints"] == {}
+    assert rows[0]["tasks"][0]["resources"] == "1x[CPU:1+]" and "endpoints" not in rows[0]
+    code, out, _ = run_cli(["jobs", "queue", "-v", "-o", "json"], monkeypatch, capsys)
+    assert json.loads(out)[0]["endpoints"] == {} and json.loads(out)[0]["infra"] is None
     code, out, _ = run_cli(["jobs", "queue", "-s", "FAILED,FAILED_SETUP", "--json"], monkeypatch, capsys)
     assert code == 0 and json.loads(out) == []
     code, out, _ = run_cli(["jobs", "queue", "-v", "-l", "2"], monkeypatch, capsys)
