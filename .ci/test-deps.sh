@@ -12,6 +12,9 @@ if ! command -v ssh >/dev/null || { ! command -v sshd >/dev/null && [[ ! -x /usr
 fi
 command -v rclone >/dev/null && command -v fusermount3 >/dev/null || debian_packages+=(rclone fuse3)
 command -v s3fs >/dev/null || debian_packages+=(s3fs)
+# Container images (image_id: docker:...) on the local cloud run in podman: the tests build an image from a local
+# root filesystem (no registry needed).
+command -v podman >/dev/null || debian_packages+=(podman)
 command -v etcd >/dev/null || [[ -x /usr/bin/etcd ]] || debian_packages+=(etcd-server)
 (( ${#debian_packages[@]} )) || exit 0
 command -v apt-get >/dev/null \

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
-from orchestrator.timefmt import ago, duration
+from orchestrator.timefmt import duration
 
 if TYPE_CHECKING:
     from orchestrator.service import JobService
-    from orchestrator.spec import Pipeline
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Managed jobs: launch, queue, logs, cancel.")
 controller_app = typer.Typer(no_args_is_help=True, help="The controller daemon: status, stop, logs.")
@@ -50,108 +48,6 @@ def _useful_commands(job_id: int) -> str:
             "└── To view all managed jobs:         sortie jobs queue")
 
 
-@jobs_app.command("launch")
-def launch(
-    entrypoint: list[str] = typer.Argument(..., help="A task YAML, or a command to run."),
-    name: str = typer.Option(None, "-n", "--name", help="Name of the job (or pipeline)."),
-    env: list[str] = typer.Option([], "--env", help="K=V, or K to take it from your environment. Repeatable."),
-    env_file: str = typer.Option(None, "--env-file", help="A dotenv file of K=V lines."),
-    secret: list[str] = typer.Option([], "--secret", help="K=V, or K from your environment; never shown."),
-    infra: str = typer.Option(None, "--infra", help="local, local/region-a, aws/us-east-1, ..."),
-    cpus: str = typer.Option(None, "--cpus", help="vCPUs per node: 4 or 4+."),
-    memory: str = typer.Option(None, "--memory", help="GB per node: 16 or 16+."),
-    gpus: str = typer.Option(None, "--gpus", help="Accelerators per node, like H100:8."),
-    num_nodes: int = typer.Option(None, "--num-nodes", help="Nodes of the cluster."),
-    use_spot: bool = typer.Option(None, "--use-spot/--no-use-spot", help="Spot instances."),
-    workdir: str = typer.Option(None, "--workdir", help="Local directory synced to every node."),
-    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
-    detach_run: bool = typer.Option(False, "-d", "--detach-run", help="Return once submitted; do not stream logs."),
-    dryrun: bool = typer.Option(False, "--dryrun", help="Validate and plan; launch nothing."),
-    as_json: bool = typer.Option(False, "--json", help="With --dryrun: print the normalized task as JSON."),
-    pool: str = typer.Option(None, "-p", "--pool", help="Run on this pool's workers instead of a new cluster."),
-    num_jobs: int = typer.Option(1, "--num-jobs", help="With -p: this many jobs, told SKYPILOT_JOB_RANK 0..K-1."),
-) -> None:
-    """Launch a managed job: a temporary cluster runs it and is destroyed when it ends (or, with -p, a pool's
-    worker runs it)."""
-    from orchestrator.spec import Overrides, load_entrypoint
-
-    def pairs(items: list[str]) -> tuple[tuple[str, str | None], ...]:
-        return tuple((i.split("=", 1)[0], i.split("=", 1)[1] if "=" in i else None) for i in items)
-
-    text = " ".join(entrypoint)
-    overrides = Overrides(name=name, envs=pairs(env), env_file=env_file, secrets=pairs(secret), infra=infra,
-                          cpus=cpus, memory=memory, gpus=gpus, num_nodes=num_nodes, use_spot=use_spot,
-                          workdir=workdir)
-    pipeline = load_entrypoint(text, overrides)
-    console = _console()
-    if pool is not None:
-        _launch_on_pool(pool, pipeline, num_jobs, yes=yes, dryrun=dryrun)
-        return
-    if num_jobs != 1:
-        from orchestrator.errors import UsageError
-
-        raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
-    if any(t.pool for t in pipeline.tasks):
-        from orchestrator.errors import UsageError
-
-        raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
-    if dryrun and as_json:
-        print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
-        return
-    is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()
-    console.print(f"Task from {'YAML spec' if is_file else 'command'}: {text}")
-    label = pipeline.name or "sortie-job"
-    console.print(f"Managed job {label!r} will be launched on (estimated):")
-    from cli.clouds import considered_tables
-
-    for item in considered_tables(pipeline):
-        console.print(item)
-    service = _service()
-    storage = service.plan_storage(pipeline)
-    if storage.describe():
-        console.print("Files and buckets:")
-        for line in storage.describe():
-            console.print(f"  {escape(line)}")
-    if dryrun:
-        console.print("Dry run: nothing launched.")
-        return
-    if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
-        raise typer.Exit(1)
-    (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=storage)
-    console.print(f"Managed job {label!r} submitted: ID {job_id}")
-    if not detach_run:
-        job = service.resolve(job_id)
-        for line in service.log_lines(job, follow=True):
-            print(line, flush=True)
-        final = service.resolve(job_id)
-        mark = "✓" if final.status == "SUCCEEDED" else "✗"
-        reason = f": {final.failure_reason}" if final.failure_reason and final.status != "SUCCEEDED" else ""
-        console.print(f"{mark} Managed job finished: {job_id} (status: {final.status}){reason}.")
-    console.print(_useful_commands(job_id))
-    if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
-        raise typer.Exit(1)
-
-
-def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, dryrun: bool) -> None:
-    from orchestrator.pool_service import PoolService
-
-    console = _console()
-    service = PoolService()
-    service.resolve_pool(pool)
-    label = pipeline.name or "sortie-job"
-    console.print(f"{num_jobs} job(s) {label!r} will run on pool {escape(pool)}.")
-    if dryrun:
-        console.print("Dry run: nothing launched.")
-        return
-    if not yes and not typer.confirm("Proceed?", default=True):
-        raise typer.Exit(1)
-    ids, notes = service.launch_on_pool(pool, pipeline, num_jobs)
-    for note in notes:
-        console.print(f"Note: {escape(note)}")
-    shown = f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
-    console.print(f"Submitted {len(ids)} job(s) to pool {escape(pool)}: ID {shown}")
-
-
 class UploadProgress:
     """Progress of the uploads of a launch: a line per tenth of each large tree, and one when it is done."""
 
@@ -171,66 +67,6 @@ class UploadProgress:
         self.console.print(f"Uploading {escape(what)}: {human_bytes(done)} of {human_bytes(total)} ({tenth * 10}%)")
 
 
-@jobs_app.command("queue")
-def queue(
-    all_jobs: bool = typer.Option(False, "-a", "--all", help="Also jobs that finished more than a day ago."),
-    all_users: bool = typer.Option(False, "-u", "--all-users", help="Jobs of every user (adds USER)."),
-    skip_finished: bool = typer.Option(False, "--skip-finished", help="Only jobs in progress."),
-    status: list[str] = typer.Option([], "-s", "--status", help="Only jobs in these statuses."),
-    limit: int = typer.Option(None, "-l", "--limit", help="At most this many jobs."),
-    cost: bool = typer.Option(False, "--cost", help="Add the cost so far (price x nodes x hours, all attempts)."),
-    as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
-) -> None:
-    """Managed jobs, newest first; DETAILS says why a job waits or failed."""
-    from orchestrator.errors import UsageError
-    from orchestrator.job_status import JobStatus
-
-    wanted = [s.upper() for s in status]
-    unknown = [s for s in wanted if s not in JobStatus.__members__]
-    if unknown:
-        raise UsageError(f"--status {unknown[0]}: not a job status (one of {', '.join(JobStatus.__members__)})")
-    service = _service()
-    rows = service.queue(all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
-                         statuses=wanted or None, limit=limit)
-    costs = service.store.costs([r.job.id for r in rows])
-    if as_json:
-        print(json.dumps([{
-            "id": r.job.id, "name": r.job.name, "user": r.job.user, "status": r.job.status,
-            "submitted_at": r.job.submitted_at, "started_at": r.job.started_at, "ended_at": r.job.ended_at,
-            "failure_reason": r.job.failure_reason, "details": _details(r.job), "cost": round(costs[r.job.id], 6),
-            "tasks": [{"task": t.task_index, "name": t.name, "status": t.status, "resources": t.resources,
-                       "recoveries": t.recoveries, "exit_codes": t.exit_codes} for t in r.tasks],
-        } for r in rows], indent=2))
-        return
-    in_progress = [r for r in rows if not JobStatus(r.job.status).terminal]
-    counts: dict[str, int] = {}
-    for r in in_progress:
-        counts[r.job.status] = counts.get(r.job.status, 0) + 1
-    console = _console()
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    console.print(f"In progress jobs: {summary or 'none'}")
-    columns = ["ID", "TASK", "NAME", *(["USER"] if all_users else []), "RESOURCES", "SUBMITTED", "TOT. DURATION",
-               "JOB DURATION", "#RECOVERIES", *(["COST ($)"] if cost else []), "STATUS", "DETAILS"]
-    table: list[list[str]] = []
-    for r in rows:
-        job, tasks = r.job, r.tasks
-        user = [job.user] if all_users else []
-        run_start = min((t.run_started_at for t in tasks if t.run_started_at), default=None)
-        recoveries = sum(t.recoveries for t in tasks)
-        resources = tasks[0].resources if len(tasks) == 1 else "-"
-        money = [f"{costs[job.id]:.4f}"] if cost else []
-        table.append([str(job.id), "-", job.name or "-", *user, resources, ago(job.submitted_at),
-                      duration(job.submitted_at, job.ended_at), duration(run_start, job.ended_at),
-                      str(recoveries), *money, job.status, _details(job)])
-        if job.is_pipeline:
-            for t in tasks:
-                table.append(["", str(t.task_index), f"↳ {t.name or '-'}", *[""] * len(user), t.resources, "",
-                              duration(t.started_at, t.ended_at) if t.started_at else "-",
-                              duration(t.run_started_at, t.ended_at), str(t.recoveries), *[""] * len(money),
-                              t.status, ""])
-    print(plain_table(columns, table))
-
-
 def _details(job) -> str:
     """Why a job waits (`no capacity in local/region-a; next try in 40s`) or why it failed."""
     from orchestrator.service import job_details
@@ -238,18 +74,36 @@ def _details(job) -> str:
     return job_details(job)
 
 
+def _job_arg(job_id: int | None, name: str | None):
+    return _service().resolve(job_id, name)
+
+
+DEFAULT_TAIL = 1000  # SkyPilot's `jobs logs --tail` default
+
+
 @jobs_app.command("logs")
 def logs(
-    job_id: int = typer.Argument(None, help="Job id (default: the latest job)."),
-    task: str = typer.Argument(None, help="Only this task of a pipeline (index or name)."),
+    args: list[str] = typer.Argument(None, help="JOB_ID [TASK], or with -n NAME just [TASK]; TASK is a pipeline "
+                                     "task's index or name (default: the latest job, every task)."),
     name: str = typer.Option(None, "-n", "--name", help="Job name instead of id."),
     follow: bool = typer.Option(True, "--follow/--no-follow", help="Follow until the job ends."),
-    tail: int = typer.Option(None, "--tail", help="Only the last N lines (then follow)."),
+    tail: int = typer.Option(DEFAULT_TAIL, "--tail", help="Only the last N lines first (0: all), then follow."),
     controller: bool = typer.Option(False, "--controller", help="The controller's log for this job."),
 ) -> None:
     """Stream a job's logs (they stay readable after its cluster is gone)."""
     from orchestrator.errors import UsageError
 
+    given = list(args or [])
+    if len(given) > (1 if name else 2):
+        raise UsageError("give JOB_ID [TASK], or -n NAME [TASK]")
+    job_id: int | None = None
+    if not name and given:
+        if not given[0].isdigit():
+            raise UsageError(f"{given[0]!r} is not a job id; use -n NAME for a job's name")
+        job_id = int(given.pop(0))
+    task = given[0] if given else None
+    if tail < 0:
+        raise UsageError("--tail: must be 0 (all) or more")
     service = _service()
     job = service.resolve(job_id, name)
     task_index = None
@@ -260,23 +114,21 @@ def logs(
         elif task in names:
             task_index = names.index(task)
         else:
-            raise UsageError(f"job {job.id} has no task {task!r} (tasks: {', '.join(map(str, range(len(names))))})")
+            known = ", ".join(f"{i} ({n})" if n else str(i) for i, n in enumerate(names))
+            raise UsageError(f"job {job.id} has no task {task!r} (tasks: {known})")
 
     def source(follow_it: bool):
         if controller:
             return service.controller_log_lines(job, follow=follow_it)
         return service.log_lines(job, follow=follow_it, task=task_index)
 
-    shown = 0
-    if tail is not None:
-        existing = list(source(False))
-        for line in existing[-tail:]:
-            print(line, flush=True)
-        shown = len(existing)
-        if not follow:
-            return
+    existing = list(source(False))
+    for line in existing[-tail:] if tail else existing:
+        print(line, flush=True)
+    if not follow:
+        return
     for i, line in enumerate(source(follow)):
-        if i >= shown:
+        if i >= len(existing):
             print(line, flush=True)
 
 
@@ -285,16 +137,25 @@ def cancel(
     job_ids: list[int] = typer.Argument(None, help="Job ids."),
     name: str = typer.Option(None, "-n", "--name", help="Cancel the job of this name."),
     all_jobs: bool = typer.Option(False, "-a", "--all", help="Cancel all of your jobs in progress."),
+    all_users: bool = typer.Option(False, "-u", "--all-users", help="Cancel every user's jobs in progress."),
     pool: str = typer.Option(None, "-p", "--pool", help="Cancel every job of this pool in progress."),
+    task: str = typer.Option(None, "--task", help="Only this task of a job group."),
+    graceful: bool = typer.Option(False, "--graceful", help="Let the job's processes end on SIGTERM first."),
+    graceful_timeout: int = typer.Option(None, "--graceful-timeout", help="With --graceful: seconds to wait."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
 ) -> None:
     """Cancel managed jobs: CANCELLING, then CANCELLED once their clusters are destroyed."""
     from orchestrator.errors import UsageError
     from orchestrator.service import current_user
 
+    if task is not None:
+        raise UsageError("--task: cancelling one task of a job group is not supported yet (job groups are not "
+                         "supported yet); cancel the job")
+    if graceful or graceful_timeout is not None:
+        raise UsageError("--graceful: not supported yet; a cancelled job's processes are stopped with its cluster")
     service = _service()
-    if sum(bool(x) for x in (job_ids, name, all_jobs, pool)) != 1:
-        raise UsageError("give job ids, -n NAME, -a or -p POOL (exactly one of them)")
+    if sum(bool(x) for x in (job_ids, name, all_jobs, all_users, pool)) != 1:
+        raise UsageError("give job ids, -n NAME, -a, -u or -p POOL (exactly one of them)")
     ids = list(job_ids or [])
     if pool:
         from orchestrator.pool_service import PoolService
@@ -307,8 +168,8 @@ def cancel(
             return
     if name:
         ids = [service.resolve(None, name).id]
-    if all_jobs:
-        ids = service.active_ids(current_user())
+    if all_jobs or all_users:
+        ids = service.active_ids(None if all_users else current_user())
         if not ids:
             _console().print("No jobs in progress to cancel.")
             return

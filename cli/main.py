@@ -12,11 +12,12 @@ import time
 import typer
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Sortie: managed jobs on ephemeral Pulumi stacks.")
 engine_app = typer.Typer(no_args_is_help=True, help="Install and inspect the Pulumi engine.")
 local_app = typer.Typer(no_args_is_help=True, help="The embedded local cloud: nodes, regions, preemption.")
 stack_app = typer.Typer(no_args_is_help=True, help="Stacks Sortie owns: ls, gc (orphans), destroy, unlock.")
-import cli.pools  # noqa: E402, F401 - registers `sortie jobs pool`
+from cli import launch, pools, queue  # noqa: E402, F401 - each registers its `sortie jobs` commands
 from cli.clouds import register as register_cloud_commands  # noqa: E402
 
 register_cloud_commands(app)

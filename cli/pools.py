@@ -62,10 +62,41 @@ def plan_lines(plan: ApplyPlan) -> list[str]:
     return lines
 
 
-def _show_plan(service: PoolService, name: str, yaml_path: str, as_json: bool):
+def _load_pool_yaml(yaml_path: str, workers: int | None):
+    """The pool YAML, with `--workers N` replacing its pool.workers (and fixing a pool without autoscaling)."""
+    from orchestrator.errors import UsageError
     from orchestrator.spec import load_entrypoint
 
     pipeline = load_entrypoint(yaml_path)
+    if workers is None:
+        return pipeline
+    if workers < 0:
+        raise UsageError("--workers: must be 0 or more")
+    task = pipeline.tasks[0]
+    if task.pool is None:
+        raise UsageError(f"{yaml_path}: has no pool: section; add `pool: {{workers: {workers}}}`")
+    section = task.pool.model_copy(update={"workers": workers})
+    if section.max_workers is not None and workers > section.max_workers:
+        raise UsageError(f"--workers {workers}: above the pool's max_workers ({section.max_workers})")
+    return pipeline.model_copy(update={"tasks": [task.model_copy(update={"pool": section}), *pipeline.tasks[1:]]})
+
+
+def generated_pool_name(pipeline: Any, taken: set[str]) -> str:
+    """A name for `pool apply` without -p: the YAML's name if free, else `sortie-pool-<4 hex>`."""
+    import secrets
+
+    base = pipeline.name
+    if base and base not in taken:
+        return base
+    while True:
+        name = f"sortie-pool-{secrets.token_hex(2)}"
+        if name not in taken:
+            return name
+
+
+def _show_plan(service: PoolService, name: str, yaml_path: str, as_json: bool, workers: int | None = None,
+               pipeline: Any = None):
+    pipeline = pipeline if pipeline is not None else _load_pool_yaml(yaml_path, workers)
     plan, new_hash = service.plan(name, pipeline, _driver(service))
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))
@@ -82,7 +113,8 @@ def _show_plan(service: PoolService, name: str, yaml_path: str, as_json: bool):
 @pool_app.command("apply")
 def apply(
     yaml_path: str = typer.Argument(..., help="A pool YAML: a task YAML with a pool: section."),
-    name: str = typer.Option(..., "-p", "--pool", help="Pool name."),
+    name: str = typer.Option(None, "-p", "--pool", help="Pool name (default: the YAML's name, else generated)."),
+    workers: int = typer.Option(None, "--workers", help="Workers to keep, instead of the YAML's pool.workers."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan only."),
     as_json: bool = typer.Option(False, "--json", help="The plan as JSON, for scripts."),
@@ -90,7 +122,12 @@ def apply(
     """Create a pool, or update the pool of that name; shows the plan (with each worker stack's Pulumi
     preview) and asks before changing anything."""
     service = _pools()
-    pipeline, plan, new_hash = _show_plan(service, name, yaml_path, as_json)
+    loaded = _load_pool_yaml(yaml_path, workers)
+    if name is None:
+        name = generated_pool_name(loaded, {s.pool.name for s in service.status()})
+        if not as_json:
+            _console().print(f"Pool name: {escape(name)}")
+    pipeline, plan, new_hash = _show_plan(service, name, yaml_path, as_json, pipeline=loaded)
     if dry_run or plan.mode == "unchanged":
         if not as_json:
             _console().print("Nothing changed." if plan.mode == "unchanged" else "Dry run: nothing changed.")
@@ -180,3 +217,37 @@ def down(
         raise typer.Exit(1)
     for pool in service.down(targets, cancel_jobs=not no_cancel):
         _console().print(f"Pool {escape(pool)}: going down; its worker stacks are being destroyed.")
+
+
+@pool_app.command("logs")
+def logs(
+    name: str = typer.Argument(..., help="Pool name."),
+    follow: bool = typer.Option(False, "--follow/--no-follow", help="Follow the log."),
+    tail: int = typer.Option(1000, "--tail", help="The last N lines (0: all)."),
+) -> None:
+    """A pool's log: its workers' stack operations (Pulumi output), health and scaling decisions."""
+    import sys
+    import time
+    from collections import deque
+
+    from orchestrator.errors import UsageError
+
+    if tail < 0:
+        raise UsageError("--tail: must be 0 (all) or more")
+    service = _pools()
+    pool = service.resolve_pool(name)
+    path = service.home / "logs" / "pools" / f"{pool.name}.log"
+    if not path.exists():
+        _console().print(f"Pool {escape(pool.name)} has no log yet.")
+        return
+    with path.open(errors="replace") as fh:
+        for line in deque(fh, maxlen=tail or None):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        while follow:
+            line = fh.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)

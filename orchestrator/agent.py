@@ -79,12 +79,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_BODY = 4 * 1024 * 1024
 MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 5.0
@@ -250,13 +252,87 @@ class WatchJournal:
                 if remaining <= 0:
                     return [], seq, False
                 self._cond.wait(remaining)
+# Inside the task's container: record the shell's pid (for cancel), then run the command with bash, else sh.
+_CONTAINER_WRAP = ('echo $$ > "$1"; shift; if command -v bash >/dev/null 2>&1; then exec bash -c "$1"; '
+                   'else exec sh -c "$1"; fi')
+
+
+def container_name(node_id: str) -> str:
+    return "sortie-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", node_id)[:100]
+
+
+class Container:
+    """SkyPilot's `image_id: docker:<image>`: one long-lived container of the task's image per node (host
+    network, the sandbox bound at its own path, GPUs when the node has them), in which every run executes.
+    `engine` is docker or podman; `options` are the task's docker.run_options."""
+
+    def __init__(self, engine: str, image: str, options: list[str], node_id: str, sandbox: Path,
+                 workdir: Path) -> None:
+        self.engine, self.image, self.options = engine, image, options
+        self.name, self.sandbox, self.workdir = container_name(node_id), sandbox, workdir
+        self._lock = threading.Lock()
+        self._started = False
+        self.error: str | None = None
+
+    def ensure(self, env: dict[str, str], binds: Sequence[tuple[str, str]] = ()) -> None:
+        """Start the container once (a leftover of the same name goes first); `error` says why it could not.
+        A private registry is logged in to first with SkyPilot's SKYPILOT_DOCKER_USERNAME/PASSWORD/SERVER from
+        the task's envs or secrets (the password on stdin, never in a process's arguments)."""
+        with self._lock:
+            if self._started or self.error:
+                return
+            user, password = env.get("SKYPILOT_DOCKER_USERNAME"), env.get("SKYPILOT_DOCKER_PASSWORD")
+            if user and password:
+                server = env.get("SKYPILOT_DOCKER_SERVER") or ""
+                login = subprocess.run([self.engine, "login", "--username", user, "--password-stdin",
+                                        *([server] if server else [])], input=password, capture_output=True,
+                                       text=True, timeout=300)
+                if login.returncode != 0:
+                    self.error = f"cannot log in to the registry {server or '(default)'} as {user}"
+                    return
+            subprocess.run([self.engine, "rm", "-f", self.name], capture_output=True, timeout=120)
+            gpus: list[str] = []
+            if shutil.which("nvidia-smi"):
+                gpus = ["--gpus", "all"] if Path(self.engine).name == "docker" else ["--device", "nvidia.com/gpu=all"]
+            volumes = [part for host, path in binds if os.path.exists(host) for part in ("-v", f"{host}:{path}")]
+            argv = [self.engine, "run", "-d", "--name", self.name, "--network", "host",
+                    "-v", f"{self.sandbox}:{self.sandbox}", *volumes, "-w", str(self.workdir), *gpus, *self.options,
+                    "--entrypoint", "/bin/sh", self.image, "-c", "sleep infinity || while :; do sleep 3600; done"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                self.error = f"cannot start a container of {self.image}: {lines[-1] if lines else done.returncode}"
+            else:
+                self._started = True
+
+    def argv(self, command: str, cwd: Path, env: dict[str, str], pid_file: Path,
+             binds: Sequence[tuple[str, str]] = (), extra_keys: tuple[str, ...] = ()) -> list[str]:
+        """The client command of one run; the container starts at the first (after the node's files and mounts
+        are in place: `binds` puts each absolute file-mount destination at its path)."""
+        self.ensure(env, binds)
+        env_keys = [k for k in env if _ENV_KEY.match(k)] + [SANDBOX_ENV, *extra_keys]
+        if self.error:
+            return ["/bin/sh", "-c", 'echo "sortie: $1" >&2; exit 125', "sortie", self.error]
+        names = [part for key in env_keys for part in ("-e", key)]  # values come from the client's environment
+        return [self.engine, "exec", "-i", "-w", str(cwd), *names, self.name, "/bin/sh", "-c", _CONTAINER_WRAP,
+                "sortie-run", str(pid_file), command]
+
+    def signal(self, pid_file: Path, sig: str) -> None:
+        with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+            pid = int(pid_file.read_text().strip())
+            subprocess.run([self.engine, "exec", self.name, "kill", f"-{sig}", str(pid)], capture_output=True,
+                           timeout=60)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run([self.engine, "rm", "-f", "-t", "1", self.name], capture_output=True, timeout=120)
 
 
 class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
     def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False,
-                 hide: list[str] | None = None) -> None:
+                  hide: list[str] | None = None, container: dict | None = None) -> None:
         self.sandbox = sandbox
         self.node_id = node_id
         self.confine = confine
@@ -281,6 +357,8 @@ class Agent:
         self.stopping = False  # SIGTERM: the runs killed on the way out are not reported as exits (a lost node)
         self._log_sizes: dict[str, int] = {}
         threading.Thread(target=self._sample_logs, daemon=True, name="log-sampler").start()
+        self.container = (Container(container["engine"], container["image"], list(container.get("options") or []),
+                                    node_id, sandbox, self.workdir) if container else None)
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -334,6 +412,12 @@ class Agent:
                     views += [f"--hide={h}" for h in self._hide] + [f"--show={s}" for s in sorted(self._shows)]
                 argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
                         f"--cwd={workdir}", *views, "--", *argv]
+        if self.container is not None and view:  # setup and run; the node's own steps (view=False) stay outside
+            with self._lock:
+                binds = [(str(self.resolve(view)), view) for view in sorted(self._views)]
+            argv = self.container.argv(command, workdir, {str(k): str(v) for k, v in env.items()},
+                                       run_dir / "container.pid", binds,
+                                       (MOUNTS_ENV, "HOME") if self.confine else ())
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(
@@ -435,6 +519,8 @@ class Agent:
             return None
         if status["state"] == "running":
             (self.runs_dir / run_id / "cancelled").touch()
+            if self.container is not None and (self.runs_dir / run_id / "container.pid").exists():
+                self.container.signal(self.runs_dir / run_id / "container.pid", "TERM")
             _kill_group(status["pid"], CANCEL_GRACE_SECONDS)
             with self._lock:
                 proc = self._procs.get(run_id)
@@ -452,6 +538,8 @@ class Agent:
             procs = list(self._procs.values())
         for proc in procs:
             _kill_group(proc.pid, 1.0)
+        if self.container is not None:
+            self.container.remove()
 
     def resolve(self, dest: str) -> Path:
         """Where an upload to `dest` lands on this node (ValueError when outside the sandbox's roots)."""
@@ -487,7 +575,7 @@ class Agent:
     def _add_view(self, dest: str, target: str | None = None) -> None:
         """Record an absolute destination of a confined agent: runs started from now on see it at its path (and
         a link's target, which they see even where it lies under a hidden directory)."""
-        if self.confine and (dest.startswith("/") or target):
+        if (self.confine or self.container is not None) and (dest.startswith("/") or target):
             with self._lock:
                 if dest.startswith("/"):
                     self._views.add("/" + os.path.normpath(dest).lstrip("/"))
@@ -699,8 +787,8 @@ class _AgentServer(ThreadingHTTPServer):
 
 
 def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
-          hide: list[str] | None = None) -> None:
-    agent = Agent(sandbox, token, node_id, confine, hide)
+           hide: list[str] | None = None, container: dict | None = None) -> None:
+    agent = Agent(sandbox, token, node_id, confine, hide, container)
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:
@@ -728,6 +816,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confine", action="store_true", help="absolute upload paths land under <sandbox>/mounts")
     parser.add_argument("--hide", action="append", default=[],
                         help="with --confine: a directory runs see empty (the Sortie home); repeatable")
+    parser.add_argument("--container-image", help="run setup and run in a container of this image")
+    parser.add_argument("--container-engine", default="docker", help="docker or podman")
+    parser.add_argument("--container-option", action="append", default=[], help="an engine run option")
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
@@ -737,8 +828,10 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error("a token is required: pass --token-stdin, --token-file or set SORTIE_AGENT_TOKEN")
     args.sandbox.mkdir(parents=True, exist_ok=True)
+    container = ({"engine": args.container_engine, "image": args.container_image, "options": args.container_option}
+                 if args.container_image else None)
     serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine,
-          args.hide)
+          args.hide, container)
 
 
 if __name__ == "__main__":

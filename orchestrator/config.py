@@ -303,6 +303,11 @@ class CloudNetworkConfig(BaseModel):
         Field(description="AWS: an IAM instance profile (name) attached to every node, the identity its bucket work "
               "uses (nodes never get the controller's AWS credentials); scope it to your jobs' buckets."),
     ] = None
+    ports_cidr: Annotated[
+        str,
+        Field(description="What a task's `ports` admit in the cluster's firewall (security group, firewall rule, "
+              "NSG); default: anywhere, as SkyPilot does."),
+    ] = "0.0.0.0/0"
     ssh_public_key: Annotated[
         str | None,
         Field(description="An SSH public key put on cloud VMs (default: the controller VM gets Sortie's own key, "

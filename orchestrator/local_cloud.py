@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from orchestrator import agent as agent_module
 from orchestrator import node_view
@@ -55,6 +56,7 @@ class LocalNode:
     created_at: float = 0.0
     preempted: bool = False
     use_spot: bool = False
+    container: dict[str, Any] | None = None  # {engine, image, options}: runs go into a container of the image
 
     @property
     def url(self) -> str:
@@ -176,7 +178,7 @@ class LocalCloud:
     def launch(self, node_id: str, cluster: str, rank: int, region: str, token: str,
                capacity: int | None = None, accelerators: dict[str, int] | None = None,
                labels: dict[str, str] | None = None, use_spot: bool = False,
-               spot_capacity: int | None = None) -> LocalNode:
+               spot_capacity: int | None = None, container: dict[str, Any] | None = None) -> LocalNode:
         """Start a node: claim capacity, make its sandbox, start its agent detached, wait until it answers."""
         sandbox = self.nodes_dir / node_id
         with self._capacity_lock():
@@ -192,7 +194,7 @@ class LocalCloud:
             sandbox.mkdir(parents=True, exist_ok=False)
             node = LocalNode(node_id=node_id, cluster=cluster, rank=rank, region=region, sandbox=str(sandbox),
                              accelerators=dict(accelerators or {}), labels=dict(labels or {}),
-                             created_at=time.time(), use_spot=use_spot)
+                             created_at=time.time(), use_spot=use_spot, container=container or None)
             self._save(node)
         try:
             return self._start_agent(node, token)
@@ -213,9 +215,12 @@ class LocalCloud:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PULUMI_", "SORTIE_AGENT"))}
         env.update({agent_module.SANDBOX_ENV: node.sandbox, "SORTIE_NODE_ID": node.node_id})
         with (sandbox / "agent.log").open("ab") as log:
+            container = node.container or {}
+            flags = ["--container-image", container["image"], "--container-engine", container["engine"],
+                     *[f"--container-option={o}" for o in container.get("options") or []]] if container else []
             proc = subprocess.Popen(
                 [sys.executable, agent_module.__file__, "--sandbox", node.sandbox, "--node-id", node.node_id,
-                 "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()]],
+                  "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()], *flags],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
             )
@@ -278,6 +283,10 @@ class LocalCloud:
         node = self.get(node_id)
         _detach_mounts(str(sandbox))
         _kill_tree(node.pid if node else 0, str(sandbox))
+        if node is not None and node.container:  # the task's container, even when its agent died first
+            with suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([node.container["engine"], "rm", "-f", "-t", "1",
+                                agent_module.container_name(node_id)], capture_output=True, timeout=120)
         _detach_mounts(str(sandbox))  # a mount made while the processes were stopping
         with self._capacity_lock():
             shutil.rmtree(sandbox, ignore_errors=True)

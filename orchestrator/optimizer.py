@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.cloud_features import offer_supports
 from orchestrator.config import SortieConfig
 from orchestrator.errors import SortieError
 
@@ -93,10 +94,31 @@ def _fits_amount(want: tuple[float, bool] | None, have: float) -> bool:
 
 
 def _cloud_of(cand: dict[str, Any]) -> str | None:
-    return cand.get("cloud") or (cand.get("infra") or "").split("/")[0] or None
+    """The candidate's cloud; None for any (`*/us-east-1` names a region of any cloud)."""
+    cloud = cand.get("cloud") or (cand.get("infra") or "").split("/")[0] or None
+    return None if cloud == "*" else cloud
+
+
+# Names a YAML may use for what the catalogs list under another name (lowercase): the 40 GB A100 is the
+# catalogs' A100, and GCP's API calls a v5e TPU slice v5litepod.
+_CATALOG_ALIASES = {"a100-40gb": "a100"}
+
+
+def catalog_name(accelerator: str) -> str:
+    """The lowercase catalog name of an accelerator a YAML names (A100-40GB -> a100, tpu-v5e-8 ->
+    tpu-v5litepod-8)."""
+    name = accelerator.lower()
+    if name.startswith("tpu-v5e-"):
+        return "tpu-v5litepod-" + name.removeprefix("tpu-v5e-")
+    return _CATALOG_ALIASES.get(name, name)
 
 
 def _matches(cand: dict[str, Any], offer: Offer) -> bool:
+    return _matches_hardware(cand, offer) and offer_supports(cand, offer.cloud, offer.instance_type,
+                                                             offer.region) is None
+
+
+def _matches_hardware(cand: dict[str, Any], offer: Offer) -> bool:
     cloud = _cloud_of(cand)
     if cloud and cloud != offer.cloud:
         return False
@@ -108,7 +130,7 @@ def _matches(cand: dict[str, Any], offer: Offer) -> bool:
         return False
     if cand.get("use_spot") and offer.spot_price is None:
         return False
-    wanted = {k.lower(): v for k, v in (cand.get("accelerators") or {}).items()}
+    wanted = {catalog_name(k): v for k, v in (cand.get("accelerators") or {}).items()}
     have = {k.lower(): v for k, v in offer.accelerators.items()}
     if offer.cloud == "local":  # declared accelerators: enough of them will do
         return all(have.get(name, 0) >= count for name, count in wanted.items())
@@ -152,11 +174,14 @@ def _why_not(cand: dict[str, Any], offers: Sequence[Offer], enabled: Collection[
     cloud = _cloud_of(cand)
     if cloud and cloud not in enabled:
         return f"{cloud} is not enabled (see `sortie check`)"
+    fitting = [o for o in offers if o.cloud in enabled and _matches_hardware(cand, o)]
+    if fitting:  # the hardware is there; a feature of the task is what no such offer can serve
+        reasons = [offer_supports(cand, o.cloud, o.instance_type, o.region) for o in fitting]
+        return "; ".join(dict.fromkeys(r for r in reasons if r))
     elsewhere = [o for o in offers if _matches(cand, o) and o.cloud not in enabled]
     pool = [o for o in offers if (not cloud or o.cloud == cloud) and o.cloud in enabled]
     for name, count in (cand.get("accelerators") or {}).items():
-        carriers = [o for o in pool if o.accelerators.get(name, 0) or
-                    any(k.lower() == name.lower() for k in o.accelerators)]
+        carriers = [o for o in pool if any(k.lower() == catalog_name(name) for k in o.accelerators)]
         if not carriers:
             known = sorted({k for o in pool for k in o.accelerators})
             where = f" ({', '.join(sorted({o.cloud for o in elsewhere}))} has it, not enabled)" if elsewhere else ""
@@ -186,7 +211,7 @@ def _why_not(cand: dict[str, Any], offers: Sequence[Offer], enabled: Collection[
 
 
 def _count(offer: Offer, name: str) -> float:
-    return next((v for k, v in offer.accelerators.items() if k.lower() == name.lower()), 0.0)
+    return next((v for k, v in offer.accelerators.items() if k.lower() == catalog_name(name)), 0.0)
 
 
 # --- where offers come from ---------------------------------------------------------------------------------------

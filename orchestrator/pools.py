@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from orchestrator.cloud_features import attempt_features
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields
 
 if TYPE_CHECKING:
@@ -232,5 +233,6 @@ def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, inf
                        # the task's sizes (a Kubernetes worker's pod requests them; other infras ignore them)
                        cpus=(task["resources"][0].get("cpus") if task["resources"] else None),
                        memory=(task["resources"][0].get("memory") if task["resources"] else None),
-                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}))
+                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}),
+                       **attempt_features(task, infra or "local", region))  # ports, tiers, images
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)

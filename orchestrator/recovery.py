@@ -40,13 +40,14 @@ class RecoveryRules:
 
     @classmethod
     def from_task(cls, task: dict[str, Any], use_spot: bool) -> RecoveryRules:
-        """The rules of a task as stored (its first candidate's job_recovery). The default strategy is
-        EAGER_NEXT_REGION for spot and FAILOVER on demand."""
+        """The rules of a task as stored (its first candidate's job_recovery; the loader refuses candidates
+        whose job_recovery differ). The default strategy is EAGER_NEXT_REGION for every job, spot or on demand,
+        as in SkyPilot; `use_spot` no longer changes it and is kept for callers."""
         candidates = task.get("resources") or [{}]
         recovery = candidates[0].get("job_recovery") or {}
-        default = EAGER_NEXT_REGION if use_spot else FAILOVER
+        del use_spot
         return cls(
-            strategy=(recovery.get("strategy") or default).upper(),
+            strategy=(recovery.get("strategy") or EAGER_NEXT_REGION).upper(),
             max_restarts_on_errors=int(recovery.get("max_restarts_on_errors") or 0),
             recover_on_exit_codes=tuple(recovery.get("recover_on_exit_codes") or ()),
             max_duration_s=recovery.get("max_duration_s"),

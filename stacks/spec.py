@@ -31,6 +31,15 @@ class ClusterSpec:
     use_spot: bool = False
     disk_size: int | None = None
     image: str | None = None
+    # --- a task's resource features (issue 16); see orchestrator.cloud_features ---
+    ports: tuple[str, ...] = ()          # "8080" or "8000-8010": opened in the cluster's firewall from ports_cidr
+    ports_cidr: str = "0.0.0.0/0"         # config cloud.ports_cidr (SkyPilot's default: anywhere)
+    disk_tier: str | None = None          # low|medium|high|ultra|best: the OS disk's volume type
+    network_tier: str | None = None       # best: the cloud's fast network (placement group, gVNIC, accel. net.)
+    accelerator_args: Mapping[str, Any] = field(default_factory=dict)  # TPUs: runtime_version, tpu_vm, ...
+    pod_config: Mapping[str, Any] = field(default_factory=dict)  # Kubernetes: config.kubernetes.pod_config
+    container_image: str | None = None    # image_id: docker:<image>: setup and run go into a container of it
+    container_options: tuple[str, ...] = ()  # config.docker.run_options
     labels: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
     # Where the local cloud keeps its sandboxes (the Sortie home's `local/`); local infra only.
@@ -82,7 +91,8 @@ def cloud_fields(config: Any) -> dict[str, Any]:
             "ssh_public_key": cloud.ssh_public_key, "instance_profile": getattr(cloud, "node_instance_profile", None),
             "kubeconfig": getattr(getattr(config, "kubernetes", None), "kubeconfig", None),
             "kube_namespace": getattr(getattr(config, "kubernetes", None), "namespace", None),
-            "kube_pod_timeout_s": getattr(getattr(config, "kubernetes", None), "pod_timeout_s", 600)}
+            "kube_pod_timeout_s": getattr(getattr(config, "kubernetes", None), "pod_timeout_s", 600),
+            "ports_cidr": getattr(cloud, "ports_cidr", None) or "0.0.0.0/0"}
 
 
 @dataclass(frozen=True)

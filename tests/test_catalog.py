@@ -34,7 +34,9 @@ from orchestrator.catalog.update import (
 from orchestrator.errors import SortieError, UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "catalog"
-GPU_NAMES = {"V100", "A100", "A100-80GB", "H100", "T4", "A10G", "A10", "L4"}
+GPU_NAMES = {"V100", "A100", "A100-80GB", "H100", "T4", "A10G", "A10", "L4", "H200", "L40S", "B200", "GB200",
+             "MI300X", "Trainium", "Inferentia2", "tpu-v4-8", "tpu-v5litepod-1", "tpu-v5litepod-4",
+             "tpu-v5litepod-8", "tpu-v5p-8", "tpu-v6e-1", "tpu-v6e-4", "tpu-v6e-8"}
 HEADER = ",".join(COLUMNS)
 
 

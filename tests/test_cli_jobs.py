@@ -84,14 +84,14 @@ def test_null_env_is_filled_from_the_command_line(sortie_home: Path, tmp_path: P
 
 def test_dryrun_json_redacts_secrets_and_writes_nothing(sortie_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(["jobs", "launch", "--dryrun", "--json", "--secret", "TOK=s3cret", "--gpus", "H100:2",
+    code, out, _ = run_cli(["jobs", "launch", "--dryrun", "--json", "--secret", "TOK=s3cret", "--cpus", "2",
                             "--num-nodes", "2", "echo hi"], monkeypatch, capsys)
     assert code == 0
     plan = json.loads(out)
     task = plan["tasks"][0]
     assert task["secrets"] == {"TOK": "<redacted>"} and "s3cret" not in out
     assert task["num_nodes"] == 2 and task["run"] == "echo hi"
-    assert task["resources"][0]["accelerators"] == {"H100": 2.0}
+    assert task["resources"][0]["cpus"] == "2"
     assert not (sortie_home / "state.db").exists()
 
 

@@ -120,10 +120,10 @@ def test_twenty_parallel_launches_give_twenty_jobs(sortie: Sortie) -> None:
         assert sortie.wait(job_id, timeout=180)["status"] == "CANCELLED"
 
 
-def test_accelerator_no_region_has_is_failed_prechecks(sortie: Sortie) -> None:
-    job = sortie.wait(sortie.launch("--gpus", "H100:8", "nvidia-smi"))
-    assert job["status"] == "FAILED_PRECHECKS"
-    assert "H100" in job["failure_reason"]
+def test_an_accelerator_no_enabled_cloud_has_is_refused_before_submitting(sortie: Sortie) -> None:
+    proc = sortie.run("jobs", "launch", "-y", "-d", "--gpus", "H100:8", "nvidia-smi", check=False)
+    assert proc.returncode == 2 and "No feasible resources" in proc.stderr and "H100" in proc.stderr
+    assert "submitted" not in proc.stdout and json.loads(sortie.run("jobs", "queue", "-a", "--json").stdout) == []
 
 
 def test_unknown_job_and_ambiguous_name_are_clear_errors(sortie: Sortie) -> None:

@@ -61,9 +61,9 @@ def test_golden_files_exist() -> None:
     assert len(GOLDEN) >= 3
 
 
-def test_default_strategy_is_eager_for_spot_and_failover_on_demand() -> None:
+def test_default_strategy_is_eager_next_region_for_every_job() -> None:
     assert RecoveryRules.from_task({"resources": [{}]}, use_spot=True).strategy == EAGER_NEXT_REGION
-    assert RecoveryRules.from_task({"resources": [{}]}, use_spot=False).strategy == FAILOVER
+    assert RecoveryRules.from_task({"resources": [{}]}, use_spot=False).strategy == EAGER_NEXT_REGION
     explicit = {"resources": [{"job_recovery": {"strategy": "failover"}}]}
     assert RecoveryRules.from_task(explicit, use_spot=True).strategy == FAILOVER
 

@@ -143,7 +143,7 @@ BAD_INPUTS = [
      ["resources.ports[1]: 70000 is not a port (1-65535) or a range like 8000-8010"]),
     ("resources:\n  disk_tier: fast\n",
      ['resources.disk_tier: "fast" is not a disk tier; use one of low, medium, high, ultra, best']),
-    ("resources:\n  priority: 1\n", ["resources.priority: job priorities are not supported by Sortie yet"]),
+    ("resources:\n  priority: 1\n", ["resources.priority: job priorities are not supported yet"]),
     ("name: my job\nnum_nodes: 0\nrun: 5\n",
      ['name: "my job" is not a valid name (letters and digits, joined by single or double . _ -; it must start and '
       "end with a letter or digit)",
@@ -155,11 +155,11 @@ BAD_INPUTS = [
       "envs.C: must be text (or a number, or true/false), not a list"]),
     ("secrets: [MY_SECRET]\n",
      ["secrets: must be a mapping NAME: value (references to managed secrets are not supported yet)"]),
-    ("workdir: {url: https://github.com/x/y}\n",
-     ["workdir: a git repository (url/ref) as workdir is not supported yet; use a local directory"]),
-    ("service: {}\nconfig: {}\n",
-     ["service: SkyServe services are not supported; Sortie runs managed jobs",
-      "config: SkyPilot's per-task config overrides are not supported by Sortie"]),
+    ("workdir: {url: 'https://u:p@github.com/x/y'}\n",
+     ["workdir.url: put no credentials in the URL (they would be shown); give the token as a secret"]),
+    ("run: x\nconfig: {aws: {labels: {a: b}}, docker: {run_options: 3}}\n",
+     ["config.aws: not supported yet (Sortie applies: kubernetes.pod_config, docker.run_options)",
+      "config.docker.run_options: must be text or a list of texts like --shm-size=16g"]),
     ("storage_mounts: {}\n", ["storage_mounts: not a task field; buckets go under file_mounts"]),
     ("file_mounts:\n  /b/: .\n  s3://x: .\n", [
         "file_mounts./b/: remove the trailing slash from the destination",
@@ -356,6 +356,7 @@ def test_candidate_json_and_hash() -> None:
         "accelerators": {"H100": 8.0}, "instance_type": None, "use_spot": False, "disk_size": 256,
         "job_recovery": {"strategy": None, "max_restarts_on_errors": 2, "recover_on_exit_codes": [],
                          "max_duration_s": None, "backoff_initial_s": None, "backoff_max_s": None},
+        "disk_tier": None, "network_tier": None, "ports": [], "image_id": None, "labels": {}, "accelerator_args": {},
     }
     assert candidate.num_gpus() == 8.0
     assert len({candidate, candidate}) == 1
@@ -483,11 +484,10 @@ def test_unsupported_features_of_resources() -> None:
     """)
     assert task.resources.ports == ["8080-8081", "9000-9001"]
     assert task.unsupported_features() == [
-        "resources.ports: opening ports is not supported yet",
-        "resources.image_id: custom images are not supported yet",
-        "resources.any_of[1].disk_tier: disk tiers are not supported yet",
         "resources: cloud lambda is not supported (Sortie runs on local, aws, gcp, azure, kubernetes)",
     ]
+    aws = task.candidates()[1].to_json()
+    assert (aws["ports"], aws["disk_tier"], aws["image_id"]) == (["8080-8081", "9000-9001"], "best", "docker:ubuntu")
     assert one("resources: {infra: local/region-a, autostop: true}\n").unsupported_features() == []
 
 
@@ -557,12 +557,16 @@ def test_infra_override_replaces_cloud_region_zone() -> None:
     assert (candidate.cloud, candidate.region, candidate.zone) == ("gcp", None, None)
 
 
-def test_overrides_apply_to_every_task_of_a_pipeline() -> None:
+def test_resource_overrides_on_a_pipeline_are_ignored_with_a_warning() -> None:
+    """SkyPilot ignores --cpus/--gpus/... on a YAML of several tasks, with a warning; --env and --name apply."""
     pipeline = load("name: pipe\n---\nname: a\nrun: x\n---\nname: b\nresources: {cpus: 1}\nrun: y\n",
-                    Overrides(cpus="8", name="other", envs=(("K", "v"),)))
+                    Overrides(cpus="8", gpus="H100:1", name="other", envs=(("K", "v"),)))
     assert pipeline.name == "other" and [t.name for t in pipeline.tasks] == ["a", "b"]
-    assert [t.candidates()[0].cpus for t in pipeline.tasks] == ["8", "8"]
+    assert [t.candidates()[0].cpus for t in pipeline.tasks] == [None, "1"]
     assert [t.envs for t in pipeline.tasks] == [{"K": "v"}, {"K": "v"}]
+    assert pipeline.warnings == ["--cpus, --gpus: ignored, since the YAML has several tasks"]
+    single = load("name: a\nrun: x\n", Overrides(cpus="8"))
+    assert single.tasks[0].candidates()[0].cpus == "8" and single.warnings == []
 
 
 def test_bad_overrides_name_the_flag(tmp_path: Path) -> None:

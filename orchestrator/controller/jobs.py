@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from orchestrator.cloud_features import attempt_features
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import agent_refusal, first_failure, run_outcome, setup_outcome
 from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_fuse_for, node_package_for, task_steps
@@ -176,7 +177,8 @@ class JobReconciler:
                            local_root=str(self.ctx.home / "local"), **cloud_fields(config),
                            node_package=node_package_for(steps, attempt.infra, config),
                            node_fuse=node_fuse_for(steps, attempt.infra),
-                           job_id=str(job.id), attempt=str(attempt.number), user=job.user)
+                           job_id=str(job.id), attempt=str(attempt.number), user=job.user,
+                           **attempt_features(task, attempt.infra, attempt.region))  # ports, tiers, images
         return StackProgram("cluster", spec)
 
     def _stack_op(self, job: JobRow, op: str, stack: str, fn: Callable[[], Any]) -> Any:

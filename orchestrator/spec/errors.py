@@ -32,21 +32,19 @@ class SpecError(UsageError):
 
 # SkyPilot fields that Sortie does not take, with what to say about them.
 _TASK_NOT_SUPPORTED = {
-    "service": "SkyServe services are not supported; Sortie runs managed jobs",
-    "pool": "SkyPilot's pool section is not supported by Sortie yet",
-    "config": "SkyPilot's per-task config overrides are not supported by Sortie",
-    "volumes": "volumes are not supported by Sortie yet",
-    "volume_mounts": "volumes are not supported by Sortie yet",
-    "event_callback": "event callbacks are not supported by Sortie",
-    "managed_secrets": "managed secrets are not supported by Sortie yet; use secrets: {NAME: value}",
+    "pool": "a pool section here is not supported yet; create the pool with `sortie jobs pool apply`",
+    "volumes": "volumes are not supported yet",
+    "volume_mounts": "volumes are not supported yet",
+    "event_callback": "event callbacks are not supported yet",
+    "managed_secrets": "managed secrets are not supported yet; use secrets: {NAME: value}",
     "storage_mounts": "not a task field; buckets go under file_mounts",
 }
 _RESOURCES_NOT_SUPPORTED = {
-    "priority": "job priorities are not supported by Sortie yet",
-    "priority_class": "priority classes are not supported by Sortie",
-    "volumes": "volumes are not supported by Sortie yet",
-    "max_hourly_cost": "max_hourly_cost is not supported by Sortie yet",
-    "local_disk": "local_disk is not supported by Sortie",
+    "priority": "job priorities are not supported yet",
+    "priority_class": "priority classes are not supported yet",
+    "volumes": "volumes are not supported yet",
+    "max_hourly_cost": "max_hourly_cost is not supported yet",
+    "local_disk": "local_disk is not supported yet",
     "ephemeral_storage": "ephemeral_storage is deprecated in SkyPilot; use disk_size",
 }
 _OPTION_NOT_SUPPORTED = {
@@ -146,7 +144,9 @@ def problems_from(error: ValidationError, prefix: str = "") -> list[str]:
     """One line per pydantic error: `<prefix><path>: <message>`; duplicates dropped, order kept."""
     lines: list[str] = []
     for item in error.errors(include_url=False):
-        loc = [p for p in item["loc"] if p != "[key]"]
+        loc = list(item["loc"])
+        if item["type"] != "extra_forbidden":  # pydantic marks a bad key "[key]"; a field may be named so
+            loc = [p for p in loc if p != "[key]"]
         if loc and loc[0] == "storage_mounts":  # users write buckets under file_mounts
             loc[0] = "file_mounts"
         message = _message(dict(item), loc)

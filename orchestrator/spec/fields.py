@@ -242,11 +242,37 @@ def checks_paths(info: ValidationInfo) -> bool:
     return isinstance(info.context, dict) and bool(info.context.get("check_paths"))
 
 
-def workdir_value(value: Any, _handler: Any, info: ValidationInfo) -> str | None:
+def _git_workdir(value: dict[Any, Any], info: ValidationInfo) -> dict[str, str]:
+    """SkyPilot's `workdir: {url, ref}`: a git repository the node clones at `ref` (a branch, tag or commit).
+    A local repository path is made absolute; credentials never go in the URL (they would show in the job)."""
+    unknown = [str(k) for k in value if k not in ("url", "ref")]
+    if unknown:
+        raise fail(f"unknown key {unknown[0]}; a git workdir has url and ref", f".{unknown[0]}")
+    url, ref = value.get("url"), value.get("ref")
+    if not isinstance(url, str) or not url.strip():
+        raise fail("a git workdir needs url: the repository to clone", ".url")
+    if ref is not None and (not isinstance(ref, str) or not ref.strip() or ref.startswith("-")
+                            or any(c.isspace() for c in ref)):
+        raise fail(f"must be a branch, tag or commit, not {show(ref)}", ".ref")
+    url = url.strip()
+    if "://" in url:
+        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            raise fail("put no credentials in the URL (they would be shown); give the token as a secret", ".url")
+    elif not url.startswith("git@") and not url.startswith("-"):
+        url = resolve_local(url, info)
+        if checks_paths(info) and not Path(url).exists():
+            raise fail(f"{show(value.get('url'))} is neither a URL nor an existing repository path", ".url")
+    else:
+        if url.startswith("-"):
+            raise fail(f"{show(url)} is not a repository URL", ".url")
+    return {"url": url, **({"ref": ref.strip()} if ref else {})}
+
+
+def workdir_value(value: Any, _handler: Any, info: ValidationInfo) -> str | dict[str, str] | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        raise fail("a git repository (url/ref) as workdir is not supported yet; use a local directory")
+        return _git_workdir(value, info)
     if not isinstance(value, str) or not value.strip():
         raise fail(f"must be a local directory, not {kind(value) if not isinstance(value, str) else show(value)}")
     path = resolve_local(value, info)
@@ -308,7 +334,10 @@ MountDestination = Annotated[str, parsed(mount_destination, nullable=False)]
 StorageDestination = Annotated[str, parsed(storage_destination, nullable=False)]
 LocalSource = Annotated[str, WrapValidator(local_source)]
 Workdir = Annotated[
-    str | None,
+    str | dict[str, str] | None,
     WrapValidator(workdir_value),
-    schema({"type": "string"}),
+    schema({"anyOf": [{"type": "string"}, {"type": "object", "properties": {
+        "url": {"type": "string", "description": "The git repository every node clones (URL or local path)."},
+        "ref": {"type": "string", "description": "Branch, tag or commit (default: the default branch)."}},
+        "required": ["url"], "additionalProperties": False}]}),
 ]

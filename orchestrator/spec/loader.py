@@ -20,25 +20,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from orchestrator.spec import documents as documents_module
 from orchestrator.spec import overrides as overrides_module
 from orchestrator.spec import values
 from orchestrator.spec.errors import SpecError, problems_from
 from orchestrator.spec.overrides import Overrides, ResolvedOverrides
 from orchestrator.spec.task import Pipeline, Task
-from orchestrator.spec.values import Bad, kind, parse_name, show
+from orchestrator.spec.values import kind
 
 COMMAND_TASK_NAME = "sky-cmd"  # SkyPilot's name for a task made from a command
 _VAR = re.compile(r"\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
 _ALIASES = {"gpus": "accelerators", "spot_recovery": "job_recovery"}
-
-
-def _field_at(text: str, line: int) -> str:
-    """The top-level field a 1-based `line` of a YAML text lies in (the nearest `key:` at column 0 above it)."""
-    for row in reversed(text.splitlines()[:line]):
-        match = re.match(r"([A-Za-z_][\w.-]*)\s*:", row)
-        if match:
-            return match.group(1)
-    return "the document"
 
 
 def key_lines(text: str) -> dict[str, int]:
@@ -65,26 +57,7 @@ def key_lines(text: str) -> dict[str, int]:
 
 
 def _parse_yaml(text: str, source: str) -> list[Any]:
-    loader: yaml.SafeLoader | None = None
-    try:
-        loader = yaml.SafeLoader(text)
-        documents = []
-        while loader.check_data():
-            documents.append(loader.get_data())
-        return documents
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or exc.__class__.__name__
-        raise SpecError([f"{source}: not valid YAML{where}: {show(str(problem))[1:-1]}"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([f"{source}: not valid YAML: {show(str(exc))[1:-1]}"]) from None
-    except RecursionError:
-        line = loader.get_mark().line + 1 if loader is not None else 1
-        raise SpecError([f"{source}: {_field_at(text, line)}: nested too deeply at line {line}; flatten it"]) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+    return documents_module.parse_yaml(text, source)
 
 
 def _fill_vars(text: str, envs: dict[str, str]) -> str:
@@ -92,6 +65,7 @@ def _fill_vars(text: str, envs: dict[str, str]) -> str:
 
 
 def _fill_file_mounts(mounts: dict[Any, Any], envs: dict[str, str]) -> dict[Any, Any]:
+    """Every string of file_mounts (destinations, sources, and a storage object's name, source, store, mode)."""
     filled: dict[Any, Any] = {}
     for destination, source in mounts.items():
         key = _fill_vars(destination, envs) if isinstance(destination, str) else destination
@@ -99,11 +73,9 @@ def _fill_file_mounts(mounts: dict[Any, Any], envs: dict[str, str]) -> dict[Any,
             source = _fill_vars(source, envs)
         elif isinstance(source, dict):
             source = dict(source)
-            for part in ("name", "source"):
-                if isinstance(source.get(part), str):
-                    source[part] = _fill_vars(source[part], envs)
-                elif isinstance(source.get(part), list):
-                    source[part] = [_fill_vars(s, envs) if isinstance(s, str) else s for s in source[part]]
+            for part in ("name", "source", "store", "mode"):
+                if isinstance(source.get(part), (str, list)):
+                    source[part] = documents_module.fill_vars(source[part], envs)
         filled[key] = source
     return filled
 
@@ -141,18 +113,29 @@ def _prepare(document: dict[Any, Any], resolved: ResolvedOverrides, prefix: str)
         doc["resources"] = resources
     doc = overrides_module.apply(doc, resolved)
     envs = doc.get("envs")
-    if isinstance(doc.get("file_mounts"), dict) and isinstance(envs, dict):
-        known = {k: str(v) for k, v in envs.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
+    known = {k: str(v) for k, v in envs.items() if isinstance(k, str) and isinstance(v, (str, int, float))} \
+        if isinstance(envs, dict) else {}
+    if isinstance(doc.get("file_mounts"), dict):
         doc["file_mounts"] = _fill_file_mounts(doc["file_mounts"], known)
+    if isinstance(doc.get("workdir"), (str, dict)):
+        doc["workdir"] = documents_module.fill_vars(doc["workdir"], known)
+    config_problems = documents_module.check_config(doc.get("config"), prefix)
+    if config_problems:
+        doc.pop("config")
+        problems += config_problems
     return doc, problems
 
 
 def _task(
-    document: Any, resolved: ResolvedOverrides, base_dir: Path, label: str, source: str
+    document: Any, resolved: ResolvedOverrides, base_dir: Path, label: str, source: str,
+    warnings: list[str] | None = None,
 ) -> tuple[Task | None, list[str]]:
     prefix = f"{label}." if label else ""
     if not isinstance(document, dict):
         return None, [f"{label or source}: a task is a mapping of fields like `run: echo hi`, not {kind(document)}"]
+    document, dropped = documents_module.drop_service(document, prefix)
+    if warnings is not None:
+        warnings += dropped
     doc, problems = _prepare(document, resolved, prefix)
     try:
         task = Task.model_validate(doc, context={"base_dir": base_dir, "check_paths": True})
@@ -179,34 +162,41 @@ def _pipeline(documents: list[Any], resolved: ResolvedOverrides, base_dir: Path,
     if not documents:
         raise SpecError([f"{source}: the file is empty; a task needs at least `run: ...`"])
     problems = list(resolved.problems)
-    pipeline_name: str | None = None
-    header = isinstance(documents[0], dict) and set(documents[0]) == {"name"} and len(documents) > 1
-    if header:
-        raw_name = documents[0]["name"]
-        if raw_name is not None:
-            try:
-                pipeline_name = parse_name(raw_name)
-            except Bad as exc:
-                problems.append(f"name: {exc.message}")
+    warnings: list[str] = []
+    header = documents_module.Header()
+    has_header = documents_module.is_header(documents)
+    if has_header:
+        header = documents_module.parse_header(documents[0])
+        problems += header.problems
         documents = documents[1:]
-    is_pipeline = header or len(documents) > 1
+    is_pipeline = has_header or len(documents) > 1
     several = len(documents) > 1
     if len(documents) > values.MAX_PIPELINE_TASKS:
         raise SpecError([f"{source}: a pipeline has at most {values.MAX_PIPELINE_TASKS} tasks, not {len(documents)}"])
+    if several and resolved.resources_given():
+        # SkyPilot's rule: overrides of resources, nodes and workdir do not apply to a multi-task YAML.
+        warnings.append(f"{', '.join(resolved.resources_given())}: ignored, since the YAML has several tasks")
+        resolved = resolved.without_resources()
     tasks: list[Task] = []
     for index, document in enumerate(documents):
         if resolved.name is not None and not is_pipeline and isinstance(document, dict):
             document = {**document, "name": resolved.name}
-        task, task_problems = _task(document, resolved, base_dir, f"task[{index}]" if several else "", source)
+        label = f"task[{index}]" if several else ""
+        task, task_problems = _task(document, resolved, base_dir, label, source, warnings)
         problems += task_problems
         if task is not None:
             tasks.append(task)
+    if not problems:
+        problems += documents_module.check_group(header, [t.name for t in tasks])
     if problems:
         raise SpecError(problems)
     name = tasks[0].name
     if is_pipeline:
-        name = resolved.name if resolved.name is not None else pipeline_name
-    return Pipeline(name=name, tasks=tasks, is_pipeline=is_pipeline)
+        name = resolved.name if resolved.name is not None else header.name
+    return Pipeline(name=name, tasks=tasks, is_pipeline=is_pipeline, warnings=warnings,
+                    execution="parallel" if header.execution == "parallel" else "serial",
+                    primary_tasks=header.primary_tasks,
+                    termination_delay=header.termination_delay)
 
 
 def load_yaml_text(text: str, overrides: Overrides = Overrides(), base_dir: Path | None = None, *,
@@ -233,7 +223,7 @@ def _looks_like_task_yaml(text: str) -> bool:
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except (yaml.YAMLError, RecursionError):
-        return False
+        return False  # a YAML error is reported by the full load, if this is taken for a task
     return bool(documents) and not isinstance(documents[0], str)
 
 

@@ -1,5 +1,12 @@
-"""Command-line overrides of `jobs launch` (SkyPilot's --name, --env, --env-file, --secret, --infra, --cpus,
---memory, --gpus, --num-nodes, --use-spot, --workdir), checked once and applied to each task's raw document.
+"""Command-line overrides of `jobs launch` (SkyPilot's --name, --env, --env-file, --secret, --secret-file,
+--infra, --cpus, --memory, --gpus, --num-nodes, --use-spot, --workdir, --git-url/--git-ref, --disk-size,
+--disk-tier, --network-tier, --image-id, --instance-type, --ports, --job-recovery, --config), checked once and
+applied to each task's raw document.
+
+`--env-file` values fill the task's envs, and also a secret the task declares under that name (SkyPilot's
+rule: a secret is never filled from the plain environment, but a dotenv file may hold it).
+On a YAML of several tasks, the overrides of resources, nodes, workdir and config are ignored with a warning,
+as SkyPilot does; --env, --secret and --name still apply.
 
 Resource overrides apply to every candidate, as SkyPilot's `set_resources_override` does: the value is set on
 the resources section and removed from each any_of/ordered entry. Applying them to the raw document (before
@@ -35,6 +42,27 @@ class Overrides:
     num_nodes: int | None = None
     use_spot: bool | None = None
     workdir: str | None = None
+    secret_file: str | None = None  # --secret-file (dotenv format), like --env-file for secrets
+    git_url: str | None = None
+    git_ref: str | None = None
+    disk_size: str | None = None
+    disk_tier: str | None = None
+    network_tier: str | None = None
+    image_id: str | None = None
+    instance_type: str | None = None
+    ports: tuple[str, ...] = ()
+    job_recovery: str | None = None
+    config: tuple[str, ...] = ()  # --config KEY=VALUE (dotted key, YAML value) or a YAML file
+
+
+# Resource overrides: (ResolvedOverrides attribute, resources key, the flag), in the order they apply.
+_RESOURCE_OVERRIDES = (
+    ("infra", "infra", "--infra"), ("cpus", "cpus", "--cpus"), ("memory", "memory", "--memory"),
+    ("gpus", "accelerators", "--gpus"), ("disk_size", "disk_size", "--disk-size"),
+    ("disk_tier", "disk_tier", "--disk-tier"), ("network_tier", "network_tier", "--network-tier"),
+    ("image_id", "image_id", "--image-id"), ("instance_type", "instance_type", "--instance-type"),
+    ("ports", "ports", "--ports"), ("job_recovery", "job_recovery", "--job-recovery"),
+)
 
 
 @dataclass
@@ -50,8 +78,29 @@ class ResolvedOverrides:
     gpus: Any = UNSET
     num_nodes: int | None = None
     use_spot: bool | None = None
-    workdir: str | None = None
+    workdir: str | dict[str, str] | None = None
+    disk_size: Any = UNSET
+    disk_tier: Any = UNSET
+    network_tier: Any = UNSET
+    image_id: Any = UNSET
+    instance_type: Any = UNSET
+    ports: Any = UNSET
+    job_recovery: Any = UNSET
+    config: dict[str, Any] | None = None
+    file_values: dict[str, str] = field(default_factory=dict)  # --env-file: fill envs, and declared secrets
     problems: list[str] = field(default_factory=list)
+
+    def resources_given(self) -> list[str]:
+        """The flags of the resource, node, workdir and config overrides given (ignored on several tasks)."""
+        given = [flag for attr, _, flag in _RESOURCE_OVERRIDES if getattr(self, attr) is not UNSET]
+        given += [flag for flag, value in (("--use-spot", self.use_spot), ("--num-nodes", self.num_nodes),
+                                           ("--workdir", self.workdir), ("--config", self.config))
+                  if value is not None]
+        return given
+
+    def without_resources(self) -> ResolvedOverrides:
+        return ResolvedOverrides(name=self.name, envs=self.envs, secrets=self.secrets, file_values=self.file_values,
+                                 problems=self.problems)
 
 
 _DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([^=\s]+)\s*=\s*(.*?)\s*$")
@@ -133,8 +182,10 @@ def resolve(overrides: Overrides, base_dir: Path) -> ResolvedOverrides:
             problems.append(f"--env-file: {overrides.env_file}: cannot read it ({exc.__class__.__name__})")
         else:
             found, file_problems = parse_env_file(text, overrides.env_file)
-            out.envs.update(found)
+            out.file_values.update(found)
             problems.extend(file_problems)
+    if overrides.secret_file is not None:
+        out.secrets.update(_read_dotenv(overrides.secret_file, "--secret-file", base_dir, problems))
     out.envs.update(_pairs(overrides.envs, "--env", problems))
     out.secrets.update(_pairs(overrides.secrets, "--secret", problems))
     if overrides.infra is not None:
@@ -157,6 +208,15 @@ def resolve(overrides: Overrides, base_dir: Path) -> ResolvedOverrides:
         else:
             out.num_nodes = overrides.num_nodes
     out.use_spot = overrides.use_spot
+    _resolve_resources(overrides, out, problems)
+    if overrides.git_ref is not None and overrides.git_url is None:
+        problems.append("--git-ref: needs --git-url (the repository to clone)")
+    if overrides.git_url is not None:
+        if overrides.workdir is not None:
+            problems.append("--git-url: cannot be combined with --workdir; give one")
+        out.workdir = {"url": overrides.git_url, **({"ref": overrides.git_ref} if overrides.git_ref else {})}
+    if overrides.config:
+        out.config = _config_overrides(overrides.config, base_dir, problems)
     if overrides.workdir is not None:
         path = Path(os.path.expanduser(overrides.workdir))
         path = path if path.is_absolute() else base_dir / path
@@ -165,6 +225,97 @@ def resolve(overrides: Overrides, base_dir: Path) -> ResolvedOverrides:
         else:
             out.workdir = os.path.normpath(path)
     return out
+
+
+def _read_dotenv(given: str, flag: str, base_dir: Path, problems: list[str]) -> dict[str, str]:
+    path = Path(os.path.expanduser(given))
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(f"{flag}: {given}: no such file")
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"{flag}: {given}: cannot read it ({exc.__class__.__name__})")
+        return {}
+    found, file_problems = parse_env_file(text, given)
+    problems.extend(p.replace("--env-file:", f"{flag}:", 1) for p in file_problems)
+    return found
+
+
+def _resolve_resources(overrides: Overrides, out: ResolvedOverrides, problems: list[str]) -> None:
+    """--disk-size, --disk-tier, --network-tier, --image-id, --instance-type, --ports, --job-recovery."""
+    def tier(choices: tuple[str, ...], what: str) -> Any:
+        return lambda text: values.parse_choice(text, choices, what)
+
+    def recovery(text: str) -> Any:
+        return {"strategy": values.parse_strategy(text)}
+
+    parsers = {"disk_size": values.parse_disk_size, "disk_tier": tier(values.DISK_TIERS, "disk tier"),
+               "network_tier": tier(values.NETWORK_TIERS, "network tier"), "image_id": str.strip,
+               "instance_type": str.strip, "job_recovery": recovery}
+    for attr, parse in parsers.items():
+        given = getattr(overrides, attr)
+        if given is not None:
+            flag = next(f for a, _, f in _RESOURCE_OVERRIDES if a == attr)
+            setattr(out, attr, _optional(str(given), flag, parse, problems))
+    if overrides.ports:
+        try:
+            out.ports = values.parse_ports([p.strip() for item in overrides.ports for p in item.split(",")])
+        except Bad as exc:
+            problems.append(f"--ports: {exc.message}")
+
+
+_MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _config_overrides(items: tuple[str, ...], base_dir: Path, problems: list[str]) -> dict[str, Any]:
+    """`--config KEY.PATH=VALUE` (the value read as YAML) or `--config FILE.yaml`, merged in order."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for item in items:
+        if "=" in item:
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            parts = [p for p in key.strip().split(".") if p]
+            if not parts:
+                problems.append(f"--config {item}: expected KEY=VALUE, like docker.run_options=[--shm-size=8g]")
+                continue
+            target = merged
+            for part in parts[:-1]:
+                target = target.setdefault(part, {}) if isinstance(target.get(part, {}), dict) else {}
+            target[parts[-1]] = value
+            continue
+        path = Path(os.path.expanduser(item))
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            if path.stat().st_size > _MAX_CONFIG_BYTES:
+                problems.append(f"--config {item}: over 1 MiB")
+                continue
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(f"--config {item}: no such file (or give KEY=VALUE)")
+            continue
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            problems.append(f"--config {item}: cannot read it as YAML ({exc.__class__.__name__})")
+            continue
+        if not isinstance(loaded, dict):
+            problems.append(f"--config {item}: must hold a mapping of config keys")
+            continue
+        _merge(merged, loaded)
+    return merged
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _strip_options(resources: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -188,6 +339,12 @@ def _set_resource(resources: dict[str, Any], key: str, value: Any, also: tuple[s
 def apply(document: dict[str, Any], resolved: ResolvedOverrides) -> dict[str, Any]:
     """The document with the overrides in (the document's own aliases already renamed)."""
     doc = dict(document)
+    if resolved.file_values:
+        declared: dict[str, Any] = doc["secrets"] if isinstance(doc.get("secrets"), dict) else {}
+        from_file = {k: v for k, v in resolved.file_values.items() if k not in declared}
+        secret_values = {k: v for k, v in resolved.file_values.items() if k in declared}
+        resolved = ResolvedOverrides(**{**resolved.__dict__, "envs": {**from_file, **resolved.envs},
+                                        "secrets": {**secret_values, **resolved.secrets}})
     for key, extra in (("envs", resolved.envs), ("secrets", resolved.secrets)):
         if extra:
             current = doc.get(key)
@@ -199,7 +356,11 @@ def apply(document: dict[str, Any], resolved: ResolvedOverrides) -> dict[str, An
         doc["num_nodes"] = resolved.num_nodes
     if resolved.workdir is not None:
         doc["workdir"] = resolved.workdir
-    changes = [(k, getattr(resolved, k)) for k in ("infra", "cpus", "memory", "gpus")]
+    if resolved.config:
+        config = dict(doc["config"]) if isinstance(doc.get("config"), dict) else {}
+        _merge(config, resolved.config)
+        doc["config"] = config
+    changes = [(key, getattr(resolved, attr)) for attr, key, _ in _RESOURCE_OVERRIDES]
     changes = [(k, v) for k, v in changes if v is not UNSET]
     if resolved.use_spot is not None:
         changes.append(("use_spot", resolved.use_spot))
@@ -209,8 +370,6 @@ def apply(document: dict[str, Any], resolved: ResolvedOverrides) -> dict[str, An
         for key, value in changes:
             if key == "infra":
                 _set_resource(resources, "infra", value, also=("cloud", "region", "zone"))
-            elif key == "gpus":
-                _set_resource(resources, "accelerators", value)
             else:
                 _set_resource(resources, key, value)
         doc["resources"] = resources

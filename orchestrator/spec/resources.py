@@ -3,8 +3,9 @@
 What Sortie does with each SkyPilot resources field:
 - infra / cloud / region / zone, cpus, memory, accelerators, instance_type, use_spot, disk_size, labels,
   job_recovery, any_of, ordered: used (they make the candidates).
-- disk_tier, network_tier, ports, image_id, accelerator_args: parsed and checked; a task that sets one is
-  listed by `Task.unsupported_features()` so the launcher refuses it clearly.
+- disk_tier, network_tier, ports, image_id, accelerator_args: parsed, checked and carried on each candidate
+  (`--dryrun --json` shows them); what a cloud cannot do yet is listed by `Task.unsupported_features()` so
+  the launcher refuses it clearly, before anything is submitted.
 - autostop: accepted and ignored, as for SkyPilot's managed jobs: a job's cluster is torn down when it ends.
 - priority, volumes, max_hourly_cost and other SkyPilot fields: a load error that names the field.
 """
@@ -62,6 +63,11 @@ class Candidate:
     disk_size: int = DEFAULT_DISK_SIZE_GB
     labels: dict[str, str] = field(default_factory=dict)
     job_recovery: JobRecoverySpec | None = None
+    disk_tier: str | None = None
+    network_tier: str | None = None
+    ports: tuple[str, ...] = ()
+    image_id: str | tuple[tuple[str, str], ...] | None = None  # one image, or (region, image) pairs
+    accelerator_args: tuple[tuple[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +82,12 @@ class Candidate:
             "use_spot": self.use_spot,
             "disk_size": self.disk_size,
             "job_recovery": self.job_recovery.to_json() if self.job_recovery else None,
+            "disk_tier": self.disk_tier,
+            "network_tier": self.network_tier,
+            "ports": list(self.ports),
+            "image_id": dict(self.image_id) if isinstance(self.image_id, tuple) else self.image_id,
+            "labels": dict(self.labels),
+            "accelerator_args": dict(self.accelerator_args),
         }
 
     def num_gpus(self) -> float:
@@ -225,24 +237,29 @@ class _ResourceFields(BaseModel):
         fields.DiskSize, Field(description=f"OS disk size in GiB (default {DEFAULT_DISK_SIZE_GB}), or like 1TB."),
     ] = None
     disk_tier: Annotated[
-        fields.DiskTier, Field(description="OS disk performance tier. Parsed; not supported by Sortie yet."),
+        fields.DiskTier, Field(description="OS disk performance tier (low, medium, high, ultra, best), mapped per "
+                               "cloud to a volume type; offers that cannot serve it are left out."),
     ] = None
     network_tier: Annotated[
-        fields.NetworkTier, Field(description="Network performance tier. Parsed; not supported by Sortie yet."),
+        fields.NetworkTier, Field(description="Network tier: standard, or best (only instance types with the "
+                                  "cloud's fast network: EFA, GPUDirect, InfiniBand)."),
     ] = None
     ports: Annotated[
-        fields.Ports, Field(description="Ports to open: 8080, \"8000-8010\" or a list. Not supported by Sortie yet."),
+        fields.Ports, Field(description="Ports to open: 8080, \"8000-8010\" or a list: the cloud firewall admits "
+                            "them from cloud.ports_cidr; on the local cloud they are on the node's loopback."),
     ] = None
     image_id: Annotated[
         fields.ImageId,
-        Field(description="Machine image, or a mapping region -> image. Not supported by Sortie yet."),
+        Field(description="Machine image (AMI, GCP image, Azure image ID), or a mapping region -> image; "
+              "docker:<image> (a container) is not supported yet."),
     ] = None
     labels: Annotated[
         dict[StrictStr, StrictStr] | None,
         Field(description="Labels (tags) for the instances; an any_of/ordered entry adds to these."),
     ] = None
     accelerator_args: Annotated[
-        AcceleratorArgs | None, Field(description="Accelerator (TPU) settings. Not supported by Sortie yet."),
+        AcceleratorArgs | None, Field(description="TPU settings (runtime_version, tpu_vm, ...); with "
+                                      "accelerators: tpu-..., which only GCP offers."),
     ] = None
     autostop: Annotated[
         fields.Autostop,
@@ -251,15 +268,9 @@ class _ResourceFields(BaseModel):
     ] = None
 
     def unsupported(self, path: str) -> list[str]:
-        """What this alternative asks for that Sortie cannot launch yet, one line each."""
-        found = []
-        for name, what in (("disk_tier", "disk tiers"), ("network_tier", "network tiers"),
-                           ("ports", "opening ports"), ("image_id", "custom images"),
-                           ("accelerator_args", "accelerator_args (TPUs)")):
-            if getattr(self, name) is not None:
-                found.append(f"{path}.{name}: {what} are not supported yet" if name != "ports"
-                             else f"{path}.{name}: {what} is not supported yet")
-        return found
+        """What this alternative asks for that Sortie cannot launch on any cloud yet: nothing now. What only
+        some clouds can do is for the optimizer (`orchestrator.cloud_features.offer_supports`)."""
+        return []
 
 
 class ResourceOption(_ResourceFields):
@@ -303,10 +314,25 @@ class Resources(_ResourceFields):
         if len(several) > 1 and self.ordered:
             raise fields.fail("several accelerators cannot be combined with ordered; put each in an ordered entry",
                               ".accelerators")
-        if len(several) > 1 and self.any_of and isinstance(self.accelerators, list):
+        if len(several) > 1 and self.any_of and isinstance(self.accelerators, list) \
+                and not isinstance(self.accelerators, values.AcceleratorSet):
             raise fields.fail("an ordered list of accelerators cannot be combined with any_of; "
                               "use a set {'A100:1', 'T4:1'} or put each in an any_of entry", ".accelerators")
+        self._check_one_recovery()
         return self
+
+    def _check_one_recovery(self) -> None:
+        """SkyPilot refuses alternatives whose job_recovery differ: a job recovers one way."""
+        merged_list = self._merged_options()
+        recoveries = [merged["job_recovery"] for merged in merged_list]
+        if len({json.dumps(r.spec().to_json() if r else None, sort_keys=True) for r in recoveries}) > 1:
+            section = "any_of" if self.any_of is not None else "ordered"
+            firsts: dict[str, int] = {}
+            for index, r in enumerate(recoveries):
+                firsts.setdefault(json.dumps(r.spec().to_json() if r else None, sort_keys=True), index)
+            a, b = list(firsts.values())[:2]
+            raise fields.fail(f"{section}[{a}] and {section}[{b}] have different job_recovery; a job recovers one "
+                              "way: give job_recovery once, in resources")
 
     def options(self) -> list[ResourceOption] | None:
         return self.any_of if self.any_of is not None else self.ordered
@@ -315,12 +341,23 @@ class Resources(_ResourceFields):
         """Whether the candidates are in strict preference order (ordered, or a list of accelerators)."""
         if self.ordered is not None:
             return True
-        return self.any_of is None and isinstance(self.accelerators, list) and len(self.accelerators) > 1
+        return (self.any_of is None and isinstance(self.accelerators, list) and len(self.accelerators) > 1
+                and not isinstance(self.accelerators, values.AcceleratorSet))
 
     def candidates(self) -> list[Candidate]:
         """Every alternative, in preference order; duplicates dropped. Each any_of/ordered entry overrides the
         fields it sets (a null leaves the section's value, so a stored task re-validates to the same candidates);
         its labels are added to the section's."""
+        out: list[Candidate] = []
+        for merged in self._merged_options():
+            for accelerators in values.accelerator_alternatives(merged["accelerators"]):
+                candidate = _candidate(merged, accelerators)
+                if candidate not in out:
+                    out.append(candidate)
+        return out
+
+    def _merged_options(self) -> list[dict[str, Any]]:
+        """Each any_of/ordered entry merged over this section (the section alone when there is none)."""
         base = {name: getattr(self, name) for name in _ResourceFields.model_fields}
         base["accelerators"] = self.accelerators
         merged_list = []
@@ -338,13 +375,7 @@ class Resources(_ResourceFields):
                         value = {**(merged["labels"] or {}), **value}
                     merged[name] = value
             merged_list.append(merged)
-        out: list[Candidate] = []
-        for merged in merged_list:
-            for accelerators in values.accelerator_alternatives(merged["accelerators"]):
-                candidate = _candidate(merged, accelerators)
-                if candidate not in out:
-                    out.append(candidate)
-        return out
+        return merged_list
 
 
 def _check_placement(option: _ResourceFields, section: Resources | None, at: str) -> None:
@@ -383,6 +414,12 @@ def _candidate(merged: dict[str, Any], accelerators: dict[str, float]) -> Candid
         disk_size=merged["disk_size"] if merged["disk_size"] is not None else DEFAULT_DISK_SIZE_GB,
         labels=dict(merged["labels"] or {}),
         job_recovery=recovery.spec() if recovery is not None else None,
+        disk_tier=merged["disk_tier"],
+        network_tier=merged["network_tier"],
+        ports=tuple(merged["ports"] or ()),
+        image_id=tuple(sorted(image.items())) if isinstance(image := merged["image_id"], dict) else image,
+        accelerator_args=tuple(sorted(args.model_dump(exclude_none=True).items()))
+        if (args := merged["accelerator_args"]) is not None else (),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.spec import fields, values
+from orchestrator.spec import fields, git_workdir, values
 from orchestrator.spec.resources import Candidate, Resources
 from orchestrator.spec.values import kind
 
@@ -162,7 +162,8 @@ class Task(BaseModel):
     name: Annotated[fields.Name, Field(description="Task name (letters, digits, . _ -).")] = None
     workdir: Annotated[
         fields.Workdir,
-        Field(description="Local directory synced to every node; setup and run start in it."),
+        Field(description="Local directory synced to every node, or a git repository {url, ref} every node "
+              "clones at ref; setup and run start in it."),
     ] = None
     num_nodes: Annotated[
         StrictInt,
@@ -204,6 +205,11 @@ class Task(BaseModel):
         PoolSection | None,
         Field(description="Only in a pool YAML (`sortie jobs pool apply`): the workers; `run` is then ignored."),
     ] = None
+    config: Annotated[
+        dict[StrictStr, Any] | None,
+        Field(description="Per-task config overrides (SkyPilot's `config:`): kubernetes.pod_config (merged into "
+              "the pod spec) and docker.run_options; any other key is refused."),
+    ] = None
     inputs: Annotated[
         dict[StrictStr, float] | None,
         Field(description="SkyPilot's optimizer hint (input location and size); accepted and ignored."),
@@ -244,8 +250,9 @@ class Task(BaseModel):
         return self.resources.is_ordered()
 
     def to_json(self) -> dict[str, Any]:
-        """The normalized form `jobs launch --dryrun --json` prints; secret values are redacted."""
-        return {
+        """The normalized form `jobs launch --dryrun --json` prints; secret values are redacted. A git workdir
+        puts its clone before `setup` (`git_workdir.with_clone`), so every node of every attempt clones it."""
+        return git_workdir.with_clone({
             "name": self.name,
             "num_nodes": self.num_nodes,
             "envs": dict(self.envs),
@@ -257,8 +264,9 @@ class Task(BaseModel):
             "storage_mounts": {key: dict(value) for key, value in self.storage_mounts.items()},
             "resources": [candidate.to_json() for candidate in self.candidates()],
             "resources_ordered": self.resources_ordered(),
+            **({"config": self.config} if self.config else {}),
             **({"pool": self.pool.model_dump(mode="json")} if self.pool else {}),
-        }
+        })
 
     def resources_str(self) -> str:
         """A short summary for tables, like SkyPilot's: `1x[CPU:2+]`, `2x[H100:8]`, `1x[A100:1|T4:1, spot]`."""
@@ -313,10 +321,33 @@ class Pipeline(BaseModel):
     is_pipeline: Annotated[
         bool, Field(description="True when the YAML had several documents (even if one task resulted)."),
     ] = False
+    execution: Annotated[
+        Literal["serial", "parallel"],
+        Field(description="serial: a pipeline, one task after another; parallel: a job group (SkyPilot's "
+              "`execution: parallel` header), every task at once on its own cluster."),
+    ] = "serial"
+    primary_tasks: Annotated[
+        list[str] | None,
+        Field(description="Job group: the tasks whose end ends the group (default: all of them)."),
+    ] = None
+    termination_delay: Annotated[
+        float | dict[str, float] | None,
+        Field(description="Job group: seconds the other tasks keep running after the primary tasks end (one "
+              "number, or per task name with `default`)."),
+    ] = None
+    warnings: Annotated[
+        list[str], Field(description="What the load ignored, one line each (a `service:` section, overrides)."),
+    ] = Field(default_factory=list)
+
+    @property
+    def is_job_group(self) -> bool:
+        return self.execution == "parallel"
 
     def to_json(self) -> dict[str, Any]:
         """The normalized form `jobs launch --dryrun --json` prints."""
-        return {"name": self.name, "tasks": [task.to_json() for task in self.tasks]}
+        group = {"execution": self.execution, "primary_tasks": self.primary_tasks,
+                 "termination_delay": self.termination_delay} if self.is_job_group else {}
+        return {"name": self.name, "tasks": [task.to_json() for task in self.tasks], **group}
 
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr(default="")

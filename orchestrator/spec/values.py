@@ -39,7 +39,8 @@ SORTIE_STORES: tuple[str, ...] = ("local", "s3")  # the STORE_TYPES Sortie can u
 _CANONICAL_ACCELERATORS = (
     "A10", "A10G", "A100", "A100-80GB", "A100-40GB", "A40", "A6000", "B100", "B200", "GB200", "H100", "H100-MEGA",
     "H100-SXM", "H200", "K80", "L4", "L40", "L40S", "M60", "P100", "P4", "P40", "RTX4090", "RTX6000", "T4", "T4g",
-    "V100", "V100-32GB", "MI100", "MI210", "MI250", "MI300X", "Gaudi", "Gaudi2", "Inferentia", "Trainium",
+    "V100", "V100-32GB", "MI100", "MI210", "MI250", "MI300X", "MI325X", "Gaudi", "Gaudi2", "Inferentia", "Inferentia2",
+    "Trainium", "Trainium2",
 )
 _ACCELERATOR_BY_LOWER = {name.lower(): name for name in _CANONICAL_ACCELERATORS}
 
@@ -364,6 +365,11 @@ def _keyed_accelerator(name: Any, count: Any) -> tuple[str, float]:
     return accel, _count(count, name)
 
 
+class AcceleratorSet(list):  # type: ignore[type-arg]
+    """Unordered alternatives naming one accelerator at several counts (`{'A100:4', 'A100:8', 'A100-80GB:2'}`):
+    a mapping cannot hold them, so they are a list that is not a preference order."""
+
+
 def parse_accelerators(value: Any, *, several: bool) -> dict[str, float] | list[dict[str, float]]:
     """Normalize SkyPilot's accelerator forms.
 
@@ -378,14 +384,16 @@ def parse_accelerators(value: Any, *, several: bool) -> dict[str, float] | list[
         if not value:
             raise Bad("names no accelerator; write one like V100:1, or remove the field")
         found: dict[str, float] = {}
+        entries: list[dict[str, float]] = []
         for key, count in value.items():
             name, number = _keyed_accelerator(key, count)
-            if name in found and found[name] != number:
-                raise Bad(
-                    f"{name} appears twice with different counts; a set names each accelerator once "
-                    "(use a list for ordered alternatives)"
-                )
+            if {name: number} not in entries:
+                entries.append({name: number})
             found[name] = number
+        if len(entries) > len(found):  # one accelerator at several counts: one alternative per entry
+            if not several:
+                raise Bad("only one accelerator here, like A100:1 (put alternatives in separate any_of entries)")
+            return AcceleratorSet(entries)
         if len(found) > 1 and not several:
             raise Bad("only one accelerator here, like A100:1 (put alternatives in separate any_of entries)")
         return found
@@ -410,7 +418,7 @@ def accelerator_alternatives(value: dict[str, float] | list[dict[str, float]] | 
     """The normalized accelerators field as a list of choices, each {} or one entry."""
     if value is None:
         return [{}]
-    if isinstance(value, list):
+    if isinstance(value, list):  # ordered, or an AcceleratorSet
         return [dict(item) for item in value]
     return [{name: count} for name, count in value.items()]
 

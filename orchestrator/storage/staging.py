@@ -188,7 +188,7 @@ def prepare(pipeline: Pipeline, config: SortieConfig, home: Path) -> StoragePlan
     for index, task in enumerate(pipeline.tasks):
         prefix = f"tasks[{index}]." if len(pipeline.tasks) > 1 else ""
         steps: list[tuple[str, int | BucketMount]] = []
-        if task.workdir:
+        if isinstance(task.workdir, str):  # a git workdir ({url, ref}) is cloned by the node: nothing to upload
             steps.append((".", tree_index(task.workdir, pipeline.where(f"{prefix}workdir"), "workdir")))
         for dest, source in task.file_mounts.items():
             steps.append((dest, tree_index(source, pipeline.where(f"{prefix}file_mounts.{dest}"), "mount")))

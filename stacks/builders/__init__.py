@@ -194,7 +194,20 @@ def agent_command(spec: ClusterSpec, node_id: str, *, token_stdin: bool) -> list
     """The agent's command line on a node."""
     command = ["python3", f"{AGENT_DIR}/agent.py", "--sandbox", SANDBOX_DIR, "--host", "0.0.0.0",
                "--port", str(spec.agent_port), "--node-id", node_id]
+    if spec.container_image and spec.infra.split("/", 1)[0] != "kubernetes":  # a pod's image is the task's own
+        command += ["--container-image", spec.container_image, "--container-engine", "docker",
+                    *[f"--container-option={option}" for option in spec.container_options]]
     return [*command, "--token-stdin"] if token_stdin else command
+
+
+def container_engine_install(spec: ClusterSpec) -> str:
+    """Shell lines that make sure a cloud node has docker for its task's container (the clouds' GPU images ship
+    it with the NVIDIA container toolkit; a plain image gets Debian/Ubuntu's docker.io)."""
+    if not spec.container_image:
+        return ""
+    return ("command -v docker >/dev/null || { command -v apt-get >/dev/null && apt-get update -y "
+            "&& apt-get install -y docker.io; } || true\n"
+            "systemctl start docker 2>/dev/null || true\n")
 
 
 def node_package_install(spec: ClusterSpec) -> str:
@@ -219,6 +232,7 @@ def boot_script(spec: ClusterSpec, rank: int, token: str, source: str) -> str:
     service reading its token, from a root-only file, on stdin. It holds the token: only ever build
     it inside an `apply` on a secret Output, so what carries it stays secret."""
     command = " ".join(shlex.quote(part) for part in agent_command(spec, f"{spec.name}-{rank}", token_stdin=True))
+    installs = node_package_install(spec) + container_engine_install(spec)
     return f"""#!/bin/bash
 # Sortie node bootstrap: the node agent as a systemd service (runs at every boot; idempotent).
 set -euo pipefail
@@ -228,7 +242,7 @@ cat > {AGENT_DIR}/agent.py <<'{_HEREDOC_END}'
 {source.rstrip()}
 {_HEREDOC_END}
 printf '%s\\n' {shlex.quote(token)} > {TOKEN_FILE}
-{node_package_install(spec)}cat > /etc/systemd/system/sortie-agent.service <<'SORTIE_UNIT_EOF'
+{installs}cat > /etc/systemd/system/sortie-agent.service <<'SORTIE_UNIT_EOF'
 [Unit]
 Description=Sortie node agent
 Wants=network-online.target

@@ -20,6 +20,7 @@ import re
 import pulumi
 import pulumi_aws as aws
 
+from orchestrator.cloud_features import disk_settings, port_ranges
 from orchestrator.errors import UsageError
 from stacks.builders import (
     DEFAULT_DISK_GB,
@@ -120,6 +121,8 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
         if ssh_cidr := ssh_source(spec):
             ingress.append({"protocol": "tcp", "from_port": SSH_PORT, "to_port": SSH_PORT, "cidr_blocks": [ssh_cidr],
                             "description": "SSH to the Sortie controller (the dashboard tunnel)"})
+        ingress += [{"protocol": "tcp", "from_port": low, "to_port": high, "cidr_blocks": [spec.ports_cidr],
+                     "description": "the task's ports"} for low, high in port_ranges(spec.ports)]
         group = aws.ec2.SecurityGroup(
             f"{spec.name}-agent", vpc_id=vpc.id, region=region,
             description=f"Sortie cluster {spec.name}: the node agent port (and SSH on the controller) only",
@@ -134,6 +137,13 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
         key_name = aws.ec2.KeyPair(f"{spec.name}-key", public_key=spec.ssh_public_key, region=region,
                                    tags=tags, opts=base).key_name
     ami: pulumi.Input[str] = spec.image or default_ami(spec, itype, region, invoke)
+    root_disk: dict[str, object] = {"volume_size": spec.disk_size or DEFAULT_DISK_GB, "volume_type": "gp3",
+                                    "delete_on_termination": True, "encrypted": True}
+    root_disk.update(disk_settings("aws", spec.disk_tier, spec.disk_size or DEFAULT_DISK_GB) or {})
+    placement_group: pulumi.Input[str] | None = None
+    if spec.network_tier == "best":  # EFA-class instances, close together
+        placement_group = aws.ec2.PlacementGroup(f"{spec.name}-pg", strategy="cluster", region=region, tags=tags,
+                                                 opts=base).id  # a placement group's id is its name
     market = ({"market_type": "spot",
                "spot_options": {"spot_instance_type": "one-time", "instance_interruption_behavior": "terminate"}}
               if spec.use_spot else None)
@@ -144,9 +154,8 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             name,
             ami=ami, instance_type=itype, region=region, availability_zone=zone if subnet_id is None else None,
             subnet_id=subnet_id, vpc_security_group_ids=group_ids, key_name=key_name,
-            instance_market_options=market,
-            root_block_device={"volume_size": spec.disk_size or DEFAULT_DISK_GB, "volume_type": "gp3",
-                               "delete_on_termination": True, "encrypted": True},
+            instance_market_options=market, placement_group=placement_group,
+            root_block_device=root_disk,
             metadata_options={"http_tokens": "required", "http_endpoint": "enabled"},
             iam_instance_profile=spec.instance_profile if spec.role == "node" else None,
             user_data_base64=secret_boot_script(spec, rank).apply(user_data_base64),

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pulumi_azure_native import compute, network, resources
 
+from orchestrator.cloud_features import disk_settings, port_ranges
 from orchestrator.errors import UsageError
 from stacks.builders import (
     DEFAULT_DISK_GB,
@@ -129,7 +130,13 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
                 "protocol": "Tcp", "source_port_range": "*", "destination_port_range": str(SSH_PORT),
                 "source_address_prefix": ssh_cidr, "destination_address_prefix": "*",
                 "description": "SSH to the Sortie controller (the dashboard tunnel)",
-            }] if (ssh_cidr := ssh_source(spec)) else []),
+            }] if (ssh_cidr := ssh_source(spec)) else []) + [{
+                "name": f"sortie-port-{low}-{high}", "priority": 200 + index, "direction": "Inbound",
+                "access": "Allow", "protocol": "Tcp", "source_port_range": "*",
+                "destination_port_range": str(low) if low == high else f"{low}-{high}",
+                "source_address_prefix": "*" if spec.ports_cidr == "0.0.0.0/0" else spec.ports_cidr,
+                "destination_address_prefix": "*", "description": "the task's ports",
+            } for index, (low, high) in enumerate(port_ranges(spec.ports))],
         )
         vnet = network.VirtualNetwork(f"{spec.name}-vnet", resource_group_name=group_name, location=region,
                                       address_space={"address_prefixes": [VNET_RANGE]}, tags=tags, opts=base)
@@ -154,7 +161,8 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
         else:
             address = None
         nic = network.NetworkInterface(f"{name}-nic", resource_group_name=group_name, location=region,
-                                       ip_configurations=[ip_config], tags=node_tags, opts=base)
+                                       ip_configurations=[ip_config], tags=node_tags, opts=base,
+                                       enable_accelerated_networking=spec.network_tier == "best" or None)
         spot = ({"priority": "Spot", "eviction_policy": "Delete", "billing_profile": {"max_price": -1}}
                 if spec.use_spot else {"priority": "Regular"})
         vm = compute.VirtualMachine(
@@ -171,7 +179,8 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
                 "image_reference": image,
                 "os_disk": {"create_option": "FromImage", "delete_option": "Delete",
                             "disk_size_gb": spec.disk_size or DEFAULT_DISK_GB,
-                            "managed_disk": {"storage_account_type": "Premium_LRS"}},
+                            "managed_disk": disk_settings("azure", spec.disk_tier, spec.disk_size or 0)
+                            or {"storage_account_type": "Premium_LRS"}},
             },
             tags=node_tags,
             # The agent a node booted with stays until the node goes (Azure cannot change custom data).

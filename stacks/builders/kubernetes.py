@@ -25,6 +25,7 @@ import shlex
 import pulumi
 import pulumi_kubernetes as k8s
 
+from orchestrator.cloud_features import merge_pod_config
 from orchestrator.errors import UsageError
 from stacks.builders import (
     AGENT_DIR,
@@ -178,7 +179,7 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
     for rank in range(spec.num_nodes):
         pod_name = f"{prefix}-{rank}"
         container: dict[str, object] = {
-            "name": "agent", "image": pod_image(spec),
+            "name": "agent", "image": spec.container_image or pod_image(spec),  # image_id: docker:...
             "command": pod_command(spec, pod_name),
             "env": [{"name": "SORTIE_AGENT_TOKEN",
                      "value_from": {"secret_key_ref": {"name": secret.metadata.name, "key": "token"}}}],
@@ -196,14 +197,14 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
             **scheduling(spec)}
         if spec.num_nodes > 1:
             pod_spec.update(hostname=pod_name, subdomain=prefix)
-        pod = k8s.core.v1.Pod(
-            f"{spec.name}-node-{rank}",
-            metadata={"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)},
-                      # How long `up` waits for the pod to be scheduled and ready: a pod left Pending for want
-                      # of resources fails as no capacity (the scheduler's message), and recovery tries elsewhere.
-                      "annotations": {"pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)}},
-            spec=pod_spec, opts=base,
-        )
+        pod_parts = merge_pod_config({  # the task's config.kubernetes.pod_config merged in
+            "metadata": {"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)},
+                         # How long `up` waits for the pod to be scheduled and ready: a pod left Pending for want
+                         # of resources fails as no capacity (the scheduler's message), and recovery tries elsewhere.
+                         "annotations": {"pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)}},
+            "spec": pod_spec}, snake_keys(dict(spec.pod_config)))
+        pod = k8s.core.v1.Pod(f"{spec.name}-node-{rank}", metadata=pod_parts["metadata"], spec=pod_parts["spec"],
+                              opts=base)
         ip = pod.status.apply(lambda status: status.pod_ip if status else None)
         nodes.append(CloudNode(
             rank=rank, node_id=pod.metadata.name, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
@@ -211,6 +212,21 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
             instance_type=pulumi.Output.from_input(spec.instance_type), spot=spec.use_spot,
         ))
     return nodes
+
+
+def snake_keys(value: object) -> object:
+    """A pod_config written as Kubernetes YAML (camelCase keys) in the SDK's snake_case; labels, annotations and
+    other maps of names keep their keys."""
+    if isinstance(value, list):
+        return [snake_keys(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", str(key)).lower()
+        free_form = name in ("labels", "annotations", "node_selector", "limits", "requests")
+        out[name] = item if free_form else snake_keys(item)
+    return out
 
 
 def pod_command(spec: ClusterSpec, pod_name: str) -> list[str]:

@@ -27,7 +27,7 @@ from stacks.spec import ClusterSpec
 
 # Inputs whose change needs a new node, and inputs a node takes in place. `capacity` is read at
 # create time only: changing a region's capacity never touches running nodes.
-REPLACE_KEYS = ("cluster", "rank", "region", "root", "token", "accelerators", "use_spot")
+REPLACE_KEYS = ("cluster", "rank", "region", "root", "token", "accelerators", "use_spot", "container")
 UPDATE_KEYS = ("labels",)
 OUTPUT_KEYS = ("node_id", "host", "ip", "port", "url", "pid", "sandbox")
 
@@ -39,7 +39,21 @@ def node_inputs(spec: ClusterSpec, rank: int, region: str, root: str, capacity: 
         "cluster": spec.name, "rank": rank, "region": region, "root": root, "token": spec.token,
         "capacity": capacity, "spot_capacity": spot_capacity, "use_spot": bool(spec.use_spot),
         "accelerators": dict(spec.accelerators), "labels": dict(spec.labels),
+        "container": container_of(spec),
     }
+
+
+def container_of(spec: ClusterSpec) -> dict[str, Any] | None:
+    """The container a local node runs its task in (image_id: docker:...), with this machine's engine."""
+    if not spec.container_image:
+        return None
+    from orchestrator.cloud_features import local_container_engine
+
+    engine = local_container_engine()
+    if engine is None:
+        raise UsageError(f"cluster {spec.name}: the local cloud cannot run container images here "
+                         "(no working podman or docker)")
+    return {"engine": engine, "image": spec.container_image, "options": list(spec.container_options)}
 
 
 def diff_node_inputs(olds: Mapping[str, Any], news: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -59,7 +73,7 @@ class LocalNodeProvider(ResourceProvider):
             node_id=node_id, cluster=props["cluster"], rank=int(props["rank"]), region=props["region"],
             token=props["token"], capacity=props.get("capacity"), accelerators=props.get("accelerators") or {},
             labels=props.get("labels") or {}, use_spot=bool(props.get("use_spot")),
-            spot_capacity=props.get("spot_capacity"),
+            spot_capacity=props.get("spot_capacity"), container=props.get("container"),
         )
         return CreateResult(id_=node.node_id, outs={**props, **self._outputs(node)})
 

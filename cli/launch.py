@@ -1,0 +1,155 @@
+"""`sortie jobs launch`: SkyPilot's flags, the plan, the checks that refuse what nothing can serve, and the
+submission (or, with -p, jobs on a pool's workers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.markup import escape
+
+from cli.jobs import UploadProgress, _console, _service, _useful_commands, jobs_app
+
+if TYPE_CHECKING:
+    from orchestrator.spec import Pipeline
+
+
+def _pairs(items: list[str]) -> tuple[tuple[str, str | None], ...]:
+    return tuple((i.split("=", 1)[0], i.split("=", 1)[1] if "=" in i else None) for i in items)
+
+
+@jobs_app.command("launch")
+def launch(
+    entrypoint: list[str] = typer.Argument(..., help="A task YAML, or a command to run."),
+    name: str = typer.Option(None, "-n", "--name", help="Name of the job (or pipeline)."),
+    env: list[str] = typer.Option([], "--env", help="K=V, or K to take it from your environment. Repeatable."),
+    env_file: str = typer.Option(None, "--env-file", help="A dotenv file of K=V lines; fills envs, and the "
+                                 "task's secrets of those names."),
+    secret: list[str] = typer.Option([], "--secret", help="K=V, or K from your environment; never shown."),
+    secret_file: str = typer.Option(None, "--secret-file", help="A dotenv file of secrets (K=V lines)."),
+    infra: str = typer.Option(None, "--infra", help="local, local/region-a, aws/us-east-1, */us-east-1, ..."),
+    cpus: str = typer.Option(None, "--cpus", help="vCPUs per node: 4 or 4+."),
+    memory: str = typer.Option(None, "--memory", help="GB per node: 16 or 16+."),
+    gpus: str = typer.Option(None, "--gpus", help="Accelerators per node, like H100:8."),
+    instance_type: str = typer.Option(None, "-t", "--instance-type", help="Cloud instance type."),
+    num_nodes: int = typer.Option(None, "--num-nodes", help="Nodes of the cluster."),
+    use_spot: bool = typer.Option(None, "--use-spot/--no-use-spot", help="Spot instances."),
+    image_id: str = typer.Option(None, "--image-id", help="Machine image of the nodes."),
+    disk_size: str = typer.Option(None, "--disk-size", help="OS disk size in GB."),
+    disk_tier: str = typer.Option(None, "--disk-tier", help="low, medium, high, ultra or best."),
+    network_tier: str = typer.Option(None, "--network-tier", help="standard or best."),
+    ports: list[str] = typer.Option([], "--ports", help="Ports to open: 8080, 8000-8010 (repeatable)."),
+    job_recovery: str = typer.Option(None, "--job-recovery", help="FAILOVER, EAGER_NEXT_REGION or none."),
+    config: list[str] = typer.Option([], "--config", help="Per-task config: KEY.PATH=VALUE or a YAML file."),
+    workdir: str = typer.Option(None, "--workdir", help="Local directory synced to every node."),
+    git_url: str = typer.Option(None, "--git-url", help="A git repository as the workdir."),
+    git_ref: str = typer.Option(None, "--git-ref", help="With --git-url: the branch, tag or commit."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    detach_run: bool = typer.Option(False, "-d", "--detach-run", help="Return once submitted; do not stream logs."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Validate and plan; launch nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dryrun: print the normalized task as JSON."),
+    pool: str = typer.Option(None, "-p", "--pool", help="Run on this pool's workers instead of a new cluster."),
+    num_jobs: int = typer.Option(1, "--num-jobs", help="With -p: this many jobs, told SKYPILOT_JOB_RANK 0..K-1."),
+) -> None:
+    """Launch a managed job: a temporary cluster runs it and is destroyed when it ends (or, with -p, a pool's
+    worker runs it). A request nothing can serve is refused (exit 1) and nothing is submitted."""
+    from orchestrator.config import load_config
+    from orchestrator.errors import UsageError
+    from orchestrator.launch_checks import launch_refusals
+    from orchestrator.spec import Overrides, SpecError, load_entrypoint
+
+    text = " ".join(entrypoint)
+    overrides = Overrides(name=name, envs=_pairs(env), env_file=env_file, secrets=_pairs(secret), infra=infra,
+                          cpus=cpus, memory=memory, gpus=gpus, num_nodes=num_nodes, use_spot=use_spot,
+                          workdir=workdir, secret_file=secret_file, git_url=git_url, git_ref=git_ref,
+                          disk_size=disk_size, disk_tier=disk_tier, network_tier=network_tier, image_id=image_id,
+                          instance_type=instance_type, ports=tuple(ports), job_recovery=job_recovery,
+                          config=tuple(config))
+    pipeline = load_entrypoint(text, overrides)
+    console = _console(stderr=as_json)
+    for warning in pipeline.warnings:
+        _console(stderr=True).print(f"Warning: {warning}")
+    if pool is not None:
+        _launch_on_pool(pool, pipeline, num_jobs, yes=yes, dryrun=dryrun)
+        return
+    if num_jobs != 1:
+        raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
+    if any(t.pool for t in pipeline.tasks):
+        raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
+    from orchestrator.clouds import enabled_clouds
+
+    cfg = load_config()
+    enabled = enabled_clouds(cfg)  # once: the checks and the tables below share it
+    refusals = launch_refusals(pipeline, cfg, enabled)
+    if dryrun and pipeline.is_job_group:  # planned; only the launch waits for the controller
+        refusals = [r for r in refusals if not r.startswith("execution:")]
+    if dryrun and as_json:
+        if refusals:
+            raise SpecError(refusals)
+        print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
+        return
+    is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()
+    console.print(f"Task from {'YAML spec' if is_file else 'command'}: {text}")
+    label = pipeline.name or "sortie-job"
+    what = "job group" if pipeline.is_job_group else "job"
+    console.print(f"Managed {what} {label!r} will be launched on (estimated):")
+    from cli.clouds import considered_tables
+
+    for item in considered_tables(pipeline, cfg, enabled):
+        if not isinstance(item, str):  # the reasons come once, below
+            console.print(item)
+    if refusals:
+        raise SpecError(refusals)
+    service = _service()
+    storage = service.plan_storage(pipeline)
+    if storage.describe():
+        console.print("Files and buckets:")
+        for line in storage.describe():
+            console.print(f"  {escape(line)}")
+    if dryrun:
+        if pipeline.is_job_group:
+            console.print("Note: launching a job group (execution: parallel) is not supported yet.")
+        console.print("Dry run: nothing launched.")
+        return
+    if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
+        raise typer.Exit(1)
+    (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=storage)
+    console.print(f"Managed job {label!r} submitted: ID {job_id}")
+    if not detach_run:
+        job = service.resolve(job_id)
+        for line in service.log_lines(job, follow=True):
+            print(line, flush=True)
+        final = service.resolve(job_id)
+        mark = "✓" if final.status == "SUCCEEDED" else "✗"
+        reason = f": {final.failure_reason}" if final.failure_reason and final.status != "SUCCEEDED" else ""
+        console.print(f"{mark} Managed job finished: {job_id} (status: {final.status}){reason}.")
+    console.print(_useful_commands(job_id))
+    if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, dryrun: bool) -> None:
+    from orchestrator.errors import UsageError
+    from orchestrator.pool_service import PoolService
+
+    if pipeline.is_job_group:
+        from orchestrator.spec.documents import JOB_GROUPS_NOT_SUPPORTED
+
+        raise UsageError(JOB_GROUPS_NOT_SUPPORTED)
+    console = _console()
+    service = PoolService()
+    service.resolve_pool(pool)
+    label = pipeline.name or "sortie-job"
+    console.print(f"{num_jobs} job(s) {label!r} will run on pool {escape(pool)}.")
+    if dryrun:
+        console.print("Dry run: nothing launched.")
+        return
+    if not yes and not typer.confirm("Proceed?", default=True):
+        raise typer.Exit(1)
+    ids, notes = service.launch_on_pool(pool, pipeline, num_jobs)
+    for note in notes:
+        console.print(f"Note: {escape(note)}")
+    shown = f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"
+    console.print(f"Submitted {len(ids)} job(s) to pool {escape(pool)}: ID {shown}")
