@@ -40,4 +40,6 @@ def _local_capacity(cloud: str | None, region: str | None, config: SortieConfig,
     regions = [r for r in config.local.regions if region is None or r.name == region]
     if not regions or any(r.capacity is None for r in regions):
         return None
+    if all(r.capacity == 0 for r in regions):  # every region drained (capacity 0): the job waits for capacity
+        return None
     return max(r.capacity for r in regions if r.capacity is not None)
