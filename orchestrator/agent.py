@@ -449,22 +449,26 @@ class Agent:
             self._procs.pop(run_id, None)
         self._note_log(run_id)  # the whole log's size before the exit: a watcher copies it, then judges the exit
         self._log_sizes.pop(run_id, None)
+        written = self._write_exit(run_id, record)  # on disk before a watcher hears of it, when the disk allows
         if not self.stopping:  # a run killed because the agent stops is no exit (the node is going)
             kind = "cancelled" if (self.runs_dir / run_id / "cancelled").exists() else "exited"
             self.watch.record(kind, run_id, exit_code=code, ended_at=ended_at)
-        while True:
-            try:
-                write_json_atomic(self.runs_dir / run_id / "exit.json", record)
-            except OSError as exc:
-                self.write_error = f"{NO_SPACE} ({self.sandbox})" if exc.errno == errno.ENOSPC else \
-                    f"cannot write {self.runs_dir / run_id / 'exit.json'}: {exc.strerror or exc}"
-                time.sleep(EXIT_WRITE_RETRY_SECONDS)
-                continue
-            with self._lock:
-                self._exits.pop(run_id, None)
-                if not self._exits:
-                    self.write_error = None
-            return
+        while not written:  # a full disk: served from memory meanwhile, written when space returns
+            time.sleep(EXIT_WRITE_RETRY_SECONDS)
+            written = self._write_exit(run_id, record)
+
+    def _write_exit(self, run_id: str, record: dict) -> bool:
+        try:
+            write_json_atomic(self.runs_dir / run_id / "exit.json", record)
+        except OSError as exc:
+            self.write_error = f"{NO_SPACE} ({self.sandbox})" if exc.errno == errno.ENOSPC else \
+                f"cannot write {self.runs_dir / run_id / 'exit.json'}: {exc.strerror or exc}"
+            return False
+        with self._lock:
+            self._exits.pop(run_id, None)
+            if not self._exits:
+                self.write_error = None
+        return True
 
     def _note_log(self, run_id: str) -> None:
         """A `log` event when the run's log grew since the last one."""

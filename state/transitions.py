@@ -436,7 +436,7 @@ class JobTransitions:
                 session.add(StackRow(name=name, kind=kind, status=StackStatus.CREATING, created_at=time.time()))
             elif row.status in (StackStatus.DESTROYED, StackStatus.FAILED, StackStatus.CREATING):
                 row.status, row.destroyed_at = StackStatus.CREATING, None
-            else:
+            elif row.status != StackStatus.UP:  # UP: an `up` again converges it, and `stack_up` follows
                 raise TransitionError(f"stack {name} is {row.status}, not to be created again")
 
     def stack_up(self, name: str, outputs: dict[str, Any] | None = None) -> None:

@@ -46,6 +46,7 @@ echo probe-done
     job = sortie.wait(attacker, timeout=180)
     out = sortie.logs(attacker)
     sortie.run("jobs", "cancel", "-y", str(victim))
+    assert sortie.wait(victim, timeout=180)["status"] == "CANCELLED"  # its cluster is gone before the test ends
     assert job["status"] == "SUCCEEDED", out
     assert "probe-done" in out
     home_line = next(line for line in out.splitlines() if "<- home" in line)
