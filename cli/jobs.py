@@ -13,6 +13,8 @@ from rich.markup import escape
 from orchestrator.timefmt import duration
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from orchestrator.service import JobService
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Managed jobs: launch, queue, logs, cancel.")
@@ -305,11 +307,28 @@ def controller_stop() -> None:
     _console().print(f"controller stopped (pid {info.pid})" if info.running else "controller was not running")
 
 
+def print_log_file(path: Path, last: int | None, follow: bool) -> None:
+    """The last `last` lines of a log file (None: all), then, with `follow`, what is appended to it."""
+    import time
+    from collections import deque
+
+    with path.open(errors="replace") as fh:
+        for line in deque(fh, maxlen=last):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        while follow:
+            line = fh.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)
+
+
 @controller_app.command("logs")
 def controller_logs(follow: bool = typer.Option(False, "--follow/--no-follow", help="Follow the log."),
                     tail: int = typer.Option(50, "--tail", help="The last N lines.")) -> None:
     """The controller daemon's own log."""
-    from collections import deque
 
     from orchestrator.config import sortie_home
     from orchestrator.controller.daemon import controller_log_path
@@ -318,13 +337,4 @@ def controller_logs(follow: bool = typer.Option(False, "--follow/--no-follow", h
     if not path.exists():
         _console().print("the controller has not written a log yet")
         return
-    with path.open() as fh:
-        for line in deque(fh, maxlen=tail):
-            sys.stdout.write(line)
-        while follow:
-            line = fh.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.5)
+    print_log_file(path, tail, follow)

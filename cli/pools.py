@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from cli.jobs import _console, jobs_app, plain_table
+from cli.jobs import _console, jobs_app, plain_table, print_log_file
 from orchestrator.timefmt import ago
 
 if TYPE_CHECKING:
@@ -226,9 +226,6 @@ def logs(
     tail: int = typer.Option(1000, "--tail", help="The last N lines (0: all)."),
 ) -> None:
     """A pool's log: its workers' stack operations (Pulumi output), health and scaling decisions."""
-    import sys
-    import time
-    from collections import deque
 
     from orchestrator.errors import UsageError
 
@@ -240,14 +237,4 @@ def logs(
     if not path.exists():
         _console().print(f"Pool {escape(pool.name)} has no log yet.")
         return
-    with path.open(errors="replace") as fh:
-        for line in deque(fh, maxlen=tail or None):
-            sys.stdout.write(line)
-        sys.stdout.flush()
-        while follow:
-            line = fh.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.5)
+    print_log_file(path, tail or None, follow)

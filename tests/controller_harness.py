@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import event
 
-from orchestrator.agent_client import AgentError, RunStatus
+from orchestrator.agent_client import AgentClient, AgentError, RunStatus
 from orchestrator.config import load_config
 from orchestrator.controller.daemon import Controller
 from orchestrator.fake_driver import FakeStackDriver
@@ -93,14 +93,7 @@ class FakeAgent:
         self.agents.started.append((self.node_id, run_id))
         return run_id
 
-    def start(self, command: str, run_id: str, env: dict[str, str] | None = None, view: bool = True) -> bool:
-        try:
-            self.run(command, env=env, run_id=run_id, view=view)
-        except AgentError as exc:
-            if exc.status != 409:
-                raise
-            return False
-        return True
+    start = AgentClient.start  # the real client's idempotent start, over this fake's `run`
 
     def status(self, run_id: str) -> RunStatus:
         runs = self._runs()
