@@ -31,7 +31,7 @@ from tests.factory import place, set_attempt, set_job, set_task
 
 pytest_plugins = ["tests.pg"]
 
-TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "pool_events", "bucket_refs",
+TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "pool_events", "bucket_refs", "replicas", "leases",
           "alembic_version"}
 PIPELINE = {"name": "train", "is_pipeline": True,
             "tasks": [{"name": "prep", "run": "echo prep", "envs": {"A": "1"}},
