@@ -193,6 +193,12 @@ class ControllerConfig(BaseModel):
         int, Field(ge=1, le=100_000, description="A replica claims new jobs only while it holds fewer than this, "
                    "so that work spreads across replicas.")
     ] = 10_000
+    logs_dir: Annotated[
+        str | None,
+        Field(max_length=4096, description="Where job logs are kept. Default: <home>/logs/jobs. Replicas on several "
+              "machines name one shared directory (NFS, a mounted volume), so that any home reads any job's logs and "
+              "a replica that takes a job over resumes its copies where the other stopped."),
+    ] = None
 
     def replica_id(self, home: Path) -> str:
         """`id`, or the host name and a hash of the home (stable across restarts, distinct per home)."""

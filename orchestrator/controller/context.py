@@ -52,7 +52,7 @@ class ControllerContext:
         """`inline`: operations run at once on the ticker's thread (unit tests, the crash-point harness)."""
         watchers = NodeWatchers(NodeEvents(wake, watch_timeout=config.controller.watch_timeout_seconds,
                                            confirm_seconds=config.controller.loss_confirm_seconds))
-        return cls(store, driver, config, home, JobLogs(home),
+        return cls(store, driver, config, home, JobLogs(home, config.controller.logs_dir),
                    OperationPool(0 if inline else config.pulumi.operation_slots, "stack-op", wake),
                    OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake), connect,
                    watchers, leases)

@@ -172,14 +172,14 @@ class Controller:
 
 
 def _sqlite_lock_dir(home: Path, config: SortieConfig) -> Path | None:
-    """SQLite allows one controller per state DB: a DB outside the home (two homes could name it) is locked too."""
+    """SQLite allows one controller per state DB, whichever homes name it: a lock beside the DB file."""
     from state.db import database_url
 
     url = database_url(home, config)
     if not url.startswith("sqlite:///"):
         return None
     db = Path(url.removeprefix("sqlite:///")).expanduser().resolve()
-    return None if db == (home / "state.db").resolve() else db.parent / f".{db.name}.controller"
+    return db.parent / f".{db.name}.controller"
 
 
 def _refuse(message: str) -> None:
