@@ -220,8 +220,25 @@ def controller_status() -> None:
         console.print(f"disk: {full}: new launches are refused; jobs in progress go on", markup=False)
     if not info.running:
         console.print("controller: not running (the next `sortie jobs launch` starts it)")
-        return
-    console.print(f"controller: running, pid {info.pid}, version {info.version}, up {duration(info.started_at, None)}")
+    else:
+        console.print(f"controller: running, pid {info.pid}, version {info.version}, "
+                      f"up {duration(info.started_at, None)}")
+    _print_replicas(console, config)
+
+
+def _print_replicas(console: Any, config: Any) -> None:
+    """Issue 14: every replica sharing this state DB: its id, host, jobs held and lease age."""
+    from state.leases import replicas
+    from state.store import StateStore
+
+    found = replicas(StateStore(config=config))
+    if len(found) < 2 and not any(r.jobs_held or r.leases_held for r in found):
+        return  # one controller, nothing to add
+    rows = [[r.id, r.host, str(r.pid), "stopped" if r.stopped_at else ("live" if r.live else "lease expired"),
+             str(r.jobs_held), ", ".join(r.leases_held) or "-", f"{time.time() - r.heartbeat_at:.0f}s"]
+            for r in found]
+    console.print(plain_table(["REPLICA", "HOST", "PID", "STATE", "JOBS", "LEASES", "LEASE AGE"], rows),
+                  markup=False, highlight=False)
 
 
 @controller_app.command("start")

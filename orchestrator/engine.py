@@ -298,4 +298,9 @@ def engine_env(home: Path | None = None, config: SortieConfig | None = None,
     }
     if config.pulumi.secrets_provider == "passphrase":
         env["PULUMI_CONFIG_PASSPHRASE_FILE"] = str(passphrase_file(home))
+    if (config.pulumi.backend_url or "").startswith("postgres://"):
+        # The engine's PostgreSQL backend lists stacks with 10 workers over a pool of 2 x GOMAXPROCS connections, and
+        # deadlocks (`stack ls` hangs for good) once the workers are as many as the connections: 4 on 2 cores here
+        # (measured with 8 stacks: 4 workers hang, 3 list them in 0.2 s). One worker is safe on any machine.
+        env["PULUMI_DIY_BACKEND_PARALLEL"] = os.environ.get("PULUMI_DIY_BACKEND_PARALLEL") or "1"
     return env

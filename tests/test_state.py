@@ -31,8 +31,8 @@ from tests.factory import place, set_attempt, set_job, set_task
 
 pytest_plugins = ["tests.pg"]
 
-TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "pool_events", "bucket_refs", "replicas", "leases",
-          "alembic_version"}
+TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "pool_events", "bucket_refs",
+          "replicas", "leases", "alembic_version"}
 PIPELINE = {"name": "train", "is_pipeline": True,
             "tasks": [{"name": "prep", "run": "echo prep", "envs": {"A": "1"}},
                       {"name": "fit", "run": "echo fit", "envs": {"B": "2"}}]}
