@@ -33,7 +33,7 @@ lint: $(STAMP)
 test-deps: setup
 	.ci/test-deps.sh
 	@if [ "$${SORTIE_TEST_KUBERNETES:-0}" = 1 ]; then \
-		$(VENV)/bin/sortie engine install --plugin kubernetes && $(VENV)/bin/python -m orchestrator.kube_binaries; \
+		$(VENV)/bin/sortie engine install --plugin kubernetes && $(VENV)/bin/python -m orchestrator.infra.kube_binaries; \
 	else echo "make test: Kubernetes e2e tests not selected (SORTIE_TEST_KUBERNETES=1 builds and runs them)"; fi
 
 test: setup lint test-deps

@@ -131,7 +131,7 @@ def reported_lost_after(home: Path, since: float) -> float | None:
 
 
 def bench_preempt(runs: int) -> None:
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
     from orchestrator.service import JobService
     from orchestrator.spec import load_yaml_text
 

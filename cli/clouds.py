@@ -25,8 +25,8 @@ def register(app: typer.Typer) -> None:
 
 def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
     """Which clouds are enabled, and why the others are not (offline: SDK extras and credentials)."""
-    from orchestrator.clouds import check as check_clouds
     from orchestrator.config import load_config
+    from orchestrator.infra.clouds import check as check_clouds
 
     found = check_clouds(load_config())
     if as_json:
@@ -39,7 +39,7 @@ def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.
     enabled = [c.cloud for c in found if c.enabled]
     console.print(f"Enabled clouds: {', '.join(enabled)}")
     if "local" in enabled:
-        from orchestrator.isolation import local_isolation
+        from orchestrator.node.isolation import local_isolation
 
         _isolated, how = local_isolation()
         console.print(f"Local-cloud isolation: {escape(how)}", markup=True)
@@ -55,7 +55,7 @@ def show_gpus(
     instance offering it per cloud and region with on-demand and spot prices (cheapest first)."""
     from orchestrator.config import load_config
     from orchestrator.errors import UsageError
-    from orchestrator.optimizer import catalog_offers, local_offers
+    from orchestrator.policy.optimizer import catalog_offers, local_offers
 
     offers = local_offers(load_config()) + catalog_offers(["aws", "gcp", "azure"])
     offers = [o for o in offers if o.accelerators and (not cloud or o.cloud == cloud)
@@ -97,7 +97,7 @@ def considered_tables(pipeline: Pipeline, config: SortieConfig | None = None,
     from rich.table import Table
 
     from orchestrator.config import load_config
-    from orchestrator.optimizer import plan_for
+    from orchestrator.policy.optimizer import plan_for
 
     config = config or load_config()
     out: list[Any] = []

@@ -244,7 +244,7 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
         forget_host_key,
     )
     from orchestrator.errors import UsageError
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.machine import StackKind
     from state.store import StateStore
 
@@ -276,7 +276,7 @@ def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not 
     from orchestrator.config import load_config, sortie_home
     from orchestrator.controller.remote import controller_stack, forget_host_key
     from orchestrator.dashboard import server as dashboard_server
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
     home = sortie_home()

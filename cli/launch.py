@@ -78,7 +78,7 @@ def launch(
         raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
     if any(t.pool for t in pipeline.tasks):
         raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
-    from orchestrator.clouds import enabled_clouds
+    from orchestrator.infra.clouds import enabled_clouds
 
     cfg = load_config()
     enabled = enabled_clouds(cfg)  # once: the checks and the tables below share it

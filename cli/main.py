@@ -86,9 +86,9 @@ def engine_install(
                                      "Go module proxy's source, stamped with the installed SDK's version."),
 ) -> None:
     """Install the pinned Pulumi engine (build it from the Go module proxy when offline)."""
-    from orchestrator.engine import engine_root, install_engine
     from orchestrator.errors import UsageError
-    from orchestrator.provider_plugins import PLUGINS, install_plugin
+    from orchestrator.infra.engine import engine_root, install_engine
+    from orchestrator.infra.provider_plugins import PLUGINS, install_plugin
 
     for name in plugin:
         if name not in PLUGINS:
@@ -117,9 +117,9 @@ def engine_install(
 def engine_status() -> None:
     """Print the engine's path, version and the backend Sortie uses."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.engine import PINNED_VERSION, backend_url, engine_root, find_engine
     from orchestrator.errors import EngineError
-    from orchestrator.provider_plugins import PLUGINS, find_plugin, sdk_version
+    from orchestrator.infra.engine import PINNED_VERSION, backend_url, engine_root, find_engine
+    from orchestrator.infra.provider_plugins import PLUGINS, find_plugin, sdk_version
 
     home = sortie_home()
     config = load_config(home)
@@ -146,7 +146,7 @@ def local_nodes(cluster: str = typer.Argument(None, help="Only the nodes of this
     from rich.table import Table
 
     from orchestrator.config import sortie_home
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
 
     cloud = LocalCloud(sortie_home() / "local")
     table = Table("NODE", "CLUSTER", "RANK", "REGION", "STATUS", "ADDRESS", box=None)
@@ -162,7 +162,7 @@ def local_regions() -> None:
     from rich.table import Table
 
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
 
     home = sortie_home()
     cloud = LocalCloud(home / "local")
@@ -183,7 +183,7 @@ def local_preempt(
     """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once."""
     from orchestrator.config import sortie_home
     from orchestrator.errors import UsageError
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
 
     if (cluster is None) == (job is None):
         raise UsageError("give a cluster name or --job ID (one of them)")
@@ -214,7 +214,7 @@ def _owners() -> dict[str, str]:
 @stack_app.command("ls")
 def stack_ls(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
     """The stacks in Sortie's backend (its project), each with the job or pool worker it belongs to."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     names = PulumiStackDriver().list_stacks()
     owners = _owners()
@@ -233,7 +233,7 @@ def stack_gc(
 ) -> None:
     """Destroy orphans: stacks in Sortie's backend with no job attempt in progress and no live pool worker.
     Lists them first; asks before destroying."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from orchestrator.service import JobService
 
     driver = PulumiStackDriver()
@@ -258,7 +258,7 @@ def stack_gc(
 @stack_app.command("destroy")
 def stack_destroy(names: list[str] = typer.Argument(..., help="Stack names.")) -> None:
     """Destroy stacks and remove them from the backend."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     driver = PulumiStackDriver()
     for name in names:
@@ -269,7 +269,7 @@ def stack_destroy(names: list[str] = typer.Argument(..., help="Stack names.")) -
 @stack_app.command("unlock")
 def stack_unlock() -> None:
     """Cancel locks left by stack operations that crashed (run only when none is running)."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     cancelled = PulumiStackDriver().cancel_stale_locks()
     _console().print(f"cancelled stale locks of: {', '.join(cancelled)}" if cancelled else "no stale locks")

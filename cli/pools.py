@@ -12,8 +12,8 @@ from cli.jobs import _console, jobs_app, plain_table, print_log_file
 from orchestrator.timefmt import ago
 
 if TYPE_CHECKING:
+    from orchestrator.policy.pools import ApplyPlan
     from orchestrator.pool_service import PoolService
-    from orchestrator.pools import ApplyPlan
 
 pool_app = typer.Typer(no_args_is_help=True, help="Pools of reusable workers: apply, status, down.")
 jobs_app.add_typer(pool_app, name="pool")
@@ -26,8 +26,8 @@ def _pools() -> PoolService:
 
 
 def _driver(service: PoolService):
-    from orchestrator.engine import require_engine
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.engine import require_engine
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     require_engine()
     return PulumiStackDriver(service.home, service.config)
@@ -164,7 +164,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
 ) -> None:
     """Pools: spec, policy, workers ready/total; per worker its stack, region and status; the pool's jobs."""
-    from orchestrator.pools import policy_of
+    from orchestrator.policy.pools import policy_of
 
     found = _pools().status(name)
     if as_json:

@@ -28,7 +28,7 @@ def _statuses(given: list[str]) -> list[str]:
 
 def _placement(service: Any, job_ids: list[int], specs: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Per job: the infra, cluster (stack) and endpoints of its latest attempt."""
-    from orchestrator.endpoints import endpoints
+    from orchestrator.policy.endpoints import endpoints
 
     found: dict[int, dict[str, Any]] = {}
     for job_id in job_ids:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """One line per task that no enabled cloud can serve (its unsupported features first), naming the task."""
-    from orchestrator.optimizer import plan_for
+    from orchestrator.policy.optimizer import plan_for
 
     problems: list[str] = []
     several = len(pipeline.tasks) > 1

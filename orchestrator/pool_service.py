@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
-from orchestrator.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
+from orchestrator.policy.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
 from orchestrator.service import JobService, UnknownJobError, current_user
 
 if TYPE_CHECKING:
+    from orchestrator.infra.stack_driver import StackDriver
     from orchestrator.spec import Pipeline, Task
-    from orchestrator.stack_driver import StackDriver
     from state.models import JobRow, PoolRow, WorkerRow
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -81,8 +81,8 @@ class PoolService(JobService):
     def _previews(self, name: str, spec: dict[str, Any], plan: ApplyPlan, workers: list[WorkerRow],
                   driver: StackDriver) -> dict[str, Any]:
         """Per worker stack: the Pulumi preview of what apply does to it (created, kept, or deleted)."""
-        from orchestrator.placement import Infeasible, place
-        from orchestrator.pools import worker_program
+        from orchestrator.policy.placement import Infeasible, place
+        from orchestrator.policy.pools import worker_program
         from stacks.spec import new_cluster_token
 
         previews: dict[str, Any] = {}
@@ -151,7 +151,7 @@ class PoolService(JobService):
     def _update_in_place(self, name: str, spec: dict[str, Any], plan: ApplyPlan,
                          driver: StackDriver | None) -> list[int]:
         """`up` of each kept worker's stack with the new spec; returns their ids."""
-        from orchestrator.pools import worker_program
+        from orchestrator.policy.pools import worker_program
 
         if driver is None:
             raise UsageError(f"pool {name}: an in-place update needs the stack driver")

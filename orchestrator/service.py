@@ -133,8 +133,8 @@ class JobService:
     def plan_storage(self, pipeline: Pipeline) -> StoragePlan:
         """What a launch of `pipeline` would upload and create, checked (sizes, stores, buckets named by URL
         existing); writes nothing."""
-        from orchestrator.clouds import enabled_clouds
-        from orchestrator.limits import num_nodes_problems
+        from orchestrator.infra.clouds import enabled_clouds
+        from orchestrator.policy.limits import num_nodes_problems
         from orchestrator.storage.staging import prepare
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
@@ -320,7 +320,7 @@ class JobService:
 
     def controller_status(self) -> ControllerStatus:
         from orchestrator.controller.daemon import controller_info
-        from orchestrator.engine import backend_url
+        from orchestrator.infra.engine import backend_url
         from state.db import _safe_url
 
         info = controller_info(self.home)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import agent as agent_module
+from orchestrator.node import agent as agent_module
 from tests.s3 import s3_env, s3_server  # noqa: F401
 
 
@@ -30,7 +30,7 @@ def sortie_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def engine():
     """The real engine; installed (built from the Go module proxy if need be) when missing."""
-    from orchestrator.engine import install_engine
+    from orchestrator.infra.engine import install_engine
 
     info, _how = install_engine()
     return info
@@ -38,7 +38,7 @@ def engine():
 
 def leftovers(driver, home: Path) -> list[str]:
     """Everything an operation could leave behind in a Sortie home."""
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
 
     found = [f"stack {s}" for s in driver.list_stacks()]
     locks = home / "pulumi-backend" / ".pulumi" / "locks"
@@ -55,7 +55,7 @@ def leftovers(driver, home: Path) -> list[str]:
 def make_driver(sortie_home: Path, engine) -> Iterator[Callable[..., object]]:
     """Build a PulumiStackDriver for this test's home (optionally with a config.yaml first); after
     the test, fail if anything it made is left."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     made: list[PulumiStackDriver] = []
 
@@ -128,7 +128,7 @@ class RunningAgent:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def client(self, token: str | None = None):
-        from orchestrator.agent_client import AgentClient
+        from orchestrator.infra.agent_client import AgentClient
 
         return AgentClient(self.url, self.token if token is None else token)
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from sqlalchemy import event
 
-from orchestrator.agent_client import AgentClient, AgentError, RunStatus
 from orchestrator.config import load_config
 from orchestrator.controller.daemon import Controller
-from orchestrator.fake_driver import FakeStackDriver
+from orchestrator.infra.agent_client import AgentClient, AgentError, RunStatus
+from orchestrator.infra.fake_driver import FakeStackDriver
 from state.store import StateStore
 
 _EXIT = re.compile(r"\bexit (\d+)\s*$")

@@ -71,7 +71,7 @@ def path_view_works() -> bool:
     """Whether local-cloud runs here see absolute upload and mount paths at those paths (mount namespaces)."""
     import tempfile
 
-    from orchestrator.agent import probe_path_view
+    from orchestrator.node.agent import probe_path_view
 
     with tempfile.TemporaryDirectory() as sandbox:
         return probe_path_view(Path(sandbox)) is not None

@@ -1,7 +1,7 @@
 """A real Kubernetes control plane on loopback for the tests: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and kwok (simulated nodes), with generated certificates and a service-account key.
 
-The binaries are built from the Go module proxy once per machine (`orchestrator/kube_binaries.py`, cached under
+The binaries are built from the Go module proxy once per machine (`orchestrator/infra/kube_binaries.py`, cached under
 `~/.cache/sortie`); a build failure fails the tests that need the cluster, never skips them. Everything started here
 is stopped (and its directory removed) when the fixture ends.
 """
@@ -212,7 +212,7 @@ def _check_alive(cluster: KubeCluster) -> None:
 @contextlib.contextmanager
 def kube_cluster(root: Path, timeout: float = 180.0) -> Iterator[KubeCluster]:
     """Start the control plane and kwok under `root`; stop everything on exit."""
-    from orchestrator.kube_binaries import install_kube_binaries
+    from orchestrator.infra.kube_binaries import install_kube_binaries
 
     binaries, _built = install_kube_binaries()
     root.mkdir(parents=True, exist_ok=True)

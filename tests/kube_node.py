@@ -124,7 +124,7 @@ def docker_archive(path: Path, tag: str, layer: bytes, cmd: list[str]) -> None:
 
 def pause_layer(work: Path) -> bytes:
     """A layer holding `/pause`, a static Go binary (built once per run: a few seconds)."""
-    from orchestrator.go_build import go_binary, go_env
+    from orchestrator.infra.go_build import go_binary, go_env
 
     src = work / "pause-src"
     src.mkdir()
@@ -174,7 +174,7 @@ def _kubelet_config(root: Path, cluster: KubeCluster) -> str:
 @contextlib.contextmanager
 def real_node(cluster: KubeCluster, name: str = "sortie-node-0", timeout: float = 180.0) -> Iterator[str]:
     """Start containerd and a kubelet registering node `name`; yield the name once it is Ready."""
-    from orchestrator.kube_binaries import install_kubelet
+    from orchestrator.infra.kube_binaries import install_kubelet
 
     kubelet = install_kubelet()
     root = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))  # short: unix socket paths are limited to 108 bytes

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import agent as agent_module
-from orchestrator.agent_client import AgentError
+from orchestrator.infra.agent_client import AgentError
+from orchestrator.node import agent as agent_module
 
 
 def _raw_get(url: str, headers: dict[str, str]) -> int:

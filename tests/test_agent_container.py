@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from orchestrator.agent import Agent
+from orchestrator.node.agent import Agent
 
 FAKE_ENGINE = """#!/bin/bash
 # Records each call (argv, and stdin for login); `exec` runs the command on the host instead.

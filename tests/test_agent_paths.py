@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agent import destination_parts, place_destination
-from orchestrator.agent_client import AgentError
+from orchestrator.infra.agent_client import AgentError
+from orchestrator.node.agent import destination_parts, place_destination
 
 
 def _tar_of(name: str, data: bytes) -> bytes:
@@ -108,7 +108,7 @@ def test_an_existing_directory_sortie_did_not_place_is_never_removed(start_agent
 
 def test_node_storage_paths_follow_the_agent_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.errors import SortieError
-    from orchestrator.node_storage import node_path
+    from orchestrator.node.node_storage import node_path
 
     (tmp_path / "work").mkdir()
     (tmp_path / "home").mkdir()

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agent_client import AgentError
 from orchestrator.config import load_config
 from orchestrator.controller.daemon import Controller
 from orchestrator.controller.decide import agent_refusal
-from orchestrator.fake_driver import FakeStackDriver
+from orchestrator.infra.agent_client import AgentError
+from orchestrator.infra.fake_driver import FakeStackDriver
+from orchestrator.infra.stack_driver import UpResult
 from orchestrator.job_status import JobStatus
-from orchestrator.stack_driver import UpResult
 from stacks.spec import StackProgram
 from state.store import StateStore
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.infra.agent_client import AgentClient, AgentError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mount namespaces are Linux")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import agent as agent_module
-from orchestrator.agent_client import AgentError
+from orchestrator.infra.agent_client import AgentError
+from orchestrator.node import agent as agent_module
 
 
 def _kinds(events: list[dict], run_id: str) -> list[str]:

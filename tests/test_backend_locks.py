@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.backend_locks import prune_empty_lock_dirs
+from orchestrator.infra.backend_locks import prune_empty_lock_dirs
 
 
 def test_empty_lock_dirs_go_and_held_locks_stay(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine import PINNED_VERSION, find_engine
+from orchestrator.infra.engine import PINNED_VERSION, find_engine
 
 SORTIE = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "sortie"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.cloud_features import attempt_features, cluster_features, disk_settings
+from orchestrator.policy.cloud_features import attempt_features, cluster_features, disk_settings
 from stacks.cluster_program import cluster_program
 from tests.test_cloud_programs_mocks import (
     AWS_INSTANCE,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import clouds
 from orchestrator.config import SortieConfig
+from orchestrator.infra import clouds
 
 
 @pytest.fixture

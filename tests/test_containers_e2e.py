@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cloud_features import local_container_engine
+from orchestrator.policy.cloud_features import local_container_engine
 from tests.e2e import Sortie, write
 
 pytestmark = pytest.mark.e2e

@@ -5,8 +5,8 @@ from __future__ import annotations
 from orchestrator.config import LocalCloudConfig, LocalRegion, SortieConfig
 from orchestrator.controller.decide import NodeRun, first_failure, judge_runs, run_outcome, setup_outcome
 from orchestrator.job_status import JobStatus
-from orchestrator.placement import Infeasible, Placement, place
-from orchestrator.run_env import node_env, task_id
+from orchestrator.policy.placement import Infeasible, Placement, place
+from orchestrator.policy.run_env import node_env, task_id
 
 
 def cand(**kw: object) -> dict:

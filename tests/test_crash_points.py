@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.fake_driver import FakeStackDriver
+from orchestrator.infra.fake_driver import FakeStackDriver
 from state.store import StateStore
 from tests.controller_harness import CONFIG, FakeAgents, Outcome, drive, outcome
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.detached_ops import process_start
+from orchestrator.infra.detached_ops import process_start
 from stacks.spec import ClusterSpec, StackProgram
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 STARTER = """
 import sys, time
 from pathlib import Path
-from orchestrator.pulumi_driver import PulumiStackDriver
+from orchestrator.infra.pulumi_driver import PulumiStackDriver
 from stacks.spec import ClusterSpec, StackProgram
 home = Path(sys.argv[1])
 spec = ClusterSpec(name=sys.argv[2], token="t0k3n-for-the-test", num_nodes=2, local_root=str(home / "local"))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import engine as engine_mod
-from orchestrator.engine import (
+from orchestrator.errors import EngineError
+from orchestrator.infra import engine as engine_mod
+from orchestrator.infra.engine import (
     ANALYZER_SHIM,
     FALLBACK_VERSIONS,
     PINNED_VERSION,
@@ -28,7 +29,6 @@ from orchestrator.engine import (
     install_engine,
     write_provider_shim,
 )
-from orchestrator.errors import EngineError
 
 SORTIE = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "sortie"
 ALL_VERSIONS = (PINNED_VERSION, *FALLBACK_VERSIONS)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import NoCapacityError, StackNotFoundError, StackOperationError
-from orchestrator.fake_driver import NODE_TYPE, FakeStackDriver
-from orchestrator.pulumi_driver import PulumiStackDriver
-from orchestrator.stack_driver import StackDriver, UpResult, stack_name
+from orchestrator.infra.fake_driver import NODE_TYPE, FakeStackDriver
+from orchestrator.infra.pulumi_driver import PulumiStackDriver
+from orchestrator.infra.stack_driver import StackDriver, UpResult, stack_name
 from stacks.spec import ClusterSpec, StackProgram
 
 TOKEN = "fake-token-" + "y" * 32

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.local_cloud import LocalCloud
+from orchestrator.infra.local_cloud import LocalCloud
 from tests.conftest import leftovers
 from tests.e2e import TERMINAL, Sortie, write  # noqa: F401 - TERMINAL is re-exported
 
@@ -141,7 +141,7 @@ def test_unknown_job_and_ambiguous_name_are_clear_errors(sortie: Sortie) -> None
 def test_leftover_check_helper_sees_nothing_after_jobs(sortie: Sortie) -> None:
     job = sortie.wait(sortie.launch("true"))
     assert job["status"] == "SUCCEEDED"
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     assert leftovers(PulumiStackDriver(sortie.home), sortie.home) == []
 

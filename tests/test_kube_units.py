@@ -11,14 +11,14 @@ import pytest
 
 from orchestrator.config import KubernetesConfig, SortieConfig
 from orchestrator.errors import UsageError
-from orchestrator.kube_binaries import staging_replaces
-from orchestrator.kube_capacity import (
+from orchestrator.infra.kube_binaries import staging_replaces
+from orchestrator.infra.kube_capacity import (
     accelerator_name,
     load_target,
     node_offer_fields,
     quantity,
 )
-from orchestrator.provider_plugins import embedded_files
+from orchestrator.infra.provider_plugins import embedded_files
 from stacks.builders.kubernetes import pod_image, resources, scheduling, synthetic_instance
 from stacks.spec import ClusterSpec
 
@@ -111,7 +111,7 @@ def test_embedded_files_are_the_generators(tmp_path: Path) -> None:
 
 
 def test_check_reports_kubernetes_from_the_kubeconfig(tmp_path: Path) -> None:
-    from orchestrator.clouds import check
+    from orchestrator.infra.clouds import check
 
     path = _kubeconfig(tmp_path, {"token": "x"})
     found = {c.cloud: c for c in check(SortieConfig(), env={"KUBECONFIG": str(path)}, home=tmp_path)}
@@ -124,7 +124,7 @@ def test_check_reports_kubernetes_from_the_kubeconfig(tmp_path: Path) -> None:
 
 
 def test_pool_mode_follows_the_providers_diff() -> None:
-    from orchestrator.pools import ApplyPlan, follow_provider_diff
+    from orchestrator.policy.pools import ApplyPlan, follow_provider_diff
 
     recreate = ApplyPlan("p", "recreate", 2, 2, "2 workers", "2 workers", changed=("resources",), create=2,
                          remove=("w1", "w2"))

@@ -41,7 +41,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
 @pytest.fixture(scope="module")
 def k8s_plugin():
     """The provider plugin, built from the Go module proxy when this machine has none (a failure fails)."""
-    from orchestrator.provider_plugins import install_plugin
+    from orchestrator.infra.provider_plugins import install_plugin
 
     info, _how = install_plugin("kubernetes")
     return info
@@ -68,7 +68,7 @@ def _namespace_gone(kube: KubeCluster, namespace: str) -> bool:
 
 
 def test_control_plane_reports_its_stamped_version(kube: KubeCluster) -> None:
-    from orchestrator.kube_binaries import KUBERNETES_VERSION
+    from orchestrator.infra.kube_binaries import KUBERNETES_VERSION
 
     assert kube.get("/version")["gitVersion"] == f"v{KUBERNETES_VERSION}"
 
@@ -144,9 +144,9 @@ def test_pool_worker_preview_is_the_providers_diff(kube: KubeCluster, kdriver) -
 
 
 def test_capacity_offers_come_from_the_nodes(kube: KubeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.clouds import check
-    from orchestrator.kube_capacity import kubernetes_offers
-    from orchestrator.optimizer import plan_for
+    from orchestrator.infra.clouds import check
+    from orchestrator.infra.kube_capacity import kubernetes_offers
+    from orchestrator.policy.optimizer import plan_for
 
     monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
     config = SortieConfig()
@@ -173,8 +173,8 @@ def _dead_kubeconfig(tmp_path: Path, kube: KubeCluster) -> Path:
 
 
 def test_unreachable_api_server_offers_nothing_and_says_why(tmp_path: Path, kube: KubeCluster) -> None:
-    from orchestrator.kube_capacity import KubeUnreachable, kubernetes_offers
-    from orchestrator.optimizer import plan_for
+    from orchestrator.infra.kube_capacity import KubeUnreachable, kubernetes_offers
+    from orchestrator.policy.optimizer import plan_for
 
     config = SortieConfig(kubernetes=KubernetesConfig(kubeconfig=str(_dead_kubeconfig(tmp_path, kube))))
     with pytest.raises(KubeUnreachable) as err:

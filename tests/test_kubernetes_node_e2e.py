@@ -29,7 +29,7 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeClust
 
 def test_a_job_runs_in_a_real_pod_and_recovers_from_its_deletion(
         node_cluster: KubeCluster, sortie_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.provider_plugins import install_plugin
+    from orchestrator.infra.provider_plugins import install_plugin
 
     install_plugin("kubernetes")
     monkeypatch.setenv("KUBECONFIG", str(node_cluster.kubeconfig))

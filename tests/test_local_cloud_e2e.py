@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.errors import NoCapacityError, StackLockedError
-from orchestrator.local_cloud import LocalCloud
+from orchestrator.infra.agent_client import AgentClient, AgentError
+from orchestrator.infra.local_cloud import LocalCloud
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 from tests.conftest import leftovers
 
@@ -207,7 +207,7 @@ def _scenario(driver, preempt) -> dict:
 
 
 def test_fake_driver_tells_the_same_story_as_the_pulumi_driver(driver, sortie_home: Path) -> None:
-    from orchestrator.fake_driver import FakeStackDriver
+    from orchestrator.infra.fake_driver import FakeStackDriver
 
     fake = FakeStackDriver()
     cloud = LocalCloud(sortie_home / "local")

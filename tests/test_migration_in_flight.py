@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-from orchestrator.fake_driver import FakeStackDriver
+from orchestrator.infra.fake_driver import FakeStackDriver
 from stacks.spec import ClusterSpec, StackProgram
 from state.db import MIGRATIONS, make_engine
 from state.store import StateStore

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.node_credentials import node_credentials_env
+from orchestrator.policy.node_credentials import node_credentials_env
 
 ENV = {"AWS_ACCESS_KEY_ID": "AKIACONTROLLER", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "tok",
        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_PROFILE": "admin", "HOME": "/x"}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import node_storage, node_view
 from orchestrator.errors import SortieError
-from orchestrator.local_cloud import LocalCloud
+from orchestrator.infra.local_cloud import LocalCloud
+from orchestrator.node import node_storage, node_view
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mount namespaces and FUSE are Linux")
 
@@ -50,7 +50,7 @@ def test_a_run_outside_the_view_shares_the_agents_mount_namespace(start_agent) -
 
 
 def test_the_agent_refuses_a_view_that_is_not_a_boolean(start_agent) -> None:
-    from orchestrator.agent_client import AgentError
+    from orchestrator.infra.agent_client import AgentError
 
     client = start_agent(confine=True).client()
     with pytest.raises(AgentError, match="view: must be true or false"):
@@ -74,7 +74,7 @@ def test_terminate_detaches_a_fuse_mount_and_leaves_the_bucket_whole(sortie_home
     (bucket / "ckpt" / "step").write_text("7\n")
     cloud = LocalCloud(sortie_home / "local")
     node = cloud.launch("fuse-node-0", "fuse", 0, "local", "token-fuse-test-123")
-    from orchestrator.agent_client import AgentClient
+    from orchestrator.infra.agent_client import AgentClient
 
     client = AgentClient(node.url, "token-fuse-test-123")
     mount = Path(node.sandbox) / "mounts" / "data"

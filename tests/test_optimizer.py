@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import LocalCloudConfig, LocalRegion, SortieConfig
-from orchestrator.optimizer import catalog_offers, local_offers, optimize, plan_for
+from orchestrator.policy.optimizer import catalog_offers, local_offers, optimize, plan_for
 from orchestrator.spec import load_yaml_text
 
 CLOUDS = ("local", "aws", "gcp", "azure")

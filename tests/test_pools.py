@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.pools import PoolPolicy, WorkerView, decide_pool, plan_apply, worker_hash
-from orchestrator.run_env import pool_job_env
+from orchestrator.policy.pools import PoolPolicy, WorkerView, decide_pool, plan_apply, worker_hash
+from orchestrator.policy.run_env import pool_job_env
 from orchestrator.spec import SpecError, load_yaml_text
 
 SPEC = {"setup": "pip install x", "resources": [{"cpus": "1+"}], "num_nodes": 1, "envs": {}, "pool": {"workers": 3}}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
-from orchestrator.fake_driver import FakeStackDriver
+from orchestrator.infra.fake_driver import FakeStackDriver
 from stacks.spec import ClusterSpec, StackProgram
 from state.machine import JobStatus, Phase, StackStatus, WorkerStatus
 from state.models import AttemptRow, StackRow

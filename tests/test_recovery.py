@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.job_status import JobStatus
-from orchestrator.recovery import (
+from orchestrator.policy.recovery import (
     EAGER_NEXT_REGION,
     FAILOVER,
     Decision,

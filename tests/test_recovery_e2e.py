@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.local_cloud import LocalCloud
+from orchestrator.infra.local_cloud import LocalCloud
 from tests.e2e import Sortie, write
 
 pytestmark = pytest.mark.e2e

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import LocalCloudConfig, LocalRegion, SortieConfig
-from orchestrator.endpoints import endpoints
 from orchestrator.launch_checks import launch_refusals
-from orchestrator.optimizer import plan_for
+from orchestrator.policy.endpoints import endpoints
+from orchestrator.policy.optimizer import plan_for
 from orchestrator.spec import Overrides, SpecError, load_yaml_text
 
 CLOUDS = ("local", "aws", "gcp", "azure")

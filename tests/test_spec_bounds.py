@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.agent import destination_parts
 from orchestrator.errors import SortieError
+from orchestrator.node.agent import destination_parts
 from orchestrator.spec import Overrides, SpecError, load_yaml_text, values
 
 FUZZ_EXAMPLES = int(os.environ.get("SORTIE_FUZZ_EXAMPLES", "300"))
@@ -145,7 +145,7 @@ def test_fuzz_accepted_specs_stay_in_bounds_and_refusals_are_one_liners(task: di
 
 def test_num_nodes_against_the_configured_maximum_and_local_capacity(tmp_path: Path) -> None:
     from orchestrator.config import SortieConfig
-    from orchestrator.limits import num_nodes_problems
+    from orchestrator.policy.limits import num_nodes_problems
 
     def tasks(text: str) -> list:
         return list(load_yaml_text(text, Overrides(), tmp_path).tasks)

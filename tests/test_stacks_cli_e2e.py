@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_orphans_are_listed_then_destroyed_only_when_asked(make_driver, sortie_home: Path) -> None:
-    from orchestrator.engine import require_engine
+    from orchestrator.infra.engine import require_engine
 
     driver = make_driver("pulumi:\n  stack_tags: {team: ml}\n")
     cli = Sortie(sortie_home)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import JobsConfig, SortieConfig, StorageConfig
-from orchestrator.node_storage import main as node_storage_main
+from orchestrator.node.node_storage import main as node_storage_main
 from orchestrator.spec import load_yaml_text
 from orchestrator.storage import LocalStore, StorageError, UploadTooLarge
 from orchestrator.storage.staging import NodeStep, clean, prepare, stage
@@ -115,7 +115,7 @@ def test_prepare_refuses_without_writing(tmp_path: Path, project: Path) -> None:
 
 
 def test_node_storage_copies_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.node_storage import encode_plan
+    from orchestrator.node.node_storage import encode_plan
 
     store = LocalStore(tmp_path / "buckets")
     store.create_bucket("src-b")
@@ -146,7 +146,7 @@ def test_cache_uploader_flushes_on_sigterm(tmp_path: Path) -> None:
     import sys
     import time
 
-    from orchestrator.node_storage import encode_plan
+    from orchestrator.node.node_storage import encode_plan
 
     store = LocalStore(tmp_path / "buckets")
     store.create_bucket("ckpt-b")
@@ -155,8 +155,8 @@ def test_cache_uploader_flushes_on_sigterm(tmp_path: Path) -> None:
             "steps": [{"dest": "/ckpt", "kind": "cached", "url": "local://ckpt-b"}]}
     env = {**os.environ, "SORTIE_MOUNTS_ROOT": str(mounts), "SORTIE_NODE_SANDBOX": str(tmp_path / "sb")}
     (mounts / "ckpt").mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.node_storage", "cache", encode_plan(plan)], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.node.node_storage", "cache", encode_plan(plan)],
+                            env=env, stdout=subprocess.PIPE, text=True)
     time.sleep(1.5)  # the uploader is up and waiting for its next round
     (mounts / "ckpt" / "step").write_text("41\n")
     proc.send_signal(signal.SIGTERM)

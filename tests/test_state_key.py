@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import clouds
 from orchestrator.config import SortieConfig
+from orchestrator.infra import clouds
 from state.key_check import state_key_problem
 from state.secrets_box import STATE_KEY_ENV, SecretsBox
 from state.store import StateStore

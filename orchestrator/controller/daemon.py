@@ -31,7 +31,7 @@ from orchestrator.errors import SortieError
 
 if TYPE_CHECKING:
     from orchestrator.controller.context import Connect, ControllerContext
-    from orchestrator.stack_driver import StackDriver
+    from orchestrator.infra.stack_driver import StackDriver
     from state.store import StateStore
 
 START_TIMEOUT = 30.0
@@ -170,7 +170,7 @@ def run_daemon(home: Path) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from orchestrator.controller import lock
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
     started = time.time()

@@ -269,7 +269,7 @@ class _ResourceFields(BaseModel):
 
     def unsupported(self, path: str) -> list[str]:
         """What this alternative asks for that Sortie cannot launch on any cloud yet: nothing now. What only
-        some clouds can do is for the optimizer (`orchestrator.cloud_features.offer_supports`)."""
+        some clouds can do is for the optimizer (`orchestrator.policy.cloud_features.offer_supports`)."""
         return []
 
 

@@ -212,7 +212,7 @@ def container_engine_install(spec: ClusterSpec) -> str:
 
 def node_package_install(spec: ClusterSpec) -> str:
     """Shell lines that install `spec.node_package[s3]` into NODE_VENV once (nothing without one): what a node
-    needs to run its bucket steps (`python -m orchestrator.node_storage`); with `spec.node_fuse`, rclone and fuse3
+    needs to run its bucket steps (`python -m orchestrator.node.node_storage`); with `spec.node_fuse`, rclone and fuse3
     for its S3 MOUNTs too (from apt, where it has apt-get; a failure here is reported by the mount step)."""
     if not spec.node_package:
         return ""

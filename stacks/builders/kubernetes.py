@@ -25,8 +25,8 @@ import shlex
 import pulumi
 import pulumi_kubernetes as k8s
 
-from orchestrator.cloud_features import merge_pod_config
 from orchestrator.errors import UsageError
+from orchestrator.policy.cloud_features import merge_pod_config
 from stacks.builders import (
     AGENT_DIR,
     BuiltNode,

@@ -1,10 +1,10 @@
 """Bucket work on a node, run by the node agent (outside a local-cloud node's path view, so that an S3 MOUNT made
 under $SORTIE_MOUNTS_ROOT is seen by the runs after it at its path):
 
-    python -m orchestrator.node_storage fetch PLAN     COPY steps download; MOUNT_CACHED steps pull; S3 MOUNTs mount
-    python -m orchestrator.node_storage cache PLAN     MOUNT_CACHED: upload changes every few seconds until SIGTERM,
-                                                       then a last upload (so a clean preemption loses nothing)
-    python -m orchestrator.node_storage flush PLAN     MOUNT_CACHED: upload changes once (before the task ends)
+    python -m orchestrator.node.node_storage fetch PLAN   COPY steps download; MOUNT_CACHED steps pull; S3 MOUNTs mount
+    python -m orchestrator.node.node_storage cache PLAN   MOUNT_CACHED: upload changes every few seconds until SIGTERM,
+                                                     then a last upload (so a clean preemption loses nothing)
+    python -m orchestrator.node.node_storage flush PLAN   MOUNT_CACHED: upload changes once (before the task ends)
 
 PLAN is base64 JSON: {"storage": <StorageConfig as JSON>, "home": <controller's Sortie home>, "steps": [NodeStep
 JSON...], "interval": seconds}. Credentials come from the environment (AWS_* for S3). Destinations are the
@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agent import place_destination
 from orchestrator.config import StorageConfig
 from orchestrator.errors import SortieError
+from orchestrator.node.agent import place_destination
 from orchestrator.storage.stores import Store, open_store, parse_bucket_url
 from orchestrator.storage.trees import CachedSync, download_tree
 

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import agent as agent_module
-from orchestrator import node_view
 from orchestrator.errors import SortieError
+from orchestrator.node import agent as agent_module
+from orchestrator.node import node_view
 
 NO_CAPACITY_MARKER = "[no-capacity]"
 AGENT_START_TIMEOUT = 20.0

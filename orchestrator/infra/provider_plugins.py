@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from orchestrator.engine import Progress, cache_dir
 from orchestrator.errors import EngineError, UsageError
-from orchestrator.go_build import install_atomically, module_file, run_go
+from orchestrator.infra.engine import Progress, cache_dir
+from orchestrator.infra.go_build import install_atomically, module_file, run_go
 
 PROVIDER_MODULE = "github.com/pulumi/pulumi-kubernetes/provider/v4"
 # The proxy serves no tagged v4.x of provider/v4 (its go.mod carries a `replace`), only pseudo-versions; this one

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.engine import Progress, cache_dir
 from orchestrator.errors import EngineError
-from orchestrator.go_build import install_atomically, module_file, run_go
+from orchestrator.infra.engine import Progress, cache_dir
+from orchestrator.infra.go_build import install_atomically, module_file, run_go
 
 KUBERNETES_VERSION = "1.37.2"
 KWOK_VERSION = "0.8.0"
@@ -180,8 +180,8 @@ def install_kube_binaries(progress: Progress | None = None) -> tuple[KubeBinarie
 
 
 def main() -> None:
-    """`python -m orchestrator.kube_binaries`: build the test cluster's binaries, kubelet included (what `make test`
-    runs)."""
+    """`python -m orchestrator.infra.kube_binaries`: build the test cluster's binaries, kubelet included (what
+    `make test` runs)."""
     def say(msg: str) -> None:
         print(f"\r\033[K{msg[:150]}", end="", flush=True)
 

@@ -2,7 +2,7 @@
 
 - Inline programs from `stacks/` (no language host).
 - One work dir per stack under `<home>/stacks/` (a shared workspace file races: pulumi#8186).
-- Each operation in a fresh worker process (`orchestrator._stack_worker`), at most
+- Each operation in a fresh worker process (`orchestrator.infra._stack_worker`), at most
   `pulumi.max_concurrent_operations` at once; the SDK's process-global state never accumulates.
 - Operations on a stack (`up`, `destroy`, `refresh`, `remove`) run detached from the controller, each in its own
   session, with its request, pid and result in `<home>/ops/<stack>/`: a controller killed meanwhile does not end
@@ -23,12 +23,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator._stack_worker import DriverSettings, Op, StackRequest
 from orchestrator.config import SortieConfig, load_config, sortie_home
-from orchestrator.detached_ops import DETACHED_OPS, DetachedOperations
-from orchestrator.engine import backend_url, engine_env, require_engine
 from orchestrator.errors import StackOperationError
-from orchestrator.stack_driver import Preview, RefreshResult, UpResult
+from orchestrator.infra._stack_worker import DriverSettings, Op, StackRequest
+from orchestrator.infra.detached_ops import DETACHED_OPS, DetachedOperations
+from orchestrator.infra.engine import backend_url, engine_env, require_engine
+from orchestrator.infra.stack_driver import Preview, RefreshResult, UpResult
 from stacks.spec import StackProgram
 
 
@@ -71,7 +71,7 @@ class PulumiStackDriver:
             result_path = Path(tmp) / "result.pickle"
             try:
                 proc = subprocess.run(
-                    [sys.executable, "-m", "orchestrator._stack_worker", str(result_path)],
+                    [sys.executable, "-m", "orchestrator.infra._stack_worker", str(result_path)],
                     input=pickle.dumps(request), env=self._env, capture_output=True, timeout=self.timeout,
                 )
             except subprocess.TimeoutExpired:
@@ -84,7 +84,7 @@ class PulumiStackDriver:
                     stack, str(self.log_path(stack)))
             status, value = pickle.loads(result_path.read_bytes())
         if self.settings.backend_url.startswith("file://"):  # issue 17: no empty lock directories pile up
-            from orchestrator.backend_locks import prune_empty_lock_dirs
+            from orchestrator.infra.backend_locks import prune_empty_lock_dirs
 
             prune_empty_lock_dirs(Path(self.settings.backend_url.removeprefix("file://")))
         if status == "error":

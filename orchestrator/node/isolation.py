@@ -8,7 +8,7 @@ from pathlib import Path
 
 def local_isolation() -> tuple[bool, str]:
     """(whether runs are kept from the Sortie home here, one line saying what holds and what does not)."""
-    from orchestrator.agent import probe_path_view
+    from orchestrator.node.agent import probe_path_view
 
     with tempfile.TemporaryDirectory(prefix="sortie-probe-") as sandbox:
         works = probe_path_view(Path(sandbox)) is not None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from orchestrator.cloud_features import attempt_features
+from orchestrator.policy.cloud_features import attempt_features
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.errors import NoCapacityError, StackNotFoundError, StackOperationError, UsageError
-from orchestrator.stack_driver import Preview, RefreshResult, ResourceChange, ResourceState, UpResult
+from orchestrator.infra.stack_driver import Preview, RefreshResult, ResourceChange, ResourceState, UpResult
 from stacks.builders.local import diff_node_inputs, node_inputs
 from stacks.cluster_program import validate
 from stacks.spec import ClusterSpec, StackProgram

@@ -2,7 +2,7 @@
 the order a launch tries them (the first is chosen; recovery walks the rest).
 
 Pure over its inputs: offerings come from the shipped catalogs (`orchestrator.catalog`) and the local
-cloud's configured regions (`local_offerings`); which clouds are enabled comes from `orchestrator.clouds`.
+cloud's configured regions (`local_offerings`); which clouds are enabled comes from `orchestrator.infra.clouds`.
 
 Matching follows SkyPilot: `cpus`/`memory` `4` means exactly 4 and `4+` at least 4; accelerators must match in
 name and count on one instance; `instance_type` pins the type; `use_spot` needs a spot price; `infra`/`cloud`/
@@ -19,9 +19,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.cloud_features import offer_supports
 from orchestrator.config import SortieConfig
 from orchestrator.errors import SortieError
+from orchestrator.policy.cloud_features import offer_supports
 
 CATALOG_CLOUDS = ("aws", "gcp", "azure")
 
@@ -243,15 +243,15 @@ def plan_for(candidates: Sequence[dict[str, Any]], num_nodes: int, config: Sorti
              enabled: Collection[str] | None = None) -> Plan:
     """The plan over every enabled cloud (default: what `sortie check` says is enabled)."""
     if enabled is None:
-        from orchestrator.clouds import enabled_clouds
+        from orchestrator.infra.clouds import enabled_clouds
 
         enabled = enabled_clouds(config)
     # Every catalog, enabled or not: the disabled ones only serve the message when nothing fits.
     offers = local_offers(config) + catalog_offers(CATALOG_CLOUDS)
     kube_error = None
     if "kubernetes" in enabled:
-        # A Kubernetes cluster's offers are its nodes, read from its API server (orchestrator/kube_capacity.py).
-        from orchestrator.kube_capacity import kubernetes_offers
+        # A Kubernetes cluster's offers are its nodes, read from its API server (orchestrator/infra/kube_capacity.py).
+        from orchestrator.infra.kube_capacity import kubernetes_offers
 
         try:
             offers += kubernetes_offers(config)

@@ -1,7 +1,7 @@
 """Stack operations that outlive the controller that started them.
 
 Where this sits: under `PulumiStackDriver`, which runs each `up`, `destroy`, `refresh` or `remove` through
-`DetachedOperations.run`. The worker (`python -m orchestrator._stack_worker`) runs in a session of its own, so a
+`DetachedOperations.run`. The worker (`python -m orchestrator.infra._stack_worker`) runs in a session of its own, so a
 SIGKILL of the controller leaves it running; its request, identity and result live in `<ops>/<stack>/`:
 
     op.json        {"op": "up", "pid": 1234, "start": <the pid's start time in clock ticks>}
@@ -77,7 +77,8 @@ class DetachedOperations:
         folder.mkdir(parents=True)
         (folder / "request.pickle").write_bytes(pickle.dumps(request))
         with (folder / "request.pickle").open("rb") as stdin, (folder / "worker.log").open("ab") as errors:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator._stack_worker", str(folder / "result.pickle")],
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.infra._stack_worker",
+                                     str(folder / "result.pickle")],
                                     stdin=stdin, stdout=subprocess.DEVNULL, stderr=errors, env=env,
                                     start_new_session=True, close_fds=True)
         record = {"op": request.op, "pid": proc.pid, "start": process_start(proc.pid)}

@@ -28,8 +28,8 @@ from orchestrator.errors import (
     StackNotFoundError,
     StackOperationError,
 )
-from orchestrator.local_cloud import NO_CAPACITY_MARKER
-from orchestrator.stack_driver import (
+from orchestrator.infra.local_cloud import NO_CAPACITY_MARKER
+from orchestrator.infra.stack_driver import (
     ChangeOp,
     Preview,
     RefreshResult,

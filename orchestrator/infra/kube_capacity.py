@@ -201,7 +201,7 @@ def node_offer_fields(node: dict[str, Any]) -> tuple[str, float, float, dict[str
 
 def kubernetes_offers(config: SortieConfig) -> list[Any]:
     """The cluster's nodes as optimizer offers (one per distinct shape). Raises KubeUnreachable or UsageError."""
-    from orchestrator.optimizer import Offer
+    from orchestrator.policy.optimizer import Offer
 
     target = load_target(config)
     nodes = api_get(target, f"/api/v1/nodes?limit={MAX_NODES}").get("items") or []

@@ -33,7 +33,7 @@ PKG_MODULE = "github.com/pulumi/pulumi/pkg/v3"
 OFFICIAL_SITE = "https://get.pulumi.com"
 PROVIDER_SHIM = "pulumi-resource-pulumi-python"
 ANALYZER_SHIM = "pulumi-analyzer-policy-python"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 Progress = Callable[[str], None]
 
@@ -276,7 +276,7 @@ def backend_url(config: SortieConfig, home: Path) -> str:
 
 def _plugin_dirs() -> list[str]:
     """Provider plugins Sortie built (`sortie engine install --plugin kubernetes`): found by the engine on PATH."""
-    from orchestrator.provider_plugins import plugin_path_dirs
+    from orchestrator.infra.provider_plugins import plugin_path_dirs
 
     return plugin_path_dirs()
 

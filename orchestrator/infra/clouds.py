@@ -105,7 +105,7 @@ def _kube_check(config: SortieConfig, env: Mapping[str, str], home: Path) -> Clo
     """Enabled when the kubeconfig (kubernetes.kubeconfig, $KUBECONFIG, ~/.kube/config) names a usable context;
     read offline, as kubectl reads it (whether its API server answers is the optimizer's question)."""
     from orchestrator.errors import UsageError
-    from orchestrator.kube_capacity import kubeconfig_path, load_target
+    from orchestrator.infra.kube_capacity import kubeconfig_path, load_target
 
     if not _file(kubeconfig_path(config, dict(env), home)):
         return CloudCheck("kubernetes", False, f"no kubeconfig found: {_HOW['kubernetes']}")

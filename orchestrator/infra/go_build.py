@@ -1,7 +1,7 @@
 """Building Go binaries from the Go module proxy in a throwaway main module, the way the engine is built.
 
-Shared by the provider plugins (`orchestrator/provider_plugins.py`) and the test cluster's Kubernetes binaries
-(`orchestrator/kube_binaries.py`): each writes a `go.mod` of its own under the cache (`~/.cache/sortie/...`,
+Shared by the provider plugins (`orchestrator/infra/provider_plugins.py`) and the test cluster's Kubernetes binaries
+(`orchestrator/infra/kube_binaries.py`): each writes a `go.mod` of its own under the cache (`~/.cache/sortie/...`,
 keyed by version), resolves it with `go mod tidy` and builds with `CGO_ENABLED=0` into a temporary name, moved
 into place only when the build succeeded (a half-built binary is never found).
 """
@@ -14,8 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from orchestrator.engine import Progress, _run_logged
 from orchestrator.errors import EngineError
+from orchestrator.infra.engine import Progress, _run_logged
 
 
 def go_binary(what: str) -> str:

@@ -1,4 +1,4 @@
-"""Where a task runs: the optimizer's plan (`orchestrator.optimizer`) over every enabled cloud, minus what
+"""Where a task runs: the optimizer's plan (`orchestrator.policy.optimizer`) over every enabled cloud, minus what
 said "no capacity" in this round.
 
 Order of trial: regions to avoid (EAGER_NEXT_REGION after a preemption) last, the preferred region
@@ -43,7 +43,7 @@ def place(candidates: Sequence[dict], config: SortieConfig, exclude: Collection[
           enabled: Collection[str] | None = None) -> Placement | Infeasible:
     """The first option of the optimizer's plan (candidates are `Candidate.to_json()` dicts) that is not full,
     with regions to avoid last and the preferred region first."""
-    from orchestrator.optimizer import plan_for
+    from orchestrator.policy.optimizer import plan_for
 
     plan = plan_for(candidates, num_nodes, config, ordered=ordered, enabled=enabled)
     if plan.chosen is None:
