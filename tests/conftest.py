@@ -8,13 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.infra.agent_bundle import local_agent_command, local_agent_env
 from orchestrator.node import agent as agent_module
 from tests.s3 import s3_env, s3_server  # noqa: F401
 
@@ -116,8 +116,8 @@ class RunningAgent:
         env = {**os.environ, **(env or {}), "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
         sandbox.mkdir(parents=True, exist_ok=True)
         (sandbox / "agent.json").unlink(missing_ok=True)
-        argv = [sys.executable, agent_module.__file__, "--sandbox", str(sandbox), *(["--confine"] if confine else [])]
-        self.proc = subprocess.Popen(argv, env=env,
+        argv = [*local_agent_command(), "--sandbox", str(sandbox), *(["--confine"] if confine else [])]
+        self.proc = subprocess.Popen(argv, env=local_agent_env(env),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 15
         while not (sandbox / "agent.json").exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import time
@@ -12,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.infra.agent_bundle import local_agent_command, local_agent_env
 from orchestrator.infra.agent_client import AgentError
-from orchestrator.node import agent as agent_module
 
 
 def _raw_get(url: str, headers: dict[str, str]) -> int:
@@ -115,24 +114,11 @@ def test_unreachable_agent_is_a_clear_error(start_agent) -> None:
         client.health()
 
 
-def test_agent_module_uses_only_the_standard_library() -> None:
-    tree = ast.parse(Path(agent_module.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-    imported.discard("__future__")
-    import sys
-
-    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
-
-
 def test_agent_requires_a_token(tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "SORTIE_AGENT_TOKEN"}
-    proc = subprocess.run([sys.executable, agent_module.__file__, "--sandbox", str(tmp_path / "s")], env=env,
+    proc = subprocess.run([*local_agent_command(), "--sandbox", str(tmp_path / "s")], env=local_agent_env(env),
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode != 0
     assert "token is required" in proc.stderr
@@ -156,3 +142,37 @@ def test_uploads_land_in_workdir_home_and_confined_mounts(start_agent, tmp_path:
     run_id = client.run("cat train.py")
     assert client.wait(run_id, timeout=20).exit_code == 0
     assert client.log(run_id)[0] == b"print('hi')\n"
+
+
+def test_the_zipapp_agent_serves_runs(tmp_path: Path) -> None:
+    """What a cloud node runs: `python3 agent.pyz` (isolated from this checkout), serving a run end to end."""
+    import signal
+    import subprocess
+    import sys
+
+    from orchestrator.infra.agent_bundle import agent_zipapp
+    from orchestrator.infra.agent_client import AgentClient
+
+    pyz = tmp_path / "agent.pyz"
+    pyz.write_bytes(agent_zipapp())
+    sandbox = tmp_path / "sandbox"
+    proc = subprocess.Popen([sys.executable, "-I", str(pyz), "--sandbox", str(sandbox), "--token-stdin"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, start_new_session=True)
+    assert proc.stdin is not None
+    proc.stdin.write(b"zip-token\n")
+    proc.stdin.close()
+    try:
+        deadline = time.monotonic() + 15
+        while not (sandbox / "agent.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the zipapp agent did not start"
+            time.sleep(0.02)
+        client = AgentClient(f"http://127.0.0.1:{json.loads((sandbox / 'agent.json').read_text())['port']}",
+                             "zip-token")
+        assert client.health()["status"] == "ok"
+        assert client.start("echo from-the-zipapp", "zip-run")
+        assert client.wait("zip-run", timeout=30).exit_code == 0
+        assert client.log("zip-run")[0] == b"from-the-zipapp\n"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)

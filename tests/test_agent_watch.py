@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator.infra.agent_client import AgentError
 from orchestrator.node import agent as agent_module
+from orchestrator.node import watch as watch_module
 
 
 def _kinds(events: list[dict], run_id: str) -> list[str]:
@@ -94,7 +95,7 @@ def test_watch_resumes_from_a_seq_after_an_agent_restart(start_agent) -> None:
 
 
 def test_a_watcher_from_another_journal_or_too_far_behind_is_told_to_reset(start_agent, monkeypatch) -> None:
-    monkeypatch.setattr(agent_module, "WATCH_KEEP", 4)
+    monkeypatch.setattr(watch_module, "WATCH_KEEP", 4)
     journal = agent_module.WatchJournal(start_agent().sandbox)  # the journal itself, without a server
     for index in range(10):
         journal.record("log", "r", offset=index)

@@ -22,6 +22,7 @@ import pulumi
 import pytest
 
 from orchestrator.errors import UsageError
+from orchestrator.infra.agent_bundle import agent_zipapp_base64, packed_agent
 from stacks.builders import BUILDERS, LazyBuilder, builder_for
 from stacks.cluster_program import cluster_program
 from stacks.components import TYPE as COMPONENT_TYPE
@@ -45,7 +46,7 @@ STACK_OUTPUTS = {
     "network": "projects/p/global/networks/team", "subnetwork": "projects/p/regions/r/subnetworks/team",
     "resourceGroupName": "rg-team", "subnetId2": "subnet-other",
 }
-AGENT_SOURCE = (Path(__file__).resolve().parents[1] / "orchestrator" / "agent.py").read_text()
+AGENT_SOURCE = packed_agent()  # the zipapp, bzip2-compressed, base64 lines
 
 AWS_INSTANCE = "aws:ec2/instance:Instance"
 AWS_SG = "aws:ec2/securityGroup:SecurityGroup"
@@ -496,7 +497,7 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
         assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == (f"sortie-job-7-1-{rank}", "sortie-job-7-1")
         (container,) = pod["spec"]["containers"]
         assert container["image"] == "python:3.11-slim"
-        assert container["command"][:2] == ["python3", "/opt/sortie/agent.py"]
+        assert container["command"][:2] == ["python3", "/opt/sortie/agent.pyz"]
         assert "--token-stdin" not in container["command"]
         assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "50Gi"},
                                           "limits": {"cpu": "4", "nvidia.com/gpu": "2"}}
@@ -514,7 +515,7 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     (secret,) = harness.mocks.of_type(K8S_SECRET)
     assert is_secret(secret["stringData"]) and reveal(secret["stringData"]) == {"token": TOKEN}
     (configmap,) = harness.mocks.of_type(K8S_CONFIGMAP)
-    assert configmap["data"]["agent.py"] == AGENT_SOURCE
+    assert configmap["binaryData"]["agent.pyz"] == agent_zipapp_base64()
     (namespace,) = harness.mocks.of_type("kubernetes:core/v1:Namespace")
     assert namespace["metadata"]["name"] == "sortie-job-7-1"
     (service,) = harness.mocks.of_type("kubernetes:core/v1:Service")
@@ -675,7 +676,7 @@ def test_controller_vm_runs_the_controller_with_its_secrets_only_in_secret_user_
     # The dashboard runs beside it on the VM's loopback; `sortie dashboard` reaches it through SSH.
     assert "sortie-dashboard.service" in script
     assert "-m orchestrator.dashboard.server --host 127.0.0.1 --port 8765" in script
-    assert "agent.py" not in script  # a controller, not a node
+    assert "agent.pyz" not in script  # a controller, not a node
     for _typ, _name, other in harness.mocks.resources:  # nowhere in clear
         assert "hunter2" not in json.dumps(public(other), default=str)
     node, _ = exports["controller"]
@@ -738,7 +739,7 @@ def test_a_pod_with_bucket_work_installs_sortie_then_execs_its_agent(harness: Ha
     command = pod["spec"]["containers"][0]["command"]
     assert command[:2] == ["/bin/sh", "-c"]
     assert "/var/lib/sortie/venv/bin/pip install --quiet 'sortie[s3]'" in command[2]
-    assert "\nexec python3 /opt/sortie/agent.py " in command[2]
+    assert "\nexec python3 /opt/sortie/agent.pyz " in command[2]
 
 
 def test_which_nodes_install_sortie_and_which_python_runs_their_bucket_steps() -> None:

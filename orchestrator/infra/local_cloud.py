@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SortieError
+from orchestrator.infra.agent_bundle import local_agent_command, local_agent_env
 from orchestrator.node import agent as agent_module
 from orchestrator.node import node_view
 
@@ -214,12 +214,13 @@ class LocalCloud:
         sandbox = Path(node.sandbox)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PULUMI_", "SORTIE_AGENT"))}
         env.update({agent_module.SANDBOX_ENV: node.sandbox, "SORTIE_NODE_ID": node.node_id})
+        env = local_agent_env(env)
         with (sandbox / "agent.log").open("ab") as log:
             container = node.container or {}
             flags = ["--container-image", container["image"], "--container-engine", container["engine"],
                      *[f"--container-option={o}" for o in container.get("options") or []]] if container else []
             proc = subprocess.Popen(
-                [sys.executable, agent_module.__file__, "--sandbox", node.sandbox, "--node-id", node.node_id,
+                [*local_agent_command(), "--sandbox", node.sandbox, "--node-id", node.node_id,
                   "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()], *flags],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
