@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from cli.jobs import _console, plain_table
+from cli.output import get_console, plain_table
 
 if TYPE_CHECKING:
     from orchestrator.config import SortieConfig
@@ -32,7 +32,7 @@ def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.
     if as_json:
         print(json.dumps([{"cloud": c.cloud, "enabled": c.enabled, "reason": c.reason} for c in found], indent=2))
         return
-    console = _console()
+    console = get_console()
     for c in found:
         mark = "[green]enabled[/green] " if c.enabled else "[dim]disabled[/dim]"
         console.print(f"  {c.cloud:<11} {mark}  {escape(c.reason)}", markup=True)
@@ -72,7 +72,7 @@ def show_gpus(
         if as_json:
             print(json.dumps([{"accelerator": r[0], "counts": r[1], "clouds": r[2]} for r in rows], indent=2))
             return
-        _console().print(escape(plain_table(["GPU", "QTY", "CLOUDS"], rows)))
+        get_console().print(escape(plain_table(["GPU", "QTY", "CLOUDS"], rows)))
         return
     matching = sorted((o for o in offers if any(k.lower() == name.lower() for k in o.accelerators)),
                       key=lambda o: (o.price, o.cloud, o.region))
@@ -86,7 +86,7 @@ def show_gpus(
         print(json.dumps([dict(zip(["cloud", "instance_type", "accelerators", "vcpus", "memory_gib", "price",
                                     "spot_price", "region"], r, strict=True)) for r in rows], indent=2))
         return
-    _console().print(escape(plain_table(["CLOUD", "INSTANCE", "GPUS", "vCPUs", "Mem(GB)", "HOURLY_PRICE",
+    get_console().print(escape(plain_table(["CLOUD", "INSTANCE", "GPUS", "vCPUs", "Mem(GB)", "HOURLY_PRICE",
                                          "HOURLY_SPOT_PRICE", "REGION"], rows)))
 
 

@@ -128,7 +128,7 @@ class PoolService(JobService):
         controller runs; the controller's pool reconciler creates, drains and destroys workers. An `update` plan
         (the provider's diff has no replacement) first runs `up` of each kept worker's stack with the new spec,
         then records the new hash on those workers in the pool's own transaction."""
-        from orchestrator.controller.daemon import check_controller, ensure_controller
+        from orchestrator.controller_service import check_controller, ensure_controller
         from orchestrator.storage.staging import prepare, stage
 
         check_controller(self.config)
@@ -188,7 +188,7 @@ class PoolService(JobService):
             if cancel_jobs:
                 self.store.cancel_pool_jobs(row.name, current_user())
             self.store.pool_down(row.name, current_user())
-        from orchestrator.controller.daemon import ensure_controller
+        from orchestrator.controller_service import ensure_controller
 
         ensure_controller(self.home)
         return [r.name for r in rows]
@@ -210,7 +210,7 @@ class PoolService(JobService):
         misfit = _misfit(task, pool)
         if misfit:
             raise UsageError(f"the job does not fit pool {pool_name}: {misfit}")
-        from orchestrator.controller.daemon import check_controller, ensure_controller
+        from orchestrator.controller_service import check_controller, ensure_controller
 
         check_controller(self.config)
         spec = {**pipeline.to_json(), "is_pipeline": False}

@@ -166,7 +166,7 @@ def test_cache_uploader_flushes_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_upload_progress_lines() -> None:
-    from cli.jobs import UploadProgress
+    from cli.output import UploadProgress
 
     class Console:
         def __init__(self) -> None:
