@@ -24,13 +24,8 @@ from orchestrator.catalog import (
     shipped_path,
     user_path,
 )
-from orchestrator.catalog.update import (
-    GCP_NO_KEY,
-    aws_prices,
-    azure_query_url,
-    parse_aws_offer,
-    update_catalog,
-)
+from orchestrator.catalog.price_lists import GCP_NO_KEY, aws_prices, azure_query_url, parse_aws_offer
+from orchestrator.catalog.update import update_catalog
 from orchestrator.errors import SortieError, UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "catalog"
