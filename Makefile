@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup engine test-deps demo stack-demo test lint bench clean
+.PHONY: setup engine test-deps demo stack-demo test test-unit lint bench clean
 
 setup: $(STAMP) engine
 
@@ -38,6 +38,10 @@ test-deps: setup
 
 test: setup lint test-deps
 	$(VENV)/bin/pytest -q --durations=15
+
+# The unit tests alone (tests/unit: no engine, no agent processes, no servers): a quick check while editing.
+test-unit: setup lint
+	$(VENV)/bin/pytest -q tests/unit
 
 bench: setup test-deps
 	$(VENV)/bin/python bench/stack_ops.py

@@ -52,7 +52,7 @@ def main() -> None:
     from orchestrator.infra.provider_plugins import install_plugin
     from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
-    from tests.kube_cluster import kube_cluster
+    from tests.support.kube_cluster import kube_cluster
 
     engine, _ = install_engine()
     plugin, _ = install_plugin("kubernetes")

@@ -1,5 +1,6 @@
-"""Shared fixtures. Each test gets its own Sortie home; end-to-end tests get a real Pulumi driver and
-fail if a stack, a lock, an agent process or a sandbox outlives them."""
+"""Shared fixtures for tests/unit and tests/e2e (helpers live in tests/support). Each test gets its own Sortie
+home; end-to-end tests get a real Pulumi driver and fail if a stack, a lock, an agent process or a sandbox
+outlives them, and a session-wide check fails the run if a process started in a test sandbox outlives it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ import pytest
 
 from orchestrator.infra.agent_bundle import local_agent_command, local_agent_env
 from orchestrator.node import agent as agent_module
-from tests.s3 import s3_env, s3_server  # noqa: F401
+from tests.support.s3 import s3_env, s3_server  # noqa: F401
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ carries the `e2e` marker (`-m "not e2e"` is the unit tests)."""
+    e2e = Path(__file__).resolve().parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
@@ -161,7 +170,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
 def sortie_cli(sortie_home: Path, make_driver) -> Iterator[Callable[..., object]]:
     """The real CLI on this test's home (optionally with a config.yaml first). After the test: the
     controller is stopped, every stack row must be destroyed, and `make_driver`'s leak check runs."""
-    from tests.e2e import Sortie
+    from tests.support.e2e import Sortie
 
     made: list[Sortie] = []
 
