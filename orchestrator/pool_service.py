@@ -1,4 +1,4 @@
-"""The service layer for pools: plan and apply a pool YAML, show pools, take them down, launch jobs on them.
+"""Services, the service layer for pools: plan and apply a pool YAML, show pools, take them down, launch jobs on them.
 The CLI (and later the dashboard) go through it; the controller's pool reconciler does the stack work."""
 
 from __future__ import annotations

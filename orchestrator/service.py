@@ -1,5 +1,5 @@
-"""The service layer: the one way to change or read managed jobs. The CLI, the HTTP API and the
-dashboard all go through it."""
+"""Services, the service layer: the one way to change or read managed jobs. The CLI, the HTTP API and the dashboard all
+go through it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One stack operation in its own process (see `PulumiStackDriver`).
+"""Infra, one stack operation in its own process (see `PulumiStackDriver`).
 
 The Pulumi Python SDK keeps process-global state (dynamic-provider serialization, the runtime
 settings of inline programs), so every operation gets a fresh process. The request arrives pickled

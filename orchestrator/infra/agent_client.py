@@ -1,4 +1,4 @@
-"""A small client for the node agent's HTTP API (see `orchestrator/node/agent.py`)."""
+"""Infra, a small client for the node agent's HTTP API (see `orchestrator/node/agent.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Empty lock directories of the Pulumi file backend (issue 17, Low): each stack operation leaves
+"""Infra, empty lock directories of the Pulumi file backend (issue 17, Low): each stack operation leaves
 `.pulumi/locks/<org>/<project>/<stack>/` behind when its lock file goes; they are pruned after operations."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which clouds a user has enabled, and why the others are not: `sortie check`.
+"""Infra, which clouds a user has enabled, and why the others are not: `sortie check`.
 
 Offline and fast: it looks for the provider SDK extra (`pip install 'sortie[aws]'`) and for credentials where
 each cloud's own tools keep them (environment variables, credential files), without calling any cloud. The

@@ -1,4 +1,4 @@
-"""Stack operations that outlive the controller that started them.
+"""Infra, stack operations that outlive the controller that started them.
 
 Where this sits: under `PulumiStackDriver`, which runs each `up`, `destroy`, `refresh` or `remove` through
 `DetachedOperations.run`. The worker (`python -m orchestrator.infra._stack_worker`) runs in a session of its own, so a

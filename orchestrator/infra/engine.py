@@ -1,4 +1,4 @@
-"""The Pulumi engine: where it lives, how it is installed, and the environment Sortie runs it in.
+"""Infra, the Pulumi engine: where it lives, how it is installed, and the environment Sortie runs it in.
 
 The engine root is a cache outside any checkout, keyed by version
 (`$SORTIE_ENGINE_ROOT`, else `${XDG_CACHE_HOME:-~/.cache}/sortie/engine/v<version>`), so a second

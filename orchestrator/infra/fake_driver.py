@@ -1,4 +1,4 @@
-"""An in-memory `StackDriver` for unit tests of the layers above: no engine, no processes.
+"""Infra, an in-memory `StackDriver` for unit tests of the layers above: no engine, no processes.
 
 It models the local cloud's program: one resource per node, the same inputs and the same
 replace/update rules as the real provider (`stacks.builders.local`), per-region capacity, and

@@ -1,4 +1,4 @@
-"""Building Go binaries from the Go module proxy in a throwaway main module, the way the engine is built.
+"""Infra, building Go binaries from the Go module proxy in a throwaway main module, the way the engine is built.
 
 Shared by the provider plugins (`orchestrator/infra/provider_plugins.py`) and the test cluster's Kubernetes binaries
 (`orchestrator/infra/kube_binaries.py`): each writes a `go.mod` of its own under the cache (`~/.cache/sortie/...`,

@@ -1,4 +1,4 @@
-"""The binaries of a real Kubernetes control plane, built from the Go module proxy (the test cluster's parts).
+"""Infra, the binaries of a real Kubernetes control plane, built from the Go module proxy (the test cluster's parts).
 
 `kube-apiserver`, `kube-controller-manager` and `kube-scheduler` come from `k8s.io/kubernetes`, whose go.mod
 replaces its ~33 staging modules (`k8s.io/api`, `k8s.io/client-go`, ...) with local paths that a module download

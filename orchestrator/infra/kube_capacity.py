@@ -1,4 +1,4 @@
-"""What a Kubernetes cluster offers the optimizer: its nodes' allocatable resources, read from the API server.
+"""Infra, what a Kubernetes cluster offers the optimizer: its nodes' allocatable resources, read from the API server.
 
 The kubeconfig is read as kubectl reads it (`kubernetes.kubeconfig` in the config, else the first file of
 $KUBECONFIG, else ~/.kube/config; `kubernetes.context` else the current context). Authentication by client

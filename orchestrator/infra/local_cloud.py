@@ -1,4 +1,4 @@
-"""The embedded local cloud: nodes are sandboxes on this machine, each with a node agent.
+"""Infra, the embedded local cloud: nodes are sandboxes on this machine, each with a node agent.
 
 This module is the cloud's "API": launch a node (with per-region capacity), say whether a node is
 alive, preempt it on purpose, terminate it. The Pulumi dynamic provider in `stacks/builders/local.py`

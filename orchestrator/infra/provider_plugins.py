@@ -1,4 +1,4 @@
-"""Pulumi provider plugins Sortie builds itself: `pulumi-resource-kubernetes`, which no registry here serves.
+"""Infra, Pulumi provider plugins Sortie builds itself: `pulumi-resource-kubernetes`, which no registry here serves.
 
 The plugin is built like the engine, from a throwaway main module under the cache
 (`${XDG_CACHE_HOME:-~/.cache}/sortie/plugin-build/kubernetes/v<version>`) that requires the provider's Go module

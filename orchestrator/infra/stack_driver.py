@@ -1,4 +1,4 @@
-"""The stack driver: the one interface through which Sortie creates and destroys infrastructure.
+"""Infra, the stack driver: the one interface through which Sortie creates and destroys infrastructure.
 
 Two implementations: `PulumiStackDriver` (the Automation API, each operation in its own worker
 process) and `FakeStackDriver` (in memory, for unit tests of the layers above).

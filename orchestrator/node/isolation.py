@@ -1,4 +1,5 @@
-"""How far local-cloud jobs are kept apart on this machine (issue 17, item 8), in words for `sortie check`."""
+"""Node side, how far local-cloud jobs are kept apart on this machine (issue 17, item 8), in words for
+`sortie check`."""
 
 from __future__ import annotations
 

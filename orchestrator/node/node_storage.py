@@ -1,5 +1,5 @@
-"""Bucket work on a node, run by the node agent (outside a local-cloud node's path view, so that an S3 MOUNT made
-under $SORTIE_MOUNTS_ROOT is seen by the runs after it at its path):
+"""Node side, bucket work on a node, run by the node agent (outside a local-cloud node's path view, so that an S3 MOUNT
+made under $SORTIE_MOUNTS_ROOT is seen by the runs after it at its path):
 
     python -m orchestrator.node.node_storage fetch PLAN   COPY steps download; MOUNT_CACHED steps pull; S3 MOUNTs mount
     python -m orchestrator.node.node_storage cache PLAN   MOUNT_CACHED: upload changes every few seconds until SIGTERM,

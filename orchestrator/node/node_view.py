@@ -1,4 +1,4 @@
-"""Path views for the runs of a confined node agent (standard library only, Linux).
+"""Node side, path views for the runs of a confined node agent (standard library only, Linux).
 
 A confined agent (`agent.py --confine`, the local cloud's nodes) stores uploads to absolute
 destinations under `<sandbox>/mounts/`. A run should still see them at the absolute paths its task

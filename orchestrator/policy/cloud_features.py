@@ -1,6 +1,6 @@
-"""What each cloud does with a candidate's ports, disk_tier, network_tier, image_id and accelerator_args.
-Pure: the optimizer asks `offer_supports` (an instance type that cannot serve the feature is not an option, as
-in SkyPilot), the launcher asks `unsupported_on` for the reason, and the cloud builders read the mappings.
+"""Policy, what each cloud does with a candidate's ports, disk_tier, network_tier, image_id and accelerator_args. Pure:
+the optimizer asks `offer_supports` (an instance type that cannot serve the feature is not an option, as in
+SkyPilot), the launcher asks `unsupported_on` for the reason, and the cloud builders read the mappings.
 
 Disk tiers (the OS disk), after SkyPilot's documented meanings; `best` is the highest tier the cloud offers:
 - AWS: low gp3 3,000 IOPS / 125 MB/s; medium gp3 6,000 / 250; high gp3 16,000 / 1,000; ultra io2 (up to

@@ -1,6 +1,6 @@
-"""A job's endpoints: the `ports` its task opened, on the head node's address (`sortie jobs endpoints ID`,
-`sortie jobs queue -v`). On the local cloud the ports are on the node's loopback (127.0.0.1); on a cloud, the
-head node's public address (else its private one), where the firewall admits `cloud.ports_cidr`."""
+"""Policy, a job's endpoints: the `ports` its task opened, on the head node's address (`sortie jobs endpoints ID`,
+`sortie jobs queue -v`). On the local cloud the ports are on the node's loopback (127.0.0.1); on a cloud, the head
+node's public address (else its private one), where the firewall admits `cloud.ports_cidr`."""
 
 from __future__ import annotations
 

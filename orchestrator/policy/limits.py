@@ -1,6 +1,6 @@
-"""Launch-time bounds that depend on the configuration (issue 17): `num_nodes` against `jobs.max_num_nodes` and
-against what the chosen infra can hold (the local cloud's region capacities). Pure: a config and tasks in, one
-line per problem out."""
+"""Policy, launch-time bounds that depend on the configuration (issue 17): `num_nodes` against `jobs.max_num_nodes` and
+against what the chosen infra can hold (the local cloud's region capacities). Pure: a config and tasks in, one line
+per problem out."""
 
 from __future__ import annotations
 

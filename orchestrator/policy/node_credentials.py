@@ -1,4 +1,4 @@
-"""What a node's bucket work gets from the controller's environment (issue 17, item 8).
+"""Policy, what a node's bucket work gets from the controller's environment (issue 17, item 8).
 
 A local-cloud node is this machine: its bucket work (Sortie's own `node_storage`, never the task's runs) gets the
 controller's AWS_* settings, as the controller would use them itself. A cloud node never gets the controller's

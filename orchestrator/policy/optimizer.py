@@ -1,4 +1,4 @@
-"""The optimizer: from a task's resource alternatives to every feasible (infra, region, instance), priced, in
+"""Policy, the optimizer: from a task's resource alternatives to every feasible (infra, region, instance), priced, in
 the order a launch tries them (the first is chosen; recovery walks the rest).
 
 Pure over its inputs: offerings come from the shipped catalogs (`orchestrator.catalog`) and the local

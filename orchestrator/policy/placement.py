@@ -1,5 +1,5 @@
-"""Where a task runs: the optimizer's plan (`orchestrator.policy.optimizer`) over every enabled cloud, minus what
-said "no capacity" in this round.
+"""Policy, where a task runs: the optimizer's plan (`orchestrator.policy.optimizer`) over every enabled cloud, minus
+what said "no capacity" in this round.
 
 Order of trial: regions to avoid (EAGER_NEXT_REGION after a preemption) last, the preferred region
 (FAILOVER: where it just ran) first, then the cheapest declared price, then the order of the task's

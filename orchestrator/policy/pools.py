@@ -1,4 +1,4 @@
-"""Pools, the pure parts: what defines a worker, the plan an apply shows, and what the pool reconciler does
+"""Policy, pools, the pure parts: what defines a worker, the plan an apply shows, and what the pool reconciler does
 next. No I/O here, so every rule is tested against plain values.
 
 In place or recreate (the seed's rule, refined by the provider's diff where it can tell: see

@@ -1,4 +1,4 @@
-"""The recovery policy: a failure class and the attempt history in, the next step out. Pure.
+"""Policy, the recovery policy: a failure class and the attempt history in, the next step out. Pure.
 
 SkyPilot's job_recovery is expressed here: the FAILOVER and EAGER_NEXT_REGION strategies,
 `max_restarts_on_errors` and `recover_on_exit_codes`; Sortie adds `max_duration` (a time budget for

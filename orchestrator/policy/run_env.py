@@ -1,5 +1,5 @@
-"""The environment of `setup` and `run` on every node: the task's envs and secrets, and SkyPilot's
-variables in SkyPilot's formats, each with a SORTIE_* twin."""
+"""Policy, the environment of `setup` and `run` on every node: the task's envs and secrets, and SkyPilot's variables in
+SkyPilot's formats, each with a SORTIE_* twin."""
 
 from __future__ import annotations
 
