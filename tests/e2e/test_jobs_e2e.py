@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.infra.local_cloud import LocalCloud
-from tests.conftest import leftovers
+from tests.support.agents import leftovers
 from tests.support.e2e import TERMINAL, Sortie, write  # noqa: F401 - TERMINAL is re-exported
 
 pytestmark = pytest.mark.e2e

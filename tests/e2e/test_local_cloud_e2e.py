@@ -19,7 +19,7 @@ from orchestrator.errors import NoCapacityError, StackLockedError
 from orchestrator.infra.agent_client import AgentClient, AgentError
 from orchestrator.infra.local_cloud import LocalCloud
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
-from tests.conftest import leftovers
+from tests.support.agents import leftovers
 
 pytestmark = pytest.mark.e2e
 
