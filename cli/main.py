@@ -140,10 +140,10 @@ def local_nodes(cluster: str = typer.Argument(None, help="Only the nodes of this
     """List the local cloud's nodes."""
     from rich.table import Table
 
-    from orchestrator.config import sortie_home
+    from orchestrator.config import load_config, sortie_home
     from orchestrator.infra.local_cloud import LocalCloud
 
-    cloud = LocalCloud(sortie_home() / "local")
+    cloud = LocalCloud(load_config(sortie_home()).local.root_dir(sortie_home()))
     table = Table("NODE", "CLUSTER", "RANK", "REGION", "STATUS", "ADDRESS", box=None)
     for node in cloud.nodes(cluster):
         status = "PREEMPTED" if node.preempted else ("UP" if cloud.alive(node.node_id) else "DEAD")
@@ -160,7 +160,7 @@ def local_regions() -> None:
     from orchestrator.infra.local_cloud import LocalCloud
 
     home = sortie_home()
-    cloud = LocalCloud(home / "local")
+    cloud = LocalCloud(load_config(home).local.root_dir(home))
     table = Table("REGION", "NODES IN USE", "CAPACITY", "ACCELERATORS", box=None)
     for region in load_config(home).local.regions:
         accs = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "-"
@@ -176,7 +176,7 @@ def local_preempt(
     node: int = typer.Option(None, "--node", help="Rank of the one node to preempt; default: every node."),
 ) -> None:
     """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once."""
-    from orchestrator.config import sortie_home
+    from orchestrator.config import load_config, sortie_home
     from orchestrator.errors import UsageError
     from orchestrator.infra.local_cloud import LocalCloud
 
@@ -191,7 +191,7 @@ def local_preempt(
         if attempt is None or not attempt.nodes:
             raise UsageError(f"managed job {job} has no cluster up right now; see `sortie jobs queue`")
         cluster = attempt.stack_name
-    for n in LocalCloud(sortie_home() / "local").preempt_cluster(cluster, node):
+    for n in LocalCloud(load_config(sortie_home()).local.root_dir(sortie_home())).preempt_cluster(cluster, node):
         get_console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
 
 

@@ -30,8 +30,9 @@ class LogFile:
 
 
 class JobLogs:
-    def __init__(self, home: Path) -> None:
-        self.root = home / "logs" / "jobs"
+    def __init__(self, home: Path, root: str | None = None) -> None:
+        """`root`: `controller.logs_dir` (replicas on several machines share one), else `<home>/logs/jobs`."""
+        self.root = Path(root).expanduser().resolve() if root else home / "logs" / "jobs"
 
     def job_dir(self, job_id: int) -> Path:
         return self.root / str(job_id)

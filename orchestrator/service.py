@@ -118,7 +118,7 @@ class JobService:
         self.home = home or sortie_home()
         self.config = load_config(self.home)
         self._store: StateStore | None = None
-        self.logs = JobLogs(self.home)
+        self.logs = JobLogs(self.home, self.config.controller.logs_dir)
 
     @property
     def store(self) -> StateStore:

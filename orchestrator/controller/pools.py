@@ -34,6 +34,7 @@ from orchestrator.policy.placement import Infeasible, place
 from orchestrator.policy.pools import PoolActions, WorkerView, decide_pool, policy_of, worker_program
 from stacks.spec import StackProgram, new_cluster_token
 from state.machine import PoolStatus, TransitionError, WorkerStatus
+from state.pool_transitions import pool_lease
 
 if TYPE_CHECKING:
     from state.models import AttemptRow, JobRow, PoolRow, WorkerRow
@@ -58,6 +59,8 @@ class PoolReconciler:
         """One pass over every pool; returns how many pools exist (the controller stays up while any does)."""
         pools = self.store.pools()
         for pool in pools:
+            if not self.ctx.holds(pool_lease(pool.name)):  # issue 14: another replica drives this pool
+                continue
             try:
                 self._pool(pool)
             except TransitionError as exc:
@@ -85,6 +88,8 @@ class PoolReconciler:
         if pool.status == PoolStatus.DOWN and not workers:
             self._clean_files(pool)
             self.store.pool_terminated(pool.name)
+            if self.ctx.leases is not None:
+                self.ctx.leases.drop(pool_lease(pool.name))
             self.note(pool.name, "every worker destroyed; pool terminated")
 
     def _clean_files(self, pool: PoolRow) -> None:

@@ -87,6 +87,8 @@ class StackRequest:
     program: StackProgram | None = None
     cleanup_on_failure: bool = True
     remove: bool = True
+    # unlock on a PostgreSQL backend (issue 14): hosts where a replica holds a live lease; their locks are alive
+    live_hosts: tuple[str, ...] = ()
 
 
 def _summary(text: str) -> str:
@@ -352,7 +354,6 @@ def _do_list(run: _Run) -> list[str]:
 def _lock_is_stale(path: Path) -> bool:
     """A lock is stale when the process that took it is gone (it ran on this host and is not alive)."""
     import json
-    import os
     import socket
 
     try:
@@ -361,20 +362,30 @@ def _lock_is_stale(path: Path) -> bool:
         return True
     if content.get("hostname") not in (socket.gethostname(), None):
         return False  # another machine's lock: not ours to judge
-    pid = int(content.get("pid") or 0)
+    return not _pid_alive(int(content.get("pid") or 0))
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
     if pid <= 0:
-        return True
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
 
 
-def _locked_stacks(settings: DriverSettings) -> list[str] | None:
-    """Stacks with stale lock files in a file backend; None where the backend is not a file backend."""
+def _locked_stacks(settings: DriverSettings, live_hosts: tuple[str, ...] = ()) -> list[str] | None:
+    """Stacks with stale locks in a file backend or a PostgreSQL one (where another host's lock is stale only when
+    no replica there holds a live lease); None for other backends."""
+    from orchestrator.infra.pulumi_pg import backend_locks, is_postgres, stale_locks
+
+    if is_postgres(settings.backend_url):
+        return stale_locks(backend_locks(settings.backend_url), set(live_hosts), _pid_alive)
     if not settings.backend_url.startswith("file://"):
         return None
     lock_root = Path(settings.backend_url.removeprefix("file://")).expanduser() / ".pulumi" / "locks"
@@ -391,9 +402,9 @@ def _do_unlock(run: _Run) -> list[str]:
     are touched, so an operation still running (say, one a killed controller left) keeps its lock."""
     from pulumi import automation as auto
 
-    locked = _locked_stacks(run.settings)
+    locked = _locked_stacks(run.settings, run.request.live_hosts)
     if locked is None:  # a service backend: its locks are not ours to judge from here
-        run.on_output("[sortie] not a file backend: stale locks are left to `pulumi cancel`")
+        run.on_output("[sortie] not a file or PostgreSQL backend: stale locks are left to `pulumi cancel`")
         return []
     candidates = sorted({s.name for s in run.workspace().list_stacks()} & set(locked))
     cancelled = []

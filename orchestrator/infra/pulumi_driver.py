@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from orchestrator.errors import StackOperationError
 from orchestrator.infra._stack_worker import DriverSettings, Op, StackRequest
 from orchestrator.infra.detached_ops import DETACHED_OPS, DetachedOperations
 from orchestrator.infra.engine import backend_url, engine_env, require_engine
+from orchestrator.infra.pulumi_pg import check_backend, is_postgres
 from orchestrator.infra.stack_driver import Preview, RefreshResult, UpResult
 from stacks.spec import StackProgram
 
@@ -54,6 +56,8 @@ class PulumiStackDriver:
         )
         if self.settings.backend_url.startswith("file://"):
             Path(self.settings.backend_url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        elif is_postgres(self.settings.backend_url):  # issue 14: one clear line, not the engine's trace
+            check_backend(self.settings.backend_url)
         self._env = {**os.environ, **engine_env(self.home, self.config, engine)}
         self._slots = threading.BoundedSemaphore(max_concurrent or self.config.pulumi.operation_slots)
         self.timeout = timeout
@@ -62,7 +66,7 @@ class PulumiStackDriver:
     def log_path(self, stack: str) -> Path:
         return Path(self.settings.logs_dir) / f"{stack}.log"
 
-    def _call(self, op: Op, stack: str = "", program: StackProgram | None = None, **flags: bool) -> Any:
+    def _call(self, op: Op, stack: str = "", program: StackProgram | None = None, **flags: Any) -> Any:
         request = StackRequest(op=op, stack=stack, settings=self.settings, program=program, **flags)
         if stack and op in DETACHED_OPS:
             with self._slots:
@@ -109,6 +113,17 @@ class PulumiStackDriver:
     def list_stacks(self) -> list[str]:
         return self._call("list")
 
-    def cancel_stale_locks(self) -> list[str]:
-        """Cancel locks left by operations that died. Call only at start-up, before any operation."""
-        return self._call("unlock")
+    def cancel_stale_locks(self, live_hosts: Iterable[str] = ()) -> list[str]:
+        """Cancel locks left by operations that died: on this host, those whose process is gone; on a PostgreSQL
+        backend, also those of hosts where no replica holds a live lease (`live_hosts` are the others)."""
+        return self._call("unlock", live_hosts=tuple(sorted(live_hosts)))
+
+    def passphrase_problem(self) -> str | None:
+        """Issue 14: on a PostgreSQL backend, whether this replica's passphrase opens the stacks already there."""
+        if not is_postgres(self.settings.backend_url) or self.settings.secrets_provider != "passphrase":
+            return None
+        from orchestrator.config import passphrase_file
+        from orchestrator.infra.pulumi_pg import passphrase_problem
+
+        phrase = passphrase_file(self.home).read_text().strip()
+        return passphrase_problem(self.settings.backend_url, phrase, self.settings.project)

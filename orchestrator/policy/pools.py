@@ -229,7 +229,8 @@ def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, inf
     accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
-                       labels={"sortie-pool": pool}, token=token, local_root=str(home / "local"),
+                       labels={"sortie-pool": pool}, token=token,
+                       local_root=str(config.local.root_dir(home) if config else home / "local"),
                        # the task's sizes (a Kubernetes worker's pod requests them; other infras ignore them)
                        cpus=(task["resources"][0].get("cpus") if task["resources"] else None),
                        memory=(task["resources"][0].get("memory") if task["resources"] else None),

@@ -127,7 +127,7 @@ def build_local_nodes(spec: ClusterSpec) -> list[BuiltNode]:
         if region.accelerators.get(name, 0) < count:
             declared = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "none"
             raise UsageError(f"local/{region.name} has no node with {name}:{count} (declared: {declared})")
-    root = spec.local_root or str(Path(home) / "local")
+    root = spec.local_root or str(load_config(home).local.root_dir(Path(home)))
     built = []
     for rank in range(spec.num_nodes):
         node = LocalNode(f"node-{rank}", node_inputs(spec, rank, region.name, root, region.capacity,
