@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.policy.cloud_features import attempt_features, cluster_features, disk_settings
 from stacks.cluster_program import cluster_program
-from tests.unit.test_cloud_programs_mocks import (
+from tests.support.cloud_mocks import (
     AWS_INSTANCE,
     AWS_SG,
     AZ_NIC,
@@ -16,10 +16,10 @@ from tests.unit.test_cloud_programs_mocks import (
     GCP_FIREWALL,
     GCP_INSTANCE,
     Harness,
-    harness,  # noqa: F401 - the fixture
     reveal,
     spec,
 )
+from tests.unit.test_cloud_programs_mocks import harness  # noqa: F401 - the fixture
 
 pytest.importorskip("pulumi_aws")
 
@@ -129,7 +129,7 @@ def test_a_cloud_node_with_a_container_image_runs_its_agent_with_it(harness: Har
     import base64
     import gzip
 
-    from tests.unit.test_cloud_programs_mocks import reveal as open_secret
+    from tests.support.cloud_mocks import reveal as open_secret
 
     harness.run(lambda: cluster_program(spec("aws", num_nodes=1, container_image="vllm/vllm-openai:latest",
                                              container_options=("--shm-size=16g",))))
