@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup engine test-deps demo stack-demo test lint bench clean
+.PHONY: setup engine test-deps demo stack-demo test test-unit lint bench clean
 
 setup: $(STAMP) engine
 
@@ -33,11 +33,15 @@ lint: $(STAMP)
 test-deps: setup
 	.ci/test-deps.sh
 	@if [ "$${SORTIE_TEST_KUBERNETES:-0}" = 1 ]; then \
-		$(VENV)/bin/sortie engine install --plugin kubernetes && $(VENV)/bin/python -m orchestrator.kube_binaries; \
+		$(VENV)/bin/sortie engine install --plugin kubernetes && $(VENV)/bin/python -m orchestrator.infra.kube_binaries; \
 	else echo "make test: Kubernetes e2e tests not selected (SORTIE_TEST_KUBERNETES=1 builds and runs them)"; fi
 
 test: setup lint test-deps
 	$(VENV)/bin/pytest -q --durations=15
+
+# The unit tests alone (tests/unit: no engine, no agent processes, no servers): a quick check while editing.
+test-unit: setup lint
+	$(VENV)/bin/pytest -q tests/unit
 
 bench: setup test-deps
 	$(VENV)/bin/python bench/stack_ops.py

@@ -47,12 +47,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    from orchestrator.engine import engine_env, install_engine
-    from orchestrator.kube_binaries import install_kube_binaries
-    from orchestrator.provider_plugins import install_plugin
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.engine import engine_env, install_engine
+    from orchestrator.infra.kube_binaries import install_kube_binaries
+    from orchestrator.infra.provider_plugins import install_plugin
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
-    from tests.kube_cluster import kube_cluster
+    from tests.support.kube_cluster import kube_cluster
 
     engine, _ = install_engine()
     plugin, _ = install_plugin("kubernetes")

@@ -1,4 +1,4 @@
-"""The Sortie home and its `config.yaml`.
+"""Shared base, the Sortie home and its `config.yaml`.
 
 The home (`~/.sortie`, or `$SORTIE_HOME`) holds the state DB, logs, the Pulumi file backend,
 per-stack work dirs, local-cloud sandboxes and `config.yaml`. Files holding secrets are 0600.

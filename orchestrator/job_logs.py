@@ -1,4 +1,4 @@
-"""Where a job's logs live, and how they are read back.
+"""Services, where a job's logs live, and how they are read back.
 
 The controller copies every node's output into the Sortie home as it grows, so logs outlive the
 cluster: `logs/jobs/<job>/task-<t>/a<attempt>-<setup|run>-rank<r>.log` (raw bytes, append-only; a

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agent_client import AgentClient
 from orchestrator.config import SortieConfig
 from orchestrator.controller.node_events import NodeEvents, NodeWatchers, WatchSignal
 from orchestrator.controller.ops import Finished, OperationPool
+from orchestrator.infra.agent_client import AgentClient
+from orchestrator.infra.stack_driver import StackDriver, copy_engine_output
 from orchestrator.job_logs import JobLogs
-from orchestrator.stack_driver import StackDriver, copy_engine_output
 from state.leases import Leases
 from state.store import StateStore
 

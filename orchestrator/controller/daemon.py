@@ -31,7 +31,7 @@ from orchestrator.errors import SortieError
 
 if TYPE_CHECKING:
     from orchestrator.controller.context import Connect, ControllerContext
-    from orchestrator.stack_driver import StackDriver
+    from orchestrator.infra.stack_driver import StackDriver
     from state.leases import Leases
     from state.store import StateStore
 
@@ -194,7 +194,7 @@ def run_daemon(home: Path) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from orchestrator.controller import lock
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.leases import Leases, ReplicaConflict
     from state.store import StateStore
 

@@ -78,7 +78,7 @@ class StackJanitor(Periodic):
     def _unlock_stale(self) -> None:
         """A replica that died mid-operation left its stack locks in the shared backend: once no replica on its
         host holds a live lease, they are cancelled, so the replica that took its jobs over can go on."""
-        from orchestrator.pulumi_pg import is_postgres
+        from orchestrator.infra.pulumi_pg import is_postgres
 
         cancel = getattr(self.ctx.driver, "cancel_stale_locks", None)
         if self.ctx.leases is None or cancel is None or not is_postgres(self.ctx.config.pulumi.backend_url) \

@@ -1,7 +1,7 @@
 """The job reconciler: each tick, every job in progress moves one step along its attempt's phase.
 
 Where this sits: composed by the daemon (`Controller`) beside the pool reconciler and the janitors, over one
-`ControllerContext`. Each step loads the rows, decides (the recovery policy `orchestrator.recovery.decide`, the
+`ControllerContext`. Each step loads the rows, decides (the recovery policy `orchestrator.policy.recovery.decide`, the
 runs verdict `orchestrator.controller.decide`, placement), and applies the decision through one named
 transition of `state.transitions`: one guarded transaction with its event. A `TransitionError` (the row moved
 on meanwhile) is logged and the job re-read on the next tick; nothing is written over it.
@@ -17,16 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from orchestrator.cloud_features import attempt_features
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import agent_refusal, first_failure, run_outcome, setup_outcome
 from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_fuse_for, node_package_for, task_steps
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
-from orchestrator.placement import Infeasible, capacity_key, place
-from orchestrator.recovery import Failure, History, RecoveryRules, decide
-from orchestrator.stack_driver import stack_name
+from orchestrator.infra.stack_driver import stack_name
+from orchestrator.policy.cloud_features import attempt_features
+from orchestrator.policy.placement import Infeasible, capacity_key, place
+from orchestrator.policy.recovery import Failure, History, RecoveryRules, decide
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
 from state.leases import LeaseLost
 from state.machine import JobStatus, Outcome, Phase, StackStatus, TransitionError

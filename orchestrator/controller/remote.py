@@ -133,8 +133,8 @@ def check_remote(config: SortieConfig) -> StackRow:
 
 def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str, Any]]:
     """The controller stack's program and what was chosen for it (instance, region, price)."""
-    from orchestrator.clouds import check
-    from orchestrator.optimizer import plan_for
+    from orchestrator.infra.clouds import check
+    from orchestrator.policy.optimizer import plan_for
     from stacks.spec import ClusterSpec, StackProgram, cloud_fields
 
     wanted = config.jobs.controller
