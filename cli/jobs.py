@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
-from cli.output import get_console, job_service, print_log_file
+from cli.output import get_console, job_service, plain_table, print_log_file
 from orchestrator.timefmt import duration
 
 if TYPE_CHECKING:

@@ -27,10 +27,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from tests.e2e import ROOT, Sortie, write
+from tests.support.e2e import ROOT, Sortie, write
 
 pytestmark = pytest.mark.e2e
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.support.pg"]
 LEASE = 8.0
 EXPECTED = {"ok": "SUCCEEDED", "fail": "FAILED", "setup_fail": "FAILED_SETUP", "pipeline": "SUCCEEDED",
             "preempt": "SUCCEEDED", "cancel": "CANCELLED", "pool": "SUCCEEDED"}
@@ -124,8 +124,8 @@ def fleet(tmp_path: Path, pg_database_url: str, engine, monkeypatch: pytest.Monk
     yield fleet
     for sortie in homes:
         sortie.run("controller", "stop", check=False, timeout=300)
-    from orchestrator.local_cloud import LocalCloud
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.local_cloud import LocalCloud
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     driver = PulumiStackDriver(homes[0].home)
     live = [name for (name,) in fleet.sql("SELECT name FROM stacks WHERE status != 'DESTROYED'")]
