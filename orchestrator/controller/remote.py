@@ -72,6 +72,10 @@ def remote_status(config: SortieConfig) -> str:
     if row is None or row.status != "UP":
         state = row.status if row else "never created"
         return f"controller: {where}, stack {name} {state}: start it with `sortie controller up`"
+    if config.jobs.controller.infra == "kubernetes":  # issue 14: replicas of a Deployment, not a VM
+        from orchestrator.controller.kube_deploy import deployment_status
+
+        return deployment_status(config, name, dict(row.outputs or {}))
     node = dict((row.outputs or {}).get("controller") or {})
     address = node.get("public_ip") or node.get("ip") or "address not recorded"
     return (f"controller: {where}, stack {name} UP at {address} ({node.get('instance_type') or '?'}, "
