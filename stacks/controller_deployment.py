@@ -20,7 +20,7 @@ dies ends the container and Kubernetes restarts it. A replica that stops renewin
 others after `controller.lease_seconds` whatever its pod does.
 
 The image is a parameter: one the user builds with Sortie installed (`pip install 'sortie[postgres,kubernetes]'`)
-and the Pulumi engine in it (`sortie engine install` at build time, `SORTIE_ENGINE_ROOT` set), pushed to a registry
+and the Pulumi engine in it (`sortie engine install` at build time, into `$XDG_CACHE_HOME`), pushed to a registry
 the cluster can pull from. examples/ha/README.md has a Dockerfile.
 """
 
