@@ -56,7 +56,8 @@ def url_password(url: str | None) -> str | None:
 
 def pod_config(config: Mapping[str, Any], *, logs_dir: str | None = None) -> dict[str, Any]:
     """The replicas' `config.yaml` from a Sortie config (as a mapping): no replica id (each pod's name is), the
-    controller local to its pod, autostop off, and no state DB URL (the Secret gives it). Refuses a password in
+    controller local to its pod, autostop off, logs on `logs_dir` (the shared claim's) or in the pod, and no state DB
+    URL (the Secret gives it). Refuses a password in
     `pulumi.backend_url` or `state.url`: the ConfigMap is not a secret."""
     for section, key in (("state", "url"), ("pulumi", "backend_url")):
         if url_password((config.get(section) or {}).get(key)):
@@ -64,7 +65,8 @@ def pod_config(config: Mapping[str, Any], *, logs_dir: str | None = None) -> dic
                              "(state_url, backend_password), not in the ConfigMap")
     out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
     out["state"] = {k: v for k, v in (out.get("state") or {}).items() if k != "url"}
-    controller = {k: v for k, v in (out.get("controller") or {}).items() if k != "id"}
+    # This home's paths mean nothing in a pod: job logs go on the shared claim if there is one, else in the pod.
+    controller = {k: v for k, v in (out.get("controller") or {}).items() if k not in ("id", "logs_dir")}
     controller["autostop_idle_minutes"] = AUTOSTOP_NEVER_MINUTES
     if logs_dir:
         controller["logs_dir"] = logs_dir

@@ -103,7 +103,7 @@ def ha_home(sortie_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (sortie_home / "config.yaml").write_text(yaml.safe_dump({
         "state": {"url": STATE_URL},
         "pulumi": {"backend_url": BACKEND_URL},
-        "controller": {"id": "laptop", "lease_seconds": 20, "autostop_idle_minutes": 5},
+        "controller": {"id": "laptop", "lease_seconds": 20, "autostop_idle_minutes": 5, "logs_dir": "/home/me/logs"},
         "jobs": {"controller": {"infra": "kubernetes", "resources": {"cpus": "2", "memory": "4+"}}},
     }))
     return sortie_home
@@ -161,6 +161,7 @@ def test_the_config_map_holds_no_password(ha_home: Path, mocks: Mocks) -> None:
     assert "url" not in config.get("state", {})  # $SORTIE_DB_URL, from the Secret
     assert config["pulumi"]["backend_url"] == "postgres://sortie@db.internal:5432/sortie?table=pulumi_state"
     assert "id" not in config["controller"]  # each pod's name is its id
+    assert "logs_dir" not in config["controller"]  # this home's path, not the pod's
     assert config["controller"]["lease_seconds"] == 20
     assert config["controller"]["autostop_idle_minutes"] == AUTOSTOP_NEVER_MINUTES
     assert config["jobs"]["controller"]["infra"] == "local"
@@ -340,3 +341,11 @@ def test_controller_pods_need_an_image(sortie_home: Path) -> None:
         if env_image is not None:
             os.environ["SORTIE_CONTROLLER_IMAGE"] = env_image
     assert "--image" in line, line
+
+
+def test_the_dashboard_says_the_pods_serve_none(ha_home: Path) -> None:
+    from orchestrator.controller.remote import controller_ssh_target
+    from orchestrator.errors import UsageError
+
+    with pytest.raises(UsageError, match="pods on Kubernetes"):
+        controller_ssh_target(load_config(ha_home), ha_home)

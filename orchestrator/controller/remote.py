@@ -86,6 +86,9 @@ def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
     """How `sortie dashboard` reaches the cloud controller's VM, from its stack's outputs in the shared state."""
     from orchestrator.dashboard.server import DEFAULT_PORT
 
+    if config.jobs.controller.infra == "kubernetes":  # issue 14: pods, no VM to tunnel to
+        raise UsageError("the controllers run as pods on Kubernetes (jobs.controller.infra) and serve no dashboard; "
+                         "`sortie dashboard` tunnels only to a controller VM")
     node = dict((check_remote(config).outputs or {}).get("controller") or {})
     host = node.get("public_ip") or node.get("ip")
     user = config.jobs.controller.ssh_user or node.get("ssh_user")
