@@ -190,9 +190,16 @@ def controller_start() -> None:
 
 
 @controller_app.command("up")
-def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
+def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+                  replicas: int | None = typer.Option(None, "--replicas", help="Controller replicas (1-16; more "
+                                                      "than 1 on jobs.controller.infra: kubernetes, issue 14)."),
+                  image: str = typer.Option("", "--image", envvar="SORTIE_CONTROLLER_IMAGE",
+                                            help="Kubernetes: the controller pods' image, with Sortie installed."),
+                  logs_claim: str | None = typer.Option(None, "--logs-claim", help="Kubernetes: a ReadWriteMany "
+                                                        "PersistentVolumeClaim the replicas keep job logs on."),
+                  ) -> None:
     """Create the jobs controller's VM on the cloud of `jobs.controller.infra` (its own stack), running the
-    controller against the shared PostgreSQL state."""
+    controller against the shared PostgreSQL state; on kubernetes, a Deployment of `--replicas` controllers."""
     from orchestrator.config import load_config, sortie_home
     from orchestrator.controller_service import (
         controller_program,
@@ -208,6 +215,14 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     config = load_config(home)
     if config.jobs.controller.infra == "local":
         raise UsageError("jobs.controller.infra is local: the controller runs here (`sortie controller start`)")
+    count = 1 if replicas is None else replicas
+    if config.jobs.controller.infra == "kubernetes" or count != 1:  # issue 14: replicas, a Deployment
+        from orchestrator.controller.kube_deploy import controller_up_kubernetes
+
+        if not controller_up_kubernetes(config, home, count, image, logs_claim, say=_console().print,
+                                        confirm=None if yes else lambda q: typer.confirm(q, default=True)):
+            raise typer.Exit(1)
+        return
     program, chosen = controller_program(config, home)
     name = controller_stack(config)
     get_console().print(f"Controller VM: {config.jobs.controller.infra}/{chosen['region']} {chosen['instance_type']} "

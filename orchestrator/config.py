@@ -7,6 +7,7 @@ per-stack work dirs, local-cloud sandboxes and `config.yaml`. Files holding secr
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.errors import SortieError
 
 CONFIG_FILE = "config.yaml"
+CONTROLLER_ID_ENV = "SORTIE_CONTROLLER_ID"  # overrides controller.id (a Kubernetes pod's name)
 
 
 def sortie_home() -> Path:
@@ -201,10 +203,16 @@ class ControllerConfig(BaseModel):
     ] = None
 
     def replica_id(self, home: Path) -> str:
-        """`id`, or the host name and a hash of the home (stable across restarts, distinct per home)."""
+        """`$SORTIE_CONTROLLER_ID` (a pod's name, from the downward API), `id`, or the host name and a hash of the
+        home (stable across restarts, distinct per home)."""
         import hashlib
         import socket
 
+        given = os.environ.get(CONTROLLER_ID_ENV, "").strip()
+        if given:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", given):
+                raise SortieError(f"${CONTROLLER_ID_ENV} {given!r} is not a replica id (letters, digits, _ . -)")
+            return given
         if self.id:
             return self.id
         digest = hashlib.sha256(str(Path(home).expanduser().resolve()).encode()).hexdigest()[:8]
