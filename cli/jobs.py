@@ -217,9 +217,9 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
         raise UsageError("jobs.controller.infra is local: the controller runs here (`sortie controller start`)")
     count = 1 if replicas is None else replicas
     if config.jobs.controller.infra == "kubernetes" or count != 1:  # issue 14: replicas, a Deployment
-        from orchestrator.controller.kube_deploy import controller_up_kubernetes
+        from orchestrator.controller_service import controller_up_kubernetes
 
-        if not controller_up_kubernetes(config, home, count, image, logs_claim, say=_console().print,
+        if not controller_up_kubernetes(config, home, count, image, logs_claim, say=get_console().print,
                                         confirm=None if yes else lambda q: typer.confirm(q, default=True)):
             raise typer.Exit(1)
         return

@@ -17,6 +17,7 @@ from orchestrator.controller.daemon import (
     ensure_controller,
     stop_controller,
 )
+from orchestrator.controller.kube_deploy import controller_up_kubernetes
 from orchestrator.controller.remote import (
     SshTarget,
     controller_program,
@@ -27,5 +28,5 @@ from orchestrator.controller.remote import (
 )
 
 __all__ = ["ControllerInfo", "SshTarget", "check_controller", "controller_info", "controller_log_path",
-           "controller_program", "controller_ssh_target", "controller_stack", "ensure_controller", "forget_host_key",
-           "remote_status", "stop_controller"]
+           "controller_program", "controller_ssh_target", "controller_stack", "controller_up_kubernetes",
+           "ensure_controller", "forget_host_key", "remote_status", "stop_controller"]

@@ -25,8 +25,8 @@ PG_HINT = "postgres://USER@HOST:5432/DB?table=pulumi_state"
 
 def check_replicas(config: SortieConfig, home: Path, replicas: int) -> None:
     """One line saying what to change when `replicas` controllers cannot run on this config."""
-    from orchestrator.engine import backend_url
-    from orchestrator.pulumi_pg import is_postgres
+    from orchestrator.infra.engine import backend_url
+    from orchestrator.infra.pulumi_pg import is_postgres
     from state.db import database_url
 
     if not 1 <= replicas <= MAX_REPLICAS:
@@ -116,7 +116,7 @@ def controller_up_kubernetes(config: SortieConfig, home: Path, replicas: int, im
                              *, say: Callable[[str], Any], confirm: Callable[[str], bool] | None) -> bool:
     """`sortie controller up [--replicas N]` on kubernetes: deploy the replicas as the controller's stack, recorded
     in the shared state like a controller VM. False: the user said no."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.machine import StackKind
     from state.store import StateStore
 

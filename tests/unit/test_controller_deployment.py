@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from stacks.controller_deployment import (
 pytest.importorskip("pulumi_kubernetes")
 
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value on the wire
-SORTIE = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "sortie"
+SORTIE = Path(sys.executable).parent / "sortie"
 DB_PASSWORD = "s3cr3t-Pw%2F"  # percent-encoded in URLs: the pod gets it decoded
 STATE_URL = f"postgresql://sortie:{DB_PASSWORD}@db.internal:5432/sortie"
 BACKEND_URL = f"postgres://sortie:{DB_PASSWORD}@db.internal:5432/sortie?table=pulumi_state"
@@ -215,11 +216,11 @@ def test_controller_up_records_the_stack_that_controller_down_destroys(ha_home: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`up` deploys the replicas as the controller's stack and records it UP; `down` destroys that same stack
     (driver and store stand-ins: no engine, no database)."""
-    import orchestrator.pulumi_driver
+    import orchestrator.infra.pulumi_driver
     import state.store
     from cli.jobs import controller_down
     from orchestrator.controller.kube_deploy import controller_up_kubernetes
-    from orchestrator.stack_driver import UpResult
+    from orchestrator.infra.stack_driver import UpResult
 
     calls: list[tuple[str, str]] = []
 
@@ -249,7 +250,7 @@ def test_controller_up_records_the_stack_that_controller_down_destroys(ha_home: 
         def stack_destroyed(self, name: str, missing_ok: bool = False) -> None:
             calls.append(("stack_destroyed", name))
 
-    monkeypatch.setattr(orchestrator.pulumi_driver, "PulumiStackDriver", Driver)
+    monkeypatch.setattr(orchestrator.infra.pulumi_driver, "PulumiStackDriver", Driver)
     monkeypatch.setattr(state.store, "StateStore", Store)
     said: list[str] = []
     assert not controller_up_kubernetes(load_config(ha_home), ha_home, 2, IMAGE, None, say=said.append,
