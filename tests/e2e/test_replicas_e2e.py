@@ -270,3 +270,57 @@ def test_a_second_controller_on_one_sqlite_db_is_refused(tmp_path: Path, engine,
         assert "running" in one.run("controller", "status").stdout
     finally:
         one.run("controller", "stop")
+
+
+def test_the_shared_backend_lists_collects_and_checks_passphrases(fleet: Fleet, tmp_path: Path, engine) -> None:
+    """`stacks ls` and `stacks gc` on the PostgreSQL backend; a replica with another passphrase is refused."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "Pulumi.yaml").write_text("name: sortie\nruntime: yaml\n")
+    env = {**os.environ, "PULUMI_HOME": str(tmp_path / "pulumi-home"), "PULUMI_SKIP_UPDATE_CHECK": "true",
+           "PULUMI_CONFIG_PASSPHRASE_FILE": str(fleet.homes[0].home / "secrets" / "pulumi-passphrase"),
+           "PULUMI_BACKEND_URL": fleet.backend_url, "PULUMI_DIY_BACKEND_PARALLEL": "1"}
+    subprocess.run([str(engine.bin_dir / "pulumi"), "stack", "init", "sortie-orphan-1", "--non-interactive"],
+                   cwd=project, env=env, check=True, capture_output=True, timeout=60)
+    listed = json.loads(fleet.homes[1].run("stacks", "ls", "--json").stdout)
+    assert listed == [{"stack": "sortie-orphan-1", "owner": None}], listed
+    (fleet.homes[1].home / "secrets" / "pulumi-passphrase").write_text("not-the-same-passphrase")
+    refused = fleet.homes[1].run("controller", "start", check=False, timeout=120)
+    assert refused.returncode != 0, refused.stdout
+    said = refused.stdout + refused.stderr
+    assert "cannot open stack sortie-orphan-1" in said and "same passphrase" in said, said
+    assert "Traceback" not in said
+    gc = fleet.homes[0].run("stacks", "gc", "-y").stdout
+    assert "destroyed sortie-orphan-1" in gc, gc
+    assert json.loads(fleet.homes[0].run("stacks", "ls", "--json").stdout) == []
+
+
+def test_an_unreachable_or_unusable_backend_is_one_line(tmp_path: Path, pg_database_url: str, engine) -> None:
+    from sqlalchemy import create_engine as make
+
+    home = tmp_path / "home"
+    home.mkdir()
+    sortie = Sortie(home)
+    sortie.env.pop("SORTIE_DB_URL", None)
+    (home / "config.yaml").write_text("pulumi:\n  backend_url: postgres://nobody@127.0.0.1:1/none?sslmode=disable\n")
+    down = sortie.run("stacks", "ls", check=False)
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down
+    assert "pulumi.backend_url postgres://nobody@127.0.0.1:1/none" in down.stderr and "cannot connect" in down.stderr
+    admin = make(pg_database_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # a role that may connect but not create tables
+        conn.execute(text("DROP ROLE IF EXISTS sortie_reader"))
+        conn.execute(text("CREATE ROLE sortie_reader LOGIN"))
+        conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+    try:
+        db = pg_database_url.rsplit("/", 1)[1]
+        (home / "config.yaml").write_text(
+            f"pulumi:\n  backend_url: postgres://sortie_reader@127.0.0.1:{pg_database_url.split(':')[-1].split('/')[0]}"
+            f"/{db}?table=pulumi_state&sslmode=disable\n")
+        denied = sortie.run("stacks", "ls", check=False)
+        assert denied.returncode == 1 and "Traceback" not in denied.stderr, denied
+        assert "cannot create or use the table pulumi_state" in denied.stderr, denied.stderr
+        assert len(denied.stderr.strip().splitlines()) == 1, denied.stderr
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text("DROP ROLE IF EXISTS sortie_reader"))
+        admin.dispose()
