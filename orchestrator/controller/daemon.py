@@ -101,10 +101,14 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller.daemon"],
                                 env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL, umask=0o077,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    from orchestrator.controller import lock
+
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         info = controller_info(home)
-        if info.running and info.pid:  # a pid only once its record is written and names a live process
+        # a pid only once its record is written and names a live process; the one we started is waited for until
+        # its start-up checks (state key, passphrase, replica id) passed, so a refusal is said here, not lost
+        if info.running and info.pid and (info.pid != proc.pid or lock.read_record(_dir(home)).get("ready")):
             return info
         if proc.poll() is not None:
             info = controller_info(home)
@@ -278,6 +282,7 @@ def run_daemon(home: Path) -> None:
     scheduler.add_job(tick, "interval", id="tick", seconds=config.controller.tick_seconds, max_instances=1,
                       coalesce=True, next_run_time=datetime.now())
     scheduler.start()
+    lock.mark_ready(_dir(home))  # start-up checks passed: `ensure_controller` stops waiting
     log.info("controller %s started (pid %s) on %s as replica %s", __version__, os.getpid(), home, replica)
     stop.wait()
     scheduler.shutdown(wait=True)
