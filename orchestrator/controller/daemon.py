@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from state.leases import Leases
     from state.store import StateStore
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 90.0  # start-up checks included: the state key, the backend, the passphrase, stale locks
 
 
 def _dir(home: Path) -> Path:
