@@ -45,8 +45,10 @@ def job_count(home: Path) -> int:
 def no_controller(monkeypatch: pytest.MonkeyPatch) -> None:
     """Submitting must not start a daemon in these tests."""
     import orchestrator.controller.daemon as daemon
+    import orchestrator.controller_service as controller_service
 
-    monkeypatch.setattr(daemon, "ensure_controller", lambda home=None: None)
+    for module in (daemon, controller_service):  # the services reach the daemon through controller_service
+        monkeypatch.setattr(module, "ensure_controller", lambda home=None: None)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

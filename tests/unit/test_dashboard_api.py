@@ -55,6 +55,7 @@ def big_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def client(big_home: Path, monkeypatch: pytest.MonkeyPatch) -> TestClient:
     monkeypatch.setenv("SORTIE_HOME", str(big_home))
     monkeypatch.setattr("orchestrator.controller.daemon.ensure_controller", lambda home=None: None)
+    monkeypatch.setattr("orchestrator.controller_service.ensure_controller", lambda home=None: None)
     return TestClient(create_app(big_home), base_url=LOOPBACK)
 
 
@@ -169,6 +170,7 @@ def test_loopback_answers_only_to_a_loopback_host(client: TestClient) -> None:
 def test_beyond_loopback_every_request_needs_the_token(big_home: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("orchestrator.controller.daemon.ensure_controller", lambda home=None: None)
+    monkeypatch.setattr("orchestrator.controller_service.ensure_controller", lambda home=None: None)
     app = create_app(big_home, host="0.0.0.0", token="the-token")
     anon = TestClient(app, base_url="http://10.1.2.3:8765")
     for url in ("/", "/jobs", "/api/jobs", "/api/openapi.json", "/static/app.js", "/jobs/1", "/pools",
@@ -211,6 +213,7 @@ def api_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     home.mkdir()
     monkeypatch.setenv("SORTIE_HOME", str(home))
     monkeypatch.setattr("orchestrator.controller.daemon.ensure_controller", lambda home=None: None)
+    monkeypatch.setattr("orchestrator.controller_service.ensure_controller", lambda home=None: None)
     store = StateStore(home)
     _submit(store, "run: echo a\n", "alice", "a", 3)
     _submit(store, "name: p\n---\nrun: echo b\n---\nrun: echo c\n", "bob", XSS, 2, pool="gpus")
