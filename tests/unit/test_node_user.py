@@ -174,3 +174,17 @@ def test_grant_tree_lets_the_user_read_and_write_a_bucket(open_dir: Path) -> Non
         (bucket / "d" / "new").write_text("by the user")
     with node_user.as_user(NodeUser(NODE_UID_BASE + 14, NODE_UID_BASE + 14)), pytest.raises(PermissionError):
         (bucket / "d" / "f").read_text()  # another node's user is not let in
+
+
+def test_an_s3_mount_for_a_node_user_is_its_own(tmp_path: Path) -> None:
+    """The node's bucket steps run as root; an S3 MOUNT they make is for the node's user (SORTIE_RUN_UID)."""
+    from orchestrator.node.node_storage import fuse_mount_command
+
+    owner = {"SORTIE_RUN_UID": f"{NODE_UID_BASE + 3}:{NODE_UID_BASE + 3}"}
+    rclone, _ = fuse_mount_command("rclone", "b/p", tmp_path / "m", {}, tmp_path / "log", owner)
+    assert rclone[-7:] == ["--allow-other", "--uid", str(NODE_UID_BASE + 3), "--gid", str(NODE_UID_BASE + 3),
+                           "--umask", "077"]
+    s3fs, _ = fuse_mount_command("s3fs", "b", tmp_path / "m", {}, tmp_path / "log", owner)
+    assert s3fs[-2:] == ["-o", f"allow_other,uid={NODE_UID_BASE + 3},gid={NODE_UID_BASE + 3},umask=077"]
+    plain, _ = fuse_mount_command("rclone", "b", tmp_path / "m", {}, tmp_path / "log", {})
+    assert "--allow-other" not in plain
