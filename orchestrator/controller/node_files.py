@@ -73,7 +73,7 @@ def node_buckets_for(steps: Sequence[NodeStep], infra: str | None) -> tuple[str,
     cluster's own instance profile is scoped to); () on the local cloud and for other stores."""
     if (infra or "local") == "local":
         return ()
-    return tuple(sorted({s.url for s in steps if _is_node_side(s) and (s.url or "").startswith("s3://")}))
+    return tuple(sorted({s.url for s in steps if s.url and _is_node_side(s) and s.url.startswith("s3://")}))
 
 
 def node_python(infra: str | None) -> str | None:
