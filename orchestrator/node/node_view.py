@@ -147,6 +147,8 @@ def open_way(root: str, path: str, warn: Callable[[str], object] = print) -> Non
     for i in range(1, len(steps)):
         ancestor, step = "/" + "/".join(steps[:i]), steps[i]
         inside = root + ancestor
+        if not os.path.isdir(inside):
+            return  # not on the way in the new root (a hidden directory's shown path comes later, by hide_paths)
         try:
             if os.stat(inside).st_mode & 0o001:
                 continue
