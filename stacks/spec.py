@@ -77,6 +77,11 @@ class ClusterSpec:
     # AWS: the IAM instance profile nodes get, their own identity for bucket work (issue 17: nodes never get the
     # controller's credentials); None: none attached by Sortie.
     instance_profile: str | None = None
+    # AWS (issue 17): the S3 buckets the nodes read and write, as `s3://bucket[/prefix]` (the job's bucket mounts
+    # and its part of the intermediate bucket). With no `instance_profile`, the builder makes a role and an
+    # instance profile per cluster allowed s3:GetObject/PutObject on exactly those prefixes and s3:ListBucket on
+    # exactly those buckets, destroyed with the stack; an explicit `instance_profile` wins (none is made).
+    node_buckets: tuple[str, ...] = ()
     # For tags only.
     job_id: str | None = None
     attempt: str | None = None

@@ -19,7 +19,14 @@ from typing import Any, Literal
 
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import agent_refusal, first_failure, run_outcome, setup_outcome
-from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_fuse_for, node_package_for, task_steps
+from orchestrator.controller.node_files import (
+    JobFiles,
+    NodeStorageError,
+    node_buckets_for,
+    node_fuse_for,
+    node_package_for,
+    task_steps,
+)
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
@@ -182,6 +189,7 @@ class JobReconciler:
                            local_root=str(config.local.root_dir(self.ctx.home)), **cloud_fields(config),
                            node_package=node_package_for(steps, attempt.infra, config),
                            node_fuse=node_fuse_for(steps, attempt.infra),
+                           node_buckets=node_buckets_for(steps, attempt.infra),
                            job_id=str(job.id), attempt=str(attempt.number), user=job.user,
                            **attempt_features(task, attempt.infra, attempt.region))  # ports, tiers, images
         return StackProgram("cluster", spec)

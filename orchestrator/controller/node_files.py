@@ -68,6 +68,14 @@ def node_fuse_for(steps: Sequence[NodeStep], infra: str | None) -> bool:
     return (infra or "local") != "local" and any(s.kind == "mount" and _is_node_side(s) for s in steps)
 
 
+def node_buckets_for(steps: Sequence[NodeStep], infra: str | None) -> tuple[str, ...]:
+    """The S3 URLs a cloud node reads or writes for these steps (`ClusterSpec.node_buckets`: on AWS, what the
+    cluster's own instance profile is scoped to); () on the local cloud and for other stores."""
+    if (infra or "local") == "local":
+        return ()
+    return tuple(sorted({s.url for s in steps if s.url and _is_node_side(s) and s.url.startswith("s3://")}))
+
+
 def node_python(infra: str | None) -> str | None:
     """The Python a node runs its bucket steps with: NODE_PYTHON on a cloud (None: this machine's)."""
     if (infra or "local") == "local":

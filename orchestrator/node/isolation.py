@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,9 +15,14 @@ def local_isolation() -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="sortie-probe-") as sandbox:
         works = probe_path_view(Path(sandbox)) is not None
     if works:
-        return True, ("runs get only their task's environment; the Sortie home (state DB, keys, logs) and other "
-                      "nodes' sandboxes are hidden from them (mount namespaces); they run as your user, so "
-                      "processes of other jobs stay visible in /proc")
+        hidden = ("runs get only their task's environment; the Sortie home (state DB, keys, logs) and other "
+                  "nodes' sandboxes are hidden from them (mount namespaces); ")
+        if os.geteuid() == 0 and os.environ.get("SORTIE_NO_RUN_USERS") != "1":
+            return True, hidden + ("each node's runs run as a user of their own (uid from 1900000000 up) with a "
+                                   "private /proc (hidepid): other jobs' processes and files are out of reach")
+        why = "SORTIE_NO_RUN_USERS=1" if os.geteuid() == 0 else "Sortie does not run as root here"
+        return True, hidden + (f"they run as your user ({why}), so processes of other jobs stay visible in /proc "
+                               "(and their environment readable)")
     return False, ("NOT isolated: no mount namespaces here (or SORTIE_NO_MOUNT_NAMESPACE=1), so runs of local-cloud "
                    "jobs can read the Sortie home (state DB, secrets key) and other jobs' sandboxes; their "
                    "environment is still scrubbed. Run untrusted jobs on a cloud, or where unshare works")

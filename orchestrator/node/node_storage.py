@@ -97,6 +97,9 @@ def fuse_mount_command(tool: str, remote: str, target: Path, s3: dict[str, Any],
     file when it is closed too."""
     env = dict(env)
     endpoint, region, profile = s3.get("endpoint_url"), s3.get("region"), s3.get("profile")
+    # A local-cloud node's runs have a user of their own when its agent is root (node_user.py): SORTIE_RUN_UID
+    # "uid:gid". Only the processes that can reach the mount point (the node's mounts/, that user's) see the mount.
+    owner = tuple(env.get("SORTIE_RUN_UID", "").split(":", 1)) if env.get("SORTIE_RUN_UID") else ()
     if tool == "rclone":
         command = ["rclone", "mount", f":s3:{remote}", str(target), "--daemon", "--s3-provider",
                    "Other" if endpoint else "AWS", "--s3-env-auth", "--vfs-cache-mode", "off",
@@ -107,6 +110,8 @@ def fuse_mount_command(tool: str, remote: str, target: Path, s3: dict[str, Any],
         bundle = env.pop("AWS_CA_BUNDLE", None)
         if bundle:
             command += ["--ca-cert", bundle]
+        if owner:  # mounted by root for the node's own user (issue 17): its files are that user's alone
+            command += ["--allow-other", "--uid", owner[0], "--gid", owner[1], "--umask", "077"]
         return command, env
     command = ["s3fs", remote.replace("/", ":/", 1) if "/" in remote else remote, str(target),
                "-o", f"logfile={log}"]
@@ -116,6 +121,8 @@ def fuse_mount_command(tool: str, remote: str, target: Path, s3: dict[str, Any],
         command += ["-o", f"endpoint={region}"]
     if profile:
         command += ["-o", f"profile={profile}"]
+    if owner:
+        command += ["-o", f"allow_other,uid={owner[0]},gid={owner[1]},umask=077"]
     return command, env
 
 

@@ -23,6 +23,9 @@ users get a user namespace that maps only their own uid and gid):
   3. the copy of the new root that the recursive binds carry into the sandbox is detached, then
      chroot to the new root, chdir to C, and exec the command: the same pid as the agent started,
      so its process group, signals and exit code are the command's own.
+  4. with `--uid U --gid G` (a root agent's node user, `node_user.py`): a new proc instance is mounted on the new
+     root's /proc with `hidepid=invisible` (processes of other users are not listed, and their /proc/<pid> is not
+     there), and after the chroot the process drops to U and G with no supplementary groups, before chdir and exec.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 SETUP_FAILED = 125
 
 _libc: Any = ctypes.CDLL(None, use_errno=True)
@@ -91,11 +95,12 @@ def _mirror(host: str, inside: str) -> None:
     _mount(host, inside, None, MS_BIND | MS_REC)
 
 
-def _shadow(root: str, directory: str) -> None:
+def _shadow(root: str, directory: str, passable: bool = False) -> None:
     """Make the machine's `directory` writable in the new root without touching the machine."""
     inside = root + directory
     st = os.stat(directory)
-    _mount("tmpfs", inside, "tmpfs", 0, f"mode={st.st_mode & 0o7777:o}")
+    # passable (a node user's run): others may pass through, to reach the view in it
+    _mount("tmpfs", inside, "tmpfs", 0, f"mode={st.st_mode & 0o7777 | (0o011 if passable else 0):o}")
     with contextlib.suppress(OSError):
         os.chown(inside, st.st_uid, st.st_gid)
     for name in sorted(os.listdir(directory)):
@@ -120,7 +125,8 @@ def hide_paths(root: str, hide: list[str], show: list[str], warn: Callable[[str]
         if not os.path.isdir(path) or not os.path.isdir(root + path):
             continue
         try:
-            _mount("tmpfs", root + path, "tmpfs", 0, "mode=700,size=64k")
+            # 0711: a run of a node user passes through to its own sandbox and shown buckets, lists nothing
+            _mount("tmpfs", root + path, "tmpfs", 0, "mode=711,size=64k")
         except OSError as exc:
             warn(f"sortie: isolation: {path} could not be hidden: {exc}")
             continue
@@ -133,8 +139,30 @@ def hide_paths(root: str, hide: list[str], show: list[str], warn: Callable[[str]
                     warn(f"sortie: isolation: {shown} is not shown: {exc}")
 
 
+def open_way(root: str, path: str, warn: Callable[[str], object] = print) -> None:
+    """For a node user: each ancestor of `path` that others may not pass through (a 0700 /root above the Sortie
+    home, say) becomes, in the new root, a tmpfs of mode 0711 holding only the next step of the way (bound from
+    the machine), so the run reaches its sandbox and sees nothing else of that directory."""
+    steps = PurePosixPath(path).parts[1:]
+    for i in range(1, len(steps)):
+        ancestor, step = "/" + "/".join(steps[:i]), steps[i]
+        inside = root + ancestor
+        if not os.path.isdir(inside):
+            return  # not on the way in the new root (a hidden directory's shown path comes later, by hide_paths)
+        try:
+            if os.stat(inside).st_mode & 0o001:
+                continue
+            _mount("tmpfs", inside, "tmpfs", 0, "mode=711,size=64k")
+            host = os.path.join(ancestor, step)
+            os.mkdir(os.path.join(inside, step)) if os.path.isdir(host) else Path(inside, step).touch()
+            _mount(host, os.path.join(inside, step), None, MS_BIND | MS_REC)
+        except OSError as exc:
+            warn(f"sortie: isolation: no way through {ancestor} for the node's user: {exc}")
+            return
+
+
 def build_root(sandbox: str, views: list[str], warn: Callable[[str], object] = print, hide: list[str] | None = None,
-               show: list[str] | None = None) -> str:
+               show: list[str] | None = None, user: bool = False) -> str:
     """Make the new root in `<sandbox>/.root` (in this process's private namespace) and return it."""
     mounts = os.path.join(sandbox, "mounts")
     anchors = sorted({anchor(os.path.normpath(v)) for v in views if v.startswith("/") and v.strip("/")},
@@ -147,6 +175,9 @@ def build_root(sandbox: str, views: list[str], warn: Callable[[str], object] = p
             _mirror("/" + name, os.path.join(root, name))
         except OSError as exc:
             warn(f"sortie: path view: /{name} is not shown: {exc}")
+    if user:  # first: the views and the hidden home are then mounted on the way's binds of the machine's directories
+        for way in [sandbox, *sorted({os.path.realpath(s) for s in show or []})]:
+            open_way(root, way, warn)
     owned: set[str] = {"/"}
     shown: list[str] = []
     places: list[str] = []
@@ -158,7 +189,7 @@ def build_root(sandbox: str, views: list[str], warn: Callable[[str], object] = p
         try:
             if not os.path.exists(point):
                 if parent not in owned and not any(_under(parent, p) for p in places):
-                    _shadow(root, parent)
+                    _shadow(root, parent, user)
                     owned.add(parent)
                 if os.path.islink(point):  # a dangling symlink of the machine, in a directory we own
                     os.unlink(point)
@@ -187,14 +218,43 @@ def build_root(sandbox: str, views: list[str], warn: Callable[[str], object] = p
     return root
 
 
+def private_proc(root: str) -> None:
+    """A proc instance of its own on the new root's /proc that shows a process only to its own user
+    (`hidepid=invisible`, Linux 5.8; `hidepid=2` before). Raises OSError with the kernel's reason."""
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    try:
+        _mount("proc", root + "/proc", "proc", flags, "hidepid=invisible")
+    except OSError:
+        _mount("proc", root + "/proc", "proc", flags, "hidepid=2")
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Become the node user for good: no supplementary groups, then gid, then uid (real, effective, saved)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
+        raise OSError(1, f"could not become uid {uid} gid {gid}")
+
+
 def enter(sandbox: str, cwd: str | None, views: list[str], command: list[str], hide: list[str] | None = None,
-          show: list[str] | None = None) -> None:
-    """Run `command` (exec: this process becomes it) in the path view; exit 125 if the view fails."""
+          show: list[str] | None = None, uid: int | None = None, gid: int | None = None) -> None:
+    """Run `command` (exec: this process becomes it) in the path view, as `uid`/`gid` when given; exit 125 if
+    the view fails or the user cannot be taken (a /proc that cannot be made private is said in the log)."""
     sandbox = os.path.realpath(sandbox)
     try:
         private_namespace()
-        root = build_root(sandbox, views, lambda line: print(line, file=sys.stderr, flush=True), hide, show)
+        root = build_root(sandbox, views, lambda line: print(line, file=sys.stderr, flush=True), hide, show,
+                          user=uid is not None)
+        if uid is not None:
+            try:
+                private_proc(root)
+            except OSError as exc:  # the user still cannot read or signal other users' processes; it can list them
+                print(f"sortie: isolation: /proc is not private to the node's user: {exc}", file=sys.stderr,
+                      flush=True)
         os.chroot(root)
+        if uid is not None:
+            drop_to(uid, uid if gid is None else gid)
         os.chdir(cwd or "/")
     except OSError as exc:
         print(f"sortie: path view could not be set up: {exc}", file=sys.stderr, flush=True)
@@ -255,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--view", action="append", default=[], help="an absolute path shown from <sandbox>/mounts")
     run.add_argument("--hide", action="append", default=[], help="a directory runs see empty (the Sortie home)")
     run.add_argument("--show", action="append", default=[], help="a directory under a hidden one shown again")
+    run.add_argument("--uid", type=int, help="run the command as this uid (the node's user), /proc private to it")
+    run.add_argument("--gid", type=int, help="... and this gid (default: the uid)")
     run.add_argument("command", nargs=argparse.REMAINDER)
     check = sub.add_parser("probe", help="exit 0 if mount namespaces work here")
     check.add_argument("--sandbox", required=True)
@@ -264,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("enter: a command is required after --")
-    enter(args.sandbox, args.cwd, args.view, command, args.hide, args.show)
+    enter(args.sandbox, args.cwd, args.view, command, args.hide, args.show, args.uid, args.gid)
 
 
 if __name__ == "__main__":

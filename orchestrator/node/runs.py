@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import importlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from orchestrator.node.agent_files import (
     CANCEL_GRACE_SECONDS,
@@ -71,6 +73,10 @@ class Agent:
         threading.Thread(target=self._sample_logs, daemon=True, name="log-sampler").start()
         self.container = (Container(container["engine"], container["image"], list(container.get("options") or []),
                                     node_id, sandbox, self.workdir) if container else None)
+        self.user: Any = None  # node_user.RunUser (local nodes only: not in the zipapp)
+        if confine and os.geteuid() == 0:
+            self.user = importlib.import_module("orchestrator.node.node_user").for_agent(
+                sandbox, node_id, confine, container, self._view_script is not None)
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -95,6 +101,8 @@ class Agent:
             raise
         with self._lock:
             self._procs[run_id] = proc
+            if self.user and not view:
+                self.user.root_runs.add(run_id)
         self.watch.record("started", run_id, pid=proc.pid)
         threading.Thread(target=self._wait, args=(run_id, proc), daemon=True).start()
         return run_id
@@ -105,7 +113,8 @@ class Agent:
         workdir = Path(cwd).expanduser() if cwd else self.workdir
         if not workdir.is_absolute():
             workdir = self.workdir / workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+        with self._at(workdir, not view or not contained(workdir, self.sandbox)) as at:
+            at.mkdir(parents=True, exist_ok=True)
         child_env = {**run_base_env(dict(os.environ)), **{str(k): str(v) for k, v in env.items()},
                      SANDBOX_ENV: str(self.sandbox)}
         argv = ["/bin/bash", "-c", command]
@@ -114,6 +123,7 @@ class Agent:
             if "HOME" not in env:  # `~/...` uploads land in home/: runs see them at ~ too
                 (self.sandbox / "home").mkdir(exist_ok=True)
                 child_env["HOME"] = str(self.sandbox / "home")
+            as_user = self.user.run_env(child_env, env, view) if self.user else []
             if not view:
                 pass  # the node's own namespace: a mount made under mounts/ outlives the run
             elif self._view_script is None:
@@ -122,6 +132,7 @@ class Agent:
                 with self._lock:
                     views = [f"--view={v}" for v in sorted(self._views)]
                     views += [f"--hide={h}" for h in self._hide] + [f"--show={s}" for s in sorted(self._shows)]
+                views += as_user
                 argv = [sys.executable, "-I", "-S", str(self._view_script), "enter", "--sandbox", str(self.sandbox),
                         f"--cwd={workdir}", *views, "--", *argv]
         if self.container is not None and view:  # setup and run; the node's own steps (view=False) stay outside
@@ -154,6 +165,8 @@ class Agent:
         (a full disk must not lose it, nor leave the run looking "running")."""
         rc = proc.wait()
         code = rc if rc >= 0 else 128 - rc
+        if self.user:
+            self.user.ended(run_id)
         ended_at = time.time()
         record = {"exit_code": code, "ended_at": ended_at}
         with self._lock:
@@ -254,6 +267,8 @@ class Agent:
             procs = list(self._procs.values())
         for proc in procs:
             kill_group(proc.pid, 1.0)
+        if self.user:
+            self.user.kill()
         if self.container is not None:
             self.container.remove()
 
@@ -271,22 +286,27 @@ class Agent:
             paths = self._placed_paths() | {str(path)}
             write_json_atomic(self.sandbox / "placed.json", {"paths": sorted(paths)})
 
-    def _clear_for(self, dest: str, path: Path) -> None:
+    def _clear_for(self, dest: str, path: Path, placed: set[str], inside: bool, at: Path | None = None) -> None:
         """Make room at `path` for what `dest` places. Only what this agent placed (or its own workdir, or an
         empty directory) is removed; anything else there is refused (FileExistsError: 409)."""
-        if path.is_symlink() or path.is_file():
-            if str(path) not in self._placed_paths() and not contained(path.parent, self.sandbox):
+        at = at or path
+        if at.is_symlink() or at.is_file():
+            if str(path) not in placed and not inside:
                 raise FileExistsError(f"destination {dest!r}: {path} is on the node already and Sortie did not "
                                       "place it; it is left as it is (choose another destination)")
-            path.unlink()
-        elif path.is_dir():
-            if path == self.workdir or str(path) in self._placed_paths():
-                shutil.rmtree(path)
-            elif not any(path.iterdir()):
-                path.rmdir()
+            at.unlink()
+        elif at.is_dir():
+            if path == self.workdir or str(path) in placed:
+                shutil.rmtree(at)
+            elif not any(at.iterdir()):
+                at.rmdir()
             else:
                 raise FileExistsError(f"destination {dest!r}: {path} is a directory on the node that Sortie did "
                                       "not place there; it is left as it is (choose another destination)")
+
+    def _at(self, path: Path, as_root: bool = False) -> Any:
+        """`path` as this thread reaches it (as the node's user, if any)."""
+        return self.user.reach(path) if self.user and not as_root else contextlib.nullcontext(path)
 
     def _add_view(self, dest: str, target: str | None = None) -> None:
         """Record an absolute destination of a confined agent: runs started from now on see it at its path (and
@@ -311,16 +331,20 @@ class Agent:
         path = self.resolve(dest)
         if path in (Path("/"), self.workdir, self.sandbox / "home", self.sandbox / "mounts"):
             raise ValueError(f"links: dest {dest!r} would replace a whole root ({path})")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.name}.link-tmp")
-        staged.unlink(missing_ok=True)
-        staged.symlink_to(target)
-        try:
-            self._clear_for(dest, path)
-        except FileExistsError:
-            staged.unlink()
-            raise
-        os.replace(staged, path)
+        if self.user:
+            self.user.grant(target)
+        placed, inside = self._placed_paths(), contained(path.parent, self.sandbox)
+        with self._at(path) as at:
+            at.parent.mkdir(parents=True, exist_ok=True)
+            staged = at.with_name(f".{at.name}.link-tmp")
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(target)
+            try:
+                self._clear_for(dest, path, placed, inside, at)
+            except FileExistsError:
+                staged.unlink()
+                raise
+            os.replace(staged, at)
         self._record_placed(path)
         self._add_view(dest, target)
         return path
@@ -330,27 +354,32 @@ class Agent:
         target = self.resolve(dest)
         if target in (Path("/"), self.sandbox / "home", self.sandbox / "mounts"):
             raise ValueError(f"files: dest {dest!r} would replace a whole root ({target})")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".upload-") as tmp:
-            archive = Path(tmp) / "upload.tar"
-            with archive.open("wb") as fh:
-                remaining = length
-                while remaining > 0:
-                    chunk = stream.read(min(remaining, 1 << 20))  # type: ignore[attr-defined]
-                    if not chunk:
-                        raise ValueError("upload ended early")
-                    fh.write(chunk)
-                    remaining -= len(chunk)
-            staged = Path(tmp) / "staged"
-            with tarfile.open(archive) as tar:
-                tar.extractall(staged, filter="data")
-            if single_file:
-                members = list(staged.iterdir())
-                if len(members) != 1 or not members[0].is_file():
-                    raise ValueError("files: file=1 needs a tar of exactly one regular file")
-                staged = members[0]
-            self._clear_for(dest, target)
-            os.replace(staged, target)
+        whole_workdir = target == self.workdir
+        placed, inside = self._placed_paths(), contained(target.parent, self.sandbox)
+        with self._at(target, whole_workdir) as at:
+            at.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=at.parent, prefix=".upload-") as tmp:
+                archive = Path(tmp) / "upload.tar"
+                with archive.open("wb") as fh:
+                    remaining = length
+                    while remaining > 0:
+                        chunk = stream.read(min(remaining, 1 << 20))  # type: ignore[attr-defined]
+                        if not chunk:
+                            raise ValueError("upload ended early")
+                        fh.write(chunk)
+                        remaining -= len(chunk)
+                staged = Path(tmp) / "staged"
+                with tarfile.open(archive) as tar:
+                    tar.extractall(staged, filter="data")
+                if single_file:
+                    members = list(staged.iterdir())
+                    if len(members) != 1 or not members[0].is_file():
+                        raise ValueError("files: file=1 needs a tar of exactly one regular file")
+                    staged = members[0]
+                if whole_workdir and self.user:
+                    self.user.give(staged)
+                self._clear_for(dest, target, placed, inside, at)
+                os.replace(staged, at)
         self._record_placed(target)
         self._add_view(dest)
         return target

@@ -313,15 +313,21 @@ def named_buckets(plan: StoragePlan) -> dict[str, bool]:
 
 
 def clean(storage: dict[str, Any], config: SortieConfig, home: Path,
-          release: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+          release: Callable[[list[str], Callable[[str], object]], list[str]] | None = None) -> list[str]:
     """Remove what a job's staging recorded: job prefixes in the intermediate bucket, temporary and
     non-persistent buckets Sortie created, two-hop directories. Idempotent. Returns what was removed.
     `release` (the job's `state.bucket_refs.release_refs`) says which of its buckets no other live job mounts:
-    only those are deleted."""
+    only those are deleted, by `release` itself under the buckets' locks (its second argument)."""
     cleanup = storage.get("cleanup") or {}
-    if release is not None:
-        cleanup = {**cleanup, "buckets": release(list(cleanup.get("buckets", [])))}
     removed: list[str] = []
+
+    def delete_bucket(text: str) -> None:
+        url = parse_bucket_url(text)
+        open_store(url.store, config.storage, home).delete_bucket(url.bucket)
+
+    if release is not None:  # deletes them itself, under the buckets' locks (issue 17: no window)
+        removed += release(list(cleanup.get("buckets", [])), delete_bucket)
+        cleanup = {**cleanup, "buckets": []}
     for text in cleanup.get("prefixes", []):
         url = parse_bucket_url(text)
         store = open_store(url.store, config.storage, home)
@@ -329,8 +335,7 @@ def clean(storage: dict[str, Any], config: SortieConfig, home: Path,
             store.delete_prefix(url.bucket, url.prefix)
         removed.append(text)
     for text in cleanup.get("buckets", []):
-        url = parse_bucket_url(text)
-        open_store(url.store, config.storage, home).delete_bucket(url.bucket)
+        delete_bucket(text)
         removed.append(text)
     for text in cleanup.get("dirs", []):
         shutil.rmtree(text, ignore_errors=True)

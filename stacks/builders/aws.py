@@ -9,12 +9,20 @@ Network: by default the region's default VPC with one security group per cluster
 agent port from `controller_cidr` (else from the VPC's own CIDR) and nothing else inbound. With
 `network_stack`, the subnet and security group(s) come from that stack's outputs (`subnetId`,
 `securityGroupId` unless `network_outputs` says otherwise) and Sortie makes no security group.
+
+Identity (issue 17): nodes never get the controller's credentials. `spec.instance_profile` (config
+`cloud.node_instance_profile`) is attached as is when set. Otherwise, when the nodes do S3 work
+(`spec.node_buckets`), the cluster gets its own IAM role (trusted by EC2 only), an inline policy allowing
+`s3:ListBucket` on exactly those buckets and `s3:GetObject`/`s3:PutObject` on exactly their objects (under the
+prefix a URL names, else the whole bucket's objects: `arn:aws:s3:::b/*`), and an instance profile of that role on
+every node: all three are resources of the cluster's stack, so they go with it.
 """
 
 from __future__ import annotations
 
 import base64
 import gzip
+import json
 import re
 
 import pulumi
@@ -147,6 +155,9 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
     market = ({"market_type": "spot",
                "spot_options": {"spot_instance_type": "one-time", "instance_interruption_behavior": "terminate"}}
               if spec.use_spot else None)
+    profile: pulumi.Input[str] | None = None
+    if spec.role == "node":
+        profile = spec.instance_profile or bucket_instance_profile(spec, tags, base)
     nodes: list[BuiltNode] = []
     for rank in range(spec.num_nodes):
         name = f"{spec.name}-node-{rank}"
@@ -157,7 +168,7 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             instance_market_options=market, placement_group=placement_group,
             root_block_device=root_disk,
             metadata_options={"http_tokens": "required", "http_endpoint": "enabled"},
-            iam_instance_profile=spec.instance_profile if spec.role == "node" else None,
+            iam_instance_profile=profile,
             user_data_base64=secret_boot_script(spec, rank).apply(user_data_base64),
             tags={**tags, "Name": name, "sortie-rank": str(rank)},
             volume_tags={**tags, "Name": name, "sortie-rank": str(rank)},
@@ -173,6 +184,53 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
             public_ip=instance.public_ip.apply(lambda ip: ip or None), ssh_user=SSH_USER,
         ))
     return nodes
+
+
+EC2_TRUST = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+
+
+def _bucket_and_prefix(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix"); UsageError for anything else."""
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?", url)
+    if not match or "*" in url or "?" in url:
+        raise UsageError(f"cluster bucket {url!r}: expected s3://<bucket>[/<prefix>] without wildcards")
+    return match.group(1), (match.group(2) or "").strip("/")
+
+
+def bucket_policy(buckets: tuple[str, ...] | list[str]) -> dict[str, object]:
+    """The nodes' IAM policy: list exactly these buckets, get and put exactly their objects (under a URL's
+    prefix when it names one). No action or bucket wildcard; the only `*` ends an object ARN (`b/p/*`)."""
+    listed: list[str] = []
+    objects: list[str] = []
+    for url in buckets:
+        bucket, prefix = _bucket_and_prefix(url)
+        listed.append(f"arn:aws:s3:::{bucket}")
+        # a prefix is a directory (its objects) or one object (a single uploaded file)
+        objects += [f"arn:aws:s3:::{bucket}/{prefix}", f"arn:aws:s3:::{bucket}/{prefix}/*"] if prefix else \
+            [f"arn:aws:s3:::{bucket}/*"]
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "ListTheJobsBuckets", "Effect": "Allow", "Action": ["s3:ListBucket"],
+         "Resource": sorted(set(listed))},
+        {"Sid": "ReadWriteTheJobsObjects", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
+         "Resource": sorted(set(objects))}]}
+
+
+def bucket_instance_profile(spec: ClusterSpec, tags: dict[str, str],
+                            opts: pulumi.ResourceOptions) -> pulumi.Output[str] | None:
+    """A role, its bucket policy and an instance profile for this cluster's nodes (the profile's name), or None
+    when the nodes touch no bucket."""
+    if not spec.node_buckets:
+        return None
+    policy = json.dumps(bucket_policy(spec.node_buckets), sort_keys=True)
+    role = aws.iam.Role(f"{spec.name}-nodes", assume_role_policy=json.dumps(EC2_TRUST, sort_keys=True),
+                        description=f"Sortie cluster {spec.name}: its nodes, scoped to the job's buckets",
+                        tags=tags, opts=opts)
+    grant = aws.iam.RolePolicy(f"{spec.name}-buckets", role=role.id, policy=policy, opts=opts)
+    # an IAM role's and an instance profile's id is their name
+    profile = aws.iam.InstanceProfile(f"{spec.name}-nodes", role=role.id, tags=tags, opts=opts)
+    # the nodes wait for the policy too, not only for the profile: their first bucket step needs it
+    return pulumi.Output.all(profile.id, grant.id).apply(lambda done: str(done[0]))
 
 
 def _first(value: object) -> str:

@@ -50,13 +50,13 @@ def test_a_bucket_two_jobs_mount_outlives_the_first_and_goes_with_the_last(sorti
     job_b, storage_b = _launch(store, sortie_home, src)  # same name, 3 s later: the bucket exists already
     assert storage_a["cleanup"]["buckets"] and not storage_b["cleanup"]["buckets"]  # A made it
     # A ends first: the bucket stays, B still mounts it; an event says so.
-    removed = clean(storage_a, config, sortie_home, lambda b: release_refs(store, job_a, b))
+    removed = clean(storage_a, config, sortie_home, lambda b, d: release_refs(store, job_a, b, d))
     assert removed == []
     assert bucket_store.bucket_exists("shared-scratch")
     kept = [e for e in store.events(job_a) if e.what == "bucket-kept"]
     assert len(kept) == 1 and f"job {job_b} still mounts it" in (kept[0].why or "")
     # B ends: the last one out deletes it, though B did not make it.
-    removed = clean(storage_b, config, sortie_home, lambda b: release_refs(store, job_b, b))
+    removed = clean(storage_b, config, sortie_home, lambda b, d: release_refs(store, job_b, b, d))
     assert removed == ["local://shared-scratch"]
     assert not bucket_store.bucket_exists("shared-scratch")
 
@@ -81,6 +81,6 @@ def test_a_bucket_that_existed_before_is_never_deleted(sortie_home: Path, tmp_pa
     bucket_store.create_bucket("shared-scratch")  # made by someone else, before any job
     job_a, storage_a = _launch(store, sortie_home, src)
     job_b, storage_b = _launch(store, sortie_home, src)
-    assert clean(storage_a, config, sortie_home, lambda b: release_refs(store, job_a, b)) == []
-    assert clean(storage_b, config, sortie_home, lambda b: release_refs(store, job_b, b)) == []
+    assert clean(storage_a, config, sortie_home, lambda b, d: release_refs(store, job_a, b, d)) == []
+    assert clean(storage_b, config, sortie_home, lambda b, d: release_refs(store, job_b, b, d)) == []
     assert bucket_store.bucket_exists("shared-scratch")

@@ -1,0 +1,317 @@
+"""Node side, a user of its own for each local-cloud node (issue 17): standard library only, Linux.
+
+When the agent runs as root with `--confine` (the local cloud's nodes, on a machine where Sortie runs as root),
+each node's runs run as a uid and gid of their own, so one job cannot read or signal another's processes or files:
+
+- the uid is allocated deterministically from a reserved range, NODE_UID_BASE .. NODE_UID_BASE + NODE_UID_SLOTS - 1
+  (1,900,000,000 ..): the first of sha256(node id, n) for n = 0, 1, ... that no other node's sandbox holds and
+  no account of this machine has, chosen under an flock on the nodes' directory. The gid is the same number. No
+  /etc/passwd entry is made: nothing to create or remove with the node, nothing left when a node dies (`whoami`
+  says "cannot find name", `sudo` refuses the user);
+- the sandbox is root's, mode 0710 with the node's group (it can only pass through), its run directories
+  (`workdir/`, `home/`, `mounts/`, `tmp/`) are the node user's, 0700; the agent's records (`runs/`, journal,
+  tokens) stay root's alone;
+- setup and run go through the path view (`node_view.py enter --uid --gid`), which mounts a private /proc with
+  `hidepid=invisible` in the run's mount namespace and drops to the user last: another job's processes are
+  neither listed nor readable (`/proc/<pid>/environ`) nor signalable;
+- what the agent places in the run directories (uploads, links) it writes with the thread's filesystem uid set
+  to the node user (`setfsuid`), so a path the user controls can never lead a root write elsewhere, and what
+  it places belongs to the user; what the node's own bucket steps (run as root, outside the view) leave there
+  is given to the user afterwards (`give_tree`: no symlink followed, no mount crossed);
+- a local-store bucket the node links to gets an ACL entry for the node user (`grant_tree`): the bucket stays the
+  controller's, each node that mounts it may read and write it.
+
+Not used (runs keep the agent's own user) in container mode (the task's container keeps its runs apart), when
+the agent is not root, where mount namespaces fail, or with SORTIE_NO_RUN_USERS=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import os
+import pwd
+import signal
+import stat
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NODE_UID_BASE = 1_900_000_000
+NODE_UID_SLOTS = 1 << 24  # the range ends at 1,916,777,215: above any distribution's and subuid's usual ranges
+OPT_OUT_ENV = "SORTIE_NO_RUN_USERS"
+RUN_DIRS = ("workdir", "home", "mounts", "tmp")
+MAX_TRIES = 256
+
+_libc: Any = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class NodeUser:
+    uid: int
+    gid: int
+
+
+def in_range(uid: int) -> bool:
+    return NODE_UID_BASE <= uid < NODE_UID_BASE + NODE_UID_SLOTS
+
+
+def candidate_uid(node_id: str, n: int = 0) -> int:
+    """The n-th candidate uid of a node: the same on every machine and after every restart."""
+    digest = hashlib.sha256(f"sortie-node-user\0{node_id}\0{n}".encode()).digest()
+    return NODE_UID_BASE + int.from_bytes(digest[:8], "big") % NODE_UID_SLOTS
+
+
+def _has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def choose_uid(node_id: str, taken: Iterable[int], has_account: Any = _has_account) -> int:
+    """The first candidate of `node_id` that is not `taken` (by another node) and is no account of this machine."""
+    busy = set(taken)
+    for n in range(MAX_TRIES):
+        uid = candidate_uid(node_id, n)
+        if uid not in busy and not has_account(uid):
+            return uid
+    raise RuntimeError(f"no free node uid for {node_id} after {MAX_TRIES} tries")
+
+
+def taken_uids(nodes_dir: Path, own: Path) -> set[int]:
+    """The node uids other sandboxes beside `own` hold (their group: the sandbox is root:<node gid>)."""
+    taken: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(nodes_dir):
+            if entry.name == own.name:
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and in_range(st.st_gid):
+                    taken.add(st.st_gid)
+    return taken
+
+
+def wanted(confine: bool, container: object, view_works: bool) -> bool:
+    return (confine and container is None and view_works and os.geteuid() == 0
+            and os.environ.get(OPT_OUT_ENV) != "1")
+
+
+def prepare_sandbox(sandbox: Path, node_id: str) -> NodeUser:
+    """Allocate the node's user (or keep the one its sandbox has, after an agent restart) and set the sandbox's
+    owners and modes. Under an flock on the nodes' directory, so two nodes starting at once never share a uid."""
+    st = sandbox.stat()
+    if in_range(st.st_gid):
+        user = NodeUser(st.st_gid, st.st_gid)
+    else:
+        fd = os.open(sandbox.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            uid = choose_uid(node_id, taken_uids(sandbox.parent, sandbox))
+            user = NodeUser(uid, uid)
+            os.chown(sandbox, 0, user.gid)  # claims the uid for the siblings' next look (still under the lock)
+        finally:
+            os.close(fd)
+    os.chmod(sandbox, 0o710)
+    for name in RUN_DIRS:
+        path = sandbox / name
+        path.mkdir(exist_ok=True)
+        if path.is_symlink() or not path.is_dir():
+            raise RuntimeError(f"{path} is not a directory")
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
+        os.chmod(path, 0o700)
+    for name in ("runs",):
+        path = sandbox / name
+        path.mkdir(exist_ok=True)
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o700)
+    return user
+
+
+# --- acting as the node user, in one thread ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def as_user(user: NodeUser | None) -> Iterator[None]:
+    """File operations of this thread (only) are checked as `user`'s and create files it owns: setfsgid and
+    setfsuid are per thread on Linux; root's are restored after. None: as is."""
+    if user is None:
+        yield
+        return
+    _libc.setfsgid(user.gid)
+    _libc.setfsuid(user.uid)
+    try:
+        if _libc.setfsuid(user.uid) != user.uid:  # the call returns the previous fsuid: check that it took
+            raise PermissionError("setfsuid did not take")
+        yield
+    finally:
+        _libc.setfsuid(0)
+        _libc.setfsgid(0)
+
+
+def give_tree(root: Path, user: NodeUser) -> None:
+    """Make everything under `root` (root included) the user's, without following a symlink (os.fwalk works on
+    directory descriptors, so a directory swapped for a link midway is not followed) nor crossing into another
+    filesystem (a bucket's FUSE mount)."""
+    if not root.exists() or root.is_symlink():
+        return
+    device = root.stat().st_dev
+    os.chown(root, user.uid, user.gid, follow_symlinks=False)
+    for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+        keep: list[str] = []
+        for name in dirnames:
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if st.st_dev == device:
+                    os.chown(name, user.uid, user.gid, dir_fd=dirfd, follow_symlinks=False)
+                    keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                os.chown(name, user.uid, user.gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+# --- ACLs: a local-store bucket shared with the node users that mount it ----------------------------------------
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def _parse_acl(data: bytes) -> list[tuple[int, int, int]]:
+    if len(data) < 4 or struct.unpack_from("<I", data)[0] != 2:
+        return []
+    return [struct.unpack_from("<HHI", data, off) for off in range(4, len(data) - 7, 8)]
+
+
+def acl_with(existing: bytes | None, mode: int, uid: int, perm: int) -> bytes:
+    """An ACL (the kernel's xattr form) that adds or replaces a named-user entry `uid: perm`, keeping the other
+    entries (or, without an ACL yet, the mode's owner, group and other), with a mask that admits them all."""
+    entries = {(tag, ident): p for tag, p, ident in _parse_acl(existing or b"")}
+    if not entries:
+        entries = {(_USER_OBJ, _NO_ID): (mode >> 6) & 7, (_GROUP_OBJ, _NO_ID): (mode >> 3) & 7,
+                   (_OTHER, _NO_ID): mode & 7}
+    entries[(_USER, uid)] = perm
+    entries.pop((_MASK, _NO_ID), None)
+    entries[(_MASK, _NO_ID)] = 0
+    for (tag, _ident), p in entries.items():
+        if tag in (_USER, _GROUP, _GROUP_OBJ):
+            entries[(_MASK, _NO_ID)] |= p
+    body = b"".join(struct.pack("<HHI", tag, p, ident) for (tag, ident), p in sorted(entries.items()))
+    return struct.pack("<I", 2) + body
+
+
+def _grant_one(name: str, dirfd: int | None, uid: int, is_dir: bool) -> None:
+    kwargs: dict[str, Any] = {"follow_symlinks": False}
+    path: Any = name
+    if dirfd is not None:  # os.*xattr take no dir_fd: go through the descriptor's /proc path, links not followed
+        path = f"/proc/self/fd/{dirfd}/{name}"
+    st = os.stat(path, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    perm = 7 if is_dir or st.st_mode & 0o100 else 6
+    current = None
+    with contextlib.suppress(OSError):
+        current = os.getxattr(path, ACL_ACCESS, **kwargs)
+    os.setxattr(path, ACL_ACCESS, acl_with(current, st.st_mode, uid, perm), **kwargs)
+    if is_dir:
+        default = None
+        with contextlib.suppress(OSError):
+            default = os.getxattr(path, ACL_DEFAULT, **kwargs)
+        os.setxattr(path, ACL_DEFAULT, acl_with(default, st.st_mode | 0o700, uid, 7), **kwargs)
+
+
+def grant_tree(root: Path, user: NodeUser) -> str | None:
+    """Give the node user read and write on a directory tree it does not own (a local-store bucket) through ACLs,
+    new files included (a default ACL on each directory). None, or why it could not (no ACLs on that
+    filesystem, say)."""
+    try:
+        _grant_one(str(root), None, user.uid, True)
+        for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+            for name in dirnames:
+                _grant_one(name, dirfd, user.uid, True)
+            for name in filenames:
+                _grant_one(name, dirfd, user.uid, False)
+    except OSError as exc:
+        return f"{root}: {exc.strerror or exc}"
+    return None
+
+
+def kill_user(uid: int) -> int:
+    """SIGKILL every process of `uid` (what a node's runs left, a daemon that left its process group included);
+    how many were signalled."""
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if os.stat(f"/proc/{entry}").st_uid == uid:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+class RunUser:
+    """What the agent (runs.py) asks of the node's user; made by `for_agent`."""
+
+    ENV = "SORTIE_RUN_UID"  # "uid:gid" to the node's own (root) bucket steps: their FUSE mounts are for this user
+
+    def __init__(self, sandbox: Path, user: NodeUser) -> None:
+        self.sandbox, self.user = sandbox, user
+        self.root_runs: set[str] = set()  # the node's own steps (view=False), run as root
+
+    def run_env(self, child_env: dict[str, str], env: dict[str, str], view: bool) -> list[str]:
+        """Set a run's environment; the path view's arguments (a run as the user) or [] (a root step)."""
+        if "TMPDIR" not in env:  # the node user's own, not the machine's shared /tmp
+            child_env["TMPDIR"] = str(self.sandbox / "tmp")
+        if not view:
+            child_env[self.ENV] = f"{self.user.uid}:{self.user.gid}"
+            return []
+        child_env["USER"] = child_env["LOGNAME"] = env.get("USER") or f"sortie-{self.user.uid}"
+        return [f"--uid={self.user.uid}", f"--gid={self.user.gid}"]
+
+    def ended(self, run_id: str) -> None:
+        """A root step ended: what it left in the run directories becomes the user's."""
+        if run_id in self.root_runs:
+            self.root_runs.discard(run_id)
+            for name in RUN_DIRS:
+                with contextlib.suppress(OSError):
+                    give_tree(self.sandbox / name, self.user)
+
+    @contextlib.contextmanager
+    def reach(self, path: Path) -> Iterator[Path]:
+        """`path` (in the sandbox) as this thread reaches it acting as the user (`as_user`): through
+        /proc/self/fd/N of the sandbox, opened as root, since the user may not pass through the directories above
+        it (the Sortie home, a 0700 /root)."""
+        fd = os.open(self.sandbox, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with as_user(self.user):
+                yield Path(f"/proc/self/fd/{fd}") / path.relative_to(self.sandbox)
+        finally:
+            os.close(fd)
+
+    def grant(self, target: str) -> None:
+        trouble = grant_tree(Path(target), self.user)
+        if trouble:
+            raise ValueError(f"links: the node's user cannot be given {target}: {trouble}")
+
+    def give(self, path: Path) -> None:
+        give_tree(path, self.user)
+        os.chmod(path, 0o700)
+
+    def kill(self) -> None:
+        kill_user(self.user.uid)
+
+
+def for_agent(sandbox: Path, node_id: str, confine: bool, container: object, view_works: bool) -> RunUser | None:
+    """The node's user, for an agent that should have one (`wanted`), its sandbox prepared; else None."""
+    if not wanted(confine, container, view_works):
+        return None
+    return RunUser(sandbox, prepare_sandbox(sandbox, node_id))
