@@ -175,7 +175,7 @@ class JobReconciler:
             if time.time() >= done_at + delay:
                 ending[task.task_index] = ("auxiliary task: the primary tasks " +
                                            ("succeeded" if succeeded else "ended, not all succeeded") +
-                                           (f" {delay:g}s ago" if delay else ""))
+                                           (f" (termination_delay {delay:g}s)" if delay else ""))
         return ending
 
     def _stop_task(self, job: JobRow, attempt: AttemptRow | None, why: str, *, graceful: bool) -> None:

@@ -102,7 +102,7 @@ def test_auxiliary_tasks_end_after_the_termination_delay_when_the_primaries_succ
     world.tick(4)
     assert statuses(world, job_id) == (JobStatus.SUCCEEDED, [JobStatus.SUCCEEDED, JobStatus.CANCELLED])
     server = world.store.tasks([job_id])[job_id][1]
-    assert "auxiliary task: the primary tasks succeeded 30s ago" in (server.failure_reason or "")
+    assert "auxiliary task: the primary tasks succeeded (termination_delay 30s)" in (server.failure_reason or "")
     assert all(r.cancelled for runs in world.agents.runs.values() for r in runs.values() if "serve" in r.command)
 
 
