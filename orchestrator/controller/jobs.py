@@ -122,7 +122,7 @@ class JobReconciler:
     def _stop_runs(self, job: JobRow, attempt: AttemptRow) -> bool:
         """(In the agent pool.) SIGTERM, grace, SIGKILL on every node; then the MOUNT_CACHED flush, if any."""
         kind = "setup" if attempt.phase == Phase.SETTING_UP else "run"
-        self.runs.stop(attempt, kind)
+        self.runs.stop(attempt, kind, job)
         if kind == "run" and self.files.has_cached(job):
             self.files.flush(job, attempt, ())
             return True

@@ -166,12 +166,15 @@ class NodeRuns:
         for key in [k for k in self._polled_at if k[0] == attempt_id]:
             del self._polled_at[key]
 
-    def stop(self, attempt: AttemptRow, kind: str = "run") -> list[Any]:
-        """Cancel the attempt's run on every node that answers (a pool job's end: the worker stays)."""
+    def stop(self, attempt: AttemptRow, kind: str = "run", job: JobRow | None = None) -> list[Any]:
+        """Cancel the attempt's run on every node that answers (a pool job's end: the worker stays). With `job`,
+        the run's last log lines (what it said on SIGTERM) are copied too, before the nodes go."""
         stopped = []
-        for _node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+        for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
             try:
                 stopped.append(client.cancel(run_id(kind, attempt)))
+                if job is not None:
+                    self._copy_log(job, attempt, kind, node["rank"], client, run_id(kind, attempt))
             except AgentError:
                 continue
         return stopped

@@ -3,6 +3,7 @@ tasks run at once, each on its own stack, see the group's variables, and the gro
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,45 @@ run: |
     assert [(t["name"], t["status"]) for t in job["tasks"]] == [("trainer", "FAILED"), ("server", "CANCELLED")]
     assert (job["failure_reason"] or "").startswith("task 0 (trainer): FAILED")
     assert "serving" in cli.logs(job_id, "server")
+
+
+def test_cancel_of_one_task_leaves_the_other_running(cli: Sortie, tmp_path: Path) -> None:
+    yaml = write(tmp_path, "pair.yaml", """name: pair
+execution: parallel
+---
+name: keep
+run: echo started-keep; sleep 300
+---
+name: drop
+run: echo started-drop; sleep 300
+""")
+    job_id = cli.launch(yaml)
+    cli.wait_for_log(job_id, "started-keep", timeout=180)
+    cli.wait_for_log(job_id, "started-drop", timeout=60)
+    out = cli.run("jobs", "cancel", "-y", "--task", "drop", str(job_id)).stdout
+    assert f"Task drop of job {job_id}: cancelling" in out
+    deadline = time.monotonic() + 120
+    while [t["status"] for t in cli.job(job_id)["tasks"]] != ["RUNNING", "CANCELLED"]:
+        assert time.monotonic() < deadline, cli.job(job_id)
+        time.sleep(0.5)
+    assert stacks_of(cli, job_id) == [(0, f"sortie-job-{job_id}-t0-1"), (1, f"sortie-job-{job_id}-t1-1")]
+    assert cli.job(job_id)["status"] == "RUNNING"  # the group goes on with its other task
+    cli.run("jobs", "cancel", "-y", str(job_id))
+    job = cli.wait(job_id, timeout=120)
+    assert job["status"] == "CANCELLED" and [t["status"] for t in job["tasks"]] == ["CANCELLED", "CANCELLED"]
+
+
+def test_graceful_cancel_lets_the_run_handle_sigterm(cli: Sortie, tmp_path: Path) -> None:
+    yaml = write(tmp_path, "term.yaml", """run: |
+  trap 'echo got-sigterm; exit 0' TERM
+  echo started
+  sleep 300 &
+  wait
+""")
+    job_id = cli.launch(yaml)
+    cli.wait_for_log(job_id, "started", timeout=180)
+    out = cli.run("jobs", "cancel", "-y", "--graceful", "--graceful-timeout", "60", str(job_id)).stdout
+    assert f"Job {job_id}: cancelling gracefully" in out
+    job = cli.wait(job_id, timeout=120)
+    assert job["status"] == "CANCELLED"
+    assert "got-sigterm" in cli.logs(job_id)

@@ -197,3 +197,22 @@ def test_cancel_task_of_a_pipeline_names_its_running_task(world: World) -> None:
     assert service.task_to_cancel(world.store.job(job_id), "0") is False  # already done: nothing to cancel
     group_id = submit_group(world, task("a", "x"), task("b", "y"))
     assert service.task_to_cancel(world.store.job(group_id), "b") == 1
+
+
+def test_a_preempted_task_recovers_alone_while_the_other_runs_on(sortie_home: Path) -> None:
+    world = World(sortie_home, hold=lambda node, run_id, command: run_id.startswith("run-"))
+    job_id = submit_group(world, task("a", "train", use_spot=True), task("b", "serve"))
+    world.tick(4)
+    first = {a.task_index: a for a in world.store.open_attempts_of([job_id])[job_id]}
+    world.driver.preempt(first[0].stack_name, 0)
+    world.tick(6)
+    now = {a.task_index: a for a in world.store.open_attempts_of([job_id])[job_id]}
+    assert now[1].id == first[1].id and now[1].phase == Phase.RUNNING  # b never stopped
+    assert now[0].number == 2 and now[0].phase == Phase.RUNNING
+    assert [t.recoveries for t in world.store.tasks([job_id])[job_id]] == [1, 0]
+    assert "preempted" in world.events(job_id) and statuses(world, job_id)[0] == JobStatus.RUNNING
+    for runs in world.agents.runs.values():
+        for run in runs.values():
+            run.state, run.exit_code = "exited", 0
+    world.tick(4)
+    assert statuses(world, job_id) == (JobStatus.SUCCEEDED, [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED])
