@@ -17,16 +17,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("graceful_cancel", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("graceful_deadline", sa.Float(), nullable=True))
-    with op.batch_alter_table("tasks") as batch:
-        batch.add_column(sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+    # Plain ADD COLUMNs: a batch (copy-and-rename) of `jobs` on SQLite would drop the old table, and with foreign
+    # keys on, its cascade would delete every job's tasks and attempts.
+    op.add_column("jobs", sa.Column("graceful_cancel", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("jobs", sa.Column("graceful_deadline", sa.Float(), nullable=True))
+    op.add_column("tasks", sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("tasks") as batch:
-        batch.drop_column("cancel_requested")
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("graceful_deadline")
-        batch.drop_column("graceful_cancel")
+    op.drop_column("tasks", "cancel_requested")
+    op.drop_column("jobs", "graceful_deadline")
+    op.drop_column("jobs", "graceful_cancel")
