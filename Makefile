@@ -53,6 +53,7 @@ bench: setup test-deps
 	$(VENV)/bin/python bench/dashboard.py
 	$(VENV)/bin/python bench/node_events.py
 	$(VENV)/bin/python bench/kubernetes.py
+	$(VENV)/bin/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -279,6 +279,16 @@ def run_daemon(home: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=wake, daemon=True).start())  # issue 15
+    def heartbeat() -> None:
+        """Issue 14: leases are renewed while this process lives, also during a tick that runs long (a loaded
+        machine, a slow database); a paused or dead replica stops renewing and its work is taken over."""
+        while not stop.wait(config.controller.lease_seconds / 3):
+            try:
+                leases.renew(force=True)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    threading.Thread(target=heartbeat, name="lease-heartbeat", daemon=True).start()
     scheduler.add_job(tick, "interval", id="tick", seconds=config.controller.tick_seconds, max_instances=1,
                       coalesce=True, next_run_time=datetime.now())
     scheduler.start()

@@ -362,30 +362,19 @@ def _lock_is_stale(path: Path) -> bool:
         return True
     if content.get("hostname") not in (socket.gethostname(), None):
         return False  # another machine's lock: not ours to judge
-    return not _pid_alive(int(content.get("pid") or 0))
+    from orchestrator.infra.local_cloud import pid_alive
 
-
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not pid_alive(int(content.get("pid") or 0))
 
 
 def _locked_stacks(settings: DriverSettings, live_hosts: tuple[str, ...] = ()) -> list[str] | None:
     """Stacks with stale locks in a file backend or a PostgreSQL one (where another host's lock is stale only when
     no replica there holds a live lease); None for other backends."""
+    from orchestrator.infra.local_cloud import pid_alive
     from orchestrator.infra.pulumi_pg import backend_locks, is_postgres, stale_locks
 
     if is_postgres(settings.backend_url):
-        return stale_locks(backend_locks(settings.backend_url), set(live_hosts), _pid_alive)
+        return stale_locks(backend_locks(settings.backend_url), set(live_hosts), pid_alive)
     if not settings.backend_url.startswith("file://"):
         return None
     lock_root = Path(settings.backend_url.removeprefix("file://")).expanduser() / ".pulumi" / "locks"

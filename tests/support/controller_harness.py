@@ -161,8 +161,25 @@ class Outcome:
     writes: int = 0
 
 
+REPLICA = "replica-t"
+
+
+def replica_store(store: StateStore, home: Path) -> StateStore:
+    """The controller's own store on the same database, its transitions guarded by the replica's leases (issue 14);
+    the scenario's hand (submit, cancel, pool apply) keeps writing through `store`, as the CLI does."""
+    mine = StateStore(home, engine=store.engine)
+    mine.lease_owner = REPLICA
+    return mine
+
+
 def make_controller(store: StateStore, driver: FakeStackDriver, agents: FakeAgents, home: Path) -> Controller:
-    controller = Controller(store, driver, load_config(home), home, inline=True, connect=agents.connect)  # type: ignore[arg-type]
+    from state.leases import Leases
+
+    config = load_config(home)
+    leases = (Leases(store, REPLICA, config.controller.lease_seconds, config.controller.max_jobs_per_replica)
+              if store.lease_owner == REPLICA else None)  # a restart: the same replica id, a new process
+    controller = Controller(store, driver, config, home, inline=True, connect=agents.connect,  # type: ignore[arg-type]
+                            leases=leases)
     controller.stack_janitor.period = 0.0
     controller.storage_janitor.period = 0.0
     return controller
@@ -170,9 +187,13 @@ def make_controller(store: StateStore, driver: FakeStackDriver, agents: FakeAgen
 
 def drive(home: Path, store: StateStore, driver: FakeStackDriver, agents: FakeAgents,
           done: Callable[[StateStore], bool], *, crash_at: int | None = None,
-          between: Callable[[StateStore, FakeStackDriver], None] | None = None, max_ticks: int = 200) -> WriteCounter:
+          between: Callable[[StateStore, FakeStackDriver], None] | None = None, max_ticks: int = 200,
+          leases: bool = False) -> WriteCounter:
     """Tick until `done`; a `Crash` restarts the controller. `between` runs after every tick (the scenario's
-    hand: preempt a node, cancel the job)."""
+    hand: preempt a node, cancel the job). `leases`: the controller is a replica that claims, renews and is guarded
+    by its leases, and every write it makes (claims and renewals included) is a crash point."""
+    if leases:
+        store = replica_store(store, home)
     counter = WriteCounter(store, crash_at)
     controller = make_controller(store, driver, agents, home)
     for _ in range(max_ticks):

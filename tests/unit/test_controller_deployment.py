@@ -26,10 +26,10 @@ from stacks.controller_deployment import (
     SortieControllers,
     pod_config,
 )
+from tests.support.cloud_mocks import is_secret, public, reveal
 
 pytest.importorskip("pulumi_kubernetes")
 
-SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value on the wire
 SORTIE = Path(sys.executable).parent / "sortie"
 DB_PASSWORD = "s3cr3t-Pw%2F"  # percent-encoded in URLs: the pod gets it decoded
 STATE_URL = f"postgresql://sortie:{DB_PASSWORD}@db.internal:5432/sortie"
@@ -38,31 +38,6 @@ IMAGE = "registry.example/sortie:1.0"
 SECRET = "kubernetes:core/v1:Secret"
 CONFIG_MAP = "kubernetes:core/v1:ConfigMap"
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
-
-
-def is_secret(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(SECRET_SIG) is not None and "value" in value
-
-
-def reveal(value: Any) -> Any:
-    if is_secret(value):
-        return reveal(value["value"])
-    if isinstance(value, dict):
-        return {k: reveal(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [reveal(v) for v in value]
-    return value
-
-
-def public(value: Any) -> Any:
-    """What the engine would store in clear: every secret replaced."""
-    if is_secret(value):
-        return "<secret>"
-    if isinstance(value, dict):
-        return {k: public(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [public(v) for v in value]
-    return value
 
 
 class Mocks(pulumi.runtime.Mocks):

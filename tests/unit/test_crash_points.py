@@ -211,16 +211,17 @@ EXPECTED = {"single": "SUCCEEDED", "failing-with-restarts": "FAILED", "pipeline"
             "group-failing": "FAILED", "group-cancel-task": "SUCCEEDED", "graceful-cancel": "CANCELLED"}
 
 
-def play(tmp_path: Path, name: str, crash_at: int | None) -> Outcome:
+def play(tmp_path: Path, name: str, crash_at: int | None, *, leases: bool = False) -> Outcome:
     template = tmp_path / "template"
     if not template.exists():  # the schema is made once, then copied: each run starts from an empty state
         template.mkdir()
         (template / "config.yaml").write_text(CONFIG)
         StateStore(template).engine.dispose()
-    home = tmp_path / f"{name}-{crash_at}"
+    home = tmp_path / f"{name}-{crash_at}{'-leases' if leases else ''}"
     shutil.copytree(template, home)
     life = LIFECYCLES[name](home)
-    counter = drive(home, life.store, life.driver, life.agents, life.done, crash_at=crash_at, between=life.between)
+    counter = drive(home, life.store, life.driver, life.agents, life.done, crash_at=crash_at, between=life.between,
+                    leases=leases)
     if crash_at is not None:
         assert counter.crashed, f"write {crash_at} never came"
     return outcome(life.store, life.driver, life.agents, life.job_ids, counter.count)
@@ -242,6 +243,26 @@ def test_a_crash_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: st
                 f"{getattr(baseline, field)}")
     CRASH_POINTS_TRIED[name] = baseline.writes
     print(f"\n{name}: {baseline.writes} crash points tried, each ended as without a crash")
+
+
+@pytest.mark.parametrize("name", ["pipeline", "pool-job"])  # a job lease; a pool lease with its job
+def test_a_replica_crashed_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: the same with the controller as a replica: its claims and lease renewals are writes too, every
+    transition is guarded by its leases, and the restarted replica (same id) carries on with what it held."""
+    monkeypatch.setenv("SORTIE_HOME", str(tmp_path))
+    baseline = play(tmp_path, name, None, leases=True)
+    assert set(baseline.statuses.values()) == {EXPECTED[name]}, baseline
+    plain = play(tmp_path, name, None)
+    assert baseline.writes > plain.writes  # the claims: more crash points than without leases
+    for n in range(1, baseline.writes + 1):
+        crashed = play(tmp_path, name, n, leases=True)
+        for field in ("statuses", "task_statuses", "attempts", "recoveries", "restarts", "stacks_up",
+                      "runs_started", "leftovers"):
+            assert getattr(crashed, field) == getattr(baseline, field), (
+                f"{name} (replica), crash at write {n} of {baseline.writes}: {field} {getattr(crashed, field)} != "
+                f"{getattr(baseline, field)}")
+    print(f"\n{name} (replica): {baseline.writes} crash points tried, each ended as without a crash")
 
 
 def test_the_lifecycles_cover_what_they_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
