@@ -245,7 +245,8 @@ def test_a_crash_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: st
     print(f"\n{name}: {baseline.writes} crash points tried, each ended as without a crash")
 
 
-@pytest.mark.parametrize("name", ["pipeline", "pool-job"])  # a job lease; a pool lease with its job
+@pytest.mark.parametrize("name", ["pipeline", "pool-job", "group-failing", "group-cancel-task"])  # a job lease; a
+# pool lease with its job; a job group's transitions (each task's, the group's end, a task's cancel) under the lease
 def test_a_replica_crashed_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14: the same with the controller as a replica: its claims and lease renewals are writes too, every
