@@ -81,23 +81,27 @@ def cancel(
     all_jobs: bool = typer.Option(False, "-a", "--all", help="Cancel all of your jobs in progress."),
     all_users: bool = typer.Option(False, "-u", "--all-users", help="Cancel every user's jobs in progress."),
     pool: str = typer.Option(None, "-p", "--pool", help="Cancel every job of this pool in progress."),
-    task: str = typer.Option(None, "--task", help="Only this task of a job group."),
-    graceful: bool = typer.Option(False, "--graceful", help="Let the job's processes end on SIGTERM first."),
-    graceful_timeout: int = typer.Option(None, "--graceful-timeout", help="With --graceful: seconds to wait."),
+    task: str = typer.Option(None, "--task", help="Only this task (index or name) of a job group; of a pipeline, "
+                                                  "its running task."),
+    graceful: bool = typer.Option(False, "--graceful", help="SIGTERM to the runs and their MOUNT_CACHED writes "
+                                                            "uploaded before the clusters go."),
+    graceful_timeout: int = typer.Option(None, "--graceful-timeout", help="With --graceful: wait at most this many "
+                                                                          "seconds (default: no limit)."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
 ) -> None:
     """Cancel managed jobs: CANCELLING, then CANCELLED once their clusters are destroyed."""
     from orchestrator.errors import UsageError
     from orchestrator.service import current_user
 
-    if task is not None:
-        raise UsageError("--task: cancelling one task of a job group is not supported yet (job groups are not "
-                         "supported yet); cancel the job")
-    if graceful or graceful_timeout is not None:
-        raise UsageError("--graceful: not supported yet; a cancelled job's processes are stopped with its cluster")
+    if graceful_timeout is not None and not graceful:
+        raise UsageError("--graceful-timeout: only with --graceful")
+    if graceful_timeout is not None and graceful_timeout < 0:
+        raise UsageError("--graceful-timeout: must be 0 or more seconds")
     service = job_service()
     if sum(bool(x) for x in (job_ids, name, all_jobs, all_users, pool)) != 1:
         raise UsageError("give job ids, -n NAME, -a, -u or -p POOL (exactly one of them)")
+    if task is not None and (all_jobs or all_users or pool or len(job_ids or []) > 1):
+        raise UsageError("--task: give one job (an id or -n NAME)")
     ids = list(job_ids or [])
     if pool:
         from orchestrator.pool_service import PoolService
@@ -117,8 +121,12 @@ def cancel(
             return
     if not yes and not typer.confirm(f"Cancel managed job(s) {', '.join(map(str, ids))}?", default=True):
         raise typer.Exit(1)
-    for job_id, requested in service.cancel(ids):
-        get_console().print(f"Job {job_id}: {'cancelling' if requested else 'already finished; nothing to cancel'}")
+    what = f"task {task} of job" if task is not None else "Job"
+    for job_id, requested in service.cancel(ids, task=task, graceful=graceful,
+                                            graceful_timeout=graceful_timeout):
+        state = ("cancelling" + (" gracefully" if graceful else "")) if requested else \
+            "already finished; nothing to cancel"
+        get_console().print(f"{what[0].upper()}{what[1:]} {job_id}: {state}")
 
 
 @jobs_app.command("events")

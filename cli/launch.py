@@ -84,8 +84,6 @@ def launch(
     cfg = load_config()
     enabled = enabled_clouds(cfg)  # once: the checks and the tables below share it
     refusals = launch_refusals(pipeline, cfg, enabled)
-    if dryrun and pipeline.is_job_group:  # planned; only the launch waits for the controller
-        refusals = [r for r in refusals if not r.startswith("execution:")]
     if dryrun and as_json:
         if refusals:
             raise SpecError(refusals)
@@ -110,8 +108,6 @@ def launch(
         for line in storage.describe():
             console.print(f"  {escape(line)}")
     if dryrun:
-        if pipeline.is_job_group:
-            console.print("Note: launching a job group (execution: parallel) is not supported yet.")
         console.print("Dry run: nothing launched.")
         return
     if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
@@ -135,10 +131,8 @@ def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, 
     from orchestrator.errors import UsageError
     from orchestrator.pool_service import PoolService
 
-    if pipeline.is_job_group:
-        from orchestrator.spec.documents import JOB_GROUPS_NOT_SUPPORTED
-
-        raise UsageError(JOB_GROUPS_NOT_SUPPORTED)
+    if pipeline.is_job_group:  # as in SkyPilot, whose job groups do not take pools
+        raise UsageError("-p: a job group (execution: parallel) runs each task on its own cluster, not on a pool")
     console = get_console()
     service = PoolService()
     service.resolve_pool(pool)

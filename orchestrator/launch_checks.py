@@ -2,16 +2,13 @@
 serve today (no enabled cloud has the hardware, or no offer can do a feature the task asks for) is refused with the
 reason and exit non-zero, plain, `--dryrun` and `--dryrun --json` alike; nothing is submitted.
 
-Job groups (`execution: parallel`) are planned like any YAML, but launching them waits for the controller to
-run several tasks at once (`JOB_GROUPS_NOT_SUPPORTED`).
+Job groups (`execution: parallel`) are planned and launched like any YAML; the controller runs their tasks at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from typing import TYPE_CHECKING
-
-from orchestrator.spec.documents import JOB_GROUPS_NOT_SUPPORTED
 
 if TYPE_CHECKING:
     from orchestrator.config import SortieConfig
@@ -39,7 +36,4 @@ def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str
 
 def launch_refusals(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """Why `jobs launch` must not submit this pipeline; empty when it may."""
-    problems = infeasible(pipeline, config, enabled)
-    if pipeline.is_job_group:
-        problems.append(JOB_GROUPS_NOT_SUPPORTED)
-    return problems
+    return infeasible(pipeline, config, enabled)

@@ -232,16 +232,52 @@ class JobService:
             raise UnknownJobError("there are no managed jobs yet; launch one with `sortie jobs launch`")
         return latest[0]
 
-    def cancel(self, job_ids: list[int], who: str | None = None) -> list[tuple[int, bool]]:
-        """Request cancellation; (id, True) where it was requested, (id, False) where the job had ended."""
-        for job_id in job_ids:
-            self.resolve(job_id)
-        results = [(job_id, self.store.request_cancel(job_id, who or current_user())) for job_id in job_ids]
+    def cancel(self, job_ids: list[int], who: str | None = None, *, task: str | None = None, graceful: bool = False,
+               graceful_timeout: float | None = None) -> list[tuple[int, bool]]:
+        """Request cancellation; (id, True) where it was requested, (id, False) where the job (or the task) had
+        ended. `task` (an index or a name): in a job group, that task alone ends CANCELLED and the group goes on;
+        in a pipeline, only its running task may be named (its later tasks depend on it), which cancels the
+        pipeline as a plain cancel does. `graceful`: SIGTERM to the runs and their MOUNT_CACHED writes uploaded
+        before the teardown, for `graceful_timeout` seconds at most (None: no limit)."""
+        jobs = [self.resolve(job_id) for job_id in job_ids]
+        targets = [(job.id, self.task_to_cancel(job, task) if task is not None else None) for job in jobs]
+        results = []
+        for job_id, index in targets:
+            if index is False:
+                results.append((job_id, False))
+                continue
+            results.append((job_id, self.store.request_cancel(
+                job_id, who or current_user(), task_index=None if index is None else int(index), graceful=graceful,
+                graceful_timeout=graceful_timeout)))
         if any(ok for _, ok in results):
             from orchestrator.controller_service import ensure_controller
 
             ensure_controller(self.home)
         return results
+
+    @staticmethod
+    def task_index(job: Any, task: str) -> int:
+        """A task of the job by index or name; a one-line error naming its tasks otherwise."""
+        names = [t.get("name") for t in job.spec["tasks"]]
+        if task.isdigit() and int(task) < len(names):
+            return int(task)
+        if task in names:
+            return names.index(task)
+        known = ", ".join(f"{i} ({n})" if n else str(i) for i, n in enumerate(names))
+        raise UsageError(f"job {job.id} has no task {task!r} (tasks: {known})")
+
+    def task_to_cancel(self, job: Any, task: str) -> int | bool | None:
+        """What `jobs cancel --task` cancels: a job group's task (its index); None for the whole job (a single task,
+        or a pipeline's running task); False when that task already ended."""
+        index = self.task_index(job, task)
+        if job.spec.get("execution") == "parallel":
+            return index
+        if JobStatus(job.status).terminal or index < job.current_task:
+            return False
+        if index > job.current_task:
+            raise UsageError(f"task {index} of job {job.id} has not started; a pipeline's tasks depend on the ones "
+                             f"before, so cancel its running task {job.current_task} (or the job)")
+        return None
 
     def active_ids(self, user: str | None = None) -> list[int]:
         return [j.id for j in self.store.list_jobs(active_only=True, user=user)]

@@ -70,6 +70,7 @@ class AfterTeardown(StrEnum):
     RELAUNCH = "relaunch"  # a new attempt of the same task (recovery)
     NEXT = "next"          # the task succeeded: the pipeline's next task
     FINISH = "finish"      # the job ends with its `final_status`
+    END_TASK = "end-task"  # a job group's task ends with the attempt's outcome; the group ends with its last task
 
 
 class Outcome(StrEnum):
@@ -174,6 +175,9 @@ TRANSITIONS: dict[str, frozenset[Move]] = {name: frozenset(moves) for name, move
                     | _moves("job", (_J.RUNNING, _J.STARTING, _J.RECOVERING), _J.STARTING)  # the next task
                     | _moves("task", _ACTIVE, _TERMINAL) | _moves("job", _ACTIVE, _TERMINAL)),
     "finish_job": _moves("job", _ACTIVE, _TERMINAL) | _moves("task", _ACTIVE, _TERMINAL),
+    # a job group's task that has no attempt in progress ends (infeasible, out of patience, cancelled, an
+    # auxiliary task whose primary tasks are done); the group ends with its last task
+    "end_task": _moves("task", _ACTIVE, _TERMINAL) | _moves("job", _ACTIVE, _TERMINAL),
     "stack_failed": _moves("stack", (_S.CREATING, _S.UP, _S.DESTROYING, _S.FAILED), _S.FAILED),
     "stack_destroyed": _moves("stack", (_S.CREATING, _S.UP, _S.DESTROYING, _S.FAILED), _S.DESTROYED),
     "record_stack": _moves("stack", (None, _S.DESTROYED, _S.FAILED), _S.CREATING),

@@ -34,6 +34,10 @@ class JobRow(Base):
     secrets_enc: Mapped[str | None] = mapped_column(Text)
     current_task: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # `jobs cancel --graceful`: the runs get SIGTERM and MOUNT_CACHED writes are uploaded before the teardown,
+    # waited for until `graceful_deadline` (None: no limit). Applies to the whole job or to its cancelled tasks.
+    graceful_cancel: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    graceful_deadline: Mapped[float | None] = mapped_column(Float)
     failure_reason: Mapped[str | None] = mapped_column(Text)
     controller_failures: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
@@ -81,6 +85,8 @@ class TaskRow(Base):
     restarts_on_errors: Mapped[int] = mapped_column(Integer, default=0)
     exit_codes: Mapped[list[int] | None] = mapped_column(JSON)
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # `jobs cancel --task`: this task of a job group is to end CANCELLED (the group goes on).
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AttemptRow(Base):

@@ -218,6 +218,18 @@ class StateStore(JobTransitions, PoolTransitions):
                                              AttemptRow.phase.in_(list(OPEN_PHASES)))
             return {row.job_id: row for row in session.scalars(query)}
 
+    def open_attempts_of(self, job_ids: Sequence[int]) -> dict[int, list[AttemptRow]]:
+        """Every attempt in progress of each job, by task (a job group has one per running task)."""
+        if not job_ids:
+            return {}
+        found: dict[int, list[AttemptRow]] = {}
+        with self.session() as session:
+            query = select(AttemptRow).where(AttemptRow.job_id.in_(list(job_ids)),
+                                             AttemptRow.phase.in_(list(OPEN_PHASES))).order_by(AttemptRow.task_index)
+            for row in session.scalars(query):
+                found.setdefault(row.job_id, []).append(row)
+        return found
+
     def open_stack_names(self) -> set[str]:
         """Stacks of every attempt in progress, read now (not from an earlier snapshot)."""
         with self.session() as session:

@@ -81,8 +81,69 @@ def event(session: Session, job_id: int, what: str, why: str | None = None, *, t
                          replica=owner_of(session)))
 
 
-def _open_attempt_exists(job_id: int) -> Any:
-    return exists().where(AttemptRow.job_id == job_id, AttemptRow.phase.in_(sorted(OPEN_PHASES)))
+def _open_attempt_exists(job_id: int, task_index: int | None = None) -> Any:
+    """An attempt in progress of the job (of one of its tasks, for a job group, whose tasks run at once)."""
+    conditions = [AttemptRow.job_id == job_id, AttemptRow.phase.in_(sorted(OPEN_PHASES))]
+    if task_index is not None:
+        conditions.append(AttemptRow.task_index == task_index)
+    return exists().where(*conditions)
+
+
+def is_group(spec: dict[str, Any]) -> bool:
+    """A job group (SkyPilot's `execution: parallel`): every task at once, each on its own cluster."""
+    return spec.get("execution") == "parallel"
+
+
+def primary_indexes(spec: dict[str, Any]) -> list[int]:
+    """The tasks whose end ends a job group (`primary_tasks`; all of them when unset)."""
+    names = spec.get("primary_tasks") or []
+    found = [i for i, t in enumerate(spec["tasks"]) if t.get("name") in names]
+    return found or list(range(len(spec["tasks"])))
+
+
+def group_verdict(spec: dict[str, Any], statuses: Sequence[tuple[str, str | None]],
+                  cancelled: bool) -> tuple[JobStatus, str | None]:
+    """A job group's final status from its tasks' (status, failure_reason), in task order: SUCCEEDED when every
+    primary task succeeded (auxiliary tasks, ended by the group, do not count); else the status of the first primary
+    task that failed, with its reason; else (a primary cancelled) CANCELLED. A cancel of the whole group: CANCELLED."""
+    if cancelled:
+        return JobStatus.CANCELLED, "cancelled by the user"
+    primary = [(i, *statuses[i]) for i in primary_indexes(spec)]
+    if all(status == JobStatus.SUCCEEDED for _, status, _ in primary):
+        return JobStatus.SUCCEEDED, None
+    names = [t.get("name") or str(i) for i, t in enumerate(spec["tasks"])]
+    for index, status, reason in primary:
+        if JobStatus(status).failed:
+            return JobStatus(status), f"task {index} ({names[index]}): {status}" + (f": {reason}" if reason else "")
+    index, status, _ = next(p for p in primary if p[1] != JobStatus.SUCCEEDED)
+    return JobStatus.CANCELLED, f"task {index} ({names[index]}) was cancelled"
+
+
+def _finish_group(session: Session, job: JobRow, now: float, who: str) -> None:
+    """A job group ends once none of its tasks is in progress, with `group_verdict`, in the caller's transaction."""
+    rows = session.execute(select(TaskRow.status, TaskRow.failure_reason).where(TaskRow.job_id == job.id)
+                           .order_by(TaskRow.task_index)).all()
+    if any(status in ACTIVE for status, _ in rows):
+        return
+    status, why = group_verdict(job.spec, [(s, r) for s, r in rows], bool(job.cancel_requested))
+    guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"finish job group {job.id}", status=status,
+            final_status=status, ended_at=now, updated_at=now, failure_reason=why, worker_id=None)
+    cost = sum(attempt_cost(a, now) for a in session.scalars(select(AttemptRow).where(AttemptRow.job_id == job.id)))
+    event(session, job.id, "finished", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
+          who=who, data={"cost": round(cost, 6)}, at=now)
+
+
+def _end_group_task(session: Session, job: JobRow, task_index: int, status: JobStatus, why: str | None, now: float,
+                    who: str) -> None:
+    """One task of a job group ends with `status`; the group ends with its last task (same transaction)."""
+    values: dict[str, Any] = {"status": status, "ended_at": now}
+    if why is not None and status != JobStatus.SUCCEEDED:
+        values["failure_reason"] = why
+    guarded(session, TaskRow, [TaskRow.job_id == job.id, TaskRow.task_index == task_index], ACTIVE,
+            f"end task {task_index} of job group {job.id}", **values)
+    event(session, job.id, "task-ended", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
+          task_index=task_index, who=who, at=now)
+    _finish_group(session, job, now, who)
 
 
 def _finish(session: Session, job: JobRow, status: JobStatus, why: str | None, now: float, who: str) -> None:
@@ -138,14 +199,25 @@ class JobTransitions:
                 number = (session.scalar(select(func.max(AttemptRow.number)).where(
                     AttemptRow.job_id == job_id, AttemptRow.task_index == task_index)) or 0) + 1
                 status = JobStatus.RECOVERING if job.status == JobStatus.RECOVERING else JobStatus.STARTING
-                guarded(session, JobRow, [JobRow.id == job_id, JobRow.current_task == task_index,
-                                          JobRow.final_status.is_(None), ~_open_attempt_exists(job_id)],
-                        [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"place job {job_id}",
-                        status=status, updated_at=now, started_at=func.coalesce(JobRow.started_at, now),
+                task_status, job_status = status, status
+                job_expect = [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING]
+                job_guard = [JobRow.id == job_id, JobRow.current_task == task_index, JobRow.final_status.is_(None),
+                             ~_open_attempt_exists(job_id)]
+                if is_group(job.spec):  # its tasks run at once: one attempt in progress per task
+                    task = session.get(TaskRow, (job_id, task_index))
+                    task_status = (JobStatus.RECOVERING if task is not None and task.status == JobStatus.RECOVERING
+                                   else JobStatus.STARTING)
+                    job_status = (JobStatus(job.status) if job.status in (JobStatus.RUNNING, JobStatus.RECOVERING)
+                                  else JobStatus.STARTING)
+                    job_expect.append(JobStatus.RUNNING)
+                    job_guard = [JobRow.id == job_id, JobRow.final_status.is_(None),
+                                 ~_open_attempt_exists(job_id, task_index)]
+                guarded(session, JobRow, job_guard, job_expect, f"place job {job_id}",
+                        status=job_status, updated_at=now, started_at=func.coalesce(JobRow.started_at, now),
                         waiting_reason=None)
                 guarded(session, TaskRow, [TaskRow.job_id == job_id, TaskRow.task_index == task_index],
                         [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"place task {task_index}",
-                        status=status, started_at=func.coalesce(TaskRow.started_at, now))
+                        status=task_status, started_at=func.coalesce(TaskRow.started_at, now))
                 stack = name_for(number)
                 attempt = AttemptRow(job_id=job_id, task_index=task_index, number=number, stack_name=stack,
                                      infra=infra, region=region, num_nodes=num_nodes, use_spot=use_spot,
@@ -164,18 +236,24 @@ class JobTransitions:
         except IntegrityError as exc:  # another writer placed this attempt number first
             raise TransitionError(f"place job {job_id}: attempt already placed ({exc.orig})") from None
 
-    def wait_for_capacity(self, job_id: int, *, retry_at: float, reason: str, why: str) -> None:
-        """Every feasible region refused this round: wait until `retry_at` and go round again."""
+    def wait_for_capacity(self, job_id: int, *, retry_at: float, reason: str, why: str,
+                          task_index: int | None = None) -> None:
+        """Every feasible region refused this round: wait until `retry_at` and go round again (`task_index`: the
+        task of a job group that waits; its other tasks go on)."""
         now = time.time()
         with self.session() as session, session.begin():
             job = self._job_in(session, job_id)
             status = JobStatus.STARTING if job.status == JobStatus.PENDING else job.status
-            guarded(session, JobRow, [JobRow.id == job_id, ~_open_attempt_exists(job_id)],
-                    [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"back off job {job_id}",
+            expect = [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING]
+            if task_index is not None:
+                expect.append(JobStatus.RUNNING)
+            guarded(session, JobRow, [JobRow.id == job_id, ~_open_attempt_exists(job_id, task_index)],
+                    expect, f"back off job {job_id}",
                     status=status, next_attempt_at=retry_at, round_started_at=retry_at,
                     backoff_rounds=JobRow.backoff_rounds + 1, waiting_since=func.coalesce(JobRow.waiting_since, now),
                     waiting_reason=reason, updated_at=now)
-            event(session, job_id, "backoff", why, task_index=job.current_task, at=now,
+            event(session, job_id, "backoff", why, task_index=job.current_task if task_index is None else task_index,
+                  at=now,
                   data={"next_try_at": retry_at, "round": job.backoff_rounds + 1})
 
     def set_waiting(self, job_id: int, reason: str | None) -> None:
@@ -254,23 +332,31 @@ class JobTransitions:
         now = time.time()
         with self.session() as session, session.begin():
             attempt, job = self._attempt_in(session, attempt_id)
+            group = is_group(job.spec)
             if relaunch is not None:
                 after = AfterTeardown.RELAUNCH
+            elif group:  # the task ends with `final`, kept as the attempt's outcome until `end_attempt`
+                after = AfterTeardown.END_TASK
             elif final == JobStatus.SUCCEEDED and attempt.task_index + 1 < len(job.spec["tasks"]):
                 after = AfterTeardown.NEXT
             else:
                 after = AfterTeardown.FINISH
             settled = outcome or (Outcome(final.value) if final else Outcome.RELAUNCH)
+            if after == AfterTeardown.END_TASK:
+                settled = Outcome((final or JobStatus.FAILED_CONTROLLER).value)
             was_running = attempt.phase == Phase.RUNNING  # read before the update below changes it
             guarded(session, AttemptRow, [AttemptRow.id == attempt_id], WORKING_PHASES,
                     f"teardown of attempt {attempt_id}", phase=Phase.TEARDOWN, after_teardown=after,
-                    outcome=attempt.outcome or settled, exit_codes=list(exit_codes) or attempt.exit_codes)
+                    outcome=settled if after == AfterTeardown.END_TASK else attempt.outcome or settled,
+                    exit_codes=list(exit_codes) or attempt.exit_codes)
             job_values: dict[str, Any] = {"updated_at": now}
             if after == AfterTeardown.FINISH:
                 job_values.update(final_status=final or JobStatus.FAILED_CONTROLLER,
                                   failure_reason=None if final == JobStatus.SUCCEEDED else why)
                 if final == JobStatus.CANCELLED or cancelling:
                     job_values["status"] = JobStatus.CANCELLING
+            if after == AfterTeardown.END_TASK and cancelling:  # the whole group is cancelled
+                job_values["status"] = JobStatus.CANCELLING
             if relaunch is not None:
                 job_values.update(status=JobStatus.RECOVERING, round_started_at=now, waiting_reason=relaunch.reason,
                                   placement_hint={"prefer": relaunch.prefer_region,
@@ -281,6 +367,8 @@ class JobTransitions:
                 task_values["exit_codes"] = list(exit_codes)
             if relaunch is not None and relaunch.spends_restart:
                 task_values["restarts_on_errors"] = TaskRow.restarts_on_errors + 1
+            if after == AfterTeardown.END_TASK and final != JobStatus.SUCCEEDED:
+                task_values["failure_reason"] = failure or why
             if task_values:
                 session.execute(update(TaskRow).where(TaskRow.job_id == job.id,
                                                       TaskRow.task_index == attempt.task_index).values(**task_values))
@@ -311,6 +399,8 @@ class JobTransitions:
             attempt, job = self._attempt_in(session, attempt_id)
             after = (AfterTeardown(attempt.after_teardown) if attempt.phase == Phase.TEARDOWN and attempt.after_teardown
                      else (AfterTeardown.FINISH if finish else None))
+            if after == AfterTeardown.FINISH and is_group(job.spec):  # a failed `up` ends only its task
+                after = AfterTeardown.END_TASK
             guarded(session, AttemptRow, [AttemptRow.id == attempt_id], [Phase.TEARDOWN, Phase.PROVISIONING],
                     f"end of attempt {attempt_id}", phase=Phase.DONE, ended_at=now,
                     outcome=outcome or attempt.outcome)
@@ -345,6 +435,14 @@ class JobTransitions:
                 session.refresh(job)
                 _finish(session, job, status, reason, now, "controller")
                 return
+            elif after == AfterTeardown.END_TASK:
+                guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"end of attempt {attempt_id}", **job_values)
+                status, reason = finish or (JobStatus(attempt.outcome or JobStatus.FAILED_CONTROLLER),
+                                            None)
+                session.flush()
+                session.refresh(job)
+                _end_group_task(session, job, attempt.task_index, status, reason, now, "controller")
+                return
             elif retry_at is not None:
                 job_values.update(controller_failures=JobRow.controller_failures + 1, next_attempt_at=retry_at)
             guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"end of attempt {attempt_id}", **job_values)
@@ -360,6 +458,19 @@ class JobTransitions:
                 raise TransitionError(f"finish job {job_id}: an attempt is in progress")
             _finish(session, job, status, why, now, who)
 
+    def end_task(self, job_id: int, task_index: int, status: JobStatus, why: str | None, *,
+                 who: str = "controller") -> None:
+        """End one task of a job group that has no attempt in progress (infeasible, out of patience, cancelled
+        before it was placed, an auxiliary task whose primary tasks are done); the group ends with its last task."""
+        now = time.time()
+        with self.session() as session, session.begin():
+            job = self._job_in(session, job_id)
+            if session.scalar(select(_open_attempt_exists(job_id, task_index))):
+                raise TransitionError(f"end task {task_index} of job {job_id}: an attempt is in progress")
+            guarded(session, JobRow, [JobRow.id == job_id], ACTIVE, f"end task {task_index} of job {job_id}",
+                    updated_at=now)
+            _end_group_task(session, job, task_index, status, why, now, who)
+
     def controller_error(self, job_id: int, *, failures: int, retry_at: float, why: str) -> None:
         """An unexpected error while driving the job: count it and back off (`failures` is the new count)."""
         now = time.time()
@@ -370,18 +481,38 @@ class JobTransitions:
                     updated_at=now)
             event(session, job_id, "controller-error", why, task_index=job.current_task, at=now)
 
-    def request_cancel(self, job_id: int, who: str) -> bool:
-        """Ask for a cancel; False if the job had already ended (or does not exist). One conditional
-        UPDATE decides, so concurrent requests log one event."""
+    def request_cancel(self, job_id: int, who: str, *, task_index: int | None = None, graceful: bool = False,
+                       graceful_timeout: float | None = None) -> bool:
+        """Ask for a cancel (of one task of a job group with `task_index`); False if the job (or that task) had
+        already ended, or does not exist. `graceful`: the runs get SIGTERM and their MOUNT_CACHED writes are
+        uploaded before the teardown, waited for `graceful_timeout` seconds at most (None: no limit). One
+        conditional UPDATE decides, so concurrent requests log one event."""
         now = time.time()
         with self.session() as session, session.begin():
-            first = rowcount(session.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.cancel_requested.is_(False),
-            ).values(cancel_requested=True, updated_at=now))) == 1
+            grace: dict[str, Any] = {}
+            if graceful:
+                grace = {"graceful_cancel": True,
+                         "graceful_deadline": None if graceful_timeout is None else now + graceful_timeout}
+            if task_index is None:
+                first = rowcount(session.execute(update(JobRow).where(
+                    JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.cancel_requested.is_(False),
+                ).values(cancel_requested=True, updated_at=now, **grace))) == 1
+            else:
+                first = rowcount(session.execute(update(TaskRow).where(
+                    TaskRow.job_id == job_id, TaskRow.task_index == task_index, TaskRow.status.in_(_ACTIVE),
+                    TaskRow.cancel_requested.is_(False),
+                ).values(cancel_requested=True))) == 1
+                if first:
+                    session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=now, **grace))
             if first:  # a request, not a move: any replica (or the user) may make it
-                event(session, job_id, "cancel-requested", who=who, at=now, lease=False)
+                event(session, job_id, "cancel-requested", "graceful" if graceful else None, task_index=task_index,
+                      who=who, at=now, lease=False, data={"graceful_timeout": graceful_timeout})
                 return True
-            status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+            if task_index is not None:
+                status = session.scalar(select(TaskRow.status).where(TaskRow.job_id == job_id,
+                                                                     TaskRow.task_index == task_index))
+            else:
+                status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
             return status is not None and status in _ACTIVE
 
     # --- staging (jobs launch uploads the job's files) --------------------------------------------------------

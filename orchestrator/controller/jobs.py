@@ -8,6 +8,13 @@ on meanwhile) is logged and the job re-read on the next tick; nothing is written
 
 Slow work (stack operations, agent calls) runs in the context's bounded pools; a later tick takes the result.
 Every operation is idempotent, so a restarted controller re-issues whatever was in flight when it died.
+
+Job groups (SkyPilot's `execution: parallel`) drive one attempt per task at once, each task along the same phases
+as a pipeline's task; `_step_group` adds what a group has on top: a barrier (no task starts its files, setup and
+run until every task in progress has its nodes, so each sees the others' addresses), the end of the auxiliary tasks
+once the primary tasks are done (after `termination_delay` when they all succeeded, at once otherwise), and
+`jobs cancel --task`. A task's failure ends that task only (after its own recovery budget); the group ends with its
+last task (`state.transitions.group_verdict`).
 """
 
 from __future__ import annotations
@@ -36,10 +43,10 @@ from orchestrator.policy.placement import Infeasible, capacity_key, place
 from orchestrator.policy.recovery import Failure, History, RecoveryRules, decide
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
 from state.leases import LeaseLost
-from state.machine import JobStatus, Outcome, Phase, StackStatus, TransitionError
-from state.models import AttemptRow, JobRow
+from state.machine import ACTIVE, JobStatus, Outcome, Phase, StackStatus, TransitionError
+from state.models import AttemptRow, JobRow, TaskRow
 from state.pool_transitions import POOL_LEASE_PREFIX
-from state.transitions import Relaunch
+from state.transitions import Relaunch, is_group, primary_indexes
 
 log = logging.getLogger("sortie.controller")
 STAGING_STALE_SECONDS = 600.0  # `jobs launch` refreshes its heartbeat while it uploads (the janitor waits as long)
@@ -52,6 +59,7 @@ class JobReconciler:
         self.pools = pools
         self.runs = NodeRuns(ctx)
         self.files = JobFiles(ctx)
+        self._group: tuple[dict[int, AttemptRow], list[TaskRow]] = ({}, [])  # the job group being stepped
 
     def tick(self) -> int:
         """One pass over every job in progress; returns how many there are."""
@@ -59,14 +67,20 @@ class JobReconciler:
         if leases is not None:  # issue 14: take free or expired jobs (pool jobs with their pool), drive held ones
             leases.claim_jobs({n.removeprefix(POOL_LEASE_PREFIX) for n in leases.held(POOL_LEASE_PREFIX)})
         jobs = self.store.active_jobs(held_by=leases.me if leases is not None else None)
-        attempts = self.store.open_attempts([j.id for j in jobs])
+        attempts = self.store.open_attempts_of([j.id for j in jobs])
+        groups = self.store.tasks([j.id for j in jobs if is_group(j.spec)])
         for job in jobs:
+            if job.id in groups:
+                self._step_group(job, attempts.get(job.id, []), groups[job.id])
+                continue
+            open_now = attempts.get(job.id)
+            attempt = open_now[0] if open_now else None
             try:
-                self._step(job, attempts.get(job.id))
+                self._step(job, attempt)
             except TransitionError as exc:  # another writer moved the row: re-read next tick
                 log.warning("job %s: %s; re-reading", job.id, exc)
             except Exception as exc:  # one job's trouble never stops the others
-                self._controller_error(job, attempts.get(job.id), exc)
+                self._controller_error(job, attempt, exc)
         return len(jobs)
 
     def say(self, job: JobRow, what: str, why: str) -> None:
@@ -82,12 +96,123 @@ class JobReconciler:
             Phase.PROVISIONING: self._provisioning, Phase.SYNCING: self._syncing,
             Phase.SETTING_UP: self._setting_up, Phase.RUNNING: self._running, Phase.TEARDOWN: self._teardown,
         }
-        if attempt.phase != Phase.TEARDOWN and job.next_attempt_at and time.time() < job.next_attempt_at:
-            return  # backing off after a controller error
+        if attempt.phase != Phase.TEARDOWN and job.next_attempt_at and time.time() < job.next_attempt_at \
+                and (attempt.phase == Phase.PROVISIONING or not is_group(job.spec)):
+            return  # backing off after a controller error (a group's other tasks, already up, go on)
         if job.cancel_requested and attempt.phase not in (Phase.TEARDOWN, Phase.PROVISIONING):
+            if job.graceful_cancel and not self._stopped_gracefully(job, attempt):
+                return
             self._teardown_for(job, attempt, "cancelled by the user", final=JobStatus.CANCELLED)
             return
         handler[attempt.phase](job, attempt)
+
+    # --- jobs cancel --graceful ------------------------------------------------------------------------------
+
+    def _stopped_gracefully(self, job: JobRow, attempt: AttemptRow) -> bool:
+        """Before a graceful cancel's teardown: SIGTERM to the running setup or run on every node (the agent
+        SIGKILLs what is left after its grace), then the MOUNT_CACHED writes uploaded, as SkyPilot's
+        `jobs cancel --graceful` waits for them; False while that goes on. Past `--graceful-timeout` the teardown
+        goes ahead. Nothing is written: a restarted controller stops (idempotently) and uploads again."""
+        if attempt.phase not in (Phase.SETTING_UP, Phase.RUNNING):
+            return True  # nothing of the user's runs yet
+        if job.graceful_deadline is not None and time.time() >= job.graceful_deadline:
+            self.say(job, "graceful-timeout", f"task {attempt.task_index}: --graceful-timeout passed; tearing down")
+            return True
+        result = self.ctx.agent_ops.ensure(("graceful", attempt.id), self._stop_runs, job, attempt)
+        if result is None:
+            return False
+        self.say(job, "stopped", f"task {attempt.task_index}: runs stopped (SIGTERM)" +
+                 (", MOUNT_CACHED writes uploaded" if result.ok and result.value else "") +
+                 (f"; {result.error}" if not result.ok else ""))
+        return True
+
+    def _stop_runs(self, job: JobRow, attempt: AttemptRow) -> bool:
+        """(In the agent pool.) SIGTERM, grace, SIGKILL on every node; then the MOUNT_CACHED flush, if any."""
+        kind = "setup" if attempt.phase == Phase.SETTING_UP else "run"
+        self.runs.stop(attempt, kind, job)
+        if kind == "run" and self.files.has_cached(job):
+            self.files.flush(job, attempt, ())
+            return True
+        return False
+
+    # --- job groups: every task at once ----------------------------------------------------------------------
+
+    def _step_group(self, job: JobRow, attempts: list[AttemptRow], tasks: list[TaskRow]) -> None:
+        """One step of every task in progress of a job group, each as a pipeline's task would take it."""
+        by_task = {a.task_index: a for a in attempts}
+        ending = self._auxiliaries_to_end(job, tasks)
+        self._group = (by_task, tasks)
+        for task in tasks:
+            if task.status not in ACTIVE:
+                continue
+            job.current_task = task.task_index  # this in-memory view only: the handlers read the task from it
+            attempt = by_task.get(task.task_index)
+            try:
+                if job.cancel_requested or task.cancel_requested:
+                    self._stop_task(job, attempt, "cancelled by the user", graceful=bool(job.graceful_cancel))
+                elif task.task_index in ending:
+                    self._stop_task(job, attempt, ending[task.task_index], graceful=True)
+                elif attempt is None:
+                    self._no_attempt(job)
+                else:
+                    self._step(job, attempt)
+            except TransitionError as exc:
+                log.warning("job %s task %s: %s; re-reading", job.id, task.task_index, exc)
+            except Exception as exc:
+                self._controller_error(job, attempt, exc)
+
+    def _auxiliaries_to_end(self, job: JobRow, tasks: list[TaskRow]) -> dict[int, str]:
+        """Once every primary task has ended, the auxiliary tasks still in progress end: after their
+        `termination_delay` when every primary task succeeded, at once otherwise (SkyPilot's rule)."""
+        primaries = primary_indexes(job.spec)
+        if any(tasks[i].status in ACTIVE for i in primaries):
+            return {}
+        succeeded = all(tasks[i].status == JobStatus.SUCCEEDED for i in primaries)
+        done_at = max(tasks[i].ended_at or 0.0 for i in primaries)
+        delays = job.spec.get("termination_delay")
+        ending = {}
+        for task in tasks:
+            if task.status not in ACTIVE:
+                continue
+            delay = 0.0
+            if succeeded and isinstance(delays, dict):
+                delay = float(delays.get(task.name or "", delays.get("default", 0.0)) or 0.0)
+            elif succeeded and delays:
+                delay = float(delays)
+            if time.time() >= done_at + delay:
+                ending[task.task_index] = ("auxiliary task: the primary tasks " +
+                                           ("succeeded" if succeeded else "ended, not all succeeded") +
+                                           (f" (termination_delay {delay:g}s)" if delay else ""))
+        return ending
+
+    def _stop_task(self, job: JobRow, attempt: AttemptRow | None, why: str, *, graceful: bool) -> None:
+        """End one task of a group CANCELLED: its attempt torn down (an `up` in flight first finishes), or, with no
+        attempt, the task ended at once."""
+        if attempt is None:
+            self.store.end_task(job.id, job.current_task, JobStatus.CANCELLED, why)
+            self.say(job, "task-ended", f"task {job.current_task}: CANCELLED: {why}")
+            return
+        if attempt.phase == Phase.TEARDOWN:
+            self._teardown(job, attempt)
+            return
+        if attempt.phase == Phase.PROVISIONING and self.ctx.stack_ops.busy(("up", attempt.stack_name)):
+            self._provisioning(job, attempt)  # an `up` cannot be interrupted: collect it, then tear down
+            return
+        if graceful and not self._stopped_gracefully(job, attempt):
+            return
+        self._teardown_for(job, attempt, why, final=JobStatus.CANCELLED)
+
+    def _group_ready(self, job: JobRow, attempt: AttemptRow) -> bool:
+        """The barrier: every other task in progress has its nodes (SkyPilot launches every cluster of a group
+        before any task runs), so each task's run sees the others' addresses."""
+        by_task, tasks = self._group
+        for task in tasks:
+            if task.task_index == attempt.task_index or task.status not in ACTIVE or task.cancel_requested:
+                continue
+            other = by_task.get(task.task_index)
+            if other is None or other.phase not in (Phase.SYNCING, Phase.SETTING_UP, Phase.RUNNING):
+                return False
+        return True
 
     def _task(self, job: JobRow) -> dict[str, Any]:
         return job.spec["tasks"][job.current_task]
@@ -95,6 +220,14 @@ class JobReconciler:
     def _finish(self, job: JobRow, status: JobStatus, why: str | None) -> None:
         self.store.finish_job(job.id, status, why)
         self.say(job, "finished", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""))
+
+    def _end(self, job: JobRow, status: JobStatus, why: str | None) -> None:
+        """A task that has no attempt ends: the job with it, or, in a job group, that task alone."""
+        if not is_group(job.spec):
+            self._finish(job, status, why)
+            return
+        self.store.end_task(job.id, job.current_task, status, why)
+        self.say(job, "task-ended", f"task {job.current_task}: {status.value}" + (f": {why}" if why else ""))
 
     # --- no attempt: place the task, or finish ------------------------------------------------------------
 
@@ -131,7 +264,7 @@ class JobReconciler:
             if choice.no_capacity:
                 self._wait_for_capacity(job, choice.reason)
             else:
-                self._finish(job, JobStatus.FAILED_PRECHECKS, choice.reason)
+                self._end(job, JobStatus.FAILED_PRECHECKS, choice.reason)
             return
         cand = task["resources"][choice.candidate_index]
         spot = " (spot)" if choice.use_spot else ""
@@ -169,9 +302,10 @@ class JobReconciler:
         history = History(backoff_rounds=job.backoff_rounds, waiting_since=job.waiting_since)
         decision = decide(Failure.NO_CAPACITY, rules, history, now, reason=reason)
         if decision.action == "give_up":
-            self._finish(job, JobStatus.FAILED_NO_RESOURCE, decision.reason)
+            self._end(job, JobStatus.FAILED_NO_RESOURCE, decision.reason)
             return
-        self.store.wait_for_capacity(job.id, retry_at=now + decision.delay_s, reason=reason, why=decision.reason)
+        self.store.wait_for_capacity(job.id, retry_at=now + decision.delay_s, reason=reason, why=decision.reason,
+                                     task_index=job.current_task if is_group(job.spec) else None)
         self.say(job, "backoff", decision.reason)
 
     # --- PROVISIONING: pulumi up ----------------------------------------------------------------------------
@@ -246,6 +380,9 @@ class JobReconciler:
     # --- SYNCING: workdir and file mounts to every node --------------------------------------------------------
 
     def _syncing(self, job: JobRow, attempt: AttemptRow) -> None:
+        if is_group(job.spec) and not self.ctx.agent_ops.busy(("sync", attempt.id)) \
+                and not self._group_ready(job, attempt):
+            return  # waiting for the group's other clusters
         result = self.ctx.agent_ops.ensure(("sync", attempt.id), self.files.sync, job, attempt)
         if result is None:
             return
@@ -402,7 +539,7 @@ class JobReconciler:
                 self.store.controller_error(job.id, failures=failures, retry_at=time.time() + delay,
                                             why=f"{why}; retry {failures} in {delay:.0f}s")
             elif attempt is None:
-                self._finish(job, JobStatus.FAILED_CONTROLLER, why)
+                self._end(job, JobStatus.FAILED_CONTROLLER, why)
             elif attempt.phase in (Phase.SYNCING, Phase.SETTING_UP, Phase.RUNNING):
                 self._teardown_for(job, attempt, why, final=JobStatus.FAILED_CONTROLLER)
         except TransitionError as again:

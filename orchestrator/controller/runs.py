@@ -11,6 +11,7 @@ starts what never started and re-attaches to what did; the agent refuses a secon
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from orchestrator.infra.agent_client import AgentClient, AgentError
 from orchestrator.policy.run_env import node_env, pool_job_env
 from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
+from state.transitions import is_group
 
 
 class RunRefused(Exception):
@@ -53,6 +55,7 @@ class NodeRuns:
         ips = [n["ip"] for n in sorted(attempt.nodes or [], key=lambda n: n["rank"])]
         accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
         found = {}
+        group = self._group_env(job) if is_group(job.spec) else None
         for node in attempt.nodes or []:
             env = node_env(envs=task.get("envs") or {}, secrets=secrets, job_id=job.id, job_name=job.name,
                            task_index=attempt.task_index, submitted_at=job.submitted_at, rank=node["rank"], ips=ips,
@@ -67,8 +70,27 @@ class NodeRuns:
                 scratch = job_dir(job.id)
                 command = (f'mkdir -p "{scratch}" && export SORTIE_JOB_DIR="{scratch}" TMPDIR="{scratch}"\n'
                            f"{command}")
+            if group is not None:
+                env.update(group)
             found[node["rank"]] = (command, env)
         return found
+
+    def _group_env(self, job: JobRow) -> dict[str, str]:
+        """A job group's task learns of the others: SkyPilot's `SKYPILOT_JOBGROUP_NAME`, and (Sortie's) each
+        task's head address `SORTIE_JOBGROUP_HOST_<TASK>` and `SORTIE_JOBGROUP_HOSTS`, lines of
+        `<ip> <task>-<rank>.<group>` (SkyPilot's hostnames, in /etc/hosts form), from the attempts in progress."""
+        name = job.name or job.spec.get("name") or f"job-{job.id}"
+        env = {"SKYPILOT_JOBGROUP_NAME": name, "SORTIE_JOBGROUP_NAME": name}
+        lines = []
+        for other in self.ctx.store.open_attempts_of([job.id]).get(job.id, []):
+            nodes = sorted(other.nodes or [], key=lambda n: n["rank"])
+            if not nodes:
+                continue
+            task_name = job.spec["tasks"][other.task_index].get("name") or f"task{other.task_index}"
+            env[f"SORTIE_JOBGROUP_HOST_{re.sub(r'[^A-Za-z0-9]', '_', task_name).upper()}"] = nodes[0]["ip"]
+            lines += [f"{n['ip']} {task_name}-{n['rank']}.{name}" for n in nodes]
+        env["SORTIE_JOBGROUP_HOSTS"] = "\n".join(lines)
+        return env
 
     def _poll(self, job: JobRow, attempt: AttemptRow, kind: str) -> list[NodeRun]:
         """Each node's run: started if missing, its status, then its new log bytes (read after the status, so an
@@ -144,12 +166,15 @@ class NodeRuns:
         for key in [k for k in self._polled_at if k[0] == attempt_id]:
             del self._polled_at[key]
 
-    def stop(self, attempt: AttemptRow, kind: str = "run") -> list[Any]:
-        """Cancel the attempt's run on every node that answers (a pool job's end: the worker stays)."""
+    def stop(self, attempt: AttemptRow, kind: str = "run", job: JobRow | None = None) -> list[Any]:
+        """Cancel the attempt's run on every node that answers (a pool job's end: the worker stays). With `job`,
+        the run's last log lines (what it said on SIGTERM) are copied too, before the nodes go."""
         stopped = []
-        for _node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+        for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
             try:
                 stopped.append(client.cancel(run_id(kind, attempt)))
+                if job is not None:
+                    self._copy_log(job, attempt, kind, node["rank"], client, run_id(kind, attempt))
             except AgentError:
                 continue
         return stopped

@@ -1,8 +1,8 @@
 """The documents of a task YAML before validation: YAML with duplicate keys refused, the header document of a
 pipeline or job group, `service:` sections dropped with a warning, and `config:` per-task overrides checked.
 
-Job groups (SkyPilot's `execution: parallel` header) are parsed, checked and planned here; running their tasks
-at once belongs to the controller, and until it does `jobs launch` refuses them (`JOB_GROUPS_NOT_SUPPORTED`).
+Job groups (SkyPilot's `execution: parallel` header) are parsed, checked and planned here; the controller runs
+their tasks at once (`orchestrator.controller.jobs`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from orchestrator.spec.values import Bad, kind, parse_duration, parse_name, show
 
 HEADER_KEYS = frozenset({"name", "execution", "primary_tasks", "termination_delay"})
 EXECUTIONS = ("serial", "parallel")
-JOB_GROUPS_NOT_SUPPORTED = "execution: job groups (execution: parallel) are not supported yet"
 SERVICE_IGNORED = "service: ignored; `jobs launch` runs the task as a managed job (SkyServe services are not " \
     "supported), as SkyPilot's `jobs launch` does"
 MAX_YAML_BYTES = 4 * 1024 * 1024

@@ -4,10 +4,12 @@ warnings, `-h`, queue/logs/cancel/endpoints flags, pool apply names and --worker
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from state.store import StateStore
 from tests.unit.test_cli_jobs import job_count, no_controller, run_cli  # noqa: F401 - no_controller is a fixture
 
 GROUP = ("name: rl\nexecution: parallel\nprimary_tasks: [trainer]\n---\nname: trainer\nrun: echo t\n---\n"
@@ -24,7 +26,7 @@ def test_an_infeasible_request_exits_non_zero_and_submits_nothing(
     assert job_count(sortie_home) == 0
 
 
-def test_a_job_group_is_planned_by_dryrun_but_refused_at_launch(
+def test_a_job_group_is_planned_by_dryrun_and_launched_as_one_job(
         sortie_home: Path, tmp_path: Path, no_controller: None, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "group.yaml"
@@ -34,10 +36,12 @@ def test_a_job_group_is_planned_by_dryrun_but_refused_at_launch(
     plan = json.loads(out)
     assert plan["execution"] == "parallel" and plan["primary_tasks"] == ["trainer"] and len(plan["tasks"]) == 2
     code, out, _ = run_cli(["jobs", "launch", "--dryrun", str(path)], monkeypatch, capsys)
-    assert code == 0 and "job group" in out and "not supported yet" in out
-    code, _, err = run_cli(["jobs", "launch", "-y", "-d", str(path)], monkeypatch, capsys)
-    assert code == 2 and "job groups (execution: parallel) are not supported yet" in err
+    assert code == 0 and "job group" in out and "not supported yet" not in out
     assert job_count(sortie_home) == 0
+    code, out, _ = run_cli(["jobs", "launch", "-y", "-d", str(path)], monkeypatch, capsys)
+    assert code == 0 and "submitted: ID 1" in out and job_count(sortie_home) == 1
+    code, _, err = run_cli(["jobs", "launch", "-y", "-d", "-p", "gpus", str(path)], monkeypatch, capsys)
+    assert code == 2 and "a job group (execution: parallel) runs each task on its own cluster" in err
 
 
 def test_service_sections_warn_and_the_job_launches(
@@ -134,9 +138,17 @@ def test_cancel_flags(sortie_home: Path, no_controller: None, monkeypatch: pytes
                       capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["jobs", "launch", "-y", "-d", "echo hi"], monkeypatch, capsys)[0] == 0
     code, _, err = run_cli(["jobs", "cancel", "-y", "--task", "trainer", "1"], monkeypatch, capsys)
-    assert code == 2 and "--task" in err and "not supported yet" in err
-    code, _, err = run_cli(["jobs", "cancel", "-y", "--graceful", "1"], monkeypatch, capsys)
-    assert code == 2 and "--graceful: not supported yet" in err
+    assert code == 2 and "job 1 has no task 'trainer' (tasks: 0 (sky-cmd))" in err
+    code, _, err = run_cli(["jobs", "cancel", "-y", "--graceful-timeout", "5", "1"], monkeypatch, capsys)
+    assert code == 2 and "--graceful-timeout: only with --graceful" in err
+    code, _, err = run_cli(["jobs", "cancel", "-y", "--task", "0", "-u"], monkeypatch, capsys)
+    assert code == 2 and "--task: give one job" in err
+    code, out, _ = run_cli(["jobs", "cancel", "-y", "--graceful", "--graceful-timeout", "30", "1"], monkeypatch,
+                           capsys)
+    assert code == 0 and "Job 1: cancelling gracefully" in out
+    job = StateStore(sortie_home).job(1)
+    assert job is not None and job.cancel_requested and job.graceful_cancel
+    assert job.graceful_deadline is not None and job.graceful_deadline > time.time() + 20
     code, out, _ = run_cli(["jobs", "cancel", "-y", "-u"], monkeypatch, capsys)
     assert code == 0 and "Job 1: cancelling" in out
 

@@ -142,10 +142,73 @@ def pool_job(home: Path) -> Lifecycle:
     return Lifecycle(store, driver, FakeAgents(driver), ids, done, between)
 
 
+def submit_group(store: StateStore, *tasks: dict[str, Any], primary: list[str] | None = None,
+                 delay: float | None = None) -> list[int]:
+    spec = {"name": "g", "is_pipeline": True, "execution": "parallel", "primary_tasks": primary,
+            "termination_delay": delay, "tasks": list(tasks)}
+    return store.submit(spec, [{} for _ in tasks], user="u")
+
+
+def group(home: Path) -> Lifecycle:
+    """A job group of two tasks, both run at once (the second with a setup), both succeed."""
+    store, driver = open_store(home), FakeStackDriver()
+    ids = submit_group(store, task("a", "echo a"), task("b", "echo b", setup="echo s"))
+    return Lifecycle(store, driver, FakeAgents(driver), ids, ended(ids))
+
+
+def group_failing(home: Path) -> Lifecycle:
+    """A job group whose primary task fails (one restart spent first) while its auxiliary server runs: the server
+    is ended at once, CANCELLED, and the group takes the trainer's FAILED."""
+    store, driver = open_store(home), FakeStackDriver()
+    ids = submit_group(store, task("trainer", "exit 1", job_recovery={"max_restarts_on_errors": 1}),
+                       task("server", "serve forever"), primary=["trainer"], delay=30.0)
+    agents = FakeAgents(driver, hold=lambda node, run_id, command: "serve" in command)
+    return Lifecycle(store, driver, agents, ids, ended(ids))
+
+
+def group_cancel_task(home: Path) -> Lifecycle:
+    """`jobs cancel --task server --graceful` of a group: that task alone ends CANCELLED (its run stopped first),
+    the trainer goes on and succeeds, and the group is SUCCEEDED (the server is auxiliary)."""
+    store, driver = open_store(home), FakeStackDriver()
+    ids = submit_group(store, task("trainer", "train"), task("server", "serve forever"), primary=["trainer"])
+    agents = FakeAgents(driver, hold=lambda node, run_id, command: run_id.startswith("run-"))
+    user = open_store(home)
+
+    def between(_store: StateStore, _drv: FakeStackDriver) -> None:
+        running = [r for runs in agents.runs.values() for r in runs.values() if r.state == "running"]
+        if len(running) == 2:  # both run at once: the user cancels the server, then the trainer ends
+            user.request_cancel(ids[0], "u", task_index=1, graceful=True)
+        tasks = user.tasks(ids)[ids[0]]
+        if tasks[1].status == "CANCELLED":
+            for runs in agents.runs.values():
+                for run in runs.values():
+                    if run.state == "running":
+                        run.state, run.exit_code = "exited", 0
+
+    return Lifecycle(store, driver, agents, ids, ended(ids), between)
+
+
+def graceful_cancel(home: Path) -> Lifecycle:
+    """`jobs cancel --graceful` of a running job: its run is stopped (SIGTERM) before the teardown."""
+    store, driver = open_store(home), FakeStackDriver()
+    ids = submit(store, task("t", "echo forever"))
+    agents = FakeAgents(driver, hold=lambda node, run_id, command: run_id.startswith("run-"))
+    user = open_store(home)
+
+    def between(_store: StateStore, _drv: FakeStackDriver) -> None:
+        if held_node(agents):
+            user.request_cancel(ids[0], "u", graceful=True, graceful_timeout=600)
+
+    return Lifecycle(store, driver, agents, ids, ended(ids), between)
+
+
 LIFECYCLES = {"single": single, "failing-with-restarts": failing_with_restarts, "pipeline": pipeline,
-              "preemption": preemption, "cancel": cancel, "pool-job": pool_job}
+              "preemption": preemption, "cancel": cancel, "pool-job": pool_job, "group": group,
+              "group-failing": group_failing, "group-cancel-task": group_cancel_task,
+              "graceful-cancel": graceful_cancel}
 EXPECTED = {"single": "SUCCEEDED", "failing-with-restarts": "FAILED", "pipeline": "SUCCEEDED",
-            "preemption": "SUCCEEDED", "cancel": "CANCELLED", "pool-job": "SUCCEEDED"}
+            "preemption": "SUCCEEDED", "cancel": "CANCELLED", "pool-job": "SUCCEEDED", "group": "SUCCEEDED",
+            "group-failing": "FAILED", "group-cancel-task": "SUCCEEDED", "graceful-cancel": "CANCELLED"}
 
 
 def play(tmp_path: Path, name: str, crash_at: int | None, *, leases: bool = False) -> Outcome:
@@ -182,7 +245,8 @@ def test_a_crash_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: st
     print(f"\n{name}: {baseline.writes} crash points tried, each ended as without a crash")
 
 
-@pytest.mark.parametrize("name", ["pipeline", "pool-job"])  # a job lease; a pool lease with its job
+@pytest.mark.parametrize("name", ["pipeline", "pool-job", "group-failing", "group-cancel-task"])  # a job lease; a
+# pool lease with its job; a job group's transitions (each task's, the group's end, a task's cancel) under the lease
 def test_a_replica_crashed_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14: the same with the controller as a replica: its claims and lease renewals are writes too, every
@@ -213,3 +277,12 @@ def test_the_lifecycles_cover_what_they_claim(tmp_path: Path, monkeypatch: pytes
     assert list(preempted.recoveries.values()) == [[1]] and len(preempted.stacks_up) == 2
     cancelled = play(tmp_path, "cancel", None)
     assert list(cancelled.attempts.values()) == [1]
+    grouped = play(tmp_path, "group", None)
+    assert list(grouped.task_statuses.values()) == [["SUCCEEDED"] * 2] and len(grouped.stacks_up) == 2
+    failing = play(tmp_path, "group-failing", None)
+    assert list(failing.task_statuses.values()) == [["FAILED", "CANCELLED"]]
+    assert list(failing.restarts.values()) == [[1, 0]] and list(failing.attempts.values()) == [3]
+    one_cancelled = play(tmp_path, "group-cancel-task", None)
+    assert list(one_cancelled.task_statuses.values()) == [["SUCCEEDED", "CANCELLED"]]
+    graceful = play(tmp_path, "graceful-cancel", None)
+    assert list(graceful.attempts.values()) == [1]

@@ -22,7 +22,6 @@ CLOUDS = ("local", "aws", "gcp", "azure")
 FILES = sorted(p.name for p in CORPUS.glob("*.yaml"))
 # What `jobs launch` still refuses in this corpus, and why (README: SkyPilot task YAMLs).
 REFUSED = {
-    "job_group.yaml": "job groups (execution: parallel) are not supported yet",
     "config_overrides.yaml": "No feasible resources",  # Kubernetes has no offers in the optimizer yet
 }
 

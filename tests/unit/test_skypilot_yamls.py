@@ -126,8 +126,7 @@ def test_job_group_headers_are_parsed_and_checked() -> None:
         'execution: must be serial or parallel, not "sometimes"']
     serial = load_yaml_text("name: p\nexecution: serial\n---\nrun: x\n---\nrun: y\n")
     assert not serial.is_job_group and serial.is_pipeline and "execution" not in serial.to_json()
-    refusals = launch_refusals(group, CONFIG, enabled=CLOUDS)
-    assert refusals == ["execution: job groups (execution: parallel) are not supported yet"]
+    assert launch_refusals(group, CONFIG, enabled=CLOUDS) == []  # job groups launch
 
 
 def test_new_launch_overrides_apply_and_name_their_flag(tmp_path: Path) -> None:
