@@ -37,10 +37,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Float(), nullable=True),
         sa.Column("acquired_at", sa.Float(), nullable=True),
     )
-    with op.batch_alter_table("events") as batch:
-        batch.add_column(sa.Column("replica", sa.String(128), nullable=True))
-    with op.batch_alter_table("pool_events") as batch:
-        batch.add_column(sa.Column("replica", sa.String(128), nullable=True))
+    # plain ADD COLUMN (no batch mode: on SQLite it would copy the table)
+    op.add_column("events", sa.Column("replica", sa.String(128), nullable=True))
+    op.add_column("pool_events", sa.Column("replica", sa.String(128), nullable=True))
     op.create_index("ix_jobs_lock_owner", "jobs", ["lock_owner"])
 
 
