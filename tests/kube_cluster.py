@@ -163,7 +163,8 @@ class KubeCluster:
             time.sleep(0.5)
 
     def add_node(self, name: str, *, cpu: str = "8", memory: str = "32Gi", pods: str = "110",
-                 gpus: int = 0, labels: dict[str, str] | None = None) -> None:
+                 gpus: int = 0, labels: dict[str, str] | None = None,
+                 taints: list[dict[str, str]] | None = None) -> None:
         """A simulated node (kwok manages it: it becomes Ready and runs the pods bound to it, without executing)."""
         capacity = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "100Gi"}
         if gpus:
@@ -172,6 +173,7 @@ class KubeCluster:
                 "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
                              "labels": {"kubernetes.io/hostname": name, "type": "kwok",
                                         "kubernetes.io/os": "linux", **(labels or {})}},
+                "spec": {"taints": taints or []},
                 "status": {"capacity": capacity, "allocatable": capacity}}
         status, body = self.api("POST", "/api/v1/nodes", node)
         assert status == 201, f"creating node {name}: {status} {body.get('message')}"

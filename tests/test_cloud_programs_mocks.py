@@ -143,7 +143,11 @@ class CloudMocks(pulumi.runtime.Mocks):
         if args.typ == AZ_VM:
             return f"/vm/{args.name}", {**inputs, "vmId": f"vm-guid-{n}"}
         if args.typ == K8S_POD:
-            return f"default/{args.name}", {**inputs, "status": {"podIP": f"10.244.0.{n}", "phase": "Running"}}
+            # The provider names a pod without `metadata.name` `<resource name>-<8 random>`.
+            metadata = {**inputs.get("metadata", {})}
+            metadata.setdefault("name", f"{args.name}-0a1b2c3d")
+            return f"default/{metadata['name']}", {**inputs, "metadata": metadata,
+                                                    "status": {"podIP": f"10.244.0.{n}", "phase": "Running"}}
         if args.typ == STACK_REF:
             return inputs["name"], {**inputs, "outputs": STACK_OUTPUTS, "secretOutputNames": []}
         if "name" not in inputs and args.typ.startswith(("azure-native:", "gcp:")):
@@ -491,7 +495,7 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     pods = harness.mocks.of_type(K8S_POD)
     assert len(pods) == 2
     for rank, pod in enumerate(pods):
-        assert pod["metadata"]["name"] == f"sortie-job-7-1-{rank}"
+        assert "name" not in pod["metadata"]  # the provider names it (a fixed name breaks its replace preview)
         assert pod["metadata"]["namespace"] == "sortie-job-7-1"  # the cluster's own namespace
         assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == (f"sortie-job-7-1-{rank}", "sortie-job-7-1")
         (container,) = pod["spec"]["containers"]
@@ -522,7 +526,7 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     assert service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1"}
 
     nodes, _ = exports["nodes"]
-    assert [n["node_id"] for n in nodes] == ["sortie-job-7-1-0", "sortie-job-7-1-1"]
+    assert [n["node_id"] for n in nodes] == ["sortie-job-7-1-node-0-0a1b2c3d", "sortie-job-7-1-node-1-0a1b2c3d"]
     for node in nodes:
         assert node["ip"].startswith("10.244.0.") and node["url"] == f"http://{node['ip']}:8470"
         assert node["spot"] is use_spot

@@ -34,7 +34,9 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     with kube_cluster(tmp_path_factory.mktemp("kube")) as cluster:
         cluster.add_node("kwok-cpu", cpu="8", memory="32Gi")
         cluster.add_node("kwok-gpu", cpu="16", memory="64Gi", gpus=2,
-                         labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
+                         labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                         # As GKE and the GPU operator do: only pods that tolerate it (GPU pods) land there.
+                         taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
         yield cluster
 
 
@@ -86,8 +88,9 @@ def test_cluster_objects_through_the_real_provider_and_destroy_removes_them(kube
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {"sortie-cluster": "sortie-k8s-7-1"}
 
-    pods = sorted(_pods(kube, namespace), key=lambda p: p["metadata"]["name"])
-    assert [p["metadata"]["name"] for p in pods] == ["sortie-k8s-7-1-0", "sortie-k8s-7-1-1"]
+    pods = sorted(_pods(kube, namespace), key=lambda p: p["metadata"]["labels"]["sortie-rank"])
+    # The provider names each pod (`<resource>-<8 random>`); the hostname is the stable `<cluster>-<rank>`.
+    assert [p["metadata"]["name"][:-9] for p in pods] == ["sortie-k8s-7-1-node-0", "sortie-k8s-7-1-node-1"]
     for rank, pod in enumerate(pods):
         labels = pod["metadata"]["labels"]
         assert (labels["sortie-rank"], labels["sortie-job"], labels["sortie-attempt"], labels["team"]) == (
@@ -101,6 +104,7 @@ def test_cluster_objects_through_the_real_provider_and_destroy_removes_them(kube
         assert pod["status"]["phase"] == "Running"
     nodes = up.outputs["nodes"]
     assert [n["rank"] for n in nodes] == [0, 1] and all(n["ip"] for n in nodes)
+    assert [n["node_id"] for n in nodes] == [p["metadata"]["name"] for p in pods]
 
     (state_file,) = (kdriver.home / "pulumi-backend").rglob(f"{spec.name}.json")
     assert json.loads(state_file.read_text())["checkpoint"]["latest"]["resources"]
@@ -115,7 +119,9 @@ def test_a_deleted_pod_is_gone_for_refresh_and_up_brings_it_back(kube: KubeClust
     program = StackProgram("cluster", spec)
     kdriver.up(spec.name, program)
     namespace = "sortie-k8s-8-1"
-    status, _ = kube.api("DELETE", f"/api/v1/namespaces/{namespace}/pods/sortie-k8s-8-1-0?gracePeriodSeconds=0")
+    (pod,) = _pods(kube, namespace)
+    status, _ = kube.api("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}"
+                                   "?gracePeriodSeconds=0")
     assert status == 200
     kube.wait("the pod to be gone", lambda: not _pods(kube, namespace))
     refreshed = kdriver.refresh(spec.name)
@@ -220,7 +226,7 @@ def test_forbidden_namespace_fails_clearly_and_leaves_nothing(tmp_path: Path, ku
     assert not kube.items("/api/v1/namespaces/team-b/pods")
     allowed = dataclasses.replace(spec, kube_namespace="team-a")  # its own namespace works with the same token
     kdriver.up(allowed.name, StackProgram("cluster", allowed))
-    assert [p["metadata"]["name"] for p in _pods(kube, "team-a")] == ["sortie-k8s-10-1-0"]
+    assert [p["spec"]["hostname"] for p in _pods(kube, "team-a")] == ["sortie-k8s-10-1-0"]
     kdriver.destroy(allowed.name)
     assert not _pods(kube, "team-a")
 
@@ -246,7 +252,8 @@ def test_jobs_launch_infra_kubernetes_makes_real_objects_and_cancel_removes_them
     sortie.env["KUBECONFIG"] = str(kube.kubeconfig)
     job_id = sortie.launch("--infra", "kubernetes", "--cpus", "4+", "echo hi")
     selector = f"/api/v1/pods?labelSelector=sortie-job%3D{job_id}"
-    (pod,) = kube.wait("the job's pod", lambda: kube.items(selector), timeout=180)
+    (pod,) = kube.wait("the job's pod, bound to a node", lambda: [
+        p for p in kube.items(selector) if p["spec"].get("nodeName")], timeout=180)
     labels = pod["metadata"]["labels"]
     assert (labels["sortie"], labels["team"], labels["sortie-attempt"]) == ("owner", "ml-infra", "1")
     namespace = pod["metadata"]["namespace"]
