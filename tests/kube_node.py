@@ -139,6 +139,8 @@ def pause_layer(work: Path) -> bytes:
 
 
 def _containerd_config(root: Path) -> str:
+    runc = os.environ.get("SORTIE_TEST_RUNC")  # a runc wrapper, for debugging the node
+    binary = f'\n        BinaryName = "{runc}"' if runc else ""
     return f"""version = 2
 root = "{root}/containerd-root"
 state = "{root}/containerd-state"
@@ -146,12 +148,15 @@ state = "{root}/containerd-state"
   address = "{root}/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
+  # This VM's root lacks CAP_SYS_RESOURCE, so runc may not lower a container's oom_score_adj below its own (the
+  # sandbox's -998 fails: "nsexec: failed to update /proc/self/oom_score_adj: Permission denied"). Clamp it.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
+        SystemdCgroup = false{binary}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{root}/cni"
@@ -200,11 +205,9 @@ def real_node(cluster: KubeCluster, name: str = "sortie-node-0", timeout: float 
         (root / "kubelet.yaml").write_text(_kubelet_config(root, cluster))
         _start(cluster, "kubelet", [str(kubelet), f"--config={root / 'kubelet.yaml'}",
                                     f"--kubeconfig={cluster.kubeconfig}", f"--root-dir={root / 'kubelet'}",
-                                    f"--hostname-override={name}", "--v=1"])
+                                    f"--hostname-override={name}", "--node-ip=127.0.0.1", "--v=1"])
         started.append("kubelet")
-        cluster.wait(f"node {name} Ready", lambda: (_check_alive(cluster), any(
-            c["type"] == "Ready" and c["status"] == "True" for c in cluster.api("GET", f"/api/v1/nodes/{name}")[1]
-            .get("status", {}).get("conditions", [])))[1], timeout)
+        cluster.wait(f"node {name} Ready", lambda: (_check_alive(cluster), _ready_node(cluster, name))[1], timeout)
         yield name
     finally:
         for proc_name in reversed(started):
@@ -220,6 +223,12 @@ def real_node(cluster: KubeCluster, name: str = "sortie-node-0", timeout: float 
         subprocess.run(["umount", "-R", str(root / "kubelet")], capture_output=True, check=False)
         subprocess.run(["ip", "link", "delete", "sortie0"], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _ready_node(cluster: KubeCluster, name: str) -> bool:
+    status, node = cluster.api("GET", f"/api/v1/nodes/{name}")
+    return status == 200 and any(c["type"] == "Ready" and c["status"] == "True"
+                                 for c in node.get("status", {}).get("conditions", []))
 
 
 def _stop_leftover_shims(root: Path) -> None:

@@ -42,7 +42,7 @@ def test_a_job_runs_in_a_real_pod_and_recovers_from_its_deletion(
     job_id = int(re.search(r"submitted: ID (\d+)", out).group(1))
     assert f"Managed job finished: {job_id} (status: SUCCEEDED)" in out, out
     logs = sortie.logs(job_id)
-    assert "setup-in-pod (3, 11)" in logs and f"run-in-pod rank=0 host=sortie-job-{job_id}-1-0" in logs
+    assert "setup-in-pod (3, 11)" in logs and f"run-in-pod rank=0 host=sortie-job-{job_id}-t0-1-0" in logs
 
     # Preemption: the pod is deleted while the job runs; refresh sees it gone and the job runs again.
     long_yaml = write(tmp_path, "long.yaml", "resources:\n  infra: kubernetes\n"
