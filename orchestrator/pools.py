@@ -2,12 +2,13 @@
 next. No I/O here, so every rule is tested against plain values.
 
 In place or recreate (the seed's rule, refined by the provider's diff where it can tell: see
-`follow_provider_diff`): a worker is defined by its setup, file mounts, workdir, resources,
-node count, envs and `config` (pod_config, docker run options). An apply that changes only the worker count (or
-the autoscaling policy) scales in place: new worker stacks, or idle workers destroyed, never a busy one. An apply that changes what defines a worker
-recreates them, rolling: new workers are created and set up first, old ones drain (finish their jobs) and are
-destroyed, one old worker per new READY worker, so a pool with pending jobs never drops to zero READY
-workers. With `workdir` or `file_mounts`, every apply recreates (the files may have changed), as SkyPilot does.
+`follow_provider_diff`): a worker is defined by its setup, file mounts, workdir, resources, node count, envs and
+`config` (pod_config, docker run options). An apply that changes only the worker count (or the autoscaling policy)
+scales in place: new worker stacks, or idle workers destroyed, never a busy one. An apply that changes what
+defines a worker recreates them, rolling: new workers are created and set up first, old ones drain (finish their
+jobs) and are destroyed, one old worker per new READY worker, so a pool with pending jobs never drops to zero
+READY workers. With `workdir` or `file_mounts`, every apply recreates (the files may have changed), as SkyPilot
+does.
 """
 
 from __future__ import annotations

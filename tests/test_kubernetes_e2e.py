@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from orchestrator.config import KubernetesConfig, SortieConfig
 from stacks.spec import ClusterSpec, StackProgram
 from tests.kube_cluster import KubeCluster, kube_cluster, kubeconfig_yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
-    os.environ.get("SORTIE_TEST_KUBERNETES") != "1",
-    reason="opt-in (SORTIE_TEST_KUBERNETES=1): the provider plugin's cold build has not yet run green here")]
+pytestmark = [pytest.mark.e2e]
 
 TOKEN = "kube-e2e-token-7c1f9a0d2b"  # must never appear in clear in stack state
 
@@ -131,6 +128,32 @@ def test_a_deleted_pod_is_gone_for_refresh_and_up_brings_it_back(kube: KubeClust
     (pod,) = _pods(kube, namespace)
     assert pod["status"]["phase"] == "Running"
     kdriver.destroy(spec.name)
+    assert _namespace_gone(kube, namespace)
+
+
+def test_a_deleted_node_takes_its_pod_and_refresh_sees_it_gone(kube: KubeCluster, kdriver) -> None:
+    """A node that disappears (a spot VM reclaimed, a node pool scaled down): the pod garbage collector removes the
+    pods bound to it, `refresh` sees the pod gone, and `up` makes it again on a node that can hold it."""
+    kube.add_node("kwok-spare", cpu="4", memory="16Gi", labels={"sortie.dev/spot": "true"},
+                  taints=[{"key": "sortie.dev/spot", "value": "true", "effect": "NoSchedule"}])
+    spec = _spec("sortie-k8s-12-1", instance_type="4CPU--16GB", use_spot=True,
+                 pod_config={"spec": {"nodeSelector": {"kubernetes.io/hostname": "kwok-spare"}}})
+    program = StackProgram("cluster", spec)
+    kdriver.up(spec.name, program)
+    namespace = "sortie-k8s-12-1"
+    (pod,) = _pods(kube, namespace)
+    assert pod["spec"]["nodeName"] == "kwok-spare"
+    kube.delete_node("kwok-spare")
+    kube.wait("the pod of the deleted node to be collected", lambda: not _pods(kube, namespace), timeout=150)
+    refreshed = kdriver.refresh(spec.name)
+    assert [r.type for r in refreshed.gone] == ["kubernetes:core/v1:Pod"]
+    kube.add_node("kwok-spare", cpu="4", memory="16Gi", labels={"sortie.dev/spot": "true"},
+                  taints=[{"key": "sortie.dev/spot", "value": "true", "effect": "NoSchedule"}])
+    kdriver.up(spec.name, program)
+    (again,) = _pods(kube, namespace)
+    assert again["metadata"]["uid"] != pod["metadata"]["uid"] and again["status"]["phase"] == "Running"
+    kdriver.destroy(spec.name)
+    kube.delete_node("kwok-spare")
     assert _namespace_gone(kube, namespace)
 
 

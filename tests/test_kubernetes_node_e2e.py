@@ -6,7 +6,6 @@ its logs come back; deleting the pod is a preemption the job recovers from."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +14,11 @@ import pytest
 
 from tests.e2e import write
 from tests.kube_cluster import KubeCluster, kube_cluster
-from tests.kube_node import real_node
+from tests.kube_node import node_unavailable, real_node
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
-    os.environ.get("SORTIE_TEST_KUBERNETES") != "1",
-    reason="opt-in (SORTIE_TEST_KUBERNETES=1): the provider plugin's cold build has not yet run green here")]
+_WHY_NOT = node_unavailable()
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_WHY_NOT is not None,
+                                                  reason=f"this machine cannot run a real node: {_WHY_NOT}")]
 
 
 @pytest.fixture(scope="module")
@@ -127,5 +126,6 @@ def test_pool_apply_dry_run_shows_the_real_providers_preview(
     sortie.run("jobs", "pool", "down", "-y", "kp")
     kube.wait("the pool to go down", lambda: not json.loads(
         sortie.run("jobs", "pool", "status", "--json").stdout), timeout=180)
-    kube.wait("the worker's namespace to be deleted", lambda: kube.api("GET", f"/api/v1/namespaces/{pod['metadata']['namespace']}")[0] == 404,
-              timeout=120)
+    namespace = pod["metadata"]["namespace"]
+    kube.wait("the worker's namespace to be deleted",
+              lambda: kube.api("GET", f"/api/v1/namespaces/{namespace}")[0] == 404, timeout=120)
