@@ -300,3 +300,36 @@ def test_engine_install_and_status_list_the_plugin(k8s_plugin, sortie_home: Path
     assert bad.returncode != 0 and "--plugin 'aws': Sortie builds only kubernetes" in bad.stderr
     assert "Traceback" not in bad.stderr
 
+
+
+def test_a_job_whose_pod_stays_pending_goes_to_the_next_infra(
+        kube: KubeCluster, k8s_plugin, sortie_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster's CPU node is full (the optimizer still offers its shape): the job's pod stays Pending, the
+    provider's error carries the scheduler's message after `pod_timeout_s`, Sortie classes it as no capacity and
+    the job runs on the next infra of its `any_of` (the local cloud), with the Kubernetes attempt's namespace gone."""
+    from tests.e2e import write
+
+    assert kube.api("POST", "/api/v1/namespaces", {"metadata": {"name": "blocker"}})[0] in (201, 409)
+    blocker = {"metadata": {"name": "hog", "namespace": "blocker"},
+               "spec": {"nodeSelector": {"kubernetes.io/hostname": "kwok-cpu"},
+                        "containers": [{"name": "hog", "image": "hog:1",
+                                        "resources": {"requests": {"cpu": "7", "memory": "1Gi"}}}]}}
+    assert kube.api("POST", "/api/v1/namespaces/blocker/pods", blocker)[0] == 201
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+        sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n"
+                            "kubernetes:\n  pod_timeout_s: 10\n")
+        sortie.env["KUBECONFIG"] = str(kube.kubeconfig)
+        yaml = write(tmp_path, "failover.yaml", "resources:\n  cpus: 2+\n  any_of:\n    - infra: kubernetes\n"
+                     "    - infra: local\nrun: echo ran-here\n")
+        job_id = sortie.launch(yaml)
+        job = sortie.wait(job_id, timeout=300)
+        controller_log = sortie.logs(job_id, "--controller")
+        assert job["status"] == "SUCCEEDED", controller_log
+        assert "Insufficient cpu" in controller_log, controller_log
+        assert "ran-here" in sortie.logs(job_id)
+        kube.wait("no namespace of the job left", lambda: not [
+            ns for ns in kube.items("/api/v1/namespaces") if ns["metadata"]["name"].startswith(f"sortie-job-{job_id}-")
+        ], timeout=120)
+    finally:
+        kube.api("DELETE", "/api/v1/namespaces/blocker")
