@@ -261,6 +261,7 @@ def test_a_pod_no_node_can_hold_is_no_capacity(kube: KubeCluster, kdriver) -> No
     with pytest.raises(NoCapacityError) as failed:
         kdriver.up(spec.name, StackProgram("cluster", spec))
     assert "Insufficient cpu" in failed.value.message and "\n" not in failed.value.message
+    assert "failed: FailedScheduling: 0/" in failed.value.message  # the message, not the engine's progress line
     assert _namespace_gone(kube, "sortie-k8s-11-1")  # the failed up cleaned up after itself
 
 
