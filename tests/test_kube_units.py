@@ -150,5 +150,6 @@ def test_the_default_disk_requests_no_ephemeral_storage() -> None:
     from orchestrator.spec.resources import DEFAULT_DISK_SIZE_GB
     from stacks.builders.kubernetes import resources
 
-    assert "ephemeral-storage" not in resources(ClusterSpec(name="c", disk_size=DEFAULT_DISK_SIZE_GB)).get("requests", {})
+    default = resources(ClusterSpec(name="c", disk_size=DEFAULT_DISK_SIZE_GB))
+    assert "ephemeral-storage" not in default.get("requests", {})
     assert resources(ClusterSpec(name="c", disk_size=50))["requests"]["ephemeral-storage"] == "50Gi"
