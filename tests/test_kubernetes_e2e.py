@@ -274,6 +274,8 @@ def test_jobs_launch_infra_kubernetes_makes_real_objects_and_cancel_removes_them
     sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n"
                         "cloud:\n  tags: {team: ml-infra}\n")
     sortie.env["KUBECONFIG"] = str(kube.kubeconfig)
+    checked = next(line for line in sortie.run("check").stdout.splitlines() if line.strip().startswith("kubernetes"))
+    assert "enabled" in checked and "disabled" not in checked and kube.server in checked, checked
     job_id = sortie.launch("--infra", "kubernetes", "--cpus", "4+", "echo hi")
     selector = f"/api/v1/pods?labelSelector=sortie-job%3D{job_id}"
     (pod,) = kube.wait("the job's pod, bound to a node", lambda: [
