@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup engine test-deps demo stack-demo test lint bench clean
+.PHONY: setup engine test-deps demo stack-demo test test-unit lint bench clean
 
 setup: $(STAMP) engine
 
@@ -33,10 +33,14 @@ lint: $(STAMP)
 test-deps: setup
 	.ci/test-deps.sh
 	$(VENV)/bin/sortie engine install --plugin kubernetes
-	$(VENV)/bin/python -m orchestrator.kube_binaries
+	$(VENV)/bin/python -m orchestrator.infra.kube_binaries
 
 test: setup lint test-deps
 	$(VENV)/bin/pytest -q --durations=15
+
+# The unit tests alone (tests/unit: no engine, no agent processes, no servers): a quick check while editing.
+test-unit: setup lint
+	$(VENV)/bin/pytest -q tests/unit
 
 bench: setup test-deps
 	$(VENV)/bin/python bench/stack_ops.py
@@ -48,6 +52,7 @@ bench: setup test-deps
 	$(VENV)/bin/python bench/dashboard.py
 	$(VENV)/bin/python bench/node_events.py
 	$(VENV)/bin/python bench/kubernetes.py
+	$(VENV)/bin/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

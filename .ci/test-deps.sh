@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What the tests need from Debian, installed only when its commands are missing (run by `make test`, so a fresh
 # machine's one command runs every test): chromium (the dashboard's browser tests), OpenSSH (the tunnel to a cloud
-# controller's dashboard, tests/sshd.py), rclone, fuse3 and s3fs (S3 MOUNTs), etcd (the Kubernetes test cluster,
-# tests/kube_cluster.py), and containerd, runc and the CNI plugins (its real node, tests/kube_node.py). As root (or
-# with passwordless sudo) it runs apt-get; otherwise it prints the one command to run and fails.
+# controller's dashboard, tests/support/sshd.py), rclone, fuse3 and s3fs (S3 MOUNTs), etcd (the Kubernetes test
+# cluster, tests/support/kube_cluster.py), and containerd, runc and the CNI plugins (its real node,
+# tests/support/kube_node.py). As root (or with passwordless sudo) it runs apt-get; otherwise it prints the one
+# command to run and fails.
 set -euo pipefail
 debian_packages=()
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || debian_packages+=(chromium)

@@ -35,7 +35,7 @@ def rss_mib() -> float:
 def tick_cost(jobs: int) -> tuple[float, float, float]:
     from orchestrator.config import load_config
     from orchestrator.controller.daemon import Controller
-    from orchestrator.fake_driver import FakeStackDriver
+    from orchestrator.infra.fake_driver import FakeStackDriver
     from orchestrator.spec import load_yaml_text
     from state.store import StateStore
 
@@ -64,11 +64,12 @@ def tick_cost(jobs: int) -> tuple[float, float, float]:
 def poll_cost(polls: int) -> float:
     import subprocess
 
-    from orchestrator import agent as agent_module
-    from orchestrator.agent_client import AgentClient
+    from orchestrator.infra.agent_bundle import local_agent_command, local_agent_env
+    from orchestrator.infra.agent_client import AgentClient
 
     sandbox = Path(tempfile.mkdtemp(prefix="sortie-bench-agent-"))
-    proc = subprocess.Popen([sys.executable, agent_module.__file__, "--sandbox", str(sandbox), "--token-stdin"],
+    proc = subprocess.Popen([*local_agent_command(), "--sandbox", str(sandbox), "--token-stdin"],
+                            env=local_agent_env(dict(os.environ)),
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdin is not None
     proc.stdin.write("bench-token\n")

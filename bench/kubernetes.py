@@ -110,12 +110,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    from orchestrator.engine import engine_env, install_engine
-    from orchestrator.kube_binaries import install_kube_binaries
-    from orchestrator.provider_plugins import install_plugin
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.engine import engine_env, install_engine
+    from orchestrator.infra.kube_binaries import install_kube_binaries
+    from orchestrator.infra.provider_plugins import install_plugin
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
-    from tests.kube_cluster import kube_cluster
+    from tests.support.kube_cluster import kube_cluster
 
     engine, _ = install_engine()
     plugin, _ = install_plugin("kubernetes")
@@ -175,8 +175,8 @@ def main() -> None:
     print(f"no-change preview, local-cloud stack: {med(local_previews)}")
     print(f"left behind: {driver.list_stacks() or 'nothing'}")
 
-    from orchestrator.local_cloud import LocalCloud
-    from tests.kube_node import node_unavailable, real_node
+    from orchestrator.infra.local_cloud import LocalCloud
+    from tests.support.kube_node import node_unavailable, real_node
 
     why_not = node_unavailable()
     if why_not:

@@ -10,7 +10,7 @@
 - preempt: a spot job's node preempted; detection (preemption -> `preempted` event, after the infra's refresh),
   destroy, placement + up, and back RUNNING (its first line of output again). Target: detection <= 3 s, total <=
   detection + destroy + up + 1 s.
-- scale: `--nodes` simulated nodes (tests/agent_farm.py, one process on loopback) watched by one hub: time to
+- scale: `--nodes` simulated nodes (tests/support/agent_farm.py, one process on loopback) watched by one hub: time to
   watch them all, RSS and CPU of the hub's process while idle, then `--exits` runs exiting at once and the time
   until the hub has recorded each (target: all within 5 s, <= 500 MiB, <= 1 core idle).
 
@@ -131,7 +131,7 @@ def reported_lost_after(home: Path, since: float) -> float | None:
 
 
 def bench_preempt(runs: int) -> None:
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
     from orchestrator.service import JobService
     from orchestrator.spec import load_yaml_text
 
@@ -174,7 +174,7 @@ def bench_preempt(runs: int) -> None:
 
 def bench_scale(nodes: int, exits: int) -> None:
     from orchestrator.controller.node_events import NodeEvents
-    from tests.test_node_events import start_farm
+    from tests.e2e.test_node_events import start_farm
 
     def rss() -> float:
         with open("/proc/self/status") as fh:

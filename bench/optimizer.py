@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
     from orchestrator.config import SortieConfig
-    from orchestrator.optimizer import catalog_offers, plan_for
+    from orchestrator.policy.optimizer import catalog_offers, plan_for
     from orchestrator.spec import load_yaml_text
 
     config = SortieConfig()

@@ -22,7 +22,7 @@ SORTIE = str(Path(sys.executable).parent / "sortie")
 
 
 def one_setting(poll: float, grace: int, runs: int) -> None:
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
     from orchestrator.service import JobService
     from orchestrator.spec import load_yaml_text
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.agent import SANDBOX_ENV
+from orchestrator.node.agent import SANDBOX_ENV
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 
 
@@ -113,8 +113,8 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="sortie-bench-"))
     os.environ["SORTIE_HOME"] = str(home)
-    from orchestrator.engine import install_engine
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.engine import install_engine
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     install_engine()
     driver = PulumiStackDriver(home, max_concurrent=args.concurrency)

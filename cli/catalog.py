@@ -39,7 +39,7 @@ def show(cloud: str | None = typer.Option(None, "--cloud", help="aws, gcp or azu
          gpu: str | None = typer.Option(None, "--gpu", help="Only instances with this accelerator, e.g. H100 or "
                                                              "H100:8 (name case-insensitive).")) -> None:
     """List catalog rows: instance, size, accelerators, region and hourly prices (cheapest first)."""
-    from cli.jobs import _console, plain_table
+    from cli.output import get_console, plain_table
     from orchestrator.catalog import all_offerings
     from orchestrator.catalog.catalog import format_number as fmt
     from orchestrator.errors import UsageError
@@ -60,7 +60,7 @@ def show(cloud: str | None = typer.Option(None, "--cloud", help="aws, gcp or azu
               f"{o.accelerator_name}:{fmt(o.accelerator_count)}" if o.accelerator_name else "-",
               o.region, o.zone or "-", f"{o.price:.4f}", "-" if o.spot_price is None else f"{o.spot_price:.4f}"]
              for o in rows]
-    _console().print(plain_table(["CLOUD", "INSTANCE", "VCPUS", "MEM_GIB", "ACCELERATORS", "REGION", "ZONE",
+    get_console().print(plain_table(["CLOUD", "INSTANCE", "VCPUS", "MEM_GIB", "ACCELERATORS", "REGION", "ZONE",
                                   "PRICE/H", "SPOT/H"], table))
 
 
@@ -71,14 +71,14 @@ def update(cloud: str | None = typer.Option(None, "--cloud", help="aws, gcp or a
     """Refresh catalog prices from the clouds' public price lists into <SORTIE_HOME>/catalog/.
 
     One line per cloud: rows updated and added, or why it could not. Exits non-zero if any cloud failed."""
-    from cli.jobs import _console
+    from cli.output import get_console
     from orchestrator.catalog.update import update_all
 
     clouds = _clouds(cloud)
     results = update_all(clouds, api_key=api_key)
     if len(clouds) == 1 and isinstance(results[0], Exception):
         raise results[0]  # one cloud asked for: its reason is the one-line error
-    console = _console()
+    console = get_console()
     for result in results:
         console.print(str(result) if isinstance(result, Exception) else result.line())
     if any(isinstance(result, Exception) for result in results):

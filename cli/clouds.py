@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from cli.jobs import _console, plain_table
+from cli.output import get_console, plain_table
 
 if TYPE_CHECKING:
     from orchestrator.config import SortieConfig
@@ -25,21 +25,21 @@ def register(app: typer.Typer) -> None:
 
 def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
     """Which clouds are enabled, and why the others are not (offline: SDK extras and credentials)."""
-    from orchestrator.clouds import check as check_clouds
     from orchestrator.config import load_config
+    from orchestrator.infra.clouds import check as check_clouds
 
     found = check_clouds(load_config())
     if as_json:
         print(json.dumps([{"cloud": c.cloud, "enabled": c.enabled, "reason": c.reason} for c in found], indent=2))
         return
-    console = _console()
+    console = get_console()
     for c in found:
         mark = "[green]enabled[/green] " if c.enabled else "[dim]disabled[/dim]"
         console.print(f"  {c.cloud:<11} {mark}  {escape(c.reason)}", markup=True)
     enabled = [c.cloud for c in found if c.enabled]
     console.print(f"Enabled clouds: {', '.join(enabled)}")
     if "local" in enabled:
-        from orchestrator.isolation import local_isolation
+        from orchestrator.node.isolation import local_isolation
 
         _isolated, how = local_isolation()
         console.print(f"Local-cloud isolation: {escape(how)}", markup=True)
@@ -55,7 +55,7 @@ def show_gpus(
     instance offering it per cloud and region with on-demand and spot prices (cheapest first)."""
     from orchestrator.config import load_config
     from orchestrator.errors import UsageError
-    from orchestrator.optimizer import catalog_offers, local_offers
+    from orchestrator.policy.optimizer import catalog_offers, local_offers
 
     offers = local_offers(load_config()) + catalog_offers(["aws", "gcp", "azure"])
     offers = [o for o in offers if o.accelerators and (not cloud or o.cloud == cloud)
@@ -72,7 +72,7 @@ def show_gpus(
         if as_json:
             print(json.dumps([{"accelerator": r[0], "counts": r[1], "clouds": r[2]} for r in rows], indent=2))
             return
-        _console().print(escape(plain_table(["GPU", "QTY", "CLOUDS"], rows)))
+        get_console().print(escape(plain_table(["GPU", "QTY", "CLOUDS"], rows)))
         return
     matching = sorted((o for o in offers if any(k.lower() == name.lower() for k in o.accelerators)),
                       key=lambda o: (o.price, o.cloud, o.region))
@@ -86,7 +86,7 @@ def show_gpus(
         print(json.dumps([dict(zip(["cloud", "instance_type", "accelerators", "vcpus", "memory_gib", "price",
                                     "spot_price", "region"], r, strict=True)) for r in rows], indent=2))
         return
-    _console().print(escape(plain_table(["CLOUD", "INSTANCE", "GPUS", "vCPUs", "Mem(GB)", "HOURLY_PRICE",
+    get_console().print(escape(plain_table(["CLOUD", "INSTANCE", "GPUS", "vCPUs", "Mem(GB)", "HOURLY_PRICE",
                                          "HOURLY_SPOT_PRICE", "REGION"], rows)))
 
 
@@ -97,7 +97,7 @@ def considered_tables(pipeline: Pipeline, config: SortieConfig | None = None,
     from rich.table import Table
 
     from orchestrator.config import load_config
-    from orchestrator.optimizer import plan_for
+    from orchestrator.policy.optimizer import plan_for
 
     config = config or load_config()
     out: list[Any] = []

@@ -7,16 +7,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from cli.output import get_console
+
 if TYPE_CHECKING:
     from orchestrator.config import SortieConfig
 
 dashboard_app = typer.Typer(help="The web dashboard: jobs and pools, live.", invoke_without_command=True)
-
-
-def _console():
-    from cli.main import _console as console
-
-    return console()
 
 
 def _need_fastapi() -> None:
@@ -49,7 +45,7 @@ def dashboard(
 
     home = sortie_home()
     config = load_config(home)
-    console = _console()
+    console = get_console()
     if config.jobs.controller.infra != "local":
         _remote_dashboard(home, config, host, port, open_browser, foreground)
         return
@@ -80,13 +76,13 @@ def _open(url: str) -> None:
     import webbrowser
 
     if not webbrowser.open(url):
-        _console().print("No browser found here; open the URL above.")
+        get_console().print("No browser found here; open the URL above.")
 
 
 def _remote_dashboard(home: Path, config: SortieConfig, host: str, port: int, open_browser: bool,
                       foreground: bool) -> None:
     """The controller runs on a cloud VM, and so does its dashboard (on the VM's loopback): tunnel to it."""
-    from orchestrator.controller.remote import controller_ssh_target
+    from orchestrator.controller_service import controller_ssh_target
     from orchestrator.dashboard import server, tunnel
     from orchestrator.dashboard.security import is_loopback
     from orchestrator.errors import UsageError
@@ -94,7 +90,7 @@ def _remote_dashboard(home: Path, config: SortieConfig, host: str, port: int, op
     if not is_loopback(host):
         raise UsageError(f"--host {host}: the tunnel to the controller VM's dashboard listens on loopback only "
                          "(its dashboard has no token: share it over SSH, not the network)")
-    console = _console()
+    console = get_console()
     found = server.running(home)
     if found and found.get("kind") != "tunnel":
         raise UsageError(f"a dashboard of this machine runs on {found['url']}; `sortie dashboard stop` first")
@@ -121,11 +117,12 @@ def stop() -> None:
 
     info = server.stop()
     if info is None:
-        _console().print("no dashboard was running")
+        get_console().print("no dashboard was running")
     elif info.get("kind") == "tunnel":
-        _console().print(f"tunnel to the controller VM closed (pid {info['pid']}); its dashboard keeps running there")
+        get_console().print(f"tunnel to the controller VM closed (pid {info['pid']}); "
+                            "its dashboard keeps running there")
     else:
-        _console().print(f"dashboard stopped (pid {info['pid']})")
+        get_console().print(f"dashboard stopped (pid {info['pid']})")
 
 
 @dashboard_app.command("status")
@@ -135,8 +132,9 @@ def status() -> None:
 
     found = server.running()
     if found is None:
-        _console().print("dashboard: not running")
+        get_console().print("dashboard: not running")
     elif found.get("kind") == "tunnel":
-        _console().print(f"dashboard: {found['url']} (tunnel to the controller VM, {found['via']}; pid {found['pid']})")
+        get_console().print(f"dashboard: {found['url']} (tunnel to the controller VM, {found['via']}; "
+                            f"pid {found['pid']})")
     else:
-        _console().print(f"dashboard: {found['url']} (pid {found['pid']})")
+        get_console().print(f"dashboard: {found['url']} (pid {found['pid']})")

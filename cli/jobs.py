@@ -3,81 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
+from cli.output import get_console, job_service, plain_table, print_log_file
 from orchestrator.timefmt import duration
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
-    from orchestrator.service import JobService
+    pass
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Managed jobs: launch, queue, logs, cancel.")
 controller_app = typer.Typer(no_args_is_help=True, help="The controller daemon: status, stop, logs.")
-
-
-def plain_table(columns: list[str], rows: list[list[str]]) -> str:
-    """Columns padded to their widest cell: Rich's tables cost seconds at 10,000 rows, this costs milliseconds."""
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
-def _console(stderr: bool = False):
-    from cli.main import _console as console
-
-    return console(stderr)
-
-
-def _service() -> JobService:
-    from orchestrator.service import JobService
-
-    return JobService()
-
-
-def _useful_commands(job_id: int) -> str:
-    return (f"Managed Job ID: {job_id}\n"
-            "Useful Commands\n"
-            f"├── To cancel the job:                sortie jobs cancel {job_id}\n"
-            f"├── To stream job logs:               sortie jobs logs {job_id}\n"
-            f"├── To stream controller logs:        sortie jobs logs --controller {job_id}\n"
-            "└── To view all managed jobs:         sortie jobs queue")
-
-
-class UploadProgress:
-    """Progress of the uploads of a launch: a line per tenth of each large tree, and one when it is done."""
-
-    LARGE = 8 * 1024 * 1024
-
-    def __init__(self, console: Any) -> None:
-        self.console = console
-        self.shown: dict[str, int] = {}
-
-    def __call__(self, what: str, done: int, total: int) -> None:
-        from orchestrator.storage.staging import human_bytes
-
-        tenth = 10 if total == 0 else done * 10 // total
-        if self.shown.get(what, -1) >= tenth or (total < self.LARGE and tenth < 10):
-            return
-        self.shown[what] = tenth
-        self.console.print(f"Uploading {escape(what)}: {human_bytes(done)} of {human_bytes(total)} ({tenth * 10}%)")
-
-
-def _details(job) -> str:
-    """Why a job waits (`no capacity in local/region-a; next try in 40s`) or why it failed."""
-    from orchestrator.service import job_details
-
-    return job_details(job)
-
-
-def _job_arg(job_id: int | None, name: str | None):
-    return _service().resolve(job_id, name)
 
 
 DEFAULT_TAIL = 1000  # SkyPilot's `jobs logs --tail` default
@@ -106,7 +46,7 @@ def logs(
     task = given[0] if given else None
     if tail < 0:
         raise UsageError("--tail: must be 0 (all) or more")
-    service = _service()
+    service = job_service()
     job = service.resolve(job_id, name)
     task_index = None
     if task is not None:
@@ -155,7 +95,7 @@ def cancel(
                          "supported yet); cancel the job")
     if graceful or graceful_timeout is not None:
         raise UsageError("--graceful: not supported yet; a cancelled job's processes are stopped with its cluster")
-    service = _service()
+    service = job_service()
     if sum(bool(x) for x in (job_ids, name, all_jobs, all_users, pool)) != 1:
         raise UsageError("give job ids, -n NAME, -a, -u or -p POOL (exactly one of them)")
     ids = list(job_ids or [])
@@ -166,19 +106,19 @@ def cancel(
         pools.resolve_pool(pool)
         ids = [j.id for j in pools.store.pool_jobs(pool)]
         if not ids:
-            _console().print(f"No jobs of pool {escape(pool)} in progress.")
+            get_console().print(f"No jobs of pool {escape(pool)} in progress.")
             return
     if name:
         ids = [service.resolve(None, name).id]
     if all_jobs or all_users:
         ids = service.active_ids(None if all_users else current_user())
         if not ids:
-            _console().print("No jobs in progress to cancel.")
+            get_console().print("No jobs in progress to cancel.")
             return
     if not yes and not typer.confirm(f"Cancel managed job(s) {', '.join(map(str, ids))}?", default=True):
         raise typer.Exit(1)
     for job_id, requested in service.cancel(ids):
-        _console().print(f"Job {job_id}: {'cancelling' if requested else 'already finished; nothing to cancel'}")
+        get_console().print(f"Job {job_id}: {'cancelling' if requested else 'already finished; nothing to cancel'}")
 
 
 @jobs_app.command("events")
@@ -187,7 +127,7 @@ def events(job_id: int = typer.Argument(..., help="Job id."),
     """A job's history: submitted, placed, provisioned, exit codes, finished."""
     from rich.table import Table
 
-    rows = _service().events(job_id)
+    rows = job_service().events(job_id)
     if as_json:
         print(json.dumps([{"at": e.at, "task": e.task_index, "who": e.who, "what": e.what, "why": e.why,
                            "data": e.data} for e in rows], indent=2))
@@ -196,17 +136,16 @@ def events(job_id: int = typer.Argument(..., help="Job id."),
     for e in rows:
         task = "-" if e.task_index is None else str(e.task_index)
         table.add_row(time.strftime("%H:%M:%S", time.localtime(e.at)), task, e.who, e.what, e.why or "")
-    _console().print(table)
+    get_console().print(table)
 
 
 @controller_app.command("status")
 def controller_status() -> None:
     """Whether the controller runs, since when, and what it holds (on a cloud VM: its stack and address)."""
     from orchestrator.config import load_config
-    from orchestrator.controller.daemon import controller_info
-    from orchestrator.controller.remote import remote_status
+    from orchestrator.controller_service import controller_info, remote_status
 
-    console = _console()
+    console = get_console()
     config = load_config()
     if config.jobs.controller.infra != "local":
         console.print(remote_status(config))
@@ -220,31 +159,55 @@ def controller_status() -> None:
         console.print(f"disk: {full}: new launches are refused; jobs in progress go on", markup=False)
     if not info.running:
         console.print("controller: not running (the next `sortie jobs launch` starts it)")
-        return
-    console.print(f"controller: running, pid {info.pid}, version {info.version}, up {duration(info.started_at, None)}")
+    else:
+        console.print(f"controller: running, pid {info.pid}, version {info.version}, "
+                      f"up {duration(info.started_at, None)}")
+    _print_replicas(console, config)
+
+
+def _print_replicas(console: Any, config: Any) -> None:
+    """Issue 14: every replica sharing this state DB: its id, host, jobs held and lease age."""
+    from state.leases import replicas
+    from state.store import StateStore
+
+    found = replicas(StateStore(config=config))
+    if len(found) < 2 and not any(r.jobs_held or r.leases_held for r in found):
+        return  # one controller, nothing to add
+    rows = [[r.id, r.host, str(r.pid), "stopped" if r.stopped_at else ("live" if r.live else "lease expired"),
+             str(r.jobs_held), ", ".join(r.leases_held) or "-", f"{time.time() - r.heartbeat_at:.0f}s"]
+            for r in found]
+    console.print(plain_table(["REPLICA", "HOST", "PID", "STATE", "JOBS", "LEASES", "LEASE AGE"], rows),
+                  markup=False, highlight=False)
 
 
 @controller_app.command("start")
 def controller_start() -> None:
     """Start the controller if it is not running (`jobs launch` and `jobs cancel` do this themselves)."""
-    from orchestrator.controller.daemon import ensure_controller
+    from orchestrator.controller_service import ensure_controller
 
     info = ensure_controller()
-    _console().print(f"controller running, pid {info.pid}")
+    get_console().print(f"controller running, pid {info.pid}")
 
 
 @controller_app.command("up")
-def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
+def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+                  replicas: int | None = typer.Option(None, "--replicas", help="Controller replicas (1-16; more "
+                                                      "than 1 on jobs.controller.infra: kubernetes, issue 14)."),
+                  image: str = typer.Option("", "--image", envvar="SORTIE_CONTROLLER_IMAGE",
+                                            help="Kubernetes: the controller pods' image, with Sortie installed."),
+                  logs_claim: str | None = typer.Option(None, "--logs-claim", help="Kubernetes: a ReadWriteMany "
+                                                        "PersistentVolumeClaim the replicas keep job logs on."),
+                  ) -> None:
     """Create the jobs controller's VM on the cloud of `jobs.controller.infra` (its own stack), running the
-    controller against the shared PostgreSQL state."""
+    controller against the shared PostgreSQL state; on kubernetes, a Deployment of `--replicas` controllers."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.controller.remote import (
+    from orchestrator.controller_service import (
         controller_program,
         controller_stack,
         forget_host_key,
     )
     from orchestrator.errors import UsageError
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.machine import StackKind
     from state.store import StateStore
 
@@ -252,9 +215,17 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     config = load_config(home)
     if config.jobs.controller.infra == "local":
         raise UsageError("jobs.controller.infra is local: the controller runs here (`sortie controller start`)")
+    count = 1 if replicas is None else replicas
+    if config.jobs.controller.infra == "kubernetes" or count != 1:  # issue 14: replicas, a Deployment
+        from orchestrator.controller_service import controller_up_kubernetes
+
+        if not controller_up_kubernetes(config, home, count, image, logs_claim, say=get_console().print,
+                                        confirm=None if yes else lambda q: typer.confirm(q, default=True)):
+            raise typer.Exit(1)
+        return
     program, chosen = controller_program(config, home)
     name = controller_stack(config)
-    _console().print(f"Controller VM: {config.jobs.controller.infra}/{chosen['region']} {chosen['instance_type']} "
+    get_console().print(f"Controller VM: {config.jobs.controller.infra}/{chosen['region']} {chosen['instance_type']} "
                      f"(${chosen['price_per_hour']:.3f}/h), stack {name}")
     if not yes and not typer.confirm("Proceed?", default=True):
         raise typer.Exit(1)
@@ -266,7 +237,7 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     store.stack_up(name, outputs=result.public_outputs())
     node = result.outputs.get("controller") or {}
     where = node.get("public_ip") or node.get("ip")
-    _console().print(f"controller up: {node.get('node_id')} at {where} (private {node.get('ip')}); "
+    get_console().print(f"controller up: {node.get('node_id')} at {where} (private {node.get('ip')}); "
                      "`sortie dashboard` opens its dashboard")
 
 
@@ -274,9 +245,9 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
 def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
     """Destroy the cloud controller's VM (jobs stay in the shared state and resume at the next `up`)."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.controller.remote import controller_stack, forget_host_key
+    from orchestrator.controller_service import controller_stack, forget_host_key
     from orchestrator.dashboard import server as dashboard_server
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from state.store import StateStore
 
     home = sortie_home()
@@ -290,39 +261,21 @@ def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not 
     found = dashboard_server.recorded(home)
     if found and found.get("kind") == "tunnel":
         dashboard_server.stop(home)
-    _console().print(f"controller stack {name} destroyed")
+    get_console().print(f"controller stack {name} destroyed")
 
 
 @controller_app.command("stop")
 def controller_stop() -> None:
     """Stop the controller; jobs stay in the state and resume at its next start."""
     from orchestrator.config import load_config
-    from orchestrator.controller.daemon import stop_controller
+    from orchestrator.controller_service import stop_controller
     from orchestrator.errors import UsageError
 
     if load_config().jobs.controller.infra != "local":
         raise UsageError("the controller runs on a cloud VM (jobs.controller.infra): `sortie controller down` "
                          "destroys it (jobs wait in the state)")
     info = stop_controller()
-    _console().print(f"controller stopped (pid {info.pid})" if info.running else "controller was not running")
-
-
-def print_log_file(path: Path, last: int | None, follow: bool) -> None:
-    """The last `last` lines of a log file (None: all), then, with `follow`, what is appended to it."""
-    import time
-    from collections import deque
-
-    with path.open(errors="replace") as fh:
-        for line in deque(fh, maxlen=last):
-            sys.stdout.write(line)
-        sys.stdout.flush()
-        while follow:
-            line = fh.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.5)
+    get_console().print(f"controller stopped (pid {info.pid})" if info.running else "controller was not running")
 
 
 @controller_app.command("logs")
@@ -331,10 +284,10 @@ def controller_logs(follow: bool = typer.Option(False, "--follow/--no-follow", h
     """The controller daemon's own log."""
 
     from orchestrator.config import sortie_home
-    from orchestrator.controller.daemon import controller_log_path
+    from orchestrator.controller_service import controller_log_path
 
     path = controller_log_path(sortie_home())
     if not path.exists():
-        _console().print("the controller has not written a log yet")
+        get_console().print("the controller has not written a log yet")
         return
     print_log_file(path, tail, follow)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from cli.jobs import UploadProgress, _console, _service, _useful_commands, jobs_app
+from cli.jobs import jobs_app
+from cli.output import UploadProgress, get_console, job_service, useful_commands
 
 if TYPE_CHECKING:
     from orchestrator.spec import Pipeline
@@ -68,9 +69,9 @@ def launch(
                           instance_type=instance_type, ports=tuple(ports), job_recovery=job_recovery,
                           config=tuple(config))
     pipeline = load_entrypoint(text, overrides)
-    console = _console(stderr=as_json)
+    console = get_console(stderr=as_json)
     for warning in pipeline.warnings:
-        _console(stderr=True).print(f"Warning: {warning}")
+        get_console(stderr=True).print(f"Warning: {warning}")
     if pool is not None:
         _launch_on_pool(pool, pipeline, num_jobs, yes=yes, dryrun=dryrun)
         return
@@ -78,7 +79,7 @@ def launch(
         raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
     if any(t.pool for t in pipeline.tasks):
         raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
-    from orchestrator.clouds import enabled_clouds
+    from orchestrator.infra.clouds import enabled_clouds
 
     cfg = load_config()
     enabled = enabled_clouds(cfg)  # once: the checks and the tables below share it
@@ -102,7 +103,7 @@ def launch(
             console.print(item)
     if refusals:
         raise SpecError(refusals)
-    service = _service()
+    service = job_service()
     storage = service.plan_storage(pipeline)
     if storage.describe():
         console.print("Files and buckets:")
@@ -125,7 +126,7 @@ def launch(
         mark = "✓" if final.status == "SUCCEEDED" else "✗"
         reason = f": {final.failure_reason}" if final.failure_reason and final.status != "SUCCEEDED" else ""
         console.print(f"{mark} Managed job finished: {job_id} (status: {final.status}){reason}.")
-    console.print(_useful_commands(job_id))
+    console.print(useful_commands(job_id))
     if not detach_run and service.resolve(job_id).status != "SUCCEEDED":
         raise typer.Exit(1)
 
@@ -138,7 +139,7 @@ def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, 
         from orchestrator.spec.documents import JOB_GROUPS_NOT_SUPPORTED
 
         raise UsageError(JOB_GROUPS_NOT_SUPPORTED)
-    console = _console()
+    console = get_console()
     service = PoolService()
     service.resolve_pool(pool)
     label = pipeline.name or "sortie-job"

@@ -11,6 +11,8 @@ import time
 
 import typer
 
+from cli.output import get_console
+
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Sortie: managed jobs on ephemeral Pulumi stacks.")
@@ -37,23 +39,16 @@ from cli.dashboard import dashboard_app  # noqa: E402
 app.add_typer(dashboard_app, name="dashboard")
 
 
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    # Plain text by default: names and paths are printed as they are, never read as markup.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
-
-
 @app.command("status")
 def status() -> None:
     """The controller and the clusters it holds."""
     from rich.table import Table
 
-    from orchestrator.controller.daemon import controller_info
+    from orchestrator.controller_service import controller_info
     from orchestrator.service import JobService
 
     info = controller_info()
-    console = _console()
+    console = get_console()
     if info.running:
         console.print(f"Controller: running (pid {info.pid}, version {info.version})")
     else:
@@ -86,14 +81,14 @@ def engine_install(
                                      "Go module proxy's source, stamped with the installed SDK's version."),
 ) -> None:
     """Install the pinned Pulumi engine (build it from the Go module proxy when offline)."""
-    from orchestrator.engine import engine_root, install_engine
     from orchestrator.errors import UsageError
-    from orchestrator.provider_plugins import PLUGINS, install_plugin
+    from orchestrator.infra.engine import engine_root, install_engine
+    from orchestrator.infra.provider_plugins import PLUGINS, install_plugin
 
     for name in plugin:
         if name not in PLUGINS:
             raise UsageError(f"--plugin {name!r}: Sortie builds only {', '.join(PLUGINS)}")
-    console = _console()
+    console = get_console()
     started = time.monotonic()
     with console.status(f"Pulumi engine: checking {engine_root()}") as status:
         info, how = install_engine(force=force, progress=lambda msg: status.update(f"Pulumi engine: {msg}"))
@@ -117,14 +112,14 @@ def engine_install(
 def engine_status() -> None:
     """Print the engine's path, version and the backend Sortie uses."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.engine import PINNED_VERSION, backend_url, engine_root, find_engine
     from orchestrator.errors import EngineError
-    from orchestrator.provider_plugins import PLUGINS, find_plugin, sdk_version
+    from orchestrator.infra.engine import PINNED_VERSION, backend_url, engine_root, find_engine
+    from orchestrator.infra.provider_plugins import PLUGINS, find_plugin, sdk_version
 
     home = sortie_home()
     config = load_config(home)
     info = find_engine()
-    console = _console()
+    console = get_console()
     console.print(f"engine:   {info.path if info else 'not installed (expected at ' + str(engine_root()) + ')'}")
     console.print(f"version:  {'v' + info.version if info else '-'} (pinned v{PINNED_VERSION})")
     console.print(f"backend:  {backend_url(config, home)}")
@@ -145,15 +140,15 @@ def local_nodes(cluster: str = typer.Argument(None, help="Only the nodes of this
     """List the local cloud's nodes."""
     from rich.table import Table
 
-    from orchestrator.config import sortie_home
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.config import load_config, sortie_home
+    from orchestrator.infra.local_cloud import LocalCloud
 
-    cloud = LocalCloud(sortie_home() / "local")
+    cloud = LocalCloud(load_config(sortie_home()).local.root_dir(sortie_home()))
     table = Table("NODE", "CLUSTER", "RANK", "REGION", "STATUS", "ADDRESS", box=None)
     for node in cloud.nodes(cluster):
         status = "PREEMPTED" if node.preempted else ("UP" if cloud.alive(node.node_id) else "DEAD")
         table.add_row(node.node_id, node.cluster, str(node.rank), f"local/{node.region}", status, node.url)
-    _console().print(table)
+    get_console().print(table)
 
 
 @local_app.command("regions")
@@ -162,16 +157,16 @@ def local_regions() -> None:
     from rich.table import Table
 
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
 
     home = sortie_home()
-    cloud = LocalCloud(home / "local")
+    cloud = LocalCloud(load_config(home).local.root_dir(home))
     table = Table("REGION", "NODES IN USE", "CAPACITY", "ACCELERATORS", box=None)
     for region in load_config(home).local.regions:
         accs = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "-"
         cap = "unlimited" if region.capacity is None else str(region.capacity)
         table.add_row(f"local/{region.name}", str(cloud.in_use(region.name)), cap, accs)
-    _console().print(table)
+    get_console().print(table)
 
 
 @local_app.command("preempt")
@@ -181,9 +176,9 @@ def local_preempt(
     node: int = typer.Option(None, "--node", help="Rank of the one node to preempt; default: every node."),
 ) -> None:
     """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once."""
-    from orchestrator.config import sortie_home
+    from orchestrator.config import load_config, sortie_home
     from orchestrator.errors import UsageError
-    from orchestrator.local_cloud import LocalCloud
+    from orchestrator.infra.local_cloud import LocalCloud
 
     if (cluster is None) == (job is None):
         raise UsageError("give a cluster name or --job ID (one of them)")
@@ -196,8 +191,8 @@ def local_preempt(
         if attempt is None or not attempt.nodes:
             raise UsageError(f"managed job {job} has no cluster up right now; see `sortie jobs queue`")
         cluster = attempt.stack_name
-    for n in LocalCloud(sortie_home() / "local").preempt_cluster(cluster, node):
-        _console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
+    for n in LocalCloud(load_config(sortie_home()).local.root_dir(sortie_home())).preempt_cluster(cluster, node):
+        get_console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
 
 
 def _owners() -> dict[str, str]:
@@ -214,16 +209,16 @@ def _owners() -> dict[str, str]:
 @stack_app.command("ls")
 def stack_ls(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.")) -> None:
     """The stacks in Sortie's backend (its project), each with the job or pool worker it belongs to."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     names = PulumiStackDriver().list_stacks()
     owners = _owners()
     if as_json:
         print(json.dumps([{"stack": n, "owner": owners.get(n)} for n in names], indent=2))
         return
-    from cli.jobs import plain_table
+    from cli.output import plain_table
 
-    _console().print(plain_table(["STACK", "OWNER"], [[n, owners.get(n, "none (orphan?)")] for n in names]))
+    get_console().print(plain_table(["STACK", "OWNER"], [[n, owners.get(n, "none (orphan?)")] for n in names]))
 
 
 @stack_app.command("gc")
@@ -233,7 +228,7 @@ def stack_gc(
 ) -> None:
     """Destroy orphans: stacks in Sortie's backend with no job attempt in progress and no live pool worker.
     Lists them first; asks before destroying."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
     from orchestrator.service import JobService
 
     driver = PulumiStackDriver()
@@ -241,38 +236,38 @@ def stack_gc(
     in_use = store.open_stack_names()
     orphans = [n for n in driver.list_stacks() if n not in in_use]
     if not orphans:
-        _console().print("No orphan stacks.")
+        get_console().print("No orphan stacks.")
         return
-    _console().print("Orphan stacks (no job attempt in progress, no live pool worker):")
+    get_console().print("Orphan stacks (no job attempt in progress, no live pool worker):")
     for name in orphans:
-        _console().print(f"  {name}")
+        get_console().print(f"  {name}")
     if dry_run or (not yes and not typer.confirm(f"Destroy {len(orphans)} stack(s)?", default=False)):
-        _console().print("Nothing destroyed.")
+        get_console().print("Nothing destroyed.")
         return
     for name in orphans:
         driver.destroy(name)
         store.stack_destroyed(name, missing_ok=True)
-        _console().print(f"destroyed {name}")
+        get_console().print(f"destroyed {name}")
 
 
 @stack_app.command("destroy")
 def stack_destroy(names: list[str] = typer.Argument(..., help="Stack names.")) -> None:
     """Destroy stacks and remove them from the backend."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     driver = PulumiStackDriver()
     for name in names:
         driver.destroy(name)
-        _console().print(f"destroyed {name}")
+        get_console().print(f"destroyed {name}")
 
 
 @stack_app.command("unlock")
 def stack_unlock() -> None:
     """Cancel locks left by stack operations that crashed (run only when none is running)."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     cancelled = PulumiStackDriver().cancel_stale_locks()
-    _console().print(f"cancelled stale locks of: {', '.join(cancelled)}" if cancelled else "no stale locks")
+    get_console().print(f"cancelled stale locks of: {', '.join(cancelled)}" if cancelled else "no stale locks")
 
 
 def _db_error_line(exc: Exception) -> str:
@@ -298,7 +293,7 @@ def main() -> None:
     except SortieError as exc:
         from rich.markup import escape
 
-        _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
+        get_console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -308,9 +303,9 @@ def main() -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError):  # one line, never the SQL and its parameters
-            _console(stderr=True).print(f"error: {_db_error_line(exc)}", markup=False, highlight=False)
+            get_console(stderr=True).print(f"error: {_db_error_line(exc)}", markup=False, highlight=False)
             sys.exit(1)
-        _console(stderr=True).print(f"error: unexpected {type(exc).__name__}: {exc} "
+        get_console(stderr=True).print(f"error: unexpected {type(exc).__name__}: {exc} "
                                     "(set SORTIE_DEBUG=1 for the traceback)")
         sys.exit(1)
 

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from cli.jobs import _console, jobs_app, plain_table, print_log_file
+from cli.jobs import jobs_app
+from cli.output import get_console, plain_table, print_log_file
 from orchestrator.timefmt import ago
 
 if TYPE_CHECKING:
+    from orchestrator.policy.pools import ApplyPlan
     from orchestrator.pool_service import PoolService
-    from orchestrator.pools import ApplyPlan
 
 pool_app = typer.Typer(no_args_is_help=True, help="Pools of reusable workers: apply, status, down.")
 jobs_app.add_typer(pool_app, name="pool")
@@ -26,8 +27,8 @@ def _pools() -> PoolService:
 
 
 def _driver(service: PoolService):
-    from orchestrator.engine import require_engine
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.engine import require_engine
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     require_engine()
     return PulumiStackDriver(service.home, service.config)
@@ -104,9 +105,9 @@ def _show_plan(service: PoolService, name: str, yaml_path: str, as_json: bool, w
         from cli.clouds import considered_tables
 
         for item in considered_tables(pipeline):  # where each worker goes
-            _console().print(item)
+            get_console().print(item)
         for line in plan_lines(plan):
-            _console().print(escape(line))
+            get_console().print(escape(line))
     return pipeline, plan, new_hash
 
 
@@ -126,17 +127,17 @@ def apply(
     if name is None:
         name = generated_pool_name(loaded, {s.pool.name for s in service.status()})
         if not as_json:
-            _console().print(f"Pool name: {escape(name)}")
+            get_console().print(f"Pool name: {escape(name)}")
     pipeline, plan, new_hash = _show_plan(service, name, yaml_path, as_json, pipeline=loaded)
     if dry_run or plan.mode == "unchanged":
         if not as_json:
-            _console().print("Nothing changed." if plan.mode == "unchanged" else "Dry run: nothing changed.")
+            get_console().print("Nothing changed." if plan.mode == "unchanged" else "Dry run: nothing changed.")
         return
     if not yes and not typer.confirm("Proceed?", default=True):
         raise typer.Exit(1)
     service.apply(name, pipeline, plan, new_hash, driver=_driver(service) if plan.mode == "update" else None)
     if not as_json:
-        _console().print(f"Pool {name} applied; workers converge in the background. "
+        get_console().print(f"Pool {name} applied; workers converge in the background. "
                          f"See `sortie jobs pool status {name}`.")
 
 
@@ -164,7 +165,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="JSON, for scripts."),
 ) -> None:
     """Pools: spec, policy, workers ready/total; per worker its stack, region and status; the pool's jobs."""
-    from orchestrator.pools import policy_of
+    from orchestrator.policy.pools import policy_of
 
     found = _pools().status(name)
     if as_json:
@@ -177,7 +178,7 @@ def status(
             "jobs": [{"id": j.id, "status": j.status, "rank": j.job_rank} for j in s.jobs],
         } for s in found], indent=2))
         return
-    console = _console()
+    console = get_console()
     if not found:
         console.print("No pools. Create one with `sortie jobs pool apply -p NAME pool.yaml`.")
         return
@@ -211,12 +212,12 @@ def down(
         raise UsageError("give pool names or -a (one of them)")
     targets = names or [s.pool.name for s in service.status()]
     if not targets:
-        _console().print("No pools to take down.")
+        get_console().print("No pools to take down.")
         return
     if not yes and not typer.confirm(f"Take down pool(s) {', '.join(targets)}?", default=True):
         raise typer.Exit(1)
     for pool in service.down(targets, cancel_jobs=not no_cancel):
-        _console().print(f"Pool {escape(pool)}: going down; its worker stacks are being destroyed.")
+        get_console().print(f"Pool {escape(pool)}: going down; its worker stacks are being destroyed.")
 
 
 @pool_app.command("logs")
@@ -235,6 +236,6 @@ def logs(
     pool = service.resolve_pool(name)
     path = service.home / "logs" / "pools" / f"{pool.name}.log"
     if not path.exists():
-        _console().print(f"Pool {escape(pool.name)} has no log yet.")
+        get_console().print(f"Pool {escape(pool.name)} has no log yet.")
         return
     print_log_file(path, tail or None, follow)

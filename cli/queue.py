@@ -9,7 +9,8 @@ from typing import Any
 
 import typer
 
-from cli.jobs import _console, _details, _service, jobs_app, plain_table
+from cli.jobs import jobs_app
+from cli.output import get_console, job_details, job_service, plain_table
 from orchestrator.timefmt import ago, duration
 
 DEFAULT_LIMIT = 50  # SkyPilot's default for `jobs queue`
@@ -28,7 +29,7 @@ def _statuses(given: list[str]) -> list[str]:
 
 def _placement(service: Any, job_ids: list[int], specs: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Per job: the infra, cluster (stack) and endpoints of its latest attempt."""
-    from orchestrator.endpoints import endpoints
+    from orchestrator.policy.endpoints import endpoints
 
     found: dict[int, dict[str, Any]] = {}
     for job_id in job_ids:
@@ -69,7 +70,7 @@ def queue(
     if limit is not None and limit < 1:
         raise UsageError("--limit: must be at least 1")
     wanted = _statuses(status)
-    service = _service()
+    service = job_service()
     rows = service.queue(all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
                          statuses=wanted or None, limit=limit or (None if all_jobs else DEFAULT_LIMIT))
     costs = service.store.costs([r.job.id for r in rows])
@@ -78,7 +79,7 @@ def queue(
         print(json.dumps([{
             "id": r.job.id, "name": r.job.name, "user": r.job.user, "status": r.job.status, "pool": r.job.pool,
             "submitted_at": r.job.submitted_at, "started_at": r.job.started_at, "ended_at": r.job.ended_at,
-            "failure_reason": r.job.failure_reason, "details": _details(r.job), "cost": round(costs[r.job.id], 6),
+            "failure_reason": r.job.failure_reason, "details": job_details(r.job), "cost": round(costs[r.job.id], 6),
             **({"infra": placed[r.job.id]["infra"], "worker_cluster": placed[r.job.id]["worker_cluster"],
                 "endpoints": {str(k): v for k, v in placed[r.job.id]["endpoints"].items()}} if verbose else {}),
             "tasks": [{"task": t.task_index, "name": t.name, "status": t.status, "resources": t.resources,
@@ -90,7 +91,7 @@ def queue(
     for r in in_progress:
         counts[r.job.status] = counts.get(r.job.status, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-    _console().print(f"In progress jobs: {summary or 'none'}")
+    get_console().print(f"In progress jobs: {summary or 'none'}")
     extra = ["INFRA", "WORKER_CLUSTER", "STARTED", "ENDPOINTS"] if verbose else []
     columns = ["ID", "TASK", "NAME", *(["USER"] if all_users else []), "REQUESTED", "SUBMITTED", "TOT. DURATION",
                "JOB DURATION", "#RECOVERIES", *(["COST ($)"] if cost else []), "STATUS", "POOL", *extra, "DETAILS"]
@@ -110,7 +111,7 @@ def queue(
                     ", ".join(where["endpoints"].values()) or "-"]
         table.append([str(job.id), "-", job.name or "-", *user, resources, ago(job.submitted_at),
                       duration(job.submitted_at, job.ended_at), duration(run_start, job.ended_at),
-                      str(recoveries), *money, job.status, job.pool or "-", *more, _details(job)])
+                      str(recoveries), *money, job.status, job.pool or "-", *more, job_details(job)])
         if job.is_pipeline:
             for t in tasks:
                 table.append(["", str(t.task_index), f"↳ {t.name or '-'}", *[""] * len(user), t.resources, "",
@@ -129,7 +130,7 @@ def endpoints_command(
     """The endpoints of a running job's `ports`: the head node's address (on the local cloud its loopback)."""
     from orchestrator.errors import UsageError
 
-    service = _service()
+    service = job_service()
     job = service.resolve(job_id)
     found = _placement(service, [job.id], {job.id: job.spec})[job.id]["endpoints"]
     if port is not None:
@@ -141,6 +142,6 @@ def endpoints_command(
         print(json.dumps({str(k): v for k, v in found.items()}, indent=2))
         return
     if not found:
-        _console().print(f"Job {job.id} has no endpoints: it opened no ports, or no cluster runs it now.")
+        get_console().print(f"Job {job.id} has no endpoints: it opened no ports, or no cluster runs it now.")
         return
     print(plain_table(["PORT", "ENDPOINT"], [[str(k), v] for k, v in found.items()]))

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.agent_client import AgentClient
 from orchestrator.config import sortie_home
 from orchestrator.errors import SortieError
-from orchestrator.local_cloud import LocalCloud
-from orchestrator.pulumi_driver import PulumiStackDriver
-from orchestrator.stack_driver import stack_name
+from orchestrator.infra.agent_client import AgentClient
+from orchestrator.infra.local_cloud import LocalCloud
+from orchestrator.infra.pulumi_driver import PulumiStackDriver
+from orchestrator.infra.stack_driver import stack_name
 from stacks.spec import ClusterSpec, StackProgram, new_cluster_token
 
 console = Console(highlight=False)

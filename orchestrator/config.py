@@ -1,4 +1,4 @@
-"""The Sortie home and its `config.yaml`.
+"""Shared base, the Sortie home and its `config.yaml`.
 
 The home (`~/.sortie`, or `$SORTIE_HOME`) holds the state DB, logs, the Pulumi file backend,
 per-stack work dirs, local-cloud sandboxes and `config.yaml`. Files holding secrets are 0600.
@@ -7,6 +7,7 @@ per-stack work dirs, local-cloud sandboxes and `config.yaml`. Files holding secr
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.errors import SortieError
 
 CONFIG_FILE = "config.yaml"
+CONTROLLER_ID_ENV = "SORTIE_CONTROLLER_ID"  # overrides controller.id (a Kubernetes pod's name)
 
 
 def sortie_home() -> Path:
@@ -73,6 +75,14 @@ class LocalCloudConfig(BaseModel):
     regions: Annotated[
         list[LocalRegion], Field(min_length=1, description="Regions of the local cloud, first is the default.")
     ] = Field(default_factory=_default_regions)
+    root: Annotated[
+        str | None,
+        Field(max_length=4096, description="Directory of the local cloud's nodes. Default: <home>/local. Controller "
+              "replicas that share one local cloud (issue 14) name the same directory."),
+    ] = None
+
+    def root_dir(self, home: Path) -> Path:
+        return Path(self.root).expanduser().resolve() if self.root else home / "local"
 
     def region(self, name: str | None) -> LocalRegion:
         if name is None:
@@ -171,6 +181,43 @@ class ControllerConfig(BaseModel):
     controller_error_retries: Annotated[
         int, Field(ge=0, description="Retries of a job after an unexpected controller error, then FAILED_CONTROLLER.")
     ] = 3
+    id: Annotated[
+        str | None,
+        Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="This controller replica's id, the same "
+              "across its restarts and unique among the replicas sharing one state DB. Default: the host name and "
+              "a hash of the Sortie home."),
+    ] = None
+    lease_seconds: Annotated[
+        float, Field(ge=2, le=3600, description="How long a replica's leases on jobs, pools and janitors last "
+                     "without renewal; after that another replica takes the work over.")
+    ] = 30.0
+    max_jobs_per_replica: Annotated[
+        int, Field(ge=1, le=100_000, description="A replica claims new jobs only while it holds fewer than this, "
+                   "so that work spreads across replicas.")
+    ] = 10_000
+    logs_dir: Annotated[
+        str | None,
+        Field(max_length=4096, description="Where job logs are kept. Default: <home>/logs/jobs. Replicas on several "
+              "machines name one shared directory (NFS, a mounted volume), so that any home reads any job's logs and "
+              "a replica that takes a job over resumes its copies where the other stopped."),
+    ] = None
+
+    def replica_id(self, home: Path) -> str:
+        """`$SORTIE_CONTROLLER_ID` (a pod's name, from the downward API), `id`, or the host name and a hash of the
+        home (stable across restarts, distinct per home)."""
+        import hashlib
+        import socket
+
+        given = os.environ.get(CONTROLLER_ID_ENV, "").strip()
+        if given:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", given):
+                raise SortieError(f"${CONTROLLER_ID_ENV} {given!r} is not a replica id (letters, digits, _ . -)")
+            return given
+        if self.id:
+            return self.id
+        digest = hashlib.sha256(str(Path(home).expanduser().resolve()).encode()).hexdigest()[:8]
+        host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:48] or "host"
+        return f"{host}-{digest}"
 
 
 class S3Config(BaseModel):
@@ -416,7 +463,11 @@ def private_once(path: Path, make: Callable[[], str]) -> str:
 
 
 def passphrase_file(home: Path | None = None) -> Path:
-    """The passphrase of the default secrets provider: generated once, stored 0600."""
+    """The passphrase of the default secrets provider: generated once, stored 0600; or the file
+    `PULUMI_CONFIG_PASSPHRASE_FILE` names (a platform's secret store, mounted: every replica the same)."""
+    given = os.environ.get("PULUMI_CONFIG_PASSPHRASE_FILE")
+    if given:
+        return Path(given).expanduser().resolve()
     home = home or sortie_home()
     path = home / "secrets" / "pulumi-passphrase"
     private_once(path, lambda: secrets.token_urlsafe(32))

@@ -1,4 +1,4 @@
-"""Free space where Sortie writes (issue 17): a launch into a full `<home>` is refused with one line, and
+"""Shared base, free space where Sortie writes (issue 17): a launch into a full `<home>` is refused with one line, and
 `controller status` says when the home is full (the controller goes on driving what it can)."""
 
 from __future__ import annotations

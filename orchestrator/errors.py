@@ -1,4 +1,4 @@
-"""Errors a user may see. Each carries one line that names the thing and what to do.
+"""Shared base, errors a user may see. Each carries one line that names the thing and what to do.
 
 They are plain exceptions with string arguments, so they cross process boundaries (stack operations
 run in worker processes) by pickling unchanged.

@@ -1,4 +1,4 @@
-"""Where a job's logs live, and how they are read back.
+"""Services, where a job's logs live, and how they are read back.
 
 The controller copies every node's output into the Sortie home as it grows, so logs outlive the
 cluster: `logs/jobs/<job>/task-<t>/a<attempt>-<setup|run>-rank<r>.log` (raw bytes, append-only; a
@@ -30,8 +30,9 @@ class LogFile:
 
 
 class JobLogs:
-    def __init__(self, home: Path) -> None:
-        self.root = home / "logs" / "jobs"
+    def __init__(self, home: Path, root: str | None = None) -> None:
+        """`root`: `controller.logs_dir` (replicas on several machines share one), else `<home>/logs/jobs`."""
+        self.root = Path(root).expanduser().resolve() if root else home / "logs" / "jobs"
 
     def job_dir(self, job_id: int) -> Path:
         return self.root / str(job_id)

@@ -1,4 +1,5 @@
-"""Managed-job statuses, named as SkyPilot names them: the enums live with the state machine (`state.machine`)."""
+"""Shared base, managed-job statuses, named as SkyPilot names them: the enums live with the state machine
+(`state.machine`)."""
 
 from state.machine import ACTIVE, TERMINAL, JobStatus, Phase
 

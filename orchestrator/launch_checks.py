@@ -1,5 +1,5 @@
-"""What `jobs launch` checks before it submits anything, as SkyPilot's launch does: a request nothing can serve
-today (no enabled cloud has the hardware, or no offer can do a feature the task asks for) is refused with the
+"""Services, what `jobs launch` checks before it submits anything, as SkyPilot's launch does: a request nothing can
+serve today (no enabled cloud has the hardware, or no offer can do a feature the task asks for) is refused with the
 reason and exit non-zero, plain, `--dryrun` and `--dryrun --json` alike; nothing is submitted.
 
 Job groups (`execution: parallel`) are planned like any YAML, but launching them waits for the controller to
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """One line per task that no enabled cloud can serve (its unsupported features first), naming the task."""
-    from orchestrator.optimizer import plan_for
+    from orchestrator.policy.optimizer import plan_for
 
     problems: list[str] = []
     several = len(pipeline.tasks) > 1

@@ -1,4 +1,4 @@
-"""The service layer for pools: plan and apply a pool YAML, show pools, take them down, launch jobs on them.
+"""Services, the service layer for pools: plan and apply a pool YAML, show pools, take them down, launch jobs on them.
 The CLI (and later the dashboard) go through it; the controller's pool reconciler does the stack work."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
-from orchestrator.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
+from orchestrator.policy.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
 from orchestrator.service import JobService, UnknownJobError, current_user
 
 if TYPE_CHECKING:
+    from orchestrator.infra.stack_driver import StackDriver
     from orchestrator.spec import Pipeline, Task
-    from orchestrator.stack_driver import StackDriver
     from state.models import JobRow, PoolRow, WorkerRow
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -81,8 +81,8 @@ class PoolService(JobService):
     def _previews(self, name: str, spec: dict[str, Any], plan: ApplyPlan, workers: list[WorkerRow],
                   driver: StackDriver) -> dict[str, Any]:
         """Per worker stack: the Pulumi preview of what apply does to it (created, kept, or deleted)."""
-        from orchestrator.placement import Infeasible, place
-        from orchestrator.pools import worker_program
+        from orchestrator.policy.placement import Infeasible, place
+        from orchestrator.policy.pools import worker_program
         from stacks.spec import new_cluster_token
 
         previews: dict[str, Any] = {}
@@ -128,7 +128,7 @@ class PoolService(JobService):
         controller runs; the controller's pool reconciler creates, drains and destroys workers. An `update` plan
         (the provider's diff has no replacement) first runs `up` of each kept worker's stack with the new spec,
         then records the new hash on those workers in the pool's own transaction."""
-        from orchestrator.controller.daemon import check_controller, ensure_controller
+        from orchestrator.controller_service import check_controller, ensure_controller
         from orchestrator.storage.staging import prepare, stage
 
         check_controller(self.config)
@@ -151,7 +151,7 @@ class PoolService(JobService):
     def _update_in_place(self, name: str, spec: dict[str, Any], plan: ApplyPlan,
                          driver: StackDriver | None) -> list[int]:
         """`up` of each kept worker's stack with the new spec; returns their ids."""
-        from orchestrator.pools import worker_program
+        from orchestrator.policy.pools import worker_program
 
         if driver is None:
             raise UsageError(f"pool {name}: an in-place update needs the stack driver")
@@ -188,7 +188,7 @@ class PoolService(JobService):
             if cancel_jobs:
                 self.store.cancel_pool_jobs(row.name, current_user())
             self.store.pool_down(row.name, current_user())
-        from orchestrator.controller.daemon import ensure_controller
+        from orchestrator.controller_service import ensure_controller
 
         ensure_controller(self.home)
         return [r.name for r in rows]
@@ -210,7 +210,7 @@ class PoolService(JobService):
         misfit = _misfit(task, pool)
         if misfit:
             raise UsageError(f"the job does not fit pool {pool_name}: {misfit}")
-        from orchestrator.controller.daemon import check_controller, ensure_controller
+        from orchestrator.controller_service import check_controller, ensure_controller
 
         check_controller(self.config)
         spec = {**pipeline.to_json(), "is_pipeline": False}

@@ -1,5 +1,5 @@
-"""The service layer: the one way to change or read managed jobs. The CLI, the HTTP API and the
-dashboard all go through it."""
+"""Services, the service layer: the one way to change or read managed jobs. The CLI, the HTTP API and the dashboard all
+go through it."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ class JobService:
         self.home = home or sortie_home()
         self.config = load_config(self.home)
         self._store: StateStore | None = None
-        self.logs = JobLogs(self.home)
+        self.logs = JobLogs(self.home, self.config.controller.logs_dir)
 
     @property
     def store(self) -> StateStore:
@@ -133,8 +133,8 @@ class JobService:
     def plan_storage(self, pipeline: Pipeline) -> StoragePlan:
         """What a launch of `pipeline` would upload and create, checked (sizes, stores, buckets named by URL
         existing); writes nothing."""
-        from orchestrator.clouds import enabled_clouds
-        from orchestrator.limits import num_nodes_problems
+        from orchestrator.infra.clouds import enabled_clouds
+        from orchestrator.policy.limits import num_nodes_problems
         from orchestrator.storage.staging import prepare
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
@@ -157,7 +157,7 @@ class JobService:
         if not plan.empty and count != 1:
             raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
         if start_controller:
-            from orchestrator.controller.daemon import check_controller
+            from orchestrator.controller_service import check_controller
 
             check_controller(self.config)
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
@@ -167,7 +167,7 @@ class JobService:
         if not plan.empty:
             self._stage(plan, ids[0], progress)
         if start_controller:
-            from orchestrator.controller.daemon import ensure_controller
+            from orchestrator.controller_service import ensure_controller
 
             ensure_controller(self.home)
         return ids
@@ -206,7 +206,7 @@ class JobService:
             try:
                 self.store.storage_cleaned(job_id, clean(recorded, self.config, self.home, release))
             except Exception:  # the controller's storage reconciler retries
-                from orchestrator.controller.daemon import ensure_controller
+                from orchestrator.controller_service import ensure_controller
 
                 ensure_controller(self.home)
             raise
@@ -238,7 +238,7 @@ class JobService:
             self.resolve(job_id)
         results = [(job_id, self.store.request_cancel(job_id, who or current_user())) for job_id in job_ids]
         if any(ok for _, ok in results):
-            from orchestrator.controller.daemon import ensure_controller
+            from orchestrator.controller_service import ensure_controller
 
             ensure_controller(self.home)
         return results
@@ -319,8 +319,8 @@ class JobService:
                          self.store.job_stacks(job_id), sum(c for _, c in attempts), job_details(job, now))
 
     def controller_status(self) -> ControllerStatus:
-        from orchestrator.controller.daemon import controller_info
-        from orchestrator.engine import backend_url
+        from orchestrator.controller_service import controller_info
+        from orchestrator.infra.engine import backend_url
         from state.db import _safe_url
 
         info = controller_info(self.home)

@@ -1,4 +1,4 @@
-"""How times read in tables and pages: the CLI's and the dashboard's one way."""
+"""Shared base, how times read in tables and pages: the CLI's and the dashboard's one way."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ class ClusterSpec:
     use_spot: bool = False
     disk_size: int | None = None
     image: str | None = None
-    # --- a task's resource features (issue 16); see orchestrator.cloud_features ---
+    # --- a task's resource features (issue 16); see orchestrator.policy.cloud_features ---
     ports: tuple[str, ...] = ()          # "8080" or "8000-8010": opened in the cluster's firewall from ports_cidr
     ports_cidr: str = "0.0.0.0/0"         # config cloud.ports_cidr (SkyPilot's default: anywhere)
     disk_tier: str | None = None          # low|medium|high|ultra|best: the OS disk's volume type
@@ -67,8 +67,9 @@ class ClusterSpec:
     # environment file, `controller_package` what it installs).
     role: str = "node"
     controller_package: str = "sortie"
-    # A cloud node that does bucket work itself (COPY, MOUNT_CACHED, S3 MOUNT: `python -m orchestrator.node_storage`)
-    # pip-installs this (with the s3 extra) into NODE_VENV at boot; None: the agent only (stdlib).
+    # A cloud node that does bucket work itself (COPY, MOUNT_CACHED, S3 MOUNT:
+    # `python -m orchestrator.node.node_storage`) pip-installs this (with the s3 extra) into NODE_VENV at boot;
+    # None: the agent only (stdlib).
     node_package: str | None = None
     # A cloud node that FUSE-mounts an S3 bucket (MOUNT) installs rclone and fuse3 at boot where it has apt-get
     # and lacks them (without them the mount step fails the task with the reason).

@@ -19,7 +19,7 @@ from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 _PG_MIGRATION_LOCK = 742_015
 
 

@@ -59,8 +59,8 @@ class JobRow(Base):
     started_at: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
-    # Leases, so several controllers can later share one PostgreSQL.
-    lock_owner: Mapped[str | None] = mapped_column(String(255))
+    # The lease of the controller replica that drives the job (`state.leases`): its id, and until when.
+    lock_owner: Mapped[str | None] = mapped_column(String(255), index=True)
     lock_expires_at: Mapped[float | None] = mapped_column(Float)
 
 
@@ -200,6 +200,7 @@ class EventRow(Base):
     what: Mapped[str] = mapped_column(String(64))
     why: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    replica: Mapped[str | None] = mapped_column(String(128))  # the controller replica that wrote it
 
 
 class PoolEventRow(Base):
@@ -215,6 +216,7 @@ class PoolEventRow(Base):
     who: Mapped[str] = mapped_column(String(64))
     what: Mapped[str] = mapped_column(String(64))
     why: Mapped[str | None] = mapped_column(Text)
+    replica: Mapped[str | None] = mapped_column(String(128))
 
 
 class BucketRefRow(Base):
@@ -226,3 +228,30 @@ class BucketRefRow(Base):
     job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     delete_when_unused: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class ReplicaRow(Base):
+    """A controller replica: who it is, where it runs, and when it last renewed its leases (`state.leases`)."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    home: Mapped[str] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    lease_seconds: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float)
+
+
+class LeaseRow(Base):
+    """A lease on work that is not a job: a pool (`pool:<name>`), a janitor (`janitor:stacks`)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    acquired_at: Mapped[float | None] = mapped_column(Float)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exists, func, select, update
 
+from state.leases import hold, owner_of
 from state.machine import (
     ACTIVE,
     LIVE_WORKER,
@@ -32,9 +33,20 @@ _ACTIVE = sorted(ACTIVE)
 _LIVE = sorted(LIVE_WORKER)
 
 
+POOL_LEASE_PREFIX = "pool:"
+
+
+def pool_lease(pool: str) -> str:
+    """The lease of a pool: its holder converges the pool's workers and drives the pool's jobs."""
+    return f"{POOL_LEASE_PREFIX}{pool}"
+
+
 def pool_event(session: Session, pool: str, what: str, why: str | None = None, *, worker: int | None = None,
                who: str = "controller") -> None:
-    session.add(PoolEventRow(pool=pool, worker=worker, at=time.time(), who=who, what=what, why=why))
+    """The transition's event, naming the replica; with a replica's session, the pool's lease is checked here."""
+    hold(session, pool_lease(pool))
+    session.add(PoolEventRow(pool=pool, worker=worker, at=time.time(), who=who, what=what, why=why,
+                             replica=owner_of(session)))
 
 
 class PoolTransitions:
@@ -90,6 +102,7 @@ class PoolTransitions:
     def pool_busy(self, name: str) -> None:
         """The pool has jobs now (its idle time starts again); not a status."""
         with self.session() as session, session.begin():
+            hold(session, pool_lease(name))
             session.execute(update(PoolRow).where(PoolRow.name == name).values(last_busy_at=time.time()))
 
     def pool(self, name: str) -> PoolRow | None:
@@ -197,6 +210,9 @@ class PoolTransitions:
         if idle_since is not None:
             values["idle_since"] = idle_since
         with self.session() as session, session.begin():
+            pool = session.scalar(select(WorkerRow.pool).where(WorkerRow.id == worker_id))
+            if pool is not None:
+                hold(session, pool_lease(pool))
             session.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(**values))
 
     def live_worker_stacks(self) -> set[str]:
@@ -223,6 +239,7 @@ class PoolTransitions:
             pool = session.get(PoolRow, worker.pool) if worker else None
             if job is None or worker is None or pool is None or worker.status != WorkerStatus.READY:
                 raise TransitionError(f"job {job_id} on worker {worker_id}: the worker is not READY")
+            hold(session, pool_lease(pool.name))  # the job's own lease is checked with its event
             taken = set(session.scalars(select(AttemptRow.slot).join(JobRow, JobRow.id == AttemptRow.job_id).where(
                 JobRow.worker_id == worker.id, AttemptRow.stack_name == worker.stack_name,
                 AttemptRow.phase.in_(sorted(OPEN_PHASES)))))

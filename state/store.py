@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
 from state.db import open_engine, session_factory
+from state.leases import OWNER_KEY
 from state.machine import ACTIVE, OPEN_PHASES, JobStatus, StackKind, StackStatus
 from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
 from state.pool_transitions import PoolTransitions
@@ -31,6 +32,9 @@ class StateStore(JobTransitions, PoolTransitions):
         self.engine = engine or open_engine(self.home, self.config)
         self._sessions = session_factory(self.engine)
         self._box: SecretsBox | None = None
+        # The controller replica whose leases guard this store's transitions (`state.leases`); None for the CLI,
+        # the services and the tests, whose writes are not a replica's.
+        self.lease_owner: str | None = None
 
     @property
     def box(self) -> SecretsBox:
@@ -39,7 +43,10 @@ class StateStore(JobTransitions, PoolTransitions):
         return self._box
 
     def session(self) -> Session:
-        return self._sessions()
+        session = self._sessions()
+        if self.lease_owner is not None:
+            session.info[OWNER_KEY] = self.lease_owner
+        return session
 
     # --- submitting and reading jobs -----------------------------------------------------------------
 
@@ -183,10 +190,24 @@ class StateStore(JobTransitions, PoolTransitions):
                      .order_by(JobRow.id).limit(limit))
             return list(session.scalars(query))
 
-    def active_jobs(self) -> list[JobRow]:
+    def active_jobs(self, *, held_by: str | None = None) -> list[JobRow]:
+        """Jobs in progress; `held_by`: only those whose lease that replica holds."""
         with self.session() as session:
             query = select(JobRow).where(JobRow.status.in_(sorted(ACTIVE))).order_by(JobRow.id)
+            if held_by is not None:
+                query = query.where(JobRow.lock_owner == held_by)
             return list(session.scalars(query))
+
+    def work_in_progress(self) -> int:
+        """Jobs in progress and pools not terminated, whoever drives them (a replica's autostop looks at all)."""
+        from state.machine import PoolStatus
+        from state.models import PoolRow
+
+        with self.session() as session:
+            jobs = session.scalar(select(func.count()).select_from(JobRow).where(JobRow.status.in_(sorted(ACTIVE))))
+            pools = session.scalar(select(func.count()).select_from(PoolRow).where(
+                PoolRow.status != PoolStatus.TERMINATED))
+        return int(jobs or 0) + int(pools or 0)
 
     def open_attempts(self, job_ids: Sequence[int]) -> dict[int, AttemptRow]:
         """The attempt in progress (phase not DONE) of each job, if any."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from state.leases import hold, hold_job, owner_of
 from state.machine import (
     ACTIVE,
     OPEN_PHASES,
@@ -68,9 +69,16 @@ def guarded(session: Session, model: Any, where: Sequence[Any], expect: Iterable
 
 
 def event(session: Session, job_id: int, what: str, why: str | None = None, *, task_index: int | None = None,
-          who: str = "controller", data: dict[str, Any] | None = None, at: float | None = None) -> None:
+          who: str = "controller", data: dict[str, Any] | None = None, at: float | None = None,
+          lease: bool = True) -> None:
+    """The transition's event, in its transaction, naming the replica that wrote it. With a replica's session, the
+    job's lease is checked here too (`lease=False`: a request any replica may make, or work under another lease),
+    so no transition of a job commits without it."""
+    if lease:
+        hold_job(session, job_id)
     session.add(EventRow(job_id=job_id, task_index=task_index, at=at or time.time(), who=who, what=what, why=why,
-                         data={k: v for k, v in (data or {}).items() if v is not None} or None))
+                         data={k: v for k, v in (data or {}).items() if v is not None} or None,
+                         replica=owner_of(session)))
 
 
 def _open_attempt_exists(job_id: int) -> Any:
@@ -173,6 +181,7 @@ class JobTransitions:
     def set_waiting(self, job_id: int, reason: str | None) -> None:
         """Why a job waits (shown by the queue and the dashboard); not a status change."""
         with self.session() as session, session.begin():
+            hold_job(session, job_id)
             session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(_ACTIVE)).values(
                 waiting_reason=reason))
 
@@ -182,6 +191,7 @@ class JobTransitions:
         with its event. Guarded by the DETAILS the caller saw, so a repeated report writes nothing."""
         now = time.time()
         with self.session() as session, session.begin():
+            hold_job(session, job_id)
             guard = JobRow.waiting_reason.is_(None) if expected is None else JobRow.waiting_reason == expected
             done = rowcount(session.execute(update(JobRow).where(JobRow.id == job_id, guard).values(
                 waiting_reason=wanted, updated_at=now))) == 1
@@ -192,6 +202,7 @@ class JobTransitions:
     def mark_cancelling(self, job_id: int) -> None:
         """A cancel arrived while an operation that cannot be interrupted (`up`) is under way."""
         with self.session() as session, session.begin():
+            hold_job(session, job_id)
             guarded(session, JobRow, [JobRow.id == job_id, JobRow.cancel_requested.is_(True)],
                     [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING, JobStatus.RUNNING,
                      JobStatus.CANCELLING], f"cancelling job {job_id}",
@@ -367,8 +378,8 @@ class JobTransitions:
             first = rowcount(session.execute(update(JobRow).where(
                 JobRow.id == job_id, JobRow.status.in_(_ACTIVE), JobRow.cancel_requested.is_(False),
             ).values(cancel_requested=True, updated_at=now))) == 1
-            if first:
-                event(session, job_id, "cancel-requested", who=who, at=now)
+            if first:  # a request, not a move: any replica (or the user) may make it
+                event(session, job_id, "cancel-requested", who=who, at=now, lease=False)
                 return True
             status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
             return status is not None and status in _ACTIVE
@@ -400,20 +411,25 @@ class JobTransitions:
             _finish(session, job, JobStatus.FAILED_PRECHECKS, why, now, "user")
             session.execute(update(JobRow).where(JobRow.id == job_id).values(staging_heartbeat=None))
 
-    def storage_cleaned(self, job_id: int, removed: Sequence[str]) -> None:
+    def storage_cleaned(self, job_id: int, removed: Sequence[str], *, lease: str | None = None) -> None:
+        """An ended job's storage is removed (the storage janitor's, under its `lease`)."""
         now = time.time()
         with self.session() as session, session.begin():
+            if lease is not None:
+                hold(session, lease)
             guarded(session, JobRow, [JobRow.id == job_id, JobRow.storage_cleaned_at.is_(None)],
                     sorted(TERMINAL), f"storage of job {job_id}", storage_cleaned_at=now)
             if removed:
-                event(session, job_id, "storage-cleaned", ", ".join(removed), at=now)
+                event(session, job_id, "storage-cleaned", ", ".join(removed), at=now, lease=False)
 
     # --- stacks that outlived their attempt (the janitor's), and stacks of no job ----------------------------
 
-    def stack_destroyed(self, name: str, *, missing_ok: bool = False) -> None:
+    def stack_destroyed(self, name: str, *, missing_ok: bool = False, lease: str | None = None) -> None:
         """A stack is gone (its public outputs with it). `missing_ok`: a stack Sortie has no row for (found in the
-        backend by `stacks gc`) is fine."""
+        backend by `stacks gc`) is fine. `lease`: the janitor's, checked in the transaction."""
         with self.session() as session, session.begin():
+            if lease is not None:
+                hold(session, lease)
             if missing_ok and session.get(StackRow, name) is None:
                 return
             guarded(session, StackRow, [StackRow.name == name],
@@ -422,8 +438,10 @@ class JobTransitions:
                     f"stack {name} destroyed", status=StackStatus.DESTROYED, destroyed_at=time.time(),
                     last_error=None, outputs=None)
 
-    def stack_failed(self, name: str, error: str) -> None:
+    def stack_failed(self, name: str, error: str, *, lease: str | None = None) -> None:
         with self.session() as session, session.begin():
+            if lease is not None:
+                hold(session, lease)
             guarded(session, StackRow, [StackRow.name == name],
                     [StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED],
                     f"stack {name} failed", status=StackStatus.FAILED, last_error=error)

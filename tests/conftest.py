@@ -1,22 +1,28 @@
-"""Shared fixtures. Each test gets its own Sortie home; end-to-end tests get a real Pulumi driver and
-fail if a stack, a lock, an agent process or a sandbox outlives them."""
+"""Shared fixtures for tests/unit and tests/e2e (helpers live in tests/support). Each test gets its own Sortie
+home; end-to-end tests get a real Pulumi driver and fail if a stack, a lock, an agent process or a sandbox
+outlives them, and a session-wide check fails the run if a process started in a test sandbox outlives it."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator import agent as agent_module
-from tests.s3 import s3_env, s3_server  # noqa: F401
+from orchestrator.node.agent_files import SANDBOX_ENV
+from tests.support.agents import RunningAgent, leftovers
+from tests.support.s3 import s3_env, s3_server  # noqa: F401
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ carries the `e2e` marker (`-m "not e2e"` is the unit tests)."""
+    e2e = Path(__file__).resolve().parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
@@ -30,32 +36,17 @@ def sortie_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def engine():
     """The real engine; installed (built from the Go module proxy if need be) when missing."""
-    from orchestrator.engine import install_engine
+    from orchestrator.infra.engine import install_engine
 
     info, _how = install_engine()
     return info
-
-
-def leftovers(driver, home: Path) -> list[str]:
-    """Everything an operation could leave behind in a Sortie home."""
-    from orchestrator.local_cloud import LocalCloud
-
-    found = [f"stack {s}" for s in driver.list_stacks()]
-    locks = home / "pulumi-backend" / ".pulumi" / "locks"
-    if locks.exists():
-        found += [f"lock {p.relative_to(locks)}" for p in locks.rglob("*.json")]
-    stacks_dir = home / "stacks"
-    if stacks_dir.exists():
-        found += [f"work dir {p.name}" for p in stacks_dir.iterdir() if p.name != "_workspace"]
-    found += LocalCloud(home / "local").leftovers()
-    return found
 
 
 @pytest.fixture
 def make_driver(sortie_home: Path, engine) -> Iterator[Callable[..., object]]:
     """Build a PulumiStackDriver for this test's home (optionally with a config.yaml first); after
     the test, fail if anything it made is left."""
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
 
     made: list[PulumiStackDriver] = []
 
@@ -83,7 +74,7 @@ def driver(make_driver):
 
 def _sandbox_processes(under: str) -> list[int]:
     pids = []
-    prefix = f"{agent_module.SANDBOX_ENV}={under}".encode()
+    prefix = f"{SANDBOX_ENV}={under}".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -107,41 +98,6 @@ def no_stray_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     assert not stray, f"processes started in test sandboxes outlived the run: {stray}"
 
 
-class RunningAgent:
-    """An agent process started directly on a sandbox (no engine)."""
-
-    def __init__(self, sandbox: Path, token: str, confine: bool = False, env: dict[str, str] | None = None) -> None:
-        self.sandbox = sandbox
-        self.token = token
-        env = {**os.environ, **(env or {}), "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
-        sandbox.mkdir(parents=True, exist_ok=True)
-        (sandbox / "agent.json").unlink(missing_ok=True)
-        argv = [sys.executable, agent_module.__file__, "--sandbox", str(sandbox), *(["--confine"] if confine else [])]
-        self.proc = subprocess.Popen(argv, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while not (sandbox / "agent.json").exists():
-            assert self.proc.poll() is None, "agent exited at start"
-            assert time.monotonic() < deadline, "agent did not start"
-            time.sleep(0.02)
-        self.port = json.loads((sandbox / "agent.json").read_text())["port"]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, token: str | None = None):
-        from orchestrator.agent_client import AgentClient
-
-        return AgentClient(self.url, self.token if token is None else token)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     started: list[RunningAgent] = []
@@ -161,7 +117,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
 def sortie_cli(sortie_home: Path, make_driver) -> Iterator[Callable[..., object]]:
     """The real CLI on this test's home (optionally with a config.yaml first). After the test: the
     controller is stopped, every stack row must be destroyed, and `make_driver`'s leak check runs."""
-    from tests.e2e import Sortie
+    from tests.support.e2e import Sortie
 
     made: list[Sortie] = []
 

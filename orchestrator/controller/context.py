@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agent_client import AgentClient
 from orchestrator.config import SortieConfig
 from orchestrator.controller.node_events import NodeEvents, NodeWatchers, WatchSignal
 from orchestrator.controller.ops import Finished, OperationPool
+from orchestrator.infra.agent_client import AgentClient
+from orchestrator.infra.stack_driver import StackDriver, copy_engine_output
 from orchestrator.job_logs import JobLogs
-from orchestrator.stack_driver import StackDriver, copy_engine_output
+from state.leases import Leases
 from state.store import StateStore
 
 log = logging.getLogger("sortie.controller")
@@ -41,18 +42,24 @@ class ControllerContext:
     agent_ops: OperationPool
     connect: Connect = connect_agent
     watchers: NodeWatchers | None = None  # issue 15: one watch per live node (node_events.py)
+    # issue 14: this replica's leases; None where one controller drives everything (unit tests, the harness)
+    leases: Leases | None = None
 
     @classmethod
     def create(cls, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
                wake: Callable[[], None] | None = None, *, inline: bool = False,
-               connect: Connect = connect_agent) -> ControllerContext:
+               connect: Connect = connect_agent, leases: Leases | None = None) -> ControllerContext:
         """`inline`: operations run at once on the ticker's thread (unit tests, the crash-point harness)."""
         watchers = NodeWatchers(NodeEvents(wake, watch_timeout=config.controller.watch_timeout_seconds,
                                            confirm_seconds=config.controller.loss_confirm_seconds))
-        return cls(store, driver, config, home, JobLogs(home),
+        return cls(store, driver, config, home, JobLogs(home, config.controller.logs_dir),
                    OperationPool(0 if inline else config.pulumi.operation_slots, "stack-op", wake),
                    OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake), connect,
-                   watchers)
+                   watchers, leases)
+
+    def holds(self, lease: str) -> bool:
+        """Whether this replica holds (or just took) the lease `lease`; always, without leases."""
+        return self.leases is None or self.leases.claim(lease)
 
     def clients(self, nodes: list[dict[str, Any]] | None, token_enc: str | None) -> list[tuple[dict[str, Any],
                                                                                                  AgentClient]]:

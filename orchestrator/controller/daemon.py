@@ -31,10 +31,11 @@ from orchestrator.errors import SortieError
 
 if TYPE_CHECKING:
     from orchestrator.controller.context import Connect, ControllerContext
-    from orchestrator.stack_driver import StackDriver
+    from orchestrator.infra.stack_driver import StackDriver
+    from state.leases import Leases
     from state.store import StateStore
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 90.0  # start-up checks included: the state key, the backend, the passphrase, stale locks
 
 
 def _dir(home: Path) -> Path:
@@ -100,10 +101,14 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller.daemon"],
                                 env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL, umask=0o077,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    from orchestrator.controller import lock
+
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         info = controller_info(home)
-        if info.running and info.pid:  # a pid only once its record is written and names a live process
+        # a pid only once its record is written and names a live process; the one we started is waited for until
+        # its start-up checks (state key, passphrase, replica id) passed, so a refusal is said here, not lost
+        if info.running and info.pid and (info.pid != proc.pid or lock.read_record(_dir(home)).get("ready")):
             return info
         if proc.poll() is not None:
             info = controller_info(home)
@@ -137,14 +142,14 @@ class Controller:
 
     def __init__(self, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
                  wake: Callable[[], None] | None = None, *, inline: bool = False,
-                 connect: Connect | None = None) -> None:
+                 connect: Connect | None = None, leases: Leases | None = None) -> None:
         from orchestrator.controller.context import ControllerContext, connect_agent
         from orchestrator.controller.janitors import StackJanitor, StorageJanitor
         from orchestrator.controller.jobs import JobReconciler
         from orchestrator.controller.pools import PoolReconciler
 
         self.ctx: ControllerContext = ControllerContext.create(store, driver, config, home, wake, inline=inline,
-                                                               connect=connect or connect_agent)
+                                                               connect=connect or connect_agent, leases=leases)
         self.pools = PoolReconciler(self.ctx)
         self.jobs = JobReconciler(self.ctx, self.pools)
         self.stack_janitor = StackJanitor(self.ctx)
@@ -152,10 +157,15 @@ class Controller:
 
     def tick(self) -> int:
         """One pass of every reconciler. Returns how many pools and jobs are in progress (the controller does not
-        stop itself while a pool exists: its workers need watching)."""
+        stop itself while a pool exists: its workers need watching); with leases, in the whole shared state, so
+        that no replica stops while another's work could come to it."""
+        if self.ctx.leases is not None:
+            self.ctx.leases.renew()
         active = self.pools.tick() + self.jobs.tick()
         self.stack_janitor.tick()
         self.storage_janitor.tick()
+        if self.ctx.leases is not None:
+            active = self.ctx.store.work_in_progress()
         return active
 
     def busy(self) -> bool:
@@ -165,26 +175,51 @@ class Controller:
         self.ctx.shutdown()
 
 
+def _sqlite_lock_dir(home: Path, config: SortieConfig) -> Path | None:
+    """SQLite allows one controller per state DB, whichever homes name it: a lock beside the DB file."""
+    from state.db import database_url
+
+    url = database_url(home, config)
+    if not url.startswith("sqlite:///"):
+        return None
+    db = Path(url.removeprefix("sqlite:///")).expanduser().resolve()
+    return db.parent / f".{db.name}.controller"
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", flush=True)
+    sys.exit(1)
+
+
 def run_daemon(home: Path) -> None:
-    """The daemon's main: hold the lock, tick until stopped or idle past the autostop time."""
+    """The daemon's main: hold the lock, register as a replica, tick until stopped or idle past the autostop time."""
+    import socket
+
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from orchestrator.controller import lock
-    from orchestrator.pulumi_driver import PulumiStackDriver
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
+    from state.leases import Leases, ReplicaConflict
     from state.store import StateStore
 
     started = time.time()
+    config = load_config(home)
     try:  # issue 17: held until this process exits; controller.json is written before the lock counts as taken
         lock.acquire(_dir(home), __version__, started)
     except lock.LockHeld as held:
-        print(f"{held}; exiting", flush=True)
-        return
+        _refuse(f"{held}: one controller per Sortie home (`sortie controller status`)")
+    shared = _sqlite_lock_dir(home, config)
+    if shared is not None:  # issue 14: a second home on the same SQLite DB is another controller on it
+        try:
+            lock.acquire(shared, __version__, started)
+        except lock.LockHeld as held:
+            _refuse(f"another controller (pid {held.pid}) drives the SQLite state DB of this home; SQLite allows one "
+                    "controller: several replicas need PostgreSQL (state.url)")
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # issue 15: a wake before the ticker exists is a no-op
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     log = logging.getLogger("sortie.controller")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # not a line per tick, nor per coalesced wake
-    config = load_config(home)
     store = StateStore(home, config)
     from state.key_check import state_key_problem
 
@@ -193,7 +228,21 @@ def run_daemon(home: Path) -> None:
         log.error("%s", key_trouble)
         raise SortieError(key_trouble)
     driver = PulumiStackDriver(home, config)
-    unlocked = driver.cancel_stale_locks()
+    phrase_trouble = driver.passphrase_problem()  # issue 14: a replica that could not open the shared stacks
+    if phrase_trouble is not None:
+        log.error("%s", phrase_trouble)
+        raise SortieError(phrase_trouble)
+    replica = config.controller.replica_id(home)
+    leases = Leases(store, replica, config.controller.lease_seconds, config.controller.max_jobs_per_replica)
+    try:
+        leases.register(host=socket.gethostname(), pid=os.getpid(), home=str(home), version=__version__,
+                        pid_alive=lambda pid: lock.process_start_time(pid) is not None)
+    except ReplicaConflict as exc:
+        _refuse(str(exc))
+    store.lease_owner = replica  # from here on, every transition of this process is guarded by its leases
+    from state.leases import live_hosts
+
+    unlocked = driver.cancel_stale_locks(live_hosts(store) - {socket.gethostname()})
     if unlocked:
         log.info("cancelled stale locks of crashed operations on: %s", ", ".join(unlocked))
     scheduler = BackgroundScheduler()
@@ -206,7 +255,7 @@ def run_daemon(home: Path) -> None:
         with contextlib.suppress(Exception):  # the scheduler may be shutting down
             scheduler.modify_job("tick", next_run_time=datetime.now())
 
-    controller = Controller(store, driver, config, home, wake)
+    controller = Controller(store, driver, config, home, wake, leases=leases)
     stop = threading.Event()
     idle_since = [time.monotonic()]
 
@@ -230,13 +279,25 @@ def run_daemon(home: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: threading.Thread(target=wake, daemon=True).start())  # issue 15
+    def heartbeat() -> None:
+        """Issue 14: leases are renewed while this process lives, also during a tick that runs long (a loaded
+        machine, a slow database); a paused or dead replica stops renewing and its work is taken over."""
+        while not stop.wait(config.controller.lease_seconds / 3):
+            try:
+                leases.renew(force=True)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    threading.Thread(target=heartbeat, name="lease-heartbeat", daemon=True).start()
     scheduler.add_job(tick, "interval", id="tick", seconds=config.controller.tick_seconds, max_instances=1,
                       coalesce=True, next_run_time=datetime.now())
     scheduler.start()
-    log.info("controller %s started (pid %s) on %s", __version__, os.getpid(), home)
+    lock.mark_ready(_dir(home))  # start-up checks passed: `ensure_controller` stops waiting
+    log.info("controller %s started (pid %s) on %s as replica %s", __version__, os.getpid(), home, replica)
     stop.wait()
     scheduler.shutdown(wait=True)
     controller.shutdown()
+    leases.release()  # issue 14: another replica takes the work at once, not after the lease runs out
     log.info("controller stopped; stack operations in flight go on detached, for the next controller to adopt")
 
 

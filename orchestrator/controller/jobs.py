@@ -1,7 +1,7 @@
 """The job reconciler: each tick, every job in progress moves one step along its attempt's phase.
 
 Where this sits: composed by the daemon (`Controller`) beside the pool reconciler and the janitors, over one
-`ControllerContext`. Each step loads the rows, decides (the recovery policy `orchestrator.recovery.decide`, the
+`ControllerContext`. Each step loads the rows, decides (the recovery policy `orchestrator.policy.recovery.decide`, the
 runs verdict `orchestrator.controller.decide`, placement), and applies the decision through one named
 transition of `state.transitions`: one guarded transaction with its event. A `TransitionError` (the row moved
 on meanwhile) is logged and the job re-read on the next tick; nothing is written over it.
@@ -17,19 +17,21 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from orchestrator.cloud_features import attempt_features
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import agent_refusal, first_failure, run_outcome, setup_outcome
 from orchestrator.controller.node_files import JobFiles, NodeStorageError, node_fuse_for, node_package_for, task_steps
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
-from orchestrator.placement import Infeasible, capacity_key, place
-from orchestrator.recovery import Failure, History, RecoveryRules, decide
-from orchestrator.stack_driver import stack_name
+from orchestrator.infra.stack_driver import stack_name
+from orchestrator.policy.cloud_features import attempt_features
+from orchestrator.policy.placement import Infeasible, capacity_key, place
+from orchestrator.policy.recovery import Failure, History, RecoveryRules, decide
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
+from state.leases import LeaseLost
 from state.machine import JobStatus, Outcome, Phase, StackStatus, TransitionError
 from state.models import AttemptRow, JobRow
+from state.pool_transitions import POOL_LEASE_PREFIX
 from state.transitions import Relaunch
 
 log = logging.getLogger("sortie.controller")
@@ -46,7 +48,10 @@ class JobReconciler:
 
     def tick(self) -> int:
         """One pass over every job in progress; returns how many there are."""
-        jobs = self.store.active_jobs()
+        leases = self.ctx.leases
+        if leases is not None:  # issue 14: take free or expired jobs (pool jobs with their pool), drive held ones
+            leases.claim_jobs({n.removeprefix(POOL_LEASE_PREFIX) for n in leases.held(POOL_LEASE_PREFIX)})
+        jobs = self.store.active_jobs(held_by=leases.me if leases is not None else None)
         attempts = self.store.open_attempts([j.id for j in jobs])
         for job in jobs:
             try:
@@ -174,7 +179,7 @@ class JobReconciler:
                            num_nodes=attempt.num_nodes, use_spot=attempt.use_spot,
                            accelerators={k: int(v) for k, v in accelerators.items()},
                            labels={"sortie-job": str(job.id)}, token=self.store.box.open(attempt.token_enc),
-                           local_root=str(self.ctx.home / "local"), **cloud_fields(config),
+                           local_root=str(config.local.root_dir(self.ctx.home)), **cloud_fields(config),
                            node_package=node_package_for(steps, attempt.infra, config),
                            node_fuse=node_fuse_for(steps, attempt.infra),
                            job_id=str(job.id), attempt=str(attempt.number), user=job.user,
@@ -182,6 +187,10 @@ class JobReconciler:
         return StackProgram("cluster", spec)
 
     def _stack_op(self, job: JobRow, op: str, stack: str, fn: Callable[[], Any]) -> Any:
+        leases = self.ctx.leases
+        if leases is not None and not self.ctx.stack_ops.busy((op, stack)) and not leases.still_holds_job(job.id):
+            raise LeaseLost(f"job {job.id}: lease lost or expired; no new {op} of {stack}")  # fence: a stalled
+            # replica that resumes must not start an operation another replica may be driving
         return self.ctx.stack_op(op, stack, fn, self.ctx.logs.controller_log(job.id))
 
     def _provisioning(self, job: JobRow, attempt: AttemptRow) -> None:

@@ -144,6 +144,17 @@ def acquire(directory: Path, version: str, started_at: float | None = None, pati
     return me
 
 
+def mark_ready(directory: Path) -> None:
+    """Say in this process's record that its start-up checks passed (whoever started it stops waiting)."""
+    data = read_record(directory)
+    if data.get("pid") != os.getpid():
+        return
+    tmp = directory / f".{RECORD_NAME}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**data, "ready": True}))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, directory / RECORD_NAME)
+
+
 def release_record(directory: Path) -> None:
     """Remove the record if it is this process's (at the very end; the lock itself goes with the process)."""
     if read_record(directory).get("pid") == os.getpid():

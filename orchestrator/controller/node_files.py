@@ -3,7 +3,7 @@
 The steps come from the job's storage record (`orchestrator.storage.staging.NodeStep`): two-hop pushes go
 from the controller to the agent; a local-store MOUNT is a link from the node's path to the store's directory
 (local-cloud nodes share this machine); COPY, MOUNT_CACHED and S3 MOUNTs run on the node as
-`python -m orchestrator.node_storage`, so the node downloads from the bucket itself and a recovery in
+`python -m orchestrator.node.node_storage`, so the node downloads from the bucket itself and a recovery in
 another region needs nothing from the user's machine. Those runs are outside a local-cloud node's path view
 (`view=False`): an S3 MOUNT is a FUSE mount under the node's mounts/, which the runs after it see at its path.
 """
@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.config import SortieConfig
 from orchestrator.errors import SortieError
-from orchestrator.node_storage import encode_plan
+from orchestrator.infra.agent_client import AgentClient, AgentError
+from orchestrator.node.node_storage import encode_plan
 from orchestrator.storage.staging import NodeStep
 from orchestrator.storage.stores import open_store, parse_bucket_url
 
@@ -78,7 +78,7 @@ def node_python(infra: str | None) -> str | None:
 
 
 def _credentials_env(infra: str | None = "local") -> dict[str, str]:
-    from orchestrator.node_credentials import node_credentials_env
+    from orchestrator.policy.node_credentials import node_credentials_env
 
     return node_credentials_env(infra, os.environ)  # issue 17: never the controller's keys on a cloud node
 
@@ -98,7 +98,7 @@ class NodeFiles:
     def _command(self, verb: str, steps: Sequence[NodeStep]) -> str:
         plan = {"storage": self.config.storage.model_dump(mode="json"), "home": str(self.home),
                 "steps": [s.to_json() for s in steps], "interval": CACHE_INTERVAL_SECONDS}
-        return f"exec {self.python} -m orchestrator.node_storage {verb} {encode_plan(plan)}"
+        return f"exec {self.python} -m orchestrator.node.node_storage {verb} {encode_plan(plan)}"
 
     def _run_to_end(self, client: AgentClient, verb: str, steps: Sequence[NodeStep],
                     note: Callable[[str], None]) -> None:

@@ -1,5 +1,5 @@
 """The pool reconciler: each tick, converge every pool's workers on its spec and size (the pure
-`orchestrator.pools.decide_pool`), and move each worker one step (stack up, files and setup, health, destroy)
+`orchestrator.policy.pools.decide_pool`), and move each worker one step (stack up, files and setup, health, destroy)
 through the named transitions of `state.pool_transitions`.
 
 Where this sits: composed by the daemon (`Controller`) before the job reconciler, over the shared
@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.agent_client import AgentError
 from orchestrator.controller.context import ControllerContext, note_pool, pool_log
 from orchestrator.controller.node_files import (
     NodeFiles,
@@ -30,10 +29,12 @@ from orchestrator.controller.node_files import (
 from orchestrator.controller.ops import Finished
 from orchestrator.controller.runs import job_dir
 from orchestrator.errors import NoCapacityError, StackOperationError
-from orchestrator.placement import Infeasible, place
-from orchestrator.pools import PoolActions, WorkerView, decide_pool, policy_of, worker_program
+from orchestrator.infra.agent_client import AgentError
+from orchestrator.policy.placement import Infeasible, place
+from orchestrator.policy.pools import PoolActions, WorkerView, decide_pool, policy_of, worker_program
 from stacks.spec import StackProgram, new_cluster_token
 from state.machine import PoolStatus, TransitionError, WorkerStatus
+from state.pool_transitions import pool_lease
 
 if TYPE_CHECKING:
     from state.models import AttemptRow, JobRow, PoolRow, WorkerRow
@@ -58,6 +59,8 @@ class PoolReconciler:
         """One pass over every pool; returns how many pools exist (the controller stays up while any does)."""
         pools = self.store.pools()
         for pool in pools:
+            if not self.ctx.holds(pool_lease(pool.name)):  # issue 14: another replica drives this pool
+                continue
             try:
                 self._pool(pool)
             except TransitionError as exc:
@@ -85,6 +88,8 @@ class PoolReconciler:
         if pool.status == PoolStatus.DOWN and not workers:
             self._clean_files(pool)
             self.store.pool_terminated(pool.name)
+            if self.ctx.leases is not None:
+                self.ctx.leases.drop(pool_lease(pool.name))
             self.note(pool.name, "every worker destroyed; pool terminated")
 
     def _clean_files(self, pool: PoolRow) -> None:
@@ -170,7 +175,7 @@ class PoolReconciler:
     def _setup(self, pool: PoolRow, worker: WorkerRow) -> None:
         """Files and setup on every node of the worker, once (a second start of the setup run is refused by the
         agent, so a restarted controller waits for the first)."""
-        from orchestrator.run_env import node_env
+        from orchestrator.policy.run_env import node_env
 
         files = NodeFiles(self.ctx.config, self.ctx.home, task_steps(pool.storage, 0), worker.id,
                           python=node_python(worker.infra), infra=worker.infra)

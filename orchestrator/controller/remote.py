@@ -72,6 +72,10 @@ def remote_status(config: SortieConfig) -> str:
     if row is None or row.status != "UP":
         state = row.status if row else "never created"
         return f"controller: {where}, stack {name} {state}: start it with `sortie controller up`"
+    if config.jobs.controller.infra == "kubernetes":  # issue 14: replicas of a Deployment, not a VM
+        from orchestrator.controller.kube_deploy import deployment_status
+
+        return deployment_status(config, name, dict(row.outputs or {}))
     node = dict((row.outputs or {}).get("controller") or {})
     address = node.get("public_ip") or node.get("ip") or "address not recorded"
     return (f"controller: {where}, stack {name} UP at {address} ({node.get('instance_type') or '?'}, "
@@ -82,6 +86,9 @@ def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
     """How `sortie dashboard` reaches the cloud controller's VM, from its stack's outputs in the shared state."""
     from orchestrator.dashboard.server import DEFAULT_PORT
 
+    if config.jobs.controller.infra == "kubernetes":  # issue 14: pods, no VM to tunnel to
+        raise UsageError("the controllers run as pods on Kubernetes (jobs.controller.infra) and serve no dashboard; "
+                         "`sortie dashboard` tunnels only to a controller VM")
     node = dict((check_remote(config).outputs or {}).get("controller") or {})
     host = node.get("public_ip") or node.get("ip")
     user = config.jobs.controller.ssh_user or node.get("ssh_user")
@@ -133,8 +140,8 @@ def check_remote(config: SortieConfig) -> StackRow:
 
 def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str, Any]]:
     """The controller stack's program and what was chosen for it (instance, region, price)."""
-    from orchestrator.clouds import check
-    from orchestrator.optimizer import plan_for
+    from orchestrator.infra.clouds import check
+    from orchestrator.policy.optimizer import plan_for
     from stacks.spec import ClusterSpec, StackProgram, cloud_fields
 
     wanted = config.jobs.controller

@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import NodeRun, RunsVerdict, agent_refusal, judge_runs
 from orchestrator.controller.node_reports import report_node_errors
-from orchestrator.run_env import node_env, pool_job_env
+from orchestrator.infra.agent_client import AgentClient, AgentError
+from orchestrator.policy.run_env import node_env, pool_job_env
 from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
 

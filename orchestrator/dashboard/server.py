@@ -19,7 +19,7 @@ from pathlib import Path
 
 from orchestrator.config import sortie_home
 from orchestrator.errors import SortieError
-from orchestrator.local_cloud import pid_alive
+from orchestrator.infra.local_cloud import pid_alive
 
 DEFAULT_PORT = 8765
 

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from orchestrator.controller.remote import SshTarget
+from orchestrator.controller_service import SshTarget
 from orchestrator.dashboard import server
 from orchestrator.errors import SortieError, UsageError
 

@@ -223,7 +223,7 @@ def worker_status(status: str, jobs: list[int]) -> str:
 
 
 def pool_out(s: PoolStatus) -> PoolOut:
-    from orchestrator.pools import policy_of
+    from orchestrator.policy.pools import policy_of
 
     p = s.pool
     workers = [WorkerOut(number=w.number, stack=w.stack_name, infra=w.infra, region=w.region, use_spot=w.use_spot,

@@ -267,11 +267,6 @@ class _ResourceFields(BaseModel):
               "torn down when the job ends."),
     ] = None
 
-    def unsupported(self, path: str) -> list[str]:
-        """What this alternative asks for that Sortie cannot launch on any cloud yet: nothing now. What only
-        some clouds can do is for the optimizer (`orchestrator.cloud_features.offer_supports`)."""
-        return []
-
 
 class ResourceOption(_ResourceFields):
     """One entry of `any_of` or `ordered`: fields here override those of the enclosing resources."""

@@ -280,10 +280,6 @@ class Task(BaseModel):
         it can be launched. Loading never fails for these, so `--dryrun` still shows the task."""
         found = [f"file_mounts.{destination}: {problem}" for destination, mount in self.storage_mounts.items()
                  if (problem := _unsupported_store(mount))]
-        found += self.resources.unsupported("resources")
-        section = "any_of" if self.resources.any_of is not None else "ordered"
-        for index, option in enumerate(self.resources.options() or []):
-            found += option.unsupported(f"resources.{section}[{index}]")
         clouds = dict.fromkeys(c.cloud for c in self.candidates() if c.cloud and c.cloud not in values.SORTIE_CLOUDS)
         found += [f"resources: cloud {cloud} is not supported (Sortie runs on {', '.join(values.SORTIE_CLOUDS)})"
                   for cloud in clouds]

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import pulumi
 
 from orchestrator.errors import UsageError
+from orchestrator.infra.agent_bundle import UNPACK_AGENT
 from stacks.spec import ClusterSpec
 
 # Where the controller VM's dashboard listens, on its loopback (the SSH tunnel's far end).
@@ -121,8 +122,8 @@ def builder_for(infra: str) -> NodeBuilder:
 # --- what cloud builders share -----------------------------------------------------------------------------------
 
 DEFAULT_DISK_GB = 256
-AGENT_SOURCE = Path(__file__).resolve().parents[2] / "orchestrator" / "agent.py"
 AGENT_DIR = "/opt/sortie"
+AGENT_ZIPAPP = f"{AGENT_DIR}/agent.pyz"  # the node agent (orchestrator.infra.agent_bundle)
 # Where a node that does bucket work has Sortie (`spec.node_package`); writable on every infra (a pod's volume).
 NODE_VENV = "/var/lib/sortie/venv"
 NODE_PYTHON = f"{NODE_VENV}/bin/python"
@@ -183,16 +184,16 @@ def dns_label(text: str, limit: int = 63) -> str:
 
 
 def agent_source() -> str:
-    """The node agent, read now (at program time) to ship in the node's boot script."""
-    text = AGENT_SOURCE.read_text()
-    if _HEREDOC_END in text.splitlines():
-        raise RuntimeError(f"{AGENT_SOURCE} contains the line {_HEREDOC_END}; it cannot go in a here-document")
-    return text
+    """The node agent, packed now (at program time) to ship in the node's boot script: its zipapp, bzip2-compressed,
+    as base64 lines (`orchestrator.infra.agent_bundle.packed_agent`)."""
+    from orchestrator.infra.agent_bundle import packed_agent
+
+    return packed_agent()
 
 
 def agent_command(spec: ClusterSpec, node_id: str, *, token_stdin: bool) -> list[str]:
     """The agent's command line on a node."""
-    command = ["python3", f"{AGENT_DIR}/agent.py", "--sandbox", SANDBOX_DIR, "--host", "0.0.0.0",
+    command = ["python3", AGENT_ZIPAPP, "--sandbox", SANDBOX_DIR, "--host", "0.0.0.0",
                "--port", str(spec.agent_port), "--node-id", node_id]
     if spec.container_image and spec.infra.split("/", 1)[0] != "kubernetes":  # a pod's image is the task's own
         command += ["--container-image", spec.container_image, "--container-engine", "docker",
@@ -212,7 +213,7 @@ def container_engine_install(spec: ClusterSpec) -> str:
 
 def node_package_install(spec: ClusterSpec) -> str:
     """Shell lines that install `spec.node_package[s3]` into NODE_VENV once (nothing without one): what a node
-    needs to run its bucket steps (`python -m orchestrator.node_storage`); with `spec.node_fuse`, rclone and fuse3
+    needs to run its bucket steps (`python -m orchestrator.node.node_storage`); with `spec.node_fuse`, rclone and fuse3
     for its S3 MOUNTs too (from apt, where it has apt-get; a failure here is reported by the mount step)."""
     if not spec.node_package:
         return ""
@@ -238,7 +239,7 @@ def boot_script(spec: ClusterSpec, rank: int, token: str, source: str) -> str:
 set -euo pipefail
 umask 077
 mkdir -p {AGENT_DIR} {SANDBOX_DIR} {Path(TOKEN_FILE).parent}
-cat > {AGENT_DIR}/agent.py <<'{_HEREDOC_END}'
+{UNPACK_AGENT} > {AGENT_ZIPAPP} <<'{_HEREDOC_END}'
 {source.rstrip()}
 {_HEREDOC_END}
 printf '%s\\n' {shlex.quote(token)} > {TOKEN_FILE}

@@ -20,8 +20,8 @@ import re
 import pulumi
 import pulumi_aws as aws
 
-from orchestrator.cloud_features import disk_settings, port_ranges
 from orchestrator.errors import UsageError
+from orchestrator.policy.cloud_features import disk_settings, port_ranges
 from stacks.builders import (
     DEFAULT_DISK_GB,
     SSH_PORT,

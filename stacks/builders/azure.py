@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pulumi_azure_native import compute, network, resources
 
-from orchestrator.cloud_features import disk_settings, port_ranges
 from orchestrator.errors import UsageError
+from orchestrator.policy.cloud_features import disk_settings, port_ranges
 from stacks.builders import (
     DEFAULT_DISK_GB,
     SSH_PORT,

@@ -3,7 +3,7 @@
 Per cluster: a Namespace of its own (`sortie-<cluster>`, deleted with the stack, which takes everything in it)
 unless the config names one (`kubernetes.namespace`, used as is: a team's namespace where Sortie may not create
 namespaces); a Secret holding the token (a secret Output; the agent reads it from `$SORTIE_AGENT_TOKEN`, which it
-removes from its environment before anything runs); a ConfigMap holding the agent's source; and for several nodes
+removes from its environment before anything runs); a ConfigMap holding the agent's zipapp; and for several nodes
 a headless Service, so node `r` is `<cluster>-<r>.<cluster>.<namespace>.svc`. Per node: a Pod (image
 `python:3.11-slim` unless `image_id: docker:<image>`) that mounts the ConfigMap and starts the agent, with requests
 from `cpus`/`memory` (limits too when they are exact, not `N+`) or from an instance type Sortie named after a
@@ -25,8 +25,9 @@ import shlex
 import pulumi
 import pulumi_kubernetes as k8s
 
-from orchestrator.cloud_features import merge_pod_config
 from orchestrator.errors import UsageError
+from orchestrator.infra.agent_bundle import agent_zipapp_base64
+from orchestrator.policy.cloud_features import merge_pod_config
 from orchestrator.spec.resources import DEFAULT_DISK_SIZE_GB
 from stacks.builders import (
     AGENT_DIR,
@@ -34,7 +35,6 @@ from stacks.builders import (
     CloudNode,
     accelerator,
     agent_command,
-    agent_source,
     agent_url,
     dns_label,
     location,
@@ -164,7 +164,7 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
         metadata={"name": f"{prefix}-token", "namespace": namespace, "labels": labels}, opts=base,
     )
     agent = k8s.core.v1.ConfigMap(
-        f"{spec.name}-agent", data={"agent.py": agent_source()},
+        f"{spec.name}-agent", binary_data={"agent.pyz": agent_zipapp_base64()},
         metadata={"name": f"{prefix}-agent", "namespace": namespace, "labels": labels}, opts=base,
     )
     if spec.num_nodes > 1:

@@ -1,6 +1,6 @@
 """The local cloud's nodes as a Pulumi dynamic provider.
 
-`create` launches a node (a sandbox with a detached node agent) through `orchestrator.local_cloud`,
+`create` launches a node (a sandbox with a detached node agent) through `orchestrator.infra.local_cloud`,
 `read` reports whether it is still alive (a dead or preempted node reads as gone, exactly as a
 reclaimed spot VM does), `update` changes labels in place, and `delete` stops the agent and every
 process it started and removes the sandbox.
@@ -21,7 +21,7 @@ from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, Resou
 
 from orchestrator.config import load_config, sortie_home
 from orchestrator.errors import UsageError
-from orchestrator.local_cloud import LocalCloud
+from orchestrator.infra.local_cloud import LocalCloud
 from stacks.builders import BuiltNode
 from stacks.spec import ClusterSpec
 
@@ -47,7 +47,7 @@ def container_of(spec: ClusterSpec) -> dict[str, Any] | None:
     """The container a local node runs its task in (image_id: docker:...), with this machine's engine."""
     if not spec.container_image:
         return None
-    from orchestrator.cloud_features import local_container_engine
+    from orchestrator.policy.cloud_features import local_container_engine
 
     engine = local_container_engine()
     if engine is None:
@@ -127,7 +127,7 @@ def build_local_nodes(spec: ClusterSpec) -> list[BuiltNode]:
         if region.accelerators.get(name, 0) < count:
             declared = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "none"
             raise UsageError(f"local/{region.name} has no node with {name}:{count} (declared: {declared})")
-    root = spec.local_root or str(Path(home) / "local")
+    root = spec.local_root or str(load_config(home).local.root_dir(Path(home)))
     built = []
     for rank in range(spec.num_nodes):
         node = LocalNode(f"node-{rank}", node_inputs(spec, rank, region.name, root, region.capacity,

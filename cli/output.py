@@ -1,0 +1,91 @@
+"""CLI, the output side every command shares: the console, plain tables, log files, launch progress and the
+job service (imported lazily, so `sortie --help` stays fast). Command modules import from here, never from each
+other's helpers."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from orchestrator.service import JobService
+
+
+def get_console(stderr: bool = False):
+    """A Rich console (stdout, or stderr), imported only when a command prints."""
+    from rich.console import Console
+
+    # Plain text by default: names and paths are printed as they are, never read as markup.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False)
+
+
+def plain_table(columns: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: Rich's tables cost seconds at 10,000 rows, this costs milliseconds."""
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def job_service() -> JobService:
+    from orchestrator.service import JobService
+
+    return JobService()
+
+
+def useful_commands(job_id: int) -> str:
+    """What to do next with a launched job (the lines SkyPilot prints after a launch)."""
+    return (f"Managed Job ID: {job_id}\n"
+            "Useful Commands\n"
+            f"├── To cancel the job:                sortie jobs cancel {job_id}\n"
+            f"├── To stream job logs:               sortie jobs logs {job_id}\n"
+            f"├── To stream controller logs:        sortie jobs logs --controller {job_id}\n"
+            "└── To view all managed jobs:         sortie jobs queue")
+
+
+class UploadProgress:
+    """Progress of the uploads of a launch: a line per tenth of each large tree, and one when it is done."""
+
+    LARGE = 8 * 1024 * 1024
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.shown: dict[str, int] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        from orchestrator.storage.staging import human_bytes
+
+        tenth = 10 if total == 0 else done * 10 // total
+        if self.shown.get(what, -1) >= tenth or (total < self.LARGE and tenth < 10):
+            return
+        self.shown[what] = tenth
+        self.console.print(f"Uploading {escape(what)}: {human_bytes(done)} of {human_bytes(total)} ({tenth * 10}%)")
+
+
+def job_details(job) -> str:
+    """Why a job waits (`no capacity in local/region-a; next try in 40s`) or why it failed."""
+    from orchestrator.service import job_details as details
+
+    return details(job)
+
+
+def print_log_file(path: Path, last: int | None, follow: bool) -> None:
+    """The last `last` lines of a log file (None: all), then, with `follow`, what is appended to it."""
+    import time
+    from collections import deque
+
+    with path.open(errors="replace") as fh:
+        for line in deque(fh, maxlen=last):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        while follow:
+            line = fh.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)

@@ -1,0 +1,182 @@
+"""Node side, the agent's HTTP API (token-checked JSON over one port) and its server loop; the API is
+described in `orchestrator.node.agent`. Standard library only."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+import tarfile
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from orchestrator.node.agent_files import MAX_BODY, MAX_UPLOAD, NO_SPACE, write_json_atomic
+from orchestrator.node.runs import Agent
+from orchestrator.node.watch import WATCH_MAX_TIMEOUT
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _AgentServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {format % args}\n")
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, data: object) -> None:
+        self._send(status, json.dumps(data).encode())
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _authorized(self) -> bool:
+        if self.server.agent.authorized(self.headers.get("Authorization")):
+            return True
+        # Drain the body so the connection stays usable, then refuse.
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= MAX_BODY:
+            self.rfile.read(length)
+        self._send(HTTPStatus.UNAUTHORIZED, b'{"error": "missing or wrong bearer token"}',
+                   headers={"WWW-Authenticate": "Bearer"})
+        return False
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("request body too large")
+        data = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("request body must be a JSON object")
+        return data
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        agent = self.server.agent
+        url = urlparse(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        if parts == ["health"]:
+            self._json(200, agent.health())
+        elif parts == ["watch"]:
+            self._watch(parse_qs(url.query))
+        elif parts == ["runs"]:
+            self._json(200, agent.all_status())
+        elif len(parts) == 2 and parts[0] == "runs":
+            status = agent.status(parts[1])
+            self._json(200, status) if status else self._error(404, f"no run {parts[1]}")
+        elif len(parts) == 3 and parts[0] == "runs" and parts[2] == "log":
+            query = parse_qs(url.query)
+            offset = int(query.get("offset", ["0"])[0])
+            data = agent.read_log(parts[1], offset)
+            if data is None:
+                self._error(404, f"no run {parts[1]}")
+            else:
+                self._send(200, data, "application/octet-stream", {"X-Next-Offset": str(offset + len(data))})
+        else:
+            self._error(404, f"no route GET {url.path}")
+
+    def _watch(self, query: dict[str, list[str]]) -> None:
+        try:
+            since = int(query.get("since", ["0"])[0])
+            timeout = min(max(float(query.get("timeout", ["0"])[0]), 0.0), WATCH_MAX_TIMEOUT)
+        except ValueError:
+            self._error(400, "watch: since must be an integer and timeout a number of seconds")
+            return
+        journal = self.server.agent.watch
+        events, seq, reset = journal.since(since, timeout, query.get("epoch", [""])[0] or None)
+        body: dict[str, object] = {"epoch": journal.epoch, "reset": reset, "events": events, "seq": seq}
+        if reset:  # taken after `seq`: a change in between shows in both, never in neither
+            body["runs"] = self.server.agent.all_status()
+        self._json(200, body)
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            return
+        agent = self.server.agent
+        parts = [p for p in urlparse(self.path).path.split("/") if p]
+        try:
+            if parts == ["files"]:
+                length = int(self.headers.get("Content-Length") or 0)
+                dest = parse_qs(urlparse(self.path).query).get("dest", [""])[0]
+                if not dest or length > MAX_UPLOAD:
+                    raise ValueError("files: a dest and a tar body under 8 GiB are required")
+                single = parse_qs(urlparse(self.path).query).get("file", ["0"])[0] == "1"
+                target = agent.receive_files(dest, self.rfile, length, single)
+                self._json(201, {"path": str(target)})
+                return
+            body = self._body()
+            if parts == ["runs"]:
+                command = body.get("command")
+                if not isinstance(command, str) or not command.strip():
+                    raise ValueError("command: a non-empty string is required")
+                env = body.get("env") or {}
+                if not isinstance(env, dict):
+                    raise ValueError("env: must be an object of strings")
+                view = body.get("view", True)
+                if not isinstance(view, bool):
+                    raise ValueError("view: must be true or false")
+                run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"), view)
+                self._json(201, {"run_id": run_id})
+            elif parts == ["links"]:
+                dest, target = body.get("dest"), body.get("target")  # type: ignore[assignment]
+                if not isinstance(dest, str) or not dest or not isinstance(target, str | None):
+                    raise ValueError("links: dest must be a non-empty string and target a string or null")
+                self._json(201, {"path": str(agent.link(dest, target))})
+            elif len(parts) == 3 and parts[0] == "runs" and parts[2] == "cancel":
+                status = agent.cancel(parts[1])
+                self._json(200, status) if status else self._error(404, f"no run {parts[1]}")
+            else:
+                self._error(404, f"no route POST {self.path}")
+        except FileExistsError as exc:
+            self._error(409, str(exc))
+        except (ValueError, json.JSONDecodeError, tarfile.TarError) as exc:
+            self._error(400, str(exc))
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self._error(HTTPStatus.INSUFFICIENT_STORAGE, f"{NO_SPACE} ({agent.sandbox})")
+            else:
+                self._error(500, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+
+class _AgentServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+        super().__init__(address, _Handler)
+        self.agent = agent
+
+
+def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
+           hide: list[str] | None = None, container: dict | None = None) -> None:
+    agent = Agent(sandbox, token, node_id, confine, hide, container)
+    server = _AgentServer((host, port), agent)
+
+    def stop(_signum: int, _frame: object) -> None:
+        agent.stopping = True
+        agent.shutdown_runs()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    write_json_atomic(sandbox / "agent.json", {
+        "pid": os.getpid(), "host": host, "port": server.server_address[1], "node_id": node_id,
+        "started_at": agent.started_at,
+    })
+    server.serve_forever(poll_interval=0.2)
+
+

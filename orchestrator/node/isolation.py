@@ -1,0 +1,22 @@
+"""Node side, how far local-cloud jobs are kept apart on this machine (issue 17, item 8), in words for
+`sortie check`."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def local_isolation() -> tuple[bool, str]:
+    """(whether runs are kept from the Sortie home here, one line saying what holds and what does not)."""
+    from orchestrator.node.agent import probe_path_view
+
+    with tempfile.TemporaryDirectory(prefix="sortie-probe-") as sandbox:
+        works = probe_path_view(Path(sandbox)) is not None
+    if works:
+        return True, ("runs get only their task's environment; the Sortie home (state DB, keys, logs) and other "
+                      "nodes' sandboxes are hidden from them (mount namespaces); they run as your user, so "
+                      "processes of other jobs stay visible in /proc")
+    return False, ("NOT isolated: no mount namespaces here (or SORTIE_NO_MOUNT_NAMESPACE=1), so runs of local-cloud "
+                   "jobs can read the Sortie home (state DB, secrets key) and other jobs' sandboxes; their "
+                   "environment is still scrubbed. Run untrusted jobs on a cloud, or where unshare works")

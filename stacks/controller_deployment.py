@@ -1,0 +1,237 @@
+"""Several jobs-controller replicas on Kubernetes (issue 14): a Deployment of `replicas` pods, each running
+`python -m orchestrator.controller.daemon` against one shared PostgreSQL (Sortie's state and Pulumi's).
+
+`SortieControllers` is a ComponentResource a platform team can import into a program of its own;
+`controller_deployment_program` is the whole program `sortie controller up --replicas N` runs (through
+`deployment_stack_program`, a `StackProgram` the stack driver pickles to its worker like any other).
+
+What it makes, in one namespace (made by the stack unless given as is):
+- a Secret holding the Pulumi passphrase, Sortie's state key and the database credentials, every value a Pulumi
+  secret (encrypted in the stack's state, never in clear text);
+- a ConfigMap holding the replicas' `config.yaml`, which must hold no password: the state DB URL comes from the
+  Secret as `$SORTIE_DB_URL`, the Pulumi backend's password as `$PGPASSWORD` (libpq and the engine's lib/pq both
+  read it), so `pulumi.backend_url` in the ConfigMap names no password;
+- the Deployment: each pod's replica id is its name (`$SORTIE_CONTROLLER_ID`, downward API), the passphrase a file
+  of the mounted Secret (`$PULUMI_CONFIG_PASSPHRASE_FILE`), the Sortie home an emptyDir (per-replica work dirs and
+  `PULUMI_HOME` stay local; only state and locks are shared), job logs on an optional ReadWriteMany claim.
+
+No liveness probe: the daemon serves nothing to probe, and it is the container's main process, so a daemon that
+dies ends the container and Kubernetes restarts it. A replica that stops renewing its leases loses its work to the
+others after `controller.lease_seconds` whatever its pod does.
+
+The image is a parameter: one the user builds with Sortie installed (`pip install 'sortie[postgres,kubernetes]'`)
+and the Pulumi engine in it (`sortie engine install` at build time, into `$XDG_CACHE_HOME`), pushed to a registry
+the cluster can pull from. examples/ha/README.md has a Dockerfile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import pulumi
+import yaml
+
+from stacks.spec import ClusterSpec, StackProgram
+
+MAX_REPLICAS = 16
+HOME = "/var/lib/sortie"
+SECRETS_DIR = "/etc/sortie/secrets"
+PASSPHRASE_FILE = f"{SECRETS_DIR}/pulumi-passphrase"
+SHARED_DIR = "/var/lib/sortie-shared"
+# A replica under a supervisor (a Deployment, systemd) must not stop itself when the fleet is idle: the supervisor
+# would only start it again. A year of idleness is "never".
+AUTOSTOP_NEVER_MINUTES = 525_600.0
+TYPE = "sortie:index:SortieControllers"
+APP = "sortie-controller"
+
+
+def url_password(url: str | None) -> str | None:
+    """The password a database URL holds, if any."""
+    return urlsplit(url).password if url else None
+
+
+def pod_config(config: Mapping[str, Any], *, logs_dir: str | None = None) -> dict[str, Any]:
+    """The replicas' `config.yaml` from a Sortie config (as a mapping): no replica id (each pod's name is), the
+    controller local to its pod, autostop off, logs on `logs_dir` (the shared claim's) or in the pod, and no state DB
+    URL (the Secret gives it). Refuses a password in
+    `pulumi.backend_url` or `state.url`: the ConfigMap is not a secret."""
+    for section, key in (("state", "url"), ("pulumi", "backend_url")):
+        if url_password((config.get(section) or {}).get(key)):
+            raise ValueError(f"{section}.{key} of the controllers' config holds a password: give it as a secret "
+                             "(state_url, backend_password), not in the ConfigMap")
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    out["state"] = {k: v for k, v in (out.get("state") or {}).items() if k != "url"}
+    # This home's paths mean nothing in a pod: job logs go on the shared claim if there is one, else in the pod.
+    controller = {k: v for k, v in (out.get("controller") or {}).items() if k not in ("id", "logs_dir")}
+    controller["autostop_idle_minutes"] = AUTOSTOP_NEVER_MINUTES
+    if logs_dir:
+        controller["logs_dir"] = logs_dir
+    out["controller"] = controller
+    jobs = dict(out.get("jobs") or {})
+    jobs["controller"] = {**dict(jobs.get("controller") or {}), "infra": "local"}  # the daemon is in this pod
+    out["jobs"] = jobs
+    return {k: v for k, v in out.items() if v != {}}
+
+
+class SortieControllers(pulumi.ComponentResource):
+    """`replicas` Sortie controller pods sharing one PostgreSQL. Secrets (`passphrase`, `state_key`, `state_url`,
+    `backend_password`) are made Pulumi secrets here whatever they arrive as."""
+
+    def __init__(self, name: str, *, image: str, config: Mapping[str, Any], passphrase: pulumi.Input[str],
+                 state_key: pulumi.Input[str], state_url: pulumi.Input[str],
+                 backend_password: pulumi.Input[str] | None = None, replicas: int = 2,
+                 namespace: str = APP, create_namespace: bool = True, logs_claim: str | None = None,
+                 resources: Mapping[str, Mapping[str, str]] | None = None,
+                 labels: Mapping[str, str] | None = None, service_account: str | None = None,
+                 fs_group: int | None = 1000, termination_grace_seconds: int = 600,
+                 command: tuple[str, ...] = ("python", "-m", "orchestrator.controller.daemon"),
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(TYPE, name, None, opts)
+        import pulumi_kubernetes as k8s
+
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS} (got {replicas})")
+        if isinstance(state_url, str) and not state_url.startswith("postgresql"):
+            raise ValueError("state_url must be a PostgreSQL URL (postgresql://...): the replicas share it")
+        backend = str((config.get("pulumi") or {}).get("backend_url") or "")
+        if not backend.startswith("postgres://"):
+            raise ValueError("pulumi.backend_url must be postgres://...?table=pulumi_state: the replicas share it")
+        logs_dir = f"{SHARED_DIR}/logs" if logs_claim else None
+        config_yaml = yaml.safe_dump(pod_config(config, logs_dir=logs_dir), sort_keys=True)
+        labels = {**(labels or {}), "app.kubernetes.io/name": APP, "app.kubernetes.io/instance": name}
+        selector = {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": name}
+        child = pulumi.ResourceOptions(parent=self)
+        if create_namespace:
+            ns = k8s.core.v1.Namespace(f"{name}-ns", metadata={"name": namespace, "labels": labels}, opts=child)
+            child = pulumi.ResourceOptions(parent=self, depends_on=[ns])
+        values: dict[str, pulumi.Input[str]] = {"pulumi-passphrase": passphrase, "state-key": state_key,
+                                                "state-url": state_url}
+        if backend_password is not None:
+            values["pg-password"] = backend_password
+        self.secret = k8s.core.v1.Secret(
+            f"{name}-secrets", type="Opaque",
+            string_data={key: pulumi.Output.secret(value) for key, value in values.items()},
+            metadata={"name": f"{name}-secrets", "namespace": namespace, "labels": labels}, opts=child)
+        self.config_map = k8s.core.v1.ConfigMap(
+            f"{name}-config", data={"config.yaml": config_yaml},
+            metadata={"name": f"{name}-config", "namespace": namespace, "labels": labels}, opts=child)
+
+        def from_secret(var: str, key: str) -> dict[str, Any]:
+            return {"name": var, "value_from": {"secret_key_ref": {"name": self.secret.metadata.name, "key": key}}}
+
+        env: list[dict[str, Any]] = [
+            {"name": "SORTIE_HOME", "value": HOME},
+            {"name": "SORTIE_CONTROLLER_ID", "value_from": {"field_ref": {"field_path": "metadata.name"}}},
+            {"name": "PULUMI_CONFIG_PASSPHRASE_FILE", "value": PASSPHRASE_FILE},
+            from_secret("SORTIE_STATE_KEY", "state-key"),
+            from_secret("SORTIE_DB_URL", "state-url"),
+        ]
+        if backend_password is not None:
+            env.append(from_secret("PGPASSWORD", "pg-password"))
+        mounts: list[dict[str, Any]] = [
+            {"name": "home", "mount_path": HOME},
+            {"name": "config", "mount_path": f"{HOME}/config.yaml", "sub_path": "config.yaml", "read_only": True},
+            {"name": "secrets", "mount_path": SECRETS_DIR, "read_only": True},
+        ]
+        volumes: list[dict[str, Any]] = [
+            {"name": "home", "empty_dir": {}},
+            {"name": "config", "config_map": {"name": self.config_map.metadata.name}},
+            {"name": "secrets", "secret": {"secret_name": self.secret.metadata.name, "default_mode": 0o440,
+                                           "items": [{"key": "pulumi-passphrase", "path": "pulumi-passphrase"}]}},
+        ]
+        if logs_claim:
+            mounts.append({"name": "shared", "mount_path": SHARED_DIR})
+            volumes.append({"name": "shared", "persistent_volume_claim": {"claim_name": logs_claim}})
+        container: dict[str, Any] = {"name": "controller", "image": image, "command": list(command), "env": env,
+                                     "volume_mounts": mounts}
+        if resources:
+            container["resources"] = {k: dict(v) for k, v in resources.items()}
+        pod_spec: dict[str, Any] = {
+            "containers": [container], "volumes": volumes,
+            # SIGTERM: the daemon lets its stack operations finish and releases its leases; give it the time.
+            "termination_grace_period_seconds": termination_grace_seconds,
+            # Replicas on different nodes where the cluster allows: one node's loss takes one replica.
+            "affinity": {"pod_anti_affinity": {"preferred_during_scheduling_ignored_during_execution": [
+                {"weight": 100, "pod_affinity_term": {"label_selector": {"match_labels": selector},
+                                                      "topology_key": "kubernetes.io/hostname"}}]}},
+        }
+        if fs_group is not None:  # the Secret's files (0440) readable by whichever user the image runs as
+            pod_spec["security_context"] = {"fs_group": fs_group}
+        if service_account:
+            pod_spec["service_account_name"] = service_account
+        digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]  # a new config rolls the pods
+        deployment_spec: Any = {
+            "replicas": replicas, "selector": {"match_labels": selector},
+            "strategy": {"type": "RollingUpdate", "rolling_update": {"max_unavailable": 0, "max_surge": 1}},
+            "template": {"metadata": {"labels": labels, "annotations": {"sortie.dev/config-sha256": digest}},
+                         "spec": pod_spec}}
+        metadata: Any = {"name": name, "namespace": namespace, "labels": labels}
+        self.deployment = k8s.apps.v1.Deployment(f"{name}-deployment", metadata=metadata, spec=deployment_spec,
+                                                 opts=child)
+        self.namespace = namespace
+        self.replicas = replicas
+        self.register_outputs({"namespace": namespace, "deployment": self.deployment.metadata.name,
+                               "replicas": replicas})
+
+
+@dataclass(frozen=True)
+class ControllerDeploymentSpec:
+    """What `sortie controller up --replicas N` deploys (secrets kept out of repr; they travel to the stack
+    worker pickled, like a cluster's token)."""
+
+    name: str
+    image: str
+    replicas: int
+    config: Mapping[str, Any] = field(default_factory=dict)
+    namespace: str = APP
+    create_namespace: bool = True
+    logs_claim: str | None = None
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    kubeconfig: str | None = None
+    context: str | None = None
+    passphrase: str = field(default="", repr=False)
+    state_key: str = field(default="", repr=False)
+    state_url: str = field(default="", repr=False)
+    backend_password: str | None = field(default=None, repr=False)
+
+
+def controller_deployment_program(spec: ControllerDeploymentSpec) -> None:
+    opts = None
+    if spec.kubeconfig or spec.context:
+        import pulumi_kubernetes as k8s
+
+        provider = k8s.Provider(f"{spec.name}-k8s", kubeconfig=spec.kubeconfig, context=spec.context)
+        opts = pulumi.ResourceOptions(providers=[provider])
+    controllers = SortieControllers(
+        spec.name, image=spec.image, config=spec.config, passphrase=spec.passphrase, state_key=spec.state_key,
+        state_url=spec.state_url, backend_password=spec.backend_password, replicas=spec.replicas,
+        namespace=spec.namespace, create_namespace=spec.create_namespace, logs_claim=spec.logs_claim,
+        resources=spec.resources or None, labels=spec.labels, opts=opts)
+    pulumi.export("controller", {"namespace": controllers.namespace, "deployment": controllers.deployment.metadata.name,
+                                 "replicas": controllers.replicas, "image": spec.image})
+    pulumi.export("infra", "kubernetes")
+
+
+@dataclass(frozen=True)
+class ControllerDeploymentProgram(StackProgram):
+    """A `StackProgram` (kind `controller`) whose program is the Deployment above, not a VM."""
+
+    deployment: ControllerDeploymentSpec | None = None
+
+    def build(self) -> Any:
+        spec = self.deployment
+        if spec is None:
+            raise ValueError("a controller deployment program needs its spec")
+        return lambda: controller_deployment_program(spec)
+
+
+def deployment_stack_program(spec: ControllerDeploymentSpec) -> StackProgram:
+    """The StackProgram `PulumiStackDriver.up` takes for `spec`."""
+    return ControllerDeploymentProgram(kind="controller", deployment=spec,
+                                       spec=ClusterSpec(name=spec.name, infra="kubernetes", role="controller",
+                                                        kubeconfig=spec.kubeconfig))

@@ -1,0 +1,1 @@
+"""What the tests share: fixtures' helpers, harnesses, fakes and servers, recorded data (fixtures/, golden/)."""

@@ -1,0 +1,1 @@
+"""Unit tests: no engine, no agent processes, no network servers (`pytest tests/unit`)."""
