@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from state.machine import ACTIVE, TransitionError
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from state.store import StateStore
 
 _ACTIVE = sorted(ACTIVE)
+CLAIM_BATCH = 1000  # jobs claimed in one tick at most: short transactions, even with 10,000 submitted at once
 OWNER_KEY = "lease_owner"  # in `Session.info`: the replica whose leases guard this session's transitions
 
 
@@ -154,7 +155,7 @@ class Leases:
         with self.store.session() as session, session.begin():
             held = session.scalar(select(func.count()).select_from(JobRow).where(
                 JobRow.lock_owner == self.me, JobRow.status.in_(_ACTIVE))) or 0
-            room = self.max_jobs - held
+            room = min(self.max_jobs - held, CLAIM_BATCH)
             if room <= 0:
                 return []
             free = or_(JobRow.lock_owner.is_(None), JobRow.lock_expires_at.is_(None), JobRow.lock_expires_at < now)
@@ -163,19 +164,19 @@ class Leases:
                 select(JobRow.id, JobRow.lock_owner, JobRow.current_task)
                 .where(JobRow.status.in_(_ACTIVE), JobRow.lock_owner.is_distinct_from(self.me), free, mine)
                 .order_by(JobRow.id).limit(room).with_for_update(skip_locked=True)).all()
-            taken = []
+            if not rows:
+                return []
+            ids = [job_id for job_id, _, _ in rows]
+            session.execute(update(JobRow).where(JobRow.id.in_(ids), JobRow.lock_owner.is_distinct_from(self.me),
+                                                 free).values(lock_owner=self.me,
+                                                              lock_expires_at=now + self.lease_seconds))
+            taken = set(session.scalars(select(JobRow.id).where(JobRow.id.in_(ids), JobRow.lock_owner == self.me)))
             for job_id, previous, task_index in rows:
-                done = session.execute(update(JobRow).where(JobRow.id == job_id, and_(
-                    JobRow.lock_owner.is_distinct_from(self.me), free)).values(
-                    lock_owner=self.me, lock_expires_at=now + self.lease_seconds))
-                if getattr(done, "rowcount", 0) != 1:
-                    continue
-                taken.append(job_id)
-                if previous is not None:  # a takeover: say so in the job's history
+                if job_id in taken and previous is not None:  # a takeover: say so in the job's history
                     session.add(EventRow(job_id=job_id, task_index=task_index, at=now, who="controller",
                                          what="taken-over", why=f"replica {previous}'s lease expired",
                                          replica=self.me, data={"from": previous}))
-            return taken
+            return sorted(taken)
 
     def jobs_held(self) -> set[int]:
         with self.store.session() as session:
