@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the tests need from Debian, installed only when its commands are missing (run by `make test`, so a fresh
 # machine's one command runs every test): chromium (the dashboard's browser tests), OpenSSH (the tunnel to a cloud
-# controller's dashboard, tests/support/sshd.py), rclone, fuse3 and s3fs (S3 MOUNTs), and etcd (the Kubernetes test
-# cluster, tests/support/kube_cluster.py). As root (or with passwordless sudo) it runs apt-get; otherwise it prints the one
+# controller's dashboard, tests/support/sshd.py), rclone, fuse3 and s3fs (S3 MOUNTs), etcd (the Kubernetes test
+# cluster, tests/support/kube_cluster.py), and containerd, runc and the CNI plugins (its real node,
+# tests/support/kube_node.py). As root (or with passwordless sudo) it runs apt-get; otherwise it prints the one
 # command to run and fails.
 set -euo pipefail
 debian_packages=()
@@ -16,6 +17,12 @@ command -v s3fs >/dev/null || debian_packages+=(s3fs)
 # root filesystem (no registry needed).
 command -v podman >/dev/null || debian_packages+=(podman)
 command -v etcd >/dev/null || [[ -x /usr/bin/etcd ]] || debian_packages+=(etcd-server)
+# The Kubernetes test cluster's real node (tests/kube_node.py): a kubelet runs pods in containerd and runc, on the
+# CNI bridge.
+command -v containerd >/dev/null && command -v ctr >/dev/null || debian_packages+=(containerd)
+command -v runc >/dev/null || debian_packages+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || debian_packages+=(containernetworking-plugins)
+command -v ip >/dev/null || debian_packages+=(iproute2)
 (( ${#debian_packages[@]} )) || exit 0
 command -v apt-get >/dev/null \
     || { echo "test-deps: ${debian_packages[*]} missing and there is no apt-get: install them" >&2; exit 1; }

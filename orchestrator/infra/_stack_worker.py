@@ -96,8 +96,8 @@ def _summary(text: str) -> str:
     lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
     for pattern in CAPACITY_PATTERNS:
         for line in lines:
-            if pattern in line:
-                return line.split("error: ", 1)[-1]
+            if pattern in line:  # the message, not the engine's progress line around it
+                return re.split(r"\b(?:error|warning): ", line, maxsplit=1)[-1]
     noise = ("update failed", "an error occurred", "preview failed", "refresh failed", "destroy failed")
     errors = [line.split("error: ", 1)[1] for line in lines if "error: " in line]
     useful = [e for e in errors if not any(n in e.lower() for n in noise)]

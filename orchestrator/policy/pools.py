@@ -2,12 +2,13 @@
 next. No I/O here, so every rule is tested against plain values.
 
 In place or recreate (the seed's rule, refined by the provider's diff where it can tell: see
-`follow_provider_diff`): a worker is defined by its setup, file mounts, workdir, resources,
-node count and envs. An apply that changes only the worker count (or the autoscaling policy) scales in place:
-new worker stacks, or idle workers destroyed, never a busy one. An apply that changes what defines a worker
-recreates them, rolling: new workers are created and set up first, old ones drain (finish their jobs) and are
-destroyed, one old worker per new READY worker, so a pool with pending jobs never drops to zero READY
-workers. With `workdir` or `file_mounts`, every apply recreates (the files may have changed), as SkyPilot does.
+`follow_provider_diff`): a worker is defined by its setup, file mounts, workdir, resources, node count, envs and
+`config` (pod_config, docker run options). An apply that changes only the worker count (or the autoscaling policy)
+scales in place: new worker stacks, or idle workers destroyed, never a busy one. An apply that changes what
+defines a worker recreates them, rolling: new workers are created and set up first, old ones drain (finish their
+jobs) and are destroyed, one old worker per new READY worker, so a pool with pending jobs never drops to zero
+READY workers. With `workdir` or `file_mounts`, every apply recreates (the files may have changed), as SkyPilot
+does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from orchestrator.config import SortieConfig
     from state.models import PoolRow
 
-WORKER_KEYS = ("setup", "workdir", "file_mounts", "storage_mounts", "resources", "num_nodes", "envs")
+# `config` too: its `kubernetes.pod_config` and `docker.run_options` shape the worker (a pod's labels, say).
+WORKER_KEYS = ("setup", "workdir", "file_mounts", "storage_mounts", "resources", "num_nodes", "envs", "config")
 LIVE = ("PROVISIONING", "SETTING_UP", "READY", "DRAINING")
 ApplyMode = Literal["create", "in-place", "update", "recreate", "unchanged"]
 # A preview op on a live worker's stack that means the worker does not survive the change.

@@ -28,6 +28,7 @@ import pulumi_kubernetes as k8s
 from orchestrator.errors import UsageError
 from orchestrator.infra.agent_bundle import agent_zipapp_base64
 from orchestrator.policy.cloud_features import merge_pod_config
+from orchestrator.spec.resources import DEFAULT_DISK_SIZE_GB
 from stacks.builders import (
     AGENT_DIR,
     BuiltNode,
@@ -92,7 +93,9 @@ def resources(spec: ClusterSpec) -> dict[str, dict[str, str]]:
             requests[key] = amount
             if exact:
                 limits[key] = amount
-    if spec.disk_size:
+    if spec.disk_size and spec.disk_size != DEFAULT_DISK_SIZE_GB:
+        # Only a size the task asked for: SkyPilot's default OS disk (256 GB) is no pod's need, and as a request
+        # it fits few nodes (the scheduler: "Insufficient ephemeral-storage"). SkyPilot requests none.
         requests["ephemeral-storage"] = f"{spec.disk_size}Gi"
     acc = accelerator(spec)
     if acc is not None:
@@ -195,10 +198,14 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
             "volumes": [{"name": "agent", "config_map": {"name": agent.metadata.name}},
                         {"name": "sandbox", "empty_dir": {}}],
             **scheduling(spec)}
+        pod_spec["hostname"] = pod_name  # stable across replacements (the pod's own name is not)
         if spec.num_nodes > 1:
-            pod_spec.update(hostname=pod_name, subdomain=prefix)
+            pod_spec["subdomain"] = prefix
         pod_parts = merge_pod_config({  # the task's config.kubernetes.pod_config merged in
-            "metadata": {"name": pod_name, "namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)},
+            # No `name`: the provider names the pod `<cluster>-node-<rank>-<8 random>`. A fixed name breaks the
+            # provider's preview of a replacement (its server-side dry-run create of the new pod lands on the live
+            # one as a patch, which the API server refuses: "pod updates may not change fields other than ...").
+            "metadata": {"namespace": namespace, "labels": {**labels, "sortie-rank": str(rank)},
                          # How long `up` waits for the pod to be scheduled and ready: a pod left Pending for want
                          # of resources fails as no capacity (the scheduler's message), and recovery tries elsewhere.
                          "annotations": {"pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)}},

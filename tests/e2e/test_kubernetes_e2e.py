@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from orchestrator.config import KubernetesConfig, SortieConfig
 from stacks.spec import ClusterSpec, StackProgram
 from tests.support.kube_cluster import KubeCluster, kube_cluster, kubeconfig_yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
-    os.environ.get("SORTIE_TEST_KUBERNETES") != "1",
-    reason="opt-in (SORTIE_TEST_KUBERNETES=1): the provider plugin's cold build has not yet run green here")]
+pytestmark = [pytest.mark.e2e]
 
 TOKEN = "kube-e2e-token-7c1f9a0d2b"  # must never appear in clear in stack state
 
@@ -34,7 +31,9 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     with kube_cluster(tmp_path_factory.mktemp("kube")) as cluster:
         cluster.add_node("kwok-cpu", cpu="8", memory="32Gi")
         cluster.add_node("kwok-gpu", cpu="16", memory="64Gi", gpus=2,
-                         labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})
+                         labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                         # As GKE and the GPU operator do: only pods that tolerate it (GPU pods) land there.
+                         taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
         yield cluster
 
 
@@ -86,8 +85,9 @@ def test_cluster_objects_through_the_real_provider_and_destroy_removes_them(kube
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {"sortie-cluster": "sortie-k8s-7-1"}
 
-    pods = sorted(_pods(kube, namespace), key=lambda p: p["metadata"]["name"])
-    assert [p["metadata"]["name"] for p in pods] == ["sortie-k8s-7-1-0", "sortie-k8s-7-1-1"]
+    pods = sorted(_pods(kube, namespace), key=lambda p: p["metadata"]["labels"]["sortie-rank"])
+    # The provider names each pod (`<resource>-<8 random>`); the hostname is the stable `<cluster>-<rank>`.
+    assert [p["metadata"]["name"][:-9] for p in pods] == ["sortie-k8s-7-1-node-0", "sortie-k8s-7-1-node-1"]
     for rank, pod in enumerate(pods):
         labels = pod["metadata"]["labels"]
         assert (labels["sortie-rank"], labels["sortie-job"], labels["sortie-attempt"], labels["team"]) == (
@@ -101,6 +101,7 @@ def test_cluster_objects_through_the_real_provider_and_destroy_removes_them(kube
         assert pod["status"]["phase"] == "Running"
     nodes = up.outputs["nodes"]
     assert [n["rank"] for n in nodes] == [0, 1] and all(n["ip"] for n in nodes)
+    assert [n["node_id"] for n in nodes] == [p["metadata"]["name"] for p in pods]
 
     (state_file,) = (kdriver.home / "pulumi-backend").rglob(f"{spec.name}.json")
     assert json.loads(state_file.read_text())["checkpoint"]["latest"]["resources"]
@@ -115,7 +116,9 @@ def test_a_deleted_pod_is_gone_for_refresh_and_up_brings_it_back(kube: KubeClust
     program = StackProgram("cluster", spec)
     kdriver.up(spec.name, program)
     namespace = "sortie-k8s-8-1"
-    status, _ = kube.api("DELETE", f"/api/v1/namespaces/{namespace}/pods/sortie-k8s-8-1-0?gracePeriodSeconds=0")
+    (pod,) = _pods(kube, namespace)
+    status, _ = kube.api("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}"
+                                   "?gracePeriodSeconds=0")
     assert status == 200
     kube.wait("the pod to be gone", lambda: not _pods(kube, namespace))
     refreshed = kdriver.refresh(spec.name)
@@ -125,6 +128,32 @@ def test_a_deleted_pod_is_gone_for_refresh_and_up_brings_it_back(kube: KubeClust
     (pod,) = _pods(kube, namespace)
     assert pod["status"]["phase"] == "Running"
     kdriver.destroy(spec.name)
+    assert _namespace_gone(kube, namespace)
+
+
+def test_a_deleted_node_takes_its_pod_and_refresh_sees_it_gone(kube: KubeCluster, kdriver) -> None:
+    """A node that disappears (a spot VM reclaimed, a node pool scaled down): the pod garbage collector removes the
+    pods bound to it, `refresh` sees the pod gone, and `up` makes it again on a node that can hold it."""
+    kube.add_node("kwok-spare", cpu="4", memory="16Gi", labels={"sortie.dev/spot": "true"},
+                  taints=[{"key": "sortie.dev/spot", "value": "true", "effect": "NoSchedule"}])
+    spec = _spec("sortie-k8s-12-1", instance_type="4CPU--16GB", use_spot=True,
+                 pod_config={"spec": {"nodeSelector": {"kubernetes.io/hostname": "kwok-spare"}}})
+    program = StackProgram("cluster", spec)
+    kdriver.up(spec.name, program)
+    namespace = "sortie-k8s-12-1"
+    (pod,) = _pods(kube, namespace)
+    assert pod["spec"]["nodeName"] == "kwok-spare"
+    kube.delete_node("kwok-spare")
+    kube.wait("the pod of the deleted node to be collected", lambda: not _pods(kube, namespace), timeout=150)
+    refreshed = kdriver.refresh(spec.name)
+    assert [r.type for r in refreshed.gone] == ["kubernetes:core/v1:Pod"]
+    kube.add_node("kwok-spare", cpu="4", memory="16Gi", labels={"sortie.dev/spot": "true"},
+                  taints=[{"key": "sortie.dev/spot", "value": "true", "effect": "NoSchedule"}])
+    kdriver.up(spec.name, program)
+    (again,) = _pods(kube, namespace)
+    assert again["metadata"]["uid"] != pod["metadata"]["uid"] and again["status"]["phase"] == "Running"
+    kdriver.destroy(spec.name)
+    kube.delete_node("kwok-spare")
     assert _namespace_gone(kube, namespace)
 
 
@@ -220,7 +249,7 @@ def test_forbidden_namespace_fails_clearly_and_leaves_nothing(tmp_path: Path, ku
     assert not kube.items("/api/v1/namespaces/team-b/pods")
     allowed = dataclasses.replace(spec, kube_namespace="team-a")  # its own namespace works with the same token
     kdriver.up(allowed.name, StackProgram("cluster", allowed))
-    assert [p["metadata"]["name"] for p in _pods(kube, "team-a")] == ["sortie-k8s-10-1-0"]
+    assert [p["spec"]["hostname"] for p in _pods(kube, "team-a")] == ["sortie-k8s-10-1-0"]
     kdriver.destroy(allowed.name)
     assert not _pods(kube, "team-a")
 
@@ -232,6 +261,7 @@ def test_a_pod_no_node_can_hold_is_no_capacity(kube: KubeCluster, kdriver) -> No
     with pytest.raises(NoCapacityError) as failed:
         kdriver.up(spec.name, StackProgram("cluster", spec))
     assert "Insufficient cpu" in failed.value.message and "\n" not in failed.value.message
+    assert "failed: FailedScheduling: 0/" in failed.value.message  # the message, not the engine's progress line
     assert _namespace_gone(kube, "sortie-k8s-11-1")  # the failed up cleaned up after itself
 
 
@@ -244,9 +274,12 @@ def test_jobs_launch_infra_kubernetes_makes_real_objects_and_cancel_removes_them
     sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n"
                         "cloud:\n  tags: {team: ml-infra}\n")
     sortie.env["KUBECONFIG"] = str(kube.kubeconfig)
+    checked = next(line for line in sortie.run("check").stdout.splitlines() if line.strip().startswith("kubernetes"))
+    assert "enabled" in checked and "disabled" not in checked and kube.server in checked, checked
     job_id = sortie.launch("--infra", "kubernetes", "--cpus", "4+", "echo hi")
     selector = f"/api/v1/pods?labelSelector=sortie-job%3D{job_id}"
-    (pod,) = kube.wait("the job's pod", lambda: kube.items(selector), timeout=180)
+    (pod,) = kube.wait("the job's pod, bound to a node", lambda: [
+        p for p in kube.items(selector) if p["spec"].get("nodeName")], timeout=180)
     labels = pod["metadata"]["labels"]
     assert (labels["sortie"], labels["team"], labels["sortie-attempt"]) == ("owner", "ml-infra", "1")
     namespace = pod["metadata"]["namespace"]
@@ -269,3 +302,37 @@ def test_engine_install_and_status_list_the_plugin(k8s_plugin, sortie_home: Path
     bad = sortie.run("engine", "install", "--plugin", "aws", check=False)
     assert bad.returncode != 0 and "--plugin 'aws': Sortie builds only kubernetes" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+
+def test_a_job_whose_pod_stays_pending_goes_to_the_next_infra(
+        kube: KubeCluster, k8s_plugin, sortie_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster's CPU node is full (the optimizer still offers its shape): the job's pod stays Pending, the
+    provider's error carries the scheduler's message after `pod_timeout_s`, Sortie classes it as no capacity and
+    the job runs on the next infra of its `any_of` (the local cloud), with the Kubernetes attempt's namespace gone."""
+    from tests.support.e2e import write
+
+    assert kube.api("POST", "/api/v1/namespaces", {"metadata": {"name": "blocker"}})[0] in (201, 409)
+    blocker = {"metadata": {"name": "hog", "namespace": "blocker"},
+               "spec": {"nodeSelector": {"kubernetes.io/hostname": "kwok-cpu"},
+                        "containers": [{"name": "hog", "image": "hog:1",
+                                        "resources": {"requests": {"cpu": "7", "memory": "1Gi"}}}]}}
+    assert kube.api("POST", "/api/v1/namespaces/blocker/pods", blocker)[0] == 201
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+        sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.5\n  tick_seconds: 0.2\n"
+                            "kubernetes:\n  pod_timeout_s: 10\n")
+        sortie.env["KUBECONFIG"] = str(kube.kubeconfig)
+        yaml = write(tmp_path, "failover.yaml", "resources:\n  cpus: 2+\n  any_of:\n    - infra: kubernetes\n"
+                     "    - infra: local\nrun: echo ran-here\n")
+        job_id = sortie.launch(yaml)
+        job = sortie.wait(job_id, timeout=300)
+        controller_log = sortie.logs(job_id, "--controller")
+        assert job["status"] == "SUCCEEDED", controller_log
+        assert "Insufficient cpu" in controller_log, controller_log
+        assert "ran-here" in sortie.logs(job_id)
+        kube.wait("no namespace of the job left", lambda: not [
+            ns for ns in kube.items("/api/v1/namespaces") if ns["metadata"]["name"].startswith(f"sortie-job-{job_id}-")
+        ], timeout=120)
+    finally:
+        kube.api("DELETE", "/api/v1/namespaces/blocker")

@@ -125,7 +125,11 @@ class CloudMocks(pulumi.runtime.Mocks):
         if args.typ == AZ_VM:
             return f"/vm/{args.name}", {**inputs, "vmId": f"vm-guid-{n}"}
         if args.typ == K8S_POD:
-            return f"default/{args.name}", {**inputs, "status": {"podIP": f"10.244.0.{n}", "phase": "Running"}}
+            # The provider names a pod without `metadata.name` `<resource name>-<8 random>`.
+            metadata = {**inputs.get("metadata", {})}
+            metadata.setdefault("name", f"{args.name}-0a1b2c3d")
+            return f"default/{metadata['name']}", {**inputs, "metadata": metadata,
+                                                    "status": {"podIP": f"10.244.0.{n}", "phase": "Running"}}
         if args.typ == STACK_REF:
             return inputs["name"], {**inputs, "outputs": STACK_OUTPUTS, "secretOutputNames": []}
         if "name" not in inputs and args.typ.startswith(("azure-native:", "gcp:")):

@@ -32,6 +32,9 @@ from cryptography.x509.oid import NameOID
 
 SERVICE_CIDR = "10.96.0.0/24"
 POD_CIDR = "10.244.0.0/16"
+# kwok's pods get loopback addresses: nothing listens there, so an agent call is refused at once. (An address
+# off this machine is not safe: this VM's egress proxy answers any TCP connection, e.g. 404 to an agent call.)
+KWOK_POD_CIDR = "127.244.0.0/16"
 
 
 def free_port() -> int:
@@ -163,7 +166,8 @@ class KubeCluster:
             time.sleep(0.5)
 
     def add_node(self, name: str, *, cpu: str = "8", memory: str = "32Gi", pods: str = "110",
-                 gpus: int = 0, labels: dict[str, str] | None = None) -> None:
+                 gpus: int = 0, labels: dict[str, str] | None = None,
+                 taints: list[dict[str, str]] | None = None) -> None:
         """A simulated node (kwok manages it: it becomes Ready and runs the pods bound to it, without executing)."""
         capacity = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "100Gi"}
         if gpus:
@@ -172,6 +176,7 @@ class KubeCluster:
                 "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
                              "labels": {"kubernetes.io/hostname": name, "type": "kwok",
                                         "kubernetes.io/os": "linux", **(labels or {})}},
+                "spec": {"taints": taints or []},
                 "status": {"capacity": capacity, "allocatable": capacity}}
         status, body = self.api("POST", "/api/v1/nodes", node)
         assert status == 201, f"creating node {name}: {status} {body.get('message')}"
@@ -238,7 +243,10 @@ def kube_cluster(root: Path, timeout: float = 180.0) -> Iterator[KubeCluster]:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc", "--authorization-mode=Node,RBAC",
             "--endpoint-reconciler-type=none",  # a loopback advertise address is refused by the reconciler
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true", "--v=1"])
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
+            # A real node's kubelet (tests/kube_node.py) at its InternalIP, as the admin client: pod logs, exec.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--kubelet-client-certificate={pki / 'admin.crt'}", f"--kubelet-client-key={pki / 'admin.key'}", "--v=1"])
         admin = str(cluster.kubeconfig)
         cluster.wait("the API server to answer /readyz", lambda: (_check_alive(cluster), _ready(cluster))[1],
                      timeout)
@@ -255,8 +263,8 @@ def kube_cluster(root: Path, timeout: float = 180.0) -> Iterator[KubeCluster]:
         _start(cluster, "kwok", [
             str(binaries.kwok), f"--kubeconfig={admin}", f"--config={binaries.kwok_stages}",
             "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake", f"--cidr={POD_CIDR}",
-            "--node-ip=10.244.0.1", f"--server-address=127.0.0.1:{free_port()}"])
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake", f"--cidr={KWOK_POD_CIDR}",
+            "--node-ip=127.244.0.1", f"--server-address=127.0.0.1:{free_port()}"])
         # The controller manager makes each namespace's `default` service account: pods need it.
         cluster.wait("the default service account", lambda: (
             _check_alive(cluster), cluster.api("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from tests.support.kube_cluster import KubeCluster, _check_alive, _start, free_p
 
 AGENT_IMAGE = "docker.io/library/python:3.11-slim"
 PAUSE_IMAGE = "sortie.local/pause:1"
-POD_SUBNET = "10.88.77.0/24"
+POD_SUBNETS = "10.88.{}.0/24"  # one of 256, and a bridge of its own, per node: runs side by side do not collide
 IMAGE_FILES = ("/usr/bin/python3.11", "/bin/bash", "/bin/sh", "/usr/bin/env", "/bin/cat", "/bin/ls", "/bin/sleep",
                "/bin/mkdir", "/bin/rm", "/bin/echo", "/usr/bin/id", "/bin/hostname")
 _PAUSE_GO = """package main
@@ -139,6 +140,8 @@ def pause_layer(work: Path) -> bytes:
 
 
 def _containerd_config(root: Path) -> str:
+    runc = os.environ.get("SORTIE_TEST_RUNC")  # a runc wrapper, for debugging the node
+    binary = f'\n        BinaryName = "{runc}"' if runc else ""
     return f"""version = 2
 root = "{root}/containerd-root"
 state = "{root}/containerd-state"
@@ -146,12 +149,15 @@ state = "{root}/containerd-state"
   address = "{root}/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
+  # This VM's root lacks CAP_SYS_RESOURCE, so runc may not lower a container's oom_score_adj below its own (the
+  # sandbox's -998 fails: "nsexec: failed to update /proc/self/oom_score_adj: Permission denied"). Clamp it.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
+        SystemdCgroup = false{binary}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{root}/cni"
@@ -177,14 +183,23 @@ def real_node(cluster: KubeCluster, name: str = "sortie-node-0", timeout: float 
     from orchestrator.infra.kube_binaries import install_kubelet
 
     kubelet = install_kubelet()
+    missing = [tool for tool in ("containerd", "ctr", "runc", "ip") if shutil.which(tool) is None]
+    missing += [f"/usr/lib/cni/{plugin}" for plugin in ("bridge", "host-local", "loopback")
+                if not Path(f"/usr/lib/cni/{plugin}").exists()]
+    if missing:
+        raise RuntimeError(f"a real node needs {', '.join(missing)}: `make test` installs them (.ci/test-deps.sh: "
+                           "apt-get install containerd runc containernetworking-plugins iproute2)")
     root = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))  # short: unix socket paths are limited to 108 bytes
     started: list[str] = []
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=False).stdout
+    third = next(n for n in random.sample(range(256), 256) if f" 10.88.{n}." not in used)
+    bridge, subnet = f"sortie{third}", POD_SUBNETS.format(third)
     try:
         (root / "cni").mkdir()
         (root / "cni" / "10-sortie.conflist").write_text(json.dumps({
             "cniVersion": "0.4.0", "name": "sortie-test", "plugins": [
-                {"type": "bridge", "bridge": "sortie0", "isGateway": True, "ipMasq": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]], "dataDir": str(root / "ipam"),
+                {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": str(root / "ipam"),
                           "routes": [{"dst": "0.0.0.0/0"}]}},
                 {"type": "loopback"}]}))
         (root / "containerd.toml").write_text(_containerd_config(root))
@@ -200,11 +215,9 @@ def real_node(cluster: KubeCluster, name: str = "sortie-node-0", timeout: float 
         (root / "kubelet.yaml").write_text(_kubelet_config(root, cluster))
         _start(cluster, "kubelet", [str(kubelet), f"--config={root / 'kubelet.yaml'}",
                                     f"--kubeconfig={cluster.kubeconfig}", f"--root-dir={root / 'kubelet'}",
-                                    f"--hostname-override={name}", "--v=1"])
+                                    f"--hostname-override={name}", "--node-ip=127.0.0.1", "--v=1"])
         started.append("kubelet")
-        cluster.wait(f"node {name} Ready", lambda: (_check_alive(cluster), any(
-            c["type"] == "Ready" and c["status"] == "True" for c in cluster.api("GET", f"/api/v1/nodes/{name}")[1]
-            .get("status", {}).get("conditions", [])))[1], timeout)
+        cluster.wait(f"node {name} Ready", lambda: (_check_alive(cluster), _ready_node(cluster, name))[1], timeout)
         yield name
     finally:
         for proc_name in reversed(started):
@@ -218,8 +231,35 @@ def real_node(cluster: KubeCluster, name: str = "sortie-node-0", timeout: float 
                     os.killpg(proc.pid, signal.SIGKILL)
         _stop_leftover_shims(root)
         subprocess.run(["umount", "-R", str(root / "kubelet")], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "delete", "sortie0"], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+_CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
+
+
+def node_unavailable() -> str | None:
+    """Why this machine cannot run a real node, or None when it can. Only what no install fixes: missing Debian
+    packages (containerd, runc, the CNI plugins) are installed by `make test` (.ci/test-deps.sh), and a node that
+    then fails to start fails its tests."""
+    if not os.path.isdir("/sys/fs/cgroup") or not os.listdir("/sys/fs/cgroup"):
+        return "no cgroup filesystem at /sys/fs/cgroup (the kubelet and runc need one)"
+    if os.geteuid() != 0:
+        return "not root: a kubelet and containerd manage cgroups, mounts and network namespaces"
+    status = Path("/proc/self/status").read_text()
+    caps = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    for bit, name in ((_CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (_CAP_NET_ADMIN, "CAP_NET_ADMIN")):
+        if not caps >> bit & 1:
+            return f"root without {name} (an unprivileged container?): containers and pod networks need it"
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        return "the kernel has no overlay filesystem (containerd's snapshotter)"
+    return None
+
+
+def _ready_node(cluster: KubeCluster, name: str) -> bool:
+    status, node = cluster.api("GET", f"/api/v1/nodes/{name}")
+    return status == 200 and any(c["type"] == "Ready" and c["status"] == "True"
+                                 for c in node.get("status", {}).get("conditions", []))
 
 
 def _stop_leftover_shims(root: Path) -> None:

@@ -346,7 +346,7 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     pods = harness.mocks.of_type(K8S_POD)
     assert len(pods) == 2
     for rank, pod in enumerate(pods):
-        assert pod["metadata"]["name"] == f"sortie-job-7-1-{rank}"
+        assert "name" not in pod["metadata"]  # the provider names it (a fixed name breaks its replace preview)
         assert pod["metadata"]["namespace"] == "sortie-job-7-1"  # the cluster's own namespace
         assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == (f"sortie-job-7-1-{rank}", "sortie-job-7-1")
         (container,) = pod["spec"]["containers"]
@@ -377,7 +377,7 @@ def test_kubernetes_cluster(harness: Harness, use_spot: bool) -> None:
     assert service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1"}
 
     nodes, _ = exports["nodes"]
-    assert [n["node_id"] for n in nodes] == ["sortie-job-7-1-0", "sortie-job-7-1-1"]
+    assert [n["node_id"] for n in nodes] == ["sortie-job-7-1-node-0-0a1b2c3d", "sortie-job-7-1-node-1-0a1b2c3d"]
     for node in nodes:
         assert node["ip"].startswith("10.244.0.") and node["url"] == f"http://{node['ip']}:8470"
         assert node["spot"] is use_spot

@@ -135,3 +135,21 @@ def test_pool_mode_follows_the_providers_diff() -> None:
     assert follow_provider_diff(recreate, {"w1": ["update"]}) is recreate  # not every worker has a provider diff
     files = ApplyPlan("p", "recreate", 2, 2, "", "", changed=("workdir",), create=2, remove=("w1", "w2"))
     assert follow_provider_diff(files, {"w1": ["same"], "w2": ["same"]}).mode == "recreate"
+
+
+def test_a_capacity_failure_is_the_schedulers_message_not_the_progress_line() -> None:
+    from orchestrator.infra._stack_worker import _summary
+
+    line = ("+  kubernetes:core/v1:Pod sortie-job-1-t0-1-node-0 creating (0s) warning: FailedScheduling: 0/2 nodes "
+            "are available: 1 Insufficient cpu, 1 node(s) had untolerated taint(s).")
+    assert _summary(f"Updating\n{line}\nerror: update failed\n") == (
+        "FailedScheduling: 0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint(s).")
+
+
+def test_the_default_disk_requests_no_ephemeral_storage() -> None:
+    from orchestrator.spec.resources import DEFAULT_DISK_SIZE_GB
+    from stacks.builders.kubernetes import resources
+
+    default = resources(ClusterSpec(name="c", disk_size=DEFAULT_DISK_SIZE_GB))
+    assert "ephemeral-storage" not in default.get("requests", {})
+    assert resources(ClusterSpec(name="c", disk_size=50))["requests"]["ephemeral-storage"] == "50Gi"

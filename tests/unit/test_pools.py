@@ -21,6 +21,8 @@ def test_worker_hash_ignores_count_and_run_but_not_setup() -> None:
     assert worker_hash({**SPEC, "pool": {"workers": 10}, "run": "echo"}) == base
     assert worker_hash({**SPEC, "setup": "pip install y"}) != base
     assert worker_hash({**SPEC, "resources": [{"cpus": "2+"}]}) != base
+    pod_labels = {"kubernetes": {"pod_config": {"metadata": {"labels": {"tier": "b"}}}}}
+    assert worker_hash({**SPEC, "config": pod_labels}) != base  # a pod's labels: the provider decides how
     assert worker_hash({**SPEC, "workdir": "/w"}) != worker_hash({**SPEC, "workdir": "/w"})  # always recreated
 
 
