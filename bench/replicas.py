@@ -87,7 +87,8 @@ class Fleet:
     def launch(self, index: int, run: str, count: int) -> None:
         path = self.base / f"job-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(f"run: {run}\n")
-        self.cli(index, "jobs", "launch", "-y", "-d", "--num-jobs", str(count), str(path))
+        for _ in range(count):  # as users do: one `jobs launch` each
+            self.cli(index, "jobs", "launch", "-y", "-d", str(path))
 
     def active(self) -> list[tuple[int, str | None]]:
         return self.sql("SELECT id, lock_owner FROM jobs WHERE status IN "
