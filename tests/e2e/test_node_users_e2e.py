@@ -52,7 +52,9 @@ echo probe-done
 
 @pytest.fixture
 def sortie(sortie_cli) -> Sortie:
-    return sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  autostop_idle_minutes: 5\n")
+    cli = sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  autostop_idle_minutes: 5\n")
+    cli.env.pop("SORTIE_NO_RUN_USERS", None)  # the suite opts out (tests/conftest.py); here, the default
+    return cli
 
 
 def _victim_run(home: Path) -> tuple[Path, int]:
