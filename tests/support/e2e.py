@@ -75,3 +75,12 @@ def path_view_works() -> bool:
 
     with tempfile.TemporaryDirectory() as sandbox:
         return probe_path_view(Path(sandbox)) is not None
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The one stderr line of a refused CLI command (non-zero exit, no traceback)."""
+    assert out.returncode != 0, out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]

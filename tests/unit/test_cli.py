@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.infra.engine import PINNED_VERSION, find_engine
+from tests.support.e2e import one_line_error
 
 SORTIE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "sortie"
 
@@ -24,13 +25,6 @@ def sortie(home: Path, *args: str, **env_overrides: str | None) -> subprocess.Co
             env[key] = value
     return subprocess.run([str(SORTIE), *args], capture_output=True, text=True, env=env, timeout=120)
 
-
-def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
-    assert out.returncode != 0, out.stdout
-    assert "Traceback" not in out.stderr + out.stdout
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    return lines[0]
 
 
 def test_help_lists_the_command_groups(sortie_home: Path) -> None:

@@ -27,6 +27,7 @@ from stacks.controller_deployment import (
     pod_config,
 )
 from tests.support.cloud_mocks import is_secret, public, reveal
+from tests.support.e2e import one_line_error
 
 pytest.importorskip("pulumi_kubernetes")
 
@@ -272,13 +273,6 @@ def sortie(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env["SORTIE_HOME"] = str(home)
     return subprocess.run([str(SORTIE), *args], capture_output=True, text=True, env=env, timeout=120)
 
-
-def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
-    assert out.returncode != 0, out.stdout
-    assert "Traceback" not in out.stderr + out.stdout
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize(("settings", "replicas", "names"), [
