@@ -24,7 +24,7 @@ from state.machine import (
     WorkerStatus,
 )
 from state.models import AttemptRow, JobRow, PoolEventRow, PoolRow, StackRow, TaskRow, WorkerRow
-from state.transitions import event, guarded
+from state.transitions import TRANSITION_MARK, event, guarded
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -45,6 +45,7 @@ def pool_event(session: Session, pool: str, what: str, why: str | None = None, *
                who: str = "controller") -> None:
     """The transition's event, naming the replica; with a replica's session, the pool's lease is checked here."""
     hold(session, pool_lease(pool))
+    session.info[TRANSITION_MARK] = True
     session.add(PoolEventRow(pool=pool, worker=worker, at=time.time(), who=who, what=what, why=why,
                              replica=owner_of(session)))
 

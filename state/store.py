@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, event, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
@@ -19,7 +19,7 @@ from state.machine import ACTIVE, OPEN_PHASES, JobStatus, StackKind, StackStatus
 from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
 from state.pool_transitions import PoolTransitions
 from state.secrets_box import SecretsBox
-from state.transitions import JobTransitions, attempt_cost
+from state.transitions import TRANSITION_MARK, JobTransitions, attempt_cost
 
 
 class StateStore(JobTransitions, PoolTransitions):
@@ -35,6 +35,14 @@ class StateStore(JobTransitions, PoolTransitions):
         # The controller replica whose leases guard this store's transitions (`state.leases`); None for the CLI,
         # the services and the tests, whose writes are not a replica's.
         self.lease_owner: str | None = None
+        # Transitions (writes with an event) committed through this store: the controller's ticker makes another
+        # pass at once after a pass that moved something, so the next step does not wait for the next interval.
+        self.transitions_committed = 0
+        event.listen(self._sessions, "after_commit", self._count_transition)
+
+    def _count_transition(self, session: Session) -> None:
+        if session.info.pop(TRANSITION_MARK, False):
+            self.transitions_committed += 1
 
     @property
     def box(self) -> SecretsBox:

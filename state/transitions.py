@@ -68,6 +68,9 @@ def guarded(session: Session, model: Any, where: Sequence[Any], expect: Iterable
         raise TransitionError(f"{what}: the row is not in an expected state")
 
 
+TRANSITION_MARK = "sortie.transition"  # set in a session by every event: the store counts transitions committed
+
+
 def event(session: Session, job_id: int, what: str, why: str | None = None, *, task_index: int | None = None,
           who: str = "controller", data: dict[str, Any] | None = None, at: float | None = None,
           lease: bool = True) -> None:
@@ -76,6 +79,7 @@ def event(session: Session, job_id: int, what: str, why: str | None = None, *, t
     so no transition of a job commits without it."""
     if lease:
         hold_job(session, job_id)
+    session.info[TRANSITION_MARK] = True
     session.add(EventRow(job_id=job_id, task_index=task_index, at=at or time.time(), who=who, what=what, why=why,
                          data={k: v for k, v in (data or {}).items() if v is not None} or None,
                          replica=owner_of(session)))

@@ -261,14 +261,15 @@ def run_daemon(home: Path) -> None:
 
     def tick() -> None:
         active = 0
-        for _ in range(10):  # passes while operations keep finishing, bounded
+        for _ in range(10):  # passes while operations keep finishing or transitions keep landing, bounded
             woken.clear()
+            moved = store.transitions_committed
             try:
                 active = controller.tick()
             except Exception:
                 log.exception("tick failed")
                 return
-            if not woken.is_set():
+            if not woken.is_set() and store.transitions_committed == moved:
                 break
         if active or controller.busy():
             idle_since[0] = time.monotonic()

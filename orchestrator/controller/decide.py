@@ -22,7 +22,7 @@ class NodeRun:
 
 @dataclass(frozen=True)
 class RunsVerdict:
-    kind: Literal["wait", "done", "node_lost"]
+    kind: Literal["wait", "done", "node_lost", "node_suspect"]  # suspect: a watch broke, no probe answers yet
     exit_codes: tuple[int, ...] = ()
     lost_ranks: tuple[int, ...] = ()
 

@@ -63,6 +63,7 @@ class NodeSeen:
     mode: Mode = "connecting"
     lost: bool = False  # watch broken and no answer to probes for `confirm_seconds`
     suspect_since: float | None = None  # the watch broke and no probe has answered yet
+    unanswered: bool = False  # ... and a probe since has failed too
     seq: int = 0
     epoch: str | None = None
     version: int = 0  # goes up with every change of a run or of `lost`
@@ -149,6 +150,12 @@ class NodeEvents:
                 return (seen.version, seen.lost, healthy)
             run = seen.runs.get(run_id)
             return (run.version if run else 0, seen.lost, healthy)
+
+    def suspect(self, key: Hashable) -> bool:
+        """The node's watch broke and a probe since has failed too (not yet reported lost)."""
+        with self._lock:
+            node = self._nodes.get(key)
+            return node is not None and node.seen.unanswered and not node.seen.lost
 
     def modes(self) -> dict[str, int]:
         with self._lock:
@@ -298,7 +305,7 @@ class NodeEvents:
             if seen.lost or seen.suspect_since is not None:
                 if seen.lost:
                     log.info("node %s: answers its watch again; no longer lost", seen.url)
-                seen.lost, seen.suspect_since = False, None
+                seen.lost, seen.suspect_since, seen.unanswered = False, None, False
                 changed = True
             if changed:
                 seen.version += 1
@@ -329,7 +336,7 @@ class NodeEvents:
             if await self._probe(node, headers):
                 with self._lock:
                     was_lost = seen.lost
-                    seen.suspect_since = None
+                    seen.suspect_since, seen.unanswered = None, False
                     if was_lost:
                         seen.lost = False
                         seen.version += 1
@@ -337,6 +344,11 @@ class NodeEvents:
                 if was_lost and self.wake is not None:
                     self.wake()
                 return True
+            if not seen.unanswered:  # the first probe failed too: the reconciler may ask the infra already
+                with self._lock:
+                    seen.unanswered = True
+                if self.wake is not None:
+                    self.wake()
             if not seen.lost and time.monotonic() - began >= self.confirm_seconds:
                 with self._lock:
                     seen.lost = True
@@ -359,6 +371,7 @@ class WatchSignal:
     news: bool  # a run of theirs changed (or a node was lost or found): poll now
     lost_ranks: tuple[int, ...]  # nodes reported lost: ask the infra (refresh) now
     quiet: bool  # every node is watched and healthy: the watch is the heartbeat, polls can wait
+    suspect_ranks: tuple[int, ...] = ()  # watches broken, probes not answered yet: the infra may be asked already
 
 
 class NodeWatchers:
@@ -373,7 +386,7 @@ class NodeWatchers:
     def look(self, owner: Hashable, nodes: Iterable[dict[str, Any]], token: Callable[[], str],
              run_id: str | None = None) -> WatchSignal:
         """Watch every node (`rank`, `url`) and say what changed since this owner's last look."""
-        marks, lost, quiet = [], [], True
+        marks, lost, suspect, quiet = [], [], [], True
         for node in nodes:
             url = node["url"]
             self.hub.ensure_watch(url, url, token)
@@ -382,10 +395,12 @@ class NodeWatchers:
             marks.append((version, is_lost))
             if is_lost:
                 lost.append(int(node["rank"]))
+            elif not healthy and self.hub.suspect(url):
+                suspect.append(int(node["rank"]))
         mark = tuple(marks)
         news = self._seen.get(owner) not in (None, mark)
         self._seen[owner] = mark
-        return WatchSignal(news, tuple(lost), quiet)
+        return WatchSignal(news, tuple(lost), quiet, tuple(suspect))
 
     def may_confirm(self, owner: Hashable) -> bool:
         """True at most once per `confirm_again_seconds` per owner: a node the infra still has, but that does not

@@ -66,6 +66,20 @@ class OperationPool:
             future.set_exception(exc)
         return future
 
+    def discard(self, key: Hashable) -> None:
+        """Forget the finished operation `key` unread (a refresh asked for on a suspicion that the node's next
+        answer cleared). One still running is left alone: no second operation may start under its key."""
+        with self._lock:
+            future = self._futures.get(key)
+            if future is not None and future.done():
+                del self._futures[key]
+
+    def running(self, key: Hashable) -> bool:
+        """Started and not finished yet."""
+        with self._lock:
+            future = self._futures.get(key)
+            return future is not None and not future.done()
+
     def busy(self, key: Hashable) -> bool:
         """Started and its result not yet handed over."""
         with self._lock:

@@ -142,6 +142,8 @@ class NodeRuns:
             watch = self.ctx.watch(("attempt", attempt.id), attempt.nodes, attempt.token_enc, run_id(kind, attempt))
             if self.ctx.confirm_loss_now(("attempt", attempt.id), attempt.stack_name, watch):
                 return RunsVerdict("node_lost", lost_ranks=watch.lost_ranks)
+            if watch.suspect_ranks:  # the hub probes them; a poll now would only miss
+                return RunsVerdict("node_suspect", lost_ranks=watch.suspect_ranks)
             due = self._polled_at.get(key, 0.0) + self.ctx.poll_every(watch)
             if time.time() < due and not watch.news:
                 return None
