@@ -318,12 +318,29 @@ def _do_preview(run: _Run) -> Preview:
 
 
 def _do_refresh(run: _Run) -> RefreshResult:
+    """What the infra still has, from the refresh's own engine events (a resource it no longer has comes back as a
+    delete): no export of the state before and after, which took a third of the time (issue 15)."""
+    from pulumi import automation as auto
+
     stack = run.stack(create=False)
-    before = _resources(stack)
-    run.retrying(lambda: stack.refresh(on_output=run.on_output, color="never"))
-    after = {r.urn: r for r in _resources(stack)}
-    gone = tuple(r for r in before if r.urn not in after)
-    return RefreshResult(stack=run.request.stack, alive=tuple(after.values()), gone=gone)
+    seen: dict[str, tuple[bool, Any]] = {}  # urn -> (gone, the step's state metadata)
+
+    def on_event(event: auto.EngineEvent) -> None:
+        step = event.res_outputs_event.metadata if event.res_outputs_event is not None else None
+        if step is not None:
+            gone = step.op == auto.OpType.DELETE
+            seen[step.urn] = (gone, step.old if gone else (step.new or step.old))
+
+    run.retrying(lambda: stack.refresh(on_output=run.on_output, on_event=on_event, color="never"))
+    alive, gone = [], []
+    for urn, (is_gone, state) in seen.items():
+        if state is None or not state.custom or state.type.startswith("pulumi:providers:"):
+            continue
+        outputs = {k: v for k, v in _plain_outputs(state.outputs or {}).items() if v != "[secret]"}
+        found = ResourceState(urn=urn, type=state.type, name=urn.rsplit("::", 1)[-1], id=state.id or "",
+                              outputs=outputs)
+        (gone if is_gone else alive).append(found)
+    return RefreshResult(stack=run.request.stack, alive=tuple(alive), gone=tuple(gone))
 
 
 def _do_destroy(run: _Run) -> None:
