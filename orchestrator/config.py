@@ -176,8 +176,13 @@ class ControllerConfig(BaseModel):
                      "probes before the infra is asked (refresh) whether the node is gone.")
     ] = 1.0
     agent_workers: Annotated[
-        int, Field(ge=1, le=256, description="Concurrent agent calls (polls, log copies, file syncs).")
+        int, Field(ge=1, le=256, description="Threads for the agent calls that move files (file syncs, MOUNT_CACHED "
+                   "uploads, graceful stops).")
     ] = 16
+    agent_connections: Annotated[
+        int, Field(ge=1, le=10_000, description="Connections open at once for polls, run starts, log copies and "
+                   "health checks, which run on the controller's event loop beside the nodes' watches.")
+    ] = 64
     controller_error_retries: Annotated[
         int, Field(ge=0, description="Retries of a job after an unexpected controller error, then FAILED_CONTROLLER.")
     ] = 3

@@ -7,16 +7,18 @@ reconciler (jobs, pools and workers, the stacks janitor, the storage janitor). N
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.config import SortieConfig
 from orchestrator.controller.node_events import NodeEvents, NodeWatchers, WatchSignal
-from orchestrator.controller.ops import Finished, OperationPool
+from orchestrator.controller.ops import Finished, LoopOperations, OperationPool
+from orchestrator.infra.agent_async import NodeAgent, SyncAgentOnLoop
 from orchestrator.infra.agent_client import AgentClient
 from orchestrator.infra.stack_driver import StackDriver, copy_engine_output
 from orchestrator.job_logs import JobLogs
@@ -24,6 +26,7 @@ from state.leases import Leases
 from state.store import StateStore
 
 log = logging.getLogger("sortie.controller")
+T = TypeVar("T")
 Connect = Callable[[str, str], AgentClient]  # (agent URL, cluster token) -> a client
 
 
@@ -39,7 +42,8 @@ class ControllerContext:
     home: Path
     logs: JobLogs
     stack_ops: OperationPool
-    agent_ops: OperationPool
+    agent_ops: OperationPool  # file syncs, MOUNT_CACHED flushes, graceful stops, pool releases: threads
+    node_io: OperationPool  # issue 15: polls, run starts, log copies, health checks: coroutines on the hub's loop
     connect: Connect = connect_agent
     watchers: NodeWatchers | None = None  # issue 15: one watch per live node (node_events.py)
     # issue 14: this replica's leases; None where one controller drives everything (unit tests, the harness)
@@ -50,12 +54,13 @@ class ControllerContext:
                wake: Callable[[], None] | None = None, *, inline: bool = False,
                connect: Connect = connect_agent, leases: Leases | None = None) -> ControllerContext:
         """`inline`: operations run at once on the ticker's thread (unit tests, the crash-point harness)."""
-        watchers = NodeWatchers(NodeEvents(wake, watch_timeout=config.controller.watch_timeout_seconds,
-                                           confirm_seconds=config.controller.loss_confirm_seconds))
+        hub = NodeEvents(wake, watch_timeout=config.controller.watch_timeout_seconds,
+                         confirm_seconds=config.controller.loss_confirm_seconds,
+                         io_connections=config.controller.agent_connections)
         return cls(store, driver, config, home, JobLogs(home, config.controller.logs_dir),
                    OperationPool(0 if inline else config.pulumi.operation_slots, "stack-op", wake),
-                   OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake), connect,
-                   watchers, leases)
+                   OperationPool(0 if inline else config.controller.agent_workers, "agent-op", wake),
+                   LoopOperations(None if inline else hub, wake), connect, NodeWatchers(hub), leases)
 
     def holds(self, lease: str) -> bool:
         """Whether this replica holds (or just took) the lease `lease`; always, without leases."""
@@ -66,6 +71,28 @@ class ControllerContext:
         """A client per node, by rank."""
         token = self.store.box.open(token_enc)
         return [(n, self.connect(n["url"], token)) for n in sorted(nodes or [], key=lambda n: n["rank"])]
+
+    def node_agents(self, nodes: list[dict[str, Any]] | None,
+                    token_enc: str | None) -> list[tuple[dict[str, Any], NodeAgent]]:
+        """An agent client per node, by rank, for coroutines on `node_io`: the hub's shared session for real
+        agents; a test's own clients (`connect`) behind the same face, on a thread (or in place, inline)."""
+        token = self.store.box.open(token_enc)
+        hub = self.watchers.hub if self.watchers is not None else None
+        loop = isinstance(self.node_io, LoopOperations) and self.node_io.on_loop
+        found: list[tuple[dict[str, Any], NodeAgent]] = []
+        for node in sorted(nodes or [], key=lambda n: n["rank"]):
+            if loop and hub is not None and self.connect is connect_agent:
+                found.append((node, hub.agent(node["url"], token)))
+            else:
+                found.append((node, SyncAgentOnLoop(self.connect(node["url"], token), threaded=loop)))
+        return found
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """From a coroutine on `node_io`: `fn(*args)`, work that blocks (the state DB, decryption), on a thread
+        so the loop never waits on it; in place when inline."""
+        if isinstance(self.node_io, LoopOperations) and self.node_io.on_loop:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def stack_op(self, op: str, stack: str, fn: Callable[[], Any], log_path: Path) -> Finished | None:
         """A stack operation's result once it finished, else None after making sure it runs; the engine's output
@@ -91,11 +118,12 @@ class ControllerContext:
         return self.watchers.poll_interval(signal, interval) if self.watchers is not None else interval
 
     def busy(self) -> bool:
-        return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight())
+        return bool(self.stack_ops.in_flight() or self.agent_ops.in_flight() or self.node_io.in_flight())
 
     def shutdown(self) -> None:
         self.stack_ops.shutdown()
         self.agent_ops.shutdown()
+        self.node_io.shutdown()
         if self.watchers is not None:
             self.watchers.hub.close()
 

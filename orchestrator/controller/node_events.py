@@ -12,6 +12,8 @@ The reconcilers never wait on a node: they ask this hub, which is thread-safe an
   (refresh) before anything is recovered.
 - An agent without /watch (404: an older agent on a long-lived pool worker) is put in `poll` mode and left to the
   reconcilers' polls. The controller log says which mode each node is in.
+- The reconcilers' own node I/O (polls, run starts, log copies, health checks) runs on the same loop too:
+  `submit(coroutine)` with `agent(url, token)` clients over one bounded session (`ops.LoopOperations`).
 - Sequence numbers go on from where the hub was; an agent whose journal no longer has them (or a new node at the
   same address) answers `reset` with every run's status, so no change is lost either way.
 """
@@ -19,14 +21,19 @@ The reconcilers never wait on a node: they ask this hub, which is thread-safe an
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from orchestrator.infra.agent_async import AsyncAgentClient
+
+T = TypeVar("T")
 
 log = logging.getLogger("sortie.node_events")
 WATCH_TIMEOUT = 20.0  # seconds an agent holds a quiet watch: the heartbeat
@@ -39,6 +46,7 @@ EXPIRE_SECONDS = 120.0  # a watch nobody asked about for this long is closed
 RUNS_KEPT = 256  # runs remembered per node (a pool worker runs many jobs over its life)
 CONNECT_SLOTS = 32  # new watches opening at once (the rest wait their turn: no connection storm)
 MAX_WATCHES = 20_000
+IO_CONNECTIONS = 64  # connections open at once for the reconcilers' calls on the loop (polls, starts, log copies)
 
 Mode = Literal["connecting", "watch", "poll"]
 
@@ -83,8 +91,10 @@ class NodeEvents:
     """The hub: `ensure_watch`, `drop`, `latest`, `version`; `close` at the end."""
 
     def __init__(self, wake: Callable[[], None] | None = None, *, watch_timeout: float = WATCH_TIMEOUT,
-                 confirm_seconds: float = CONFIRM_SECONDS, max_watches: int = MAX_WATCHES) -> None:
+                 confirm_seconds: float = CONFIRM_SECONDS, max_watches: int = MAX_WATCHES,
+                 io_connections: int = IO_CONNECTIONS) -> None:
         self.wake = wake
+        self.io_connections = io_connections
         self.watch_timeout = watch_timeout
         self.confirm_seconds = confirm_seconds
         self.max_watches = max_watches
@@ -157,6 +167,21 @@ class NodeEvents:
             node = self._nodes.get(key)
             return node is not None and node.seen.unanswered and not node.seen.lost
 
+    def submit(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> concurrent.futures.Future[T]:
+        """Run the coroutine `fn(*args)` on the hub's loop (the reconcilers' node I/O); its future, from any
+        thread."""
+        if self._closed:
+            raise RuntimeError("the node-events loop is closed")
+        self._start()
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+
+    def agent(self, url: str, token: str, timeout: float = 10.0) -> AsyncAgentClient:
+        """A client of the agent at `url` for coroutines run by `submit`: the loop's shared session, with
+        keep-alive connections and at most `io_connections` open at once."""
+        self._start()
+        return AsyncAgentClient(self._io_session, url, token, timeout)
+
     def modes(self) -> dict[str, int]:
         with self._lock:
             counts: dict[str, int] = {}
@@ -211,6 +236,8 @@ class NodeEvents:
             limit=self.max_watches + 16, limit_per_host=0, resolver=resolver, keepalive_timeout=self.watch_timeout * 3))
         self._probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
             limit=64, limit_per_host=0, resolver=resolver, force_close=True))
+        self._io_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            limit=self.io_connections, limit_per_host=0, resolver=resolver, keepalive_timeout=30))
         self._connect_slots = asyncio.Semaphore(CONNECT_SLOTS)
         self._probe_timeout = aiohttp.ClientTimeout(total=None, sock_connect=PROBE_TIMEOUT, sock_read=PROBE_TIMEOUT)
         self._ready.set()
@@ -223,6 +250,7 @@ class NodeEvents:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._watch_session.close()
         await self._probe_session.close()
+        await self._io_session.close()
 
     def _begin(self, key: Hashable, node: _Node) -> None:
         if not node.dropped:

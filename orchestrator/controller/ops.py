@@ -8,11 +8,15 @@ tick then does exactly what it asks, in order).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.controller.node_events import NodeEvents
 
 
 @dataclass(frozen=True)
@@ -92,3 +96,28 @@ class OperationPool:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class LoopOperations(OperationPool):
+    """Keyed coroutines on the node-events loop (issue 15: the controller's node I/O is asyncio), with the same
+    `ensure`/`busy` as the thread pools. Without a hub (`inline`), each runs to its end at once on the caller's
+    thread, in a loop of its own."""
+
+    def __init__(self, hub: NodeEvents | None, on_done: Callable[[], None] | None = None) -> None:
+        super().__init__(0, "node-io", on_done)
+        self._hub = hub
+
+    @property
+    def on_loop(self) -> bool:
+        """The coroutines run on the hub's loop (not inline)."""
+        return self._hub is not None
+
+    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future:
+        if self._hub is not None:
+            try:
+                return self._hub.submit(fn, *args)
+            except RuntimeError as exc:  # the loop is closed: the controller is stopping
+                future: Future = Future()
+                future.set_exception(exc)
+                return future
+        return super()._start(lambda *a: asyncio.run(fn(*a)), args)

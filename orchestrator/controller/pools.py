@@ -11,6 +11,7 @@ Each worker is its own stack (`stacks/pool_program.py`), named `<prefix>-pool-<p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -29,6 +30,7 @@ from orchestrator.controller.node_files import (
 from orchestrator.controller.ops import Finished
 from orchestrator.controller.runs import job_dir
 from orchestrator.errors import NoCapacityError, StackOperationError
+from orchestrator.infra.agent_async import NodeAgent
 from orchestrator.infra.agent_client import AgentError
 from orchestrator.policy.placement import Infeasible, place
 from orchestrator.policy.pools import PoolActions, WorkerView, decide_pool, policy_of, worker_program
@@ -216,7 +218,8 @@ class PoolReconciler:
         """READY and DRAINING workers: a health poll now and then; a worker whose agent keeps missing them and
         whose node the infra no longer has (refresh) is FAILED, destroyed and replaced."""
         key = ("worker-health", worker.id)
-        if not self.ctx.agent_ops.busy(key):
+        agents: list[tuple[dict[str, Any], NodeAgent]] = []  # only for a health check that starts now
+        if not self.ctx.node_io.busy(key):
             # issue 15: the watch is the heartbeat; a node it reports lost is refreshed now
             watch = self.ctx.watch(("worker", worker.id), worker.nodes, worker.token_enc)
             if self.ctx.confirm_loss_now(("worker", worker.id), worker.stack_name, watch):
@@ -226,8 +229,8 @@ class PoolReconciler:
             if time.time() - self._health_at.get(worker.id, 0.0) < self.ctx.poll_every(watch):
                 return
             self._health_at[worker.id] = time.time()
-        clients = self.ctx.clients(worker.nodes, worker.token_enc)
-        result = self.ctx.agent_ops.ensure(key, lambda: [c.health() for _, c in clients])
+            agents = self.ctx.node_agents(worker.nodes, worker.token_enc)
+        result = self.ctx.node_io.ensure(key, health_of, agents)
         if result is None:
             return
         if result.ok:
@@ -294,3 +297,8 @@ class PoolReconciler:
             with contextlib.suppress(AgentError):
                 client.start(f"rm -rf {job_dir(job.id)}", f"clean-{attempt.id}")
         self.store.record_worker_health(worker.id, idle_since=time.time())
+
+
+async def health_of(agents: list[tuple[dict[str, Any], NodeAgent]]) -> list[dict]:
+    """(On the controller's loop.) Every node's health at once; the first agent that does not answer raises."""
+    return list(await asyncio.gather(*(agent.health() for _, agent in agents)))

@@ -11,6 +11,7 @@ starts what never started and re-attaches to what did; the agent refuses a secon
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import NodeRun, RunsVerdict, agent_refusal, judge_runs
 from orchestrator.controller.node_reports import report_node_errors
-from orchestrator.infra.agent_client import AgentClient, AgentError
+from orchestrator.infra.agent_async import NodeAgent, SyncAgentOnLoop
+from orchestrator.infra.agent_client import AgentError
 from orchestrator.policy.run_env import node_env, pool_job_env
 from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
@@ -92,42 +94,48 @@ class NodeRuns:
         env["SORTIE_JOBGROUP_HOSTS"] = "\n".join(lines)
         return env
 
-    def _poll(self, job: JobRow, attempt: AttemptRow, kind: str) -> list[NodeRun]:
-        """Each node's run: started if missing, its status, then its new log bytes (read after the status, so an
-        exited run's log is whole)."""
-        found = []
-        commands: dict[int, tuple[str, dict[str, str]]] | None = None
+    async def _poll(self, job: JobRow, attempt: AttemptRow, kind: str,
+                    agents: list[tuple[dict[str, Any], NodeAgent]]) -> list[NodeRun]:
+        """(On the controller's loop.) Each node's run: started if missing, its status, then its new log bytes (read
+        after the status, so an exited run's log is whole). The nodes are asked at once."""
         name = run_id(kind, attempt)
-        for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+        commands: list[dict[int, tuple[str, dict[str, str]]]] = []  # worked out once, off the loop, if needed
+
+        async def command(rank: int) -> tuple[str, dict[str, str]]:
+            if not commands:
+                commands.append(await self.ctx.off_loop(self._commands, job, attempt, kind))
+            return commands[0][rank]
+
+        async def one(node: dict[str, Any], agent: NodeAgent) -> NodeRun:
             rank = node["rank"]
             try:
                 try:
-                    status = client.status(name)
+                    status = await agent.status(name)
                 except AgentError as exc:
                     if exc.status != 404:
                         raise
-                    commands = commands or self._commands(job, attempt, kind)
-                    command, env = commands[rank]
+                    text, env = await command(rank)
                     try:
-                        client.start(command, name, env=env)
+                        await agent.start(text, name, env=env)
                     except AgentError as refused:
                         final = agent_refusal(refused, "run" if kind == "run" else "setup")
                         if final is not None:
                             raise RunRefused(final, refused) from None
                         raise
-                    status = client.status(name)
-                self._copy_log(job, attempt, kind, rank, client, name)
-                found.append(NodeRun(rank, status.state, status.exit_code, status.node_error))  # type: ignore[arg-type]
+                    status = await agent.status(name)
+                await self._copy_log(job, attempt, kind, rank, agent, name)
+                return NodeRun(rank, status.state, status.exit_code, status.node_error)  # type: ignore[arg-type]
             except AgentError:
-                found.append(NodeRun(rank, "unreachable"))
-        return found
+                return NodeRun(rank, "unreachable")
 
-    def _copy_log(self, job: JobRow, attempt: AttemptRow, kind: str, rank: int, client: AgentClient,
-                  name: str) -> None:
+        return list(await asyncio.gather(*(one(node, agent) for node, agent in agents)))
+
+    async def _copy_log(self, job: JobRow, attempt: AttemptRow, kind: str, rank: int, agent: NodeAgent,
+                        name: str) -> None:
         path = self.ctx.logs.run_log(job.id, attempt.task_index, attempt.number, kind, rank)
         offset = path.stat().st_size if path.exists() else 0
         while True:
-            data, offset = client.log(name, offset)
+            data, offset = await agent.log(name, offset)
             if not data:
                 break
             self.ctx.logs.append(path, data)
@@ -137,7 +145,8 @@ class NodeRuns:
         polls of unreachable nodes."""
         key = (attempt.id, kind)
         op_key = ("poll", attempt.id, kind)
-        if not self.ctx.agent_ops.busy(op_key):
+        agents: list[tuple[dict[str, Any], NodeAgent]] = []  # only for a poll that starts now
+        if not self.ctx.node_io.busy(op_key):
             # issue 15: a change the watch saw polls now; a node it reports lost is refreshed now
             watch = self.ctx.watch(("attempt", attempt.id), attempt.nodes, attempt.token_enc, run_id(kind, attempt))
             if self.ctx.confirm_loss_now(("attempt", attempt.id), attempt.stack_name, watch):
@@ -148,7 +157,8 @@ class NodeRuns:
             if time.time() < due and not watch.news:
                 return None
             self._polled_at[key] = time.time()
-        polled = self.ctx.agent_ops.ensure(op_key, self._poll, job, attempt, kind)
+            agents = self.ctx.node_agents(attempt.nodes, attempt.token_enc)
+        polled = self.ctx.node_io.ensure(op_key, self._poll, job, attempt, kind, agents)
         if polled is None:
             return None
         if not polled.ok:
@@ -169,14 +179,19 @@ class NodeRuns:
             del self._polled_at[key]
 
     def stop(self, attempt: AttemptRow, kind: str = "run", job: JobRow | None = None) -> list[Any]:
-        """Cancel the attempt's run on every node that answers (a pool job's end: the worker stays). With `job`,
-        the run's last log lines (what it said on SIGTERM) are copied too, before the nodes go."""
-        stopped = []
-        for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
-            try:
-                stopped.append(client.cancel(run_id(kind, attempt)))
-                if job is not None:
-                    self._copy_log(job, attempt, kind, node["rank"], client, run_id(kind, attempt))
-            except AgentError:
-                continue
-        return stopped
+        """(In the agent pool: the agent's cancel waits out the run's SIGTERM grace.) Cancel the attempt's run on
+        every node that answers (a pool job's end: the worker stays). With `job`, the run's last log lines (what it
+        said on SIGTERM) are copied too, before the nodes go."""
+        async def stop_all() -> list[Any]:
+            stopped = []
+            for node, client in self.ctx.clients(attempt.nodes, attempt.token_enc):
+                agent = SyncAgentOnLoop(client, threaded=False)
+                try:
+                    stopped.append(await agent.cancel(run_id(kind, attempt)))
+                    if job is not None:
+                        await self._copy_log(job, attempt, kind, node["rank"], agent, run_id(kind, attempt))
+                except AgentError:
+                    continue
+            return stopped
+
+        return asyncio.run(stop_all())

@@ -332,7 +332,8 @@ def _do_refresh(run: _Run) -> RefreshResult:
             seen[step.urn] = (gone, step.old if gone else (step.new or step.old))
 
     run.retrying(lambda: stack.refresh(on_output=run.on_output, on_event=on_event, color="never"))
-    alive, gone = [], []
+    alive: list[ResourceState] = []
+    gone: list[ResourceState] = []
     for urn, (is_gone, state) in seen.items():
         if state is None or not state.custom or state.type.startswith("pulumi:providers:"):
             continue

@@ -21,6 +21,27 @@ class AgentError(SortieError):
         self.status = status
 
 
+def refusal(url: str, method: str, path: str, status: int, body: bytes) -> AgentError:
+    """The agent's answer of `status` >= 400, in one line: its `error` when it sent one."""
+    detail = body.decode(errors="replace")
+    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+        detail = json.loads(detail).get("error", detail)
+    return AgentError(f"agent at {url}: {method} {path} -> {status}: {detail}", status)
+
+
+def run_request(command: str, run_id: str | None, env: dict[str, str] | None, cwd: str | None = None,
+                view: bool = True) -> dict[str, Any]:
+    """The body of POST /runs."""
+    body: dict[str, Any] = {"command": command, "env": env or {}}
+    if not view:
+        body["view"] = False
+    if cwd:
+        body["cwd"] = cwd
+    if run_id:
+        body["run_id"] = run_id
+    return body
+
+
 @dataclass(frozen=True)
 class RunStatus:
     run_id: str
@@ -61,10 +82,7 @@ class AgentClient:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 return resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                detail = json.loads(detail).get("error", detail)
-            raise AgentError(f"agent at {self.url}: {method} {path} -> {exc.code}: {detail}", exc.code) from None
+            raise refusal(self.url, method, path, exc.code, exc.read()) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise AgentError(f"agent at {self.url} is unreachable: {reason}") from None
@@ -80,14 +98,7 @@ class AgentClient:
             run_id: str | None = None, view: bool = True) -> str:
         """Start `command` on the node. `view=False`: outside the path view of a local-cloud node, in its own
         mount namespace (what the run mounts stays for the runs after it)."""
-        body: dict[str, Any] = {"command": command, "env": env or {}}
-        if not view:
-            body["view"] = False
-        if cwd:
-            body["cwd"] = cwd
-        if run_id:
-            body["run_id"] = run_id
-        return self._json("POST", "/runs", body)["run_id"]
+        return self._json("POST", "/runs", run_request(command, run_id, env, cwd, view))["run_id"]
 
     def start(self, command: str, run_id: str, env: dict[str, str] | None = None, view: bool = True) -> bool:
         """Start the run `run_id` unless it was started before (a restarted controller asks again: the agent
