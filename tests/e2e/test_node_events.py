@@ -150,3 +150,62 @@ def test_watchers_say_news_once_and_lost_ranks(farm: FarmServer, hub) -> None:
     assert watchers.may_confirm("a") and not watchers.may_confirm("a")
     watchers.forget("a", nodes)
     assert events.latest(farm.url(5)) is None
+
+
+def test_a_failed_probe_makes_a_node_suspect_before_it_is_lost(farm: FarmServer, hub) -> None:
+    """Issue 15: the reconciler may ask the infra as soon as the first probe after a broken watch fails; the node is
+    reported lost only after the confirmation, and an answer clears the suspicion."""
+    events, woken = hub(watch_timeout=5.0, confirm_seconds=3.0)
+    watchers = NodeWatchers(events)
+    nodes = [{"rank": 0, "url": farm.url(7)}]
+    wait_for(lambda: watchers.look("w", nodes, lambda: farm.token).quiet, 10, "quiet")
+    woken.clear()
+    farm.control("kill", first=7)
+    took = wait_for(lambda: watchers.look("w", nodes, lambda: farm.token).suspect_ranks == (0,), 5, "suspect")
+    assert took < 1.5 and woken.is_set()
+    assert not events.version(farm.url(7))[1]  # not lost yet: the confirmation has 3 s
+    farm.control("resume", first=7)
+    wait_for(lambda: watchers.look("w", nodes, lambda: farm.token).quiet, 15, "healthy again")
+    assert not events.suspect(farm.url(7))
+
+
+def test_the_reconcilers_node_calls_run_on_the_hubs_loop(start_agent, hub) -> None:
+    """Issue 15: polls, run starts and log copies are coroutines on the hub's own loop thread, through one shared
+    session; the answers and errors are those of the threaded client."""
+    import asyncio
+
+    from orchestrator.controller.ops import LoopOperations
+    from orchestrator.infra.agent_client import AgentError
+
+    agent = start_agent()
+    events, woken = hub()
+    ops = LoopOperations(events, woken.set)
+    client = events.agent(agent.url, agent.token)
+
+    async def start_wait_and_read() -> dict:
+        seen: dict = {"thread": threading.current_thread().name}
+        seen["started"] = await client.start("echo out; exit 3", "run-x", env={"A": "1"})
+        seen["again"] = await client.start("echo out; exit 3", "run-x")
+        while not (status := await client.status("run-x")).done:
+            await asyncio.sleep(0.02)
+        seen["code"], seen["log"] = status.exit_code, (await client.log("run-x"))[0]
+        for name, call in (("missing", client.status("nope")),
+                           ("denied", events.agent(agent.url, "wrong").health()),
+                           ("gone", events.agent("http://127.0.0.1:9", agent.token).health())):
+            try:
+                await call
+            except AgentError as exc:
+                seen[name] = (exc.status, str(exc))
+        return seen
+
+    assert ops.ensure("k", start_wait_and_read) is None and ops.busy("k")  # started, on the loop
+    wait_for(lambda: not ops.running("k"), 20, "finished")
+    assert woken.is_set()
+    finished = ops.ensure("k", start_wait_and_read)
+    assert finished is not None and finished.ok, finished
+    seen = finished.value
+    assert seen["thread"] == "node-events"
+    assert (seen["started"], seen["again"], seen["code"], seen["log"]) == (True, False, 3, b"out\n")
+    assert seen["missing"][0] == 404 and seen["denied"][0] == 401
+    assert seen["gone"][0] is None and "unreachable" in seen["gone"][1]
+    assert all("\n" not in seen[k][1] for k in ("missing", "denied", "gone"))

@@ -308,3 +308,55 @@ def test_janitor_leaves_the_stacks_of_attempts_in_progress_alone(world: World) -
     place(world.store, job_id, "sortie-job-1-t0-1")
     world.controller.stack_janitor.tick()
     assert ("destroy", "sortie-job-1-t0-1") not in world.driver.operations
+
+
+def test_a_suspect_node_has_its_refresh_started_early_and_dropped_when_it_answers(sortie_home: Path,
+                                                                                  monkeypatch) -> None:
+    """Issue 15: a broken watch whose first probe fails starts the infra's refresh at once, and nothing is
+    decided from it; when the node answers again the result is dropped, and a later loss asks the infra anew."""
+    from orchestrator.controller.node_events import WatchSignal
+
+    world = World(sortie_home, hold=lambda node, run_id, command: run_id.startswith("run-"))
+    job_id = world.submit("sleep 100", use_spot=True)
+    attempt = world.until(job_id, Phase.RUNNING)
+    world.tick()  # the run starts and keeps running
+    ctx = world.controller.ctx
+    signal = {"now": WatchSignal(False, (), False, suspect_ranks=(0,))}
+    monkeypatch.setattr(ctx, "watch", lambda *a, **k: signal["now"])
+    refreshes = lambda: world.driver.operations.count(("refresh", attempt.stack_name))  # noqa: E731
+
+    world.tick()
+    assert refreshes() == 1  # asked at once, on the suspicion
+    world.tick()
+    assert refreshes() == 1  # once per suspicion
+    assert world.attempt(job_id).phase == Phase.RUNNING and "preempted" not in world.events(job_id)
+
+    signal["now"] = WatchSignal(True, (), True)  # the node answers: a poll comes back, the suspicion is over
+    world.tick()
+    assert world.attempt(job_id).phase == Phase.RUNNING
+    assert not ctx.stack_ops.busy(("refresh", attempt.stack_name))  # the early result was handed to nobody
+
+    world.driver.preempt(attempt.stack_name, 0)
+    signal["now"] = WatchSignal(False, (0,), False)  # now lost: the infra is asked again, and says gone
+    world.tick()
+    assert refreshes() == 2
+    attempt = world.attempt(job_id)
+    assert (attempt.phase, attempt.outcome) == (Phase.TEARDOWN, "PREEMPTED")
+
+
+def test_a_committed_transition_is_counted_and_a_read_or_a_refused_one_is_not(world: World) -> None:
+    """The ticker's extra pass after a pass that moved something rests on this count."""
+    from state.machine import TransitionError
+
+    before = world.store.transitions_committed
+    job_id = world.submit("echo hi")
+    world.store.job(job_id)
+    world.store.events(job_id)
+    after_submit = world.store.transitions_committed
+    world.tick()  # placed: one transition with its event
+    assert world.store.transitions_committed > after_submit >= before
+    placed = world.store.transitions_committed
+    world.store.job(job_id)
+    with pytest.raises(TransitionError):  # still PROVISIONING: refused, rolled back
+        world.store.attempt_running(world.attempt(job_id).id, Phase.RUNNING, "synced", "nothing to sync")
+    assert world.store.transitions_committed == placed
