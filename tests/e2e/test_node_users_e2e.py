@@ -95,3 +95,39 @@ def test_another_job_cannot_read_or_signal_a_jobs_processes_or_files(sortie: Sor
     assert "mine" in victim_out and "victim-done" in victim_out
     uids = set(re.findall(r"uid=(\d+)", out)) | set(re.findall(r"uid=(\d+)", victim_out))
     assert len(uids) == 2 and all(in_range(int(u)) for u in uids), uids  # two users, both from the range
+
+
+CACHED_LEAK = """\
+file_mounts:
+  /out:
+    name: {bucket}
+    mode: MOUNT_CACHED
+run: |
+  echo mine > /out/mine.txt
+  ln -s {secret} /out/leak-file
+  ln -s {secret_dir} /out/leak-dir
+  ln -s /etc/shadow /out/leak-shadow
+  mkdir -p /out/sub && ln -s {secret_dir} /out/sub/deep
+  sleep 8
+  echo linked-done
+"""
+
+
+def test_mount_cached_uploads_no_symlink_target(sortie: Sortie, tmp_path: Path) -> None:
+    """Part 1 of the rest of issue 17: the MOUNT_CACHED uploader (root, beside the run) uploads the run's own files,
+    never what a symlink it placed points at (a root-only file, another directory, /etc/shadow)."""
+    secret_dir = tmp_path / "victim"
+    secret_dir.mkdir()
+    (secret_dir / "secret.txt").write_text("root-secret-5b7e\n")
+    os.chmod(secret_dir / "secret.txt", 0o600)
+    bucket = f"cached-links-{os.getpid()}"
+    job_id = sortie.launch(write(tmp_path, "cached.yaml", CACHED_LEAK.format(
+        bucket=bucket, secret=secret_dir / "secret.txt", secret_dir=secret_dir)))
+    job = sortie.wait(job_id, timeout=180)
+    out = sortie.logs(job_id)
+    assert job["status"] == "SUCCEEDED", out
+    assert "linked-done" in out
+    stored = sortie.home / "buckets" / bucket
+    names = sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*") if not p.is_dir())
+    assert names == ["mine.txt"], names
+    assert (stored / "mine.txt").read_text() == "mine\n"

@@ -53,7 +53,7 @@ def test_a_directory_swapped_for_a_symlink_after_the_scan_is_not_followed(store:
     (cached / "d").mkdir(parents=True)
     (cached / "d" / "a.txt").write_text("mine\n")
     sync = CachedSync(store, parse_bucket_url("local://out/job"), cached)
-    present, changed = sync._changed()
+    _present, changed = sync._changed()
     assert [key for key, _p, _s in changed] == ["d/a.txt"]
     (cached / "d" / "a.txt").unlink()
     (cached / "d").rmdir()
