@@ -283,8 +283,8 @@ class PoolReconciler:
             self._fail(pool, worker, why)
 
     def release(self, job: JobRow, attempt: AttemptRow) -> None:
-        """A pool job's end on a worker that stays: its run stopped, its scratch directory removed (agent calls,
-        in the agent pool)."""
+        """A pool job's end on a worker that stays: its run stopped, its scratch directory removed, its user (on a
+        node with node users) removed with its files (agent calls, in the agent pool)."""
         worker = next((w for w in self.store.workers(job.pool) if w.id == job.worker_id), None)
         if worker is None or worker.status not in (WorkerStatus.READY, WorkerStatus.DRAINING):
             return
@@ -293,4 +293,6 @@ class PoolReconciler:
                 client.cancel(f"run-{attempt.id}")
             with contextlib.suppress(AgentError):
                 client.start(f"rm -rf {job_dir(job.id)}", f"clean-{attempt.id}")
+            with contextlib.suppress(AgentError):  # issue 17: the job's own user, its files and account
+                client.remove_user(f"job-{job.id}")
         self.store.record_worker_health(worker.id, idle_since=time.time())

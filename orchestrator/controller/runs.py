@@ -38,6 +38,11 @@ def run_id(kind: str, attempt: AttemptRow) -> str:
     return f"{kind}-{attempt.id}"
 
 
+def job_user(job: JobRow) -> str | None:
+    """A pool job's user key on its worker (issue 17: each pool job runs as a user of its own there)."""
+    return f"job-{job.id}" if job.pool else None
+
+
 def job_dir(job_id: int) -> str:
     """A pool job's scratch directory on its worker ($SORTIE_JOB_DIR, also $TMPDIR), removed after the job."""
     return f"$HOME/.sortie-jobs/{job_id}"
@@ -109,7 +114,7 @@ class NodeRuns:
                     commands = commands or self._commands(job, attempt, kind)
                     command, env = commands[rank]
                     try:
-                        client.start(command, name, env=env)
+                        client.start(command, name, env=env, user=job_user(job))
                     except AgentError as refused:
                         final = agent_refusal(refused, "run" if kind == "run" else "setup")
                         if final is not None:
