@@ -358,7 +358,7 @@ class RunUser:
             child_env["HOME"] = str(self.sandbox / "users" / job / "home")
         child_env["USER"] = child_env["LOGNAME"] = env.get("USER") or node_accounts.account_name(user.uid)
         child_env["PATH"] = f"{self.sandbox / 'bin'}:{child_env.get('PATH') or os.defpath}"  # sudo: the shim
-        return [f"--uid={user.uid}", f"--gid={user.gid}"]
+        return [f"--uid={user.uid}", f"--gid={user.gid}", *([f"--umask={JOB_UMASK:03o}"] if job else [])]
 
     def remove_job(self, key: str) -> dict[str, int]:
         """The pool job `key`'s end: its processes killed, its directory and what it left in the machine's

@@ -146,7 +146,7 @@ class Agent:
         log = (run_dir / "output.log").open("ab")
         try:
             proc = subprocess.Popen(
-                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, umask=0o077 if job else RUN_UMASK,
+                argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, umask=RUN_UMASK,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             )
         finally:

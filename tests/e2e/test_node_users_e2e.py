@@ -237,7 +237,7 @@ def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path
         time.sleep(0.5)
     try:
         a = _pool_job(sortie, tmp_path, "a.yaml", POOL_A.format(tmp_file=tmp_file))
-        sortie.wait_for_log(a, "a-ready", timeout=120)
+        sortie.wait_for_log(a, "a-ready", timeout=60)
         a_out = sortie.logs(a)
         a_uid = int(re.search(r"a-uid=(\d+)", a_out).group(1))  # type: ignore[union-attr]
         a_pid = re.search(r"a-pid=(\d+)", a_out).group(1)  # type: ignore[union-attr]

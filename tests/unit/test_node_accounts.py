@@ -79,7 +79,7 @@ def test_a_pool_job_gets_a_user_of_its_own_removed_with_its_files(own_etc: Path,
         assert stat.S_IMODE((sandbox / name).stat().st_mode) == 0o750
     env: dict[str, str] = {"PATH": "/usr/bin:/bin", "HOME": str(sandbox / "home")}
     args = users.run_env(env, {}, True, "job-7")
-    assert args == [f"--uid={job.uid}", f"--gid={node.gid}"]
+    assert args == [f"--uid={job.uid}", f"--gid={node.gid}", "--umask=077"]
     assert env["HOME"] == str(home) and env["SORTIE_WORKER_HOME"] == str(sandbox / "home")
     assert env["TMPDIR"] == str(sandbox / "users" / "job-7" / "tmp")
     assert env["USER"] == f"sortie-{job.uid}" and env["PATH"].startswith(f"{sandbox / 'bin'}:")
