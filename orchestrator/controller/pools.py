@@ -21,6 +21,7 @@ from orchestrator.controller.context import ControllerContext, note_pool, pool_l
 from orchestrator.controller.node_files import (
     NodeFiles,
     NodeStorageError,
+    node_buckets_for,
     node_fuse_for,
     node_package_for,
     node_python,
@@ -148,7 +149,8 @@ class PoolReconciler:
         return worker_program(pool.name, pool.spec, worker.stack_name, worker.number, worker.infra, worker.region,
                               worker.use_spot, self.store.box.open(worker.token_enc), self.ctx.home, config,
                               node_package=node_package_for(steps, worker.infra, config),
-                              node_fuse=node_fuse_for(steps, worker.infra))
+                              node_fuse=node_fuse_for(steps, worker.infra),
+                              node_buckets=node_buckets_for(steps, worker.infra))  # issue 17: its own profile
 
     def _op(self, pool: str, op: str, stack: str, fn: Callable[[], Any]) -> Finished | None:
         return self.ctx.stack_op(op, stack, fn, pool_log(self.ctx.home, pool))
