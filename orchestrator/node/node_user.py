@@ -44,6 +44,7 @@ import shutil
 import signal
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -148,8 +149,17 @@ def prepare_sandbox(sandbox: Path, node_id: str) -> NodeUser:
         os.chown(path, 0, 0)
         os.chmod(path, 0o700)
     node_accounts.install_sudo_shim(sandbox / "bin")
-    node_accounts.add_account(user.uid, user.gid, sandbox / "home", in_range)
+    add_account(user, sandbox / "home")
     return user
+
+
+def add_account(user: NodeUser, home: Path) -> None:
+    """The user's account (`node_accounts`); where /etc cannot be written, the runs go on without one (said in the
+    agent's log: `whoami` then finds no name)."""
+    try:
+        node_accounts.add_account(user.uid, user.gid, home, in_range)
+    except OSError as exc:
+        print(f"sortie: no /etc/passwd entry for uid {user.uid}: {exc.strerror or exc}", file=sys.stderr, flush=True)
 
 
 def allocate_uid(sandbox: Path, key: str) -> int:
@@ -341,7 +351,7 @@ class RunUser:
                 os.chmod(self.sandbox / name, 0o750)
             for target in sorted(self.targets):
                 self.grant(target, job)
-            node_accounts.add_account(uid, job.gid, base / "home", in_range)
+            add_account(job, base / "home")
         return job
 
     def run_env(self, child_env: dict[str, str], env: dict[str, str], view: bool, job: str | None = None) -> list[str]:
@@ -375,7 +385,8 @@ class RunUser:
             killed = kill_user(uid)
             shutil.rmtree(base)
             removed = remove_leftovers(uid)
-            node_accounts.remove_account(uid, in_range)
+            with contextlib.suppress(OSError):  # an /etc that cannot be written had no account added either
+                node_accounts.remove_account(uid, in_range)
         return {"uid": uid, "killed": killed, "removed": removed}
 
     def ended(self, run_id: str) -> None:
