@@ -159,3 +159,25 @@ def test_a_pool_job_naming_a_bucket_the_pool_does_not_mount_is_refused() -> None
         assert why == (f"file_mounts: /x uses bucket {named}, which pool p does not mount; a pool's workers reach "
                        "only the pool's own buckets: add it to the pool's file_mounts and apply the pool again, or "
                        "launch without -p"), why
+
+
+def test_the_pool_reconciler_gives_a_worker_the_pools_s3_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The wiring: the controller makes a worker's program with the node buckets of the pool's staged steps."""
+    from types import SimpleNamespace
+
+    from orchestrator.config import SortieConfig
+    from orchestrator.controller.pools import PoolReconciler
+
+    reconciler = PoolReconciler.__new__(PoolReconciler)
+    reconciler.ctx = SimpleNamespace(config=SortieConfig(), home=tmp_path)  # type: ignore[assignment]
+    reconciler.store = SimpleNamespace(box=SimpleNamespace(open=lambda sealed: "t" * 43))  # type: ignore[assignment]
+    steps = [{"dest": "/data", "kind": "mount", "url": "s3://pool-data"},
+             {"dest": "~/sky_workdir", "kind": "copy", "url": "s3://team-bucket/sortie/pool-p-1a2b3c4d/workdir"},
+             {"dest": "/local", "kind": "mount", "url": "local://scratch"}]
+    pool = SimpleNamespace(name="p", spec={"resources": [{}]}, storage={"tasks": [steps]})
+    worker = SimpleNamespace(stack_name="sortie-pool-p-w1", number=1, infra="aws", region="us-east-1",
+                             use_spot=False, token_enc=b"sealed")
+    program = reconciler._program(pool, worker)  # type: ignore[arg-type]
+    assert program.spec.node_buckets == POOL_BUCKETS
+    worker.infra = "local"
+    assert reconciler._program(pool, worker).spec.node_buckets == ()  # type: ignore[arg-type]
