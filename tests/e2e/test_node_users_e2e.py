@@ -241,6 +241,7 @@ def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path
         a_out = sortie.logs(a)
         a_uid = int(re.search(r"a-uid=(\d+)", a_out).group(1))  # type: ignore[union-attr]
         a_pid = re.search(r"a-pid=(\d+)", a_out).group(1)  # type: ignore[union-attr]
+        assert f"a-user=sortie-{a_uid}" in a_out, a_out  # an account of its own while it runs
         assert os.stat(tmp_file).st_uid == a_uid and os.stat(tmp_file).st_mode & 0o077 == 0  # umask 077
         b = _pool_job(sortie, tmp_path, "b.yaml", f"envs:\n  A_JOB: '{a}'\n  A_PID: '{a_pid}'\n  TMP_FILE: {tmp_file}\n"
                       "run: |\n" + "".join(f"  {line}\n" for line in POOL_B.strip().splitlines()))
