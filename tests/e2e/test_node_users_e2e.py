@@ -167,6 +167,11 @@ def test_a_node_user_has_an_account_a_private_home_and_a_sudo_that_says_no(sorti
         assert time.monotonic() < deadline, f"{name} is still in /etc/passwd"
         time.sleep(0.5)
     assert f"{name}:" not in Path("/etc/group").read_text()
+    setup = sortie.launch(write(tmp_path, "sudo-setup.yaml", "setup: sudo apt-get install -y jq\nrun: echo ran\n"))
+    failed = sortie.wait(setup, timeout=180)
+    setup_out = sortie.logs(setup)
+    assert failed["status"] == "FAILED_SETUP", setup_out  # a SkyPilot habit: said in one line, never run as root
+    assert "sudo: refused on Sortie's local cloud" in setup_out and "ran" not in setup_out.split(), setup_out
 
 
 POOL = """\
