@@ -15,7 +15,8 @@ each node's runs run as a uid and gid of their own, so one job cannot read or si
   `workdir/`, `home/` and `mounts/` are readable (0750) but not writable to it, so what one job leaves is never
   another's to read;
 - the sandbox is root's, mode 0710 with the node's group (it can only pass through), its run directories
-  (`workdir/`, `home/`, `mounts/`, `tmp/`) are the node user's, 0700; the agent's records (`runs/`, journal,
+  (`workdir/`, `home/`, `mounts/`, `tmp/`) are the node user's, 0700 (the first three 0750 once a pool job runs
+  there); a root-owned `bin/` holds the `sudo` shim; the agent's records (`runs/`, journal,
   tokens) stay root's alone;
 - setup and run go through the path view (`node_view.py enter --uid --gid`), which mounts a private /proc with
   `hidepid=invisible` in the run's mount namespace and drops to the user last: another job's processes are
@@ -25,7 +26,7 @@ each node's runs run as a uid and gid of their own, so one job cannot read or si
   it places belongs to the user; what the node's own bucket steps (run as root, outside the view) leave there
   is given to the user afterwards (`give_tree`: no symlink followed, no mount crossed);
 - a local-store bucket the node links to gets an ACL entry for the node user (`grant_tree`): the bucket stays the
-  controller's, each node that mounts it may read and write it.
+  controller's, each node (and each pool job's user) that mounts it may read and write it.
 
 Not used (runs keep the agent's own user) in container mode (the task's container keeps its runs apart), when
 the agent is not root, where mount namespaces fail, or with SORTIE_NO_RUN_USERS=1.
