@@ -208,6 +208,8 @@ A_HOME=$SORTIE_NODE_SANDBOX/users/job-$A_JOB/home
 cat $A_HOME/a.txt 2>/dev/null && echo LEAK-HOME
 ls $A_HOME 2>/dev/null | grep -q . && echo LEAK-HOME-LIST
 cat $A_HOME/.sortie-jobs/$A_JOB/a.txt 2>/dev/null && echo LEAK-SCRATCH
+cat $SORTIE_NODE_SANDBOX/home/a.txt 2>/dev/null && echo LEAK-WORKER-HOME
+cat $SORTIE_NODE_SANDBOX/home/.sortie-jobs/$A_JOB/a.txt 2>/dev/null && echo LEAK-WORKER-SCRATCH
 cat $TMP_FILE 2>/dev/null && echo LEAK-TMP
 cat /proc/$A_PID/environ 2>/dev/null | tr '\0' '\n' | grep -q A_SECRET && echo LEAK-ENVIRON
 ls /proc | grep -qx "$A_PID" && echo LEAK-LISTED
@@ -246,8 +248,6 @@ def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path
         a_out = sortie.logs(a)
         a_uid = int(re.search(r"a-uid=(\d+)", a_out).group(1))  # type: ignore[union-attr]
         a_pid = re.search(r"a-pid=(\d+)", a_out).group(1)  # type: ignore[union-attr]
-        assert f"a-user=sortie-{a_uid}" in a_out, a_out  # an account of its own while it runs
-        assert os.stat(tmp_file).st_uid == a_uid and os.stat(tmp_file).st_mode & 0o077 == 0  # umask 077
         b = _pool_job(sortie, tmp_path, "b.yaml", f"envs:\n  A_JOB: '{a}'\n  A_PID: '{a_pid}'\n  TMP_FILE: {tmp_file}\n"
                       "run: |\n" + "".join(f"  {line}\n" for line in POOL_B.strip().splitlines()))
         b_job = sortie.wait(b, timeout=180)
@@ -255,6 +255,8 @@ def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path
         assert b_job["status"] == "SUCCEEDED" and "probe-done" in b_out, b_out
         assert not [line for line in b_out.splitlines() if "LEAK-" in line or "secret" in line], b_out
         assert "b-read: from-setup" in b_out
+        assert f"a-user=sortie-{a_uid}" in a_out, a_out  # an account of its own while it runs
+        assert os.stat(tmp_file).st_uid == a_uid and os.stat(tmp_file).st_mode & 0o077 == 0  # umask 077
         b_uid = int(re.search(r"b-uid=(\d+)", b_out).group(1))  # type: ignore[union-attr]
         a_job = sortie.wait(a, timeout=180)
         a_out = sortie.logs(a)
