@@ -210,6 +210,9 @@ class PoolService(JobService):
         misfit = _misfit(task, pool)
         if misfit:
             raise UsageError(f"the job does not fit pool {pool_name}: {misfit}")
+        outside = _outside_buckets(task.storage_mounts, pool)
+        if outside:
+            raise UsageError(outside)
         from orchestrator.controller_service import check_controller, ensure_controller
 
         check_controller(self.config)
@@ -219,6 +222,32 @@ class PoolService(JobService):
                                 task_resources=[task.resources_str()], pool=pool_name)
         ensure_controller(self.home)
         return ids, notes
+
+
+def _mounted(storage_mounts: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Destination -> (bucket, prefix) of each bucket mount (a storage object by name: the whole bucket)."""
+    found = {}
+    for dest, obj in (storage_mounts or {}).items():
+        source = obj.get("source") if isinstance(obj, dict) else None
+        if isinstance(source, str) and "://" in source:
+            bucket, _, prefix = source.split("://", 1)[1].partition("/")
+            found[str(dest)] = (bucket, prefix.strip("/"))
+        elif isinstance(obj, dict) and obj.get("name"):
+            found[str(dest)] = (str(obj["name"]), "")
+    return found
+
+
+def _outside_buckets(storage_mounts: dict[str, Any], pool: PoolRow) -> str | None:
+    """Issue 17: a pool's workers reach only the pool's own buckets (on AWS their instance profile names exactly
+    those): a job that names another bucket is refused, in one line, rather than run without it."""
+    own = list(_mounted(pool.spec.get("storage_mounts") or {}).values())
+    for dest, (bucket, prefix) in _mounted(storage_mounts).items():
+        if not any(b == bucket and (not p or prefix == p or prefix.startswith(p + "/")) for b, p in own):
+            where = f"{bucket}/{prefix}" if prefix else bucket
+            return (f"file_mounts: {dest} uses bucket {where}, which pool {pool.name} does not mount; a pool's "
+                    "workers reach only the pool's own buckets: add it to the pool's file_mounts and apply the pool "
+                    "again, or launch without -p")
+    return None
 
 
 def _misfit(task: Task, pool: PoolRow) -> str | None:

@@ -91,6 +91,20 @@ def _sandbox_processes(under: str) -> list[int]:
     return pids
 
 
+@pytest.fixture(autouse=True)
+def own_etc(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Issue 17: node users get /etc/passwd and /etc/group entries (orchestrator/node/node_accounts.py). In this
+    process (unit tests calling node_user), those files are a directory of the test's; agents started as processes
+    (the e2e tests that opt back in to node users) write the machine's."""
+    from orchestrator.node import node_accounts
+
+    etc = tmp_path_factory.mktemp("etc")
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (etc / "group").write_text("root:x:0:\n")
+    monkeypatch.setattr(node_accounts, "ETC", etc)
+    return etc
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_stray_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Session-wide: no process started inside any test's sandbox may outlive the run."""

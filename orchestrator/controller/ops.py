@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from orchestrator.controller.node_events import NodeEvents
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,4 +122,14 @@ class LoopOperations(OperationPool):
                 future: Future = Future()
                 future.set_exception(exc)
                 return future
-        return super()._start(lambda *a: asyncio.run(fn(*a)), args)
+        return super()._start(lambda *a: run_here(fn(*a)), args)
+
+
+def run_here(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` to its end on this thread, in a loop of its own that it leaves to nobody (unlike
+    `asyncio.run`, the thread's current loop, which other libraries ask for, is left as it was)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()

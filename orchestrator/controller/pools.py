@@ -22,6 +22,7 @@ from orchestrator.controller.context import ControllerContext, note_pool, pool_l
 from orchestrator.controller.node_files import (
     NodeFiles,
     NodeStorageError,
+    node_buckets_for,
     node_fuse_for,
     node_package_for,
     node_python,
@@ -150,7 +151,8 @@ class PoolReconciler:
         return worker_program(pool.name, pool.spec, worker.stack_name, worker.number, worker.infra, worker.region,
                               worker.use_spot, self.store.box.open(worker.token_enc), self.ctx.home, config,
                               node_package=node_package_for(steps, worker.infra, config),
-                              node_fuse=node_fuse_for(steps, worker.infra))
+                              node_fuse=node_fuse_for(steps, worker.infra),
+                              node_buckets=node_buckets_for(steps, worker.infra))  # issue 17: its own profile
 
     def _op(self, pool: str, op: str, stack: str, fn: Callable[[], Any]) -> Finished | None:
         return self.ctx.stack_op(op, stack, fn, pool_log(self.ctx.home, pool))
@@ -286,8 +288,8 @@ class PoolReconciler:
             self._fail(pool, worker, why)
 
     def release(self, job: JobRow, attempt: AttemptRow) -> None:
-        """A pool job's end on a worker that stays: its run stopped, its scratch directory removed (agent calls,
-        in the agent pool)."""
+        """A pool job's end on a worker that stays: its run stopped, its scratch directory removed, its user (on a
+        node with node users) removed with its files (agent calls, in the agent pool)."""
         worker = next((w for w in self.store.workers(job.pool) if w.id == job.worker_id), None)
         if worker is None or worker.status not in (WorkerStatus.READY, WorkerStatus.DRAINING):
             return
@@ -296,6 +298,8 @@ class PoolReconciler:
                 client.cancel(f"run-{attempt.id}")
             with contextlib.suppress(AgentError):
                 client.start(f"rm -rf {job_dir(job.id)}", f"clean-{attempt.id}")
+            with contextlib.suppress(AgentError):  # issue 17: the job's own user, its files and account
+                client.remove_user(f"job-{job.id}")
         self.store.record_worker_health(worker.id, idle_since=time.time())
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import NodeRun, RunsVerdict, agent_refusal, judge_runs
 from orchestrator.controller.node_reports import report_node_errors
+from orchestrator.controller.ops import run_here
 from orchestrator.infra.agent_async import NodeAgent, SyncAgentOnLoop
 from orchestrator.infra.agent_client import AgentError
 from orchestrator.policy.run_env import node_env, pool_job_env
@@ -38,6 +39,11 @@ class RunRefused(Exception):
 
 def run_id(kind: str, attempt: AttemptRow) -> str:
     return f"{kind}-{attempt.id}"
+
+
+def job_user(job: JobRow) -> str | None:
+    """A pool job's user key on its worker (issue 17: each pool job runs as a user of its own there)."""
+    return f"job-{job.id}" if job.pool else None
 
 
 def job_dir(job_id: int) -> str:
@@ -116,7 +122,7 @@ class NodeRuns:
                         raise
                     text, env = await command(rank)
                     try:
-                        await agent.start(text, name, env=env)
+                        await agent.start(text, name, env=env, user=job_user(job))
                     except AgentError as refused:
                         final = agent_refusal(refused, "run" if kind == "run" else "setup")
                         if final is not None:
@@ -194,4 +200,4 @@ class NodeRuns:
                     continue
             return stopped
 
-        return asyncio.run(stop_all())
+        return run_here(stop_all())

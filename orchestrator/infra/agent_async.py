@@ -20,7 +20,8 @@ class NodeAgent(Protocol):
     """What the controller's loop asks of a node's agent."""
 
     async def health(self) -> dict: ...
-    async def start(self, command: str, run_id: str, env: dict[str, str] | None = None) -> bool: ...
+    async def start(self, command: str, run_id: str, env: dict[str, str] | None = None,
+                    user: str | None = None) -> bool: ...
     async def status(self, run_id: str) -> RunStatus: ...
     async def log(self, run_id: str, offset: int = 0) -> tuple[bytes, int]: ...
     async def cancel(self, run_id: str) -> RunStatus: ...
@@ -55,10 +56,11 @@ class AsyncAgentClient:
     async def health(self) -> dict:
         return await self._json("GET", "/health")
 
-    async def start(self, command: str, run_id: str, env: dict[str, str] | None = None) -> bool:
+    async def start(self, command: str, run_id: str, env: dict[str, str] | None = None,
+                    user: str | None = None) -> bool:
         """As `AgentClient.start`: True when this call started the run, False when it had been started before."""
         try:
-            await self._json("POST", "/runs", run_request(command, run_id, env))
+            await self._json("POST", "/runs", run_request(command, run_id, env, user=user))
         except AgentError as exc:
             if exc.status != 409:
                 raise
@@ -89,8 +91,9 @@ class SyncAgentOnLoop:
     async def health(self) -> dict:
         return await self._call(self.client.health)
 
-    async def start(self, command: str, run_id: str, env: dict[str, str] | None = None) -> bool:
-        return await self._call(self.client.start, command, run_id, env)
+    async def start(self, command: str, run_id: str, env: dict[str, str] | None = None,
+                    user: str | None = None) -> bool:
+        return await self._call(self.client.start, command, run_id, env, True, user)
 
     async def status(self, run_id: str) -> RunStatus:
         return await self._call(self.client.status, run_id)

@@ -31,15 +31,24 @@ MAIN = "from orchestrator.node.agent import main\n\nmain()\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold: no build time in the archive
 
 
+def without_docstring(source: bytes) -> bytes:
+    """A module's source less its leading docstring (the docs stay in Sortie's source; EC2's 16 KiB of user data
+    is better spent on code), the line count kept, so tracebacks name the same lines."""
+    if not source.startswith(b'"""'):
+        return source
+    end = source.find(b'"""', 3)
+    return b"\n" * source.count(b"\n", 0, end) + source[end + 3:] if end > 0 else source
+
+
 def bundle_files() -> dict[str, bytes]:
-    """Name in the zipapp -> content, for every file it holds."""
+    """Name in the zipapp -> content, for every file it holds (module docstrings left out: `without_docstring`)."""
     files = {
         "__main__.py": MAIN.encode(),
-        "orchestrator/__init__.py": (ROOT / "orchestrator" / "__init__.py").read_bytes(),
-        "orchestrator/node/__init__.py": (NODE_DIR / "__init__.py").read_bytes(),
+        "orchestrator/__init__.py": without_docstring((ROOT / "orchestrator" / "__init__.py").read_bytes()),
+        "orchestrator/node/__init__.py": without_docstring((NODE_DIR / "__init__.py").read_bytes()),
     }
     for name in AGENT_MODULES:
-        files[f"orchestrator/node/{name}.py"] = (NODE_DIR / f"{name}.py").read_bytes()
+        files[f"orchestrator/node/{name}.py"] = without_docstring((NODE_DIR / f"{name}.py").read_bytes())
     return files
 
 

@@ -30,11 +30,13 @@ def refusal(url: str, method: str, path: str, status: int, body: bytes) -> Agent
 
 
 def run_request(command: str, run_id: str | None, env: dict[str, str] | None, cwd: str | None = None,
-                view: bool = True) -> dict[str, Any]:
+                view: bool = True, user: str | None = None) -> dict[str, Any]:
     """The body of POST /runs."""
     body: dict[str, Any] = {"command": command, "env": env or {}}
     if not view:
         body["view"] = False
+    if user:
+        body["user"] = user
     if cwd:
         body["cwd"] = cwd
     if run_id:
@@ -95,16 +97,18 @@ class AgentClient:
         return self._json("GET", "/health")
 
     def run(self, command: str, env: dict[str, str] | None = None, cwd: str | None = None,
-            run_id: str | None = None, view: bool = True) -> str:
+            run_id: str | None = None, view: bool = True, user: str | None = None) -> str:
         """Start `command` on the node. `view=False`: outside the path view of a local-cloud node, in its own
-        mount namespace (what the run mounts stays for the runs after it)."""
-        return self._json("POST", "/runs", run_request(command, run_id, env, cwd, view))["run_id"]
+        mount namespace (what the run mounts stays for the runs after it). `user`: a pool job's key, the run is
+        that job's own user's on a node with node users (issue 17)."""
+        return self._json("POST", "/runs", run_request(command, run_id, env, cwd, view, user))["run_id"]
 
-    def start(self, command: str, run_id: str, env: dict[str, str] | None = None, view: bool = True) -> bool:
+    def start(self, command: str, run_id: str, env: dict[str, str] | None = None, view: bool = True,
+              user: str | None = None) -> bool:
         """Start the run `run_id` unless it was started before (a restarted controller asks again: the agent
         answers 409). True when this call started it."""
         try:
-            self.run(command, env=env, run_id=run_id, view=view)
+            self.run(command, env=env, run_id=run_id, view=view, user=user)
         except AgentError as exc:
             if exc.status != 409:
                 raise
@@ -142,6 +146,11 @@ class AgentClient:
         """Make `dest` on the node a symlink to the node's directory `target`; with no target, only declare
         `dest` as a path that later runs see (see the agent's POST /links)."""
         return self._json("POST", "/links", {"dest": dest, "target": target})["path"]
+
+    def remove_user(self, key: str) -> dict:
+        """A pool job's end: its user on the node, its files and account removed (the agent's POST /users/.../remove;
+        an agent without node users answers {})."""
+        return self._json("POST", f"/users/{key}/remove", {})
 
     def cancel(self, run_id: str) -> RunStatus:
         return RunStatus.from_json(self._json("POST", f"/runs/{run_id}/cancel", {}))

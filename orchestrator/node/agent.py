@@ -12,13 +12,15 @@ environment before anything runs). Every request must carry `Authorization: Bear
 
 HTTP API (JSON):
     GET  /health                    node id, pid, uptime, runs in progress
-    POST /runs                      {"command", "env"?, "cwd"?, "run_id"?, "view"?} -> {"run_id"}
+    POST /runs                      {"command", "env"?, "cwd"?, "run_id"?, "view"?, "user"?} -> {"run_id"}
+                                    user (node users only): a pool job's key; the run is its own user's
                                     view false (--confine only): run in the node's own mount namespace,
                                     without the path view, so that what the run mounts under mounts/
                                     (a FUSE mount of a bucket) is there for the runs after it
     GET  /runs                      every run's status
     GET  /runs/<id>                 {"state": running|exited|cancelled, "exit_code", ...}
     GET  /runs/<id>/log?offset=N    raw log bytes from offset N (header X-Next-Offset)
+    POST /users/<key>/remove        a pool job's end: its user, files and account removed
     POST /runs/<id>/cancel          SIGTERM to the run's process group, SIGKILL after a grace period
     GET  /watch?since=N&timeout=S&epoch=E
                                     long poll: {"epoch", "seq", "events": [...], "reset"} with every change after

@@ -130,13 +130,18 @@ class _Handler(BaseHTTPRequestHandler):
                 view = body.get("view", True)
                 if not isinstance(view, bool):
                     raise ValueError("view: must be true or false")
-                run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"), view)
+                user = body.get("user")
+                if not isinstance(user, str | None):
+                    raise ValueError("user: must be a string (a pool job's key) or null")
+                run_id = agent.start_run(command, env, body.get("cwd"), body.get("run_id"), view, user)
                 self._json(201, {"run_id": run_id})
             elif parts == ["links"]:
                 dest, target = body.get("dest"), body.get("target")  # type: ignore[assignment]
                 if not isinstance(dest, str) or not dest or not isinstance(target, str | None):
                     raise ValueError("links: dest must be a non-empty string and target a string or null")
                 self._json(201, {"path": str(agent.link(dest, target))})
+            elif len(parts) == 3 and parts[0] == "users" and parts[2] == "remove":
+                self._json(200, agent.remove_user(parts[1]))
             elif len(parts) == 3 and parts[0] == "runs" and parts[2] == "cancel":
                 status = agent.cancel(parts[1])
                 self._json(200, status) if status else self._error(404, f"no run {parts[1]}")

@@ -18,8 +18,9 @@ def local_isolation() -> tuple[bool, str]:
         hidden = ("runs get only their task's environment; the Sortie home (state DB, keys, logs) and other "
                   "nodes' sandboxes are hidden from them (mount namespaces); ")
         if os.geteuid() == 0 and os.environ.get("SORTIE_NO_RUN_USERS") != "1":
-            return True, hidden + ("each node's runs run as a user of their own (uid from 1900000000 up) with a "
-                                   "private /proc (hidepid): other jobs' processes and files are out of reach")
+            return True, hidden + ("each node's runs, and each pool job on a worker, run as a user of their own "
+                                   "(uid from 1900000000 up, an account sortie-<uid> while it lives, `sudo` refused) "
+                                   "with a private /proc (hidepid): other jobs' processes and files are out of reach")
         why = "SORTIE_NO_RUN_USERS=1" if os.geteuid() == 0 else "Sortie does not run as root here"
         return True, hidden + (f"they run as your user ({why}), so processes of other jobs stay visible in /proc "
                                "(and their environment readable)")

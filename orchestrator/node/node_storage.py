@@ -75,14 +75,31 @@ class _Stores:
 
 def _cached(plan: dict[str, Any], stores: _Stores) -> list[CachedSync]:
     syncs = []
+    anchor, reader = _run_user_reader()
     for step in plan["steps"]:
         if step["kind"] != "cached":
             continue
         url = parse_bucket_url(step["url"])
         digest = hashlib.sha256(f"{step['dest']}|{step['url']}".encode()).hexdigest()[:16]
         syncs.append(CachedSync(stores.get(url.store), url, node_path(step["dest"]),
-                                state_file=_state_dir() / f"cached-{digest}.json"))
+                                state_file=_state_dir() / f"cached-{digest}.json", anchor=anchor, reader=reader))
     return syncs
+
+
+def _run_user_reader() -> tuple[Path | None, Any]:
+    """Issue 17: the MOUNT_CACHED uploader runs as root beside the run. Its reads are anchored at the node's
+    sandbox (no symlink followed from there down) and, on a node with a user of its own (SORTIE_RUN_UID), made
+    with that user's filesystem identity: it uploads nothing the run could not read itself."""
+    sandbox = os.environ.get("SORTIE_NODE_SANDBOX")
+    anchor = Path(os.path.realpath(sandbox)) if sandbox else None
+    owner = os.environ.get("SORTIE_RUN_UID", "")
+    if not owner or os.geteuid() != 0:
+        return anchor, None
+    from orchestrator.node.node_user import NodeUser, as_user
+
+    uid, _, gid = owner.partition(":")
+    user = NodeUser(int(uid), int(gid or uid))
+    return anchor, lambda: as_user(user)
 
 
 def fuse_mount_command(tool: str, remote: str, target: Path, s3: dict[str, Any], log: Path,

@@ -4,12 +4,19 @@ When the agent runs as root with `--confine` (the local cloud's nodes, on a mach
 each node's runs run as a uid and gid of their own, so one job cannot read or signal another's processes or files:
 
 - the uid is allocated deterministically from a reserved range, NODE_UID_BASE .. NODE_UID_BASE + NODE_UID_SLOTS - 1
-  (1,900,000,000 ..): the first of sha256(node id, n) for n = 0, 1, ... that no other node's sandbox holds and
-  no account of this machine has, chosen under an flock on the nodes' directory. The gid is the same number. No
-  /etc/passwd entry is made: nothing to create or remove with the node, nothing left when a node dies (`whoami`
-  says "cannot find name", `sudo` refuses the user);
+  (1,900,000,000 ..): the first of sha256(node id, n) for n = 0, 1, ... that no other node's sandbox (nor pool
+  job user) holds and no account of this machine has, chosen under an flock on the nodes' directory. The gid is the
+  same number. It gets an /etc/passwd and /etc/group entry for its lifetime (`node_accounts.py`: `sortie-<uid>`,
+  its home the sandbox's `home/`), removed when the node's agent stops; `sudo` is a shim first on its PATH that
+  refuses in one line (root there would be root on the user's machine);
+- a pool job (POST /runs with "user") runs as a user of its own on its worker, made at its run's start and removed
+  with its files at its end (`remove_job`): a uid of the same range, the worker's gid (to pass through the
+  sandbox), its own private `$HOME` and `$TMPDIR` (`users/<key>/`), umask 077, an account of its own; the worker's
+  `workdir/`, `home/` and `mounts/` are readable (0750) but not writable to it, so what one job leaves is never
+  another's to read;
 - the sandbox is root's, mode 0710 with the node's group (it can only pass through), its run directories
-  (`workdir/`, `home/`, `mounts/`, `tmp/`) are the node user's, 0700; the agent's records (`runs/`, journal,
+  (`workdir/`, `home/`, `mounts/`, `tmp/`) are the node user's, 0700 (the first three 0750 once a pool job runs
+  there); a root-owned `bin/` holds the `sudo` shim; the agent's records (`runs/`, journal,
   tokens) stay root's alone;
 - setup and run go through the path view (`node_view.py enter --uid --gid`), which mounts a private /proc with
   `hidepid=invisible` in the run's mount namespace and drops to the user last: another job's processes are
@@ -19,7 +26,7 @@ each node's runs run as a uid and gid of their own, so one job cannot read or si
   it places belongs to the user; what the node's own bucket steps (run as root, outside the view) leave there
   is given to the user afterwards (`give_tree`: no symlink followed, no mount crossed);
 - a local-store bucket the node links to gets an ACL entry for the node user (`grant_tree`): the bucket stays the
-  controller's, each node that mounts it may read and write it.
+  controller's, each node (and each pool job's user) that mounts it may read and write it.
 
 Not used (runs keep the agent's own user) in container mode (the task's container keeps its runs apart), when
 the agent is not root, where mount namespaces fail, or with SORTIE_NO_RUN_USERS=1.
@@ -33,19 +40,27 @@ import fcntl
 import hashlib
 import os
 import pwd
+import re
+import shutil
 import signal
 import stat
 import struct
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.node import node_accounts
 
 NODE_UID_BASE = 1_900_000_000
 NODE_UID_SLOTS = 1 << 24  # the range ends at 1,916,777,215: above any distribution's and subuid's usual ranges
 OPT_OUT_ENV = "SORTIE_NO_RUN_USERS"
 RUN_DIRS = ("workdir", "home", "mounts", "tmp")
 MAX_TRIES = 256
+JOB_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+JOB_UMASK = 0o077  # a pool job's files are its own: another job on the worker shares its /tmp
 
 _libc: Any = ctypes.CDLL(None, use_errno=True)
 
@@ -85,16 +100,19 @@ def choose_uid(node_id: str, taken: Iterable[int], has_account: Any = _has_accou
 
 
 def taken_uids(nodes_dir: Path, own: Path) -> set[int]:
-    """The node uids other sandboxes beside `own` hold (their group: the sandbox is root:<node gid>)."""
+    """The node uids other sandboxes beside `own` hold (their group: the sandbox is root:<node gid>), and the pool
+    job users of every sandbox (`users/<key>` is the job user's)."""
     taken: set[int] = set()
     with contextlib.suppress(OSError):
         for entry in os.scandir(nodes_dir):
-            if entry.name == own.name:
-                continue
             with contextlib.suppress(OSError):
                 st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode) and in_range(st.st_gid):
+                if entry.name != own.name and stat.S_ISDIR(st.st_mode) and in_range(st.st_gid):
                     taken.add(st.st_gid)
+                for job in os.scandir(os.path.join(entry.path, "users")):
+                    with contextlib.suppress(OSError):
+                        if in_range(uid := job.stat(follow_symlinks=False).st_uid):
+                            taken.add(uid)
     return taken
 
 
@@ -131,7 +149,55 @@ def prepare_sandbox(sandbox: Path, node_id: str) -> NodeUser:
         path.mkdir(exist_ok=True)
         os.chown(path, 0, 0)
         os.chmod(path, 0o700)
+    node_accounts.install_sudo_shim(sandbox / "bin")
+    add_account(user, sandbox / "home")
     return user
+
+
+def add_account(user: NodeUser, home: Path) -> None:
+    """The user's account (`node_accounts`); where /etc cannot be written, the runs go on without one (said in the
+    agent's log: `whoami` then finds no name)."""
+    try:
+        node_accounts.add_account(user.uid, user.gid, home, in_range)
+    except OSError as exc:
+        print(f"sortie: no /etc/passwd entry for uid {user.uid}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+
+
+def allocate_uid(sandbox: Path, key: str) -> int:
+    """A uid for the pool job `key` on this node (not its own, no other node's or job's, no account), under the
+    nodes' directory's flock; `users/<key>` is made, the new uid's, while the lock is held."""
+    fd = os.open(sandbox.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        taken = taken_uids(sandbox.parent, sandbox) | {sandbox.stat().st_gid}
+        uid = choose_uid(f"{sandbox.name}/{key}", taken)
+        (sandbox / "users").mkdir(exist_ok=True)
+        os.chmod(sandbox / "users", 0o711)
+        path = sandbox / "users" / key
+        path.mkdir(mode=0o700)
+        os.chown(path, uid, sandbox.stat().st_gid)
+    finally:
+        os.close(fd)
+    return uid
+
+
+def remove_leftovers(uid: int, places: Iterable[str] = ("/tmp", "/var/tmp", "/dev/shm")) -> int:
+    """Remove what `uid` left at the top of the machine's shared temporary directories (no link followed:
+    rmtree works on descriptors); how many entries."""
+    removed = 0
+    for place in places:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(place):
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_uid != uid:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 # --- acting as the node user, in one thread ------------------------------------------------------------------
@@ -266,16 +332,63 @@ class RunUser:
     def __init__(self, sandbox: Path, user: NodeUser) -> None:
         self.sandbox, self.user = sandbox, user
         self.root_runs: set[str] = set()  # the node's own steps (view=False), run as root
+        self.targets: set[str] = set()  # link targets granted to the node user (pool jobs get them too)
+        self._jobs_lock = threading.Lock()
 
-    def run_env(self, child_env: dict[str, str], env: dict[str, str], view: bool) -> list[str]:
-        """Set a run's environment; the path view's arguments (a run as the user) or [] (a root step)."""
-        if "TMPDIR" not in env:  # the node user's own, not the machine's shared /tmp
-            child_env["TMPDIR"] = str(self.sandbox / "tmp")
+    def job_user(self, key: str) -> NodeUser:
+        """The pool job `key`'s user (made at its first run: a uid, its `users/<key>/` with a private home and tmp,
+        its account; the worker's run directories opened to its group, read only)."""
+        if not JOB_KEY.match(key):
+            raise ValueError(f"user: {key!r} must match {JOB_KEY.pattern}")
+        base = self.sandbox / "users" / key
+        with self._jobs_lock:
+            made = base.is_dir() and not base.is_symlink()
+            uid = base.stat().st_uid if made else allocate_uid(self.sandbox, key)
+            job = NodeUser(uid, self.user.gid)
+            for name in ("home", "tmp"):
+                (base / name).mkdir(mode=0o700, exist_ok=True)
+                os.chown(base / name, uid, job.gid, follow_symlinks=False)
+            for name in ("workdir", "home", "mounts"):  # the pool's setup and files: readable by its jobs
+                os.chmod(self.sandbox / name, 0o750)
+            for target in sorted(self.targets):
+                self.grant(target, job)
+            add_account(job, base / "home")
+        return job
+
+    def run_env(self, child_env: dict[str, str], env: dict[str, str], view: bool, job: str | None = None) -> list[str]:
+        """Set a run's environment; the path view's arguments (a run as the user) or [] (a root step). With
+        `job` (a pool job's key), the run is that job's user's, with its own $HOME and $TMPDIR."""
+        user = self.job_user(job) if job and view else self.user
+        if "TMPDIR" not in env:  # the user's own, not the machine's shared /tmp
+            child_env["TMPDIR"] = str(self.sandbox / "users" / job / "tmp" if job else self.sandbox / "tmp")
         if not view:
             child_env[self.ENV] = f"{self.user.uid}:{self.user.gid}"
             return []
-        child_env["USER"] = child_env["LOGNAME"] = env.get("USER") or f"sortie-{self.user.uid}"
-        return [f"--uid={self.user.uid}", f"--gid={self.user.gid}"]
+        if job and "HOME" not in env:
+            child_env["SORTIE_WORKER_HOME"] = child_env.get("HOME", str(self.sandbox / "home"))
+            child_env["HOME"] = str(self.sandbox / "users" / job / "home")
+        child_env["USER"] = child_env["LOGNAME"] = env.get("USER") or node_accounts.account_name(user.uid)
+        child_env["PATH"] = f"{self.sandbox / 'bin'}:{child_env.get('PATH') or os.defpath}"  # sudo: the shim
+        return [f"--uid={user.uid}", f"--gid={user.gid}", *([f"--umask={JOB_UMASK:03o}"] if job else [])]
+
+    def remove_job(self, key: str) -> dict[str, int]:
+        """The pool job `key`'s end: its processes killed, its directory and what it left in the machine's
+        temporary directories removed, its account removed."""
+        if not JOB_KEY.match(key):
+            raise ValueError(f"user: {key!r} must match {JOB_KEY.pattern}")
+        base = self.sandbox / "users" / key
+        with self._jobs_lock:
+            if not base.is_dir() or base.is_symlink():
+                return {"killed": 0, "removed": 0}
+            uid = base.stat().st_uid
+            if not in_range(uid) or uid == self.user.uid:
+                raise ValueError(f"user: {key!r} is not a job user of this node")
+            killed = kill_user(uid)
+            shutil.rmtree(base)
+            removed = remove_leftovers(uid)
+            with contextlib.suppress(OSError):  # an /etc that cannot be written had no account added either
+                node_accounts.remove_account(uid, in_range)
+        return {"uid": uid, "killed": killed, "removed": removed}
 
     def ended(self, run_id: str) -> None:
         """A root step ended: what it left in the run directories becomes the user's."""
@@ -297,17 +410,25 @@ class RunUser:
         finally:
             os.close(fd)
 
-    def grant(self, target: str) -> None:
-        trouble = grant_tree(Path(target), self.user)
+    def grant(self, target: str, user: NodeUser | None = None) -> None:
+        trouble = grant_tree(Path(target), user or self.user)
         if trouble:
             raise ValueError(f"links: the node's user cannot be given {target}: {trouble}")
+        self.targets.add(target)
 
     def give(self, path: Path) -> None:
         give_tree(path, self.user)
         os.chmod(path, 0o700)
 
     def kill(self) -> None:
+        """The node goes: its pool jobs' users and its own killed and their accounts removed."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.sandbox / "users"):
+                with contextlib.suppress(OSError, ValueError):
+                    self.remove_job(entry.name)
         kill_user(self.user.uid)
+        with contextlib.suppress(OSError):
+            node_accounts.remove_account(self.user.uid, in_range)
 
 
 def for_agent(sandbox: Path, node_id: str, confine: bool, container: object, view_works: bool) -> RunUser | None:

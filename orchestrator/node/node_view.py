@@ -238,9 +238,11 @@ def drop_to(uid: int, gid: int) -> None:
 
 
 def enter(sandbox: str, cwd: str | None, views: list[str], command: list[str], hide: list[str] | None = None,
-          show: list[str] | None = None, uid: int | None = None, gid: int | None = None) -> None:
-    """Run `command` (exec: this process becomes it) in the path view, as `uid`/`gid` when given; exit 125 if
-    the view fails or the user cannot be taken (a /proc that cannot be made private is said in the log)."""
+          show: list[str] | None = None, uid: int | None = None, gid: int | None = None,
+          umask: int | None = None) -> None:
+    """Run `command` (exec: this process becomes it) in the path view, as `uid`/`gid` when given, with `umask`
+    when given (set last: the view's own directories are made with the agent's); exit 125 if the view fails or
+    the user cannot be taken (a /proc that cannot be made private is said in the log)."""
     sandbox = os.path.realpath(sandbox)
     try:
         private_namespace()
@@ -256,6 +258,8 @@ def enter(sandbox: str, cwd: str | None, views: list[str], command: list[str], h
         if uid is not None:
             drop_to(uid, uid if gid is None else gid)
         os.chdir(cwd or "/")
+        if umask is not None:
+            os.umask(umask)
     except OSError as exc:
         print(f"sortie: path view could not be set up: {exc}", file=sys.stderr, flush=True)
         sys.exit(SETUP_FAILED)
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--show", action="append", default=[], help="a directory under a hidden one shown again")
     run.add_argument("--uid", type=int, help="run the command as this uid (the node's user), /proc private to it")
     run.add_argument("--gid", type=int, help="... and this gid (default: the uid)")
+    run.add_argument("--umask", type=lambda text: int(text, 8), help="the command's umask, in octal (a pool job's)")
     run.add_argument("command", nargs=argparse.REMAINDER)
     check = sub.add_parser("probe", help="exit 0 if mount namespaces work here")
     check.add_argument("--sandbox", required=True)
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("enter: a command is required after --")
-    enter(args.sandbox, args.cwd, args.view, command, args.hide, args.show, args.uid, args.gid)
+    enter(args.sandbox, args.cwd, args.view, command, args.hide, args.show, args.uid, args.gid, args.umask)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ class Agent:
         if confine and os.geteuid() == 0:
             self.user = importlib.import_module("orchestrator.node.node_user").for_agent(
                 sandbox, node_id, confine, container, self._view_script is not None)
+            if self.user:
+                self.user.targets |= self._shows
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -85,7 +87,7 @@ class Agent:
         return hmac.compare_digest(given, self._token_digest)
 
     def start_run(self, command: str, env: dict[str, str], cwd: str | None, run_id: str | None,
-                  view: bool = True) -> str:
+                  view: bool = True, user: str | None = None) -> str:
         run_id = run_id or uuid.uuid4().hex[:12]
         if not RUN_ID.match(run_id):
             raise ValueError(f"run_id {run_id!r} must match {RUN_ID.pattern}")
@@ -95,8 +97,8 @@ class Agent:
                 raise FileExistsError(f"run {run_id} already exists")
             run_dir.mkdir()
         try:
-            proc = self._spawn(run_dir, command, env, cwd, view)
-        except OSError:  # a full disk, say: leave no half-made run behind, so that the same id can be retried
+            proc = self._spawn(run_dir, command, env, cwd, view, user if self.user else None)
+        except (OSError, ValueError):  # a full disk, say: leave no half-made run behind, so the id can be retried
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         with self._lock:
@@ -108,7 +110,7 @@ class Agent:
         return run_id
 
     def _spawn(self, run_dir: Path, command: str, env: dict[str, str], cwd: str | None,
-               view: bool) -> subprocess.Popen:
+               view: bool, job: str | None = None) -> subprocess.Popen:
         run_id = run_dir.name
         workdir = Path(cwd).expanduser() if cwd else self.workdir
         if not workdir.is_absolute():
@@ -123,7 +125,7 @@ class Agent:
             if "HOME" not in env:  # `~/...` uploads land in home/: runs see them at ~ too
                 (self.sandbox / "home").mkdir(exist_ok=True)
                 child_env["HOME"] = str(self.sandbox / "home")
-            as_user = self.user.run_env(child_env, env, view) if self.user else []
+            as_user = self.user.run_env(child_env, env, view, job) if self.user else []
             if not view:
                 pass  # the node's own namespace: a mount made under mounts/ outlives the run
             elif self._view_script is None:
@@ -271,6 +273,10 @@ class Agent:
             self.user.kill()
         if self.container is not None:
             self.container.remove()
+
+    def remove_user(self, key: str) -> dict:
+        """A pool job's end: its user, its files and account go (node users only; else nothing to do)."""
+        return self.user.remove_job(key) if self.user else {}
 
     def resolve(self, dest: str) -> Path:
         """Where an upload to `dest` lands on this node (ValueError when outside the sandbox's roots)."""

@@ -225,9 +225,12 @@ def policy_of(pool: PoolRow) -> PoolPolicy:
 
 def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, infra: str | None, region: str | None,
                    use_spot: bool, token: str, home: Path, config: SortieConfig | None = None,
-                   node_package: str | None = None, node_fuse: bool = False) -> StackProgram:
+                   node_package: str | None = None, node_fuse: bool = False,
+                   node_buckets: tuple[str, ...] = ()) -> StackProgram:
     """The stack program of one worker (also what `pool apply` previews; a pool with files is recreated at every
-    apply, so a preview without `node_package` and `node_fuse`, which staging decides, shows no false change)."""
+    apply, so a preview without `node_package`, `node_fuse` and `node_buckets`, which staging decides, shows no
+    false change). `node_buckets`: the S3 URLs of the pool's own file mounts and staged files; on AWS the worker's
+    instance profile is scoped to exactly those (issue 17), as a job cluster's is to its job's."""
     accelerators = (task["resources"][0].get("accelerators") or {}) if task["resources"] else {}
     spec = ClusterSpec(name=stack, infra=infra or "local", region=region, num_nodes=int(task.get("num_nodes") or 1),
                        use_spot=use_spot, accelerators={k: int(v) for k, v in accelerators.items()},
@@ -236,6 +239,7 @@ def worker_program(pool: str, task: dict[str, Any], stack: str, number: int, inf
                        # the task's sizes (a Kubernetes worker's pod requests them; other infras ignore them)
                        cpus=(task["resources"][0].get("cpus") if task["resources"] else None),
                        memory=(task["resources"][0].get("memory") if task["resources"] else None),
-                       node_package=node_package, node_fuse=node_fuse, **(cloud_fields(config) if config else {}),
+                       node_package=node_package, node_fuse=node_fuse, node_buckets=node_buckets,
+                       **(cloud_fields(config) if config else {}),
                        **attempt_features(task, infra or "local", region))  # ports, tiers, images
     return StackProgram("pool-worker", spec, pool=pool, worker_index=number)

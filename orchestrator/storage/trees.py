@@ -3,6 +3,7 @@ write-back cache behind MOUNT_CACHED mounts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ from pathlib import Path
 from orchestrator.storage.ignore import IgnoreRules
 from orchestrator.storage.stores import BucketURL, StorageError, Store, UploadTooLarge
 
+Reader = Callable[[], contextlib.AbstractContextManager[object]]  # an identity to read a file as
 WORKERS = 8  # files in flight at once; big files are also split into parts by the store
 
 
@@ -161,9 +163,93 @@ def download_tree(store: Store, src: BucketURL, dest: Path) -> TreeStats:
     return _download_dir(store, src, objects, dest)
 
 
+_NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _walk_down(fd: int, parts: list[str]) -> int:
+    """Open each directory of `parts` below the directory `fd` without following a symlink (ELOOP or ENOTDIR for
+    one); closes `fd`, returns the last one's descriptor."""
+    try:
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise OSError(2, f"{part!r} is no name of an entry")
+            nxt = os.open(part, _NO_FOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_tree_root(root: Path, anchor: Path | None = None) -> int:
+    """A descriptor of the directory `root`. With `anchor` (a directory the caller trusts, such as a node's
+    sandbox) above it, every step from the anchor down is taken without following a symlink, so a run cannot
+    swap a directory on the way for a link elsewhere."""
+    if anchor is not None:
+        with contextlib.suppress(ValueError):
+            parts = list(Path(root).relative_to(anchor).parts)
+            return _walk_down(os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), parts)
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_in_tree(root: Path, key: str, anchor: Path | None = None,
+                 reader: Reader = contextlib.nullcontext) -> int:
+    """A read descriptor of the regular file `root/key`, no symlink followed below `root` (nor below `anchor`):
+    OSError for a link, a directory swapped for one, or anything but a regular file (opened non-blocking, so a
+    FIFO swapped in never hangs the caller). The file itself is opened inside `reader` (an identity to read as:
+    the directories above it are passed as the caller)."""
+    *dirs, name = key.split("/")
+    fd = _walk_down(open_tree_root(root, anchor), dirs)
+    try:
+        with reader():
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise OSError(21, f"{key} is not a regular file")
+    return file_fd
+
+
+def scan_links_not_followed(root: Path, anchor: Path | None = None) -> dict[str, tuple[int, int]]:
+    """{posix key: (mtime_ns, size)} of the regular files under the directory `root`, symlinks neither followed
+    nor listed (a link, to a file or a directory, is nothing here), nor another filesystem entered."""
+    found: dict[str, tuple[int, int]] = {}
+    try:
+        top = open_tree_root(root, anchor)
+    except OSError:
+        return found
+    try:
+        device = os.fstat(top).st_dev
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            rel = dirpath[2:] if dirpath.startswith("./") else ""
+            keep = []
+            for name in dirnames:
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
+                        keep.append(name)
+            dirnames[:] = keep
+            for name in filenames:
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        found[f"{rel}/{name}" if rel else name] = (st.st_mtime_ns, st.st_size)
+    finally:
+        os.close(top)
+    return dict(sorted(found.items()))
+
+
 class CachedSync:
     """A local directory that caches a bucket path (MOUNT_CACHED): `pull` fills it, `push` writes back the
     files new or changed since (by mtime and size).
+
+    Symlinks in the directory are uploaded as nothing, and never followed (issue 17: the uploader may be root
+    beside an unprivileged run): the scan lists regular files only, and each is opened again at upload time one
+    directory at a time without following a link (from `anchor` down, when given: a node's sandbox), inside
+    `reader` when given (the run user's filesystem identity, so a hard link to a file only root may read is
+    refused too). What cannot be opened so is skipped, and tried again at the next push.
 
     Like a write-back cache, deletions are NOT propagated: a file removed locally stays in the bucket, and
     one removed from the bucket stays local until the directory is cleared. A file being written during a
@@ -171,11 +257,14 @@ class CachedSync:
     With `state_file`, what was synced is remembered across processes.
     """
 
-    def __init__(self, store: Store, url: BucketURL, local_dir: Path, state_file: Path | None = None) -> None:
+    def __init__(self, store: Store, url: BucketURL, local_dir: Path, state_file: Path | None = None,
+                 anchor: Path | None = None, reader: Reader | None = None) -> None:
         self.store = store
         self.url = url
         self.local_dir = Path(local_dir)
         self.state_file = state_file
+        self.anchor = anchor
+        self.reader = reader or contextlib.nullcontext
         self._lock = threading.Lock()
         self._synced: dict[str, tuple[int, int]] = self._load()
 
@@ -201,19 +290,9 @@ class CachedSync:
 
     def _changed(self) -> tuple[set[str], list[tuple[str, Path, tuple[int, int]]]]:
         """The keys present locally, and (key, path, (mtime_ns, size)) of those new or changed since synced."""
-        if not self.local_dir.is_dir():
-            return set(), []
-        present: set[str] = set()
-        changed: list[tuple[str, Path, tuple[int, int]]] = []
-        for key, path, _size in scan_tree(self.local_dir, use_ignore_files=False):
-            try:
-                info = path.stat()
-            except FileNotFoundError:
-                continue  # removed since the scan
-            present.add(key)
-            if self._synced.get(key) != (info.st_mtime_ns, info.st_size):
-                changed.append((key, path, (info.st_mtime_ns, info.st_size)))
-        return present, changed
+        found = scan_links_not_followed(self.local_dir, self.anchor)
+        changed = [(key, self.local_dir / key, sig) for key, sig in found.items() if self._synced.get(key) != sig]
+        return set(found), changed
 
     def pull(self) -> TreeStats:
         """Download the bucket path's current contents; remember each file's (mtime_ns, size)."""
@@ -242,19 +321,29 @@ class CachedSync:
         with self._lock:
             present, changed = self._changed()
             synced_lock = threading.Lock()
+            sent: list[int] = []
 
             def put(key: str, path: Path, signature: tuple[int, int]) -> Callable[[], None]:
                 def call() -> None:
-                    self.store.put_file(self.url.bucket, self.url.join(key).prefix, path)
+                    try:
+                        fd = open_in_tree(self.local_dir, key, self.anchor, self.reader)
+                    except OSError:
+                        return  # a link, swapped in since the scan, or not the run's to read: nothing uploaded
+                    try:
+                        info = os.fstat(fd)
+                        self.store.put_file(self.url.bucket, self.url.join(key).prefix, Path(f"/proc/self/fd/{fd}"))
+                    finally:
+                        os.close(fd)
                     with synced_lock:
-                        self._synced[key] = signature
+                        self._synced[key] = (info.st_mtime_ns, info.st_size)
+                        sent.append(info.st_size)
                 return call
 
             try:
-                stats = _run_all(((put(key, path, sig), sig[1]) for key, path, sig in changed),
-                                 sum(sig[1] for _key, _path, sig in changed), None)
+                _run_all(((put(key, path, sig), sig[1]) for key, path, sig in changed),
+                         sum(sig[1] for _key, _path, sig in changed), None)
             finally:
                 # Forget files gone locally, so one made again under the same name is uploaded.
                 self._synced = {key: sig for key, sig in self._synced.items() if key in present}
                 self._save()
-            return stats
+            return TreeStats(len(sent), sum(sent))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,189 @@ def test_another_job_cannot_read_or_signal_a_jobs_processes_or_files(sortie: Sor
     assert "mine" in victim_out and "victim-done" in victim_out
     uids = set(re.findall(r"uid=(\d+)", out)) | set(re.findall(r"uid=(\d+)", victim_out))
     assert len(uids) == 2 and all(in_range(int(u)) for u in uids), uids  # two users, both from the range
+
+
+CACHED_LEAK = """\
+file_mounts:
+  /out:
+    name: {bucket}
+    mode: MOUNT_CACHED
+run: |
+  echo mine > /out/mine.txt
+  ln -s {secret} /out/leak-file
+  ln -s {secret_dir} /out/leak-dir
+  ln -s /etc/shadow /out/leak-shadow
+  mkdir -p /out/sub && ln -s {secret_dir} /out/sub/deep
+  sleep 8
+  echo linked-done
+"""
+
+
+def test_mount_cached_uploads_no_symlink_target(sortie: Sortie, tmp_path: Path) -> None:
+    """Part 1 of the rest of issue 17: the MOUNT_CACHED uploader (root, beside the run) uploads the run's own files,
+    never what a symlink it placed points at (a root-only file, another directory, /etc/shadow)."""
+    secret_dir = tmp_path / "victim"
+    secret_dir.mkdir()
+    (secret_dir / "secret.txt").write_text("root-secret-5b7e\n")
+    os.chmod(secret_dir / "secret.txt", 0o600)
+    bucket = f"cached-links-{os.getpid()}"
+    job_id = sortie.launch(write(tmp_path, "cached.yaml", CACHED_LEAK.format(
+        bucket=bucket, secret=secret_dir / "secret.txt", secret_dir=secret_dir)))
+    job = sortie.wait(job_id, timeout=180)
+    out = sortie.logs(job_id)
+    assert job["status"] == "SUCCEEDED", out
+    assert "linked-done" in out
+    stored = sortie.home / "buckets" / bucket
+    names = sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*") if not p.is_dir())
+    assert names == ["mine.txt"], names
+    assert (stored / "mine.txt").read_text() == "mine\n"
+
+
+ACCOUNT = """\
+run: |
+  echo "whoami=$(whoami)"
+  python3 -c 'import os, pwd; e = pwd.getpwuid(os.getuid()); print(f"pw={e.pw_name} pwhome={e.pw_dir}")'
+  echo "HOME=$HOME"
+  stat -c 'home-mode=%a home-owner=%u' "$HOME"
+  echo mine > "$HOME/private.txt" && echo home-writable
+  echo "uid=$(id -u)"
+  sudo apt-get install -y jq
+  echo "sudo-exit=$?"
+"""
+
+
+def test_a_node_user_has_an_account_a_private_home_and_a_sudo_that_says_no(sortie: Sortie, tmp_path: Path) -> None:
+    """Part 3 of the rest of issue 17: getpwuid works, `whoami` names the user, $HOME is its own (0700), `sudo`
+    refuses in one line; the account is gone with the node."""
+    job_id = sortie.launch(write(tmp_path, "account.yaml", ACCOUNT))
+    job = sortie.wait(job_id, timeout=180)
+    out = sortie.logs(job_id)
+    assert job["status"] == "SUCCEEDED", out
+    uid = int(re.search(r"\buid=(\d+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    name = f"sortie-{uid}"
+    assert in_range(uid)
+    assert f"whoami={name}" in out and f"pw={name} " in out, out
+    home = re.search(r"\bHOME=(\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    assert f"pwhome={home}" in out and home.endswith("/home")
+    assert f"home-mode=700 home-owner={uid}" in out and "home-writable" in out
+    assert "sudo: refused on Sortie's local cloud" in out and "sudo-exit=1" in out, out
+    deadline = time.monotonic() + 90
+    while f"{name}:" in Path("/etc/passwd").read_text():  # the node goes with the job: its account with it
+        assert time.monotonic() < deadline, f"{name} is still in /etc/passwd"
+        time.sleep(0.5)
+    assert f"{name}:" not in Path("/etc/group").read_text()
+    setup = sortie.launch(write(tmp_path, "sudo-setup.yaml", "setup: sudo apt-get install -y jq\nrun: echo ran\n"))
+    failed = sortie.wait(setup, timeout=180)
+    setup_out = sortie.logs(setup)
+    assert failed["status"] == "FAILED_SETUP", setup_out  # a SkyPilot habit: said in one line, never run as root
+    assert "sudo: refused on Sortie's local cloud" in setup_out and "ran" not in setup_out.split(), setup_out
+
+
+POOL = """\
+pool:
+  workers: 1
+  jobs_per_worker: 2
+resources:
+  cpus: 1+
+setup: |
+  echo from-setup > setup-made.txt
+run: echo ignored
+"""
+
+POOL_A = """\
+secrets:
+  A_SECRET: pool-secret-8d21
+run: |
+  echo "a-uid=$(id -u) a-user=$(whoami)"
+  echo a-home-secret > "$HOME/a.txt"
+  echo a-scratch-secret > "$SORTIE_JOB_DIR/a.txt"
+  echo a-tmp-secret > {tmp_file}
+  echo "a-read: $(cat setup-made.txt)"
+  echo x > cwd-write.txt 2>/dev/null && echo A-WROTE-CWD
+  echo "a-pid=$$"
+  echo a-ready
+  sleep 25
+  echo a-done
+"""
+
+POOL_B = r"""
+echo "b-uid=$(id -u)"
+echo "b-read: $(cat setup-made.txt)"
+A_HOME=$SORTIE_NODE_SANDBOX/users/job-$A_JOB/home
+cat $A_HOME/a.txt 2>/dev/null && echo LEAK-HOME
+ls $A_HOME 2>/dev/null | grep -q . && echo LEAK-HOME-LIST
+cat $A_HOME/.sortie-jobs/$A_JOB/a.txt 2>/dev/null && echo LEAK-SCRATCH
+cat $SORTIE_NODE_SANDBOX/home/a.txt 2>/dev/null && echo LEAK-WORKER-HOME
+cat $SORTIE_NODE_SANDBOX/home/.sortie-jobs/$A_JOB/a.txt 2>/dev/null && echo LEAK-WORKER-SCRATCH
+cat $TMP_FILE 2>/dev/null && echo LEAK-TMP
+cat /proc/$A_PID/environ 2>/dev/null | tr '\0' '\n' | grep -q A_SECRET && echo LEAK-ENVIRON
+ls /proc | grep -qx "$A_PID" && echo LEAK-LISTED
+kill -0 $A_PID 2>/dev/null && echo LEAK-SIGNAL
+env | grep -q pool-secret && echo LEAK-ENV
+echo probe-done
+"""
+
+POOL_C = r"""
+echo "c-uid=$(id -u)"
+ls $SORTIE_NODE_SANDBOX/users/job-$A_JOB 2>/dev/null && echo LEFT-DIR
+test -e $TMP_FILE && echo LEFT-TMP
+getent passwd $A_UID && echo LEFT-ACCOUNT
+echo check-done
+"""
+
+
+def _pool_job(sortie: Sortie, tmp_path: Path, name: str, text: str) -> int:
+    out = sortie.run("jobs", "launch", "-y", "-d", "-p", "iso", write(tmp_path, name, text)).stdout
+    return int(re.search(r"ID (\d+)", out).group(1))  # type: ignore[union-attr]
+
+
+def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path: Path) -> None:
+    """Part 2 of the rest of issue 17: job B, beside job A on the same worker, reads neither A's home, scratch
+    directory, /tmp files nor environment, nor signals it; job C, after A, finds nothing A left (its directory, its
+    /tmp file, its account); all three read the pool's setup, and none writes the worker's workdir."""
+    tmp_file = f"/tmp/sortie-pool-a-{os.getpid()}.txt"
+    sortie.run("jobs", "pool", "apply", "-y", "-p", "iso", write(tmp_path, "pool.yaml", POOL))
+    deadline = time.monotonic() + 180
+    while json.loads(sortie.run("jobs", "pool", "status", "iso", "--json").stdout)[0]["ready"] != 1:
+        assert time.monotonic() < deadline, "the pool's worker never got READY"
+        time.sleep(0.5)
+    try:
+        a = _pool_job(sortie, tmp_path, "a.yaml", POOL_A.format(tmp_file=tmp_file))
+        sortie.wait_for_log(a, "a-ready", timeout=60)
+        a_out = sortie.logs(a)
+        a_uid = int(re.search(r"a-uid=(\d+)", a_out).group(1))  # type: ignore[union-attr]
+        a_pid = re.search(r"a-pid=(\d+)", a_out).group(1)  # type: ignore[union-attr]
+        b = _pool_job(sortie, tmp_path, "b.yaml", f"envs:\n  A_JOB: '{a}'\n  A_PID: '{a_pid}'\n  TMP_FILE: {tmp_file}\n"
+                      "run: |\n" + "".join(f"  {line}\n" for line in POOL_B.strip().splitlines()))
+        b_job = sortie.wait(b, timeout=180)
+        b_out = sortie.logs(b)
+        assert b_job["status"] == "SUCCEEDED" and "probe-done" in b_out, b_out
+        assert not [line for line in b_out.splitlines() if "LEAK-" in line or "secret" in line], b_out
+        assert "b-read: from-setup" in b_out
+        assert f"a-user=sortie-{a_uid}" in a_out, a_out  # an account of its own while it runs
+        assert os.stat(tmp_file).st_uid == a_uid and os.stat(tmp_file).st_mode & 0o077 == 0  # umask 077
+        b_uid = int(re.search(r"b-uid=(\d+)", b_out).group(1))  # type: ignore[union-attr]
+        a_job = sortie.wait(a, timeout=180)
+        a_out = sortie.logs(a)
+        assert a_job["status"] == "SUCCEEDED" and "a-done" in a_out, a_out
+        assert "a-read: from-setup" in a_out and "A-WROTE-CWD" not in a_out
+        deadline = time.monotonic() + 60
+        while os.path.exists(tmp_file) or f"sortie-{a_uid}:" in Path("/etc/passwd").read_text():
+            assert time.monotonic() < deadline, "job A's user and files were not removed at its end"
+            time.sleep(0.5)
+        c = _pool_job(sortie, tmp_path, "c.yaml", f"envs:\n  A_JOB: '{a}'\n  A_UID: '{a_uid}'\n  TMP_FILE: {tmp_file}\n"
+                      "run: |\n" + "".join(f"  {line}\n" for line in POOL_C.strip().splitlines()))
+        c_job = sortie.wait(c, timeout=180)
+        c_out = sortie.logs(c)
+        assert c_job["status"] == "SUCCEEDED" and "check-done" in c_out, c_out
+        assert "LEFT-" not in c_out, c_out
+        c_uid = int(re.search(r"c-uid=(\d+)", c_out).group(1))  # type: ignore[union-attr]
+        assert len({a_uid, b_uid, c_uid}) == 3 and all(in_range(u) for u in (a_uid, b_uid, c_uid))
+    finally:
+        sortie.run("jobs", "pool", "down", "-y", "iso", check=False)
+        deadline = time.monotonic() + 120
+        while json.loads(sortie.run("jobs", "pool", "status", "--json").stdout):
+            assert time.monotonic() < deadline, "the pool never went down"
+            time.sleep(0.5)
+        if os.path.exists(tmp_file):
+            os.unlink(tmp_file)

@@ -203,6 +203,9 @@ def test_bad_pool_input_is_one_clear_line(cli: Sortie, tmp_path: Path) -> None:
     cli.run("jobs", "pool", "apply", "-y", "-p", "small", pool_yaml(tmp_path, 0))
     big = write(tmp_path, "big.yaml", "resources:\n  accelerators: H100:8\nrun: echo hi\n")
     assert "does not fit pool small" in fails("jobs", "launch", "-y", "-p", "small", big)
+    other = write(tmp_path, "other.yaml", "file_mounts:\n  /data: s3://other-bucket/x\nrun: echo hi\n")
+    assert "file_mounts: /data uses bucket other-bucket/x, which pool small does not mount" in \
+        fails("jobs", "launch", "-y", "-p", "small", other)  # issue 17: the workers reach only the pool's buckets
     assert json.loads(cli.run("jobs", "queue", "-a", "--json").stdout) == []
     take_down(cli, "small")
 

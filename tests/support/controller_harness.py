@@ -37,6 +37,7 @@ class Crash(BaseException):
 class FakeRun:
     command: str
     env: dict[str, str]
+    user: str | None = None  # a pool job's user key (issue 17)
     state: str = "running"
     exit_code: int | None = None
     cancelled: bool = False
@@ -49,6 +50,7 @@ class FakeAgents:
     hold: Callable[[str, str, str], bool] = lambda node, run_id, command: False
     runs: dict[str, dict[str, FakeRun]] = field(default_factory=dict)
     started: list[tuple[str, str]] = field(default_factory=list)  # (node_id, run_id) of every accepted start
+    removed_users: list[tuple[str, str]] = field(default_factory=list)  # (node_id, key) of each pool job's end
 
     def _node_alive(self, node_id: str) -> bool:
         for stack, resources in self.driver.stacks.items():
@@ -80,12 +82,12 @@ class FakeAgent:
         return {"ok": True}
 
     def run(self, command: str, env: dict[str, str] | None = None, cwd: str | None = None,
-            run_id: str | None = None, view: bool = True) -> str:
+            run_id: str | None = None, view: bool = True, user: str | None = None) -> str:
         runs = self._runs()
         assert run_id is not None
         if run_id in runs:
             raise AgentError(f"run {run_id} already started", 409)
-        run = FakeRun(command, dict(env or {}))
+        run = FakeRun(command, dict(env or {}), user)
         if not self.agents.hold(self.node_id, run_id, command):
             match = _EXIT.search(command)
             run.state, run.exit_code = "exited", int(match.group(1)) if match else 0
@@ -124,6 +126,11 @@ class FakeAgent:
     def link(self, dest: str, target: str | None) -> str:
         self._runs()
         return dest
+
+    def remove_user(self, key: str) -> dict:
+        self._runs()
+        self.agents.removed_users.append((self.node_id, key))
+        return {}
 
 
 class WriteCounter:

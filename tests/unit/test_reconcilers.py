@@ -279,6 +279,10 @@ def test_a_pool_job_runs_on_a_ready_worker_and_releases_it(world: World) -> None
     world.tick(3)
     assert world.store.job(job_id).status == JobStatus.SUCCEEDED
     assert worker_statuses(world) == [WorkerStatus.READY] and world.store.job(job_id).worker_id is None
+    # issue 17: the job's run was its own user's on the worker, removed at its end
+    (run,) = [r for runs in world.agents.runs.values() for rid, r in runs.items() if rid == f"run-{attempt.id}"]
+    assert run.user == f"job-{job_id}"
+    assert [key for _node, key in world.agents.removed_users] == [f"job-{job_id}"]
 
 
 def test_a_pool_down_destroys_its_workers_and_terminates(world: World) -> None:
