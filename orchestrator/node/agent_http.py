@@ -45,14 +45,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message})
 
     def _authorized(self) -> bool:
-        if self.server.agent.authorized(self.headers.get("Authorization")):
+        """The token is right and the node is not going away; else the body is drained (the connection stays
+        usable) and the request refused: 401, or 503 once the agent is stopping (the node shuts down: what its
+        runs say now, killed on the way out, is no exit of theirs)."""
+        agent = self.server.agent
+        if agent.authorized(self.headers.get("Authorization")) and not agent.stopping:
             return True
-        # Drain the body so the connection stays usable, then refuse.
         length = int(self.headers.get("Content-Length") or 0)
         if 0 < length <= MAX_BODY:
             self.rfile.read(length)
-        self._send(HTTPStatus.UNAUTHORIZED, b'{"error": "missing or wrong bearer token"}',
-                   headers={"WWW-Authenticate": "Bearer"})
+        if agent.stopping:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b'{"error": "the node is shutting down"}')
+        else:
+            self._send(HTTPStatus.UNAUTHORIZED, b'{"error": "missing or wrong bearer token"}',
+                       headers={"WWW-Authenticate": "Bearer"})
         return False
 
     def _body(self) -> dict:

@@ -176,3 +176,34 @@ def test_the_zipapp_agent_serves_runs(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
+
+
+def test_a_stopping_agent_says_so_rather_than_report_the_exits_of_runs_it_kills(start_agent) -> None:
+    """A node going away (the agent's SIGTERM, as a preempted VM's shutdown) kills its runs; over a connection kept
+    alive from before, the agent answers 503 rather than an exit code that is no exit of the run's (issue 15: the
+    controller's polls reuse connections, and a 143 taken for the run's own failure would end a preempted job)."""
+    import http.client
+    import signal
+
+    agent = start_agent()
+    run_id = agent.client().run("trap '' TERM; sleep 60")  # outlives the SIGTERM: the agent waits out its grace
+    connection = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    headers = {"Authorization": f"Bearer {agent.token}"}
+
+    def ask() -> tuple[int, dict]:
+        connection.request("GET", f"/runs/{run_id}", headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+
+    assert ask()[0] == 200
+    agent.proc.send_signal(signal.SIGTERM)
+    answers = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and agent.proc.poll() is None:
+        try:
+            answers.append(ask())
+        except (OSError, http.client.HTTPException):
+            break
+        time.sleep(0.05)
+    assert answers and answers[-1] == (503, {"error": "the node is shutting down"}), answers
+    assert all(status == 503 or body["state"] == "running" for status, body in answers), answers
