@@ -20,9 +20,9 @@ from orchestrator.controller.decide import NodeRun, RunsVerdict, agent_refusal, 
 from orchestrator.controller.node_reports import report_node_errors
 from orchestrator.infra.agent_client import AgentClient, AgentError
 from orchestrator.policy.run_env import node_env, pool_job_env
+from state.group_rules import is_group
 from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
-from state.transitions import is_group
 
 
 class RunRefused(Exception):
