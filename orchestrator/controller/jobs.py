@@ -383,7 +383,9 @@ class JobReconciler:
         if not result.ok:
             self._provision_failed(job, attempt, result.error)
             return
-        nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")} for n in result.value.outputs["nodes"]]
+        nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")} |
+                 {k: n[k] for k in ("public_ip", "endpoints") if n.get(k)}  # where `ports` are reached
+                 for n in result.value.outputs["nodes"]]
         why = f"{len(nodes)} node(s) up in {attempt.infra}/{attempt.region}"
         self.store.attempt_provisioned(attempt.id, nodes, why)
         self.say(job, "provisioned", why)
