@@ -246,11 +246,16 @@ def ports_service(spec: ClusterSpec, prefix: str, namespace: str, labels: dict[s
     (`loadbalancer`, SkyPilot's default mode: `up` waits for it), else the head pod's node IP and the node port."""
     ports = service_ports(spec.ports)
     kind = "NodePort" if spec.kube_ports == "nodeport" else "LoadBalancer"
+    # What `up` waits for. Not the provider's default (the Service's endpoints): the head pod is ready already (the
+    # Service is made after it), and its node ports are given when the Service is created. A load balancer: its
+    # address (the endpoints), for at most `kube_pod_timeout_s`, as for the pods.
+    wait = ({"pulumi.com/skipAwait": "true"} if kind == "NodePort" else
+            {"pulumi.com/waitFor": "jsonpath={.status.loadBalancer.ingress}",
+             "pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)})
     service = k8s.core.v1.Service(
         f"{spec.name}-ports",
         metadata={"name": dns_label(f"{prefix}-ports", 63), "namespace": namespace, "labels": labels,
-                  # how long `up` waits for the Service (a load balancer's address), as for the pods
-                  "annotations": {"pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)}},
+                  "annotations": wait},
         spec={"type": kind, "selector": {"sortie-cluster": labels["sortie-cluster"], "sortie-rank": "0"},
               "ports": [{"name": f"p{port}", "port": port, "target_port": port, "protocol": "TCP"}
                         for port in ports]},

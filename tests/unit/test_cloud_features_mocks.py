@@ -156,6 +156,9 @@ def test_kubernetes_ports_are_a_service_on_the_head_pod(harness: Harness, mode: 
     assert service["metadata"]["name"] == "sortie-job-7-1-ports"
     assert service["metadata"]["namespace"] == "sortie-job-7-1"
     assert service["spec"]["type"] == {"loadbalancer": "LoadBalancer", "nodeport": "NodePort"}[mode]
+    assert service["metadata"]["annotations"] == (  # what `up` waits for: the load balancer's address, or nothing
+        {"pulumi.com/waitFor": "jsonpath={.status.loadBalancer.ingress}", "pulumi.com/timeoutSeconds": "600"}
+        if mode == "loadbalancer" else {"pulumi.com/skipAwait": "true"})
     assert service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1", "sortie-rank": "0"}
     assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
         ("p8080", 8080, 8080), ("p9000", 9000, 9000), ("p9001", 9001, 9001)]
