@@ -42,11 +42,13 @@ def shared_infras(plans: Sequence[Plan]) -> list[Infra]:
 
 
 def no_shared_infra(names: Sequence[str], plans: Sequence[Plan]) -> str:
-    """The one line that says why no infra serves every task of a group, naming each task's clouds."""
+    """The one line that says why no infra serves every task of a group, naming where each task could run (its
+    first three infras in its plan's order)."""
     parts = []
     for name, plan in zip(names, plans, strict=True):
-        clouds = sorted({cloud for cloud, _region in infras_of(plan)})
-        parts.append(f"{name}: {', '.join(clouds) or 'nothing'}")
+        where = [f"{cloud}/{region}" for cloud, region in infras_of(plan)]
+        shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        parts.append(f"{name}: {shown or 'nothing'}")
     return ("job group: no one infra (cloud and region) can serve every task (" + "; ".join(parts) + "); a job "
             "group's tasks run on the same infra, as in SkyPilot: give the tasks resources that one infra has")
 

@@ -50,7 +50,9 @@ def test_the_refusal_names_each_tasks_clouds_in_one_line() -> None:
     line = no_shared_infra(["trainer", "server"], [plan(offer("gcp", "us-central1", 1)),
                                                    plan(offer("aws", "us-east-1", 1), offer("azure", "eastus", 1))])
     assert "\n" not in line
-    assert "(trainer: gcp; server: aws, azure)" in line and "same infra" in line
+    assert "(trainer: gcp/us-central1; server: aws/us-east-1, azure/eastus)" in line and "same infra" in line
+    many = plan(*(offer("aws", f"r{i}", 1) for i in range(5)))
+    assert "(trainer: aws/r0, aws/r1, aws/r2 and 2 more)" in no_shared_infra(["trainer"], [many])
 
 
 def test_place_keeps_within_the_group_infra_in_its_order() -> None:
@@ -87,6 +89,6 @@ def test_launch_refuses_a_group_no_one_infra_can_serve(tmp_path: Path) -> None:
     refused = launch_refusals(load_entrypoint(str(_group(tmp_path, "local/region-a", "local/region-b"))), CONFIG,
                               enabled=["local"])
     assert len(refused) == 1 and refused[0].startswith("job group: no one infra (cloud and region)")
-    assert "trainer: local; server: local" in refused[0]
+    assert "(trainer: local/region-a; server: local/region-b)" in refused[0]
     assert launch_refusals(load_entrypoint(str(_group(tmp_path, "local", "local/region-b"))), CONFIG,
                            enabled=["local"]) == []
