@@ -45,3 +45,17 @@ def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str
 def launch_refusals(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """Why `jobs launch` must not submit this pipeline; empty when it may."""
     return infeasible(pipeline, config, enabled)
+
+
+def group_infra(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> str | None:
+    """Where a job group would run (`cloud/region`, the cheapest infra for the whole group), for `--dryrun`; None
+    for a pipeline or a group nothing can serve."""
+    from orchestrator.policy.group_placement import shared_infras
+    from orchestrator.policy.optimizer import plan_for
+
+    if not pipeline.is_job_group:
+        return None
+    plans = [plan_for([c.to_json() for c in task.candidates()], task.num_nodes, config,
+                      ordered=task.resources_ordered(), enabled=enabled) for task in pipeline.tasks]
+    found = shared_infras(plans)
+    return f"{found[0][0]}/{found[0][1]}" if found else None

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from orchestrator.config import LocalCloudConfig, LocalRegion, SortieConfig
-from orchestrator.launch_checks import launch_refusals
+from orchestrator.launch_checks import group_infra, launch_refusals
 from orchestrator.policy.group_placement import group_infras, infras_of, no_shared_infra, shared_infras
 from orchestrator.policy.optimizer import Offer, Option, Plan
 from orchestrator.policy.placement import Infeasible, Placement, place
@@ -90,5 +90,6 @@ def test_launch_refuses_a_group_no_one_infra_can_serve(tmp_path: Path) -> None:
                               enabled=["local"])
     assert len(refused) == 1 and refused[0].startswith("job group: no one infra (cloud and region)")
     assert "(trainer: local/region-a; server: local/region-b)" in refused[0]
-    assert launch_refusals(load_entrypoint(str(_group(tmp_path, "local", "local/region-b"))), CONFIG,
-                           enabled=["local"]) == []
+    together = load_entrypoint(str(_group(tmp_path, "local", "local/region-b")))
+    assert launch_refusals(together, CONFIG, enabled=["local"]) == []
+    assert group_infra(together, CONFIG, enabled=["local"]) == "local/region-b"  # what --dryrun says
