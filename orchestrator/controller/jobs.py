@@ -16,7 +16,7 @@ once the primary tasks are done (after `termination_delay` when they all succeed
 `jobs cancel --task`. A task's failure ends that task only (after its own recovery budget), except a failure to
 launch (infeasible, no capacity until out of patience), which fails the group: the other tasks are cancelled at once,
 as SkyPilot does. Every task runs on one infra (`orchestrator.policy.group_placement`). The group ends with its last
-task (`state.transitions.group_verdict`).
+task (`state.group_rules.group_verdict`).
 """
 
 from __future__ import annotations
