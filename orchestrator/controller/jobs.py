@@ -38,7 +38,7 @@ from orchestrator.controller.node_files import (
 )
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
-from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
+from orchestrator.errors import InfraUnfitError, NoCapacityError, PolicyViolationError, StackOperationError
 from orchestrator.infra.stack_driver import stack_name
 from orchestrator.policy.cloud_features import attempt_features
 from orchestrator.policy.placement import Infeasible, capacity_key, place
@@ -400,7 +400,8 @@ class JobReconciler:
         retry_at: float | None = None
         if job.cancel_requested:
             finish = (JobStatus.CANCELLED, "cancelled while starting")
-        elif isinstance(error, PolicyViolationError):  # the team's policy said no: retrying cannot help
+        elif isinstance(error, (PolicyViolationError, InfraUnfitError)):  # the team's policy said no, or the infra
+            # cannot do it (a load balancer that gets no address): retrying cannot help
             finish = (JobStatus.FAILED_PRECHECKS, error.message)
         elif not isinstance(error, NoCapacityError):
             failures = job.controller_failures + 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from orchestrator.errors import (
+    InfraUnfitError,
     NoCapacityError,
     PolicyViolationError,
     SortieError,
@@ -193,10 +194,12 @@ class _Run:
         violation = policy_violation("\n".join(self.recent) + "\n" + text)
         if violation:
             return PolicyViolationError(f"policy violation: {violation}", self.request.stack, self.log.name)
-        unbalanced = _LB_NO_ADDRESS.search("\n".join(self.recent) + "\n" + text)
+        unbalanced = _LB_NO_ADDRESS.search(text)
         if unbalanced:  # a Kubernetes `ports` Service whose load balancer never got an address
-            summary = (f"Service {unbalanced.group(1)} (the task's ports) got no load balancer address in time: this "
-                       "cluster may provision no LoadBalancer Services; set kubernetes.ports: nodeport in the config")
+            return InfraUnfitError(
+                f"{self.request.op} of stack {self.request.stack} failed: Service {unbalanced.group(1)} (the task's "
+                "ports) got no load balancer address in time: this cluster may provision no LoadBalancer Services; "
+                "set kubernetes.ports: nodeport in the config", self.request.stack, self.log.name)
         cls = NoCapacityError if any(p in text for p in CAPACITY_PATTERNS) else StackOperationError
         return cls(f"{self.request.op} of stack {self.request.stack} failed: {summary}", self.request.stack,
                    self.log.name)

@@ -162,6 +162,29 @@ def test_a_task_out_of_patience_for_capacity_fails_the_running_group(sortie_home
     assert (first.failure_reason or "").startswith("the group failed: task 1 (b): FAILED_NO_RESOURCE")
 
 
+class UnfitForT1(FakeStackDriver):
+    """Task 1's cluster asks what the infra cannot do (a load balancer that never gets an address)."""
+
+    def up(self, stack: str, program: Any, *, cleanup_on_failure: bool = True):  # type: ignore[override]
+        if "-t1-" in stack:
+            from orchestrator.errors import InfraUnfitError
+
+            raise InfraUnfitError(f"up of stack {stack} failed: Service {stack}-ports (the task's ports) got no load "
+                                  "balancer address in time", stack)
+        return super().up(stack, program, cleanup_on_failure=cleanup_on_failure)
+
+
+def test_an_infra_that_cannot_serve_a_task_fails_its_launch_and_the_group(sortie_home: Path) -> None:
+    world = World(sortie_home, UnfitForT1(), hold=lambda node, run_id, command: "serve" in command)
+    job_id = submit_group(world, task("a", "serve"), task("b", "echo b", ports=["8080"]))
+    world.tick(8)
+    assert statuses(world, job_id) == (JobStatus.FAILED_PRECHECKS, [JobStatus.CANCELLED, JobStatus.FAILED_PRECHECKS])
+    job = world.store.job(job_id)
+    assert job is not None and "got no load balancer address" in (job.failure_reason or "")
+    assert [a.number for a in world.store.attempts(job_id) if a.task_index == 1] == [1]  # no retry: it cannot help
+    assert world.driver.list_stacks() == []
+
+
 def test_tasks_with_no_infra_in_common_fail_the_group_before_anything_is_made(world: World) -> None:
     job_id = submit_group(world, task("a", "echo a", cloud="local", region="region-a"),
                           task("b", "echo b", cloud="local", region="region-b"))
