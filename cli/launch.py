@@ -101,6 +101,12 @@ def launch(
             console.print(item)
     if refusals:
         raise SpecError(refusals)
+    from orchestrator.launch_checks import group_infra
+
+    shared = group_infra(pipeline, cfg, enabled)
+    if shared:
+        console.print(f"Every task of the group on one infra: {shared} (the cheapest for the whole group, where "
+                      "it has room)")
     service = job_service()
     storage = service.plan_storage(pipeline)
     if storage.describe():

@@ -396,6 +396,13 @@ class KubernetesConfig(BaseModel):
         Field(ge=10, le=3600, description="Seconds a launch waits for each pod to be scheduled and ready; a pod "
               "still Pending then (no node has the resources) counts as no capacity, and the job tries elsewhere."),
     ] = 600
+    ports: Annotated[
+        Literal["loadbalancer", "nodeport"],
+        Field(description="How a task's `ports` are exposed: a Service of this type for the head pod. loadbalancer "
+              "(SkyPilot's default): the launch waits for the load balancer's address, and the endpoints are "
+              "<address>:<port>; it needs a cluster that provisions LoadBalancer Services (EKS, GKE, AKS, MetalLB). "
+              "nodeport: no wait; the endpoints are <head pod's node IP>:<node port>."),
+    ] = "loadbalancer"
 
 
 class SortieConfig(BaseModel):

@@ -47,6 +47,11 @@ class PolicyViolationError(StackOperationError):
     """A mandatory policy of a configured policy pack refused the stack (`pulumi.policy_packs`)."""
 
 
+class InfraUnfitError(StackOperationError):
+    """The infra cannot do what the stack asks (a Kubernetes cluster that gives a LoadBalancer Service no address):
+    retrying there cannot help, so the launch fails with the reason (FAILED_PRECHECKS)."""
+
+
 class StackLockedError(StackOperationError):
     """Another operation holds the stack's lock, and retrying did not get it."""
 

@@ -2,7 +2,8 @@
 serve today (no enabled cloud has the hardware, or no offer can do a feature the task asks for) is refused with the
 reason and exit non-zero, plain, `--dryrun` and `--dryrun --json` alike; nothing is submitted.
 
-Job groups (`execution: parallel`) are planned and launched like any YAML; the controller runs their tasks at once.
+Job groups (`execution: parallel`) are planned like any YAML, and also refused when no one infra (cloud and region)
+can serve every task, since a group's tasks run on the same infra; the controller runs their tasks at once.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ if TYPE_CHECKING:
 
 def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """One line per task that no enabled cloud can serve (its unsupported features first), naming the task."""
+    from orchestrator.policy.group_placement import no_shared_infra, shared_infras
     from orchestrator.policy.optimizer import plan_for
 
     problems: list[str] = []
+    plans = []
     several = len(pipeline.tasks) > 1
     for index, task in enumerate(pipeline.tasks):
         prefix = f"task[{index}] ({task.name or '-'}): " if several else ""
@@ -29,11 +32,30 @@ def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str
             continue
         plan = plan_for([c.to_json() for c in task.candidates()], task.num_nodes, config,
                         ordered=task.resources_ordered(), enabled=enabled)
+        plans.append(plan)
         if plan.infeasible:
             problems.append(f"{prefix}No feasible resources: {plan.infeasible}")
+    if pipeline.is_job_group and not problems and not shared_infras(plans):
+        # A job group runs on one infra (orchestrator/policy/group_placement.py): each task feasible alone is
+        # not enough.
+        problems.append(no_shared_infra([t.name or str(i) for i, t in enumerate(pipeline.tasks)], plans))
     return problems
 
 
 def launch_refusals(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """Why `jobs launch` must not submit this pipeline; empty when it may."""
     return infeasible(pipeline, config, enabled)
+
+
+def group_infra(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> str | None:
+    """Where a job group would run (`cloud/region`, the cheapest infra for the whole group), for `--dryrun`; None
+    for a pipeline or a group nothing can serve."""
+    from orchestrator.policy.group_placement import shared_infras
+    from orchestrator.policy.optimizer import plan_for
+
+    if not pipeline.is_job_group:
+        return None
+    plans = [plan_for([c.to_json() for c in task.candidates()], task.num_nodes, config,
+                      ordered=task.resources_ordered(), enabled=enabled) for task in pipeline.tasks]
+    found = shared_infras(plans)
+    return f"{found[0][0]}/{found[0][1]}" if found else None

@@ -60,6 +60,8 @@ class ClusterSpec:
     kube_namespace: str | None = None
     # Kubernetes: seconds `up` waits for each pod to be scheduled and ready before it fails (no capacity).
     kube_pod_timeout_s: int = 600
+    # Kubernetes: the type of the Service that exposes `ports` on the head pod (config kubernetes.ports).
+    kube_ports: str = "loadbalancer"
     ssh_public_key: str | None = None
     # The controller role only: what may reach its SSH port (the dashboard tunnel); nodes never open SSH.
     ssh_cidr: str | None = None
@@ -98,6 +100,7 @@ def cloud_fields(config: Any) -> dict[str, Any]:
             "kubeconfig": getattr(getattr(config, "kubernetes", None), "kubeconfig", None),
             "kube_namespace": getattr(getattr(config, "kubernetes", None), "namespace", None),
             "kube_pod_timeout_s": getattr(getattr(config, "kubernetes", None), "pod_timeout_s", 600),
+            "kube_ports": getattr(getattr(config, "kubernetes", None), "ports", "loadbalancer"),
             "ports_cidr": getattr(cloud, "ports_cidr", None) or "0.0.0.0/0"}
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from state.group_rules import group_verdict, is_group
 from state.leases import hold, hold_job, owner_of
 from state.machine import (
     ACTIVE,
@@ -91,36 +92,6 @@ def _open_attempt_exists(job_id: int, task_index: int | None = None) -> Any:
     if task_index is not None:
         conditions.append(AttemptRow.task_index == task_index)
     return exists().where(*conditions)
-
-
-def is_group(spec: dict[str, Any]) -> bool:
-    """A job group (SkyPilot's `execution: parallel`): every task at once, each on its own cluster."""
-    return spec.get("execution") == "parallel"
-
-
-def primary_indexes(spec: dict[str, Any]) -> list[int]:
-    """The tasks whose end ends a job group (`primary_tasks`; all of them when unset)."""
-    names = spec.get("primary_tasks") or []
-    found = [i for i, t in enumerate(spec["tasks"]) if t.get("name") in names]
-    return found or list(range(len(spec["tasks"])))
-
-
-def group_verdict(spec: dict[str, Any], statuses: Sequence[tuple[str, str | None]],
-                  cancelled: bool) -> tuple[JobStatus, str | None]:
-    """A job group's final status from its tasks' (status, failure_reason), in task order: SUCCEEDED when every
-    primary task succeeded (auxiliary tasks, ended by the group, do not count); else the status of the first primary
-    task that failed, with its reason; else (a primary cancelled) CANCELLED. A cancel of the whole group: CANCELLED."""
-    if cancelled:
-        return JobStatus.CANCELLED, "cancelled by the user"
-    primary = [(i, *statuses[i]) for i in primary_indexes(spec)]
-    if all(status == JobStatus.SUCCEEDED for _, status, _ in primary):
-        return JobStatus.SUCCEEDED, None
-    names = [t.get("name") or str(i) for i, t in enumerate(spec["tasks"])]
-    for index, status, reason in primary:
-        if JobStatus(status).failed:
-            return JobStatus(status), f"task {index} ({names[index]}): {status}" + (f": {reason}" if reason else "")
-    index, status, _ = next(p for p in primary if p[1] != JobStatus.SUCCEEDED)
-    return JobStatus.CANCELLED, f"task {index} ({names[index]}) was cancelled"
 
 
 def _finish_group(session: Session, job: JobRow, now: float, who: str) -> None:

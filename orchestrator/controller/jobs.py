@@ -13,8 +13,10 @@ Job groups (SkyPilot's `execution: parallel`) drive one attempt per task at once
 as a pipeline's task; `_step_group` adds what a group has on top: a barrier (no task starts its files, setup and
 run until every task in progress has its nodes, so each sees the others' addresses), the end of the auxiliary tasks
 once the primary tasks are done (after `termination_delay` when they all succeeded, at once otherwise), and
-`jobs cancel --task`. A task's failure ends that task only (after its own recovery budget); the group ends with its
-last task (`state.transitions.group_verdict`).
+`jobs cancel --task`. A task's failure ends that task only (after its own recovery budget), except a failure to
+launch (infeasible, no capacity until out of patience), which fails the group: the other tasks are cancelled at once,
+as SkyPilot does. Every task runs on one infra (`orchestrator.policy.group_placement`). The group ends with its last
+task (`state.group_rules.group_verdict`).
 """
 
 from __future__ import annotations
@@ -36,17 +38,18 @@ from orchestrator.controller.node_files import (
 )
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
-from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
+from orchestrator.errors import InfraUnfitError, NoCapacityError, PolicyViolationError, StackOperationError
 from orchestrator.infra.stack_driver import stack_name
 from orchestrator.policy.cloud_features import attempt_features
 from orchestrator.policy.placement import Infeasible, capacity_key, place
 from orchestrator.policy.recovery import Failure, History, RecoveryRules, decide
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
+from state.group_rules import is_group, launch_failure, primary_indexes
 from state.leases import LeaseLost
 from state.machine import ACTIVE, JobStatus, Outcome, Phase, StackStatus, TransitionError
 from state.models import AttemptRow, JobRow, TaskRow
 from state.pool_transitions import POOL_LEASE_PREFIX
-from state.transitions import Relaunch, is_group, primary_indexes
+from state.transitions import Relaunch
 
 log = logging.getLogger("sortie.controller")
 STAGING_STALE_SECONDS = 600.0  # `jobs launch` refreshes its heartbeat while it uploads (the janitor waits as long)
@@ -142,6 +145,8 @@ class JobReconciler:
         """One step of every task in progress of a job group, each as a pipeline's task would take it."""
         by_task = {a.task_index: a for a in attempts}
         ending = self._auxiliaries_to_end(job, tasks)
+        # A task that failed to launch fails the group, as in SkyPilot: the others are cancelled at once.
+        failed = launch_failure(job.spec, [(t.status, t.failure_reason) for t in tasks])
         self._group = (by_task, tasks)
         for task in tasks:
             if task.status not in ACTIVE:
@@ -151,6 +156,8 @@ class JobReconciler:
             try:
                 if job.cancel_requested or task.cancel_requested:
                     self._stop_task(job, attempt, "cancelled by the user", graceful=bool(job.graceful_cancel))
+                elif failed is not None:
+                    self._stop_task(job, attempt, f"the group failed: {failed[1]}", graceful=False)
                 elif task.task_index in ending:
                     self._stop_task(job, attempt, ending[task.task_index], graceful=True)
                 elif attempt is None:
@@ -258,9 +265,13 @@ class JobReconciler:
                    for a in self.store.attempts(job.id)
                    if a.task_index == job.current_task and a.outcome == Outcome.NO_CAPACITY
                    and a.started_at >= (job.round_started_at or 0)}
+        within = self._group_infras(job) if is_group(job.spec) else None
+        if isinstance(within, str):
+            self._end(job, JobStatus.FAILED_PRECHECKS, within)
+            return
         choice = place(task["resources"], self.ctx.config, exclude, prefer=hint.get("prefer"),
                        avoid=hint.get("avoid") or (), ordered=bool(task.get("resources_ordered")),
-                       num_nodes=int(task["num_nodes"]))
+                       num_nodes=int(task["num_nodes"]), within=within)
         if isinstance(choice, Infeasible):
             if choice.no_capacity:
                 self._wait_for_capacity(job, choice.reason)
@@ -278,6 +289,30 @@ class JobReconciler:
             why=f"{choice.infra}/{choice.region}{spot}, {task['num_nodes']} node(s)")
         self.say(job, "placed", f"task {job.current_task} attempt {attempt.number} on {choice.infra}/"
                                 f"{choice.region}{spot} as stack {attempt.stack_name}")
+
+    def _group_infras(self, job: JobRow) -> list[tuple[str, str]] | str | None:
+        """Where a group's task may go (`orchestrator.policy.group_placement`): where its other tasks have
+        clusters, else the infras every task still in progress can use; a str when there is none."""
+        from orchestrator.policy.group_placement import group_infras, no_shared_infra
+        from orchestrator.policy.optimizer import plan_for
+
+        _by_task, tasks = self._group
+        pinned = [(a.infra, a.region or "") for a in self.store.open_attempts_of([job.id]).get(job.id, [])
+                  if a.task_index != job.current_task]  # read now: a task placed earlier in this tick counts
+        if pinned:
+            return group_infras({}, pinned)
+        specs = job.spec["tasks"]
+        plans = {t.task_index: plan_for(specs[t.task_index]["resources"], int(specs[t.task_index]["num_nodes"]),
+                                        self.ctx.config, ordered=bool(specs[t.task_index].get("resources_ordered")))
+                 for t in tasks if t.status in ACTIVE}
+        feasible = {i: plan for i, plan in plans.items() if plan.options}  # an infeasible task fails on its own
+        if job.current_task not in feasible:
+            return None  # its own placement says why nothing can serve it
+        found = group_infras(feasible, [])
+        if found:
+            return found
+        names = [specs[i].get("name") or str(i) for i in sorted(feasible)]
+        return no_shared_infra(names, [feasible[i] for i in sorted(feasible)])
 
     def _place_on_pool(self, job: JobRow) -> None:
         """A pool job waits PENDING for a READY worker with a free slot, then runs there at once."""
@@ -349,7 +384,9 @@ class JobReconciler:
         if not result.ok:
             self._provision_failed(job, attempt, result.error)
             return
-        nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")} for n in result.value.outputs["nodes"]]
+        nodes = [{k: n[k] for k in ("rank", "node_id", "ip", "url", "region")} |
+                 {k: n[k] for k in ("public_ip", "endpoints") if n.get(k)}  # where `ports` are reached
+                 for n in result.value.outputs["nodes"]]
         why = f"{len(nodes)} node(s) up in {attempt.infra}/{attempt.region}"
         self.store.attempt_provisioned(attempt.id, nodes, why)
         self.say(job, "provisioned", why)
@@ -364,7 +401,8 @@ class JobReconciler:
         retry_at: float | None = None
         if job.cancel_requested:
             finish = (JobStatus.CANCELLED, "cancelled while starting")
-        elif isinstance(error, PolicyViolationError):  # the team's policy said no: retrying cannot help
+        elif isinstance(error, (PolicyViolationError, InfraUnfitError)):  # the team's policy said no, or the infra
+            # cannot do it (a load balancer that gets no address): retrying cannot help
             finish = (JobStatus.FAILED_PRECHECKS, error.message)
         elif not isinstance(error, NoCapacityError):
             failures = job.controller_failures + 1

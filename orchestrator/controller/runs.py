@@ -23,9 +23,9 @@ from orchestrator.controller.ops import run_here
 from orchestrator.infra.agent_async import NodeAgent, SyncAgentOnLoop
 from orchestrator.infra.agent_client import AgentError
 from orchestrator.policy.run_env import node_env, pool_job_env
+from state.group_rules import is_group
 from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
-from state.transitions import is_group
 
 
 class RunRefused(Exception):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from orchestrator.errors import (
+    InfraUnfitError,
     NoCapacityError,
     PolicyViolationError,
     SortieError,
@@ -56,6 +57,9 @@ CAPACITY_PATTERNS = (
     "Insufficient nvidia.com/gpu",
 )
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value in state
+# The provider's words when a Service (stacks/builders/kubernetes.py, `<cluster>-ports`) outlives its wait.
+_LB_NO_ADDRESS = re.compile(r"kubernetes:core/v1:Service::(\S+-ports)\" was successfully created, but [^\n]*"
+                            r"failed to fully initialize or become live: timed out")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _OP_MAP: dict[str, ChangeOp] = {
     "create": "create", "update": "update", "delete": "delete", "same": "same", "replace": "replace",
@@ -190,6 +194,12 @@ class _Run:
         violation = policy_violation("\n".join(self.recent) + "\n" + text)
         if violation:
             return PolicyViolationError(f"policy violation: {violation}", self.request.stack, self.log.name)
+        unbalanced = _LB_NO_ADDRESS.search(text)
+        if unbalanced:  # a Kubernetes `ports` Service whose load balancer never got an address
+            return InfraUnfitError(
+                f"{self.request.op} of stack {self.request.stack} failed: Service {unbalanced.group(1)} (the task's "
+                "ports) got no load balancer address in time: this cluster may provision no LoadBalancer Services; "
+                "set kubernetes.ports: nodeport in the config", self.request.stack, self.log.name)
         cls = NoCapacityError if any(p in text for p in CAPACITY_PATTERNS) else StackOperationError
         return cls(f"{self.request.op} of stack {self.request.stack} failed: {summary}", self.request.stack,
                    self.log.name)

@@ -89,8 +89,8 @@ def offer_supports(candidate: dict[str, Any], cloud: str, instance_type: str, re
         return f"image_id names no image for {region} (regions: {', '.join(sorted(image))})"
     if candidate.get("accelerator_args") and not tpu_requested(candidate):
         return "accelerator_args are for TPUs (accelerators: tpu-...)"
-    if candidate.get("ports") and cloud == "kubernetes":
-        return "ports on Kubernetes (a Service) are not supported yet"
+    if cloud == "kubernetes" and sum(high - low + 1 for low, high in port_ranges(candidate.get("ports"))) > 100:
+        return "more than 100 ports on Kubernetes (a Service names each port)"
     return None
 
 

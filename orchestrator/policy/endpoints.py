@@ -1,6 +1,7 @@
 """Policy, a job's endpoints: the `ports` its task opened, on the head node's address (`sortie jobs endpoints ID`,
 `sortie jobs queue -v`). On the local cloud the ports are on the node's loopback (127.0.0.1); on a cloud, the head
-node's public address (else its private one), where the firewall admits `cloud.ports_cidr`."""
+node's public address (else its private one), where the firewall admits `cloud.ports_cidr`; on Kubernetes, what the
+head pod's Service says (its load balancer's address, or the node IP and node port: the head node's `endpoints`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def endpoints(task: dict[str, Any], infra: str | None, nodes: list[dict[str, Any
     head = next((n for n in nodes or [] if int(n.get("rank", 0) or 0) == 0), None)
     if not ports or head is None:
         return {}
+    exposed = head.get("endpoints")
+    if isinstance(exposed, dict) and exposed:  # a Kubernetes Service: its own address and port per port
+        return {port: str(exposed[str(port)]) for port in ports if exposed.get(str(port))}
     cloud = (infra or "").split("/", 1)[0]
     host = LOOPBACK if cloud == "local" else (head.get("public_ip") or head.get("ip") or head.get("host"))
     if not host:

@@ -40,22 +40,33 @@ def capacity_key(region: str, use_spot: bool) -> str:
 
 def place(candidates: Sequence[dict], config: SortieConfig, exclude: Collection[str] = (),
           prefer: str | None = None, avoid: Collection[str] = (), *, ordered: bool = False, num_nodes: int = 1,
-          enabled: Collection[str] | None = None) -> Placement | Infeasible:
+          enabled: Collection[str] | None = None,
+          within: Sequence[tuple[str, str]] | None = None) -> Placement | Infeasible:
     """The first option of the optimizer's plan (candidates are `Candidate.to_json()` dicts) that is not full,
-    with regions to avoid last and the preferred region first."""
+    with regions to avoid last and the preferred region first. `within` (a job group's task): only these
+    (cloud, region) infras, in this order of preference (`orchestrator.policy.group_placement`)."""
     from orchestrator.policy.optimizer import plan_for
 
     plan = plan_for(candidates, num_nodes, config, ordered=ordered, enabled=enabled)
     if plan.chosen is None:
         return Infeasible(plan.infeasible or "no candidate resources")
+    rank = {infra: i for i, infra in enumerate(within or ())}
     open_options = []
     full: list[str] = []
     for position, option in enumerate(plan.options):
         region = option.offer.region
+        where = (option.offer.cloud, region)
+        if within is not None and where not in rank:
+            continue
         if region in exclude or capacity_key(region, option.use_spot) in exclude:
             full.append(option.infra + (" (spot)" if option.use_spot else ""))
             continue
-        open_options.append(((region in avoid, bool(prefer) and region != prefer, position), option))
+        open_options.append(((region in avoid, bool(prefer) and region != prefer, rank.get(where, 0), position),
+                             option))
+    if within is not None and not open_options and not full:
+        shown = ", ".join(f"{c}/{r}" for c, r in within) or "none"
+        return Infeasible(f"the job group's tasks run on one infra and this task has no offer there (the group's "
+                          f"infra: {shown})")
     if not open_options:
         return Infeasible("no capacity in " + ", ".join(dict.fromkeys(full)), no_capacity=True)
     best = min(open_options, key=lambda item: item[0])[1]

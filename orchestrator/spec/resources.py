@@ -395,6 +395,8 @@ def _candidate(merged: dict[str, Any], accelerators: dict[str, float]) -> Candid
         cloud, region, zone = parts.cloud, parts.region, parts.zone
     else:
         cloud, region, zone = merged["cloud"], merged["region"], merged["zone"]
+    if cloud is None and any(name.lower().startswith("tpu-") for name in accelerators):
+        cloud = "gcp"  # TPUs are GCP's: SkyPilot's loader sets the cloud of a TPU request to GCP
     recovery: JobRecovery | None = merged["job_recovery"]
     return Candidate(
         infra=values.format_infra(cloud, region, zone),

@@ -57,10 +57,16 @@ class CloudNode(BuiltNode):
     # Where SSH reaches it from outside its network (None: no public address), and as whom.
     public_ip: pulumi.Output[str | None] | None = None
     ssh_user: str | None = None
+    # Where the task's `ports` are reached when that is not `<public_ip or ip>:<port>` (a Kubernetes Service):
+    # {"8080": "host:port"}; exported only when set.
+    endpoints: pulumi.Output[dict[str, str]] | None = None
 
     def export(self) -> dict[str, object]:
-        return {**super().export(), "zone": self.zone, "instance_type": self.instance_type, "spot": self.spot,
-                "public_ip": self.public_ip, "ssh_user": self.ssh_user, "ssh_port": SSH_PORT}
+        out = {**super().export(), "zone": self.zone, "instance_type": self.instance_type, "spot": self.spot,
+               "public_ip": self.public_ip, "ssh_user": self.ssh_user, "ssh_port": SSH_PORT}
+        if self.endpoints is not None:
+            out["endpoints"] = self.endpoints
+        return out
 
 
 class NodeBuilder(Protocol):

@@ -13,21 +13,24 @@ usual spot taints (`sortie.dev/spot`, GKE, AKS) and a preference for nodes label
 Sortie's tags as labels.
 
 Where: a region, if any, is the kubeconfig context to use (`kubernetes.kubeconfig` in the config, else
-$KUBECONFIG or ~/.kube/config). The agent listens on the Pod IP; nothing is exposed outside the cluster's network.
-`network_stack` and `controller_cidr` do not apply.
+$KUBECONFIG or ~/.kube/config). The agent listens on the Pod IP and is never exposed outside the cluster's network.
+A task's `ports` are: a Service `<cluster>-ports` selecting the head pod (rank 0), of type LoadBalancer (config
+`kubernetes.ports: loadbalancer`, SkyPilot's default) or NodePort (`nodeport`); the head node's `endpoints` output
+says where each port is reached. `network_stack` and `controller_cidr` do not apply.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
 
 from orchestrator.errors import UsageError
 from orchestrator.infra.agent_bundle import agent_zipapp_base64
-from orchestrator.policy.cloud_features import merge_pod_config
+from orchestrator.policy.cloud_features import merge_pod_config, port_ranges
 from orchestrator.spec.resources import DEFAULT_DISK_SIZE_GB
 from stacks.builders import (
     AGENT_DIR,
@@ -213,12 +216,78 @@ def build_kubernetes_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | Non
         pod = k8s.core.v1.Pod(f"{spec.name}-node-{rank}", metadata=pod_parts["metadata"], spec=pod_parts["spec"],
                               opts=base)
         ip = pod.status.apply(lambda status: status.pod_ip if status else None)
+        endpoints = None
+        if rank == 0 and spec.ports:
+            endpoints = ports_service(spec, prefix, namespace, labels, pod, base)
         nodes.append(CloudNode(
             rank=rank, node_id=pod.metadata.name, host=ip, ip=ip, url=agent_url(ip, spec.agent_port),
             region=pulumi.Output.from_input(context), zone=pulumi.Output.from_input(None),
-            instance_type=pulumi.Output.from_input(spec.instance_type), spot=spec.use_spot,
+            instance_type=pulumi.Output.from_input(spec.instance_type), spot=spec.use_spot, endpoints=endpoints,
         ))
     return nodes
+
+
+MAX_SERVICE_PORTS = 100
+
+
+def service_ports(ports: tuple[str, ...]) -> list[int]:
+    """Each port of `ports` ("8080", "9000-9001"), ranges expanded (a Service names each port)."""
+    found = [port for low, high in port_ranges(ports) for port in range(low, high + 1)]
+    if len(found) > MAX_SERVICE_PORTS:
+        raise UsageError(f"ports: {len(found)} ports on Kubernetes; a Service exposes at most {MAX_SERVICE_PORTS} "
+                         "(one entry each): open fewer")
+    return list(dict.fromkeys(found))
+
+
+def ports_service(spec: ClusterSpec, prefix: str, namespace: str, labels: dict[str, str], head: k8s.core.v1.Pod,
+                  base: pulumi.ResourceOptions) -> pulumi.Output[dict[str, str]]:
+    """The task's `ports` on the head pod: a Service (`<cluster>-ports`) of the type config `kubernetes.ports`
+    says, destroyed with the stack. Returns the endpoints {"8080": "host:port"}: the load balancer's address
+    (`loadbalancer`, SkyPilot's default mode: `up` waits for it), else the head pod's node IP and the node port."""
+    ports = service_ports(spec.ports)
+    kind = "NodePort" if spec.kube_ports == "nodeport" else "LoadBalancer"
+    # What `up` waits for. Not the provider's default (the Service's endpoints): the head pod is ready already (the
+    # Service is made after it), and its node ports are given when the Service is created. A load balancer: its
+    # address (the endpoints), for at most `kube_pod_timeout_s`, as for the pods.
+    wait = ({"pulumi.com/skipAwait": "true"} if kind == "NodePort" else
+            {"pulumi.com/waitFor": "jsonpath={.status.loadBalancer.ingress}",
+             "pulumi.com/timeoutSeconds": str(spec.kube_pod_timeout_s)})
+    service = k8s.core.v1.Service(
+        f"{spec.name}-ports",
+        metadata={"name": dns_label(f"{prefix}-ports", 63), "namespace": namespace, "labels": labels,
+                  "annotations": wait},
+        spec={"type": kind, "selector": {"sortie-cluster": labels["sortie-cluster"], "sortie-rank": "0"},
+              "ports": [{"name": f"p{port}", "port": port, "target_port": port, "protocol": "TCP"}
+                        for port in ports]},
+        opts=merge_opts(base, depends_on=[head]),  # its endpoints are the head pod's: made once that is ready
+    )
+
+    def addresses(args: list[Any]) -> dict[str, str]:
+        service_spec, status, pod_status = args
+        ingress = _field(_field(status, "load_balancer"), "ingress") or []
+        lb = next((_field(i, "ip") or _field(i, "hostname") for i in ingress
+                   if _field(i, "ip") or _field(i, "hostname")), None)
+        node_ip = _field(pod_status, "host_ip")
+        out: dict[str, str] = {}
+        for entry in _field(service_spec, "ports") or []:
+            port, node_port = _field(entry, "port"), _field(entry, "node_port")
+            if lb:
+                out[str(port)] = f"{lb}:{port}"
+            elif node_ip and node_port:
+                out[str(port)] = f"{node_ip}:{node_port}"
+        return out
+
+    return pulumi.Output.all(service.spec, service.status, head.status).apply(addresses)
+
+
+def _field(value: Any, name: str) -> Any:
+    """A field of a provider output, typed (`status.host_ip`) or a plain mapping (`hostIP`/`host_ip`)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+        return value.get(name, value.get(camel, value.get(camel.replace("Ip", "IP"))))
+    return getattr(value, name, None)
 
 
 def snake_keys(value: object) -> object:

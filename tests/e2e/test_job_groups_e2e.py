@@ -53,6 +53,10 @@ run: |
     assert [(t["name"], t["status"]) for t in job["tasks"]] == [("left", "SUCCEEDED"), ("right", "SUCCEEDED")]
     job_id = job["id"]
     assert stacks_of(cli, job_id) == [(0, f"sortie-job-{job_id}-t0-1"), (1, f"sortie-job-{job_id}-t1-1")]
+    from state.store import StateStore
+
+    placed = {(a.infra, a.region) for a in StateStore(cli.home).attempts(job_id)}
+    assert len(placed) == 1, placed  # the whole group on one infra (cloud and region), as SkyPilot places it
     t = {f.name: float(f.read_text()) for f in out.iterdir()}
     assert t["left.start"] < t["right.end"] and t["right.start"] < t["left.end"], t  # the run windows overlap
     left_log = cli.logs(job_id, "left")

@@ -254,6 +254,83 @@ def test_forbidden_namespace_fails_clearly_and_leaves_nothing(tmp_path: Path, ku
     assert not _pods(kube, "team-a")
 
 
+def _ports_service(kube: KubeCluster, namespace: str, name: str) -> dict | None:
+    status, body = kube.api("GET", f"/api/v1/namespaces/{namespace}/services/{name}-ports")
+    return body if status == 200 else None
+
+
+def test_ports_are_a_nodeport_service_on_the_head_pod_and_destroy_removes_it(kube: KubeCluster, kdriver) -> None:
+    """`ports` on Kubernetes (config kubernetes.ports: nodeport): a Service the API server gives node ports,
+    selecting the head pod only; the endpoints are that pod's node and each node port. In a namespace the stack
+    does not own, so the Service itself must be deleted by `destroy` (not swept with a namespace)."""
+    kube.api("POST", "/api/v1/namespaces", {"metadata": {"name": "team-ports"}})
+    spec = _spec("sortie-k8s-12-1", num_nodes=2, ports=("8080", "9000-9001"), kube_ports="nodeport",
+                 kube_namespace="team-ports", kube_pod_timeout_s=120)
+    up = kdriver.up(spec.name, StackProgram("cluster", spec))
+    service = _ports_service(kube, "team-ports", spec.name)
+    assert service is not None
+    assert service["spec"]["type"] == "NodePort"
+    assert service["spec"]["selector"] == {"sortie-cluster": spec.name, "sortie-rank": "0"}
+    ports = {p["port"]: p for p in service["spec"]["ports"]}
+    assert sorted(ports) == [8080, 9000, 9001] and all(p["targetPort"] == p["port"] for p in ports.values())
+    assert all(30000 <= p["nodePort"] <= 32767 for p in ports.values())  # given by the real API server
+    head = next(p for p in _pods(kube, "team-ports") if p["metadata"]["labels"]["sortie-rank"] == "0")
+    endpoints = up.outputs["nodes"][0]["endpoints"]
+    assert endpoints == {str(port): f"{head['status']['hostIP']}:{p['nodePort']}" for port, p in ports.items()}
+    assert "endpoints" not in up.outputs["nodes"][1]
+    kdriver.destroy(spec.name)
+    assert _ports_service(kube, "team-ports", spec.name) is None
+    assert not _pods(kube, "team-ports")
+
+
+def test_ports_as_a_load_balancer_wait_for_its_address(kube: KubeCluster, kdriver) -> None:
+    """The default mode (SkyPilot's): a LoadBalancer Service; `up` waits for its address, which this test gives as a
+    cloud's load balancer controller would (the test cluster has none), and the endpoints are that address."""
+    import threading
+
+    spec = _spec("sortie-k8s-13-1", ports=("8888",), kube_pod_timeout_s=120)
+    namespace = spec.name
+    stop = threading.Event()
+
+    def balance() -> None:
+        while not stop.is_set():
+            service = _ports_service(kube, namespace, spec.name)
+            if service is not None:
+                kube.api("PATCH", f"/api/v1/namespaces/{namespace}/services/{spec.name}-ports/status",
+                         {"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}},
+                         content_type="application/merge-patch+json")
+                return
+            stop.wait(0.5)
+
+    controller = threading.Thread(target=balance, daemon=True)
+    controller.start()
+    try:
+        up = kdriver.up(spec.name, StackProgram("cluster", spec))
+    finally:
+        stop.set()
+        controller.join(timeout=5)
+    service = _ports_service(kube, namespace, spec.name)
+    assert service is not None and service["spec"]["type"] == "LoadBalancer"
+    assert up.outputs["nodes"][0]["endpoints"] == {"8888": "198.51.100.7:8888"}
+    kdriver.destroy(spec.name)
+    assert _namespace_gone(kube, namespace)
+
+
+def test_a_load_balancer_that_never_gets_an_address_fails_up_in_one_line(kube: KubeCluster, kdriver) -> None:
+    """On a cluster that provisions no load balancers (this one), `kubernetes.ports: loadbalancer` fails `up` after
+    `pod_timeout_s`, saying so in one line, and the failed `up` leaves nothing (use `nodeport` there)."""
+    from orchestrator.errors import InfraUnfitError
+
+    spec = _spec("sortie-k8s-14-1", ports=("8888",), kube_pod_timeout_s=30)
+    with pytest.raises(InfraUnfitError) as failed:  # the controller ends the launch FAILED_PRECHECKS: no retry
+        kdriver.up(spec.name, StackProgram("cluster", spec))
+    message = failed.value.message
+    assert "\n" not in message
+    assert "Service sortie-k8s-14-1-ports (the task's ports) got no load balancer address" in message, message
+    assert "kubernetes.ports: nodeport" in message and "cleanup failed" not in message
+    assert _namespace_gone(kube, spec.name)
+
+
 def test_a_pod_no_node_can_hold_is_no_capacity(kube: KubeCluster, kdriver) -> None:
     from orchestrator.errors import NoCapacityError
 

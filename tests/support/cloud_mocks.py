@@ -38,6 +38,7 @@ AZ_NIC = "azure-native:network:NetworkInterface"
 K8S_POD = "kubernetes:core/v1:Pod"
 K8S_SECRET = "kubernetes:core/v1:Secret"
 K8S_CONFIGMAP = "kubernetes:core/v1:ConfigMap"
+K8S_SERVICE = "kubernetes:core/v1:Service"
 AZ_NSG = "azure-native:network:NetworkSecurityGroup"
 AZ_PUBLIC_IP = "azure-native:network:PublicIPAddress"
 STACK_REF = "pulumi:pulumi:StackReference"
@@ -129,7 +130,15 @@ class CloudMocks(pulumi.runtime.Mocks):
             metadata = {**inputs.get("metadata", {})}
             metadata.setdefault("name", f"{args.name}-0a1b2c3d")
             return f"default/{metadata['name']}", {**inputs, "metadata": metadata,
-                                                    "status": {"podIP": f"10.244.0.{n}", "phase": "Running"}}
+                                                    "status": {"podIP": f"10.244.0.{n}", "hostIP": f"192.168.0.{n}",
+                                                               "phase": "Running"}}
+        if args.typ == K8S_SERVICE and inputs.get("spec", {}).get("type") in ("NodePort", "LoadBalancer"):
+            # The API server gives each port a node port; a load balancer controller gives an address.
+            service = {**inputs["spec"], "ports": [{**port, "nodePort": 30000 + i}
+                                                   for i, port in enumerate(inputs["spec"].get("ports", []))]}
+            status = ({"loadBalancer": {"ingress": [{"ip": "203.0.113.50"}]}}
+                      if service["type"] == "LoadBalancer" else {})
+            return f"default/{args.name}", {**inputs, "spec": service, "status": status}
         if args.typ == STACK_REF:
             return inputs["name"], {**inputs, "outputs": STACK_OUTPUTS, "secretOutputNames": []}
         if "name" not in inputs and args.typ.startswith(("azure-native:", "gcp:")):

@@ -163,6 +163,29 @@ def test_endpoints_of_a_job_without_a_cluster(sortie_home: Path, no_controller: 
     assert code == 2 and "no endpoint on port 8080" in err
 
 
+def test_endpoints_of_a_job_on_kubernetes_are_its_services(sortie_home: Path, no_controller: None,  # noqa: F811
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A job whose head pod's Service gave node ports: `jobs endpoints` and `jobs queue -v` show the Service's
+    addresses (what the cluster program exported and the controller stored with the nodes), not the pod IP."""
+    assert run_cli(["jobs", "launch", "-y", "-d", "--ports", "8080", "--ports", "9000", "echo hi"], monkeypatch,
+                   capsys)[0] == 0
+    store = StateStore(sortie_home)
+    attempt = store.place_attempt(1, 0, name_for=lambda n: f"sortie-job-1-{n}", infra="kubernetes", region="ctx",
+                                  num_nodes=1, use_spot=False, instance_type="4CPU--8GB", price_per_hour=0.0,
+                                  token_enc=store.box.seal("t"), why="test")
+    store.attempt_provisioned(attempt.id, [{"rank": 0, "node_id": "pod-0", "ip": "10.244.0.5", "url": "x",
+                                            "region": "ctx", "endpoints": {"8080": "192.168.0.3:30000",
+                                                                           "9000": "192.168.0.3:30001"}}], "up")
+    code, out, _ = run_cli(["jobs", "endpoints", "1", "--json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(out) == {"8080": "192.168.0.3:30000", "9000": "192.168.0.3:30001"}
+    code, out, _ = run_cli(["jobs", "endpoints", "1", "9000"], monkeypatch, capsys)
+    assert code == 0 and "192.168.0.3:30001" in out and "30000" not in out
+    code, out, _ = run_cli(["jobs", "queue", "-v", "-o", "json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(out)[0]["endpoints"] == {"8080": "192.168.0.3:30000",
+                                                             "9000": "192.168.0.3:30001"}
+
+
 def test_pool_apply_names_and_workers(tmp_path: Path) -> None:
     from cli.pools import _load_pool_yaml, generated_pool_name
     from orchestrator.errors import UsageError

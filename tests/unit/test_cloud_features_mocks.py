@@ -144,3 +144,44 @@ def test_on_kubernetes_the_container_image_is_the_pods_image(harness: Harness) -
     (pod,) = harness.mocks.of_type("kubernetes:core/v1:Pod")
     (container,) = pod["spec"]["containers"]
     assert container["image"] == "python:3.11-slim" and "--container-image" not in container["command"]
+
+
+@pytest.mark.parametrize("mode", ["loadbalancer", "nodeport"])
+def test_kubernetes_ports_are_a_service_on_the_head_pod(harness: Harness, mode: str) -> None:  # noqa: F811
+    exported = harness.run(lambda: cluster_program(spec("kubernetes", num_nodes=2, ports=("8080", "9000-9001"),
+                                                        kube_ports=mode)))
+    services = [s for s in harness.mocks.of_type("kubernetes:core/v1:Service") if s["metadata"]["name"].endswith(
+        "-ports")]
+    (service,) = services  # beside the headless Service of the nodes' names
+    assert service["metadata"]["name"] == "sortie-job-7-1-ports"
+    assert service["metadata"]["namespace"] == "sortie-job-7-1"
+    assert service["spec"]["type"] == {"loadbalancer": "LoadBalancer", "nodeport": "NodePort"}[mode]
+    assert service["metadata"]["annotations"] == (  # what `up` waits for: the load balancer's address, or nothing
+        {"pulumi.com/waitFor": "jsonpath={.status.loadBalancer.ingress}", "pulumi.com/timeoutSeconds": "600"}
+        if mode == "loadbalancer" else {"pulumi.com/skipAwait": "true"})
+    assert service["spec"]["selector"] == {"sortie-cluster": "sortie-job-7-1", "sortie-rank": "0"}
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("p8080", 8080, 8080), ("p9000", 9000, 9000), ("p9001", 9001, 9001)]
+    head, worker = exported["nodes"][0]
+    if mode == "loadbalancer":  # the load balancer's address, each port as it is
+        assert head["endpoints"] == {"8080": "203.0.113.50:8080", "9000": "203.0.113.50:9000",
+                                     "9001": "203.0.113.50:9001"}
+    else:  # the head pod's node and each port's node port
+        host = head["endpoints"]["8080"].split(":")[0]
+        assert host.startswith("192.168.0.") and head["endpoints"] == {
+            "8080": f"{host}:30000", "9000": f"{host}:30001", "9001": f"{host}:30002"}
+    assert "endpoints" not in worker
+
+
+def test_kubernetes_without_ports_makes_no_service_and_too_many_ports_are_refused(harness: Harness) -> None:  # noqa: F811
+    from orchestrator.errors import UsageError
+    from orchestrator.policy.cloud_features import offer_supports
+    from stacks.builders.kubernetes import service_ports
+
+    exported = harness.run(lambda: cluster_program(spec("kubernetes", num_nodes=1)))
+    assert harness.mocks.of_type("kubernetes:core/v1:Service") == []
+    assert "endpoints" not in exported["nodes"][0][0]
+    assert offer_supports({"ports": ["8080", "9000-9001"]}, "kubernetes", "4CPU--8GB") is None
+    assert "more than 100 ports" in (offer_supports({"ports": ["8000-8100"]}, "kubernetes", "x") or "")
+    with pytest.raises(UsageError, match="at most 100"):
+        service_ports(("8000-8100",))

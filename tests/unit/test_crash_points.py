@@ -37,7 +37,8 @@ def ended(job_ids: list[int]) -> Callable[[StateStore], bool]:
     def check(store: StateStore) -> bool:
         rows = [store.job(j) for j in job_ids]
         return all(r is not None and r.status in ("SUCCEEDED", "FAILED", "FAILED_SETUP", "CANCELLED",
-                                                  "FAILED_CONTROLLER", "FAILED_PRECHECKS") for r in rows) \
+                                                  "FAILED_CONTROLLER", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE")
+                   for r in rows) \
             and not store.live_stacks()
     return check
 
@@ -166,6 +167,17 @@ def group_failing(home: Path) -> Lifecycle:
     return Lifecycle(store, driver, agents, ids, ended(ids))
 
 
+def group_launch_fails(home: Path) -> Lifecycle:
+    """A job group whose second task never gets capacity on the group's infra (the first holds it) and gives up:
+    its FAILED_NO_RESOURCE fails the group, and the first task, up and held at the barrier, is cancelled (SkyPilot's
+    rule)."""
+    store, driver = open_store(home), FakeStackDriver(capacity={"region-a": 1, "region-b": 1})
+    ids = submit_group(store, task("server", "serve forever"),
+                       task("trainer", "train", job_recovery={"max_duration_s": 0.0}))
+    agents = FakeAgents(driver, hold=lambda node, run_id, command: "serve" in command)
+    return Lifecycle(store, driver, agents, ids, ended(ids))
+
+
 def group_cancel_task(home: Path) -> Lifecycle:
     """`jobs cancel --task server --graceful` of a group: that task alone ends CANCELLED (its run stopped first),
     the trainer goes on and succeeds, and the group is SUCCEEDED (the server is auxiliary)."""
@@ -205,10 +217,11 @@ def graceful_cancel(home: Path) -> Lifecycle:
 LIFECYCLES = {"single": single, "failing-with-restarts": failing_with_restarts, "pipeline": pipeline,
               "preemption": preemption, "cancel": cancel, "pool-job": pool_job, "group": group,
               "group-failing": group_failing, "group-cancel-task": group_cancel_task,
-              "graceful-cancel": graceful_cancel}
+              "group-launch-fails": group_launch_fails, "graceful-cancel": graceful_cancel}
 EXPECTED = {"single": "SUCCEEDED", "failing-with-restarts": "FAILED", "pipeline": "SUCCEEDED",
             "preemption": "SUCCEEDED", "cancel": "CANCELLED", "pool-job": "SUCCEEDED", "group": "SUCCEEDED",
-            "group-failing": "FAILED", "group-cancel-task": "SUCCEEDED", "graceful-cancel": "CANCELLED"}
+            "group-failing": "FAILED", "group-cancel-task": "SUCCEEDED", "group-launch-fails": "FAILED_NO_RESOURCE",
+            "graceful-cancel": "CANCELLED"}
 
 
 def play(tmp_path: Path, name: str, crash_at: int | None, *, leases: bool = False) -> Outcome:
@@ -245,8 +258,9 @@ def test_a_crash_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: st
     print(f"\n{name}: {baseline.writes} crash points tried, each ended as without a crash")
 
 
-@pytest.mark.parametrize("name", ["pipeline", "pool-job", "group-failing", "group-cancel-task"])  # a job lease; a
-# pool lease with its job; a job group's transitions (each task's, the group's end, a task's cancel) under the lease
+# A job lease; a pool lease with its job; a job group's transitions (each task's, the group's end, a task's cancel,
+# a launch failure that fails the group) under the lease.
+@pytest.mark.parametrize("name", ["pipeline", "pool-job", "group-failing", "group-cancel-task", "group-launch-fails"])
 def test_a_replica_crashed_at_every_write_ends_as_without_a_crash(tmp_path: Path, name: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14: the same with the controller as a replica: its claims and lease renewals are writes too, every
@@ -282,6 +296,10 @@ def test_the_lifecycles_cover_what_they_claim(tmp_path: Path, monkeypatch: pytes
     failing = play(tmp_path, "group-failing", None)
     assert list(failing.task_statuses.values()) == [["FAILED", "CANCELLED"]]
     assert list(failing.restarts.values()) == [[1, 0]] and list(failing.attempts.values()) == [3]
+    launch_failed = play(tmp_path, "group-launch-fails", None)
+    assert list(launch_failed.task_statuses.values()) == [["CANCELLED", "FAILED_NO_RESOURCE"]]
+    # the trainer's one `up` found no capacity; the server, held at the barrier, never ran; nothing is left
+    assert len(launch_failed.stacks_up) == 2 and launch_failed.runs_started == [] and launch_failed.leftovers == []
     one_cancelled = play(tmp_path, "group-cancel-task", None)
     assert list(one_cancelled.task_statuses.values()) == [["SUCCEEDED", "CANCELLED"]]
     graceful = play(tmp_path, "graceful-cancel", None)

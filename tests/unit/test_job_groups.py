@@ -13,8 +13,8 @@ import pytest
 from orchestrator.errors import UsageError
 from orchestrator.infra.fake_driver import FakeStackDriver
 from orchestrator.service import JobService
+from state.group_rules import group_verdict
 from state.machine import JobStatus, Phase
-from state.transitions import group_verdict
 from tests.support.factory import set_job, set_task
 from tests.unit.test_reconcilers import World
 
@@ -63,18 +63,21 @@ def test_every_task_of_a_group_is_placed_at_once_on_its_own_stack(world: World) 
 
 
 def test_the_barrier_holds_a_task_until_every_task_has_its_nodes(sortie_home: Path) -> None:
-    world = World(sortie_home, FakeStackDriver(capacity={"region-a": 1, "region-b": 0}))
+    world = World(sortie_home, FakeStackDriver(capacity={"region-a": 1, "region-b": 1}))
     job_id = submit_group(world, task("a", "echo a"), task("b", "echo b"))
     world.tick(5)
-    # a is up and waits in SYNCING; b found no capacity anywhere and backs off (the group's other task goes on)
+    # a is up and waits in SYNCING; b, kept to a's infra (region-a, full; region-b has room but is another
+    # infra), backs off while the group's other task waits
     assert phases(world, job_id) == {0: Phase.SYNCING}
     assert "backoff" in world.events(job_id) and world.agents.started == []
-    world.driver.capacity["region-b"] = 1
+    assert {a.region for a in world.store.attempts(job_id)} == {"region-a"}
+    world.driver.capacity["region-a"] = 2
     set_job(world.store, job_id, next_attempt_at=time.time() - 1, round_started_at=time.time() + 0.01)
     time.sleep(0.02)  # a new round: the earlier refusals no longer count
     world.tick(10)
     assert statuses(world, job_id)[0] == JobStatus.SUCCEEDED
     assert sorted(run_id.split("-")[0] for _node, run_id in world.agents.started) == ["run", "run"]
+    assert {(a.infra, a.region) for a in world.store.attempts(job_id)} == {("local", "region-a")}
 
 
 def test_each_task_sees_the_group_name_and_the_other_tasks_addresses(sortie_home: Path) -> None:
@@ -130,11 +133,80 @@ def test_without_primary_tasks_a_failure_lets_the_other_tasks_finish(sortie_home
     assert statuses(world, job_id) == (JobStatus.FAILED, [JobStatus.FAILED, JobStatus.SUCCEEDED])
 
 
-def test_an_infeasible_task_ends_alone_and_the_group_reports_it(world: World) -> None:
-    job_id = submit_group(world, task("a", "echo a"), task("b", "echo b", accelerators={"H100": 8}))
+def test_an_infeasible_task_fails_the_group_and_the_others_are_cancelled(sortie_home: Path) -> None:
+    world = World(sortie_home, hold=lambda node, run_id, command: "serve" in command)
+    job_id = submit_group(world, task("a", "serve"), task("b", "echo b", accelerators={"H100": 8}))
     world.tick(8)
     status, tasks = statuses(world, job_id)
-    assert (status, tasks) == (JobStatus.FAILED_PRECHECKS, [JobStatus.SUCCEEDED, JobStatus.FAILED_PRECHECKS])
+    assert (status, tasks) == (JobStatus.FAILED_PRECHECKS, [JobStatus.CANCELLED, JobStatus.FAILED_PRECHECKS])
+    job, (first, _second) = world.store.job(job_id), world.store.tasks([job_id])[job_id]
+    assert job is not None and (job.failure_reason or "").startswith("task 1 (b): FAILED_PRECHECKS")
+    assert (first.failure_reason or "").startswith("the group failed: task 1 (b): FAILED_PRECHECKS")
+    assert world.driver.list_stacks() == [] and world.store.live_stacks() == []
+
+
+def test_a_task_out_of_patience_for_capacity_fails_the_running_group(sortie_home: Path) -> None:
+    """b never finds capacity on the group's infra (a holds it) and gives up: FAILED_NO_RESOURCE fails the group,
+    and a, which was running, is cancelled (its run stopped, its cluster destroyed)."""
+    world = World(sortie_home, FakeStackDriver(capacity={"region-a": 1, "region-b": 1}),
+                  hold=lambda node, run_id, command: "serve" in command)
+    job_id = submit_group(world, task("a", "serve"),
+                          task("b", "echo b", job_recovery={"max_duration_s": 0.0}))
+    world.tick(10)
+    assert statuses(world, job_id) == (JobStatus.FAILED_NO_RESOURCE,
+                                       [JobStatus.CANCELLED, JobStatus.FAILED_NO_RESOURCE])
+    assert all(r.cancelled for runs in world.agents.runs.values() for r in runs.values() if "serve" in r.command)
+    assert {a.region for a in world.store.attempts(job_id)} == {"region-a"}  # b never tried region-b
+    assert world.driver.list_stacks() == []
+    first = world.store.tasks([job_id])[job_id][0]
+    assert (first.failure_reason or "").startswith("the group failed: task 1 (b): FAILED_NO_RESOURCE")
+
+
+class UnfitForT1(FakeStackDriver):
+    """Task 1's cluster asks what the infra cannot do (a load balancer that never gets an address)."""
+
+    def up(self, stack: str, program: Any, *, cleanup_on_failure: bool = True):  # type: ignore[override]
+        if "-t1-" in stack:
+            from orchestrator.errors import InfraUnfitError
+
+            raise InfraUnfitError(f"up of stack {stack} failed: Service {stack}-ports (the task's ports) got no load "
+                                  "balancer address in time", stack)
+        return super().up(stack, program, cleanup_on_failure=cleanup_on_failure)
+
+
+def test_an_infra_that_cannot_serve_a_task_fails_its_launch_and_the_group(sortie_home: Path) -> None:
+    world = World(sortie_home, UnfitForT1(), hold=lambda node, run_id, command: "serve" in command)
+    job_id = submit_group(world, task("a", "serve"), task("b", "echo b", ports=["8080"]))
+    world.tick(8)
+    assert statuses(world, job_id) == (JobStatus.FAILED_PRECHECKS, [JobStatus.CANCELLED, JobStatus.FAILED_PRECHECKS])
+    job = world.store.job(job_id)
+    assert job is not None and "got no load balancer address" in (job.failure_reason or "")
+    assert [a.number for a in world.store.attempts(job_id) if a.task_index == 1] == [1]  # no retry: it cannot help
+    assert world.driver.list_stacks() == []
+
+
+def test_tasks_with_no_infra_in_common_fail_the_group_before_anything_is_made(world: World) -> None:
+    job_id = submit_group(world, task("a", "echo a", cloud="local", region="region-a"),
+                          task("b", "echo b", cloud="local", region="region-b"))
+    world.tick(4)
+    status, tasks = statuses(world, job_id)
+    assert status == JobStatus.FAILED_PRECHECKS and JobStatus.FAILED_PRECHECKS in tasks
+    assert world.store.attempts(job_id) == [] and world.driver.list_stacks() == []
+    job = world.store.job(job_id)
+    assert job is not None and "no one infra (cloud and region) can serve every task" in (job.failure_reason or "")
+
+
+def test_a_recovered_task_goes_back_to_the_infra_of_the_others(sortie_home: Path) -> None:
+    world = World(sortie_home, FakeStackDriver(capacity={"region-a": 3, "region-b": 3}),
+                  hold=lambda node, run_id, command: run_id.startswith("run-"))
+    job_id = submit_group(world, task("a", "train", use_spot=True), task("b", "serve"))
+    world.tick(4)
+    first = {a.task_index: a for a in world.store.open_attempts_of([job_id])[job_id]}
+    assert first[0].region == first[1].region == "region-a"
+    world.driver.preempt(first[0].stack_name, 0)  # EAGER_NEXT_REGION would prefer region-b
+    world.tick(6)
+    now = {a.task_index: a for a in world.store.open_attempts_of([job_id])[job_id]}
+    assert now[0].number == 2 and now[0].region == "region-a" and now[1].id == first[1].id
 
 
 def test_cancel_of_one_task_of_a_group_leaves_the_others_running(sortie_home: Path) -> None:
@@ -184,6 +256,11 @@ def test_group_verdict() -> None:
     assert group_verdict(spec, [cancelled, ok, ok], False) == (JobStatus.CANCELLED, "task 0 (a) was cancelled")
     assert group_verdict(spec, [ok, ok, ok], True)[0] == JobStatus.CANCELLED
     assert group_verdict({"tasks": spec["tasks"]}, [ok, ok, failed], False)[0] == JobStatus.FAILED_SETUP
+    no_room = ("FAILED_NO_RESOURCE", "no capacity")
+    # a task that failed to launch fails the group, even an auxiliary one, before a primary's own failure
+    assert group_verdict(spec, [failed, cancelled, no_room], False) == (
+        JobStatus.FAILED_NO_RESOURCE, "task 2 (c): FAILED_NO_RESOURCE: no capacity")
+    assert group_verdict(spec, [ok, ok, no_room], False) == (JobStatus.SUCCEEDED, None)  # primaries were done
 
 
 def test_cancel_task_of_a_pipeline_names_its_running_task(world: World) -> None:

@@ -146,6 +146,17 @@ def test_a_capacity_failure_is_the_schedulers_message_not_the_progress_line() ->
         "FailedScheduling: 0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint(s).")
 
 
+def test_a_load_balancer_without_an_address_is_named_with_what_to_do() -> None:
+    from orchestrator.infra._stack_worker import _LB_NO_ADDRESS
+
+    text = ('    * resource "urn:pulumi:s::sortie::kubernetes:core/v1:Service::sortie-job-3-t0-1-ports" was '
+            "successfully created, but the Kubernetes API server reported that it failed to fully initialize or "
+            "become live: timed out waiting for the condition")
+    found = _LB_NO_ADDRESS.search(text)
+    assert found is not None and found.group(1) == "sortie-job-3-t0-1-ports"
+    assert _LB_NO_ADDRESS.search(text.replace("-ports", "-nodes")) is None  # the nodes' own Service: not this
+
+
 def test_the_default_disk_requests_no_ephemeral_storage() -> None:
     from orchestrator.spec.resources import DEFAULT_DISK_SIZE_GB
     from stacks.builders.kubernetes import resources

@@ -62,10 +62,23 @@ def _theirs(c: dict[str, Any]) -> tuple[Any, ...]:
             c["disk_tier"], c["network_tier"], c["labels"] or {}, c["accelerator_args"] or {})
 
 
+def _from_catalog(c: Candidate) -> tuple[Any, Any, dict[str, float]]:
+    """(cpus, memory, accelerators) as SkyPilot's loader fills them in for a candidate that names only an instance
+    type: from its catalog's row of that type. The records were made with SkyPilot's catalog seeded from Sortie's
+    own catalogs (seed_skypilot_catalogs.py), so these values depend only on that seed: read them from Sortie's."""
+    if not c.instance_type or c.cpus or c.memory or c.accelerators:
+        return c.cpus, c.memory, dict(c.accelerators)
+    from orchestrator.policy.optimizer import catalog_offers
+
+    offer = next(o for o in catalog_offers([c.cloud or "aws"]) if o.instance_type == c.instance_type)
+    return str(float(offer.vcpus)), str(float(offer.memory_gib)), {k: float(v) for k, v in offer.accelerators.items()}
+
+
 def _ours(c: Candidate) -> tuple[Any, ...]:
     r = c.job_recovery
     data = c.to_json()
-    return (c.cloud, c.region, c.zone, c.cpus, c.memory, tuple(sorted(c.accelerators.items())), c.use_spot,
+    cpus, memory, accelerators = _from_catalog(c)
+    return (c.cloud, c.region, c.zone, cpus, memory, tuple(sorted(accelerators.items())), c.use_spot,
             c.disk_size, c.instance_type, r.strategy if r else None, r.max_restarts_on_errors if r else None,
             tuple(sorted(c.ports)), data["image_id"], c.disk_tier, c.network_tier, dict(c.labels),
             data["accelerator_args"])

@@ -187,6 +187,11 @@ def test_endpoints_are_on_loopback_locally_and_the_public_address_on_a_cloud() -
     assert endpoints(task, "aws/us-east-1", nodes) == {8080: "3.3.3.3:8080", 9000: "3.3.3.3:9000",
                                                         9001: "3.3.3.3:9001"}
     assert endpoints(task, "aws", []) == {} and endpoints({"resources": [{}]}, "aws", nodes) == {}
+    # Kubernetes: what the head pod's Service says (a node port here), never the pod's own address
+    kube = [{"rank": 0, "ip": "10.244.0.5", "endpoints": {"8080": "192.168.0.3:30000", "9000": "192.168.0.3:30001",
+                                                          "9001": "192.168.0.3:30002"}}]
+    assert endpoints(task, "kubernetes/ctx", kube) == {8080: "192.168.0.3:30000", 9000: "192.168.0.3:30001",
+                                                       9001: "192.168.0.3:30002"}
 
 
 # ---- section 2: catalogs that cover what people rent ----------------------------------------------------------
