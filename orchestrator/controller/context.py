@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ class ControllerContext:
     watchers: NodeWatchers | None = None  # issue 15: one watch per live node (node_events.py)
     # issue 14: this replica's leases; None where one controller drives everything (unit tests, the harness)
     leases: Leases | None = None
+    early_refreshes: set[str] = field(default_factory=set)  # stacks refreshed on a suspicion (issue 15)
 
     @classmethod
     def create(cls, store: StateStore, driver: StackDriver, config: SortieConfig, home: Path,
@@ -112,6 +113,21 @@ class ControllerContext:
         once per `confirm_again_seconds` per owner)."""
         return bool(signal.lost_ranks) and self.watchers is not None and (
             self.stack_ops.busy(("refresh", stack)) or self.watchers.may_confirm(owner))
+
+    def refresh_early(self, stack: str, start: Callable[[], Any]) -> None:
+        """Issue 15: a node's watch broke and its agent does not answer a probe: `start` the infra's refresh of
+        `stack` now, while the hub confirms the loss, so the decision has its answer when the loss is confirmed.
+        Nothing is decided from it before then; a suspicion the node clears drops it (`drop_early_refresh`)."""
+        if not self.stack_ops.busy(("refresh", stack)) and stack not in self.early_refreshes:
+            self.early_refreshes.add(stack)
+            start()
+
+    def drop_early_refresh(self, stack: str) -> None:
+        """The node answered again: an early refresh that finished is handed to nobody (one still running is left
+        to finish; its result answers the next suspicion or is dropped the same way)."""
+        if stack in self.early_refreshes and not self.stack_ops.running(("refresh", stack)):
+            self.stack_ops.discard(("refresh", stack))
+            self.early_refreshes.discard(stack)
 
     def poll_every(self, signal: WatchSignal) -> float:
         interval = self.config.controller.poll_interval_seconds

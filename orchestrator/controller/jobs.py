@@ -63,7 +63,6 @@ class JobReconciler:
         self.runs = NodeRuns(ctx)
         self.files = JobFiles(ctx)
         self._group: tuple[dict[int, AttemptRow], list[TaskRow]] = ({}, [])  # the job group being stepped
-        self._early_refresh: set[str] = set()  # stacks refreshed on a suspicion (a broken watch, a failed probe)
 
     def tick(self) -> int:
         """One pass over every job in progress; returns how many there are."""
@@ -452,12 +451,13 @@ class JobReconciler:
         if verdict is None:
             return None
         if verdict.kind == "node_suspect":
-            self._refresh_early(job, attempt)
+            self.ctx.refresh_early(attempt.stack_name, lambda: self._stack_op(
+                job, "refresh", attempt.stack_name, lambda: self.ctx.driver.refresh(attempt.stack_name)))
             return None
         if verdict.kind == "node_lost":
             self._confirm_node_loss(job, attempt, verdict.lost_ranks)
             return None
-        self._drop_early_refresh(attempt.stack_name)  # a poll came back: the suspicion is over
+        self.ctx.drop_early_refresh(attempt.stack_name)  # a poll came back: the suspicion is over
         return verdict.exit_codes if verdict.kind == "done" else None
 
     def _setting_up(self, job: JobRow, attempt: AttemptRow) -> None:
@@ -491,29 +491,13 @@ class JobReconciler:
         else:
             self._after_failure(job, attempt, Failure.USER_ERROR, f"run failed: {first_failure(codes)}", codes)
 
-    def _refresh_early(self, job: JobRow, attempt: AttemptRow) -> None:
-        """Issue 15: a node's watch broke and its agent does not answer a probe: start the infra's refresh now,
-        while the hub confirms the loss, so the decision has its answer when the loss is confirmed. Nothing is
-        decided from it before then; a suspicion the node clears drops it (`_drop_early_refresh`)."""
-        if self.ctx.stack_ops.busy(("refresh", attempt.stack_name)) or attempt.stack_name in self._early_refresh:
-            return
-        self._early_refresh.add(attempt.stack_name)
-        self._stack_op(job, "refresh", attempt.stack_name, lambda: self.ctx.driver.refresh(attempt.stack_name))
-
-    def _drop_early_refresh(self, stack: str) -> None:
-        """The node answered again: an early refresh that finished is handed to nobody (one still running is left
-        to finish; its result answers the next suspicion or is dropped the same way)."""
-        if stack in self._early_refresh and not self.ctx.stack_ops.running(("refresh", stack)):
-            self.ctx.stack_ops.discard(("refresh", stack))
-            self._early_refresh.discard(stack)
-
     def _confirm_node_loss(self, job: JobRow, attempt: AttemptRow, ranks: tuple[int, ...]) -> None:
         """Agents missed `grace_misses` polls: ask the infra (`refresh`). Gone nodes mean a preemption;
         nodes the infra still has are given more time (up to three graces) before they count as lost."""
         result = self._stack_op(job, "refresh", attempt.stack_name, lambda: self.ctx.driver.refresh(attempt.stack_name))
         if result is None:
             return
-        self._early_refresh.discard(attempt.stack_name)
+        self.ctx.early_refreshes.discard(attempt.stack_name)
         gone = sorted(r.name for r in result.value.gone) if result.ok else []
         if gone:
             self._node_trouble(job, attempt, f"node(s) {', '.join(gone)} of {attempt.infra}/{attempt.region} "
@@ -577,7 +561,7 @@ class JobReconciler:
             return
         if self.ctx.stack_ops.running(("refresh", attempt.stack_name)):
             return  # an early refresh (issue 15) still holds the stack: destroy after it
-        self._drop_early_refresh(attempt.stack_name)
+        self.ctx.drop_early_refresh(attempt.stack_name)
         result = self._stack_op(job, "destroy", attempt.stack_name, lambda: self.ctx.driver.destroy(attempt.stack_name))
         if result is None:
             return

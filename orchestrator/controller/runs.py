@@ -19,7 +19,7 @@ from typing import Any
 from orchestrator.controller.context import ControllerContext
 from orchestrator.controller.decide import NodeRun, RunsVerdict, agent_refusal, judge_runs
 from orchestrator.controller.node_reports import report_node_errors
-from orchestrator.controller.ops import run_here
+from orchestrator.controller.ops import Finished, run_here
 from orchestrator.infra.agent_async import NodeAgent, SyncAgentOnLoop
 from orchestrator.infra.agent_client import AgentError
 from orchestrator.policy.run_env import node_env, pool_job_env
@@ -147,24 +147,31 @@ class NodeRuns:
             self.ctx.logs.append(path, data)
 
     def drive(self, job: JobRow, attempt: AttemptRow, kind: str) -> RunsVerdict | None:
-        """Poll every node (at most once per poll interval); None until a poll has come back. Records the missed
-        polls of unreachable nodes."""
-        key = (attempt.id, kind)
+        """Poll every node (at once on news from the watch, else once per poll interval); None until a poll has
+        come back. Records the missed polls of unreachable nodes."""
         op_key = ("poll", attempt.id, kind)
-        agents: list[tuple[dict[str, Any], NodeAgent]] = []  # only for a poll that starts now
-        if not self.ctx.node_io.busy(op_key):
-            # issue 15: a change the watch saw polls now; a node it reports lost is refreshed now
-            watch = self.ctx.watch(("attempt", attempt.id), attempt.nodes, attempt.token_enc, run_id(kind, attempt))
-            if self.ctx.confirm_loss_now(("attempt", attempt.id), attempt.stack_name, watch):
-                return RunsVerdict("node_lost", lost_ranks=watch.lost_ranks)
-            if watch.suspect_ranks:  # the hub probes them; a poll now would only miss
-                return RunsVerdict("node_suspect", lost_ranks=watch.suspect_ranks)
-            due = self._polled_at.get(key, 0.0) + self.ctx.poll_every(watch)
-            if time.time() < due and not watch.news:
-                return None
-            self._polled_at[key] = time.time()
-            agents = self.ctx.node_agents(attempt.nodes, attempt.token_enc)
-        polled = self.ctx.node_io.ensure(op_key, self._poll, job, attempt, kind, agents)
+        came_back: RunsVerdict | None = None
+        if self.ctx.node_io.busy(op_key):
+            came_back = self._judge(job, attempt, self.ctx.node_io.ensure(op_key, self._poll, job, attempt, kind, []))
+            if came_back is None or came_back.kind != "wait":
+                return came_back
+            # "still going": what the watch saw while the poll was out (an exit) is looked at now, not next tick
+        # issue 15: a change the watch saw polls now; a node it reports lost is refreshed now
+        watch = self.ctx.watch(("attempt", attempt.id), attempt.nodes, attempt.token_enc, run_id(kind, attempt))
+        if self.ctx.confirm_loss_now(("attempt", attempt.id), attempt.stack_name, watch):
+            return RunsVerdict("node_lost", lost_ranks=watch.lost_ranks)
+        if watch.suspect_ranks:  # the hub probes them; a poll now would only miss
+            return RunsVerdict("node_suspect", lost_ranks=watch.suspect_ranks)
+        key = (attempt.id, kind)
+        if time.time() < self._polled_at.get(key, 0.0) + self.ctx.poll_every(watch) and not watch.news:
+            return came_back
+        self._polled_at[key] = time.time()
+        agents = self.ctx.node_agents(attempt.nodes, attempt.token_enc)
+        return self._judge(job, attempt, self.ctx.node_io.ensure(op_key, self._poll, job, attempt, kind, agents)) \
+            or came_back
+
+    def _judge(self, job: JobRow, attempt: AttemptRow, polled: Finished | None) -> RunsVerdict | None:
+        """What a poll that came back says (None: not back yet)."""
         if polled is None:
             return None
         if not polled.ok:
