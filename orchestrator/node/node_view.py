@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--show", action="append", default=[], help="a directory under a hidden one shown again")
     run.add_argument("--uid", type=int, help="run the command as this uid (the node's user), /proc private to it")
     run.add_argument("--gid", type=int, help="... and this gid (default: the uid)")
-    run.add_argument("--umask", type=lambda text: int(text, 8), help="the command's umask, in octal (a pool job's)")
+    run.add_argument("--umask", type=lambda text: int(text, 8), help="the command's umask, in octal (a node user's)")
     run.add_argument("command", nargs=argparse.REMAINDER)
     check = sub.add_parser("probe", help="exit 0 if mount namespaces work here")
     check.add_argument("--sandbox", required=True)
