@@ -60,7 +60,8 @@ OPT_OUT_ENV = "SORTIE_NO_RUN_USERS"
 RUN_DIRS = ("workdir", "home", "mounts", "tmp")
 MAX_TRIES = 256
 JOB_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-USER_UMASK = 0o077  # a node user's files are its own: other jobs' users share the machine's /tmp
+JOB_UMASK = 0o077  # a pool job's files are its own: another job on the worker shares its /tmp
+NODE_UMASK = 0o027  # a node user's files: its group's (a pool worker's jobs read its setup's), nobody else's
 
 _libc: Any = ctypes.CDLL(None, use_errno=True)
 
@@ -369,7 +370,7 @@ class RunUser:
             child_env["HOME"] = str(self.sandbox / "users" / job / "home")
         child_env["USER"] = child_env["LOGNAME"] = env.get("USER") or node_accounts.account_name(user.uid)
         child_env["PATH"] = f"{self.sandbox / 'bin'}:{child_env.get('PATH') or os.defpath}"  # sudo: the shim
-        return [f"--uid={user.uid}", f"--gid={user.gid}", f"--umask={USER_UMASK:03o}"]
+        return [f"--uid={user.uid}", f"--gid={user.gid}", f"--umask={(JOB_UMASK if job else NODE_UMASK):03o}"]
 
     def remove_job(self, key: str) -> dict[str, int]:
         """The pool job `key`'s end: its processes killed, its directory and what it left in the machine's

@@ -150,7 +150,7 @@ run: |
 
 def test_a_node_user_has_an_account_a_private_home_and_a_sudo_that_says_no(sortie: Sortie, tmp_path: Path) -> None:
     """Part 3 of the rest of issue 17: getpwuid works, `whoami` names the user, $HOME is its own (0700), its files
-    in /tmp are its own (umask 077), `sudo` refuses in one line; the account is gone with the node."""
+    in /tmp are closed to others (umask 027), `sudo` refuses in one line; the account is gone with the node."""
     job_id = sortie.launch(write(tmp_path, "account.yaml", ACCOUNT))
     job = sortie.wait(job_id, timeout=180)
     out = sortie.logs(job_id)
@@ -162,7 +162,7 @@ def test_a_node_user_has_an_account_a_private_home_and_a_sudo_that_says_no(sorti
     home = re.search(r"\bHOME=(\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
     assert f"pwhome={home}" in out and home.endswith("/home")
     assert f"home-mode=700 home-owner={uid}" in out and "home-writable" in out
-    assert "tmp-mode=600" in out, out  # umask 077: what it leaves in the machine's /tmp is its own
+    assert "tmp-mode=640" in out, out  # umask 027: what it leaves in the machine's /tmp is closed to other jobs
     assert "sudo: refused on Sortie's local cloud" in out and "sudo-exit=1" in out, out
     deadline = time.monotonic() + 90
     while f"{name}:" in Path("/etc/passwd").read_text():  # the node goes with the job: its account with it
