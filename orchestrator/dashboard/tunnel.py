@@ -5,9 +5,12 @@ controller), and `sortie dashboard` reaches it through an SSH tunnel from this m
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -78,8 +81,28 @@ def open_tunnel(home: Path, target: SshTarget, local_port: int = 0, timeout: flo
 
 
 def hold_tunnel(target: SshTarget, local_port: int) -> int:
-    """The tunnel in the foreground until Ctrl-C; ssh's exit code."""
+    """The tunnel in the foreground until Ctrl-C (or SIGTERM): ssh's exit code, 0 when stopped so. The signal
+    stops ssh through handlers of our own rather than a KeyboardInterrupt, which could land anywhere (a signal sent
+    to this process alone, as a supervisor sends it, once left ssh running and this process waiting on it)."""
+    stopped = threading.Event()
+    proc = subprocess.Popen(ssh_command(target, local_port), stdin=subprocess.DEVNULL)
+
+    def stop(_signum: int, _frame: object) -> None:
+        stopped.set()
+        with contextlib.suppress(OSError):
+            proc.terminate()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.run(ssh_command(target, local_port), stdin=subprocess.DEVNULL).returncode
-    except KeyboardInterrupt:
-        return 0
+        code = proc.wait()
+    except KeyboardInterrupt:  # a Ctrl-C before the handlers were in place
+        stopped.set()
+        proc.terminate()
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return 0 if stopped.is_set() else code
