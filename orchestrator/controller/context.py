@@ -77,21 +77,16 @@ class ControllerContext:
                     token_enc: str | None) -> list[tuple[dict[str, Any], NodeAgent]]:
         """An agent client per node, by rank, for coroutines on `node_io`: the hub's shared session for real
         agents; a test's own clients (`connect`) behind the same face, on a thread (or in place, inline)."""
-        token = self.store.box.open(token_enc)
-        hub = self.watchers.hub if self.watchers is not None else None
-        loop = isinstance(self.node_io, LoopOperations) and self.node_io.on_loop
-        found: list[tuple[dict[str, Any], NodeAgent]] = []
-        for node in sorted(nodes or [], key=lambda n: n["rank"]):
-            if loop and hub is not None and self.connect is connect_agent:
-                found.append((node, hub.agent(node["url"], token)))
-            else:
-                found.append((node, SyncAgentOnLoop(self.connect(node["url"], token), threaded=loop)))
-        return found
+        loop = self.node_io.on_loop
+        if loop and self.watchers is not None and self.connect is connect_agent:
+            hub, token = self.watchers.hub, self.store.box.open(token_enc)
+            return [(n, hub.agent(n["url"], token)) for n in sorted(nodes or [], key=lambda n: n["rank"])]
+        return [(n, SyncAgentOnLoop(client, threaded=loop)) for n, client in self.clients(nodes, token_enc)]
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """From a coroutine on `node_io`: `fn(*args)`, work that blocks (the state DB, decryption), on a thread
         so the loop never waits on it; in place when inline."""
-        if isinstance(self.node_io, LoopOperations) and self.node_io.on_loop:
+        if self.node_io.on_loop:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 

@@ -86,6 +86,11 @@ class OperationPool:
             future = self._futures.get(key)
             return future is not None and not future.done()
 
+    @property
+    def on_loop(self) -> bool:
+        """The operations are coroutines on the node-events loop (`LoopOperations`); threads or inline here."""
+        return False
+
     def busy(self, key: Hashable) -> bool:
         """Started and its result not yet handed over."""
         with self._lock:
