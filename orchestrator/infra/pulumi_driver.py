@@ -53,6 +53,7 @@ class PulumiStackDriver:
             concurrent_update_retries=self.config.pulumi.concurrent_update_retries,
             stack_tags=tuple(sorted(self.config.pulumi.stack_tags.items())),
             policy_packs=tuple(str(Path(p).expanduser()) for p in self.config.pulumi.policy_packs),
+            engine_version=engine.version,
         )
         if self.settings.backend_url.startswith("file://"):
             Path(self.settings.backend_url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
