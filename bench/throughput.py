@@ -8,7 +8,8 @@ fresh local cluster (its own `up` and `destroy`); then the same N through a warm
 
 - jobs a minute, from the submit to the last job ended (all must end SUCCEEDED);
 - CPU seconds per job on the controller's side: the controller and everything it started and reaped (stack
-  workers, engines, provider plugins), from /proc (utime + stime + cutime + cstime). The nodes' agents and their
+  workers, engines, provider plugins), with its fork server of stack workers and what that reaped, from /proc
+  (utime + stime + cutime + cstime), read once the last cluster's stack is gone. The nodes' agents and their
   runs are not the controller's children (the local cloud starts them in sessions of their own) and are not counted;
 - peak stack operations in flight, and peak memory per operation in flight: the summed PSS (proportional set
   size, /proc/<pid>/smaps_rollup) of the controller's descendants (agents excluded) over the operations running at
@@ -56,6 +57,19 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def controller_cpu(pid: int) -> float:
+    """The controller's CPU with its reaped descendants', and its stack workers' fork server's (which reaps the
+    forks, whose engines and plugins they reaped)."""
+    total = cpu_seconds(pid)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"orchestrator.infra.fork_server" in Path(f"/proc/{child}/cmdline").read_bytes():
+                total += cpu_seconds(int(child))
+        except OSError:
+            continue
+    return total
 
 
 def controller_pid(env: dict[str, str]) -> int:
@@ -124,6 +138,15 @@ class Figures:
                 f"{self.cpu / self.jobs:5.2f} CPU s/job{ops}")
 
 
+def wait_no_stacks(env: dict[str, str], timeout: float = 600) -> None:
+    from state.store import StateStore
+
+    store = StateStore(Path(env["SORTIE_HOME"]))
+    deadline = time.monotonic() + timeout
+    while store.live_stacks() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def check_succeeded(env: dict[str, str], jobs: int) -> None:
     from state.store import StateStore
 
@@ -136,12 +159,15 @@ def check_succeeded(env: dict[str, str], jobs: int) -> None:
 def run_jobs(env: dict[str, str], jobs: int, *extra: str) -> Figures:
     pid = controller_pid(env)
     with TreeSampler(pid, env["SORTIE_HOME"]) as sampler:
-        cpu = cpu_seconds(pid)
+        cpu = controller_cpu(pid)
         started = time.perf_counter()
         sortie(env, "jobs", "launch", "-y", *extra, "--num-jobs", str(jobs), "true")
         wait_all_done(env)
         wall = time.perf_counter() - started
-        cpu = cpu_seconds(pid) - cpu
+        if not extra:  # the clusters' destroys may end after their jobs: their CPU counts
+            wait_no_stacks(env)
+        time.sleep(1.5)  # the fork server reaps its forks within a second
+        cpu = controller_cpu(pid) - cpu
     return Figures(jobs, wall, cpu, sampler.peak_ops, sampler.peak_per_op_kib / 1024)
 
 

@@ -163,6 +163,8 @@ class _Run:
         return LeanStack(self.request.stack, workspace, remove_on_destroy=self.request.remove), False
 
     def missing(self) -> StackNotFoundError:
+        """The stack is not there: nor is the work dir this operation made for it."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
         return StackNotFoundError(f"stack {self.request.stack} does not exist", self.request.stack, self.log.name)
 
     def workspace(self) -> Any:
