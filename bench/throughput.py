@@ -38,6 +38,7 @@ from orchestrator.node.agent import SANDBOX_ENV
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WORKER_MODULE = b"orchestrator.infra._stack_worker"
+FORK_SERVER = b"orchestrator.infra.fork_server"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -63,9 +64,15 @@ def controller_cpu(pid: int) -> float:
     """The controller's CPU with its reaped descendants', and its stack workers' fork server's (which reaps the
     forks, whose engines and plugins they reaped)."""
     total = cpu_seconds(pid)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():  # a child is listed under the thread that started it
         try:
-            if b"orchestrator.infra.fork_server" in Path(f"/proc/{child}/cmdline").read_bytes():
+            children |= set((task / "children").read_text().split())
+        except OSError:
+            continue
+    for child in children:
+        try:
+            if FORK_SERVER in Path(f"/proc/{child}/cmdline").read_bytes():
                 total += cpu_seconds(int(child))
         except OSError:
             continue
@@ -97,12 +104,13 @@ class TreeSampler:
             grew = len(tree) > before
         tree = {pid for pid in tree - {self.root_pid} if self.marker not in table.get(pid, (0, b""))[1]}
         workers = 0
-        for pid in tree:
+        for pid in tree:  # a stack worker: a fresh Python, or a fork of the fork server (not the server itself)
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    workers += WORKER_MODULE in fh.read()
+                    cmdline = fh.read()
             except OSError:
                 continue
+            workers += WORKER_MODULE in cmdline or (FORK_SERVER in cmdline and table[pid][0] != self.root_pid)
         rss = sum(pss_kib(p) for p in tree)
         self.peak_tree_kib = max(self.peak_tree_kib, rss)
         if workers:
@@ -177,6 +185,11 @@ def bench_fresh(jobs: int) -> Figures:
     try:
         figures = run_jobs(env, jobs)
         check_succeeded(env, jobs)
+    except BaseException:  # interrupted: nothing is left running
+        sortie(env, "jobs", "cancel", "-a", "-y")
+        wait_all_done(env)
+        wait_no_stacks(env)
+        raise
     finally:
         sortie(env, "controller", "stop")
     _check_nothing_left(env)
