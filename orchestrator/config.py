@@ -94,7 +94,7 @@ class LocalCloudConfig(BaseModel):
         raise SortieError(f"local region {name!r} is not configured (known: {known}); add it under local.regions")
 
 
-OPERATION_MIB = 150  # one stack operation in flight, measured (bench/throughput.py, PSS)
+OPERATION_MIB = 200  # one stack operation in flight: 140-200 MiB PSS measured (bench/throughput.py)
 
 
 class PulumiConfig(BaseModel):
@@ -119,7 +119,7 @@ class PulumiConfig(BaseModel):
     ] = "sortie"
     max_concurrent_operations: Annotated[
         int | None,
-        Field(ge=1, le=64, description="Stack operations (a worker, the engine and its plugins: ~150 MiB) "
+        Field(ge=1, le=64, description="Stack operations (a worker, the engine and its plugins: ~200 MiB) "
               "running at once; default: the CPU count, between 2 and 8 (operations are CPU-bound), and no more "
               "than a quarter of the machine's memory holds. Launches beyond it wait in order."),
     ] = None
