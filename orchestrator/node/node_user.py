@@ -28,8 +28,11 @@ each node's runs run as a uid and gid of their own, so one job cannot read or si
 - a local-store bucket the node links to gets an ACL entry for the node user (`grant_tree`): the bucket stays the
   controller's, each node (and each pool job's user) that mounts it may read and write it.
 
-Not used (runs keep the agent's own user) in container mode (the task's container keeps its runs apart), when
-the agent is not root, where mount namespaces fail, or with SORTIE_NO_RUN_USERS=1.
+In container mode (image_id: docker:...) the task's container runs as the node user (`--user uid:gid`, no
+capabilities, no-new-privileges; `container.py`); a pool job's runs there are the node user's too.
+
+Not used (runs keep the agent's own user) when the agent is not root, where mount namespaces fail (unless the runs
+are in a container), or with SORTIE_NO_RUN_USERS=1.
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ def taken_uids(nodes_dir: Path, own: Path) -> set[int]:
 
 
 def wanted(confine: bool, container: object, view_works: bool) -> bool:
-    return (confine and container is None and view_works and os.geteuid() == 0
+    """A node user for runs: as root, confined, not opted out, where runs are kept in a mount namespace (the path
+    view, or the task's container: its processes are the node user, issue 28)."""
+    return (confine and (view_works or container is not None) and os.geteuid() == 0
             and os.environ.get(OPT_OUT_ENV) != "1")
 
 

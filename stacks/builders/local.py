@@ -121,13 +121,19 @@ class LocalNode(Resource):
 
 
 def build_local_nodes(spec: ClusterSpec) -> list[BuiltNode]:
+    from orchestrator.policy.run_options import problems as run_option_problems
+
     home = sortie_home()
-    region = load_config(home).local.region(spec.region.split("/")[-1] if spec.region else None)
+    config = load_config(home)
+    refused = run_option_problems(spec.container_options, config.docker.allowed_run_options)
+    if refused:  # launch refuses these first; a job submitted before the operator's config changed stops here
+        raise UsageError(f"cluster {spec.name}: {refused[0]}")
+    region = config.local.region(spec.region.split("/")[-1] if spec.region else None)
     for name, count in spec.accelerators.items():
         if region.accelerators.get(name, 0) < count:
             declared = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "none"
             raise UsageError(f"local/{region.name} has no node with {name}:{count} (declared: {declared})")
-    root = spec.local_root or str(load_config(home).local.root_dir(Path(home)))
+    root = spec.local_root or str(config.local.root_dir(Path(home)))
     built = []
     for rank in range(spec.num_nodes):
         node = LocalNode(f"node-{rank}", node_inputs(spec, rank, region.name, root, region.capacity,

@@ -3,6 +3,8 @@ one long-lived container of the image, built here from a local root filesystem (
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.policy.cloud_features import local_container_engine
-from tests.support.e2e import Sortie, write
+from tests.support.e2e import Sortie, one_line_error, write
 
 pytestmark = pytest.mark.e2e
 ENGINE = local_container_engine()
@@ -31,7 +33,7 @@ def image(tmp_path: Path):
     if ENGINE is None:
         pytest.skip("no working podman or docker on this machine (apt-get install podman)")
     root = tmp_path / "rootfs"
-    for tool in ("bash", "sh", "sleep", "cat"):
+    for tool in ("bash", "sh", "sleep", "cat", "ln", "id", "touch"):
         path = Path(shutil.which(tool) or f"/bin/{tool}").resolve()
         libs = subprocess.run(["ldd", str(path)], capture_output=True, text=True).stdout.split()
         for item in [str(path), *[p for p in libs if p.startswith("/")]]:
@@ -41,6 +43,7 @@ def image(tmp_path: Path):
     (root / "etc").mkdir()
     (root / "etc" / "sortie-image-marker").write_text("inside-the-image\n")
     (root / "tmp").mkdir()
+    (root / "tmp").chmod(0o1777)
     archive = tmp_path / "rootfs.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(root, arcname=".")
@@ -68,3 +71,62 @@ def test_setup_and_run_execute_in_the_task_image(sortie: Sortie, tmp_path: Path,
     assert "(setup) inside-the-image" in logs and "hello-container inside-the-image mounted-file rank=0" in logs
     left = subprocess.run([ENGINE, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
     assert not [n for n in left.split() if n.startswith("sortie-")]  # the node's container went with it
+
+
+# --- issue 28, item 2: what a container job can no longer reach ---------------------------------------------------
+
+
+@pytest.mark.parametrize("options", ['["-v", "/:/host"]', '["--privileged"]', '["--cap-add=ALL"]',
+                                     '["--pid=host"]', '["--security-opt", "seccomp=unconfined"]'])
+def test_run_options_that_reach_the_host_are_refused_and_nothing_is_submitted(
+        sortie: Sortie, tmp_path: Path, options: str) -> None:
+    yaml = write(tmp_path, "c.yaml", "resources:\n  infra: local\n  image_id: docker:localhost/any:1\n"
+                 f"config:\n  docker:\n    run_options: {options}\nrun: cat /host/etc/shadow\n")
+    name = json.loads(options)[0].split("=")[0]
+    for args in (("--dryrun",), ("-y", "-d")):
+        out = sortie.run("jobs", "launch", *args, yaml, check=False)
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        line = one_line_error(out) if ENGINE else out.stderr
+        assert f"config.docker.run_options: {name} is refused" in line and "docker.allowed_run_options" in line
+    assert json.loads(sortie.run("jobs", "queue", "-a", "--json").stdout) == []
+
+
+def test_a_container_is_the_node_user_even_with_a_host_mount_the_operator_allowed(
+        sortie_cli, tmp_path: Path, image: str) -> None:
+    """The operator allows --volume; a task binds the machine's / into its container. Its processes are its node's
+    user, with no capabilities: root's files (/etc/shadow, the home's secrets/state.key) stay out of reach."""
+    sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n"
+                        "docker:\n  allowed_run_options: [--volume]\n")
+    key = sortie.home / "secrets" / "state.key"
+    options = RUN_OPTIONS.replace("[", '["-v", "/:/host", ')
+    yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n  image_id: docker:{image}\n"
+                 f"config:\n  docker:\n    run_options: {options}\n"
+                 f"run: |\n  echo uid=$(id -u)\n  cat /host/etc/shadow && echo SHADOW-READ\n"
+                 f"  cat /host{key} && echo KEY-READ\n  touch /host/etc/sortie-h28 && echo ETC-WRITTEN\n"
+                 "  echo finished\n")
+    job = sortie.wait(sortie.launch(yaml), timeout=300)
+    logs = sortie.logs(job["id"])
+    assert job["status"] == "SUCCEEDED", (job["failure_reason"], logs)
+    assert key.exists() and key.stat().st_mode & 0o077 == 0  # the root-only file the run tried
+    assert "finished" in logs and "uid=0" not in logs and "uid=" in logs
+    assert "SHADOW-READ" not in logs and "KEY-READ" not in logs and "ETC-WRITTEN" not in logs
+    assert key.read_text().strip() not in logs and not Path("/etc/sortie-h28").exists()
+
+
+def test_a_container_run_cannot_swap_its_log_for_a_link_to_a_root_file(
+        sortie: Sortie, tmp_path: Path, image: str) -> None:
+    """The attack: the run replaces its own runs/<id>/output.log with a link to a root-only file, so that the agent
+    (root) serves that file as the run's log. The agent's records are not in the container, and the agent opens
+    logs without following links."""
+    secret = tmp_path / "root-only.txt"
+    secret.write_text("x" * 8192 + "\nTOPSECRET-H28\n")
+    os.chmod(secret, 0o600)
+    yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n  image_id: docker:{image}\n"
+                 f"config:\n  docker:\n    run_options: {RUN_OPTIONS}\n"
+                 "run: |\n  echo started\n"
+                 f'  for log in "$SORTIE_NODE_SANDBOX"/runs/*/output.log; do ln -sf {secret} "$log" && '
+                 "echo SWAPPED; done\n  sleep 2\n  echo finished\n")
+    job = sortie.wait(sortie.launch(yaml), timeout=300)
+    logs = sortie.logs(job["id"])
+    assert job["status"] == "SUCCEEDED", (job["failure_reason"], logs)
+    assert "TOPSECRET-H28" not in logs and "SWAPPED" not in logs and "finished" in logs
