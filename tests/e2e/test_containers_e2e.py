@@ -24,7 +24,14 @@ RUN_OPTIONS = '["--ulimit=nofile=1024:4096", "--ulimit=nproc=4096:8192"]'
 
 @pytest.fixture
 def sortie(sortie_cli) -> Sortie:
-    return sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  autostop_idle_minutes: 5\n")
+    return _default(sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n  "
+                               "autostop_idle_minutes: 5\n"))
+
+
+def _default(cli: Sortie) -> Sortie:
+    """Node users as Sortie makes them by default (the suite opts out: tests/conftest.py)."""
+    cli.env.pop("SORTIE_NO_RUN_USERS", None)
+    return cli
 
 
 @pytest.fixture
@@ -95,14 +102,15 @@ def test_a_container_is_the_node_user_even_with_a_host_mount_the_operator_allowe
         sortie_cli, tmp_path: Path, image: str) -> None:
     """The operator allows --volume; a task binds the machine's / into its container. Its processes are its node's
     user, with no capabilities: root's files (/etc/shadow, the home's secrets/state.key) stay out of reach."""
-    sortie = sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n"
-                        "docker:\n  allowed_run_options: [--volume]\n")
+    sortie = _default(sortie_cli("controller:\n  poll_interval_seconds: 0.3\n  tick_seconds: 0.2\n"
+                                 "docker:\n  allowed_run_options: [--volume]\n"))
     key = sortie.home / "secrets" / "state.key"
     options = RUN_OPTIONS.replace("[", '["-v", "/:/host", ')
+    mark = Path(f"/etc/sortie-h28-{secrets.token_hex(4)}")  # what a write as root would leave
     yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n  image_id: docker:{image}\n"
                  f"config:\n  docker:\n    run_options: {options}\n"
                  f"run: |\n  echo uid=$(id -u)\n  cat /host/etc/shadow && echo SHADOW-READ\n"
-                 f"  cat /host{key} && echo KEY-READ\n  touch /host/etc/sortie-h28 && echo ETC-WRITTEN\n"
+                 f"  cat /host{key} && echo KEY-READ\n  touch /host{mark} && echo ETC-WRITTEN\n"
                  "  echo finished\n")
     job = sortie.wait(sortie.launch(yaml), timeout=300)
     logs = sortie.logs(job["id"])
@@ -110,7 +118,7 @@ def test_a_container_is_the_node_user_even_with_a_host_mount_the_operator_allowe
     assert key.exists() and key.stat().st_mode & 0o077 == 0  # the root-only file the run tried
     assert "finished" in logs and "uid=0" not in logs and "uid=" in logs
     assert "SHADOW-READ" not in logs and "KEY-READ" not in logs and "ETC-WRITTEN" not in logs
-    assert key.read_text().strip() not in logs and not Path("/etc/sortie-h28").exists()
+    assert key.read_text().strip() not in logs and not mark.exists()
 
 
 def test_a_container_run_cannot_swap_its_log_for_a_link_to_a_root_file(
