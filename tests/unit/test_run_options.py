@@ -80,3 +80,15 @@ def test_the_operator_may_allow_options_by_name() -> None:
     assert problems(["--volume=/data:/data"], allowed=["-v"]) == []  # a short name stands for its long one
     still = problems(["-v", "/data:/data", "--privileged"], allowed=["--volume"])
     assert len(still) == 1 and "--privileged" in still[0]
+
+
+def test_a_local_node_is_not_built_with_a_refused_option(tmp_path, monkeypatch) -> None:
+    """The guard behind launch: a job submitted before the operator's list changed stops at its node's build."""
+    from orchestrator.errors import UsageError
+    from stacks.builders.local import build_local_nodes
+    from stacks.spec import ClusterSpec
+
+    monkeypatch.setenv("SORTIE_HOME", str(tmp_path))
+    spec = ClusterSpec(name="c1", container_image="img:1", container_options=("-v", "/:/host"))
+    with pytest.raises(UsageError, match=r"cluster c1: config.docker.run_options: -v is refused"):
+        build_local_nodes(spec)
