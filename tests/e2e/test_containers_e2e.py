@@ -9,6 +9,7 @@ import secrets
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,25 @@ def test_a_container_run_cannot_swap_its_log_for_a_link_to_a_root_file(
     logs = sortie.logs(job["id"])
     assert job["status"] == "SUCCEEDED", (job["failure_reason"], logs)
     assert "TOPSECRET-H28" not in logs and "SWAPPED" not in logs and "finished" in logs
+
+
+def test_a_container_run_is_cancelled_through_its_pid_file(sortie: Sortie, tmp_path: Path, image: str) -> None:
+    """The run's shell records its pid where the run (the node user) may write, outside the agent's records; a
+    cancel signals it in the container."""
+    yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n  image_id: docker:{image}\n"
+                 f"config:\n  docker:\n    run_options: {RUN_OPTIONS}\n"
+                 "run: |\n  echo waiting\n  sleep 300\n")
+    job_id = sortie.launch(yaml)
+    sortie.wait_for_log(job_id, "waiting", timeout=240)
+    sortie.run("jobs", "cancel", "-y", str(job_id))
+    assert sortie.wait(job_id, timeout=120)["status"] == "CANCELLED"
+    deadline = time.monotonic() + 60
+    while [n for n in _containers() if n.startswith("sortie-")]:  # the node's container went with it
+        assert time.monotonic() < deadline, _containers()
+        time.sleep(1)
+
+
+def _containers() -> list[str]:
+    assert ENGINE is not None
+    return subprocess.run([ENGINE, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
+                          timeout=60).stdout.split()
