@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.policy.cloud_features import local_container_engine
-from tests.support.e2e import Sortie, one_line_error, write
+from tests.support.e2e import Sortie, one_line_error, path_view_works, write
 
 pytestmark = pytest.mark.e2e
 ENGINE = local_container_engine()
@@ -127,11 +127,22 @@ def test_a_container_run_cannot_swap_its_log_for_a_link_to_a_root_file(
     """The attack: the run replaces its own runs/<id>/output.log with a link to a root-only file, so that the agent
     (root) serves that file as the run's log. The agent's records are not in the container, and the agent opens
     logs without following links."""
+    _swap_log_attack(sortie, tmp_path,
+                     f"  image_id: docker:{image}\nconfig:\n  docker:\n    run_options: {RUN_OPTIONS}\n")
+
+
+def test_a_plain_run_cannot_swap_its_log_either(sortie: Sortie, tmp_path: Path) -> None:
+    """The same attack from a plain (non-container) run: the node user cannot enter the agent's root-only runs/."""
+    if os.geteuid() != 0 or not path_view_works():
+        pytest.skip("node users need root and mount namespaces")
+    _swap_log_attack(sortie, tmp_path, "")
+
+
+def _swap_log_attack(sortie: Sortie, tmp_path: Path, resources: str) -> None:
     secret = tmp_path / "root-only.txt"
     secret.write_text("x" * 8192 + "\nTOPSECRET-H28\n")
     os.chmod(secret, 0o600)
-    yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n  image_id: docker:{image}\n"
-                 f"config:\n  docker:\n    run_options: {RUN_OPTIONS}\n"
+    yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n{resources}"
                  "run: |\n  echo started\n"
                  f'  for log in "$SORTIE_NODE_SANDBOX"/runs/*/output.log; do ln -sf {secret} "$log" && '
                  "echo SWAPPED; done\n  sleep 2\n  echo finished\n")
