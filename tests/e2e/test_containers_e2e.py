@@ -172,3 +172,18 @@ def _containers() -> list[str]:
     assert ENGINE is not None
     return subprocess.run([ENGINE, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
                           timeout=60).stdout.split()
+
+
+def test_a_container_as_the_node_user_reads_and_writes_its_mounted_bucket(
+        sortie: Sortie, tmp_path: Path, image: str) -> None:
+    """A local-store bucket the node links to (ACL for the node user) is bound into the container, writable to it."""
+    bucket = f"h28-bucket-{secrets.token_hex(3)}"
+    yaml = write(tmp_path, "c.yaml", f"resources:\n  infra: local\n  image_id: docker:{image}\n"
+                 f"config:\n  docker:\n    run_options: {RUN_OPTIONS}\n"
+                 f"file_mounts:\n  /data:\n    name: {bucket}\n    store: local\n    mode: MOUNT\n"
+                 "    persistent: false\n"
+                 "run: |\n  echo in-bucket > /data/x.txt && cat /data/x.txt\n  echo uid=$(id -u)\n")
+    job = sortie.wait(sortie.launch(yaml), timeout=300)
+    logs = sortie.logs(job["id"])
+    assert job["status"] == "SUCCEEDED", (job["failure_reason"], logs)
+    assert "(task) in-bucket" in logs and "uid=0" not in logs
