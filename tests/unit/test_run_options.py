@@ -92,3 +92,16 @@ def test_a_local_node_is_not_built_with_a_refused_option(tmp_path, monkeypatch) 
     spec = ClusterSpec(name="c1", container_image="img:1", container_options=("-v", "/:/host"))
     with pytest.raises(UsageError, match=r"cluster c1: config.docker.run_options: -v is refused"):
         build_local_nodes(spec)
+
+
+def test_a_pool_with_a_refused_option_is_refused_at_apply() -> None:
+    from orchestrator.errors import UsageError
+    from orchestrator.pool_service import _pool_task
+    from orchestrator.spec import load_yaml_text
+
+    text = ("pool: {workers: 1}\nresources: {infra: local, image_id: 'docker:img:1'}\n"
+            "config: {docker: {run_options: ['--privileged']}}\nsetup: echo hi\n")
+    with pytest.raises(UsageError, match=r"config.docker.run_options: --privileged is refused") as refused:
+        _pool_task("p1", load_yaml_text(text))
+    assert refused.value.exit_code == 2
+    assert _pool_task("p1", load_yaml_text(text), ["--privileged"]).pool is not None
