@@ -164,6 +164,14 @@ def _deployment_spec(replicas: int, selector: Mapping[str, str], labels: Mapping
                      "spec": pod_spec}}
 
 
+def _k8s() -> Any:
+    """pulumi_kubernetes, imported when used and typed Any: matching its resources' overloads (huge TypedDicts)
+    would cost mypy gigabytes."""
+    import pulumi_kubernetes
+
+    return pulumi_kubernetes
+
+
 def _labels(app: str, name: str, labels: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
     """A workload's labels and its selector (which never matches the other workload's pods)."""
     selector = {"app.kubernetes.io/name": app, "app.kubernetes.io/instance": name}
@@ -224,8 +232,7 @@ class SortieControllers(pulumi.ComponentResource):
 
     def _namespace(self, create: bool) -> pulumi.ResourceOptions:
         """The options of every child: parented here, after the namespace when the component makes it."""
-        import pulumi_kubernetes as k8s
-
+        k8s = _k8s()
         if not create:
             return pulumi.ResourceOptions(parent=self)
         labels, _ = _labels(APP, self.name, self.base_labels)
@@ -237,24 +244,21 @@ class SortieControllers(pulumi.ComponentResource):
         return {"name": name, "namespace": self.namespace, "labels": _labels(app, self.name, self.base_labels)[0]}
 
     def _secret(self, values: Mapping[str, pulumi.Input[str]]) -> Any:
-        import pulumi_kubernetes as k8s
-
+        k8s = _k8s()
         return k8s.core.v1.Secret(
             f"{self.name}-secrets", type="Opaque",
             string_data={key: pulumi.Output.secret(value) for key, value in values.items()},
             metadata=self._metadata(f"{self.name}-secrets"), opts=self.child)
 
     def _config_map(self, config_yaml: str) -> Any:
-        import pulumi_kubernetes as k8s
-
+        k8s = _k8s()
         return k8s.core.v1.ConfigMap(f"{self.name}-config", data={"config.yaml": config_yaml},
                                      metadata=self._metadata(f"{self.name}-config"), opts=self.child)
 
     def _controllers(self, pod: _Pod, resources: Mapping[str, Mapping[str, str]] | None,
                      service_account: str | None, fs_group: int | None, grace_seconds: int,
                      command: tuple[str, ...]) -> Any:
-        import pulumi_kubernetes as k8s
-
+        k8s = _k8s()
         replica_id = {"name": "SORTIE_CONTROLLER_ID", "value_from": {"field_ref": {"field_path": "metadata.name"}}}
         container: dict[str, Any] = {"name": "controller", "image": self.image, "command": list(command),
                                      "env": [pod.env[0], replica_id, *pod.env[1:]], "volume_mounts": pod.mounts}
@@ -270,8 +274,7 @@ class SortieControllers(pulumi.ComponentResource):
 
     def _api(self, api: ApiServer, pod: _Pod, fs_group: int | None, service_account: str | None) -> tuple[Any, Any]:
         """The API server's Deployment and Service."""
-        import pulumi_kubernetes as k8s
-
+        k8s = _k8s()
         labels, selector = _labels(API_APP, self.name, self.base_labels)
         container = api_container(api, self.image, pod.env, pod.mounts)
         spec = _pod_spec([container], api_volumes(api, pod.volumes), selector, grace_seconds=30, fs_group=fs_group,
@@ -309,8 +312,7 @@ class ControllerDeploymentSpec:
 def controller_deployment_program(spec: ControllerDeploymentSpec) -> None:
     opts = None
     if spec.kubeconfig or spec.context:
-        import pulumi_kubernetes as k8s
-
+        k8s = _k8s()
         provider = k8s.Provider(f"{spec.name}-k8s", kubeconfig=spec.kubeconfig, context=spec.context)
         opts = pulumi.ResourceOptions(providers=[provider])
     controllers = SortieControllers(
