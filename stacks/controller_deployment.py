@@ -22,6 +22,10 @@ others after `controller.lease_seconds` whatever its pod does.
 The image is a parameter: one the user builds with Sortie installed (`pip install 'sortie[postgres,kubernetes]'`)
 and the Pulumi engine in it (`sortie engine install` at build time, into `$XDG_CACHE_HOME`), pushed to a registry
 the cluster can pull from. examples/ha/README.md has a Dockerfile.
+
+With `api=ApiServer(...)` the component also deploys the API server (issue 23; stacks/api_deployment.py): its
+Deployment and Service, sharing the Secret (plus the admin token), the ConfigMap and the logs claim. With
+`existing_secret` it makes no Secret and reads the platform's own (one its secret store keeps in the cluster).
 """
 
 from __future__ import annotations
