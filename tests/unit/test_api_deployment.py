@@ -157,3 +157,25 @@ def test_refusals(mocks: Mocks, api: ApiServer | None, kwargs: dict[str, Any], m
     with pytest.raises(ValueError, match=message):
         deploy(api, **kwargs)
     assert mocks.resources == [] or all(t == "sortie:index:SortieControllers" for t, _n, _i in mocks.resources)
+
+
+def test_the_program_with_the_api_travels_pickled_and_exports_its_service(mocks: Mocks,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    from stacks.controller_deployment import ControllerDeploymentSpec, deployment_stack_program
+    from tests.support.pulumi_mocks import run_and_resolve
+
+    spec = ControllerDeploymentSpec(name="sortie-controller-1", image=IMAGE, replicas=1, config=CONFIG,
+                                    passphrase="p", state_key="k", state_url=STATE_URL,
+                                    api=ApiServer(admin_token=ADMIN_TOKEN, port=9090))
+    program = deployment_stack_program(spec)
+    assert ADMIN_TOKEN not in repr(program) and "db-Pw-9f1" not in repr(program)
+    again = pickle.loads(pickle.dumps(program))
+    assert again == program
+    exported: dict[str, Any] = {}
+    monkeypatch.setattr(pulumi, "export", exported.__setitem__)
+    resolved = run_and_resolve(again.build(), exported)
+    assert resolved["api"] == ({"service": "sortie-controller-1-api", "port": 9090}, False)
+    assert {d["metadata"]["name"] for d in mocks.of_type(DEPLOYMENT)} == {"sortie-controller-1",
+                                                                         "sortie-controller-1-api"}
