@@ -39,6 +39,7 @@ from orchestrator.node.agent_files import (
     write_json_atomic,
 )
 from orchestrator.node.container import Container
+from orchestrator.node.nofollow import open_under
 from orchestrator.node.watch import WatchJournal
 
 
@@ -46,8 +47,13 @@ class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
     def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False,
-                  hide: list[str] | None = None, container: dict | None = None) -> None:
+                  hide: list[str] | None = None, container: dict | None = None,
+                  link_roots: list[str] | None = None) -> None:
         self.sandbox = sandbox
+        # Where a link's target may be (issue 28): the node's own roots, and those the cloud names (the local
+        # store's directory, on the local cloud).
+        self.link_roots = [sandbox / "workdir", sandbox / "home", sandbox / "mounts",
+                           *(Path(r) for r in link_roots or [])]
         self.node_id = node_id
         self.confine = confine
         self.runs_dir = sandbox / "runs"
@@ -79,6 +85,7 @@ class Agent:
                 sandbox, node_id, confine, container, self._view_script is not None)
             if self.user:
                 self.user.targets |= self._shows
+                self.user.link_roots = self.link_roots
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -332,8 +339,14 @@ class Agent:
         if target is None:
             self._add_view(dest)
             return self.resolve(dest)
-        if not os.path.isabs(target) or not os.path.isdir(target):
+        if "\0" in target or not os.path.isabs(target):
             raise ValueError(f"links: target must be the absolute path of an existing directory, not {target!r}")
+        try:  # issue 28: inside the node's own roots, no symlink followed on the way
+            os.close(open_under(target, self.link_roots))
+        except OSError as exc:
+            roots = ", ".join(str(r) for r in self.link_roots)
+            raise ValueError(f"links: target {target!r} must be an existing directory inside the node's roots "
+                             f"({roots}), reached through no symlink ({exc.strerror})") from None
         path = self.resolve(dest)
         if path in (Path("/"), self.workdir, self.sandbox / "home", self.sandbox / "mounts"):
             raise ValueError(f"links: dest {dest!r} would replace a whole root ({path})")

@@ -81,7 +81,8 @@ def test_an_existing_directory_sortie_did_not_place_is_never_removed(start_agent
     src = tmp_path / "src"
     src.mkdir()
     (src / "new.txt").write_text("new")
-    agent = start_agent(sandbox=tmp_path / "sandbox")  # not confined: absolute paths are the node's own
+    # not confined: absolute paths are the node's own; links may target the test's directories
+    agent = start_agent(sandbox=tmp_path / "sandbox", link_roots=[tmp_path])
     client = agent.client()
     with pytest.raises(AgentError) as err:
         client.upload(str(src), str(victim))
