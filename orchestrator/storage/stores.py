@@ -226,7 +226,7 @@ class LocalStore:
             raise StorageError(f"{where} does not exist; check the path") from None
         except OSError as exc:
             raise StorageError(f"{where}: a file or a symlink is in the way ({exc.strerror}); the local store "
-                               "follows no links and cannot hold a key and a directory of keys of one name") from None
+                               "follows no symlinks, and a key cannot also be a directory of keys") from None
 
     def bucket_exists(self, bucket: str) -> bool:
         try:

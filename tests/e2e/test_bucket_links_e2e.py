@@ -84,8 +84,11 @@ def victim() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _attack(cli: Sortie, tmp_path: Path, store: str, bucket: str, victim: Path) -> dict[str, str]:
-    """Run job 1 (plant the links), then job 2 in each mode; what leaked, by mode ({} when nothing did)."""
+def _attack(cli: Sortie, tmp_path: Path, store: str, bucket: str, victim: Path,
+            outcomes: dict[str, str] | None = None) -> dict[str, str]:
+    """Run job 1 (plant the links), then job 2 in each mode; what leaked, by mode ({} when nothing did). Each
+    job 2's end (its status and reason, or the launch's refusal) goes into `outcomes`."""
+    outcomes = {} if outcomes is None else outcomes
     plant = cli.launch(write(tmp_path, "plant.yaml", PLANT.format(bucket=bucket, store=store, victim=victim)))
     planted = cli.wait(plant, timeout=180)
     assert planted["status"] == "SUCCEEDED", cli.logs(plant)
@@ -99,11 +102,13 @@ def _attack(cli: Sortie, tmp_path: Path, store: str, bucket: str, victim: Path) 
     for mode, proc in jobs.items():
         if proc.returncode != 0:  # refused at launch: nothing ran
             assert "Traceback" not in proc.stderr, proc.stderr
+            outcomes[mode] = f"refused ({proc.returncode}): {proc.stderr.strip()}"
             continue
         job_id = int(proc.stdout.split("submitted: ID ", 1)[1].split()[0])
         job = cli.wait(job_id, timeout=240)
         out = cli.logs(job_id)
         said = f"{job['status']}: {job.get('failure_reason') or ''}\n{out}"
+        outcomes[mode] = said
         if SECRET in out or "LOOT=root:" in out or "APPENDED" in out:
             leaks[mode] = said
     return leaks
@@ -120,9 +125,15 @@ def test_a_symlink_in_a_local_bucket_reaches_no_root_file(sortie_cli, tmp_path: 
     cli = sortie_cli(FAST)
     cli.env.pop("SORTIE_NO_RUN_USERS", None)  # the suite opts out (tests/conftest.py); the attack is on node users
     bucket = f"links-{secrets.token_hex(4)}"
-    leaks = _attack(cli, tmp_path, "local", bucket, victim)
+    outcomes: dict[str, str] = {}
+    leaks = _attack(cli, tmp_path, "local", bucket, victim, outcomes)
     assert not leaks, "\n\n".join(f"--- {mode} ---\n{out}" for mode, out in leaks.items())
     _assert_victim_untouched(victim)
+    # Each was stopped by the resolver, not by luck: the path through the link is nothing of the bucket's.
+    # COPY: the path holds no object, so (as for any empty prefix) the destination is an empty directory.
+    assert "/loot2: Is a directory" in outcomes["COPY"], outcomes["COPY"]
+    assert outcomes["MOUNT"].startswith("FAILED_SETUP") and "symlink" in outcomes["MOUNT"], outcomes["MOUNT"]
+    assert "No such file" in outcomes["MOUNT_CACHED"], outcomes["MOUNT_CACHED"]
     stored = cli.home / "buckets" / bucket
     assert (stored / "evil").is_symlink()  # job 1's link is still there; it is simply never followed
 
