@@ -144,7 +144,8 @@ def test_links_target_only_directories_inside_the_nodes_roots(start_agent, tmp_p
         assert status == 400, (target, body)
         assert "inside the node's roots" in json.loads(body)["error"], body
     assert not os.path.lexists(agent.sandbox / "workdir" / "x")
-    for target in (store / "bkt" / "d", agent.sandbox / "home"):
+    (agent.sandbox / "workdir" / "sub").mkdir()
+    for target in (store / "bkt" / "d", agent.sandbox / "workdir" / "sub"):
         status, body = _post(agent, "/links", json.dumps({"dest": "x", "target": str(target)}).encode(),
                              "application/json")
         assert status == 201, body
