@@ -1,6 +1,7 @@
 """Paths resolved inside a root without following a symlink (issue 28): the one resolver of every bucket path
 (the local store's objects and directories, MOUNT_CACHED's cached directory) and of every link target the node
-agent accepts. Standard library only (shipped in the agent zipapp).
+agent accepts. Standard library only: the local-cloud agent imports it when a link names a target; the cloud
+agent's zipapp leaves it out (a cloud node has no local-store directory to link to, and refuses a target).
 
 The root itself is trusted (opened as named: the store's root, a node's sandbox); from there down each component
 is opened with `openat(O_NOFOLLOW)`, one at a time, so a symlink anywhere below the root (in the middle of a path,

@@ -39,7 +39,6 @@ from orchestrator.node.agent_files import (
     write_json_atomic,
 )
 from orchestrator.node.container import Container
-from orchestrator.node.nofollow import open_under
 from orchestrator.node.watch import WatchJournal
 
 
@@ -341,8 +340,12 @@ class Agent:
             return self.resolve(dest)
         if "\0" in target or not os.path.isabs(target):
             raise ValueError(f"links: target must be the absolute path of an existing directory, not {target!r}")
+        try:  # not in the zipapp: a cloud node has no directory of this machine's (a local-store bucket) to link to
+            nofollow = importlib.import_module("orchestrator.node.nofollow")
+        except ImportError:
+            raise ValueError("links: a target is only for local-cloud nodes (a local-store MOUNT)") from None
         try:  # issue 28: inside the node's own roots, no symlink followed on the way
-            os.close(open_under(target, self.link_roots))
+            os.close(nofollow.open_under(target, self.link_roots))
         except OSError as exc:
             roots = ", ".join(str(r) for r in self.link_roots)
             raise ValueError(f"links: target {target!r} must be an existing directory inside the node's roots "
