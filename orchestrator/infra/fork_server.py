@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,6 +175,8 @@ class ForkServer:
                     self._proc.kill()
                     self._proc.wait()
             self._proc = None
+            if self.socket_path.parent.name.startswith("sortie-forks-"):  # a server stopped by a signal left it
+                shutil.rmtree(self.socket_path.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,4 @@ def test_a_killed_controller_leaves_its_up_running_and_the_next_adopts_it(make_d
     driver.destroy(stack)
     assert spawned, "a new operation of another kind runs its own worker"
     driver.close()
+    assert driver.forks is None or not driver.forks.socket_path.parent.exists(), "the fork server left its socket"
