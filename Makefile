@@ -3,7 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup engine test-deps demo stack-demo test test-unit lint bench clean
+.PHONY: setup engine test-deps test-plan demo stack-demo test test-unit test-integration test-e2e test-fast lint \
+	bench bench-suite docs clean
 
 setup: $(STAMP) engine
 
@@ -35,12 +36,32 @@ test-deps: setup
 	$(VENV)/bin/sortie engine install --plugin kubernetes
 	$(VENV)/bin/python -m orchestrator.infra.kube_binaries
 
-test: setup lint test-deps
+# What a first run on this machine will build, and about how long it takes (nothing on a warm machine).
+test-plan:
+	@.ci/plan.sh
+
+# Every test, every tier (what CI runs: .ci/run). Each run records its tests' times for `make bench-suite`.
+test: test-plan setup lint test-deps
 	$(VENV)/bin/pytest -q --durations=15
 
-# The unit tests alone (tests/unit: no engine, no agent processes, no servers): a quick check while editing.
+# One tier at a time (markers set by tests/conftest.py): `unit` (tests/unit: no engine, no agent processes, no
+# servers; a quick check while editing), `integration` (one real part on its own), `e2e` (the CLI and controller
+# end to end); `test-fast` is every tier but the tests marked `slow`.
 test-unit: setup lint
-	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q -m unit
+
+test-integration: setup test-deps
+	$(VENV)/bin/pytest -q -m integration --durations=10
+
+test-e2e: setup test-deps
+	$(VENV)/bin/pytest -q -m e2e --durations=10
+
+test-fast: setup lint test-deps
+	$(VENV)/bin/pytest -q -m "not slow" --durations=10
+
+# The suite's own figures: per tier, from the last pytest run's record (tests/support/timing.py).
+bench-suite:
+	$(VENV)/bin/python bench/suite.py
 
 bench: setup test-deps
 	$(VENV)/bin/python bench/stack_ops.py
