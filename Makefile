@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 
 .PHONY: setup engine test-deps test-plan demo stack-demo test test-unit test-integration test-e2e test-fast lint \
-	bench bench-suite docs clean
+	bench bench-suite docs docs-check clean
 
 setup: $(STAMP) engine
 
@@ -40,9 +40,21 @@ test-deps: setup
 test-plan:
 	@.ci/plan.sh
 
-# Every test, every tier (what CI runs: .ci/run). Each run records its tests' times for `make bench-suite`.
-test: test-plan setup lint test-deps
+# Every test, every tier (what CI runs: .ci/run), after the docs check. Each run records its tests' times for
+# `make bench-suite`.
+test: test-plan setup lint docs-check test-deps
 	$(VENV)/bin/pytest -q --durations=15
+
+# The docs site (MkDocs Material, docs/ and mkdocs.yml): the generated references rewritten from the code, then the
+# site built into site/ with --strict (a broken link or anchor, or a page missing from the nav, fails it).
+# `docs-check` (run by `make test`) also fails when a generated reference is stale, and writes nothing in docs/.
+docs: $(STAMP)
+	$(VENV)/bin/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-check: $(STAMP)
+	$(VENV)/bin/python docs/gen_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # One tier at a time (markers set by tests/conftest.py): `unit` (tests/unit: no engine, no agent processes, no
 # servers; a quick check while editing), `integration` (one real part on its own), `e2e` (the CLI and controller
@@ -76,4 +88,4 @@ bench: setup test-deps
 	$(VENV)/bin/python bench/replicas.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "docs" / "reference"
@@ -82,40 +80,30 @@ def task_yaml_reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _param(param: click.Parameter) -> str:
-    if isinstance(param, click.Argument):
-        name = f"`{param.human_readable_name}`"
-        kind = "argument" + ("" if param.required else ", optional")
-        help_text = getattr(param, "help", None) or ""
-    else:
-        assert isinstance(param, click.Option)
-        names = [*param.opts, *param.secondary_opts]
-        name = ", ".join(f"`{n}`" for n in names)
-        kind = "flag" if param.is_flag else f"option ({param.type.name})"
-        if param.multiple:
-            kind += ", repeatable"
-        help_text = param.help or ""
-        default = param.default
-        if default not in (None, False, (), []) and not callable(default) and not param.is_flag:
-            help_text += f" Default: `{default}`."
-    return f"| {name} | {kind} | {_cell(help_text)} |"
+def _param(param: Any, ctx: Any) -> str:
+    """One row, as `--help` shows it (typer's own click objects: typer vendors click, so they are duck-typed)."""
+    record = param.get_help_record(ctx)
+    names, help_text = record if record else (param.name, "")
+    kind = "argument" if param.param_type_name == "argument" else "flag" if param.is_flag else "option"
+    return f"| `{_cell(names)}` | {kind} | {_cell(help_text)} |"
 
 
-def _command(cmd: click.Command, path: list[str], lines: list[str]) -> None:
+def _command(cmd: Any, path: list[str], lines: list[str]) -> None:
     if cmd.hidden:
         return
     name = " ".join(path)
+    ctx = cmd.context_class(cmd, info_name=path[-1])
+    group = hasattr(cmd, "commands")
     lines += [f"{'#' * min(len(path) + 1, 4)} `{name}`", ""]
     help_text = (cmd.help or "").strip()
     if help_text:
         lines += [help_text.split("\b")[0].strip(), ""]
     params = [p for p in cmd.params if not getattr(p, "hidden", False) and p.name != "help"]
-    if not isinstance(cmd, click.Group):
-        usage = " ".join(p.human_readable_name.upper() if isinstance(p, click.Argument) else "" for p in params)
-        lines += ["```text", f"{name} [OPTIONS] {usage}".rstrip(), "```", ""]
+    if not group:
+        lines += ["```text", " ".join([name, *cmd.collect_usage_pieces(ctx)]), "```", ""]
     if params:
-        lines += ["| name | kind | description |", "| --- | --- | --- |", *(_param(p) for p in params), ""]
-    if isinstance(cmd, click.Group):
+        lines += ["| name | kind | description |", "| --- | --- | --- |", *(_param(p, ctx) for p in params), ""]
+    if group:
         for sub_name in sorted(cmd.commands):
             _command(cmd.commands[sub_name], [*path, sub_name], lines)
 
