@@ -22,7 +22,8 @@ compgen -G "$cache/plugins/kubernetes/v*/pulumi-resource-kubernetes" >/dev/null 
     || add "Kubernetes v$kube_version's control plane and kubelet (Go build)" 15
 [[ -x "$cache/kwok/v$kwok_version/bin/kwok" ]] || add "kwok v$kwok_version (Go build)" 3
 if (( ${#steps[@]} )); then
-    echo "make test: a first run on this machine installs or builds, before the tests (~25 min on 2 cores):" >&2
+    echo "make test: a first run on this machine; before the tests it installs or builds:" >&2
     for step in "${steps[@]}"; do echo "  - $step" >&2; done
-    echo "  about $minutes min in all on 2 cores, cached under $cache for the next run; progress follows." >&2
+    echo "  about $minutes min of builds on 2 cores (cached under $cache for the next run), then the tests;" \
+        "progress follows" >&2
 fi
