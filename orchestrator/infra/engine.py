@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,23 +153,37 @@ class _ModuleUnavailable(Exception):
 
 
 def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, progress: Progress,
-                label: str) -> tuple[int, str]:
-    """Run a command, appending its output to the log and reporting progress; returns (rc, tail)."""
+                label: str, quiet_every: float = 10.0) -> tuple[int, str]:
+    """Run a command, appending its output to the log and reporting progress (each line, and every `quiet_every`
+    seconds while it prints nothing: a module download can be silent for minutes); returns (rc, tail)."""
     started = time.monotonic()
     tail: list[str] = []
     count = 0
+    done = threading.Event()
+
+    def still_running() -> None:
+        while not done.wait(quiet_every):
+            progress(f"{label}: {count} lines, {time.monotonic() - started:.0f}s - still running")
+
+    progress(f"{label}: started")
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            count += 1
-            tail = [*tail[-19:], line.rstrip()]
-            progress(f"{label}: {count} lines, {time.monotonic() - started:.0f}s - {line.strip()[:80]}")
-        rc = proc.wait()
+        ticker = threading.Thread(target=still_running, name="install-progress", daemon=True)
+        ticker.start()
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                count += 1
+                tail = [*tail[-19:], line.rstrip()]
+                progress(f"{label}: {count} lines, {time.monotonic() - started:.0f}s - {line.strip()[:80]}")
+            rc = proc.wait()
+        finally:
+            done.set()
+            ticker.join()
     return rc, "\n".join(tail)
 
 

@@ -178,3 +178,30 @@ def test_progress_off_a_terminal_is_lines_each_step_and_every_so_often() -> None
     lines = out.getvalue().splitlines()
     assert lines == ["Pulumi engine: fetching sdk: 1 lines, 0s - a", "Pulumi engine: compiling the engine: 1 lines, "
                      "0s - c", "Pulumi engine: compiling the engine: 900 lines, 1s - d"]
+
+
+def test_a_silent_build_step_still_reports_progress(tmp_path: Path) -> None:
+    from orchestrator.infra.engine import _run_logged
+
+    told: list[str] = []
+    rc, _tail = _run_logged(["sh", "-c", "sleep 1.2; echo done"], tmp_path, dict(os.environ), tmp_path / "log",
+                            told.append, "fetching a module", quiet_every=0.3)
+    assert rc == 0
+    quiet = [line for line in told if line.endswith("still running")]
+    assert len(quiet) >= 2, told  # while it printed nothing
+    assert told[-1].startswith("fetching a module: 1 lines") and told[-1].endswith("done")
+
+
+def test_engine_install_off_a_terminal_prints_its_progress(tmp_path: Path, cache: Path, go: FakeGo) -> None:
+    """The CLI under `make` or CI (stdout not a terminal): a line per step of the build, not silence."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SORTIE_ENGINE_SOURCE": "build", "SORTIE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-m", "cli.main", "engine", "install"], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("Pulumi engine: ")]
+    assert any("fetching" in line for line in steps) and any("compiling the engine" in line for line in steps), lines
+    assert lines[-1].startswith(f"Pulumi engine v{PINNED_VERSION} built from the Go module proxy")
