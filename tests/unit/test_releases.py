@@ -205,3 +205,36 @@ def test_engine_install_off_a_terminal_prints_its_progress(tmp_path: Path, cache
     steps = [line for line in lines if line.startswith("Pulumi engine: ")]
     assert any("fetching" in line for line in steps) and any("compiling the engine" in line for line in steps), lines
     assert lines[-1].startswith(f"Pulumi engine v{PINNED_VERSION} built from the Go module proxy")
+
+
+def test_the_kubernetes_plugin_comes_from_pulumi_plugin_install_when_it_can(cache: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own download (a stand-in `pulumi` that lays the plugin out as `pulumi plugin install` does),
+    checked by the handshake and kept; no Go build."""
+    import socket
+
+    from orchestrator.infra import provider_plugins
+
+    version = provider_plugins.sdk_version("kubernetes")
+    assert version is not None
+    _script(engine_root() / "bin" / "pulumi", f"""[ "$1" = version ] && {{ echo v{PINNED_VERSION}; exit 0; }}
+[ "$1 $2 $3 $4" = "plugin install resource kubernetes" ] || exit 3
+dir="$PULUMI_HOME/plugins/resource-kubernetes-v$5"; mkdir -p "$dir"
+printf '#!/bin/sh\\necho 40123\\nsleep 30\\n' > "$dir/pulumi-resource-kubernetes"
+chmod +x "$dir/pulumi-resource-kubernetes"
+echo "[resource plugin kubernetes-$5] installing"
+""")
+    monkeypatch.delenv("SORTIE_ENGINE_SOURCE", raising=False)
+    host = socket.socket()
+    host.bind(("127.0.0.1", 0))
+    host.listen()
+    monkeypatch.setattr(releases, "PLUGIN_HOST", host.getsockname())
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no go: a build would fail
+    try:
+        info, how = provider_plugins.install_plugin("kubernetes")
+    finally:
+        host.close()
+    assert how == "official" and info.version == version
+    assert info.path == cache / "plugins" / "kubernetes" / f"v{version}" / "pulumi-resource-kubernetes"
+    assert provider_plugins.find_plugin("kubernetes") == info
+    assert plugin_answers(info.path)
