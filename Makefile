@@ -60,13 +60,13 @@ docs-check: $(STAMP)
 # servers; a quick check while editing), `integration` (one real part on its own), `e2e` (the CLI and controller
 # end to end); `test-fast` is every tier but the tests marked `slow`.
 test-unit: setup lint
-	$(VENV)/bin/pytest -q -m unit
+	$(VENV)/bin/pytest -q -m unit tests/unit
 
 test-integration: setup test-deps
-	$(VENV)/bin/pytest -q -m integration --durations=10
+	$(VENV)/bin/pytest -q -m integration tests/e2e --durations=10
 
 test-e2e: setup test-deps
-	$(VENV)/bin/pytest -q -m e2e --durations=10
+	$(VENV)/bin/pytest -q -m e2e tests/e2e --durations=10
 
 test-fast: setup lint test-deps
 	$(VENV)/bin/pytest -q -m "not slow" --durations=10
