@@ -2,6 +2,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
+# Extra pytest arguments for the test targets, e.g. `make test-unit PYTEST_ARGS="-n 2"` (pytest-xdist workers: on a
+# quiet machine with cores to spare; bench/suite.py -n measures whether it pays).
+PYTEST_ARGS ?=
 
 .PHONY: setup engine test-deps test-plan demo stack-demo test test-unit test-integration test-e2e test-fast lint \
 	bench bench-suite docs docs-check clean
@@ -43,7 +46,7 @@ test-plan:
 # Every test, every tier (what CI runs: .ci/run), after the docs check. Each run records its tests' times for
 # `make bench-suite`.
 test: test-plan setup lint docs-check test-deps
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The docs site (MkDocs Material, docs/ and mkdocs.yml): the generated references rewritten from the code, then the
 # site built into site/ with --strict (a broken link or anchor, or a page missing from the nav, fails it).
@@ -60,16 +63,16 @@ docs-check: $(STAMP)
 # servers; a quick check while editing), `integration` (one real part on its own), `e2e` (the CLI and controller
 # end to end); `test-fast` is every tier but the tests marked `slow`.
 test-unit: setup lint
-	$(VENV)/bin/pytest -q -m unit tests/unit
+	$(VENV)/bin/pytest -q -m unit tests/unit $(PYTEST_ARGS)
 
 test-integration: setup test-deps
-	$(VENV)/bin/pytest -q -m integration tests/e2e --durations=10
+	$(VENV)/bin/pytest -q -m integration tests/e2e --durations=10 $(PYTEST_ARGS)
 
 test-e2e: setup test-deps
-	$(VENV)/bin/pytest -q -m e2e tests/e2e --durations=10
+	$(VENV)/bin/pytest -q -m e2e tests/e2e --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup lint test-deps
-	$(VENV)/bin/pytest -q -m "not slow" --durations=10
+	$(VENV)/bin/pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 # The suite's own figures: per tier, from the last pytest run's record (tests/support/timing.py).
 bench-suite:

@@ -238,3 +238,24 @@ echo "[resource plugin kubernetes-$5] installing"
     assert info.path == cache / "plugins" / "kubernetes" / f"v{version}" / "pulumi-resource-kubernetes"
     assert provider_plugins.find_plugin("kubernetes") == info
     assert plugin_answers(info.path)
+
+
+def test_the_test_clusters_build_prints_lines_into_a_log(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m orchestrator.infra.kube_binaries` under make or CI: a line per build step, no carriage returns."""
+    from orchestrator.infra import kube_binaries
+
+    def build(progress: Callable[[str], None]) -> tuple[object, float]:
+        for msg in ("fetching k8s.io/kubernetes: started", "fetching k8s.io/kubernetes: 3 lines, 1s - x",
+                    "compiling kube-apiserver: started"):
+            progress(msg)
+        return kube_binaries.KubeBinaries(Path("/k/bin"), Path("/kwok/bin/kwok"), Path("/usr/bin/etcd")), 42.0
+
+    monkeypatch.setattr(kube_binaries, "install_kube_binaries", build)
+    monkeypatch.setattr(kube_binaries, "install_kubelet", lambda say: say("compiling the kubelet: started"))
+    kube_binaries.main()
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert out.splitlines()[:3] == ["kubernetes binaries: fetching k8s.io/kubernetes: started",
+                                    "kubernetes binaries: compiling kube-apiserver: started",
+                                    "kubernetes binaries: compiling the kubelet: started"]
