@@ -35,8 +35,10 @@ class SuiteTimes:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         entry = self.tests.get(report.nodeid)
-        if entry is None:
-            return
+        if entry is None:  # under pytest-xdist this process collected nothing: the workers' reports carry the marks
+            tier = next((t for t in TIERS if t in report.keywords), "unmarked")
+            entry = self.tests[report.nodeid] = {"tier": tier, "slow": "slow" in report.keywords, "seconds": 0.0,
+                                                 "outcome": "not run"}
         entry["seconds"] = round(entry["seconds"] + report.duration, 3)
         if report.failed and report.when != "call":
             entry["outcome"] = "error"
@@ -58,6 +60,6 @@ class SuiteTimes:
 
 def register(config: pytest.Config) -> None:
     where = os.environ.get("SORTIE_SUITE_TIMES", "")
-    if where == "off" or os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's controller records the whole run
+    if where == "off" or hasattr(config, "workerinput"):  # an xdist worker: its controller records the whole run
         return
     config.pluginmanager.register(SuiteTimes(Path(where) if where else DEFAULT_PATH), "sortie-suite-times")
