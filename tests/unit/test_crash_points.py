@@ -240,9 +240,15 @@ def _template_here(template: Path, tmp_path: Path) -> None:
 
 
 def play(tmp_path: Path, name: str, crash_at: int | None, *, leases: bool = False) -> Outcome:
-    """One run of a lifecycle in a home copied from the module's template (`tmp_path / "template"`)."""
+    """One run of a lifecycle in a home copied from the template `tmp_path / "template"` (this module's, linked by
+    the fixture above; made here for a caller from another module)."""
+    template = tmp_path / "template"
+    if not template.exists():
+        template.mkdir()
+        (template / "config.yaml").write_text(CONFIG)
+        StateStore(template).engine.dispose()
     home = tmp_path / f"{name}-{crash_at}{'-leases' if leases else ''}"
-    shutil.copytree(tmp_path / "template", home)
+    shutil.copytree(template, home)
     life = LIFECYCLES[name](home)
     counter = drive(home, life.store, life.driver, life.agents, life.done, crash_at=crash_at, between=life.between,
                     leases=leases)
