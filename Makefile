@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # quiet machine with cores to spare; bench/suite.py -n measures whether it pays).
 PYTEST_ARGS ?=
 
-.PHONY: setup engine test-deps test-plan demo stack-demo test test-unit test-integration test-e2e test-fast lint \
+.PHONY: setup engine test-deps test-plan demo stack-demo test test-unit test-unit-all test-integration test-e2e test-fast lint \
 	bench bench-suite docs docs-check clean
 
 setup: $(STAMP) engine
@@ -60,10 +60,14 @@ docs-check: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # One tier at a time (markers set by tests/conftest.py): `unit` (tests/unit: no engine, no agent processes, no
-# servers; a quick check while editing), `integration` (one real part on its own), `e2e` (the CLI and controller
-# end to end); `test-fast` is every tier but the tests marked `slow`.
+# servers; the quick check while editing, so without the tests marked `slow`: the crash-point harness and the
+# dashboard's 10,000-job API, which `make test` and `make test-unit-all` run), `integration` (one real part on its
+# own), `e2e` (the CLI and controller end to end); `test-fast` is every tier but the tests marked `slow`.
 test-unit: setup lint
-	$(VENV)/bin/pytest -q -m unit tests/unit $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "unit and not slow" tests/unit $(PYTEST_ARGS)
+
+test-unit-all: setup lint
+	$(VENV)/bin/pytest -q -m unit tests/unit --durations=10 $(PYTEST_ARGS)
 
 test-integration: setup test-deps
 	$(VENV)/bin/pytest -q -m integration tests/e2e --durations=10 $(PYTEST_ARGS)

@@ -29,10 +29,12 @@ os.environ.setdefault("SORTIE_NO_RUN_USERS", "1")
 INTEGRATION = {"test_agent", "test_agent_paths", "test_agent_refusal", "test_agent_view", "test_agent_watch",
                "test_bucket_refs_pg", "test_detached_ops", "test_enospc", "test_leases", "test_node_events",
                "test_node_events_scale", "test_node_mounts", "test_state", "test_stores"}
-# `slow`: modules whose tests take a minute or more each on 2 cores (`-m "not slow"` leaves them out while editing;
-# `make test` runs them). bench/suite.py prints the measured times to keep this list honest.
+# `slow`: modules whose tests take a minute or more on 2 cores (`-m "not slow"` leaves them out while editing;
+# `make test` runs them). bench/suite.py prints the measured times, and names any test over a minute not here.
+# `make test-unit` leaves them out (the crash-point harness and the dashboard's 10,000-job API tests are more than
+# half of tests/unit's time); `make test` runs them.
 SLOW = {"test_node_events_scale", "test_kubernetes_e2e", "test_kubernetes_node_e2e", "test_replicas_e2e",
-        "test_chaos_e2e", "test_skypilot_yamls_e2e", "test_crash_points"}
+        "test_chaos_e2e", "test_skypilot_yamls_e2e", "test_crash_points", "test_dashboard_api"}
 TESTS = Path(__file__).resolve().parent
 
 
