@@ -3,7 +3,7 @@ dashboard and the job services see them (start, stop, status, log, SSH target). 
 controller that reaches into `orchestrator.controller`; a test keeps the CLI, the dashboard and the other services
 from importing its internals.
 
-For now it re-exports the functions that live in `controller/daemon.py` and `controller/remote.py` (being edited
+For now it re-exports the functions that live in `controller/daemon.py` and `deploy/remote.py` (being edited
 for the HA leases); they can move here once that work has landed.
 """
 
@@ -17,8 +17,8 @@ from orchestrator.controller.daemon import (
     ensure_controller,
     stop_controller,
 )
-from orchestrator.controller.kube_deploy import controller_up_kubernetes
-from orchestrator.controller.remote import (
+from orchestrator.deploy.kubernetes import controller_up_kubernetes
+from orchestrator.deploy.remote import (
     SshTarget,
     controller_program,
     controller_ssh_target,

@@ -73,13 +73,20 @@ def remote_status(config: SortieConfig) -> str:
         state = row.status if row else "never created"
         return f"controller: {where}, stack {name} {state}: start it with `sortie controller up`"
     if config.jobs.controller.infra == "kubernetes":  # issue 14: replicas of a Deployment, not a VM
-        from orchestrator.controller.kube_deploy import deployment_status
-
         return deployment_status(config, name, dict(row.outputs or {}))
     node = dict((row.outputs or {}).get("controller") or {})
     address = node.get("public_ip") or node.get("ip") or "address not recorded"
     return (f"controller: {where}, stack {name} UP at {address} ({node.get('instance_type') or '?'}, "
             f"{node.get('region') or '?'}); `sortie dashboard` opens its dashboard")
+
+
+def deployment_status(config: SortieConfig, name: str, outputs: dict[str, Any]) -> str:
+    """`controller status` for replicas on Kubernetes, from the stack's outputs in the shared state."""
+    found = dict(outputs.get("controller") or {})
+    namespace = found.get("namespace") or "?"
+    return (f"controller: {found.get('replicas', '?')} replica(s) on kubernetes (jobs.controller.infra), "
+            f"Deployment {namespace}/{found.get('deployment') or name}, image {found.get('image') or '?'}, "
+            f"stack {name} UP; `kubectl -n {namespace} get pods` lists them")
 
 
 def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
