@@ -35,9 +35,9 @@ def rss_mib() -> float:
 def tick_cost(jobs: int) -> tuple[float, float, float]:
     from orchestrator.config import load_config
     from orchestrator.controller.daemon import Controller
-    from orchestrator.infra.fake_driver import FakeStackDriver
     from orchestrator.spec import load_yaml_text
     from state.store import StateStore
+    from tests.support.fake_driver import FakeStackDriver
 
     home = Path(tempfile.mkdtemp(prefix="sortie-bench-sizing-"))
     os.environ["SORTIE_HOME"] = str(home)
