@@ -93,7 +93,7 @@ def apply(session: Session, transition: str, table: str, where: Sequence[Any], *
     conditions = list(where)
     if allowed is not None:
         conditions.append(getattr(model, column_name).in_(sorted(allowed)))
-    moved = cast(CursorResult, session.execute(update(model).where(*conditions).values(**values))).rowcount
+    moved = cast("CursorResult[Any]", session.execute(update(model).where(*conditions).values(**values))).rowcount
     if rows is ONE and moved != 1:
         raise TransitionError(f"{what or transition}: the {table} is not in an expected state")
     return int(moved)

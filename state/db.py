@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +28,7 @@ def database_url(home: Path, config: SortieConfig) -> str:
     return os.environ.get("SORTIE_DB_URL") or config.state.url or f"sqlite:///{home / 'state.db'}"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=15000")

@@ -56,7 +56,7 @@ class Relaunch:
 
 def rowcount(result: Any) -> int:
     """Rows an UPDATE matched (its result is a cursor result; the ORM's signature says only `Result`)."""
-    return cast(CursorResult, result).rowcount
+    return cast("CursorResult[Any]", result).rowcount
 
 
 TRANSITION_MARK = "sortie.transition"  # set in a session by every event: the store counts transitions committed

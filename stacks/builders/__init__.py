@@ -40,7 +40,7 @@ class BuiltNode:
     host: pulumi.Output[str]
     ip: pulumi.Output[str]
     url: pulumi.Output[str]
-    region: pulumi.Output[str]
+    region: pulumi.Output[str | None]  # None: a Kubernetes cluster reached through the default context
 
     def export(self) -> dict[str, object]:
         return {"rank": self.rank, "node_id": self.node_id, "host": self.host, "ip": self.ip,
