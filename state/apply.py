@@ -11,8 +11,8 @@ named one, a pool's or a janitor's) is checked in the same transaction, once per
 
 A test (`tests/unit/test_status_writes.py`) fails if any other module writes a status column. Adding a transition:
 its moves in `state.machine.TRANSITIONS`, then its method (`state.transitions` or `state.pool_transitions`) opens
-one transaction and calls `apply`/`create` and `event`/`pool_event`; `make state-diagram` (or the test's message)
-regenerates the diagram in `docs/state-machine.md`.
+one transaction and calls `apply`/`create` and `event`/`pool_event`; `python -m state.diagram > docs/state-machine.md`
+regenerates the diagram (`docs/state-machine.md` says the same, step by step).
 """
 
 from __future__ import annotations
