@@ -92,3 +92,22 @@ def test_a_pool_going_down_is_not_applied_again(store: StateStore) -> None:
     store.apply_pool("p", user="u", spec={}, spec_hash="h3", policy=policy, plan={}, storage=None)
     pool = store.pool("p")
     assert pool is not None and (pool.status, pool.spec_hash) == ("ACTIVE", "h3")
+
+
+def test_a_replica_without_the_jobs_lease_writes_no_observation(store: StateStore) -> None:
+    """`add_event` and `record_missed_polls` are a replica's writes on a job it drives: guarded by its lease."""
+    from state.leases import LeaseLost
+
+    job_id = one_job(store)
+    attempt = store.place_attempt(job_id, 0, name_for=lambda n: f"s-{n}", infra="local", region="r", num_nodes=1,
+                                  use_spot=False, instance_type=None, price_per_hour=0.0, token_enc="x", why="t")
+    replica = StateStore(store.home)
+    replica.lease_owner = "replica-a"  # holds no lease: the job's lock_owner is nobody
+    with pytest.raises(LeaseLost):
+        replica.add_event(job_id, "agent-slow", "x")
+    with pytest.raises(LeaseLost):
+        replica.record_missed_polls(attempt.id, 3)
+    assert "agent-slow" not in [e.what for e in store.events(job_id)]
+    assert [a.missed_polls for a in store.attempts(job_id)] == [0]
+    store.add_event(job_id, "agent-slow", "the CLI and the tests hold no lease: allowed")
+    assert [e.what for e in store.events(job_id)][-1] == "agent-slow"
