@@ -29,6 +29,7 @@ stack-demo: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 # What the tests need beyond the venv: Debian packages (apt-get as root, else the one command to run), the
 # Kubernetes provider plugin, and the test cluster's binaries (kube-apiserver, -controller-manager, -scheduler and

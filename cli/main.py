@@ -269,16 +269,9 @@ def stack_unlock() -> None:
 
 
 def _db_error_line(exc: Exception) -> str:
-    from orchestrator.config import load_config, sortie_home
-    from state.db import _safe_url, database_url
-    from state.db_errors import describe_db_error
+    from orchestrator.controller_service import state_db_error_line
 
-    try:
-        home = sortie_home()
-        where = _safe_url(database_url(home, load_config(home)))
-    except Exception:  # the config itself may be what fails; the line still says what happened
-        where = "the configured state database"
-    return describe_db_error(exc, where.removeprefix("sqlite:///"))  # type: ignore[arg-type]
+    return state_db_error_line(exc)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import SortieError
 
+DASHBOARD_PORT = 8765  # `sortie dashboard`'s and the controller VM's dashboard port, unless told otherwise
 CONFIG_FILE = "config.yaml"
 CONTROLLER_ID_ENV = "SORTIE_CONTROLLER_ID"  # overrides controller.id (a Kubernetes pod's name)
 

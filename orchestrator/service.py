@@ -371,9 +371,9 @@ class JobService:
     def controller_status(self) -> ControllerStatus:
         from orchestrator.controller_service import controller_info
         from orchestrator.infra.engine import backend_url
-        from state.db import _safe_url
+        from state.db import safe_url
 
         info = controller_info(self.home)
         counts = {s: n for s, n in self.store.count_by_status().items() if not JobStatus(s).terminal}
         return ControllerStatus(info.running, info.pid, info.version, info.uptime if info.running else None,
-                                counts, self.store.stacks_busy(), _safe_url(backend_url(self.config, self.home)))
+                                counts, self.store.stacks_busy(), safe_url(backend_url(self.config, self.home)))

@@ -74,7 +74,7 @@ def check_controller(config: SortieConfig) -> None:
     """What a submit checks before it writes anything: a controller on a cloud VM must be up (it cannot be started
     from here); a local one is started afterwards by `ensure_controller`."""
     if config.jobs.controller.infra != "local":
-        from orchestrator.controller.remote import check_remote
+        from orchestrator.deploy.remote import check_remote
 
         check_remote(config)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.infra.fake_driver import FakeStackDriver
 from state.store import StateStore
 from tests.support.controller_harness import CONFIG, FakeAgents, Outcome, drive, outcome
+from tests.support.fake_driver import FakeStackDriver
 
 CRASH_POINTS_TRIED: dict[str, int] = {}
 
