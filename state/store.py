@@ -20,9 +20,10 @@ from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
 from state.pool_transitions import PoolTransitions
 from state.secrets_box import SecretsBox
 from state.transitions import TRANSITION_MARK, JobTransitions, attempt_cost
+from state.user_transitions import UserTransitions
 
 
-class StateStore(JobTransitions, PoolTransitions):
+class StateStore(JobTransitions, PoolTransitions, UserTransitions):
     """Durable state of one Sortie home (or one shared database)."""
 
     def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
@@ -61,7 +62,7 @@ class StateStore(JobTransitions, PoolTransitions):
     def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
                name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
                per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False,
-               pool: str | None = None) -> list[int]:
+               pool: str | None = None, workspace: str | None = None) -> list[int]:
         """Submit `count` jobs of one pipeline in one transaction. Returns their ids. `staging`: the caller
         uploads the job's files next, and the controller waits for `finish_staging`."""
         now = time.time()
@@ -78,7 +79,8 @@ class StateStore(JobTransitions, PoolTransitions):
                              status=JobStatus.PENDING, is_pipeline=bool(pipeline.get("is_pipeline")), spec=spec,
                              secrets_enc=sealed, submitted_at=now, updated_at=now,
                              staging_heartbeat=now if staging else None, pool=pool,
-                             job_rank=i if pool else None, num_jobs=count if pool else None)
+                             job_rank=i if pool else None, num_jobs=count if pool else None,
+                             workspace=workspace)
                 session.add(job)
                 session.flush()
                 for index, task in enumerate(tasks):
@@ -99,8 +101,12 @@ class StateStore(JobTransitions, PoolTransitions):
             return list(session.scalars(select(JobRow).where(JobRow.name == name).order_by(JobRow.id.desc())))
 
     def list_jobs(self, *, statuses: Iterable[str] | None = None, active_only: bool = False,
-                  user: str | None = None, limit: int | None = None) -> list[JobRow]:
+                  user: str | None = None, limit: int | None = None,
+                  workspaces: Iterable[str] | None = None) -> list[JobRow]:
+        """`workspaces`: only jobs of these (None: every job, as in local mode)."""
         query = select(JobRow).order_by(JobRow.id.desc())
+        if workspaces is not None:
+            query = query.where(JobRow.workspace.in_(list(workspaces)))
         if statuses:
             query = query.where(JobRow.status.in_(list(statuses)))
         if active_only:
