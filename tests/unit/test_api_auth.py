@@ -1,0 +1,165 @@
+"""Issue 23, the API server's pieces without a server process: tokens stored only as hashes, expiry and revocation,
+roles and workspaces, the client's refusal of plain HTTP, uploads that leave nothing when bad, and the guard's limits
+(body, rate, the proxy's headers) through FastAPI's test client."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.auth.identity import ForbiddenError, Identity, UnauthorizedError
+from orchestrator.auth.users import Users, token_hash
+from orchestrator.config import SortieConfig
+from orchestrator.errors import UsageError
+from state.models import ApiTokenRow
+from state.store import StateStore
+from state.user_transitions import Audit
+
+AUDIT = Audit("test", "req-1")
+
+
+@pytest.fixture
+def users(sortie_home: Path) -> Users:
+    (sortie_home / "config.yaml").write_text("workspaces:\n  ml: {users: [bob]}\n  vision: {}\n")
+    store = StateStore(sortie_home)
+    return Users(store, store.config)
+
+
+def test_tokens_are_stored_only_as_hashes_and_die_when_revoked_or_expired(users: Users) -> None:
+    token = users.add("alice", workspaces=["ml"], audit=AUDIT)
+    assert token.startswith("sortie_") and len(token) >= 40
+    with users.store.session() as session:
+        stored = [row.token_hash for row in session.scalars(select(ApiTokenRow))]
+    assert stored == [token_hash(token)] and token not in stored
+    me = users.authenticate(token, "r")
+    assert (me.user, me.role, me.workspaces) == ("alice", "user", ("ml",))
+    rotated = users.rotate("alice", AUDIT)
+    with pytest.raises(UnauthorizedError):
+        users.authenticate(token, "r")  # revoked at once
+    assert users.authenticate(rotated, "r").user == "alice"
+    short = users.add("ci", service_account=True, expires_in=0.2, audit=AUDIT)
+    assert users.authenticate(short, "r").user == "ci"
+    time.sleep(0.3)
+    with pytest.raises(UnauthorizedError, match="expired"):
+        users.authenticate(short, "r")
+    users.remove("alice", AUDIT)
+    with pytest.raises(UnauthorizedError):
+        users.authenticate(rotated, "r")
+    for bad in (None, "", "x" * 5000, "sortie_nope"):
+        with pytest.raises(UnauthorizedError):
+            users.authenticate(bad, "r")
+    assert [a.action for a in users.store.audit_events()] == ["user added", "token rotated", "user added",
+                                                               "user removed"]
+
+
+def test_users_and_workspaces_are_checked(users: Users) -> None:
+    with pytest.raises(UsageError, match="not a workspace"):
+        users.add("x", workspaces=["nope"], audit=AUDIT)
+    with pytest.raises(UsageError, match="role"):
+        users.add("x", role="root", audit=AUDIT)
+    with pytest.raises(UsageError, match="user name"):
+        users.add("Bad Name", audit=AUDIT)
+    token = users.add("bob", audit=AUDIT)  # in ml through the config's users list
+    assert users.authenticate(token, "r").workspaces == ("ml",)
+    with pytest.raises(UsageError, match="exists"):
+        users.add("bob", audit=AUDIT)
+
+
+def test_identity_rules() -> None:
+    config = SortieConfig.model_validate({"workspaces": {"ml": {}, "vision": {}}})
+    bob = Identity("bob", "user", ("ml",))
+    job = type("Job", (), {"workspace": "ml", "user": "alice"})()
+    other = type("Job", (), {"workspace": "vision", "user": "carol"})()
+    assert bob.can_see(job) and not bob.owns(job) and not bob.can_see(other)
+    assert Identity("root", "admin").owns(other)
+    assert bob.workspace_for(None, config) == "ml"
+    with pytest.raises(ForbiddenError, match="not in workspace vision"):
+        bob.workspace_for("vision", config)
+    with pytest.raises(Exception, match="no such workspace"):
+        bob.workspace_for("nope", config)
+
+
+def test_the_client_refuses_a_token_over_plain_http_to_another_host() -> None:
+    from orchestrator.api_client import check_endpoint
+
+    with pytest.raises(UsageError, match="in the clear"):
+        check_endpoint("http://sortie.example.com", insecure=False)
+    assert check_endpoint("http://sortie.example.com/", insecure=True) == "http://sortie.example.com"
+    assert check_endpoint("https://sortie.example.com", insecure=False)
+    assert check_endpoint("http://127.0.0.1:46580", insecure=False)
+    assert check_endpoint("http://[::1]:46580", insecure=False)
+    with pytest.raises(UsageError):
+        check_endpoint("ftp://x", insecure=True)
+
+
+def _tar(entries: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_bad_or_cut_upload_leaves_nothing(tmp_path: Path) -> None:
+    from orchestrator.server.uploads import unpack
+
+    archive = tmp_path / "a.tgz"
+    good = _tar({"content/a.txt": b"hello"})
+    for bad in (good[: len(good) // 2], _tar({"content/../../escape": b"x"}), _tar({"/etc/evil": b"x"}),
+                _tar({"other": b"x"})):
+        archive.write_bytes(bad)
+        with pytest.raises(UsageError):
+            unpack(archive, tmp_path / "target")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tgz"]
+    archive.write_bytes(good)
+    unpack(archive, tmp_path / "target")
+    assert (tmp_path / "target" / "content" / "a.txt").read_text() == "hello"
+
+
+def test_a_pipeline_from_a_client_names_no_server_path(sortie_home: Path) -> None:
+    from orchestrator.server.uploads import server_paths
+    from orchestrator.spec import Overrides, load_entrypoint
+
+    pipeline = load_entrypoint("echo hi", Overrides(workdir=str(sortie_home)))
+    with pytest.raises(UsageError, match="server path may not be named"):
+        server_paths(pipeline, sortie_home, Identity("bob", "user", ("ml",)))
+
+
+def test_the_guard_bounds_bodies_rates_and_trusts_only_its_proxy(users: Users) -> None:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.server.app import create_app
+
+    token = users.add("alice", workspaces=["ml"], audit=AUDIT)
+    app = create_app(store=users.store, behind_proxy=True)
+    client = TestClient(app)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/v1/info").status_code == 401
+    answer = client.get("/api/v1/info", headers=auth)
+    assert answer.status_code == 200 and answer.json()["user"] == "alice"
+    assert answer.headers["X-Sortie-Version"] and answer.headers["X-Request-Id"]
+    big = client.post("/api/v1/jobs/plan", headers={**auth, "Content-Length": str(2**40)}, content=b"{}")
+    assert big.status_code == 413 and "limit" in big.json()["detail"]
+    bad = client.post("/api/v1/jobs/cancel", headers=auth, json={"ids": "nope"})
+    assert bad.status_code == 400 and "\n" not in bad.json()["detail"] and bad.json()["exit_code"] == 2
+    guard = app.state.guard
+    assert guard.client_address(_request("127.0.0.1", "203.0.113.9")) == "203.0.113.9"  # a trusted proxy
+    assert guard.client_address(_request("198.51.100.7", "203.0.113.9")) == "198.51.100.7"  # anyone else: ignored
+    guard.limiter.per_minute = 3
+    guard.limiter.buckets.clear()
+    codes = [client.get("/api/v1/info", headers=auth).status_code for _ in range(5)]
+    assert codes[:3] == [200, 200, 200] and codes[-1] == 429
+
+
+def _request(peer: str, forwarded: str):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "client": (peer, 1234), "headers": [(b"x-forwarded-for", forwarded.encode())],
+                    "method": "GET", "path": "/", "query_string": b""})
