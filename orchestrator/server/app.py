@@ -37,6 +37,7 @@ def create_app(home: Path | None = None, *, behind_proxy: bool = False, store: S
     app.middleware("http")(guard)
     app.include_router(routes.router)
     app.include_router(admin_routes.router)
+    _fold_dashboard(app)
 
     @app.exception_handler(SortieError)
     async def sortie_error(request: Request, exc: SortieError) -> JSONResponse:
@@ -54,3 +55,14 @@ def create_app(home: Path | None = None, *, behind_proxy: bool = False, store: S
         return error_response(exc.status_code, str(exc.detail), 1, getattr(request.state, "request_id", ""))
 
     return app
+
+
+def _fold_dashboard(app: FastAPI) -> None:
+    """The dashboard's pages and its JSON API (`/api/...`, `/`, `/jobs`, `/pools`) in the same app, for admins."""
+    from fastapi.staticfiles import StaticFiles
+
+    from orchestrator.dashboard import HERE, api, pages
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

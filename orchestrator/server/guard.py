@@ -5,6 +5,7 @@ CLI's exit code, never a traceback."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import secrets
 import threading
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sortie.api")
 OPEN_PATHS = {"/api/v1/health", "/api/v1/version", "/api/v1/openapi.json", "/api/v1/docs"}
+DASHBOARD_COOKIE = "sortie_dashboard_token"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 def error_response(status: int, line: str, exit_code: int, request_id: str = "") -> JSONResponse:
@@ -78,6 +81,33 @@ class ApiGuard:
     limiter: RateLimiter
     behind_proxy: bool = False
     trusted_proxies: tuple[str, ...] = ()
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # the folded dashboard's pages' POSTs
+
+    async def _dashboard(self, request: Request, request_id: str) -> Response | None:
+        """The dashboard folded into the server: admins only (its pages list every workspace), by bearer token or by
+        the cookie its `?token=` link sets; a POST from a page carries the CSRF token."""
+        from starlette.responses import RedirectResponse
+
+        header = request.headers.get("authorization", "")
+        bearer = header[7:].strip() if header.lower().startswith("bearer ") else None
+        link = request.query_params.get("token") if request.method == "GET" else None
+        token = bearer or link or request.cookies.get(DASHBOARD_COOKIE)
+        try:
+            identity = await run_in_threadpool(self.users.authenticate, token, request_id)
+        except UnauthorizedError as exc:
+            return error_response(401, str(exc), 1, request_id)
+        if not identity.admin:
+            return error_response(403, "the dashboard is for admins; use `sortie jobs queue`", 2, request_id)
+        if link and not bearer:
+            response = RedirectResponse(request.url.remove_query_params("token").path or "/", status_code=303)
+            response.set_cookie(DASHBOARD_COOKIE, link, httponly=True, samesite="strict",
+                                secure=request.url.scheme == "https")
+            return response
+        if request.method not in SAFE_METHODS and not bearer and not hmac.compare_digest(
+                request.headers.get("x-csrf-token", "").encode(), self.csrf.encode()):
+            return error_response(403, "missing or wrong X-CSRF-Token (GET /api/csrf)", 2, request_id)
+        request.state.identity = identity
+        return None
 
     def client_address(self, request: Request) -> str:
         peer = request.client.host if request.client else ""
@@ -106,6 +136,10 @@ class ApiGuard:
                 request.state.identity = await run_in_threadpool(self.users.authenticate, token, request_id)
             except UnauthorizedError as exc:
                 return error_response(401, str(exc), 1, request_id)
+        elif not path.startswith("/static/"):
+            refused = await self._dashboard(request, request_id)
+            if refused is not None:
+                return refused
         try:
             response = await call_next(request)
         except SortieError as exc:  # raised outside a route (a streaming body): still one line

@@ -163,3 +163,21 @@ def _request(peer: str, forwarded: str):
 
     return Request({"type": "http", "client": (peer, 1234), "headers": [(b"x-forwarded-for", forwarded.encode())],
                     "method": "GET", "path": "/", "query_string": b""})
+
+
+def test_the_dashboard_is_folded_into_the_server_for_admins(users: Users) -> None:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.server.app import create_app
+
+    admin = users.add("root", role="admin", audit=AUDIT)
+    user = users.add("alice", workspaces=["ml"], audit=AUDIT)
+    client = TestClient(create_app(store=users.store))
+    assert client.get("/jobs").status_code == 401
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {user}"}).status_code == 403
+    assert client.get("/api/jobs", headers={"Authorization": f"Bearer {admin}"}).json()["total"] == 0
+    linked = client.get(f"/jobs?token={admin}", follow_redirects=False)
+    assert linked.status_code == 303 and "token=" not in linked.headers["location"]
+    assert client.get("/jobs").status_code == 200  # the cookie the link set
+    assert client.post("/api/jobs/1/cancel", content=b"").status_code == 403  # a page's POST needs the CSRF token
+    assert "openapi" in client.get("/api/v1/openapi.json").text
