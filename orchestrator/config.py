@@ -437,6 +437,9 @@ class ApiConfig(BaseModel):
                            ] = 256
     rate_limit_per_minute: Annotated[int, Field(ge=1, le=1_000_000, description="Server: requests per token.")
                                      ] = 6000
+    start_controller: Annotated[bool, Field(description="Server: start the controller (as `jobs launch` does); "
+                                            "false where it runs elsewhere (replicas beside stateless servers).")
+                                ] = True
     trusted_proxies: Annotated[list[str], Field(max_length=64, description="Server, with --behind-proxy: the "
                                                 "addresses whose X-Forwarded-* headers are trusted.")
                                ] = Field(default_factory=lambda: ["127.0.0.1", "::1"])

@@ -133,7 +133,8 @@ def serve(host: str, port: int, *, tls_cert: str | None = None, tls_key: str | N
 
     home = sortie_home()
     app = create_app(home, behind_proxy=behind_proxy)
-    if app.state.store.config.jobs.controller.infra == "local":
+    config = app.state.store.config
+    if config.jobs.controller.infra == "local" and config.api.start_controller:
         ensure_controller(home)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -151,10 +152,10 @@ def serve(host: str, port: int, *, tls_cert: str | None = None, tls_key: str | N
     write_private(info_path(home), json.dumps({"pid": os.getpid(), "host": host, "port": bound, "url": url,
                                                "probe_url": probe, "scheme": scheme, "started_at": time.time(),
                                                "version": __version__}))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
-                            ssl_certfile=tls_cert, ssl_keyfile=tls_key, proxy_headers=False)
+    settings = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                              ssl_certfile=tls_cert, ssl_keyfile=tls_key, proxy_headers=False)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(settings).run(sockets=[sock])
     finally:
         with contextlib.suppress(OSError, json.JSONDecodeError):
             if json.loads(info_path(home).read_text()).get("pid") == os.getpid():

@@ -76,7 +76,8 @@ def launch(request: Request, body: PipelineIn) -> dict[str, Any]:
 
     pipeline = _pipeline(body, request)
     try:
-        ids = service(request).launch(pipeline, workspace=body.workspace)
+        svc = service(request)
+        ids = svc.launch(pipeline, workspace=body.workspace, start_controller=svc.config.api.start_controller)
     finally:
         forget_uploads(pipeline, request.app.state.store.home, request.state.identity)
     return {"ids": ids}

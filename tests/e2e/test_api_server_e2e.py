@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.e2e import SORTIE, ROOT, one_line_error, write
+from tests.support.e2e import ROOT, SORTIE, one_line_error, write
 from tests.support.team import SERVER_CONFIG, Team
 
 pytestmark = pytest.mark.e2e
