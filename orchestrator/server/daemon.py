@@ -100,6 +100,13 @@ def start(home: Path | None = None, host: str = "127.0.0.1", port: int = DEFAULT
         if found and found.get("pid") == proc.pid:
             return found, made
         time.sleep(0.2)
+    proc.terminate()  # nothing left behind: a server that never answered is stopped
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    info_path(home).unlink(missing_ok=True)
     raise SortieError(f"the API server did not answer within {timeout:.0f}s (log: {log})")
 
 

@@ -136,7 +136,7 @@ class ApiGuard:
                 request.state.identity = await run_in_threadpool(self.users.authenticate, token, request_id)
             except UnauthorizedError as exc:
                 return error_response(401, str(exc), 1, request_id)
-        elif not path.startswith("/static/"):
+        elif path not in OPEN_PATHS and not path.startswith("/static/"):
             refused = await self._dashboard(request, request_id)
             if refused is not None:
                 return refused

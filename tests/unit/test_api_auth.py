@@ -181,3 +181,14 @@ def test_the_dashboard_is_folded_into_the_server_for_admins(users: Users) -> Non
     assert client.get("/jobs").status_code == 200  # the cookie the link set
     assert client.post("/api/jobs/1/cancel", content=b"").status_code == 403  # a page's POST needs the CSRF token
     assert "openapi" in client.get("/api/v1/openapi.json").text
+
+
+def test_health_and_the_schema_need_no_token(users: Users) -> None:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.server.app import create_app
+
+    client = TestClient(create_app(store=users.store))
+    assert client.get("/api/v1/health").json()["api"] == 1
+    assert client.get("/api/v1/openapi.json").status_code == 200
+    assert client.get("/api/v1/jobs/queue").status_code == 401
