@@ -69,7 +69,7 @@ def test_tls_with_the_servers_certificate(tls_server: tuple[str, str, Path], mon
 
 
 class _Future(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = json.dumps({"version": "9.0.0", "api": 2, "user": "x", "role": "user", "workspaces": []}).encode()
         self.send_response(200)
         self.send_header("X-Sortie-Version", "9.0.0")
