@@ -27,14 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def cli(home: Path, *args: str) -> str:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], env={**os.environ, "SORTIE_HOME": str(home)},
                           cwd=ROOT, check=True, capture_output=True, text=True).stdout
@@ -46,6 +38,7 @@ def main() -> None:
     parser.add_argument("--jobs-each", type=int, default=20)
     parser.add_argument("--queue-jobs", type=int, default=10_000)
     args = parser.parse_args()
+    from bench.jobs import rss_mib
     from orchestrator.api_client import RemoteJobService
     from orchestrator.config import ApiConfig
     from orchestrator.spec import load_entrypoint

@@ -3,14 +3,13 @@ go through it."""
 
 from __future__ import annotations
 
-import getpass
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.auth.identity import ForbiddenError, Identity, local_identity
+from orchestrator.auth.identity import ForbiddenError, Identity, local_identity, os_user
 from orchestrator.config import load_config, sortie_home
 from orchestrator.errors import SortieError, UsageError
 from orchestrator.job_logs import JobLogs, line_prefix, prefixed_lines
@@ -29,11 +28,7 @@ class UnknownJobError(SortieError):
     """No job matches the id or name given."""
 
 
-def current_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+current_user = os_user  # the OS user: whom local mode acts for
 
 
 def job_details(job: JobRow, now: float | None = None) -> str:
