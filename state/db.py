@@ -19,7 +19,7 @@ from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0009"
+HEAD_REVISION = "h23_teams"  # issue 23 (the lead re-chains branch heads at merge)
 _PG_MIGRATION_LOCK = 742_015
 
 
