@@ -192,3 +192,33 @@ def test_health_and_the_schema_need_no_token(users: Users) -> None:
     assert client.get("/api/v1/health").json()["api"] == 1
     assert client.get("/api/v1/openapi.json").status_code == 200
     assert client.get("/api/v1/jobs/queue").status_code == 401
+
+
+def test_who_may_see_and_change_a_job_through_the_api(users: Users) -> None:
+    """Without a server process or a controller: the service's rules as the routes apply them."""
+    from fastapi.testclient import TestClient
+
+    from orchestrator.server.app import create_app
+
+    (users.store.home / "config.yaml").write_text("workspaces:\n  ml: {users: [alice, bob]}\n  vision: {}\n")
+    store = StateStore(users.store.home)
+    users = Users(store, store.config)
+    tokens = {n: users.add(n, workspaces=w, audit=AUDIT) for n, w in (("alice", []), ("bob", []),
+                                                                       ("carol", ["vision"]))}
+    tokens["root"] = users.add("root", role="admin", audit=AUDIT)
+    (job,) = store.submit({"name": "train", "tasks": [{"name": "train", "run": "true"}]}, [{"K": "v"}],
+                          user="alice", workspace="ml")
+    client = TestClient(create_app(store=store))
+
+    def get(who: str, path: str) -> int:
+        return client.get(path, headers={"Authorization": f"Bearer {tokens[who]}"}).status_code
+
+    assert [get(w, f"/api/v1/jobs/{job}/events") for w in ("alice", "bob", "carol", "root")] == [200, 403, 404, 200]
+    assert [get(w, f"/api/v1/jobs/{job}/logs") for w in ("bob", "carol")] == [403, 404]
+    seen = {w: [r["id"] for r in client.get("/api/v1/jobs/queue?all_users=true&all_jobs=true", headers={
+        "Authorization": f"Bearer {tokens[w]}"}).json()] for w in ("bob", "carol", "root")}
+    assert seen == {"bob": [job], "carol": [], "root": [job]}
+    cancel = client.post("/api/v1/jobs/cancel", json={"ids": [job]},
+                         headers={"Authorization": f"Bearer {tokens['bob']}"})
+    assert cancel.status_code == 403 and cancel.json()["exit_code"] == 2
+    assert store.job(job).status == "PENDING"
