@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import SortieError
 
@@ -446,6 +446,33 @@ class ApiConfig(BaseModel):
     oidc: Annotated[dict | None, Field(description="Server: OIDC (issuer, audience, jwks_url or jwks_file, "
                                        "user_claim, groups_claim, group_roles, group_workspaces).")] = None
 
+    @field_validator("oidc")
+    @classmethod
+    def _oidc(cls, value: dict | None) -> dict | None:
+        """Refused at load, in one line naming the key (`orchestrator.auth.oidc`)."""
+        if value is not None:
+            from orchestrator.auth.oidc import OidcConfig, OidcError
+
+            try:
+                OidcConfig.from_mapping(value)
+            except OidcError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class DockerConfig(BaseModel):
+    """Containers of tasks (image_id: docker:...) on the local cloud."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_run_options: Annotated[
+        list[Annotated[str, Field(pattern=r"^--?[A-Za-z][A-Za-z0-9-]{0,40}$")]],
+        Field(max_length=100, description="Options a task's config.docker.run_options may use besides the safe "
+              "ones Sortie allows (resources: --shm-size, --ulimit, --memory, --cpus, --env NAME=VALUE, ...), by "
+              "name, e.g. [--ipc, --cap-add]. Each one listed lets every task reach past its container: --volume "
+              "mounts host paths, --device host devices, --privileged turns confinement off. Default: none."),
+    ] = Field(default_factory=list)
+
 
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
@@ -465,6 +492,7 @@ class SortieConfig(BaseModel):
         dict[Annotated[str, Field(pattern=WORKSPACE_NAME)], WorkspaceConfig],
         Field(max_length=1000, description="The API server's workspaces (issue 23): a job or pool belongs to one."),
     ] = Field(default_factory=dict)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
     allowed_clouds: Annotated[
         list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,
         Field(description="Only these clouds are considered (default: every cloud `sortie check` enables)."),

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 USER_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 TOKEN_PREFIX = "sortie_"
 MAX_TOKEN = 4096
-_JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 FIRST_ADMIN = "admin"
 
 
@@ -123,8 +122,11 @@ class Users:
             raise UnauthorizedError("a token is required (Authorization: Bearer TOKEN; see `sortie api login`)")
         if len(token) > MAX_TOKEN:
             raise UnauthorizedError("the token is too long")
-        if not token.startswith(TOKEN_PREFIX) and _JWT.match(token) and self.config.api.oidc:
-            return self._oidc(token, request_id)
+        if not token.startswith(TOKEN_PREFIX) and self.config.api.oidc:
+            from orchestrator.auth.oidc import looks_like_jwt
+
+            if looks_like_jwt(token):
+                return self._oidc(token, request_id)
         row = self.store.token_owner(token_hash(token))
         if row is None:
             raise UnauthorizedError("the token is not valid (unknown, revoked or expired); ask an admin for a new one")
@@ -132,13 +134,11 @@ class Users:
                         request_id=request_id)
 
     def _oidc(self, token: str, request_id: str) -> Identity:
-        """The seam for OIDC (`orchestrator.auth.oidc`, issue 23 section 2)."""
+        """A platform's OIDC token (`orchestrator.auth.oidc`): its user, its groups' role and workspaces."""
+        from orchestrator.auth import oidc
+
         try:
-            from orchestrator.auth import oidc  # type: ignore[attr-defined, unused-ignore]
-        except ImportError:
-            raise UnauthorizedError("this server has api.oidc configured but no OIDC support installed") from None
-        try:
-            found = oidc.verify_oidc_token(token, oidc.OidcConfig.model_validate(self.config.api.oidc))
+            found = oidc.verify_oidc_token(token, oidc.OidcConfig.from_mapping(self.config.api.oidc))
         except oidc.OidcError as exc:
             raise UnauthorizedError(f"OIDC token refused: {exc}") from None
         own = [w for w in found.workspaces if w in self.config.workspaces]

@@ -222,3 +222,32 @@ def test_who_may_see_and_change_a_job_through_the_api(users: Users) -> None:
                          headers={"Authorization": f"Bearer {tokens['bob']}"})
     assert cancel.status_code == 403 and cancel.json()["exit_code"] == 2
     assert store.job(job).status == "PENDING"
+
+
+def test_an_oidc_token_is_a_user_with_its_groups_role_and_workspaces(sortie_home: Path, tmp_path: Path) -> None:
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig"}]}))
+    (sortie_home / "config.yaml").write_text(
+        "workspaces: {ml: {}, vision: {}}\napi:\n  oidc:\n    issuer: https://idp.example\n    audience: sortie\n"
+        f"    jwks_file: {tmp_path / 'jwks.json'}\n    user_claim: preferred_username\n"
+        "    group_roles: {ops: admin}\n    group_workspaces: {ml-team: [ml]}\n")
+    store = StateStore(sortie_home)
+    users = Users(store, store.config)
+
+    def token(**claims: object) -> str:
+        body = {"iss": "https://idp.example", "aud": "sortie", "exp": time.time() + 60,
+                "preferred_username": "erin", "groups": ["ml-team"], **claims}
+        return jwt.encode(body, key, algorithm="RS256", headers={"kid": "k1"})
+
+    me = users.authenticate(token(), "r")
+    assert (me.user, me.role, me.workspaces) == ("erin", "user", ("ml",))
+    assert users.authenticate(token(groups=["ops"]), "r").role == "admin"
+    for bad in (token(exp=time.time() - 3600), token(aud="other"), token(iss="https://evil.example")):
+        with pytest.raises(UnauthorizedError, match="OIDC"):
+            users.authenticate(bad, "r")
