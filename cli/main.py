@@ -11,7 +11,7 @@ import time
 
 import typer
 
-from cli.output import get_console
+from cli.output import InstallProgress, get_console
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -95,20 +95,18 @@ def engine_install(
             raise UsageError(f"--plugin {name!r}: Sortie builds only {', '.join(PLUGINS)}")
     console = get_console()
     started = time.monotonic()
-    with console.status(f"Pulumi engine: checking {engine_root()}") as status:
-        info, how = install_engine(force=force, progress=lambda msg: status.update(f"Pulumi engine: {msg}"))
+    verbs = {"present": "already installed", "official": "installed from its official release (verified)",
+             "built": "built from the Go module proxy"}
+    with InstallProgress(console, "Pulumi engine") as progress:
+        progress(f"checking {engine_root()}")
+        info, how = install_engine(force=force, progress=progress)
     took = time.monotonic() - started
-    verb = {"present": "already installed", "official": "installed by the official installer",
-            "built": "built from the Go module proxy"}[how]
-    console.print(f"Pulumi engine v{info.version} {verb}: {info.path} ({took:.1f}s)")
+    console.print(f"Pulumi engine v{info.version} {verbs[how]}: {info.path} ({took:.1f}s)")
     for name in plugin:
         started = time.monotonic()
-        with console.status(f"{name} provider plugin: checking") as status:
-            def tell(msg: str, n: str = name) -> None:
-                status.update(f"{n} provider plugin: {msg}")
-
-            found, how = install_plugin(name, force=force, progress=tell)
-        verb = {"present": "already installed", "built": "built from the Go module proxy"}[how]
+        with InstallProgress(console, f"{name} provider plugin") as progress:
+            found, how = install_plugin(name, force=force, progress=progress)
+        verb = verbs[how]
         console.print(f"Provider plugin {name} v{found.version} {verb}: {found.path} "
                       f"({time.monotonic() - started:.1f}s)")
 

@@ -24,8 +24,17 @@ if TYPE_CHECKING:
     from state.store import StateStore
 
 
+MAX_NUM_JOBS = 10_000  # jobs one `launch --num-jobs N` submits (one transaction)
+
+
 class UnknownJobError(SortieError):
     """No job matches the id or name given."""
+
+
+def check_num_jobs(count: int) -> None:
+    """`--num-jobs N`: 1 to MAX_NUM_JOBS."""
+    if not 1 <= count <= MAX_NUM_JOBS:
+        raise UsageError(f"--num-jobs must be between 1 and {MAX_NUM_JOBS}, got {count}")
 
 
 current_user = os_user  # the OS user: whom local mode acts for
@@ -204,8 +213,11 @@ class JobService:
             if refused:
                 raise UsageError("; ".join(refused))
         plan = storage if storage is not None else self.plan_storage(pipeline)
+        check_num_jobs(count)
         if not plan.empty and count != 1:
-            raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
+            raise UsageError("--num-jobs: a job with a workdir, file mounts or buckets is launched one at a time")
+        if pipeline.is_job_group and count != 1:
+            raise UsageError("--num-jobs: a job group (execution: parallel) is launched one at a time")
         if start_controller:
             from orchestrator.controller_service import check_controller
 
@@ -213,7 +225,8 @@ class JobService:
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
         ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=self.identity.user,
                                 name=pipeline.name, count=count, staging=not plan.empty,
-                                task_resources=[t.resources_str() for t in pipeline.tasks], workspace=chosen)
+                                task_resources=[t.resources_str() for t in pipeline.tasks], workspace=chosen,
+                                ranked=count > 1)
         self.audit("launch", f"job {ids[0]}" if count == 1 else f"jobs {ids[0]}-{ids[-1]}", chosen)
         if not plan.empty:
             self._stage(plan, ids[0], progress)

@@ -62,9 +62,10 @@ class StateStore(JobTransitions, PoolTransitions, UserTransitions):
     def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
                name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
                per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False,
-               pool: str | None = None, workspace: str | None = None) -> list[int]:
+               pool: str | None = None, ranked: bool = False, workspace: str | None = None) -> list[int]:
         """Submit `count` jobs of one pipeline in one transaction. Returns their ids. `staging`: the caller
-        uploads the job's files next, and the controller waits for `finish_staging`."""
+        uploads the job's files next, and the controller waits for `finish_staging`. Pool jobs, and with `ranked`
+        the others, get their rank 0..count-1 (`SKYPILOT_JOB_RANK`) and `count` (`SKYPILOT_NUM_JOBS`)."""
         now = time.time()
         sealed = self.box.seal(list(secrets)) if any(secrets) else None
         tasks = pipeline["tasks"]
@@ -79,8 +80,8 @@ class StateStore(JobTransitions, PoolTransitions, UserTransitions):
                              status=JobStatus.PENDING, is_pipeline=bool(pipeline.get("is_pipeline")), spec=spec,
                              secrets_enc=sealed, submitted_at=now, updated_at=now,
                              staging_heartbeat=now if staging else None, pool=pool,
-                             job_rank=i if pool else None, num_jobs=count if pool else None,
-                             workspace=workspace)
+                             job_rank=i if pool or ranked else None,
+                             num_jobs=count if pool or ranked else None, workspace=workspace)
                 session.add(job)
                 session.flush()
                 for index, task in enumerate(tasks):
