@@ -20,7 +20,7 @@ from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"  # the newest migration (keep equal to the head: a mismatch upgrades at every open)
 _PG_MIGRATION_LOCK = 742_015
 
 
