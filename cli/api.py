@@ -175,10 +175,9 @@ def audit(limit: int = typer.Option(100, "-l", "--limit", help="The last N event
     if remote is not None:
         rows = remote.call("GET", "/api/v1/audit", limit=limit)
     else:
-        from state.store import StateStore
+        from orchestrator.user_service import audit_rows
 
-        rows = [{"at": a.at, "user": a.user, "request_id": a.request_id, "action": a.action, "target": a.target,
-                 "workspace": a.workspace, "detail": a.detail} for a in StateStore().audit_events(limit)]
+        rows = audit_rows(limit)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -25,13 +25,9 @@ def remote_or_none() -> Any:
 
 
 def _local() -> tuple[Any, Any]:
-    from orchestrator.auth.identity import os_user
-    from orchestrator.auth.users import Users
-    from state.store import StateStore
-    from state.user_transitions import Audit
+    from orchestrator.user_service import local_users
 
-    store = StateStore()
-    return Users(store, store.config), Audit(f"local:{os_user()}"[:64], "local")
+    return local_users()
 
 
 def _duration(text: str | None) -> float | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import SortieError
 
@@ -453,20 +453,8 @@ class ApiConfig(BaseModel):
                                                 "addresses whose X-Forwarded-* headers are trusted.")
                                ] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     oidc: Annotated[dict | None, Field(description="Server: OIDC (issuer, audience, jwks_url or jwks_file, "
-                                       "user_claim, groups_claim, group_roles, group_workspaces).")] = None
-
-    @field_validator("oidc")
-    @classmethod
-    def _oidc(cls, value: dict | None) -> dict | None:
-        """Refused at load, in one line naming the key (`orchestrator.auth.oidc`)."""
-        if value is not None:
-            from orchestrator.auth.oidc import OidcConfig, OidcError
-
-            try:
-                OidcConfig.from_mapping(value)
-            except OidcError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+                                       "user_claim, groups_claim, group_roles, group_workspaces); checked "
+                                       "by `api start` (`orchestrator.auth.oidc`).")] = None
 
 
 class DockerConfig(BaseModel):

@@ -77,6 +77,10 @@ def start(home: Path | None = None, host: str = "127.0.0.1", port: int = DEFAULT
     if found:
         return found, None
     store = StateStore(home)
+    if store.config.api.oidc:  # a bad `api.oidc` stops the start in one line naming the key
+        from orchestrator.auth.oidc import OidcConfig
+
+        OidcConfig.from_mapping(store.config.api.oidc)
     made = Users(store, store.config).ensure_first_admin(home)
     store.engine.dispose()
     log = log_path(home)
