@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
@@ -36,10 +36,25 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+# Issue 28: an execution option on a connection whose transaction will write (a session's explicit `begin()`): on
+# SQLite it begins `BEGIN IMMEDIATE`, taking the write lock first (waiting up to the busy timeout for it). A deferred
+# transaction that reads, then writes, fails at once with SQLITE_BUSY in WAL mode when another writer committed after
+# its read began, whatever the busy timeout: concurrent launches were refused that way.
+WRITE_TRANSACTION = "sortie_write_transaction"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """pysqlite's own implicit BEGIN is off (`isolation_level=None`); SQLAlchemy's begin emits ours instead."""
+    immediate = conn.get_execution_options().get(WRITE_TRANSACTION)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False}, pool_pre_ping=False)
+        engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False, "isolation_level": None},
+                               pool_pre_ping=False)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
@@ -110,5 +125,16 @@ def _safe_url(url: str) -> str:
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+class StateSession(Session):
+    """A session whose explicit `begin()` opens a write transaction (`BEGIN IMMEDIATE` on SQLite, issue 28); its
+    reads, which begin implicitly, stay deferred and never wait for a writer."""
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        transaction = super().begin(nested=nested)
+        if not nested and self.bind is not None and self.bind.dialect.name == "sqlite":
+            self.connection(execution_options={WRITE_TRANSACTION: True})  # type: ignore[misc]
+        return transaction
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(engine, class_=StateSession, expire_on_commit=False)

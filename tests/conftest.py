@@ -122,8 +122,8 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     started: list[RunningAgent] = []
 
     def factory(sandbox: Path | None = None, token: str = "test-token-123", confine: bool = False,
-                env: dict[str, str] | None = None) -> RunningAgent:
-        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env)
+                env: dict[str, str] | None = None, log: Path | None = None) -> RunningAgent:
+        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env, log)
         started.append(agent)
         return agent
 

@@ -10,6 +10,12 @@ from state.models import JobRow
 from state.store import StateStore
 
 NODE_ERROR_PREFIX = "node cannot write its records: "
+DISK_FULL_REASON = "the node's disk is full"
+
+
+def node_disk_full(details: str | None) -> bool:
+    """Whether a job's DETAILS (set by `report_node_errors`) say that a node's disk is full."""
+    return bool(details and details.startswith(NODE_ERROR_PREFIX) and "no space" in details)
 
 
 def report_node_errors(store: StateStore, job: JobRow, nodes: Sequence[NodeRun]) -> bool:
