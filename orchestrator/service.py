@@ -136,12 +136,16 @@ class JobService:
         from orchestrator.infra.clouds import enabled_clouds
         from orchestrator.policy.limits import num_nodes_problems
         from orchestrator.storage.staging import prepare
+        from orchestrator.storage.stores import StorageError
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
         problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))
-        return prepare(pipeline, self.config, self.home)
+        try:
+            return prepare(pipeline, self.config, self.home)
+        except StorageError as exc:  # issue 28: a request refused before anything is written is a refusal (exit 2)
+            raise UsageError(str(exc)) from None
 
     def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True,
                progress: Callable[[str, int, int], None] | None = None,
