@@ -21,6 +21,9 @@ from orchestrator.errors import SortieError
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 HEAD_REVISION = "0009"
 _PG_MIGRATION_LOCK = 742_015
+# How long a SQLite write waits for the write lock (issue 28: 60 launches at once on a loaded machine queue for it;
+# a write transaction takes it first, `BEGIN IMMEDIATE`, and waits its turn rather than failing).
+BUSY_TIMEOUT_S = 60
 
 
 def database_url(home: Path, config: SortieConfig) -> str:
@@ -30,7 +33,7 @@ def database_url(home: Path, config: SortieConfig) -> str:
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=15000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -51,7 +54,8 @@ def _sqlite_begin(conn: Connection) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False, "isolation_level": None},
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False,
+                                                   "isolation_level": None},
                                pool_pre_ping=False)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -126,14 +130,15 @@ def _safe_url(url: str) -> str:
 
 
 class StateSession(Session):
-    """A session whose explicit `begin()` opens a write transaction (`BEGIN IMMEDIATE` on SQLite, issue 28); its
-    reads, which begin implicitly, stay deferred and never wait for a writer."""
+    """A session whose explicit `begin()` opens a write transaction (`BEGIN IMMEDIATE` on SQLite, issue 28), begun
+    lazily at its first statement, so the write lock is held no longer than a deferred transaction would hold it;
+    its reads, which begin implicitly, stay deferred and never wait for a writer."""
 
     def begin(self, nested: bool = False) -> SessionTransaction:
-        transaction = super().begin(nested=nested)
-        if not nested and self.bind is not None and self.bind.dialect.name == "sqlite":
-            self.connection(execution_options={WRITE_TRANSACTION: True})  # type: ignore[misc]
-        return transaction
+        if not nested and isinstance(self.bind, Engine) and self.bind.dialect.name == "sqlite" \
+                and not self.in_transaction():
+            self.bind = self.bind.execution_options(**{WRITE_TRANSACTION: True})
+        return super().begin(nested=nested)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
