@@ -405,6 +405,20 @@ class KubernetesConfig(BaseModel):
     ] = "loadbalancer"
 
 
+class DockerConfig(BaseModel):
+    """Containers of tasks (image_id: docker:...) on the local cloud."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_run_options: Annotated[
+        list[Annotated[str, Field(pattern=r"^--?[A-Za-z][A-Za-z0-9-]{0,40}$")]],
+        Field(max_length=100, description="Options a task's config.docker.run_options may use besides the safe "
+              "ones Sortie allows (resources: --shm-size, --ulimit, --memory, --cpus, --env NAME=VALUE, ...), by "
+              "name, e.g. [--ipc, --cap-add]. Each one listed lets every task reach past its container: --volume "
+              "mounts host paths, --device host devices, --privileged turns confinement off. Default: none."),
+    ] = Field(default_factory=list)
+
+
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
 
@@ -418,6 +432,7 @@ class SortieConfig(BaseModel):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     cloud: CloudNetworkConfig = Field(default_factory=CloudNetworkConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
     allowed_clouds: Annotated[
         list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,
         Field(description="Only these clouds are considered (default: every cloud `sortie check` enables)."),

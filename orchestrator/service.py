@@ -135,10 +135,12 @@ class JobService:
         existing); writes nothing."""
         from orchestrator.infra.clouds import enabled_clouds
         from orchestrator.policy.limits import num_nodes_problems
+        from orchestrator.policy.run_options import task_problems
         from orchestrator.storage.staging import prepare
         from orchestrator.storage.stores import StorageError
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
+        problems += task_problems(pipeline.tasks, self.config.docker.allowed_run_options)
         problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))

@@ -68,8 +68,9 @@ class _Stores:
         self._open: dict[str, Store] = {}
 
     def get(self, kind: str) -> Store:
+        """The store of `kind`; a local store reads a hard-linked file only where the run's user may (issue 28)."""
         if kind not in self._open:
-            self._open[kind] = open_store(kind, self.config, self.home)
+            self._open[kind] = open_store(kind, self.config, self.home, reader=_run_user_reader()[1])
         return self._open[kind]
 
 

@@ -33,14 +33,15 @@ class RunningAgent:
     """An agent process started directly on a sandbox (no engine)."""
 
     def __init__(self, sandbox: Path, token: str, confine: bool = False, env: dict[str, str] | None = None,
-                 log: Path | None = None) -> None:
+                 link_roots: list[Path] | None = None, log: Path | None = None) -> None:
         """`log`: where the agent's output goes (as the local cloud's `agent.log`); nowhere by default."""
         self.sandbox = sandbox
         self.token = token
         env = {**os.environ, **(env or {}), "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
         sandbox.mkdir(parents=True, exist_ok=True)
         (sandbox / "agent.json").unlink(missing_ok=True)
-        argv = [*local_agent_command(), "--sandbox", str(sandbox), *(["--confine"] if confine else [])]
+        argv = [*local_agent_command(), "--sandbox", str(sandbox), *(["--confine"] if confine else []),
+                *[f"--link-root={r}" for r in link_roots or []]]
         out = log.open("ab") if log is not None else None
         try:
             self.proc = subprocess.Popen(argv, env=local_agent_env(env), stdout=out or subprocess.DEVNULL,
