@@ -91,8 +91,10 @@ def _replica_daemon(home: Path) -> ControllerInfo:
     from state.store import StateStore
 
     config = load_config(home)
-    if not (home / "state.db").exists() and not config.state.url and not os.environ.get("SORTIE_DB_URL"):
-        return ControllerInfo(False)  # no state yet: no replica either (and nothing is created here)
+    from state.db import database_url
+
+    if database_url(home, config).startswith("sqlite"):
+        return ControllerInfo(False)  # on SQLite the lock beside the DB already said (and nothing is opened here)
     me = config.controller.replica_id(home)
     store = StateStore(home, config)
     try:
