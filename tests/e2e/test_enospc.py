@@ -189,6 +189,11 @@ def test_a_node_lost_after_its_disk_filled_fails_the_job_instead_of_relaunching(
             time.sleep(0.05)
     finally:
         controller.shutdown()
+        from tests.conftest import _sandbox_processes
+
+        for pid in _sandbox_processes(str(disk / "node-0")):  # the run of the agent killed above
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
     job = store.job(job_id)
     assert killed and job.status == JobStatus.FAILED, (job.status, job.failure_reason)
     assert "the node's disk is full" in (job.failure_reason or ""), job.failure_reason
