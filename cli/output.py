@@ -12,6 +12,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from orchestrator.pool_service import PoolService
     from orchestrator.service import JobService
 
 
@@ -32,9 +33,41 @@ def plain_table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def job_service() -> JobService:
+    """The CLI's services: in-process (local mode), or the HTTP transport when this home has logged in to an API
+    server (`sortie api login`: `api.endpoint` in its config)."""
+    from orchestrator.config import load_config
+
+    config = load_config()
+    if config.api.endpoint:
+        from orchestrator.api_client import RemoteJobService
+
+        return RemoteJobService(config.api)  # type: ignore[return-value]
     from orchestrator.service import JobService
 
     return JobService()
+
+
+def pool_service() -> PoolService:
+    from orchestrator.config import load_config
+
+    config = load_config()
+    if config.api.endpoint:
+        from orchestrator.api_client import RemoteJobService
+
+        return RemoteJobService(config.api)  # type: ignore[return-value]
+    from orchestrator.pool_service import PoolService
+
+    return PoolService()
+
+
+def local_only(what: str) -> None:
+    """A command that works on the state directly: refused in a home logged in to an API server."""
+    from orchestrator.config import load_config
+    from orchestrator.errors import UsageError
+
+    if load_config().api.endpoint:
+        raise UsageError(f"{what} runs on the server's home, not through the API server (this home is logged in "
+                         "to one; `sortie api logout` to use a local state)")
 
 
 def useful_commands(job_id: int) -> str:
@@ -64,6 +97,37 @@ class UploadProgress:
             return
         self.shown[what] = tenth
         self.console.print(f"Uploading {escape(what)}: {human_bytes(done)} of {human_bytes(total)} ({tenth * 10}%)")
+
+
+class InstallProgress:
+    """Progress of a long install (an engine or plugin build: minutes): a spinner on a terminal; elsewhere (CI, a
+    pipe) a line when the step changes and at least every `every` seconds, so a 6-minute build is never silent."""
+
+    def __init__(self, console: Any, what: str, every: float = 15.0) -> None:
+        self.console, self.what, self.every = console, what, every
+        self.status: Any = None
+        self.step, self.told = "", 0.0
+
+    def __enter__(self) -> InstallProgress:
+        if self.console.is_terminal:
+            self.status = self.console.status(f"{self.what}: checking")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def __call__(self, message: str) -> None:
+        import time
+
+        if self.status is not None:
+            self.status.update(f"{self.what}: {escape(message)}")
+            return
+        step, now = message.split(":", 1)[0], time.monotonic()
+        if step != self.step or now - self.told >= self.every:
+            self.step, self.told = step, now
+            self.console.print(f"{self.what}: {escape(message)}", soft_wrap=True)
 
 
 def job_details(job) -> str:

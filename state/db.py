@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
@@ -19,7 +20,7 @@ from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"  # the newest migration (keep equal to the head: a mismatch upgrades at every open)
 _PG_MIGRATION_LOCK = 742_015
 # How long a SQLite write waits for the write lock (issue 28: 60 launches at once on a loaded machine queue for it;
 # a write transaction takes it first, `BEGIN IMMEDIATE`, and waits its turn rather than failing).
@@ -30,7 +31,7 @@ def database_url(home: Path, config: SortieConfig) -> str:
     return os.environ.get("SORTIE_DB_URL") or config.state.url or f"sqlite:///{home / 'state.db'}"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
@@ -64,7 +65,7 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     except ModuleNotFoundError as exc:
         hint = " (pip install 'sortie[postgres]')" if url.startswith("postgresql") else ""
-        raise SortieError(f"state DB {_safe_url(url)}: the driver {exc.name} is not installed{hint}") from None
+        raise SortieError(f"state DB {safe_url(url)}: the driver {exc.name} is not installed{hint}") from None
 
 
 def _current_revision(engine: Engine) -> str | None:
@@ -111,7 +112,7 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
         raise
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0]
-        raise SortieError(f"state DB {_safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
+        raise SortieError(f"state DB {safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
     if engine.dialect.name == "sqlite" and engine.url.database:  # issue 17: 0600, even if made with a wider umask
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):
@@ -119,7 +120,7 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
     return engine
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, even when SQLAlchemy cannot parse it."""
     from sqlalchemy.engine import make_url
 

@@ -220,6 +220,7 @@ def cache(plan: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     interval = float(plan.get("interval") or 5.0)
+    print(f"sortie-storage: uploading changes of {len(syncs)} cached mount(s) every {interval:g}s", flush=True)
     while True:
         stopping = stop.wait(interval)
         for sync in syncs:

@@ -96,12 +96,7 @@ def test_queue_shows_at_most_50_jobs_unless_all(monkeypatch: pytest.MonkeyPatch,
     asked: list[int | None] = []
 
     class Service:
-        class store:  # stands for the StateStore attribute
-            @staticmethod
-            def costs(ids: list[int]) -> dict[int, float]:
-                return {}
-
-        def queue(self, **kwargs: object) -> list[object]:
+        def queue_rows(self, **kwargs: object) -> list[object]:
             asked.append(kwargs["limit"])  # type: ignore[arg-type]
             return []
 
