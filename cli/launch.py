@@ -86,6 +86,7 @@ def launch(
     if dryrun and as_json:
         if plan.refusals:
             raise SpecError(plan.refusals)
+        plan.raise_storage_error()  # issue 28: every check a launch makes, --json or not
         print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
         return
     is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()

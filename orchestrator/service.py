@@ -162,13 +162,17 @@ class JobService:
         from orchestrator.policy.limits import num_nodes_problems
         from orchestrator.policy.run_options import task_problems
         from orchestrator.storage.staging import prepare
+        from orchestrator.storage.stores import StorageError
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
         problems += task_problems(pipeline.tasks, self.config.docker.allowed_run_options)
         problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))
-        return prepare(pipeline, self.config, self.home)
+        try:
+            return prepare(pipeline, self.config, self.home)
+        except StorageError as exc:  # issue 28: a request refused before anything is written is a refusal (exit 2)
+            raise UsageError(str(exc)) from None
 
     def plan_launch(self, pipeline: Pipeline, width: int = 80, workspace: str | None = None) -> LaunchPlan:
         """What `jobs launch` shows and checks before it submits: the considered resources (as text `width`

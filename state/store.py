@@ -31,7 +31,8 @@ _T = TypeVar("_T")
 
 
 def _via(part: str, method: Callable[Concatenate[_T, _P], _R]) -> Callable[Concatenate[StateStore, _P], _R]:
-    """`StateStore.<name>`: the transition `method` of the store's `part` (`job_`, `pool_` or `user_transitions`)."""
+    """`StateStore.<name>`: the transition `method` of the store's `part` (`job_transitions`, `pool_transitions` or
+    `user_transitions`)."""
     def forward(self: StateStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         return method(getattr(self, part), *args, **kwargs)
 
