@@ -150,10 +150,10 @@ def test_a_node_lost_after_its_disk_filled_fails_the_job_instead_of_relaunching(
     stopped answering, ends the job FAILED "the node's disk is full" (no `max_restarts_on_errors` asked for)."""
     from orchestrator.config import load_config
     from orchestrator.controller.daemon import Controller
-    from orchestrator.infra.fake_driver import FakeStackDriver
     from orchestrator.infra.stack_driver import UpResult
     from orchestrator.job_status import JobStatus
     from stacks.spec import StackProgram
+    from tests.support.fake_driver import FakeStackDriver
 
     disk = small_tmpfs("2m")
     started: list = []
