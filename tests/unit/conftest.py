@@ -6,8 +6,8 @@ Alembic; the end-to-end tests (tests/e2e/test_state.py) and every CLI process mi
 from __future__ import annotations
 
 import sqlite3
-from contextlib import closing
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
