@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
 from orchestrator.policy.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
-from orchestrator.service import JobService, UnknownJobError, current_user
+from orchestrator.service import JobService, UnknownJobError, check_num_jobs, current_user
 
 if TYPE_CHECKING:
     from orchestrator.infra.stack_driver import StackDriver
@@ -200,8 +200,7 @@ class PoolService(JobService):
         """Submit `num_jobs` jobs of `pipeline` to a pool in one transaction; each runs only `run`. Returns the
         ids and notes on what was ignored."""
         pool = self.resolve_pool(pool_name)
-        if num_jobs < 1:
-            raise UsageError("--num-jobs must be >= 1")
+        check_num_jobs(num_jobs)
         if len(pipeline.tasks) != 1:
             raise UsageError("a pool runs single-task jobs; launch a pipeline without -p")
         task = pipeline.tasks[0]

@@ -49,8 +49,13 @@ class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
     def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False,
-                  hide: list[str] | None = None, container: dict | None = None) -> None:
+                  hide: list[str] | None = None, container: dict | None = None,
+                  link_roots: list[str] | None = None) -> None:
         self.sandbox = sandbox
+        # Where a link's target may be (issue 28): the node's own roots, and those the cloud names (the local
+        # store's directory, on the local cloud).
+        self.link_roots = [sandbox / "workdir", sandbox / "home", sandbox / "mounts",
+                           *(Path(r) for r in link_roots or [])]
         self.node_id = node_id
         self.confine = confine
         self.runs_dir = sandbox / "runs"
@@ -82,6 +87,7 @@ class Agent:
                 sandbox, node_id, confine, container, self._view_script is not None)
             if self.user:
                 self.user.targets |= self._shows
+                self.user.link_roots = self.link_roots
         if self.container is not None:
             self._prepare_container()
 
@@ -359,8 +365,18 @@ class Agent:
         if target is None:
             self._add_view(dest)
             return self.resolve(dest)
-        if not os.path.isabs(target) or not os.path.isdir(target):
+        if "\0" in target or not os.path.isabs(target):
             raise ValueError(f"links: target must be the absolute path of an existing directory, not {target!r}")
+        try:  # not in the zipapp: a cloud node has no directory of this machine's (a local-store bucket) to link to
+            nofollow = importlib.import_module("orchestrator.node.nofollow")
+        except ImportError:
+            raise ValueError("links: a target is only for local-cloud nodes (a local-store MOUNT)") from None
+        try:  # issue 28: inside the node's own roots, no symlink followed on the way
+            os.close(nofollow.open_under(target, self.link_roots))
+        except OSError as exc:
+            roots = ", ".join(str(r) for r in self.link_roots)
+            raise ValueError(f"links: target {target!r} must be an existing directory inside the node's roots "
+                             f"({roots}), reached through no symlink ({exc.strerror})") from None
         path = self.resolve(dest)
         if path in (Path("/"), self.workdir, self.sandbox / "home", self.sandbox / "mounts"):
             raise ValueError(f"links: dest {dest!r} would replace a whole root ({path})")
