@@ -108,10 +108,10 @@ class NodeFiles:
     def _compatible(self) -> dict[str, Resolved]:
         """The S3-compatible stores (R2, OCI, Nebius) this attempt's node-side steps name, resolved here once."""
         if self._resolved is None:
-            from orchestrator.policy.node_credentials import compatible_stores
+            from orchestrator.storage.s3_compatible import named_stores
 
             urls = [s.url for s in self.steps if s.url and _is_node_side(s)]
-            self._resolved = compatible_stores(urls, self.config.storage)
+            self._resolved = named_stores(urls, self.config.storage)
         return self._resolved
 
     def _env(self) -> dict[str, str]:

@@ -6,16 +6,12 @@ credentials: it uses its own identity (the instance profile, workload identity o
 gives it); only where the bucket is (region) passes.
 
 The S3-compatible stores (R2, OCI, Nebius) have no cloud identity a node could use: as in SkyPilot, which copies
-~/.cloudflare to its nodes, a node gets their keys, but only those of the stores its job's steps name."""
+~/.cloudflare to its nodes, a node gets their keys, but only those of the stores its job's steps name
+(`orchestrator.storage.s3_compatible.named_stores`, given by `controller.node_files`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from orchestrator.config import StorageConfig
-    from orchestrator.storage.s3_compatible import Resolved
+from collections.abc import Mapping
 
 # Settings that say where, not who: safe on any node.
 NON_SECRET_AWS = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
@@ -28,11 +24,3 @@ def node_credentials_env(infra: str | None, environ: Mapping[str, str]) -> dict[
         return {k: v for k, v in environ.items() if k.startswith("AWS_")}
     return {k: environ[k] for k in NON_SECRET_AWS if k in environ}
 
-
-def compatible_stores(urls: Iterable[str], storage: StorageConfig) -> dict[str, Resolved]:
-    """The S3-compatible stores the bucket URLs name -> their endpoint and keys (as this machine has them)."""
-    from orchestrator.storage.s3_compatible import is_compatible, resolve
-    from orchestrator.storage.stores import parse_bucket_url
-
-    kinds = sorted({kind for url in urls if is_compatible(kind := parse_bucket_url(url).store)})
-    return {kind: resolve(kind, storage) for kind in kinds}

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import configparser
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from orchestrator.storage.stores import S3Store, StorageError
+from orchestrator.storage.stores import S3Store, StorageError, parse_bucket_url
 
 if TYPE_CHECKING:
     from orchestrator.config import S3CompatibleConfig, StorageConfig
@@ -140,6 +140,13 @@ def resolve(kind_name: str, storage: StorageConfig,
     region = config.region or kind.region
     key, secret = _keys(kind, config, os.environ if environ is None else environ)
     return Resolved(kind_name, _endpoint(kind, config, region), region, key, secret, config.mount_tool)
+
+
+def named_stores(urls: Iterable[str], storage: StorageConfig) -> dict[str, Resolved]:
+    """The S3-compatible stores the bucket URLs name -> their endpoint and keys (as this machine has them): what a
+    node's bucket work is given, and no other store's keys (policy/node_credentials.py)."""
+    kinds = sorted({kind for url in urls if is_compatible(kind := parse_bucket_url(url).store)})
+    return {kind: resolve(kind, storage) for kind in kinds}
 
 
 class S3CompatibleStore(S3Store):

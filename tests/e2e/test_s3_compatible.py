@@ -13,9 +13,8 @@ import pytest
 
 from orchestrator.config import S3Config, StorageConfig
 from orchestrator.controller.node_files import NodeFiles
-from orchestrator.policy.node_credentials import compatible_stores
 from orchestrator.storage import StorageError, open_store
-from orchestrator.storage.s3_compatible import S3CompatibleStore, resolve
+from orchestrator.storage.s3_compatible import S3CompatibleStore, named_stores, resolve
 from orchestrator.storage.staging import NodeStep
 from tests.support.e2e import Sortie, path_view_works, write
 
@@ -101,7 +100,7 @@ def test_a_node_gets_the_keys_of_the_stores_its_job_names_and_no_others(tmp_path
     storage = StorageConfig.model_validate({
         "r2": {"credentials_file": str(credentials(tmp_path, "r2", "r2key", "r2secret")), "account_id": "abc1"},
         "nebius": {"credentials_file": str(credentials(tmp_path, "nebius", "nbkey", "nbsecret"))}})
-    assert set(compatible_stores(["r2://bkt1/x", "s3://bkt2", "local://bkt3"], storage)) == {"r2"}
+    assert set(named_stores(["r2://bkt1/x", "s3://bkt2", "local://bkt3"], storage)) == {"r2"}
     from orchestrator.config import SortieConfig
 
     config = SortieConfig(storage=storage)
