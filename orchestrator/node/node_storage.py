@@ -177,10 +177,10 @@ def _mount_settings(kind: str, plan: dict[str, Any], env: dict[str, str]) -> dic
 
 def _fuse_mount(step: dict[str, Any], plan: dict[str, Any]) -> None:
     """MOUNT of an S3 (or S3-compatible) bucket: a FUSE mount with rclone or s3fs where the node has one."""
-    url = parse_bucket_url(step["url"])
     base_env = dict(os.environ)
-    s3 = _mount_settings(url.store, plan, base_env)
+    s3 = _mount_settings(step["url"].partition("://")[0].lower(), plan, base_env)
     tool = _fuse_tool(s3, step.get("where") or step["dest"], step["url"])
+    url = parse_bucket_url(step["url"])
     target = node_path(step["dest"])
     target.mkdir(parents=True, exist_ok=True)
     log = _state_dir() / f"{tool}-{hashlib.sha256(step['dest'].encode()).hexdigest()[:16]}.log"

@@ -202,3 +202,17 @@ run: |
     log = cli.logs(job_id)
     assert "read from-r2" in log and "a FUSE mount" in log
     assert store.list_objects(bucket)["result.txt"] == len("written-on-the-node\n")
+
+
+def test_a_nodes_rclone_mount_gets_the_stores_keys_and_no_aws_ones(tmp_path: Path) -> None:
+    from orchestrator.node.node_storage import _mount_settings
+
+    plan = {"storage": {"r2": {"endpoint_url": "https://abc1.r2.cloudflarestorage.com", "region": "auto",
+                               "credentials_file": str(tmp_path / "absent")}}}
+    env = {"AWS_ACCESS_KEY_ID": "aws", "AWS_SECRET_ACCESS_KEY": "aws-secret", "AWS_PROFILE": "p",
+           "SORTIE_R2_ACCESS_KEY_ID": "r2key", "SORTIE_R2_SECRET_ACCESS_KEY": "r2secret", "PATH": "/bin"}
+    settings = _mount_settings("r2", plan, env)
+    assert settings == {"endpoint_url": "https://abc1.r2.cloudflarestorage.com", "region": "auto",
+                        "mount_tool": "auto"}
+    assert env == {"AWS_ACCESS_KEY_ID": "r2key", "AWS_SECRET_ACCESS_KEY": "r2secret", "PATH": "/bin",
+                   "SORTIE_R2_ACCESS_KEY_ID": "r2key", "SORTIE_R2_SECRET_ACCESS_KEY": "r2secret"}
