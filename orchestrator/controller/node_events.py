@@ -316,6 +316,9 @@ class NodeEvents:
                     run.seen_at, run.version = now, run.version + 1
                 changed = True
             for event in body["events"]:
+                if event["kind"] == "node":  # issue 28: the node's disk filled or freed; a poll now says which
+                    changed = True
+                    continue
                 known = seen.runs.pop(event["run_id"]) if event["run_id"] in seen.runs else RunSeen()
                 run = seen.runs[event["run_id"]] = known  # newest last
                 kind = event["kind"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,17 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _from_template(template: Path, real: Callable[[Engine], None]) -> Callable[[Engine], None]:
     def upgrade(engine: Engine) -> None:
-        if engine.dialect.name != "sqlite":
+        path = engine.url.database
+        if engine.dialect.name != "sqlite" or not path or path == ":memory:":
             return real(engine)
         with engine.connect() as conn:
-            if inspect(conn).get_table_names():  # not a new database: migrate it for real
-                fresh = False
-            else:
-                fresh = True
-                with sqlite3.connect(template) as source:
-                    source.backup(conn.connection.dbapi_connection)  # type: ignore[arg-type]
-        if not fresh:
-            real(engine)
+            fresh = not inspect(conn).get_table_names()
+        if not fresh:  # not a new database: migrate it for real
+            return real(engine)
+        # A connection of its own: the engine's begin their transactions (BEGIN IMMEDIATE for writes), and a backup
+        # into a connection inside one fails with "destination database is in use".
+        with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(path)) as destination:
+            source.backup(destination)
         return None
 
     return upgrade
