@@ -254,12 +254,33 @@ class S3Config(BaseModel):
     ] = "auto"
 
 
+class S3CompatibleConfig(S3Config):
+    """An S3-compatible store other than S3 (Cloudflare R2, OCI Object Storage, Nebius Object Storage): the S3
+    settings plus where its keys and endpoint come from (see docs/buckets.md; defaults as SkyPilot's)."""
+
+    credentials_file: Annotated[
+        str | None,
+        Field(description="AWS-style credentials file holding the store's keys under `profile`. Default: "
+              "~/.cloudflare/r2.credentials (R2), ~/.aws/credentials (OCI, Nebius)."),
+    ] = None
+    account_id: Annotated[
+        str | None,
+        Field(description="R2: the Cloudflare account id of the endpoint. Default: ~/.cloudflare/accountid."),
+    ] = None
+    namespace: Annotated[
+        str | None, Field(description="OCI: the Object Storage namespace of the compatibility endpoint."),
+    ] = None
+
+
 class StorageConfig(BaseModel):
     """Object stores that `file_mounts` buckets and the intermediate bucket live in."""
 
     model_config = ConfigDict(extra="forbid")
 
     s3: S3Config = Field(default_factory=S3Config)
+    r2: S3CompatibleConfig = Field(default_factory=S3CompatibleConfig)
+    oci: S3CompatibleConfig = Field(default_factory=S3CompatibleConfig)
+    nebius: S3CompatibleConfig = Field(default_factory=S3CompatibleConfig)
     local_root: Annotated[
         str | None,
         Field(description="Directory of the local store (`local://NAME` is <local_root>/NAME). "

@@ -26,6 +26,7 @@ from orchestrator.storage.stores import LocalStore, StorageError, open_store, pa
 
 if TYPE_CHECKING:
     from orchestrator.controller.context import ControllerContext
+    from orchestrator.storage.s3_compatible import Resolved
     from state.models import AttemptRow, JobRow
 
 log = logging.getLogger("sortie.controller")
@@ -102,16 +103,37 @@ class NodeFiles:
         self.steps = list(steps)
         self.attempt_id = attempt_id
         self.python = python or sys.executable
+        self._resolved: dict[str, Resolved] | None = None
+
+    def _compatible(self) -> dict[str, Resolved]:
+        """The S3-compatible stores (R2, OCI, Nebius) this attempt's node-side steps name, resolved here once."""
+        if self._resolved is None:
+            from orchestrator.storage.s3_compatible import named_stores
+
+            urls = [s.url for s in self.steps if s.url and _is_node_side(s)]
+            self._resolved = named_stores(urls, self.config.storage)
+        return self._resolved
+
+    def _env(self) -> dict[str, str]:
+        """The node's bucket work's environment: the AWS part by issue 17's policy, plus the keys of the
+        S3-compatible stores its steps name, and of no other."""
+        env = _credentials_env(self.infra)
+        for resolved in self._compatible().values():
+            env.update(resolved.key_env())
+        return env
 
     def _command(self, verb: str, steps: Sequence[NodeStep]) -> str:
-        plan = {"storage": self.config.storage.model_dump(mode="json"), "home": str(self.home),
+        storage = self.config.storage.model_dump(mode="json")
+        for kind, resolved in self._compatible().items():  # the node needs no account id or namespace files
+            storage[kind].update(endpoint_url=resolved.endpoint_url, region=resolved.region)
+        plan = {"storage": storage, "home": str(self.home),
                 "steps": [s.to_json() for s in steps], "interval": CACHE_INTERVAL_SECONDS}
         return f"exec {self.python} -m orchestrator.node.node_storage {verb} {encode_plan(plan)}"
 
     def _run_to_end(self, client: AgentClient, verb: str, steps: Sequence[NodeStep],
                     note: Callable[[str], None]) -> None:
         run_id = f"{verb}-{self.attempt_id}"
-        client.start(self._command(verb, steps), run_id, env=_credentials_env(self.infra), view=False)
+        client.start(self._command(verb, steps), run_id, env=self._env(), view=False)
         status = client.wait(run_id, timeout=FETCH_TIMEOUT_SECONDS, interval=0.2)
         output, _ = client.log(run_id, 0)
         lines = output.decode(errors="replace").splitlines()
@@ -143,7 +165,7 @@ class NodeFiles:
             self._run_to_end(client, "fetch", node_side, note)
         if has_cached(self.steps):
             client.start(self._command("cache", [s for s in self.steps if s.kind == "cached"]),
-                         f"cache-{self.attempt_id}", env=_credentials_env(self.infra), view=False)
+                         f"cache-{self.attempt_id}", env=self._env(), view=False)
 
     def flush(self, client: AgentClient, note: Callable[[str], None]) -> None:
         """Upload MOUNT_CACHED writes once more, then stop the background uploader."""

@@ -30,6 +30,7 @@ from typing import Any
 from orchestrator.config import StorageConfig
 from orchestrator.errors import SortieError
 from orchestrator.node.agent import place_destination
+from orchestrator.storage.s3_compatible import is_compatible, resolve
 from orchestrator.storage.stores import Store, open_store, parse_bucket_url
 from orchestrator.storage.trees import CachedSync, download_tree
 
@@ -162,17 +163,29 @@ def _fuse_tool(s3: dict[str, Any], where: str, url: str) -> str:
                       "or MOUNT_CACHED, or install rclone")
 
 
+def _mount_settings(kind: str, plan: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """The S3 settings of a FUSE mount of a `kind` bucket; an S3-compatible store's keys go into `env` (as
+    AWS_*, which rclone's and s3fs's environment auth read), replacing any AWS ones."""
+    if not is_compatible(kind):
+        return dict((plan.get("storage") or {}).get(kind) or {})
+    resolved = resolve(kind, StorageConfig.model_validate(plan.get("storage") or {}), env)
+    for name in [k for k in env if k.startswith("AWS_")]:
+        del env[name]
+    env.update(AWS_ACCESS_KEY_ID=resolved.access_key_id, AWS_SECRET_ACCESS_KEY=resolved.secret_access_key)
+    return resolved.mount_settings()
+
+
 def _fuse_mount(step: dict[str, Any], plan: dict[str, Any]) -> None:
-    """MOUNT of an S3 bucket: a FUSE mount with rclone or s3fs where the node has one."""
-    s3 = (plan.get("storage") or {}).get("s3") or {}
+    """MOUNT of an S3 (or S3-compatible) bucket: a FUSE mount with rclone or s3fs where the node has one."""
+    base_env = dict(os.environ)
+    s3 = _mount_settings(step["url"].partition("://")[0].lower(), plan, base_env)
     tool = _fuse_tool(s3, step.get("where") or step["dest"], step["url"])
     url = parse_bucket_url(step["url"])
     target = node_path(step["dest"])
     target.mkdir(parents=True, exist_ok=True)
     log = _state_dir() / f"{tool}-{hashlib.sha256(step['dest'].encode()).hexdigest()[:16]}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command, env = fuse_mount_command(tool, f"{url.bucket}/{url.prefix}".rstrip("/"), target, s3, log,
-                                      dict(os.environ))
+    command, env = fuse_mount_command(tool, f"{url.bucket}/{url.prefix}".rstrip("/"), target, s3, log, base_env)
     said = log.with_suffix(".out")
     try:
         # Output to a file, not a pipe: the daemon it leaves running would hold a pipe open to the end.

@@ -3,7 +3,11 @@
 A local-cloud node is this machine: its bucket work (Sortie's own `node_storage`, never the task's runs) gets the
 controller's AWS_* settings, as the controller would use them itself. A cloud node never gets the controller's
 credentials: it uses its own identity (the instance profile, workload identity or credentials its image or account
-gives it); only where the bucket is (region) passes."""
+gives it); only where the bucket is (region) passes.
+
+The S3-compatible stores (R2, OCI, Nebius) have no cloud identity a node could use: as in SkyPilot, which copies
+~/.cloudflare to its nodes, a node gets their keys, but only those of the stores its job's steps name
+(`orchestrator.storage.s3_compatible.named_stores`, given by `controller.node_files`)."""
 
 from __future__ import annotations
 
@@ -19,3 +23,4 @@ def node_credentials_env(infra: str | None, environ: Mapping[str, str]) -> dict[
     if (infra or "local").split("/")[0] == "local":
         return {k: v for k, v in environ.items() if k.startswith("AWS_")}
     return {k: environ[k] for k in NON_SECRET_AWS if k in environ}
+

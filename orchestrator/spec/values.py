@@ -32,7 +32,7 @@ DISK_TIERS: tuple[str, ...] = ("low", "medium", "high", "ultra", "best")
 NETWORK_TIERS: tuple[str, ...] = ("standard", "best")
 STORE_TYPES: tuple[str, ...] = ("local", "s3", "gcs", "azure", "r2", "ibm", "oci", "nebius", "coreweave", "hf")
 STORAGE_MODES: tuple[str, ...] = ("MOUNT", "COPY", "MOUNT_CACHED")
-SORTIE_STORES: tuple[str, ...] = ("local", "s3")  # the STORE_TYPES Sortie can use today
+SORTIE_STORES: tuple[str, ...] = ("local", "s3", "r2", "oci", "nebius")  # the STORE_TYPES Sortie can use today
 
 # Accelerator names whose spelling is canonicalized case-insensitively (SkyPilot does this from its catalog;
 # Sortie has no catalog, so it knows the common ones and keeps any other name as written).

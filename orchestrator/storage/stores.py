@@ -40,17 +40,14 @@ class UploadTooLarge(StorageError):
     """An upload is over its size limit; raised before anything is uploaded."""
 
 
-STORES = ("local", "s3")
+STORES = ("local", "s3", "r2", "oci", "nebius")  # r2, oci, nebius: s3_compatible.py
 # Stores SkyPilot knows that Sortie does not support yet: store field -> (name in messages, URL schemes).
 UNSUPPORTED_STORES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gcs": ("GCS", ("gs",)),
     "azure": ("Azure Blob", ("az",)),
-    "r2": ("Cloudflare R2", ("r2",)),
     "ibm": ("IBM COS", ("cos",)),
-    "oci": ("OCI Object Storage", ("oci",)),
-    "nebius": ("Nebius Object Storage", ("nebius",)),
 }
-_SUPPORTED_SCHEMES = ", ".join(f"{s}://" for s in ("s3", "local"))
+_SUPPORTED_SCHEMES = ", ".join(f"{s}://" for s in ("s3", "local", "r2", "oci", "nebius"))
 _BUCKET_RULE = ("3-63 characters: lowercase letters, digits, dots and hyphens, "
                 "starting and ending with a letter or digit")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -96,7 +93,7 @@ class BucketURL:
 
 
 def parse_bucket_url(text: str) -> BucketURL:
-    """`s3://BUCKET[/PATH]` or `local://BUCKET[/PATH]`."""
+    """`s3://BUCKET[/PATH]`, `local://BUCKET[/PATH]`, or an S3-compatible store's (`r2://`, `oci://`, `nebius://`)."""
     if _AZURE_HTTPS_RE.match(text):
         raise StorageError(f"{text}: Azure Blob buckets are not supported yet (supported: {_SUPPORTED_SCHEMES})")
     scheme, sep, rest = text.partition("://")
@@ -352,8 +349,9 @@ class S3Store:
     kind = "s3"
 
     def __init__(self, config: S3Config, *, connect_timeout: float = 10.0, max_attempts: int = 3,
-                 part_size: int = 64 * 2**20) -> None:
-        """`max_attempts` counts the first try; files over `part_size` move in parts of that size."""
+                 part_size: int = 64 * 2**20, credentials: tuple[str, str] | None = None) -> None:
+        """`max_attempts` counts the first try; files over `part_size` move in parts of that size; `credentials`
+        (key id, secret) replace boto3's chain (the S3-compatible stores' own keys)."""
         try:
             import boto3
             import boto3.s3.transfer
@@ -372,7 +370,9 @@ class S3Store:
         if config.endpoint_url:
             options["s3"] = {"addressing_style": "path"}
         try:
-            session = boto3.session.Session(profile_name=config.profile, region_name=config.region)
+            keys = ({"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
+                    if credentials else {})
+            session = boto3.session.Session(profile_name=config.profile, region_name=config.region, **keys)
             self.client = session.client("s3", endpoint_url=config.endpoint_url,
                                          config=botocore.config.Config(**options))
         except botocore.exceptions.ProfileNotFound:
@@ -397,9 +397,9 @@ class S3Store:
         except self._exc.ClientError as exc:
             if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 return False
-            self._fail(exc, bucket, f"checking s3://{bucket}")
+            self._fail(exc, bucket, f"checking {self.kind}://{bucket}")
         except Exception as exc:
-            self._fail(exc, bucket, f"checking s3://{bucket}")
+            self._fail(exc, bucket, f"checking {self.kind}://{bucket}")
 
     def create_bucket(self, bucket: str) -> None:
         if self.bucket_exists(bucket):
@@ -412,9 +412,9 @@ class S3Store:
             self.client.create_bucket(**kwargs)
         except self._exc.ClientError as exc:
             if _code(exc) != "BucketAlreadyOwnedByYou":
-                self._fail(exc, bucket, f"creating s3://{bucket}")
+                self._fail(exc, bucket, f"creating {self.kind}://{bucket}")
         except Exception as exc:
-            self._fail(exc, bucket, f"creating s3://{bucket}")
+            self._fail(exc, bucket, f"creating {self.kind}://{bucket}")
 
     def delete_bucket(self, bucket: str) -> None:
         if not self.bucket_exists(bucket):
@@ -430,11 +430,11 @@ class S3Store:
                 self.client.delete_bucket(Bucket=bucket)
         except self._exc.ClientError as exc:
             if _code(exc) not in ("404", "NoSuchBucket"):
-                self._fail(exc, bucket, f"deleting s3://{bucket}")
+                self._fail(exc, bucket, f"deleting {self.kind}://{bucket}")
         except StorageError:
             raise
         except Exception as exc:
-            self._fail(exc, bucket, f"deleting s3://{bucket}")
+            self._fail(exc, bucket, f"deleting {self.kind}://{bucket}")
 
     def _delete_versions(self, bucket: str) -> None:
         for page in self.client.get_paginator("list_object_versions").paginate(Bucket=bucket):
@@ -449,7 +449,7 @@ class S3Store:
             errors = reply.get("Errors") or []
             if errors:
                 first = errors[0]
-                raise StorageError(f"could not delete s3://{bucket}/{first.get('Key')}: {first.get('Code')}: "
+                raise StorageError(f"could not delete {self.kind}://{bucket}/{first.get('Key')}: {first.get('Code')}: "
                                    f"{first.get('Message')} ({len(errors)} objects failed)")
 
     def list_objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
@@ -461,7 +461,7 @@ class S3Store:
                     if under_prefix(obj["Key"], prefix):
                         found[obj["Key"]] = int(obj["Size"])
         except Exception as exc:
-            self._fail(exc, bucket, f"listing s3://{bucket}/{prefix}")
+            self._fail(exc, bucket, f"listing {self.kind}://{bucket}/{prefix}")
         return dict(sorted(found.items()))
 
     def put_file(self, bucket: str, key: str, path: Path) -> None:
@@ -471,7 +471,7 @@ class S3Store:
         except FileNotFoundError as exc:
             raise StorageError(f"cannot upload {path}: {exc.strerror}") from None
         except Exception as exc:
-            self._fail(exc, bucket, f"uploading {path} to s3://{bucket}/{key}")
+            self._fail(exc, bucket, f"uploading {path} to {self.kind}://{bucket}/{key}")
 
     def get_file(self, bucket: str, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,10 +481,10 @@ class S3Store:
             os.replace(tmp, path)
         except self._exc.ClientError as exc:
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                raise StorageError(f"s3://{bucket}/{key} does not exist; check the path") from None
-            self._fail(exc, bucket, f"downloading s3://{bucket}/{key}")
+                raise StorageError(f"{self.kind}://{bucket}/{key} does not exist; check the path") from None
+            self._fail(exc, bucket, f"downloading {self.kind}://{bucket}/{key}")
         except Exception as exc:
-            self._fail(exc, bucket, f"downloading s3://{bucket}/{key}")
+            self._fail(exc, bucket, f"downloading {self.kind}://{bucket}/{key}")
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -500,7 +500,7 @@ class S3Store:
         except StorageError:
             raise
         except Exception as exc:
-            self._fail(exc, bucket, f"deleting s3://{bucket}/{normalize_key(prefix)}")
+            self._fail(exc, bucket, f"deleting {self.kind}://{bucket}/{normalize_key(prefix)}")
         return len(keys)
 
     def local_dir(self, bucket: str, prefix: str = "") -> Path | None:
@@ -513,11 +513,15 @@ def local_store_root(config: StorageConfig, home: Path) -> Path:
 
 
 def open_store(kind: str, config: StorageConfig, home: Path, reader: Reader | None = None) -> Store:
-    """The store of a kind ("local" or "s3", as `store_kind` accepts) as `config` sets it up; `reader`: the
-    identity a node's fetch reads a local store's hard-linked files as (`LocalStore`)."""
+    """The store of a kind (as `store_kind` accepts) as `config` sets it up; `reader`: the identity a node's fetch
+    reads a local store's hard-linked files as (`LocalStore`)."""
     kind = store_kind(kind)
     if kind == "s3":
         return S3Store(config.s3)
+    if kind != "local":
+        from orchestrator.storage.s3_compatible import S3CompatibleStore
+
+        return S3CompatibleStore(kind, config)
     return LocalStore(local_store_root(config, home), reader)
 
 

@@ -418,7 +418,7 @@ def test_buckets_parse_and_unsupported_stores_are_named() -> None:
         "/mnt/cached": {"name": "my-bucket", "mode": "MOUNT_CACHED"},
     }
     assert task.unsupported_features() == [
-        "file_mounts./models/llama-7b: gs:// buckets are not supported yet (stores: local, s3)",
+        "file_mounts./models/llama-7b: gs:// buckets are not supported yet (stores: local, s3, r2, oci, nebius)",
     ]
 
 
@@ -434,7 +434,8 @@ def test_storage_mount_paths_sources_and_stores(tmp_path: Path) -> None:
         f'file_mounts./b.source: local path "nope" does not exist ({tmp_path / "nope"})',
     ]
     azure = one("file_mounts:\n  /c: {name: b3, store: azure}\n")
-    assert azure.unsupported_features() == ["file_mounts./c: store azure is not supported yet (stores: local, s3)"]
+    assert azure.unsupported_features() == [
+        "file_mounts./c: store azure is not supported yet (stores: local, s3, r2, oci, nebius)"]
 
 
 def test_unsupported_features_of_resources() -> None:
