@@ -41,15 +41,44 @@ def without_docstring(source: bytes) -> bytes:
     return b"\n" * source.count(b"\n", 0, end) + source[end + 3:] if end > 0 else source
 
 
+def without_comments_or_inner_docstrings(source: bytes) -> bytes:
+    """The source less its comments and its classes' and functions' docstrings (each docstring becomes `""`), every
+    line kept where it was, so tracebacks name the same lines; the code itself is unchanged."""
+    import ast
+    import tokenize
+
+    lines = source.decode().splitlines(keepends=True)
+    for token in tokenize.generate_tokens(io.StringIO(source.decode()).readline):
+        if token.type == tokenize.COMMENT:
+            row, col = token.start
+            lines[row - 1] = lines[row - 1][:col].rstrip() + "\n"
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)) or first.end_lineno is None:
+            continue
+        head = lines[first.lineno - 1]
+        if head[:first.col_offset].strip():  # `def f(): """..."""` on one line: left as it is
+            continue
+        lines[first.lineno - 1] = head[:first.col_offset] + '""\n'
+        for row in range(first.lineno, first.end_lineno):
+            lines[row] = "\n"
+    return "".join(lines).encode()
+
+
 def bundle_files() -> dict[str, bytes]:
-    """Name in the zipapp -> content, for every file it holds (module docstrings left out: `without_docstring`)."""
+    """Name in the zipapp -> content, for every file it holds (docstrings and comments left out, lines kept:
+    `without_docstring`, `without_comments_or_inner_docstrings`)."""
     files = {
         "__main__.py": MAIN.encode(),
         "orchestrator/__init__.py": without_docstring((ROOT / "orchestrator" / "__init__.py").read_bytes()),
         "orchestrator/node/__init__.py": without_docstring((NODE_DIR / "__init__.py").read_bytes()),
     }
     for name in AGENT_MODULES:
-        files[f"orchestrator/node/{name}.py"] = without_docstring((NODE_DIR / f"{name}.py").read_bytes())
+        source = without_docstring((NODE_DIR / f"{name}.py").read_bytes())
+        files[f"orchestrator/node/{name}.py"] = without_comments_or_inner_docstrings(source)
     return files
 
 
