@@ -36,6 +36,7 @@ from orchestrator.controller.node_files import (
     node_package_for,
     task_steps,
 )
+from orchestrator.controller.notices import noticed
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import InfraUnfitError, NoCapacityError, PolicyViolationError, StackOperationError
@@ -63,6 +64,7 @@ class JobReconciler:
         self.runs = NodeRuns(ctx)
         self.files = JobFiles(ctx)
         self._group: tuple[dict[int, AttemptRow], list[TaskRow]] = ({}, [])  # the job group being stepped
+        self.noticed: set[int] = set()  # attempts whose preemption notice was told (controller.notices)
 
     def tick(self) -> int:
         """One pass over every job in progress; returns how many there are."""
@@ -106,6 +108,8 @@ class JobReconciler:
             if job.graceful_cancel and not self._stopped_gracefully(job, attempt):
                 return
             self._teardown_for(job, attempt, "cancelled by the user", final=JobStatus.CANCELLED)
+            return
+        if noticed(self, job, attempt):  # issue 24: the node goes soon; recovery starts at the notice
             return
         handler[attempt.phase](job, attempt)
 

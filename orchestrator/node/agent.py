@@ -79,6 +79,7 @@ from orchestrator.node.agent_files import (
 )
 from orchestrator.node.agent_http import serve
 from orchestrator.node.container import container_name
+from orchestrator.node.notices import SOURCES
 from orchestrator.node.runs import Agent
 from orchestrator.node.watch import WatchJournal
 
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--container-image", help="run setup and run in a container of this image")
     parser.add_argument("--container-engine", default="docker", help="docker or podman")
     parser.add_argument("--container-option", action="append", default=[], help="an engine run option")
+    parser.add_argument("--notices", choices=SOURCES, default="none",
+                        help="watch for this cloud's preemption notice (kubernetes: SIGTERM is the notice)")
+    parser.add_argument("--metadata-url", help="the metadata endpoint's base URL (default: the cloud's own)")
+    parser.add_argument("--notice-grace", type=float, default=30.0,
+                        help="kubernetes: seconds from SIGTERM to the agent's stop (the termination grace period)")
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     container = ({"engine": args.container_engine, "image": args.container_image, "options": args.container_option}
                  if args.container_image else None)
     serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine,
-          args.hide, container)
+          args.hide, container, {"source": args.notices, "base": args.metadata_url, "grace": args.notice_grace})
 
 
 if __name__ == "__main__":

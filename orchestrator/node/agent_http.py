@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from orchestrator.node.agent_files import MAX_BODY, MAX_UPLOAD, NO_SPACE, write_json_atomic
+from orchestrator.node.notices import start as start_notices
 from orchestrator.node.runs import Agent
 from orchestrator.node.watch import WATCH_MAX_TIMEOUT
 
@@ -173,7 +174,7 @@ class _AgentServer(ThreadingHTTPServer):
 
 
 def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
-           hide: list[str] | None = None, container: dict | None = None) -> None:
+           hide: list[str] | None = None, container: dict | None = None, notices: dict | None = None) -> None:
     agent = Agent(sandbox, token, node_id, confine, hide, container)
     server = _AgentServer((host, port), agent)
 
@@ -184,6 +185,8 @@ def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if notices:  # preemption notices (issue 24); kubernetes: SIGTERM is the notice, the stop comes after the grace
+        start_notices(agent, stop=lambda: stop(signal.SIGTERM, None), **notices)
     write_json_atomic(sandbox / "agent.json", {
         "pid": os.getpid(), "host": host, "port": server.server_address[1], "node_id": node_id,
         "started_at": agent.started_at,

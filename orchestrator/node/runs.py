@@ -39,6 +39,7 @@ from orchestrator.node.agent_files import (
     write_json_atomic,
 )
 from orchestrator.node.container import Container
+from orchestrator.node.notices import NOTICE_FILE, NOTICE_FILE_ENV
 from orchestrator.node.watch import WatchJournal
 
 
@@ -118,7 +119,7 @@ class Agent:
         with self._at(workdir, not view or not contained(workdir, self.sandbox)) as at:
             at.mkdir(parents=True, exist_ok=True)
         child_env = {**run_base_env(dict(os.environ)), **{str(k): str(v) for k, v in env.items()},
-                     SANDBOX_ENV: str(self.sandbox)}
+                     SANDBOX_ENV: str(self.sandbox), NOTICE_FILE_ENV: str(self.sandbox / NOTICE_FILE)}
         argv = ["/bin/bash", "-c", command]
         if self.confine:
             child_env[MOUNTS_ENV] = str(self.sandbox / "mounts")
