@@ -35,9 +35,9 @@ def rss_mib() -> float:
 def tick_cost(jobs: int) -> tuple[float, float, float]:
     from orchestrator.config import load_config
     from orchestrator.controller.daemon import Controller
-    from orchestrator.infra.fake_driver import FakeStackDriver
     from orchestrator.spec import load_yaml_text
     from state.store import StateStore
+    from tests.support.fake_driver import FakeStackDriver
 
     home = Path(tempfile.mkdtemp(prefix="sortie-bench-sizing-"))
     os.environ["SORTIE_HOME"] = str(home)
@@ -46,11 +46,11 @@ def tick_cost(jobs: int) -> tuple[float, float, float]:
     ids = store.submit({**pipeline.to_json(), "is_pipeline": False}, [{}], user="bench", count=jobs,
                        task_resources=["1x[CPU:1+]"])
     with store.session() as session, session.begin():  # every job backing off: the tick loads and skips them
-        from sqlalchemy import update
-
+        from state.apply import ANY, apply
         from state.models import JobRow
 
-        session.execute(update(JobRow).where(JobRow.id.in_(ids)).values(next_attempt_at=time.time() + 3600))
+        apply(session, "wait_for_capacity", "job", [JobRow.id.in_(ids)], expect=["PENDING"], rows=ANY,
+              next_attempt_at=time.time() + 3600)
     before = rss_mib()
     reconciler = Controller(store, FakeStackDriver(), load_config(home), home)
     times = []

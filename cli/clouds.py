@@ -39,10 +39,13 @@ def check(as_json: bool = typer.Option(False, "--json", help="JSON, for scripts.
     enabled = [c.cloud for c in found if c.enabled]
     console.print(f"Enabled clouds: {', '.join(enabled)}")
     if "local" in enabled:
-        from orchestrator.node.isolation import local_isolation
+        from orchestrator.node.isolation import container_isolation, local_isolation
+        from orchestrator.policy.cloud_features import local_container_engine
 
         _isolated, how = local_isolation()
         console.print(f"Local-cloud isolation: {escape(how)}", markup=True)
+        containers = container_isolation(local_container_engine(), load_config().docker.allowed_run_options)
+        console.print(f"Local-cloud containers: {escape(containers)}", markup=True)
 
 
 def show_gpus(

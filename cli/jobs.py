@@ -175,10 +175,9 @@ def controller_status() -> None:
 
 def _print_replicas(console: Any, config: Any) -> None:
     """Issue 14: every replica sharing this state DB: its id, host, jobs held and lease age."""
-    from state.leases import replicas
-    from state.store import StateStore
+    from orchestrator.controller_service import replicas
 
-    found = replicas(StateStore(config=config))
+    found = replicas(config)
     if len(found) < 2 and not any(r.jobs_held or r.leases_held for r in found):
         return  # one controller, nothing to add
     rows = [[r.id, r.host, str(r.pid), "stopped" if r.stopped_at else ("live" if r.live else "lease expired"),
@@ -209,63 +208,39 @@ def controller_up(yes: bool = typer.Option(False, "-y", "--yes", help="Do not as
     """Create the jobs controller's VM on the cloud of `jobs.controller.infra` (its own stack), running the
     controller against the shared PostgreSQL state; on kubernetes, a Deployment of `--replicas` controllers."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.controller_service import (
-        controller_program,
-        controller_stack,
-        forget_host_key,
-    )
+    from orchestrator.controller_service import controller_up_vm
     from orchestrator.errors import UsageError
-    from orchestrator.infra.pulumi_driver import PulumiStackDriver
-    from state.machine import StackKind
-    from state.store import StateStore
 
     home = sortie_home()
     config = load_config(home)
     if config.jobs.controller.infra == "local":
         raise UsageError("jobs.controller.infra is local: the controller runs here (`sortie controller start`)")
     count = 1 if replicas is None else replicas
+    confirm = None if yes else lambda q: typer.confirm(q, default=True)
     if config.jobs.controller.infra == "kubernetes" or count != 1:  # issue 14: replicas, a Deployment
         from orchestrator.controller_service import controller_up_kubernetes
 
         if not controller_up_kubernetes(config, home, count, image, logs_claim, say=get_console().print,
-                                        confirm=None if yes else lambda q: typer.confirm(q, default=True)):
+                                        confirm=confirm):
             raise typer.Exit(1)
         return
-    program, chosen = controller_program(config, home)
-    name = controller_stack(config)
-    get_console().print(f"Controller VM: {config.jobs.controller.infra}/{chosen['region']} {chosen['instance_type']} "
-                     f"(${chosen['price_per_hour']:.3f}/h), stack {name}")
-    if not yes and not typer.confirm("Proceed?", default=True):
+    if not controller_up_vm(config, home, say=get_console().print, confirm=confirm):
         raise typer.Exit(1)
-    store = StateStore(home, config)
-    store.record_stack(name, StackKind.CONTROLLER)
-    forget_host_key(home)
-    result = PulumiStackDriver(home, config).up(name, program)
-    # Its address (public outputs only) in the shared state: `sortie dashboard` tunnels to it from anywhere.
-    store.stack_up(name, outputs=result.public_outputs())
-    node = result.outputs.get("controller") or {}
-    where = node.get("public_ip") or node.get("ip")
-    get_console().print(f"controller up: {node.get('node_id')} at {where} (private {node.get('ip')}); "
-                     "`sortie dashboard` opens its dashboard")
 
 
 @controller_app.command("down")
 def controller_down(yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")) -> None:
     """Destroy the cloud controller's VM (jobs stay in the shared state and resume at the next `up`)."""
     from orchestrator.config import load_config, sortie_home
-    from orchestrator.controller_service import controller_stack, forget_host_key
+    from orchestrator.controller_service import controller_down_vm, controller_stack
     from orchestrator.dashboard import server as dashboard_server
-    from orchestrator.infra.pulumi_driver import PulumiStackDriver
-    from state.store import StateStore
 
     home = sortie_home()
     config = load_config(home)
     name = controller_stack(config)
     if not yes and not typer.confirm(f"Destroy the controller stack {name}?", default=True):
         raise typer.Exit(1)
-    PulumiStackDriver(home, config).destroy(name)
-    StateStore(home, config).stack_destroyed(name, missing_ok=True)
-    forget_host_key(home)
+    controller_down_vm(config, home)
     found = dashboard_server.recorded(home)
     if found and found.get("kind") == "tunnel":
         dashboard_server.stop(home)

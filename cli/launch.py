@@ -52,13 +52,15 @@ def launch(
     dryrun: bool = typer.Option(False, "--dryrun", help="Validate and plan; launch nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dryrun: print the normalized task as JSON."),
     pool: str = typer.Option(None, "-p", "--pool", help="Run on this pool's workers instead of a new cluster."),
-    num_jobs: int = typer.Option(1, "--num-jobs", help="With -p: this many jobs, told SKYPILOT_JOB_RANK 0..K-1."),
+    num_jobs: int = typer.Option(1, "--num-jobs", help="This many jobs (each on its own cluster, or with -p on the "
+                                 "pool), told SKYPILOT_JOB_RANK 0..N-1 and SKYPILOT_NUM_JOBS N."),
 ) -> None:
     """Launch a managed job: a temporary cluster runs it and is destroyed when it ends (or, with -p, a pool's
     worker runs it). A request nothing can serve is refused (exit 1) and nothing is submitted."""
     from orchestrator.config import load_config
     from orchestrator.errors import UsageError
     from orchestrator.launch_checks import launch_refusals
+    from orchestrator.service import check_num_jobs
     from orchestrator.spec import Overrides, SpecError, load_entrypoint
 
     text = " ".join(entrypoint)
@@ -75,8 +77,7 @@ def launch(
     if pool is not None:
         _launch_on_pool(pool, pipeline, num_jobs, yes=yes, dryrun=dryrun)
         return
-    if num_jobs != 1:
-        raise UsageError("--num-jobs needs -p POOL (several jobs share a pool's workers)")
+    check_num_jobs(num_jobs)
     if any(t.pool for t in pipeline.tasks):
         raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
     from orchestrator.infra.clouds import enabled_clouds
@@ -116,8 +117,13 @@ def launch(
     if dryrun:
         console.print("Dry run: nothing launched.")
         return
-    if not yes and not typer.confirm(f"Launching a managed job {label!r}. Proceed?", default=True):
+    many = f"{num_jobs} managed jobs" if num_jobs > 1 else "a managed job"
+    if not yes and not typer.confirm(f"Launching {many} {label!r}. Proceed?", default=True):
         raise typer.Exit(1)
+    if num_jobs > 1:  # each on its own cluster; like -p, submitted and not followed
+        ids = service.launch(pipeline, count=num_jobs, progress=UploadProgress(console), storage=storage)
+        console.print(f"Submitted {len(ids)} managed jobs {label!r}, each on its own cluster: ID {ids[0]}-{ids[-1]}")
+        return
     (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=storage)
     console.print(f"Managed job {label!r} submitted: ID {job_id}")
     if not detach_run:

@@ -11,7 +11,7 @@ import time
 
 import typer
 
-from cli.output import get_console
+from cli.output import InstallProgress, get_console
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -90,20 +90,18 @@ def engine_install(
             raise UsageError(f"--plugin {name!r}: Sortie builds only {', '.join(PLUGINS)}")
     console = get_console()
     started = time.monotonic()
-    with console.status(f"Pulumi engine: checking {engine_root()}") as status:
-        info, how = install_engine(force=force, progress=lambda msg: status.update(f"Pulumi engine: {msg}"))
+    verbs = {"present": "already installed", "official": "installed from its official release (verified)",
+             "built": "built from the Go module proxy"}
+    with InstallProgress(console, "Pulumi engine") as progress:
+        progress(f"checking {engine_root()}")
+        info, how = install_engine(force=force, progress=progress)
     took = time.monotonic() - started
-    verb = {"present": "already installed", "official": "installed by the official installer",
-            "built": "built from the Go module proxy"}[how]
-    console.print(f"Pulumi engine v{info.version} {verb}: {info.path} ({took:.1f}s)")
+    console.print(f"Pulumi engine v{info.version} {verbs[how]}: {info.path} ({took:.1f}s)")
     for name in plugin:
         started = time.monotonic()
-        with console.status(f"{name} provider plugin: checking") as status:
-            def tell(msg: str, n: str = name) -> None:
-                status.update(f"{n} provider plugin: {msg}")
-
-            found, how = install_plugin(name, force=force, progress=tell)
-        verb = {"present": "already installed", "built": "built from the Go module proxy"}[how]
+        with InstallProgress(console, f"{name} provider plugin") as progress:
+            found, how = install_plugin(name, force=force, progress=progress)
+        verb = verbs[how]
         console.print(f"Provider plugin {name} v{found.version} {verb}: {found.path} "
                       f"({time.monotonic() - started:.1f}s)")
 
@@ -293,16 +291,9 @@ def stack_unlock() -> None:
 
 
 def _db_error_line(exc: Exception) -> str:
-    from orchestrator.config import load_config, sortie_home
-    from state.db import _safe_url, database_url
-    from state.db_errors import describe_db_error
+    from orchestrator.controller_service import state_db_error_line
 
-    try:
-        home = sortie_home()
-        where = _safe_url(database_url(home, load_config(home)))
-    except Exception:  # the config itself may be what fails; the line still says what happened
-        where = "the configured state database"
-    return describe_db_error(exc, where.removeprefix("sqlite:///"))  # type: ignore[arg-type]
+    return state_db_error_line(exc)
 
 
 def main() -> None:

@@ -66,6 +66,37 @@ class UploadProgress:
         self.console.print(f"Uploading {escape(what)}: {human_bytes(done)} of {human_bytes(total)} ({tenth * 10}%)")
 
 
+class InstallProgress:
+    """Progress of a long install (an engine or plugin build: minutes): a spinner on a terminal; elsewhere (CI, a
+    pipe) a line when the step changes and at least every `every` seconds, so a 6-minute build is never silent."""
+
+    def __init__(self, console: Any, what: str, every: float = 15.0) -> None:
+        self.console, self.what, self.every = console, what, every
+        self.status: Any = None
+        self.step, self.told = "", 0.0
+
+    def __enter__(self) -> InstallProgress:
+        if self.console.is_terminal:
+            self.status = self.console.status(f"{self.what}: checking")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def __call__(self, message: str) -> None:
+        import time
+
+        if self.status is not None:
+            self.status.update(f"{self.what}: {escape(message)}")
+            return
+        step, now = message.split(":", 1)[0], time.monotonic()
+        if step != self.step or now - self.told >= self.every:
+            self.step, self.told = step, now
+            self.console.print(f"{self.what}: {escape(message)}", soft_wrap=True)
+
+
 def job_details(job) -> str:
     """Why a job waits (`no capacity in local/region-a; next try in 40s`) or why it failed."""
     from orchestrator.service import job_details as details

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import SortieError
 
+DASHBOARD_PORT = 8765  # `sortie dashboard`'s and the controller VM's dashboard port, unless told otherwise
 CONFIG_FILE = "config.yaml"
 CONTROLLER_ID_ENV = "SORTIE_CONTROLLER_ID"  # overrides controller.id (a Kubernetes pod's name)
 
@@ -94,6 +95,9 @@ class LocalCloudConfig(BaseModel):
         raise SortieError(f"local region {name!r} is not configured (known: {known}); add it under local.regions")
 
 
+OPERATION_MIB = 200  # one stack operation in flight: 140-200 MiB PSS measured (bench/throughput.py)
+
+
 class PulumiConfig(BaseModel):
     """How Sortie drives the Pulumi engine."""
 
@@ -116,12 +120,17 @@ class PulumiConfig(BaseModel):
     ] = "sortie"
     max_concurrent_operations: Annotated[
         int | None,
-        Field(ge=1, le=64, description="Stack operations (each its own process, ~250 MiB) running at once; "
-              "default: the CPU count, between 2 and 8 (operations are CPU-bound)."),
+        Field(ge=1, le=64, description="Stack operations (a worker, the engine and its plugins: ~200 MiB) "
+              "running at once; default: the CPU count, between 2 and 8 (operations are CPU-bound), and no more "
+              "than a quarter of the machine's memory holds. Launches beyond it wait in order."),
     ] = None
+
     @property
     def operation_slots(self) -> int:
-        return self.max_concurrent_operations or min(max(os.cpu_count() or 2, 2), 8)
+        if self.max_concurrent_operations:
+            return self.max_concurrent_operations
+        memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        return max(1, min(max(os.cpu_count() or 2, 2), 8, memory_mib // (4 * OPERATION_MIB)))
 
     concurrent_update_retries: Annotated[
         int, Field(ge=0, description="Retries of an operation refused because the stack is locked.")
@@ -405,6 +414,20 @@ class KubernetesConfig(BaseModel):
     ] = "loadbalancer"
 
 
+class DockerConfig(BaseModel):
+    """Containers of tasks (image_id: docker:...) on the local cloud."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_run_options: Annotated[
+        list[Annotated[str, Field(pattern=r"^--?[A-Za-z][A-Za-z0-9-]{0,40}$")]],
+        Field(max_length=100, description="Options a task's config.docker.run_options may use besides the safe "
+              "ones Sortie allows (resources: --shm-size, --ulimit, --memory, --cpus, --env NAME=VALUE, ...), by "
+              "name, e.g. [--ipc, --cap-add]. Each one listed lets every task reach past its container: --volume "
+              "mounts host paths, --device host devices, --privileged turns confinement off. Default: none."),
+    ] = Field(default_factory=list)
+
+
 class SortieConfig(BaseModel):
     """The whole `config.yaml`."""
 
@@ -418,6 +441,7 @@ class SortieConfig(BaseModel):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     cloud: CloudNetworkConfig = Field(default_factory=CloudNetworkConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
     allowed_clouds: Annotated[
         list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,
         Field(description="Only these clouds are considered (default: every cloud `sortie check` enables)."),

@@ -44,7 +44,9 @@ def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str
 
 def launch_refusals(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """Why `jobs launch` must not submit this pipeline; empty when it may."""
-    return infeasible(pipeline, config, enabled)
+    from orchestrator.policy.run_options import task_problems
+
+    return task_problems(pipeline.tasks, config.docker.allowed_run_options) + infeasible(pipeline, config, enabled)
 
 
 def group_infra(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> str | None:

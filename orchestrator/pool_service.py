@@ -4,13 +4,14 @@ The CLI (and later the dashboard) go through it; the controller's pool reconcile
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
 from orchestrator.policy.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
-from orchestrator.service import JobService, UnknownJobError, current_user
+from orchestrator.service import JobService, UnknownJobError, check_num_jobs, current_user
 
 if TYPE_CHECKING:
     from orchestrator.infra.stack_driver import StackDriver
@@ -35,7 +36,7 @@ class PoolStatus:
         return sum(1 for w in self.workers if w.status == "READY")
 
 
-def _pool_task(name: str, pipeline: Pipeline) -> Task:
+def _pool_task(name: str, pipeline: Pipeline, allowed_run_options: Collection[str] = ()) -> Task:
     if not POOL_NAME.match(name):
         raise UsageError(f"pool name {name!r}: lowercase letters, digits and -, starting with a letter, "
                          "at most 31 characters")
@@ -47,7 +48,9 @@ def _pool_task(name: str, pipeline: Pipeline) -> Task:
                          " (run is ignored for a pool: jobs bring their own with `sortie jobs launch -p`)")
     if task.num_nodes != 1:
         raise UsageError("num_nodes: pool workers are single nodes for now; remove num_nodes or set it to 1")
-    problems = task.unsupported_features()
+    from orchestrator.policy.run_options import task_problems
+
+    problems = task.unsupported_features() + task_problems([task], allowed_run_options)
     if problems:
         raise UsageError("; ".join(problems))
     return task
@@ -57,7 +60,7 @@ class PoolService(JobService):
     def plan(self, name: str, pipeline: Pipeline, driver: StackDriver | None = None) -> tuple[ApplyPlan, str]:
         """The plan of applying `pipeline` as pool `name` (with each worker stack's Pulumi preview when a
         driver is given); changes nothing. Returns the plan and the new worker hash."""
-        task = _pool_task(name, pipeline)
+        task = _pool_task(name, pipeline, self.config.docker.allowed_run_options)
         spec = task.to_json()
         new_hash = worker_hash(spec, list(task.secrets))
         policy = PoolPolicy.from_section(spec["pool"])
@@ -132,7 +135,7 @@ class PoolService(JobService):
         from orchestrator.storage.staging import prepare, stage
 
         check_controller(self.config)
-        task = _pool_task(name, pipeline)
+        task = _pool_task(name, pipeline, self.config.docker.allowed_run_options)
         spec = {**task.to_json(), "resources_str": task.resources_str()}
         storage_plan = prepare(pipeline, self.config, self.home)
         storage = None
@@ -197,8 +200,7 @@ class PoolService(JobService):
         """Submit `num_jobs` jobs of `pipeline` to a pool in one transaction; each runs only `run`. Returns the
         ids and notes on what was ignored."""
         pool = self.resolve_pool(pool_name)
-        if num_jobs < 1:
-            raise UsageError("--num-jobs must be >= 1")
+        check_num_jobs(num_jobs)
         if len(pipeline.tasks) != 1:
             raise UsageError("a pool runs single-task jobs; launch a pipeline without -p")
         task = pipeline.tasks[0]

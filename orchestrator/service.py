@@ -22,8 +22,17 @@ if TYPE_CHECKING:
     from state.store import StateStore
 
 
+MAX_NUM_JOBS = 10_000  # jobs one `launch --num-jobs N` submits (one transaction)
+
+
 class UnknownJobError(SortieError):
     """No job matches the id or name given."""
+
+
+def check_num_jobs(count: int) -> None:
+    """`--num-jobs N`: 1 to MAX_NUM_JOBS."""
+    if not 1 <= count <= MAX_NUM_JOBS:
+        raise UsageError(f"--num-jobs must be between 1 and {MAX_NUM_JOBS}, got {count}")
 
 
 def current_user() -> str:
@@ -135,9 +144,11 @@ class JobService:
         existing); writes nothing."""
         from orchestrator.infra.clouds import enabled_clouds
         from orchestrator.policy.limits import num_nodes_problems
+        from orchestrator.policy.run_options import task_problems
         from orchestrator.storage.staging import prepare
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
+        problems += task_problems(pipeline.tasks, self.config.docker.allowed_run_options)
         problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))
@@ -154,8 +165,11 @@ class JobService:
 
         check_home_space(self.home)  # issue 17: a full home refuses launches with one line
         plan = storage if storage is not None else self.plan_storage(pipeline)
+        check_num_jobs(count)
         if not plan.empty and count != 1:
-            raise UsageError("a job with a workdir, file mounts or buckets is launched one at a time")
+            raise UsageError("--num-jobs: a job with a workdir, file mounts or buckets is launched one at a time")
+        if pipeline.is_job_group and count != 1:
+            raise UsageError("--num-jobs: a job group (execution: parallel) is launched one at a time")
         if start_controller:
             from orchestrator.controller_service import check_controller
 
@@ -163,7 +177,7 @@ class JobService:
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
         ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=current_user(),
                                 name=pipeline.name, count=count, staging=not plan.empty,
-                                task_resources=[t.resources_str() for t in pipeline.tasks])
+                                task_resources=[t.resources_str() for t in pipeline.tasks], ranked=count > 1)
         if not plan.empty:
             self._stage(plan, ids[0], progress)
         if start_controller:
@@ -357,9 +371,9 @@ class JobService:
     def controller_status(self) -> ControllerStatus:
         from orchestrator.controller_service import controller_info
         from orchestrator.infra.engine import backend_url
-        from state.db import _safe_url
+        from state.db import safe_url
 
         info = controller_info(self.home)
         counts = {s: n for s, n in self.store.count_by_status().items() if not JobStatus(s).terminal}
         return ControllerStatus(info.running, info.pid, info.version, info.uptime if info.running else None,
-                                counts, self.store.stacks_busy(), _safe_url(backend_url(self.config, self.home)))
+                                counts, self.store.stacks_busy(), safe_url(backend_url(self.config, self.home)))

@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +28,7 @@ def database_url(home: Path, config: SortieConfig) -> str:
     return os.environ.get("SORTIE_DB_URL") or config.state.url or f"sqlite:///{home / 'state.db'}"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=15000")
@@ -45,7 +46,7 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     except ModuleNotFoundError as exc:
         hint = " (pip install 'sortie[postgres]')" if url.startswith("postgresql") else ""
-        raise SortieError(f"state DB {_safe_url(url)}: the driver {exc.name} is not installed{hint}") from None
+        raise SortieError(f"state DB {safe_url(url)}: the driver {exc.name} is not installed{hint}") from None
 
 
 def _current_revision(engine: Engine) -> str | None:
@@ -92,7 +93,7 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
         raise
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0]
-        raise SortieError(f"state DB {_safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
+        raise SortieError(f"state DB {safe_url(url)} is not usable: {type(exc).__name__}: {detail}") from None
     if engine.dialect.name == "sqlite" and engine.url.database:  # issue 17: 0600, even if made with a wider umask
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):
@@ -100,7 +101,7 @@ def open_engine(home: Path | None = None, config: SortieConfig | None = None) ->
     return engine
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, even when SQLAlchemy cannot parse it."""
     from sqlalchemy.engine import make_url
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from orchestrator.job_status import ACTIVE
+from state.machine import ACTIVE
 from state.models import AttemptRow, JobRow
 from state.secrets_box import key_problem
 from state.store import StateStore

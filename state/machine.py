@@ -2,8 +2,10 @@
 legal moves, each with the named transition (in `state.transitions` and `state.pool_transitions`) that makes it.
 
 Where this sits: the services and the controller decide *what* should happen; the named transitions are the
-only code that changes a status, each in one guarded transaction with its event (`UPDATE ... WHERE id = :id
-AND status IN (:expected)`, the row count checked, a `TransitionError` when the row moved on). A crash can
+only code that changes a status, each in one guarded transaction with its event, and every status write goes
+through `state.apply.apply`, which takes its move from this table at run time (`UPDATE ... WHERE id = :id AND
+status IN (:sources)`, the row count checked, a `TransitionError` when the row moved on). `docs/state-machine.md`
+draws this table (`python -m state.diagram`; a test keeps it current). A crash can
 then only fall between two transitions, and a restarted controller resumes from a state that makes sense.
 
 Statuses are SkyPilot's for jobs and tasks; attempts, workers, stacks and pools are Sortie's own.
@@ -145,10 +147,12 @@ def _moves(table: str, sources: tuple[str | None, ...] | str | None, targets: tu
 # only moves rows along its own entry.
 TRANSITIONS: dict[str, frozenset[Move]] = {name: frozenset(moves) for name, moves in {
     "submit": _moves("job", None, _J.PENDING) | _moves("task", None, _J.PENDING),
-    "fail_staging": _moves("job", _J.PENDING, _J.FAILED_PRECHECKS) | _moves("task", _J.PENDING,
-                                                                          _J.FAILED_PRECHECKS),
+    # the first task takes the job's status, the later ones are CANCELLED
+    "fail_staging": (_moves("job", _J.PENDING, _J.FAILED_PRECHECKS)
+                     | _moves("task", _J.PENDING, (_J.FAILED_PRECHECKS, _J.CANCELLED))),
     "request_cancel": set(),  # a flag, not a status: the controller acts on it
     "finish_staging": set(),
+    "storage_cleaned": set(),  # a time, guarded by a terminal status
     "controller_error": set(),  # a count and a back-off time, not a status
     "report_node_condition": set(),  # a node's condition in the job's DETAILS
     "place_attempt": (_moves("job", (_J.PENDING, _J.STARTING), _J.STARTING)
@@ -183,7 +187,8 @@ TRANSITIONS: dict[str, frozenset[Move]] = {name: frozenset(moves) for name, move
     "record_stack": _moves("stack", (None, _S.DESTROYED, _S.FAILED), _S.CREATING),
     "stack_up": _moves("stack", _S.CREATING, _S.UP),
     # pools and their workers (and the workers' stacks)
-    "apply_pool": _moves("pool", (None, _O.ACTIVE, _O.DOWN, _O.TERMINATED), _O.ACTIVE),
+    # a new spec for a pool, or a pool again after it terminated (not while it goes down)
+    "apply_pool": _moves("pool", (None, _O.ACTIVE, _O.TERMINATED), _O.ACTIVE),
     "pool_down": _moves("pool", _O.ACTIVE, _O.DOWN),
     "pool_terminated": _moves("pool", _O.DOWN, _O.TERMINATED),
     "create_worker": _moves("worker", None, _W.PROVISIONING) | _moves("stack", None, _S.CREATING),

@@ -1,28 +1,44 @@
 """Sortie's durable state: `StateStore` reads the tables, and writes them only through the named transitions it
-mixes in (`state.transitions` for jobs, tasks, attempts and stacks; `state.pool_transitions` for pools and
-workers), each one guarded transaction with its event. Statuses and their legal moves: `state.machine`."""
+holds (`state.transitions` for jobs, tasks, attempts and stacks; `state.pool_transitions` for pools and workers),
+each one guarded transaction with its event; every status write is `state.apply`'s. The store forwards each
+transition as a method of its own (`store.place_attempt(...)` is `store.job_transitions.place_attempt(...)`).
+Statuses and their legal moves: `state.machine`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import ColumnElement, Engine, event, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
+from state.apply import create, guard_leases
 from state.db import open_engine, session_factory
-from state.leases import OWNER_KEY
+from state.leases import OWNER_KEY, owner_of
 from state.machine import ACTIVE, OPEN_PHASES, JobStatus, StackKind, StackStatus
 from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
 from state.pool_transitions import PoolTransitions
 from state.secrets_box import SecretsBox
 from state.transitions import TRANSITION_MARK, JobTransitions, attempt_cost
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
-class StateStore(JobTransitions, PoolTransitions):
+
+def _via(part: str, method: Callable[Concatenate[_T, _P], _R]) -> Callable[Concatenate[StateStore, _P], _R]:
+    """`StateStore.<name>`: the transition `method` of the store's `part` (`job_transitions` or `pool_transitions`)."""
+    def forward(self: StateStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return method(getattr(self, part), *args, **kwargs)
+
+    forward.__name__, forward.__qualname__, forward.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return forward
+
+
+class StateStore:
     """Durable state of one Sortie home (or one shared database)."""
 
     def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
@@ -39,6 +55,53 @@ class StateStore(JobTransitions, PoolTransitions):
         # pass at once after a pass that moved something, so the next step does not wait for the next interval.
         self.transitions_committed = 0
         event.listen(self._sessions, "after_commit", self._count_transition)
+        self.job_transitions = JobTransitions(self.session)
+        self.pool_transitions = PoolTransitions(self.session, self.job_transitions)
+
+    # The transitions, forwarded (the store is what the services and the controller hold).
+    J, P = JobTransitions, PoolTransitions
+    place_attempt = _via("job_transitions", J.place_attempt)
+    wait_for_capacity = _via("job_transitions", J.wait_for_capacity)
+    set_waiting = _via("job_transitions", J.set_waiting)
+    report_node_condition = _via("job_transitions", J.report_node_condition)
+    mark_cancelling = _via("job_transitions", J.mark_cancelling)
+    attempt_provisioned = _via("job_transitions", J.attempt_provisioned)
+    attempt_running = _via("job_transitions", J.attempt_running)
+    begin_teardown = _via("job_transitions", J.begin_teardown)
+    end_attempt = _via("job_transitions", J.end_attempt)
+    finish_job = _via("job_transitions", J.finish_job)
+    end_task = _via("job_transitions", J.end_task)
+    controller_error = _via("job_transitions", J.controller_error)
+    request_cancel = _via("job_transitions", J.request_cancel)
+    finish_staging = _via("job_transitions", J.finish_staging)
+    fail_staging = _via("job_transitions", J.fail_staging)
+    storage_cleaned = _via("job_transitions", J.storage_cleaned)
+    stack_destroyed = _via("job_transitions", J.stack_destroyed)
+    stack_failed = _via("job_transitions", J.stack_failed)
+    record_stack = _via("job_transitions", J.record_stack)
+    stack_up = _via("job_transitions", J.stack_up)
+    apply_pool = _via("pool_transitions", P.apply_pool)
+    pool_down = _via("pool_transitions", P.pool_down)
+    pool_terminated = _via("pool_transitions", P.pool_terminated)
+    pool_busy = _via("pool_transitions", P.pool_busy)
+    pool = _via("pool_transitions", P.pool)
+    pools = _via("pool_transitions", P.pools)
+    pool_events = _via("pool_transitions", P.pool_events)
+    workers = _via("pool_transitions", P.workers)
+    create_worker = _via("pool_transitions", P.create_worker)
+    worker_provisioned = _via("pool_transitions", P.worker_provisioned)
+    worker_ready = _via("pool_transitions", P.worker_ready)
+    drain_worker = _via("pool_transitions", P.drain_worker)
+    fail_worker = _via("pool_transitions", P.fail_worker)
+    terminate_worker = _via("pool_transitions", P.terminate_worker)
+    worker_terminated = _via("pool_transitions", P.worker_terminated)
+    record_worker_health = _via("pool_transitions", P.record_worker_health)
+    live_worker_stacks = _via("pool_transitions", P.live_worker_stacks)
+    pool_jobs = _via("pool_transitions", P.pool_jobs)
+    assign_worker = _via("pool_transitions", P.assign_worker)
+    cancel_pool_jobs = _via("pool_transitions", P.cancel_pool_jobs)
+    jobs_on_workers = _via("pool_transitions", P.jobs_on_workers)
+    del J, P
 
     def _count_transition(self, session: Session) -> None:
         if session.info.pop(TRANSITION_MARK, False):
@@ -61,9 +124,10 @@ class StateStore(JobTransitions, PoolTransitions):
     def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
                name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
                per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False,
-               pool: str | None = None) -> list[int]:
+               pool: str | None = None, ranked: bool = False) -> list[int]:
         """Submit `count` jobs of one pipeline in one transaction. Returns their ids. `staging`: the caller
-        uploads the job's files next, and the controller waits for `finish_staging`."""
+        uploads the job's files next, and the controller waits for `finish_staging`. Pool jobs, and with `ranked`
+        the others, get their rank 0..count-1 (`SKYPILOT_JOB_RANK`) and `count` (`SKYPILOT_NUM_JOBS`)."""
         now = time.time()
         sealed = self.box.seal(list(secrets)) if any(secrets) else None
         tasks = pipeline["tasks"]
@@ -78,13 +142,15 @@ class StateStore(JobTransitions, PoolTransitions):
                              status=JobStatus.PENDING, is_pipeline=bool(pipeline.get("is_pipeline")), spec=spec,
                              secrets_enc=sealed, submitted_at=now, updated_at=now,
                              staging_heartbeat=now if staging else None, pool=pool,
-                             job_rank=i if pool else None, num_jobs=count if pool else None)
-                session.add(job)
+                             job_rank=i if pool or ranked else None,
+                             num_jobs=count if pool or ranked else None)
+                create(session, "submit", job)
                 session.flush()
                 for index, task in enumerate(tasks):
-                    session.add(TaskRow(job_id=job.id, task_index=index, name=task.get("name"),
-                                        status=JobStatus.PENDING,
-                                        resources=task_resources[index] if index < len(task_resources) else ""))
+                    create(session, "submit", TaskRow(
+                        job_id=job.id, task_index=index, name=task.get("name"), status=JobStatus.PENDING,
+                        resources=task_resources[index] if index < len(task_resources) else ""))
+                # a new job: no replica holds it yet, so there is no lease to check
                 session.add(EventRow(job_id=job.id, at=now, who=user or "user", what="submitted",
                                      why=f"{len(tasks)} task(s)"))
                 ids.append(job.id)
@@ -266,6 +332,9 @@ class StateStore(JobTransitions, PoolTransitions):
     def record_missed_polls(self, attempt_id: int, missed: int) -> None:
         """How many polls in a row a node of the attempt missed (not a status: the loss is decided elsewhere)."""
         with self.session() as session, session.begin():
+            job_id = session.scalar(select(AttemptRow.job_id).where(AttemptRow.id == attempt_id))
+            if job_id is not None:
+                guard_leases(session, job_lease=job_id)
             session.execute(update(AttemptRow).where(AttemptRow.id == attempt_id).values(missed_polls=missed))
 
     def staging_heartbeat(self, job_id: int) -> None:
@@ -287,5 +356,6 @@ class StateStore(JobTransitions, PoolTransitions):
                   task_index: int | None = None, data: dict[str, Any] | None = None) -> None:
         """An event that changes no state (an observation: a slow agent, a node out of disk)."""
         with self.session() as session, session.begin():
+            guard_leases(session, job_lease=job_id)  # a replica's observation of a job it drives
             session.add(EventRow(job_id=job_id, task_index=task_index, at=time.time(), who=who, what=what, why=why,
-                                 data=data))
+                                 data=data, replica=owner_of(session)))

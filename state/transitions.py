@@ -12,15 +12,16 @@ status and advances the pipeline or finishes the job, so no crash can leave a fi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from state.apply import ANY, apply, create, guard_leases
 from state.group_rules import group_verdict, is_group
-from state.leases import hold, hold_job, owner_of
+from state.leases import hold_job, owner_of
 from state.machine import (
     ACTIVE,
     OPEN_PHASES,
@@ -55,18 +56,7 @@ class Relaunch:
 
 def rowcount(result: Any) -> int:
     """Rows an UPDATE matched (its result is a cursor result; the ORM's signature says only `Result`)."""
-    return cast(CursorResult, result).rowcount
-
-
-def guarded(session: Session, model: Any, where: Sequence[Any], expect: Iterable[str] | None, what: str,
-            **values: Any) -> None:
-    """`UPDATE model SET values WHERE where AND status IN expect`: exactly one row, else `TransitionError`."""
-    conditions = list(where)
-    if expect is not None:
-        column = model.phase if model is AttemptRow else model.status
-        conditions.append(column.in_([str(s) for s in expect]))
-    if rowcount(session.execute(update(model).where(*conditions).values(**values))) != 1:
-        raise TransitionError(f"{what}: the row is not in an expected state")
+    return cast("CursorResult[Any]", result).rowcount
 
 
 TRANSITION_MARK = "sortie.transition"  # set in a session by every event: the store counts transitions committed
@@ -79,7 +69,7 @@ def event(session: Session, job_id: int, what: str, why: str | None = None, *, t
     job's lease is checked here too (`lease=False`: a request any replica may make, or work under another lease),
     so no transition of a job commits without it."""
     if lease:
-        hold_job(session, job_id)
+        guard_leases(session, job_lease=job_id)
     session.info[TRANSITION_MARK] = True
     session.add(EventRow(job_id=job_id, task_index=task_index, at=at or time.time(), who=who, what=what, why=why,
                          data={k: v for k, v in (data or {}).items() if v is not None} or None,
@@ -94,42 +84,43 @@ def _open_attempt_exists(job_id: int, task_index: int | None = None) -> Any:
     return exists().where(*conditions)
 
 
-def _finish_group(session: Session, job: JobRow, now: float, who: str) -> None:
+def _finish_group(session: Session, transition: str, job: JobRow, now: float, who: str) -> None:
     """A job group ends once none of its tasks is in progress, with `group_verdict`, in the caller's transaction."""
     rows = session.execute(select(TaskRow.status, TaskRow.failure_reason).where(TaskRow.job_id == job.id)
                            .order_by(TaskRow.task_index)).all()
     if any(status in ACTIVE for status, _ in rows):
         return
     status, why = group_verdict(job.spec, [(s, r) for s, r in rows], bool(job.cancel_requested))
-    guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"finish job group {job.id}", status=status,
-            final_status=status, ended_at=now, updated_at=now, failure_reason=why, worker_id=None)
+    apply(session, transition, "job", [JobRow.id == job.id], to=status, expect=ACTIVE,
+          what=f"finish job group {job.id}", job_lease=job.id, final_status=status, ended_at=now, updated_at=now,
+          failure_reason=why, worker_id=None)
     cost = sum(attempt_cost(a, now) for a in session.scalars(select(AttemptRow).where(AttemptRow.job_id == job.id)))
     event(session, job.id, "finished", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
           who=who, data={"cost": round(cost, 6)}, at=now)
 
 
-def _end_group_task(session: Session, job: JobRow, task_index: int, status: JobStatus, why: str | None, now: float,
-                    who: str) -> None:
+def _end_group_task(session: Session, transition: str, job: JobRow, task_index: int, status: JobStatus,
+                    why: str | None, now: float, who: str) -> None:
     """One task of a job group ends with `status`; the group ends with its last task (same transaction)."""
-    values: dict[str, Any] = {"status": status, "ended_at": now}
+    values: dict[str, Any] = {"ended_at": now}
     if why is not None and status != JobStatus.SUCCEEDED:
         values["failure_reason"] = why
-    guarded(session, TaskRow, [TaskRow.job_id == job.id, TaskRow.task_index == task_index], ACTIVE,
-            f"end task {task_index} of job group {job.id}", **values)
+    apply(session, transition, "task", [TaskRow.job_id == job.id, TaskRow.task_index == task_index], to=status,
+          expect=ACTIVE, what=f"end task {task_index} of job group {job.id}", job_lease=job.id, **values)
     event(session, job.id, "task-ended", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
           task_index=task_index, who=who, at=now)
-    _finish_group(session, job, now, who)
+    _finish_group(session, transition, job, now, who)
 
 
-def _finish(session: Session, job: JobRow, status: JobStatus, why: str | None, now: float, who: str) -> None:
+def _finish(session: Session, transition: str, job: JobRow, status: JobStatus, why: str | None, now: float,
+            who: str) -> None:
     """The job ends with `status`: its current task takes it, later tasks are CANCELLED (or SUCCEEDED with it)."""
-    guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"finish job {job.id}", status=status,
-            final_status=status, ended_at=now, updated_at=now, failure_reason=why, worker_id=None)
+    apply(session, transition, "job", [JobRow.id == job.id], to=status, expect=ACTIVE, what=f"finish job {job.id}",
+          final_status=status, ended_at=now, updated_at=now, failure_reason=why, worker_id=None)
     for index in range(job.current_task, len(job.spec["tasks"])):
         task_status = status if index == job.current_task or status == JobStatus.SUCCEEDED else JobStatus.CANCELLED
-        session.execute(update(TaskRow).where(TaskRow.job_id == job.id, TaskRow.task_index == index,
-                                              TaskRow.status.in_(_ACTIVE)).values(
-            status=task_status, ended_at=now, failure_reason=why if index == job.current_task else None))
+        apply(session, transition, "task", [TaskRow.job_id == job.id, TaskRow.task_index == index], to=task_status,
+              expect=ACTIVE, rows=ANY, ended_at=now, failure_reason=why if index == job.current_task else None)
     cost = sum(attempt_cost(a, now) for a in session.scalars(
         select(AttemptRow).where(AttemptRow.job_id == job.id)))
     event(session, job.id, "finished", status.value + (f": {why}" if why and status != JobStatus.SUCCEEDED else ""),
@@ -143,10 +134,11 @@ def attempt_cost(attempt: AttemptRow, now: float | None = None) -> float:
 
 
 class JobTransitions:
-    """Mixed into `StateStore`: `session()` comes from there."""
+    """The transitions of jobs, tasks, attempts and stacks, each one transaction of a session from `sessions`
+    (`StateStore` holds one and forwards its methods)."""
 
-    def session(self) -> Session:  # pragma: no cover - provided by StateStore
-        raise NotImplementedError
+    def __init__(self, sessions: Callable[[], Session]) -> None:
+        self.session = sessions
 
     def _job_in(self, session: Session, job_id: int) -> JobRow:
         job = session.get(JobRow, job_id)
@@ -187,21 +179,22 @@ class JobTransitions:
                     job_expect.append(JobStatus.RUNNING)
                     job_guard = [JobRow.id == job_id, JobRow.final_status.is_(None),
                                  ~_open_attempt_exists(job_id, task_index)]
-                guarded(session, JobRow, job_guard, job_expect, f"place job {job_id}",
-                        status=job_status, updated_at=now, started_at=func.coalesce(JobRow.started_at, now),
-                        waiting_reason=None)
-                guarded(session, TaskRow, [TaskRow.job_id == job_id, TaskRow.task_index == task_index],
-                        [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING], f"place task {task_index}",
-                        status=task_status, started_at=func.coalesce(TaskRow.started_at, now))
+                apply(session, "place_attempt", "job", job_guard, to=job_status, expect=job_expect,
+                      what=f"place job {job_id}", job_lease=job_id, updated_at=now,
+                      started_at=func.coalesce(JobRow.started_at, now), waiting_reason=None)
+                apply(session, "place_attempt", "task", [TaskRow.job_id == job_id, TaskRow.task_index == task_index],
+                      to=task_status, expect=[JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING],
+                      what=f"place task {task_index}", started_at=func.coalesce(TaskRow.started_at, now))
                 stack = name_for(number)
                 attempt = AttemptRow(job_id=job_id, task_index=task_index, number=number, stack_name=stack,
                                      infra=infra, region=region, num_nodes=num_nodes, use_spot=use_spot,
                                      instance_type=instance_type, phase=Phase.PROVISIONING, started_at=now,
                                      price_per_hour=price_per_hour, token_enc=token_enc)
-                session.add(attempt)
+                create(session, "place_attempt", attempt)
                 session.flush()
-                session.merge(StackRow(name=stack, job_id=job_id, attempt_id=attempt.id, kind=StackKind.CLUSTER,
-                                       status=StackStatus.CREATING, created_at=now, destroyed_at=None))
+                create(session, "place_attempt", StackRow(
+                    name=stack, job_id=job_id, attempt_id=attempt.id, kind=StackKind.CLUSTER,
+                    status=StackStatus.CREATING, created_at=now, destroyed_at=None), merge=True)
                 event(session, job_id, "placed", why, task_index=task_index, at=now,
                       data={"stack": stack, "infra": infra, "region": region, "attempt": number,
                             "use_spot": use_spot})
@@ -222,11 +215,10 @@ class JobTransitions:
             expect = [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING]
             if task_index is not None:
                 expect.append(JobStatus.RUNNING)
-            guarded(session, JobRow, [JobRow.id == job_id, ~_open_attempt_exists(job_id, task_index)],
-                    expect, f"back off job {job_id}",
-                    status=status, next_attempt_at=retry_at, round_started_at=retry_at,
-                    backoff_rounds=JobRow.backoff_rounds + 1, waiting_since=func.coalesce(JobRow.waiting_since, now),
-                    waiting_reason=reason, updated_at=now)
+            apply(session, "wait_for_capacity", "job", [JobRow.id == job_id, ~_open_attempt_exists(job_id, task_index)],
+                  to=status, expect=expect, what=f"back off job {job_id}", job_lease=job_id, next_attempt_at=retry_at,
+                  round_started_at=retry_at, backoff_rounds=JobRow.backoff_rounds + 1,
+                  waiting_since=func.coalesce(JobRow.waiting_since, now), waiting_reason=reason, updated_at=now)
             event(session, job_id, "backoff", why, task_index=job.current_task if task_index is None else task_index,
                   at=now,
                   data={"next_try_at": retry_at, "round": job.backoff_rounds + 1})
@@ -254,12 +246,18 @@ class JobTransitions:
 
     def mark_cancelling(self, job_id: int) -> None:
         """A cancel arrived while an operation that cannot be interrupted (`up`) is under way."""
+        now = time.time()
         with self.session() as session, session.begin():
-            hold_job(session, job_id)
-            guarded(session, JobRow, [JobRow.id == job_id, JobRow.cancel_requested.is_(True)],
-                    [JobStatus.PENDING, JobStatus.STARTING, JobStatus.RECOVERING, JobStatus.RUNNING,
-                     JobStatus.CANCELLING], f"cancelling job {job_id}",
-                    status=JobStatus.CANCELLING, updated_at=time.time())
+            job = self._job_in(session, job_id)
+            was, task_index = job.status, job.current_task  # read before the update below syncs the row
+            moved = apply(session, "mark_cancelling", "job", [JobRow.id == job_id, JobRow.cancel_requested.is_(True)],
+                          to=JobStatus.CANCELLING, expect=[JobStatus.PENDING, JobStatus.STARTING,
+                                                            JobStatus.RECOVERING, JobStatus.RUNNING,
+                                                            JobStatus.CANCELLING],
+                          what=f"cancelling job {job_id}", job_lease=job_id, updated_at=now)
+            if moved and was != JobStatus.CANCELLING:
+                event(session, job_id, "cancelling", "a cancel arrived during an operation that cannot be interrupted",
+                      task_index=task_index, at=now)
 
     # --- a cluster's life ---------------------------------------------------------------------------------
 
@@ -268,10 +266,10 @@ class JobTransitions:
         now = time.time()
         with self.session() as session, session.begin():
             attempt, job = self._attempt_in(session, attempt_id)
-            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], [Phase.PROVISIONING],
-                    f"provisioned attempt {attempt_id}", phase=Phase.SYNCING, nodes=nodes)
-            session.execute(update(StackRow).where(StackRow.name == attempt.stack_name).values(
-                status=StackStatus.UP, last_error=None))
+            apply(session, "attempt_provisioned", "attempt", [AttemptRow.id == attempt_id], to=Phase.SYNCING,
+                  expect=[Phase.PROVISIONING], what=f"provisioned attempt {attempt_id}", job_lease=job.id, nodes=nodes)
+            apply(session, "attempt_provisioned", "stack", [StackRow.name == attempt.stack_name], to=StackStatus.UP,
+                  rows=ANY, last_error=None)
             session.execute(update(JobRow).where(JobRow.id == job.id).values(
                 waiting_since=None, backoff_rounds=0, placement_hint=None, waiting_reason=None, next_attempt_at=None,
                 controller_failures=0, updated_at=now))
@@ -285,17 +283,14 @@ class JobTransitions:
         expect = [Phase.SYNCING] if phase == Phase.SETTING_UP else [Phase.SYNCING, Phase.SETTING_UP]
         with self.session() as session, session.begin():
             attempt, job = self._attempt_in(session, attempt_id)
-            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], expect, f"{what} attempt {attempt_id}",
-                    phase=phase)
-            session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status.in_(
-                [JobStatus.STARTING, JobStatus.RECOVERING])).values(status=JobStatus.RUNNING, updated_at=now))
-            task_values: dict[str, Any] = {"status": JobStatus.RUNNING}
-            if phase == Phase.RUNNING:
-                task_values["run_started_at"] = now
-            session.execute(update(TaskRow).where(
-                TaskRow.job_id == job.id, TaskRow.task_index == attempt.task_index,
-                TaskRow.status.in_([JobStatus.STARTING, JobStatus.RECOVERING, JobStatus.RUNNING]),
-            ).values(**task_values))
+            apply(session, "attempt_running", "attempt", [AttemptRow.id == attempt_id], to=phase, expect=expect,
+                  what=f"{what} attempt {attempt_id}", job_lease=job.id)
+            apply(session, "attempt_running", "job", [JobRow.id == job.id], to=JobStatus.RUNNING,
+                  expect=[JobStatus.STARTING, JobStatus.RECOVERING], rows=ANY, updated_at=now)
+            task_values: dict[str, Any] = {"run_started_at": now} if phase == Phase.RUNNING else {}
+            this_task = [TaskRow.job_id == job.id, TaskRow.task_index == attempt.task_index]
+            apply(session, "attempt_running", "task", this_task, to=JobStatus.RUNNING,
+                  expect=[JobStatus.STARTING, JobStatus.RECOVERING, JobStatus.RUNNING], rows=ANY, **task_values)
             event(session, job.id, what, why, task_index=attempt.task_index, at=now)
 
     def begin_teardown(self, attempt_id: int, *, why: str, final: JobStatus | None = None,
@@ -320,23 +315,27 @@ class JobTransitions:
             if after == AfterTeardown.END_TASK:
                 settled = Outcome((final or JobStatus.FAILED_CONTROLLER).value)
             was_running = attempt.phase == Phase.RUNNING  # read before the update below changes it
-            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], WORKING_PHASES,
-                    f"teardown of attempt {attempt_id}", phase=Phase.TEARDOWN, after_teardown=after,
-                    outcome=settled if after == AfterTeardown.END_TASK else attempt.outcome or settled,
-                    exit_codes=list(exit_codes) or attempt.exit_codes)
+            apply(session, "begin_teardown", "attempt", [AttemptRow.id == attempt_id], to=Phase.TEARDOWN,
+                  expect=WORKING_PHASES, what=f"teardown of attempt {attempt_id}", job_lease=job.id,
+                  after_teardown=after,
+                  outcome=settled if after == AfterTeardown.END_TASK else attempt.outcome or settled,
+                  exit_codes=list(exit_codes) or attempt.exit_codes)
+            job_to: JobStatus | None = None
             job_values: dict[str, Any] = {"updated_at": now}
             if after == AfterTeardown.FINISH:
                 job_values.update(final_status=final or JobStatus.FAILED_CONTROLLER,
                                   failure_reason=None if final == JobStatus.SUCCEEDED else why)
                 if final == JobStatus.CANCELLED or cancelling:
-                    job_values["status"] = JobStatus.CANCELLING
+                    job_to = JobStatus.CANCELLING
             if after == AfterTeardown.END_TASK and cancelling:  # the whole group is cancelled
-                job_values["status"] = JobStatus.CANCELLING
+                job_to = JobStatus.CANCELLING
             if relaunch is not None:
-                job_values.update(status=JobStatus.RECOVERING, round_started_at=now, waiting_reason=relaunch.reason,
+                job_to = JobStatus.RECOVERING
+                job_values.update(round_started_at=now, waiting_reason=relaunch.reason,
                                   placement_hint={"prefer": relaunch.prefer_region,
                                                   "avoid": sorted(relaunch.avoid_regions)})
-            guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"teardown of job {job.id}", **job_values)
+            apply(session, "begin_teardown", "job", [JobRow.id == job.id], to=job_to, expect=ACTIVE,
+                  what=f"teardown of job {job.id}", **job_values)
             task_values: dict[str, Any] = {}
             if exit_codes and was_running:
                 task_values["exit_codes"] = list(exit_codes)
@@ -348,9 +347,8 @@ class JobTransitions:
                 session.execute(update(TaskRow).where(TaskRow.job_id == job.id,
                                                       TaskRow.task_index == attempt.task_index).values(**task_values))
             if not job.pool:  # a pool job's stack is its worker's, which stays
-                session.execute(update(StackRow).where(StackRow.name == attempt.stack_name,
-                                                       StackRow.status != StackStatus.DESTROYED).values(
-                    status=StackStatus.DESTROYING))
+                apply(session, "begin_teardown", "stack", [StackRow.name == attempt.stack_name],
+                      to=StackStatus.DESTROYING, rows=ANY)
             if outcome == Outcome.PREEMPTED:
                 event(session, job.id, "preempted", failure or why, task_index=attempt.task_index, at=now,
                       data={"stack": attempt.stack_name, "region": attempt.region})
@@ -376,51 +374,57 @@ class JobTransitions:
                      else (AfterTeardown.FINISH if finish else None))
             if after == AfterTeardown.FINISH and is_group(job.spec):  # a failed `up` ends only its task
                 after = AfterTeardown.END_TASK
-            guarded(session, AttemptRow, [AttemptRow.id == attempt_id], [Phase.TEARDOWN, Phase.PROVISIONING],
-                    f"end of attempt {attempt_id}", phase=Phase.DONE, ended_at=now,
-                    outcome=outcome or attempt.outcome)
+            apply(session, "end_attempt", "attempt", [AttemptRow.id == attempt_id], to=Phase.DONE,
+                  expect=[Phase.TEARDOWN, Phase.PROVISIONING], what=f"end of attempt {attempt_id}", job_lease=job.id,
+                  ended_at=now, outcome=outcome or attempt.outcome)
             if stack is not None and not job.pool:
-                values: dict[str, Any] = {"status": stack, "last_error": stack_error}
+                values: dict[str, Any] = {"last_error": stack_error}
                 if stack == StackStatus.DESTROYED:
                     values["destroyed_at"] = now
-                session.execute(update(StackRow).where(StackRow.name == attempt.stack_name).values(**values))
+                apply(session, "end_attempt", "stack", [StackRow.name == attempt.stack_name], to=stack, rows=ANY,
+                      **values)
             cost = attempt_cost(attempt, now)
             event(session, job.id, what, why, task_index=attempt.task_index, at=now,
                   data={"stack": attempt.stack_name, "region": attempt.region, "attempt_cost": round(cost, 6)})
+            job_to: JobStatus | None = None
             job_values: dict[str, Any] = {"updated_at": now}
             if job.pool:
                 job_values["worker_id"] = None
+            this_task = [TaskRow.job_id == job.id, TaskRow.task_index == attempt.task_index]
             if after == AfterTeardown.RELAUNCH:
-                session.execute(update(TaskRow).where(TaskRow.job_id == job.id,
-                                                      TaskRow.task_index == attempt.task_index).values(
-                    status=JobStatus.RECOVERING, recoveries=TaskRow.recoveries + 1))
+                apply(session, "end_attempt", "task", this_task,
+                      to=JobStatus.RECOVERING, what=f"task {attempt.task_index} of job {job.id} to recover",
+                      recoveries=TaskRow.recoveries + 1)
             elif after == AfterTeardown.NEXT:
-                guarded(session, TaskRow, [TaskRow.job_id == job.id, TaskRow.task_index == attempt.task_index],
-                        ACTIVE, f"task {attempt.task_index} of job {job.id} done", status=JobStatus.SUCCEEDED,
-                        ended_at=now)
-                job_values.update(current_task=attempt.task_index + 1, status=JobStatus.STARTING)
+                apply(session, "end_attempt", "task", this_task,
+                      to=JobStatus.SUCCEEDED, expect=ACTIVE, what=f"task {attempt.task_index} of job {job.id} done",
+                      ended_at=now)
+                job_to = JobStatus.STARTING
+                job_values.update(current_task=attempt.task_index + 1)
                 event(session, job.id, "task-done", f"task {attempt.task_index} succeeded; starting task "
                                                      f"{attempt.task_index + 1}", task_index=attempt.task_index,
                       at=now)
             elif after == AfterTeardown.FINISH:
                 status, reason = finish or (JobStatus(job.final_status or JobStatus.FAILED_CONTROLLER),
                                             job.failure_reason)
-                session.execute(update(JobRow).where(JobRow.id == job.id).values(**job_values))
+                apply(session, "end_attempt", "job", [JobRow.id == job.id], **job_values)
                 session.flush()
                 session.refresh(job)
-                _finish(session, job, status, reason, now, "controller")
+                _finish(session, "end_attempt", job, status, reason, now, "controller")
                 return
             elif after == AfterTeardown.END_TASK:
-                guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"end of attempt {attempt_id}", **job_values)
+                apply(session, "end_attempt", "job", [JobRow.id == job.id], expect=ACTIVE,
+                      what=f"end of attempt {attempt_id}", **job_values)
                 status, reason = finish or (JobStatus(attempt.outcome or JobStatus.FAILED_CONTROLLER),
                                             None)
                 session.flush()
                 session.refresh(job)
-                _end_group_task(session, job, attempt.task_index, status, reason, now, "controller")
+                _end_group_task(session, "end_attempt", job, attempt.task_index, status, reason, now, "controller")
                 return
             elif retry_at is not None:
                 job_values.update(controller_failures=JobRow.controller_failures + 1, next_attempt_at=retry_at)
-            guarded(session, JobRow, [JobRow.id == job.id], ACTIVE, f"end of attempt {attempt_id}", **job_values)
+            apply(session, "end_attempt", "job", [JobRow.id == job.id], to=job_to, expect=ACTIVE,
+                  what=f"end of attempt {attempt_id}", **job_values)
 
     # --- jobs without a cluster ---------------------------------------------------------------------------
 
@@ -431,7 +435,7 @@ class JobTransitions:
             job = self._job_in(session, job_id)
             if session.scalar(select(_open_attempt_exists(job_id))):
                 raise TransitionError(f"finish job {job_id}: an attempt is in progress")
-            _finish(session, job, status, why, now, who)
+            _finish(session, "finish_job", job, status, why, now, who)
 
     def end_task(self, job_id: int, task_index: int, status: JobStatus, why: str | None, *,
                  who: str = "controller") -> None:
@@ -442,18 +446,18 @@ class JobTransitions:
             job = self._job_in(session, job_id)
             if session.scalar(select(_open_attempt_exists(job_id, task_index))):
                 raise TransitionError(f"end task {task_index} of job {job_id}: an attempt is in progress")
-            guarded(session, JobRow, [JobRow.id == job_id], ACTIVE, f"end task {task_index} of job {job_id}",
-                    updated_at=now)
-            _end_group_task(session, job, task_index, status, why, now, who)
+            apply(session, "end_task", "job", [JobRow.id == job_id], expect=ACTIVE,
+                  what=f"end task {task_index} of job {job_id}", updated_at=now)
+            _end_group_task(session, "end_task", job, task_index, status, why, now, who)
 
     def controller_error(self, job_id: int, *, failures: int, retry_at: float, why: str) -> None:
         """An unexpected error while driving the job: count it and back off (`failures` is the new count)."""
         now = time.time()
         with self.session() as session, session.begin():
             job = self._job_in(session, job_id)
-            guarded(session, JobRow, [JobRow.id == job_id, JobRow.controller_failures == failures - 1], ACTIVE,
-                    f"controller error of job {job_id}", controller_failures=failures, next_attempt_at=retry_at,
-                    updated_at=now)
+            apply(session, "controller_error", "job", [JobRow.id == job_id, JobRow.controller_failures == failures - 1],
+                  expect=ACTIVE, what=f"controller error of job {job_id}", job_lease=job_id,
+                  controller_failures=failures, next_attempt_at=retry_at, updated_at=now)
             event(session, job_id, "controller-error", why, task_index=job.current_task, at=now)
 
     def request_cancel(self, job_id: int, who: str, *, task_index: int | None = None, graceful: bool = False,
@@ -514,17 +518,15 @@ class JobTransitions:
             job = self._job_in(session, job_id)
             if storage is not None:
                 session.execute(update(JobRow).where(JobRow.id == job_id).values(storage=storage))
-            _finish(session, job, JobStatus.FAILED_PRECHECKS, why, now, "user")
+            _finish(session, "fail_staging", job, JobStatus.FAILED_PRECHECKS, why, now, "user")
             session.execute(update(JobRow).where(JobRow.id == job_id).values(staging_heartbeat=None))
 
     def storage_cleaned(self, job_id: int, removed: Sequence[str], *, lease: str | None = None) -> None:
         """An ended job's storage is removed (the storage janitor's, under its `lease`)."""
         now = time.time()
         with self.session() as session, session.begin():
-            if lease is not None:
-                hold(session, lease)
-            guarded(session, JobRow, [JobRow.id == job_id, JobRow.storage_cleaned_at.is_(None)],
-                    sorted(TERMINAL), f"storage of job {job_id}", storage_cleaned_at=now)
+            apply(session, "storage_cleaned", "job", [JobRow.id == job_id, JobRow.storage_cleaned_at.is_(None)],
+                  expect=TERMINAL, what=f"storage of job {job_id}", lease=lease, storage_cleaned_at=now)
             if removed:
                 event(session, job_id, "storage-cleaned", ", ".join(removed), at=now, lease=False)
 
@@ -534,39 +536,37 @@ class JobTransitions:
         """A stack is gone (its public outputs with it). `missing_ok`: a stack Sortie has no row for (found in the
         backend by `stacks gc`) is fine. `lease`: the janitor's, checked in the transaction."""
         with self.session() as session, session.begin():
-            if lease is not None:
-                hold(session, lease)
+            guard_leases(session, lease=lease)
             if missing_ok and session.get(StackRow, name) is None:
                 return
-            guarded(session, StackRow, [StackRow.name == name],
-                    [StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED,
-                     *([StackStatus.DESTROYED] if missing_ok else [])],
-                    f"stack {name} destroyed", status=StackStatus.DESTROYED, destroyed_at=time.time(),
-                    last_error=None, outputs=None)
+            apply(session, "stack_destroyed", "stack", [StackRow.name == name], to=StackStatus.DESTROYED,
+                  expect=[StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED,
+                          *([StackStatus.DESTROYED] if missing_ok else [])],
+                  what=f"stack {name} destroyed", destroyed_at=time.time(), last_error=None, outputs=None)
 
     def stack_failed(self, name: str, error: str, *, lease: str | None = None) -> None:
         with self.session() as session, session.begin():
-            if lease is not None:
-                hold(session, lease)
-            guarded(session, StackRow, [StackRow.name == name],
-                    [StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED],
-                    f"stack {name} failed", status=StackStatus.FAILED, last_error=error)
+            apply(session, "stack_failed", "stack", [StackRow.name == name], to=StackStatus.FAILED,
+                  expect=[StackStatus.CREATING, StackStatus.UP, StackStatus.DESTROYING, StackStatus.FAILED],
+                  what=f"stack {name} failed", lease=lease, last_error=error)
 
     def record_stack(self, name: str, kind: StackKind) -> None:
         """A stack that belongs to no job or worker (the cloud controller's), written before it is created."""
         with self.session() as session, session.begin():
             row = session.get(StackRow, name)
             if row is None:
-                session.add(StackRow(name=name, kind=kind, status=StackStatus.CREATING, created_at=time.time()))
+                create(session, "record_stack", StackRow(name=name, kind=kind, status=StackStatus.CREATING,
+                                                         created_at=time.time()))
             elif row.status in (StackStatus.DESTROYED, StackStatus.FAILED, StackStatus.CREATING):
-                row.status, row.destroyed_at = StackStatus.CREATING, None
+                apply(session, "record_stack", "stack", [StackRow.name == name], to=StackStatus.CREATING,
+                      expect=[row.status], what=f"stack {name} created again", destroyed_at=None)
             elif row.status != StackStatus.UP:  # UP: an `up` again converges it, and `stack_up` follows
                 raise TransitionError(f"stack {name} is {row.status}, not to be created again")
 
     def stack_up(self, name: str, outputs: dict[str, Any] | None = None) -> None:
         with self.session() as session, session.begin():
-            values: dict[str, Any] = {"status": StackStatus.UP, "last_error": None}
+            values: dict[str, Any] = {"last_error": None}
             if outputs is not None:
                 values["outputs"] = outputs
-            guarded(session, StackRow, [StackRow.name == name], [StackStatus.CREATING, StackStatus.UP],
-                    f"stack {name} up", **values)
+            apply(session, "stack_up", "stack", [StackRow.name == name], to=StackStatus.UP,
+                  expect=[StackStatus.CREATING, StackStatus.UP], what=f"stack {name} up", **values)

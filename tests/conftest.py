@@ -22,12 +22,37 @@ from tests.support.s3 import s3_env, s3_server  # noqa: F401
 os.environ.setdefault("SORTIE_NO_RUN_USERS", "1")
 
 
+# The tiers (pyproject.toml registers the markers; `make test-unit`, `-integration`, `-e2e` run one each): every
+# test under tests/unit is `unit`; under tests/e2e, these modules, which each exercise one real part on its own (a
+# database, the agent, the watch hub, the stores, the engine's detached operations) are `integration`, the rest, the
+# CLI and controller driving real stacks and nodes end to end, `e2e`.
+INTEGRATION = {"test_agent", "test_agent_paths", "test_agent_refusal", "test_agent_view", "test_agent_watch",
+               "test_bucket_refs_pg", "test_detached_ops", "test_enospc", "test_leases", "test_node_events",
+               "test_node_events_scale", "test_node_mounts", "test_state", "test_stores"}
+# `slow`: modules whose tests take a minute or more on 2 cores (`-m "not slow"` leaves them out while editing;
+# `make test` runs them). bench/suite.py prints the measured times, and names any test over a minute not here.
+# `make test-unit` leaves them out (the crash-point harness and the dashboard's 10,000-job API tests are more than
+# half of tests/unit's time); `make test` runs them.
+SLOW = {"test_node_events_scale", "test_kubernetes_e2e", "test_kubernetes_node_e2e", "test_replicas_e2e",
+        "test_chaos_e2e", "test_skypilot_yamls_e2e", "test_crash_points", "test_dashboard_api"}
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.support import timing
+
+    timing.register(config)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/e2e/ carries the `e2e` marker (`-m "not e2e"` is the unit tests)."""
-    e2e = Path(__file__).resolve().parent / "e2e"
     for item in items:
-        if e2e in Path(str(item.path)).resolve().parents:
-            item.add_marker(pytest.mark.e2e)
+        path = Path(str(item.path)).resolve()
+        if TESTS / "unit" in path.parents:
+            item.add_marker(pytest.mark.unit)
+        elif TESTS / "e2e" in path.parents:
+            item.add_marker(pytest.mark.integration if path.stem in INTEGRATION else pytest.mark.e2e)
+        if path.stem in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -122,8 +147,8 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     started: list[RunningAgent] = []
 
     def factory(sandbox: Path | None = None, token: str = "test-token-123", confine: bool = False,
-                env: dict[str, str] | None = None) -> RunningAgent:
-        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env)
+                env: dict[str, str] | None = None, link_roots: list[Path] | None = None) -> RunningAgent:
+        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env, link_roots)
         started.append(agent)
         return agent
 

@@ -74,7 +74,7 @@ def check_controller(config: SortieConfig) -> None:
     """What a submit checks before it writes anything: a controller on a cloud VM must be up (it cannot be started
     from here); a local one is started afterwards by `ensure_controller`."""
     if config.jobs.controller.infra != "local":
-        from orchestrator.controller.remote import check_remote
+        from orchestrator.deploy.remote import check_remote
 
         check_remote(config)
 
@@ -227,7 +227,7 @@ def run_daemon(home: Path) -> None:
     if key_trouble is not None:
         log.error("%s", key_trouble)
         raise SortieError(key_trouble)
-    driver = PulumiStackDriver(home, config)
+    driver = PulumiStackDriver(home, config, fork_server=True)  # issue 26: workers forked, the SDK imported once
     phrase_trouble = driver.passphrase_problem()  # issue 14: a replica that could not open the shared stacks
     if phrase_trouble is not None:
         log.error("%s", phrase_trouble)
@@ -298,6 +298,7 @@ def run_daemon(home: Path) -> None:
     stop.wait()
     scheduler.shutdown(wait=True)
     controller.shutdown()
+    driver.close()  # the fork server; the operations it forked go on
     leases.release()  # issue 14: another replica takes the work at once, not after the lease runs out
     log.info("controller stopped; stack operations in flight go on detached, for the next controller to adopt")
 

@@ -226,7 +226,8 @@ class JobReconciler:
         return True
 
     def _task(self, job: JobRow) -> dict[str, Any]:
-        return job.spec["tasks"][job.current_task]
+        task: dict[str, Any] = job.spec["tasks"][job.current_task]
+        return task
 
     def _finish(self, job: JobRow, status: JobStatus, why: str | None) -> None:
         self.store.finish_job(job.id, status, why)

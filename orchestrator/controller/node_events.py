@@ -84,7 +84,7 @@ class _Node:
     seen: NodeSeen
     token: str
     touched: float
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     dropped: bool = False
 
 

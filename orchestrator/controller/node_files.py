@@ -22,7 +22,7 @@ from orchestrator.errors import SortieError
 from orchestrator.infra.agent_client import AgentClient, AgentError
 from orchestrator.node.node_storage import encode_plan
 from orchestrator.storage.staging import NodeStep
-from orchestrator.storage.stores import open_store, parse_bucket_url
+from orchestrator.storage.stores import LocalStore, StorageError, open_store, parse_bucket_url
 
 if TYPE_CHECKING:
     from orchestrator.controller.context import ControllerContext
@@ -128,10 +128,13 @@ class NodeFiles:
                 client.upload(step.path or "", step.dest)
             elif step.kind == "mount" and not _is_node_side(step):
                 url = parse_bucket_url(step.url or "")
-                folder = open_store(url.store, self.config.storage, self.home).local_dir(url.bucket, url.prefix)
-                if folder is None:
+                store = open_store(url.store, self.config.storage, self.home)
+                if not isinstance(store, LocalStore):
                     raise NodeStorageError(f"{step.where}: {step.url} has no local directory to mount")
-                folder.mkdir(parents=True, exist_ok=True)
+                try:  # every component a directory of the bucket's own, no symlink followed (issue 28)
+                    folder = store.make_dir(url.bucket, url.prefix)
+                except StorageError as exc:
+                    raise NodeStorageError(f"{step.where}: {exc}") from None
                 client.link(step.dest, str(folder))
             elif step.dest != "." and step.kind in ("copy", "cached", "mount"):
                 client.link(step.dest, None)  # declare the path, so later runs see it there (local-cloud views)

@@ -38,7 +38,7 @@ class OperationPool:
 
     def __init__(self, workers: int, name: str, on_done: Callable[[], None] | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else None
-        self._futures: dict[Hashable, Future] = {}
+        self._futures: dict[Hashable, Future[Any]] = {}
         self._lock = threading.Lock()
         self._on_done = on_done
 
@@ -62,10 +62,10 @@ class OperationPool:
         error = future.exception()
         return Finished(error=error) if error is not None else Finished(value=future.result())
 
-    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future:
+    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
         if self._pool is not None:
             return self._pool.submit(fn, *args)
-        future: Future = Future()
+        future: Future[Any] = Future()
         try:
             future.set_result(fn(*args))
         except Exception as exc:  # a BaseException (a crash, an exit) goes on up, as it would kill the process
@@ -119,12 +119,12 @@ class LoopOperations(OperationPool):
         """The coroutines run on the hub's loop (not inline)."""
         return self._hub is not None
 
-    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future:
+    def _start(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
         if self._hub is not None:
             try:
                 return self._hub.submit(fn, *args)
             except RuntimeError as exc:  # the loop is closed: the controller is stopping
-                future: Future = Future()
+                future: Future[Any] = Future()
                 future.set_exception(exc)
                 return future
         return super()._start(lambda *a: run_here(fn(*a)), args)

@@ -303,6 +303,6 @@ class PoolReconciler:
         self.store.record_worker_health(worker.id, idle_since=time.time())
 
 
-async def health_of(agents: list[tuple[dict[str, Any], NodeAgent]]) -> list[dict]:
+async def health_of(agents: list[tuple[dict[str, Any], NodeAgent]]) -> list[dict[str, Any]]:
     """(On the controller's loop.) Every node's health at once; the first agent that does not answer raises."""
     return list(await asyncio.gather(*(agent.health() for _, agent in agents)))

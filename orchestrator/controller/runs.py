@@ -22,7 +22,7 @@ from orchestrator.controller.node_reports import report_node_errors
 from orchestrator.controller.ops import Finished, run_here
 from orchestrator.infra.agent_async import NodeAgent, SyncAgentOnLoop
 from orchestrator.infra.agent_client import AgentError
-from orchestrator.policy.run_env import node_env, pool_job_env
+from orchestrator.policy.run_env import job_rank_env, node_env, pool_job_env
 from state.group_rules import is_group
 from state.machine import JobStatus
 from state.models import AttemptRow, JobRow
@@ -78,6 +78,8 @@ class NodeRuns:
                 scratch = job_dir(job.id)
                 command = (f'mkdir -p "{scratch}" && export SORTIE_JOB_DIR="{scratch}" TMPDIR="{scratch}"\n'
                            f"{command}")
+            elif job.job_rank is not None:  # one of `launch --num-jobs N` on fresh clusters
+                env.update(job_rank_env(job_rank=job.job_rank, num_jobs=job.num_jobs or 1))
             if group is not None:
                 env.update(group)
             found[node["rank"]] = (command, env)

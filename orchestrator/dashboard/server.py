@@ -17,11 +17,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from orchestrator.config import sortie_home
+from orchestrator.config import DASHBOARD_PORT, sortie_home
 from orchestrator.errors import SortieError
 from orchestrator.infra.local_cloud import pid_alive
 
-DEFAULT_PORT = 8765
+DEFAULT_PORT = DASHBOARD_PORT
 
 
 def info_path(home: Path) -> Path:

@@ -56,7 +56,7 @@ CAPACITY_PATTERNS = (
     "nodes are available: ",
     "Insufficient nvidia.com/gpu",
 )
-SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value in state
+SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret value in state (_lean_stack too)
 # The provider's words when a Service (stacks/builders/kubernetes.py, `<cluster>-ports`) outlives its wait.
 _LB_NO_ADDRESS = re.compile(r"kubernetes:core/v1:Service::(\S+-ports)\" was successfully created, but [^\n]*"
                             r"failed to fully initialize or become live: timed out")
@@ -81,6 +81,7 @@ class DriverSettings:
     concurrent_update_retries: int = 5
     stack_tags: tuple[tuple[str, str], ...] = ()  # set on every stack Sortie creates
     policy_packs: tuple[str, ...] = ()  # local policy pack directories run on every up and preview
+    engine_version: str = ""  # the version require_engine() checked (no `pulumi version` per operation)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class _Run:
         """Workspace options: Sortie's project, backend, secrets provider and engine; one work dir per stack."""
         from pulumi import automation as auto
 
+        from orchestrator.infra._lean_stack import LeanCommand
+
         work_dir = work_dir or self.work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
         return auto.LocalWorkspaceOptions(
@@ -142,22 +145,27 @@ class _Run:
                 name=self.settings.project, runtime="python",
                 backend=auto.ProjectBackend(url=self.settings.backend_url),
             ),
-            pulumi_command=auto.PulumiCommand(root=self.settings.engine_root),
+            pulumi_command=(LeanCommand(self.settings.engine_root, self.settings.engine_version)
+                            if self.settings.engine_version else auto.PulumiCommand(root=self.settings.engine_root)),
         )
 
-    def stack(self, create: bool) -> Any:
+    def stack(self, create: bool) -> tuple[Any, bool]:
+        """The request's stack and whether this call made it. Without `create`, nothing asks the engine whether it
+        exists: the operation itself says so (see `missing`)."""
         from pulumi import automation as auto
 
+        from orchestrator.infra._lean_stack import LeanStack, create_or_find
+
         program = self.request.program.build() if self.request.program else (lambda: None)
-        opts = self.options(program)
-        name, project = self.request.stack, self.settings.project
-        try:
-            if create:
-                return auto.create_or_select_stack(stack_name=name, project_name=project, program=program,
-                                                   opts=opts)
-            return auto.select_stack(stack_name=name, project_name=project, program=program, opts=opts)
-        except auto.errors.StackNotFoundError:
-            raise StackNotFoundError(f"stack {name} does not exist", name, self.log.name) from None
+        workspace = auto.LocalWorkspace(**vars(self.options(program)))
+        if create:
+            return create_or_find(self.request.stack, workspace)
+        return LeanStack(self.request.stack, workspace, remove_on_destroy=self.request.remove), False
+
+    def missing(self) -> StackNotFoundError:
+        """The stack is not there: nor is the work dir this operation made for it."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return StackNotFoundError(f"stack {self.request.stack} does not exist", self.request.stack, self.log.name)
 
     def workspace(self) -> Any:
         from pulumi import automation as auto
@@ -258,6 +266,15 @@ def _tag(run: _Run, stack: Any) -> None:
     """The team's stack tags plus Sortie's own, so its stacks are easy to find and to fence off."""
     tags = {"sortie:owner": "sortie", "sortie:kind": (run.request.program.kind if run.request.program else ""),
             **dict(run.settings.stack_tags)}
+    from orchestrator.infra._lean_stack import file_backend_tags_path, write_file_backend_tags
+
+    path = file_backend_tags_path(run.settings.backend_url, run.settings.project, run.request.stack)
+    if path is not None:  # one file write, not one engine process per tag (issue 26)
+        try:
+            write_file_backend_tags(path, tags)
+        except OSError as exc:
+            run.on_output(f"[sortie] could not set stack tags: {exc}")
+        return
     for key, value in tags.items():
         try:
             stack.workspace.set_tag(run.request.stack, key, value)
@@ -267,7 +284,7 @@ def _tag(run: _Run, stack: Any) -> None:
 
 
 def _do_up(run: _Run) -> UpResult:
-    stack = run.stack(create=True)
+    stack, _made = run.stack(create=True)
     _tag(run, stack)
     packs = list(run.settings.policy_packs)
     try:
@@ -294,8 +311,7 @@ def _do_up(run: _Run) -> UpResult:
 def _do_preview(run: _Run) -> Preview:
     from pulumi import automation as auto
 
-    existed = run.request.stack in {s.name for s in run.workspace().list_stacks()}
-    stack = run.stack(create=True)
+    stack, made = run.stack(create=True)
     changes: dict[str, ResourceChange] = {}
 
     def on_event(event: auto.EngineEvent) -> None:
@@ -321,7 +337,7 @@ def _do_preview(run: _Run) -> Preview:
         stack.preview(on_output=run.on_output, on_event=on_event, color="never", diff=True,
                       **({"policy_packs": packs} if packs else {}))
     finally:
-        if not existed:
+        if made:
             stack.workspace.remove_stack(run.request.stack)
             shutil.rmtree(run.work_dir, ignore_errors=True)
     return Preview(stack=run.request.stack, changes=tuple(changes.values()))
@@ -332,7 +348,7 @@ def _do_refresh(run: _Run) -> RefreshResult:
     delete): no export of the state before and after, which took a third of the time (issue 15)."""
     from pulumi import automation as auto
 
-    stack = run.stack(create=False)
+    stack, _made = run.stack(create=False)
     seen: dict[str, tuple[bool, Any]] = {}  # urn -> (gone, the step's state metadata)
 
     def on_event(event: auto.EngineEvent) -> None:
@@ -341,7 +357,10 @@ def _do_refresh(run: _Run) -> RefreshResult:
             gone = step.op == auto.OpType.DELETE
             seen[step.urn] = (gone, step.old if gone else (step.new or step.old))
 
-    run.retrying(lambda: stack.refresh(on_output=run.on_output, on_event=on_event, color="never"))
+    try:
+        run.retrying(lambda: stack.refresh(on_output=run.on_output, on_event=on_event, color="never"))
+    except auto.errors.StackNotFoundError:
+        raise run.missing() from None
     alive: list[ResourceState] = []
     gone: list[ResourceState] = []
     for urn, (is_gone, state) in seen.items():
@@ -355,15 +374,17 @@ def _do_refresh(run: _Run) -> RefreshResult:
 
 
 def _do_destroy(run: _Run) -> None:
+    """One engine process: `destroy --remove` (when asked to remove); a stack not there is already destroyed."""
+    from pulumi import automation as auto
+
+    stack, _made = run.stack(create=False)
     try:
-        stack = run.stack(create=False)
-    except StackNotFoundError:
+        run.retrying(lambda: stack.destroy(on_output=run.on_output, color="never"))
+    except auto.errors.StackNotFoundError:
         run.on_output(f"[sortie] stack {run.request.stack} does not exist; nothing to destroy")
         shutil.rmtree(run.work_dir, ignore_errors=True)
         return
-    run.retrying(lambda: stack.destroy(on_output=run.on_output, color="never"))
     if run.request.remove:
-        stack.workspace.remove_stack(run.request.stack)
         shutil.rmtree(run.work_dir, ignore_errors=True)
 
 

@@ -5,8 +5,9 @@ The zipapp holds the agent's modules (`orchestrator/node/`, standard library onl
 `orchestrator.node.agent.main`; run it as `python3 agent.pyz --sandbox DIR ...`. It is deterministic (fixed
 timestamps and modes, sorted entries), so an unchanged agent gives byte-identical boot scripts and no
 stack diff. Left out: `node_view.py` (the path view runs as a script file beside the agent, which a zipapp has not;
-cloud nodes run without `--confine`), `node_storage.py` (runs with Sortie installed on the node) and `isolation.py`
-(a probe on the controller's machine).
+cloud nodes run without `--confine`), `node_storage.py` (runs with Sortie installed on the node), `nofollow.py`
+(what `POST /links` resolves a target with: only local-cloud nodes link to a directory, a local-store bucket's; a
+cloud node refuses a target) and `isolation.py` (a probe on the controller's machine).
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ import contextlib
 import json
 import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,13 @@ def process_start(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])
 
 
+Spawner = Callable[[Path], tuple[int, int]]  # the operation's folder -> the worker's (pid, start time)
+
+
 class DetachedOperations:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spawner: Spawner | None = None) -> None:
         self.root = root
+        self.spawner = spawner  # a fork server (issue 26); without one, or when it fails, a fresh Python
 
     def _dir(self, stack: str) -> Path:
         return self.root / stack
@@ -76,15 +82,25 @@ class DetachedOperations:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         (folder / "request.pickle").write_bytes(pickle.dumps(request))
+        forked = self._fork(folder)
+        if forked is not None:
+            record = {"op": request.op, "pid": forked[0], "start": forked[1]}
+            self._record(folder, record)
+            try:
+                self._wait(record, deadline, request, log_path)
+            except StackOperationError:
+                self._kill(forked[0])
+                shutil.rmtree(folder, ignore_errors=True)
+                raise StackOperationError(f"{request.op} of stack {request.stack} took longer than {timeout:.0f}s",
+                                          request.stack, log_path) from None
+            return self._result(folder, request, log_path, adopted=False, returncode=None)
         with (folder / "request.pickle").open("rb") as stdin, (folder / "worker.log").open("ab") as errors:
             proc = subprocess.Popen([sys.executable, "-m", "orchestrator.infra._stack_worker",
                                      str(folder / "result.pickle")],
                                     stdin=stdin, stdout=subprocess.DEVNULL, stderr=errors, env=env,
                                     start_new_session=True, close_fds=True)
         record = {"op": request.op, "pid": proc.pid, "start": process_start(proc.pid)}
-        tmp = folder / "op.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, folder / "op.json")
+        self._record(folder, record)
         try:
             proc.wait(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
@@ -95,12 +111,39 @@ class DetachedOperations:
                                       request.stack, log_path) from None
         return self._result(folder, request, log_path, adopted=False, returncode=proc.returncode)
 
+    def _fork(self, folder: Path) -> tuple[int, int] | None:
+        if self.spawner is None:
+            return None
+        try:
+            return self.spawner(folder)
+        except OSError:  # no fork server: a fresh Python, as without one
+            return None
+
+    @staticmethod
+    def _record(folder: Path, record: dict[str, Any]) -> None:
+        tmp = folder / "op.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, folder / "op.json")
+
     def _wait(self, record: dict[str, Any], deadline: float | None, request: Any, log_path: str) -> None:
-        while self._alive(record):
-            if deadline is not None and time.monotonic() > deadline:
-                raise StackOperationError(f"{record['op']} of stack {request.stack} (pid {record['pid']}, left by an "
-                                          "earlier controller) is still running", request.stack, log_path)
-            time.sleep(POLL_SECONDS)
+        """Until the worker (not this process's child) is gone: woken by its pidfd where there is one."""
+        try:
+            pidfd: int | None = os.pidfd_open(int(record["pid"]))
+        except (AttributeError, OSError):
+            pidfd = None
+        try:
+            while self._alive(record):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise StackOperationError(f"{record['op']} of stack {request.stack} (pid {record['pid']}, left by "
+                                              "an earlier controller) is still running", request.stack, log_path)
+                if pidfd is not None:
+                    select.select([pidfd], [], [], 1.0 if deadline is None else
+                                  max(min(deadline - time.monotonic(), 1.0), 0.0))
+                else:
+                    time.sleep(POLL_SECONDS)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     def _result(self, folder: Path, request: Any, log_path: str, *, adopted: bool,
                 returncode: int | None = None) -> Any:

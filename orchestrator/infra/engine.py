@@ -4,8 +4,9 @@ The engine root is a cache outside any checkout, keyed by version
 (`$SORTIE_ENGINE_ROOT`, else `${XDG_CACHE_HOME:-~/.cache}/sortie/engine/v<version>`), so a second
 clone, a second install and CI on the same machine reuse one build.
 
-Install order: an engine of the pinned version already at the root; the official installer when its
-site answers within a few seconds; else a build from the Go module proxy (the air-gapped path).
+Install order: an engine of the pinned version already at the root; the official release, verified against its
+published SHA-256 and by the version it reports (`orchestrator/infra/releases.py`; a site that does not answer fails
+within seconds); else a build from the Go module proxy (the air-gapped path).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,22 +118,16 @@ def write_provider_shim(bin_dir: Path) -> Path:
     return bin_dir / PROVIDER_SHIM
 
 
-def _official_site_answers(timeout: float = 3.0) -> bool:
-    if os.environ.get("SORTIE_ENGINE_SOURCE") == "build":
-        return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(OFFICIAL_SITE, method="HEAD"), timeout=timeout)
-    except Exception:
-        return False
-    return True
-
-
 def _install_official(root: Path, version: str, progress: Progress) -> None:
-    from pulumi.automation import PulumiCommand
-    from semver import VersionInfo
+    """The official release into `root/bin`, verified; ReleaseUnavailable when it cannot be had or is wrong."""
+    from orchestrator.infra.releases import ReleaseUnavailable, install_engine_release
 
-    progress(f"installing Pulumi v{version} with the official installer into {root}")
-    PulumiCommand.install(root=str(root), version=VersionInfo.parse(version), skip_version_check=True)
+    install_engine_release(root, version, progress)
+    binary = root / "bin" / "pulumi"
+    got = engine_version(binary)
+    if got != version:
+        binary.unlink(missing_ok=True)
+        raise ReleaseUnavailable(f"the released engine reports version {got!r}, not {version}")
 
 
 _GO_MOD = """module sortie.local/enginebuild
@@ -158,23 +153,37 @@ class _ModuleUnavailable(Exception):
 
 
 def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, progress: Progress,
-                label: str) -> tuple[int, str]:
-    """Run a command, appending its output to the log and reporting progress; returns (rc, tail)."""
+                label: str, quiet_every: float = 10.0) -> tuple[int, str]:
+    """Run a command, appending its output to the log and reporting progress (each line, and every `quiet_every`
+    seconds while it prints nothing: a module download can be silent for minutes); returns (rc, tail)."""
     started = time.monotonic()
     tail: list[str] = []
     count = 0
+    done = threading.Event()
+
+    def still_running() -> None:
+        while not done.wait(quiet_every):
+            progress(f"{label}: {count} lines, {time.monotonic() - started:.0f}s - still running")
+
+    progress(f"{label}: started")
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            count += 1
-            tail = [*tail[-19:], line.rstrip()]
-            progress(f"{label}: {count} lines, {time.monotonic() - started:.0f}s - {line.strip()[:80]}")
-        rc = proc.wait()
+        ticker = threading.Thread(target=still_running, name="install-progress", daemon=True)
+        ticker.start()
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                count += 1
+                tail = [*tail[-19:], line.rstrip()]
+                progress(f"{label}: {count} lines, {time.monotonic() - started:.0f}s - {line.strip()[:80]}")
+            rc = proc.wait()
+        finally:
+            done.set()
+            ticker.join()
     return rc, "\n".join(tail)
 
 
@@ -239,6 +248,21 @@ def install_engine(force: bool = False, progress: Progress | None = None) -> tup
         return _install_engine(report)
 
 
+def _official_or_built(root: Path, version: str, log: Path, report: Progress) -> str:
+    """The official release when it can be had and verifies; else a build from the Go module proxy."""
+    from orchestrator.infra.releases import ReleaseUnavailable
+
+    try:
+        _install_official(root, version, report)
+        return "official"
+    except ReleaseUnavailable as exc:
+        with log.open("a") as fh:
+            fh.write(f"official release: {exc}\n")
+        report(f"no official release ({exc}); building v{version} from the Go module proxy (about 6 minutes)")
+    _build_from_proxy(root, version, log, report)
+    return "built"
+
+
 def _install_engine(report: Progress) -> tuple[EngineInfo, str]:
     failures: list[str] = []
     for version in (PINNED_VERSION, *FALLBACK_VERSIONS):
@@ -246,13 +270,8 @@ def _install_engine(report: Progress) -> tuple[EngineInfo, str]:
         root.mkdir(parents=True, exist_ok=True)
         log = root / "install.log"
         log.write_text(f"sortie engine install v{version}\n")
-        how = "built"
         try:
-            if _official_site_answers():
-                _install_official(root, version, report)
-                how = "official"
-            else:
-                _build_from_proxy(root, version, log, report)
+            how = _official_or_built(root, version, log, report)
         except _ModuleUnavailable as exc:
             failures.append(f"{exc} (log: {log})")
             report(f"not served: {exc}; trying the next version pair")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,15 +183,25 @@ def install_kube_binaries(progress: Progress | None = None) -> tuple[KubeBinarie
 def main() -> None:
     """`python -m orchestrator.infra.kube_binaries`: build the test cluster's binaries, kubelet included (what
     `make test` runs)."""
+    last_step, last_at = "", 0.0
+
     def say(msg: str) -> None:
-        print(f"\r\033[K{msg[:150]}", end="", flush=True)
+        nonlocal last_step, last_at
+        if sys.stdout.isatty():
+            print(f"\r\033[K{msg[:150]}", end="", flush=True)
+            return
+        step, now = msg.split(":", 1)[0], time.monotonic()  # a log (make, CI): a line per step, every 15 s
+        if step != last_step or now - last_at >= 15.0:
+            last_step, last_at = step, now
+            print(f"kubernetes binaries: {msg[:200]}", flush=True)
 
     found, took = install_kube_binaries(say)
     started = time.monotonic()
     install_kubelet(say)  # the tests' real node
     took += time.monotonic() - started
     how = f"built in {took:.0f}s" if took > 1 else "cached"
-    print(f"\r\033[KKubernetes v{KUBERNETES_VERSION} control plane and kwok v{KWOK_VERSION} in {found.bin_dir.parent}"
+    clear = "\r\033[K" if sys.stdout.isatty() else ""
+    print(f"{clear}Kubernetes v{KUBERNETES_VERSION} control plane and kwok v{KWOK_VERSION} in {found.bin_dir.parent}"
           f" and {found.kwok.parent} ({how}); etcd: {found.etcd}")
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from orchestrator.config import SortieConfig
 from orchestrator.errors import SortieError, UsageError
+from orchestrator.offers import Offer
 
 ACCELERATOR_LABELS = ("skypilot.co/accelerator", "cloud.google.com/gke-accelerator", "nvidia.com/gpu.product")
 KNOWN_ACCELERATORS = ("GH200", "H200", "H100", "A100-80GB", "A100", "L40S", "L40", "L4", "A10G", "A10", "V100",
@@ -199,10 +200,8 @@ def node_offer_fields(node: dict[str, Any]) -> tuple[str, float, float, dict[str
     return name, cpus, float(int(memory)), accelerators
 
 
-def kubernetes_offers(config: SortieConfig) -> list[Any]:
+def kubernetes_offers(config: SortieConfig) -> list[Offer]:
     """The cluster's nodes as optimizer offers (one per distinct shape). Raises KubeUnreachable or UsageError."""
-    from orchestrator.policy.optimizer import Offer
-
     target = load_target(config)
     nodes = api_get(target, f"/api/v1/nodes?limit={MAX_NODES}").get("items") or []
     shapes: dict[str, Offer] = {}

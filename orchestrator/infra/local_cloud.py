@@ -57,6 +57,7 @@ class LocalNode:
     preempted: bool = False
     use_spot: bool = False
     container: dict[str, Any] | None = None  # {engine, image, options}: runs go into a container of the image
+    link_roots: list[str] = field(default_factory=list)  # the agent's --link-root: the local store's directory
 
     @property
     def url(self) -> str:
@@ -178,7 +179,8 @@ class LocalCloud:
     def launch(self, node_id: str, cluster: str, rank: int, region: str, token: str,
                capacity: int | None = None, accelerators: dict[str, int] | None = None,
                labels: dict[str, str] | None = None, use_spot: bool = False,
-               spot_capacity: int | None = None, container: dict[str, Any] | None = None) -> LocalNode:
+               spot_capacity: int | None = None, container: dict[str, Any] | None = None,
+               link_roots: list[str] | None = None) -> LocalNode:
         """Start a node: claim capacity, make its sandbox, start its agent detached, wait until it answers."""
         sandbox = self.nodes_dir / node_id
         with self._capacity_lock():
@@ -194,7 +196,8 @@ class LocalCloud:
             sandbox.mkdir(parents=True, exist_ok=False)
             node = LocalNode(node_id=node_id, cluster=cluster, rank=rank, region=region, sandbox=str(sandbox),
                              accelerators=dict(accelerators or {}), labels=dict(labels or {}),
-                             created_at=time.time(), use_spot=use_spot, container=container or None)
+                             created_at=time.time(), use_spot=use_spot, container=container or None,
+                             link_roots=list(link_roots or []))
             self._save(node)
         try:
             return self._start_agent(node, token)
@@ -221,8 +224,8 @@ class LocalCloud:
                      *[f"--container-option={o}" for o in container.get("options") or []]] if container else []
             proc = subprocess.Popen(
                 [*local_agent_command(), "--sandbox", node.sandbox, "--node-id", node.node_id,
-                  "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()], *flags,
-                  "--notices", "local"],
+                  "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()],
+                  *[f"--link-root={r}" for r in node.link_roots], *flags, "--notices", "local"],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
             )

@@ -1,4 +1,8 @@
-"""Infra, Pulumi provider plugins Sortie builds itself: `pulumi-resource-kubernetes`, which no registry here serves.
+"""Infra, Pulumi provider plugins: `pulumi-resource-kubernetes`, the official release first, else built here.
+
+A user's machine gets the plugin the way Pulumi does: `pulumi plugin install resource kubernetes <version>` (the
+engine's own download), checked by the plugin handshake (`orchestrator/infra/releases.py`). When that cannot be had
+(no internet: the host does not answer within seconds), it is built from the Go module proxy, as follows.
 
 The plugin is built like the engine, from a throwaway main module under the cache
 (`${XDG_CACHE_HOME:-~/.cache}/sortie/plugin-build/kubernetes/v<version>`) that requires the provider's Go module
@@ -21,8 +25,9 @@ from importlib import metadata
 from pathlib import Path
 
 from orchestrator.errors import EngineError, UsageError
-from orchestrator.infra.engine import Progress, cache_dir
+from orchestrator.infra.engine import Progress, cache_dir, find_engine
 from orchestrator.infra.go_build import install_atomically, module_file, run_go
+from orchestrator.infra.releases import ReleaseUnavailable, install_plugin_release
 
 PROVIDER_MODULE = "github.com/pulumi/pulumi-kubernetes/provider/v4"
 # The proxy serves no tagged v4.x of provider/v4 (its go.mod carries a `replace`), only pseudo-versions; this one
@@ -105,8 +110,25 @@ def embedded_files(source: Path, version: str, out: Path) -> None:
     (out / "terraform-mapping-embed.json").write_text(json.dumps(mapping, separators=(",", ":")))
 
 
+def _official(name: str, version: str, folder: Path, log: Path, report: Progress) -> PluginInfo | None:
+    """The plugin from its official release (`pulumi plugin install`), verified; None when it cannot be had."""
+    engine = find_engine()
+    try:
+        if engine is None:
+            raise ReleaseUnavailable("no engine installed to run `pulumi plugin install`")
+        install_plugin_release(engine.path, name, version, PLUGINS[name][1], folder / PLUGINS[name][1], log, report)
+    except ReleaseUnavailable as exc:
+        with log.open("a") as fh:
+            fh.write(f"official release: {exc}\n")
+        report(f"no official release ({exc}); building v{version} from the Go module proxy (about 6 minutes)")
+        return None
+    (folder / "VERSION").write_text(version + "\n")
+    return PluginInfo(name, version, folder / PLUGINS[name][1])
+
+
 def install_plugin(name: str, force: bool = False, progress: Progress | None = None) -> tuple[PluginInfo, str]:
-    """Build the plugin if it is not there; returns it and how (present/built)."""
+    """Install the plugin if it is not there: the official release, else a build from the Go module proxy. Returns
+    it and how (present/official/built)."""
     report = progress or (lambda _msg: None)
     if name not in PLUGINS:
         raise UsageError(f"--plugin {name!r}: Sortie builds only {', '.join(PLUGINS)}")
@@ -123,6 +145,9 @@ def install_plugin(name: str, force: bool = False, progress: Progress | None = N
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "install.log"
     log.write_text(f"sortie engine install --plugin {name} (v{version})\n")
+    official = _official(name, version, folder, log, report)
+    if official is not None:
+        return official, "official"
     failures = []
     for ref in dict.fromkeys((f"v{version}", PROVIDER_PSEUDO_VERSION)):
         (build_dir / "go.mod").write_text(_GO_MOD.format(module=PROVIDER_MODULE, version=ref))

@@ -29,6 +29,7 @@ from orchestrator.errors import StackOperationError
 from orchestrator.infra._stack_worker import DriverSettings, Op, StackRequest
 from orchestrator.infra.detached_ops import DETACHED_OPS, DetachedOperations
 from orchestrator.infra.engine import backend_url, engine_env, require_engine
+from orchestrator.infra.fork_server import ForkServer
 from orchestrator.infra.pulumi_pg import check_backend, is_postgres
 from orchestrator.infra.stack_driver import Preview, RefreshResult, UpResult
 from stacks.spec import StackProgram
@@ -38,7 +39,9 @@ class PulumiStackDriver:
     """`StackDriver` backed by the real Pulumi engine."""
 
     def __init__(self, home: Path | None = None, config: SortieConfig | None = None,
-                 max_concurrent: int | None = None, timeout: float | None = 3600.0) -> None:
+                 max_concurrent: int | None = None, timeout: float | None = 3600.0, fork_server: bool = False) -> None:
+        """`fork_server`: stack workers forked from one server that imported the SDK once (issue 26): for a
+        long-lived caller (the controller); a one-off command is better off without one. `close()` stops it."""
         self.home = home or sortie_home()
         self.config = config or load_config(self.home)
         engine = require_engine()
@@ -53,6 +56,7 @@ class PulumiStackDriver:
             concurrent_update_retries=self.config.pulumi.concurrent_update_retries,
             stack_tags=tuple(sorted(self.config.pulumi.stack_tags.items())),
             policy_packs=tuple(str(Path(p).expanduser()) for p in self.config.pulumi.policy_packs),
+            engine_version=engine.version,
         )
         if self.settings.backend_url.startswith("file://"):
             Path(self.settings.backend_url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,15 @@ class PulumiStackDriver:
         self._env = {**os.environ, **engine_env(self.home, self.config, engine)}
         self._slots = threading.BoundedSemaphore(max_concurrent or self.config.pulumi.operation_slots)
         self.timeout = timeout
-        self.operations = DetachedOperations(self.home / "ops")
+        self.forks: ForkServer | None = None
+        if fork_server:
+            self.forks = ForkServer(self._env, self.home / "logs" / "stacks" / "_fork_server.log")
+        self.operations = DetachedOperations(self.home / "ops", self.forks.spawn if self.forks else None)
+
+    def close(self) -> None:
+        """Stop the fork server, if any (the operations it forked go on: they are in sessions of their own)."""
+        if self.forks is not None:
+            self.forks.close()
 
     def log_path(self, stack: str) -> Path:
         return Path(self.settings.logs_dir) / f"{stack}.log"

@@ -34,8 +34,11 @@ HTTP API (JSON):
                                     when PATH holds something the agent did not place (never removed); 507 when
                                     the node's disk is full
     POST /links                     {"dest", "target"} -> {"path"}: a symlink at dest (placed as uploads are)
-                                    to `target`, an existing directory on the node, replacing what was there;
-                                    target null: only declare dest (a path whose content a later run writes)
+                                    to `target`, replacing what was there; target null: only declare dest (a
+                                    path whose content a later run writes). 400 unless `target` is an existing
+                                    directory under the sandbox's workdir/, home/ or mounts/ or a --link-root,
+                                    reached from there through no symlink (issue 28); a node user gets ACLs on
+                                    it, resolved the same way, never on a symlink's target or a hard link's
 
 Runs get only the environment the controller sends (the task's envs and secrets, SkyPilot's variables), the
 agent's own SORTIE_NODE_SANDBOX, and RUN_ENV_PASSTHROUGH of the agent's environment. An ended run's exit code is
@@ -98,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confine", action="store_true", help="absolute upload paths land under <sandbox>/mounts")
     parser.add_argument("--hide", action="append", default=[],
                         help="with --confine: a directory runs see empty (the Sortie home); repeatable")
+    parser.add_argument("--link-root", action="append", default=[],
+                        help="a directory POST /links targets may lie under, besides the sandbox's workdir, home "
+                        "and mounts (the local store's directory); repeatable")
     parser.add_argument("--container-image", help="run setup and run in a container of this image")
     parser.add_argument("--container-engine", default="docker", help="docker or podman")
     parser.add_argument("--container-option", action="append", default=[], help="an engine run option")
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     container = ({"engine": args.container_engine, "image": args.container_image, "options": args.container_option}
                  if args.container_image else None)
     serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine,
-          args.hide, container, {"source": args.notices, "base": args.metadata_url, "grace": args.notice_grace})
+          args.hide, container, args.link_root,
+          {"source": args.notices, "base": args.metadata_url, "grace": args.notice_grace})
 
 
 if __name__ == "__main__":

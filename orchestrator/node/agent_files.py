@@ -4,10 +4,12 @@ view probe and killing a process group. Standard library only (shipped in the ag
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -30,6 +32,30 @@ NO_SPACE = "no space left on the node"
 RUN_UMASK = 0o022  # a run's own files are as on any machine; the agent's records keep the umask it was given
 LOG_EVENT_SECONDS = 0.5  # log growth of a run is reported at most this often
 NO_VIEW_NOTE = "sortie: no mount namespaces here; absolute paths of uploads and mounts are under ${} ({})\n"
+
+
+NOT_A_LOG = b"sortie: this run's output.log was replaced by something that is not a file; it is not shown\n"
+
+
+def open_log(path: Path, flags: int) -> int:
+    """A run's log, opened without following a link and only if it is a regular file (OSError otherwise): a run
+    that can reach its log must not make the agent, which may be root, read or write another file through it."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        os.set_blocking(fd, True)
+    return fd
+
+
+def log_size(path: Path) -> int:
+    """The size of a run's log (0 when there is none, or it is not a regular file: a link is not followed)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def destination_parts(dest: str) -> tuple[str, str]:

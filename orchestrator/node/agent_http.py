@@ -174,8 +174,9 @@ class _AgentServer(ThreadingHTTPServer):
 
 
 def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
-           hide: list[str] | None = None, container: dict | None = None, notices: dict | None = None) -> None:
-    agent = Agent(sandbox, token, node_id, confine, hide, container)
+           hide: list[str] | None = None, container: dict | None = None, link_roots: list[str] | None = None,
+           notices: dict | None = None) -> None:
+    agent = Agent(sandbox, token, node_id, confine, hide, container, link_roots)
     server = _AgentServer((host, port), agent)
 
     def stop(_signum: int, _frame: object) -> None:

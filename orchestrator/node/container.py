@@ -14,6 +14,8 @@ from pathlib import Path
 
 from orchestrator.node.agent_files import ENV_KEY, SANDBOX_ENV
 
+PIDS_DIR = "run-pids"
+RUN_DIRS = ("workdir", "home", "mounts", "tmp", PIDS_DIR)  # the sandbox's directories a container sees
 # Inside the task's container: record the shell's pid (for cancel), then run the command with bash, else sh.
 _CONTAINER_WRAP = ('echo $$ > "$1"; shift; if command -v bash >/dev/null 2>&1; then exec bash -c "$1"; '
                    'else exec sh -c "$1"; fi')
@@ -25,16 +27,36 @@ def container_name(node_id: str) -> str:
 
 class Container:
     """SkyPilot's `image_id: docker:<image>`: one long-lived container of the task's image per node (host
-    network, the sandbox bound at its own path, GPUs when the node has them), in which every run executes.
-    `engine` is docker or podman; `options` are the task's docker.run_options."""
+    network, the sandbox's run directories bound at their own paths, GPUs when the node has them), in which every
+    run executes. `engine` is docker or podman; `options` are the task's docker.run_options (checked against
+    the operator's allow-list before they reach the node: `orchestrator.policy.run_options`).
+
+    What a run in it cannot reach (issue 28): the agent's own records (`runs/`: logs, exit codes) are not bound
+    into it, so it cannot swap them for links; with `user` set (the node's own uid and gid, when the agent is
+    root), its processes are that user, not root, with no capabilities and no way to gain privileges
+    (setuid binaries included), so even a host path bound in reads as that user would."""
 
     def __init__(self, engine: str, image: str, options: list[str], node_id: str, sandbox: Path,
                  workdir: Path) -> None:
         self.engine, self.image, self.options = engine, image, options
         self.name, self.sandbox, self.workdir = container_name(node_id), sandbox, workdir
+        self.pids = sandbox / PIDS_DIR  # where each run's shell records its pid (bound in; the run may write it)
+        self.user: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._started = False
         self.error: str | None = None
+
+    def confinement(self) -> list[str]:
+        """The run options that make the container's processes the node's user (none without one)."""
+        if self.user is None:
+            return []
+        uid, gid = self.user
+        return [f"--user={uid}:{gid}", "--cap-drop=all", "--security-opt=no-new-privileges"]
+
+    def bound(self) -> list[str]:
+        """`-v` for each directory of the sandbox a run may use (never `runs/`, the agent's records)."""
+        return [part for name in RUN_DIRS if (self.sandbox / name).is_dir()
+                for part in ("-v", f"{self.sandbox / name}:{self.sandbox / name}")]
 
     def ensure(self, env: dict[str, str], binds: Sequence[tuple[str, str]] = ()) -> None:
         """Start the container once (a leftover of the same name goes first); `error` says why it could not.
@@ -57,8 +79,8 @@ class Container:
             if shutil.which("nvidia-smi"):
                 gpus = ["--gpus", "all"] if Path(self.engine).name == "docker" else ["--device", "nvidia.com/gpu=all"]
             volumes = [part for host, path in binds if os.path.exists(host) for part in ("-v", f"{host}:{path}")]
-            argv = [self.engine, "run", "-d", "--name", self.name, "--network", "host",
-                    "-v", f"{self.sandbox}:{self.sandbox}", *volumes, "-w", str(self.workdir), *gpus, *self.options,
+            argv = [self.engine, "run", "-d", "--name", self.name, "--network", "host", *self.confinement(),
+                    *self.bound(), *volumes, "-w", str(self.workdir), *gpus, *self.options,
                     "--entrypoint", "/bin/sh", self.image, "-c", "sleep infinity || while :; do sleep 3600; done"]
             done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
             if done.returncode != 0:
@@ -66,6 +88,9 @@ class Container:
                 self.error = f"cannot start a container of {self.image}: {lines[-1] if lines else done.returncode}"
             else:
                 self._started = True
+
+    def pid_file(self, run_id: str) -> Path:
+        return self.pids / run_id
 
     def argv(self, command: str, cwd: Path, env: dict[str, str], pid_file: Path,
              binds: Sequence[tuple[str, str]] = (), extra_keys: tuple[str, ...] = ()) -> list[str]:
@@ -80,8 +105,14 @@ class Container:
                 "sortie-run", str(pid_file), command]
 
     def signal(self, pid_file: Path, sig: str) -> None:
+        """Signal a run's shell in the container; its pid file is the run's to write, so it is read without
+        following a link, and at most a few bytes of it."""
         with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-            pid = int(pid_file.read_text().strip())
+            fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                pid = int(os.read(fd, 32).strip())
+            finally:
+                os.close(fd)
             subprocess.run([self.engine, "exec", self.name, "kill", f"-{sig}", str(pid)], capture_output=True,
                            timeout=60)
 

@@ -68,8 +68,9 @@ class _Stores:
         self._open: dict[str, Store] = {}
 
     def get(self, kind: str) -> Store:
+        """The store of `kind`; a local store reads a hard-linked file only where the run's user may (issue 28)."""
         if kind not in self._open:
-            self._open[kind] = open_store(kind, self.config, self.home)
+            self._open[kind] = open_store(kind, self.config, self.home, reader=_run_user_reader()[1])
         return self._open[kind]
 
 
@@ -219,6 +220,7 @@ def cache(plan: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     interval = float(plan.get("interval") or 5.0)
+    print(f"sortie-storage: uploading changes of {len(syncs)} cached mount(s) every {interval:g}s", flush=True)
     while True:
         stopping = stop.wait(interval)
         for sync in syncs:

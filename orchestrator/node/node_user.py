@@ -28,8 +28,11 @@ each node's runs run as a uid and gid of their own, so one job cannot read or si
 - a local-store bucket the node links to gets an ACL entry for the node user (`grant_tree`): the bucket stays the
   controller's, each node (and each pool job's user) that mounts it may read and write it.
 
-Not used (runs keep the agent's own user) in container mode (the task's container keeps its runs apart), when
-the agent is not root, where mount namespaces fail, or with SORTIE_NO_RUN_USERS=1.
+In container mode (image_id: docker:...) the task's container runs as the node user (`--user uid:gid`, no
+capabilities, no-new-privileges; `container.py`); a pool job's runs there are the node user's too.
+
+Not used (runs keep the agent's own user) when the agent is not root, where mount namespaces fail (unless the runs
+are in a container), or with SORTIE_NO_RUN_USERS=1.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.node import node_accounts
+from orchestrator.node import node_accounts, nofollow
 
 NODE_UID_BASE = 1_900_000_000
 NODE_UID_SLOTS = 1 << 24  # the range ends at 1,916,777,215: above any distribution's and subuid's usual ranges
@@ -118,7 +121,9 @@ def taken_uids(nodes_dir: Path, own: Path) -> set[int]:
 
 
 def wanted(confine: bool, container: object, view_works: bool) -> bool:
-    return (confine and container is None and view_works and os.geteuid() == 0
+    """A node user for runs: as root, confined, not opted out, where runs are kept in a mount namespace (the path
+    view, or the task's container: its processes are the node user, issue 28)."""
+    return (confine and (view_works or container is not None) and os.geteuid() == 0
             and os.environ.get(OPT_OUT_ENV) != "1")
 
 
@@ -275,14 +280,16 @@ def acl_with(existing: bytes | None, mode: int, uid: int, perm: int) -> bytes:
     return struct.pack("<I", 2) + body
 
 
-def _grant_one(name: str, dirfd: int | None, uid: int, is_dir: bool) -> None:
-    kwargs: dict[str, Any] = {"follow_symlinks": False}
-    path: Any = name
-    if dirfd is not None:  # os.*xattr take no dir_fd: go through the descriptor's /proc path, links not followed
-        path = f"/proc/self/fd/{dirfd}/{name}"
-    st = os.stat(path, follow_symlinks=False)
+def _grant_one(name: str, dirfd: int, uid: int, is_dir: bool) -> None:
+    # os.*xattr take no dir_fd: go through the descriptor's /proc path, the entry itself not followed ("" is the
+    # directory of the descriptor itself, reached through its magic link)
+    path = f"/proc/self/fd/{dirfd}/{name}" if name else f"/proc/self/fd/{dirfd}"
+    kwargs: dict[str, Any] = {"follow_symlinks": not name}
+    st = os.stat(path, **kwargs)
     if stat.S_ISLNK(st.st_mode):
         return
+    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and st.st_uid != uid:
+        return  # issue 28: a hard link is the file it links to (perhaps one only root may touch): no ACL on it
     perm = 7 if is_dir or st.st_mode & 0o100 else 6
     current = None
     with contextlib.suppress(OSError):
@@ -295,19 +302,20 @@ def _grant_one(name: str, dirfd: int | None, uid: int, is_dir: bool) -> None:
         os.setxattr(path, ACL_DEFAULT, acl_with(default, st.st_mode | 0o700, uid, 7), **kwargs)
 
 
-def grant_tree(root: Path, user: NodeUser) -> str | None:
-    """Give the node user read and write on a directory tree it does not own (a local-store bucket) through ACLs,
-    new files included (a default ACL on each directory). None, or why it could not (no ACLs on that
-    filesystem, say)."""
+def grant_tree(top: int, user: NodeUser) -> str | None:
+    """Give the node user read and write on the directory tree open at `top` (a local-store bucket, opened by
+    `nofollow.open_under`: no symlink on the way) through ACLs, new files included (a default ACL on each
+    directory). No link below it is followed, no file with other hard links (not the user's own) is touched.
+    None, or why it could not (no ACLs on that filesystem, say)."""
     try:
-        _grant_one(str(root), None, user.uid, True)
-        for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
+        _grant_one("", top, user.uid, True)
+        for _dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
             for name in dirnames:
                 _grant_one(name, dirfd, user.uid, True)
             for name in filenames:
                 _grant_one(name, dirfd, user.uid, False)
     except OSError as exc:
-        return f"{root}: {exc.strerror or exc}"
+        return f"{exc.strerror or exc}"
     return None
 
 
@@ -334,6 +342,7 @@ class RunUser:
         self.sandbox, self.user = sandbox, user
         self.root_runs: set[str] = set()  # the node's own steps (view=False), run as root
         self.targets: set[str] = set()  # link targets granted to the node user (pool jobs get them too)
+        self.link_roots: list[Path] = []  # where link targets may be (the agent's `link_roots`)
         self._jobs_lock = threading.Lock()
 
     def job_user(self, key: str) -> NodeUser:
@@ -412,7 +421,17 @@ class RunUser:
             os.close(fd)
 
     def grant(self, target: str, user: NodeUser | None = None) -> None:
-        trouble = grant_tree(Path(target), user or self.user)
+        """ACLs for the node's user (or a pool job's) on the link target `target`, resolved again inside the
+        agent's link roots with no symlink followed (issue 28)."""
+        try:
+            top = nofollow.open_under(target, self.link_roots)
+        except OSError as exc:
+            raise ValueError(f"links: target {target!r} is not a directory inside the node's roots reached "
+                             f"through no symlink ({exc.strerror})") from None
+        try:
+            trouble = grant_tree(top, user or self.user)
+        finally:
+            os.close(top)
         if trouble:
             raise ValueError(f"links: the node's user cannot be given {target}: {trouble}")
         self.targets.add(target)

@@ -28,11 +28,14 @@ from orchestrator.node.agent_files import (
     MOUNTS_ENV,
     NO_SPACE,
     NO_VIEW_NOTE,
+    NOT_A_LOG,
     RUN_ID,
     RUN_UMASK,
     SANDBOX_ENV,
     contained,
     kill_group,
+    log_size,
+    open_log,
     place_destination,
     probe_path_view,
     run_base_env,
@@ -47,8 +50,13 @@ class Agent:
     """The state of one node: its sandbox and the runs it started."""
 
     def __init__(self, sandbox: Path, token: str, node_id: str, confine: bool = False,
-                  hide: list[str] | None = None, container: dict | None = None) -> None:
+                  hide: list[str] | None = None, container: dict | None = None,
+                  link_roots: list[str] | None = None) -> None:
         self.sandbox = sandbox
+        # Where a link's target may be (issue 28): the node's own roots, and those the cloud names (the local
+        # store's directory, on the local cloud).
+        self.link_roots = [sandbox / "workdir", sandbox / "home", sandbox / "mounts",
+                           *(Path(r) for r in link_roots or [])]
         self.node_id = node_id
         self.confine = confine
         self.runs_dir = sandbox / "runs"
@@ -80,6 +88,22 @@ class Agent:
                 sandbox, node_id, confine, container, self._view_script is not None)
             if self.user:
                 self.user.targets |= self._shows
+                self.user.link_roots = self.link_roots
+        if self.container is not None:
+            self._prepare_container()
+
+    def _prepare_container(self) -> None:
+        """The container's pid directory (the node user's, as its run directories are) and its user: the node's
+        user when there is one; the agent's own user when it is not root and the engine is docker (whose daemon
+        is root); else the engine's default (rootless podman maps the container's root to the agent's user)."""
+        assert self.container is not None
+        self.container.pids.mkdir(mode=0o700, exist_ok=True)
+        if self.user:
+            uid, gid = self.user.user.uid, self.user.user.gid
+            os.chown(self.container.pids, uid, gid, follow_symlinks=False)
+            self.container.user = (uid, gid)
+        elif os.geteuid() != 0 and Path(self.container.engine).name == "docker":
+            self.container.user = (os.geteuid(), os.getegid())
 
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -98,7 +122,7 @@ class Agent:
                 raise FileExistsError(f"run {run_id} already exists")
             run_dir.mkdir()
         try:
-            proc = self._spawn(run_dir, command, env, cwd, view, user if self.user else None)
+            proc = self._spawn(run_dir, command, env, cwd, view, user if self.user and not self.container else None)
         except (OSError, ValueError):  # a full disk, say: leave no half-made run behind, so the id can be retried
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -142,9 +166,9 @@ class Agent:
             with self._lock:
                 binds = [(str(self.resolve(view)), view) for view in sorted(self._views)]
             argv = self.container.argv(command, workdir, {str(k): str(v) for k, v in env.items()},
-                                       run_dir / "container.pid", binds,
+                                       self.container.pid_file(run_id), binds,
                                        (MOUNTS_ENV, "HOME") if self.confine else ())
-        log = (run_dir / "output.log").open("ab")
+        log = os.fdopen(open_log(run_dir / "output.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
         try:
             proc = subprocess.Popen(
                 argv, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL, umask=RUN_UMASK,
@@ -201,7 +225,7 @@ class Agent:
     def _note_log(self, run_id: str) -> None:
         """A `log` event when the run's log grew since the last one."""
         with contextlib.suppress(OSError):
-            size = (self.runs_dir / run_id / "output.log").stat().st_size
+            size = log_size(self.runs_dir / run_id / "output.log")
             if size != self._log_sizes.get(run_id, 0):
                 self._log_sizes[run_id] = size
                 self.watch.record("log", run_id, offset=size)
@@ -230,7 +254,7 @@ class Agent:
         return {
             "run_id": run_id, "state": state, "exit_code": ended["exit_code"] if ended else None,
             "pid": meta["pid"], "started_at": meta["started_at"], "ended_at": ended["ended_at"] if ended else None,
-            "log_size": (run_dir / "output.log").stat().st_size if (run_dir / "output.log").exists() else 0,
+            "log_size": log_size(run_dir / "output.log"),
             **({"node_error": self.write_error} if self.write_error else {}),
         }
 
@@ -238,10 +262,19 @@ class Agent:
         return [s for p in sorted(self.runs_dir.iterdir()) if (s := self.status(p.name)) is not None]
 
     def read_log(self, run_id: str, offset: int, limit: int = 1 << 20) -> bytes | None:
+        """Up to `limit` bytes of a run's log from `offset`; None when there is no such log. The log is opened
+        without following a link (O_NOFOLLOW): a run that swapped its log for a link to another file gets an
+        error, never that file (issue 28)."""
         path = self.runs_dir / run_id / "output.log"
-        if not RUN_ID.match(run_id) or not path.exists():
+        if not RUN_ID.match(run_id) or not os.path.lexists(path):
             return None
-        with path.open("rb") as fh:
+        try:
+            fd = open_log(path, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EINVAL, errno.ENXIO):
+                raise
+            return NOT_A_LOG[max(offset, 0):][:limit]
+        with os.fdopen(fd, "rb") as fh:
             fh.seek(max(offset, 0))
             return fh.read(limit)
 
@@ -251,8 +284,8 @@ class Agent:
             return None
         if status["state"] == "running":
             (self.runs_dir / run_id / "cancelled").touch()
-            if self.container is not None and (self.runs_dir / run_id / "container.pid").exists():
-                self.container.signal(self.runs_dir / run_id / "container.pid", "TERM")
+            if self.container is not None:
+                self.container.signal(self.container.pid_file(run_id), "TERM")
             kill_group(status["pid"], CANCEL_GRACE_SECONDS)
             with self._lock:
                 proc = self._procs.get(run_id)
@@ -333,8 +366,18 @@ class Agent:
         if target is None:
             self._add_view(dest)
             return self.resolve(dest)
-        if not os.path.isabs(target) or not os.path.isdir(target):
+        if "\0" in target or not os.path.isabs(target):
             raise ValueError(f"links: target must be the absolute path of an existing directory, not {target!r}")
+        try:  # not in the zipapp: a cloud node has no directory of this machine's (a local-store bucket) to link to
+            nofollow = importlib.import_module("orchestrator.node.nofollow")
+        except ImportError:
+            raise ValueError("links: a target is only for local-cloud nodes (a local-store MOUNT)") from None
+        try:  # issue 28: inside the node's own roots, no symlink followed on the way
+            os.close(nofollow.open_under(target, self.link_roots))
+        except OSError as exc:
+            roots = ", ".join(str(r) for r in self.link_roots)
+            raise ValueError(f"links: target {target!r} must be an existing directory inside the node's roots "
+                             f"({roots}), reached through no symlink ({exc.strerror})") from None
         path = self.resolve(dest)
         if path in (Path("/"), self.workdir, self.sandbox / "home", self.sandbox / "mounts"):
             raise ValueError(f"links: dest {dest!r} would replace a whole root ({path})")

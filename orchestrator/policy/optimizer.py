@@ -21,24 +21,10 @@ from typing import Any
 
 from orchestrator.config import SortieConfig
 from orchestrator.errors import SortieError
+from orchestrator.offers import Offer as Offer  # its home is below policy and infra; importable here too
 from orchestrator.policy.cloud_features import offer_supports
 
 CATALOG_CLOUDS = ("aws", "gcp", "azure")
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One instance type in one region (or zone) of one cloud, with its prices."""
-
-    cloud: str
-    instance_type: str
-    vcpus: float
-    memory_gib: float
-    accelerators: dict[str, float]
-    region: str
-    zone: str | None
-    price: float
-    spot_price: float | None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.config import SortieConfig
 
@@ -38,7 +39,7 @@ def capacity_key(region: str, use_spot: bool) -> str:
     return f"{region}:spot" if use_spot else region
 
 
-def place(candidates: Sequence[dict], config: SortieConfig, exclude: Collection[str] = (),
+def place(candidates: Sequence[dict[str, Any]], config: SortieConfig, exclude: Collection[str] = (),
           prefer: str | None = None, avoid: Collection[str] = (), *, ordered: bool = False, num_nodes: int = 1,
           enabled: Collection[str] | None = None,
           within: Sequence[tuple[str, str]] | None = None) -> Placement | Infeasible:

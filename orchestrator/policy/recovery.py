@@ -80,7 +80,7 @@ class Decision:
 def backoff_delay(rules: RecoveryRules, rounds: int, rand: Callable[[], float]) -> float:
     """Exponential from `backoff_initial_s`, capped at `backoff_max_s`, with full jitter in its upper half."""
     base = min(rules.backoff_initial_s * (2 ** rounds), rules.backoff_max_s)
-    return base * (0.5 + 0.5 * rand())
+    return float(base * (0.5 + 0.5 * rand()))
 
 
 def decide(failure: Failure, rules: RecoveryRules, history: History, now: float, *,

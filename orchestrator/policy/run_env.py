@@ -44,14 +44,20 @@ def node_env(*, envs: Mapping[str, str], secrets: Mapping[str, str], job_id: int
     return env
 
 
-def pool_job_env(*, job_rank: int, num_jobs: int, slot: int, jobs_per_worker: int,
-                 accelerators: Mapping[str, float]) -> dict[str, str]:
-    """What a pool job adds: its rank among the jobs of one `launch -p`, and, with several jobs per worker, its
-    share of the worker's accelerators (`CUDA_VISIBLE_DEVICES` and `SKYPILOT_NUM_GPUS_PER_NODE`)."""
+def job_rank_env(*, job_rank: int, num_jobs: int) -> dict[str, str]:
+    """A job's rank among the jobs of one `launch --num-jobs N` (on a pool or on fresh clusters)."""
     env: dict[str, str] = {}
     for key, value in {"JOB_RANK": str(job_rank), "NUM_JOBS": str(num_jobs)}.items():
         env[f"SKYPILOT_{key}"] = value
         env[f"SORTIE_{key}"] = value
+    return env
+
+
+def pool_job_env(*, job_rank: int, num_jobs: int, slot: int, jobs_per_worker: int,
+                 accelerators: Mapping[str, float]) -> dict[str, str]:
+    """What a pool job adds: its rank among the jobs of one `launch -p`, and, with several jobs per worker, its
+    share of the worker's accelerators (`CUDA_VISIBLE_DEVICES` and `SKYPILOT_NUM_GPUS_PER_NODE`)."""
+    env = job_rank_env(job_rank=job_rank, num_jobs=num_jobs)
     total = int(sum(accelerators.values())) if accelerators else 0
     if total and jobs_per_worker > 1:
         per_job = max(total // jobs_per_worker, 1)

@@ -6,15 +6,27 @@ Prefixes are paths in every store: prefix "a/b" covers the key "a/b" and keys un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol
 
 from orchestrator.errors import SortieError
+from orchestrator.node.nofollow import (
+    Reader,
+    lstat_at,
+    open_dir,
+    open_file,
+    opened_dir,
+    readable_as,
+    regular_files,
+    walk_down,
+)
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config, StorageConfig
@@ -132,12 +144,17 @@ class Store(Protocol):
     def local_dir(self, bucket: str, prefix: str = "") -> Path | None: ...
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    """Copy a file so that `target` is either the old file or the whole new one, never half of it."""
+def _copy_atomic(source: Path | BinaryIO, target: Path) -> None:
+    """Copy a file (a path, or a file open for reading) so that `target` is either the old file or the whole new
+    one, never half of it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(target)
     try:
-        shutil.copyfile(source, tmp)
+        if isinstance(source, Path):
+            shutil.copyfile(source, tmp)
+        else:
+            with tmp.open("xb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -151,25 +168,72 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and ".sortie-" in name and name.endswith(".tmp")
 
 
+def _key_parts(key: str) -> list[str]:
+    key = normalize_key(key)
+    return key.split("/") if key else []
+
+
+def _remove_at(dirfd: int, name: str) -> None:
+    """Remove the entry `name` of the directory `dirfd`: a link itself (never what it points at), a file, or a
+    directory tree (shutil.rmtree by descriptor follows no link)."""
+    st = lstat_at(dirfd, name)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dirfd, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dirfd)
+
+
 class LocalStore:
-    """Buckets are directories `root/NAME` (0700); an object is the file at its key under them."""
+    """Buckets are directories `root/NAME` (0700); an object is the regular file at its key under them.
+
+    Issue 28: every path below `root` is resolved by `orchestrator.node.nofollow` (one component at a time,
+    O_NOFOLLOW), as an object store's keys are: a symlink in a bucket (a job that MOUNTs it can make one) is no
+    object. It is never listed, read, written through or deleted through (only itself is removed), and a key
+    whose path crosses one does not exist. With `reader` (the identity of the run a node fetches for), a file
+    with several hard links is read only if that identity may read it: a job cannot hard-link its way to a file
+    only root reads."""
 
     kind = "local"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, reader: Reader | None = None) -> None:
         self.root = Path(root)
+        self.reader = reader
 
     def _bucket_dir(self, bucket: str) -> Path:
         return self.root / check_bucket_name(bucket)
 
-    def _existing(self, bucket: str) -> Path:
-        path = self._bucket_dir(bucket)
-        if not path.is_dir():
-            raise StorageError(f"bucket local://{bucket} does not exist (in {self.root}); create it or fix the name")
-        return path
+    def _bucket_fd(self, bucket: str) -> int:
+        try:
+            return open_dir(self.root, [check_bucket_name(bucket)])
+        except FileNotFoundError:
+            raise StorageError(f"bucket local://{bucket} does not exist (in {self.root}); create it or fix the "
+                               "name") from None
+        except OSError as exc:
+            raise StorageError(f"bucket local://{bucket}: {self._bucket_dir(bucket)} is not a directory "
+                               f"({exc.strerror}); the local store follows no symlinks") from None
+
+    def _dir_fd(self, bucket: str, parts: list[str], create: bool = False, key: str | None = None) -> int:
+        """A descriptor of the directory bucket/parts, nothing followed (made where missing, with `create`);
+        `key`: the object the directory is for, in messages."""
+        fd = self._bucket_fd(bucket)
+        where = f"local://{bucket}/{key if key is not None else '/'.join(parts)}"
+        try:
+            return walk_down(fd, parts, 0o777 if create else None)
+        except FileNotFoundError:
+            raise StorageError(f"{where} does not exist; check the path") from None
+        except OSError as exc:
+            raise StorageError(f"{where}: a file or a symlink is in the way ({exc.strerror}); the local store "
+                               "follows no symlinks, and a key cannot also be a directory of keys") from None
 
     def bucket_exists(self, bucket: str) -> bool:
-        return self._bucket_dir(bucket).is_dir()
+        try:
+            os.close(self._bucket_fd(bucket))
+        except StorageError:
+            return False
+        return True
 
     def create_bucket(self, bucket: str) -> None:
         path = self._bucket_dir(bucket)
@@ -177,61 +241,105 @@ class LocalStore:
         path.mkdir(mode=0o700, exist_ok=True)
 
     def delete_bucket(self, bucket: str) -> None:
-        shutil.rmtree(self._bucket_dir(bucket), ignore_errors=True)
+        with contextlib.suppress(OSError), opened_dir(self.root) as fd:
+            _remove_at(fd, check_bucket_name(bucket))
 
     def list_objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
-        base = self._existing(bucket)
-        prefix = normalize_key(prefix)
-        start = base / prefix if prefix else base
-        if start.is_file():
-            return {prefix: start.stat().st_size}
-        found: dict[str, int] = {}
-        for dirpath, _dirs, files in os.walk(start):
-            for name in files:
-                path = Path(dirpath, name)
-                if not _is_temp(name):
-                    found[path.relative_to(base).as_posix()] = path.stat().st_size
-        return dict(sorted(found.items()))
+        parts = _key_parts(prefix)
+        try:
+            fd = walk_down(self._bucket_fd(bucket), parts)
+        except OSError:  # a file (one object), nothing, or only through a link (nothing of the bucket's)
+            return self._one_object(bucket, parts)
+        try:
+            base = "".join(f"{p}/" for p in parts)
+            found = {base + key: st.st_size for key, st in regular_files(fd) if not _is_temp(key.rsplit("/", 1)[-1])}
+            return dict(sorted(found.items()))
+        finally:
+            os.close(fd)
+
+    def _one_object(self, bucket: str, parts: list[str]) -> dict[str, int]:
+        """{key: size} when bucket/parts is a regular file reached through no link, else {}."""
+        if not parts:
+            return {}
+        try:
+            fd = walk_down(self._bucket_fd(bucket), parts[:-1])
+        except OSError:
+            return {}
+        try:
+            st = lstat_at(fd, parts[-1])
+        except OSError:
+            st = None
+        finally:
+            os.close(fd)
+        return {"/".join(parts): st.st_size} if st is not None and stat.S_ISREG(st.st_mode) else {}
 
     def put_file(self, bucket: str, key: str, path: Path) -> None:
-        target = self._existing(bucket) / normalize_key(key)
+        *dirs, name = _key_parts(key) or [""]
+        if not name:
+            raise StorageError(f"local://{bucket}: an object needs a key; name a file")
         try:
-            _copy_atomic(path, target)
+            source = open(path, "rb")  # noqa: SIM115 (closed below)
         except FileNotFoundError as exc:
             raise StorageError(f"cannot upload {path}: {exc.strerror}: {exc.filename}") from None
-        except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
-            raise StorageError(f"local://{bucket}/{key}: a key and a directory of keys collide ({exc.strerror}); "
-                               "the local store cannot hold both") from None
+        with source:
+            fd = self._dir_fd(bucket, dirs, create=True, key=key)
+            tmp = f".{name}.sortie-{secrets.token_hex(4)}.tmp"
+            try:
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                              dir_fd=fd)
+                with os.fdopen(out, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+                raise StorageError(f"local://{bucket}/{key}: a key and a directory of keys collide "
+                                   f"({exc.strerror}); the local store cannot hold both") from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=fd)
+                os.close(fd)
 
     def get_file(self, bucket: str, key: str, path: Path) -> None:
-        source = self._existing(bucket) / normalize_key(key)
-        if not source.is_file():
-            raise StorageError(f"local://{bucket}/{key} does not exist; check the path")
-        _copy_atomic(source, path)
+        try:
+            fd = open_file(self.root, "/".join([check_bucket_name(bucket), *_key_parts(key)]))
+        except (FileNotFoundError, IsADirectoryError):
+            raise StorageError(f"local://{bucket}/{key} does not exist; check the path") from None
+        except OSError as exc:
+            raise StorageError(f"local://{bucket}/{key} is not a file of the bucket ({exc.strerror}): the local "
+                               "store follows no symlinks; name the file itself") from None
+        with os.fdopen(fd, "rb") as source:
+            if self.reader is not None and os.fstat(fd).st_nlink > 1 and not readable_as(fd, self.reader):
+                raise StorageError(f"local://{bucket}/{key} is a hard link to a file the job's user may not read; "
+                                   "it is not copied")
+            _copy_atomic(source, path)
 
     def delete_prefix(self, bucket: str, prefix: str) -> int:
         if not self.bucket_exists(bucket):
             return 0
-        prefix = normalize_key(prefix)
+        parts = _key_parts(prefix)
         keys = self.list_objects(bucket, prefix)
-        base = self._bucket_dir(bucket)
-        target = base / prefix if prefix else base
-        if target.is_file():
-            target.unlink()
-        elif prefix:
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            for child in base.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+        try:
+            fd = walk_down(self._bucket_fd(bucket), parts[:-1])
+        except OSError:
+            return 0  # only through a link: nothing of the bucket's there
+        try:
+            for name in parts[-1:] or os.listdir(fd):
+                _remove_at(fd, name)
+        finally:
+            os.close(fd)
         return len(keys)
 
     def local_dir(self, bucket: str, prefix: str = "") -> Path | None:
         prefix = normalize_key(prefix)
         base = self._bucket_dir(bucket)
         return base / prefix if prefix else base
+
+    def make_dir(self, bucket: str, prefix: str = "") -> Path:
+        """The directory of `prefix` in the bucket (a local-store MOUNT's target), made where missing, every
+        component a directory of the bucket's own (StorageError for a symlink or a file on the way)."""
+        os.close(self._dir_fd(bucket, _key_parts(prefix), create=True))
+        path = self.local_dir(bucket, prefix)
+        assert path is not None
+        return path
 
 
 _NO_CREDENTIALS = ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or name a profile "
@@ -399,12 +507,18 @@ class S3Store:
         return None
 
 
-def open_store(kind: str, config: StorageConfig, home: Path) -> Store:
-    """The store of a kind ("local" or "s3", as `store_kind` accepts) as `config` sets it up."""
+def local_store_root(config: StorageConfig, home: Path) -> Path:
+    """The directory of the local store (`storage.local_root`, default <home>/buckets)."""
+    return Path(config.local_root).expanduser() if config.local_root else Path(home) / "buckets"
+
+
+def open_store(kind: str, config: StorageConfig, home: Path, reader: Reader | None = None) -> Store:
+    """The store of a kind ("local" or "s3", as `store_kind` accepts) as `config` sets it up; `reader`: the
+    identity a node's fetch reads a local store's hard-linked files as (`LocalStore`)."""
     kind = store_kind(kind)
     if kind == "s3":
         return S3Store(config.s3)
-    return LocalStore(Path(config.local_root).expanduser() if config.local_root else Path(home) / "buckets")
+    return LocalStore(local_store_root(config, home), reader)
 
 
 def _code(exc: Any) -> str:

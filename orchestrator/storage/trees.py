@@ -13,10 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.node.nofollow import Reader, open_dir, open_file, regular_files
 from orchestrator.storage.ignore import IgnoreRules
 from orchestrator.storage.stores import BucketURL, StorageError, Store, UploadTooLarge
 
-Reader = Callable[[], contextlib.AbstractContextManager[object]]  # an identity to read a file as
 WORKERS = 8  # files in flight at once; big files are also split into parts by the store
 
 
@@ -163,82 +163,17 @@ def download_tree(store: Store, src: BucketURL, dest: Path) -> TreeStats:
     return _download_dir(store, src, objects, dest)
 
 
-_NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _walk_down(fd: int, parts: list[str]) -> int:
-    """Open each directory of `parts` below the directory `fd` without following a symlink (ELOOP or ENOTDIR for
-    one); closes `fd`, returns the last one's descriptor."""
-    try:
-        for part in parts:
-            if part in ("", ".", ".."):
-                raise OSError(2, f"{part!r} is no name of an entry")
-            nxt = os.open(part, _NO_FOLLOW_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def open_tree_root(root: Path, anchor: Path | None = None) -> int:
-    """A descriptor of the directory `root`. With `anchor` (a directory the caller trusts, such as a node's
-    sandbox) above it, every step from the anchor down is taken without following a symlink, so a run cannot
-    swap a directory on the way for a link elsewhere."""
-    if anchor is not None:
-        with contextlib.suppress(ValueError):
-            parts = list(Path(root).relative_to(anchor).parts)
-            return _walk_down(os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), parts)
-    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def open_in_tree(root: Path, key: str, anchor: Path | None = None,
-                 reader: Reader = contextlib.nullcontext) -> int:
-    """A read descriptor of the regular file `root/key`, no symlink followed below `root` (nor below `anchor`):
-    OSError for a link, a directory swapped for one, or anything but a regular file (opened non-blocking, so a
-    FIFO swapped in never hangs the caller). The file itself is opened inside `reader` (an identity to read as:
-    the directories above it are passed as the caller)."""
-    *dirs, name = key.split("/")
-    fd = _walk_down(open_tree_root(root, anchor), dirs)
-    try:
-        with reader():
-            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
-        os.close(file_fd)
-        raise OSError(21, f"{key} is not a regular file")
-    return file_fd
-
-
 def scan_links_not_followed(root: Path, anchor: Path | None = None) -> dict[str, tuple[int, int]]:
     """{posix key: (mtime_ns, size)} of the regular files under the directory `root`, symlinks neither followed
     nor listed (a link, to a file or a directory, is nothing here), nor another filesystem entered."""
-    found: dict[str, tuple[int, int]] = {}
     try:
-        top = open_tree_root(root, anchor)
+        top = open_dir(root, "", anchor)
     except OSError:
-        return found
+        return {}
     try:
-        device = os.fstat(top).st_dev
-        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
-            rel = dirpath[2:] if dirpath.startswith("./") else ""
-            keep = []
-            for name in dirnames:
-                with contextlib.suppress(OSError):
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
-                        keep.append(name)
-            dirnames[:] = keep
-            for name in filenames:
-                with contextlib.suppress(OSError):
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode):
-                        found[f"{rel}/{name}" if rel else name] = (st.st_mtime_ns, st.st_size)
+        return {key: (st.st_mtime_ns, st.st_size) for key, st in regular_files(top)}
     finally:
         os.close(top)
-    return dict(sorted(found.items()))
 
 
 class CachedSync:
@@ -326,7 +261,7 @@ class CachedSync:
             def put(key: str, path: Path, signature: tuple[int, int]) -> Callable[[], None]:
                 def call() -> None:
                     try:
-                        fd = open_in_tree(self.local_dir, key, self.anchor, self.reader)
+                        fd = open_file(self.local_dir, key, self.anchor, self.reader)
                     except OSError:
                         return  # a link, swapped in since the scan, or not the run's to read: nothing uploaded
                     try:

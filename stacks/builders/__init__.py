@@ -40,7 +40,7 @@ class BuiltNode:
     host: pulumi.Output[str]
     ip: pulumi.Output[str]
     url: pulumi.Output[str]
-    region: pulumi.Output[str]
+    region: pulumi.Output[str | None]  # None: a Kubernetes cluster reached through the default context
 
     def export(self) -> dict[str, object]:
         return {"rank": self.rank, "node_id": self.node_id, "host": self.host, "ip": self.ip,
@@ -287,6 +287,36 @@ def ssh_source(spec: ClusterSpec) -> str | None:
     """What the default firewall admits to SSH: `spec.ssh_cidr` on the controller VM (the dashboard tunnel);
     nothing on nodes (the controller reaches their agents over the private network)."""
     return (spec.ssh_cidr or "0.0.0.0/0") if spec.role == "controller" else None
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One inbound rule of a cluster's default network, said once for every cloud; each builder writes it in its
+    cloud's form (a security group's ingress, a network security group's rule)."""
+
+    kind: str  # "agent", "ssh" or "ports"
+    low: int
+    high: int
+    source: str | None  # a CIDR; None: the cloud's own private network (the VPC, the VirtualNetwork)
+    description: str
+
+    @property
+    def port_range(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+def inbound_rules(spec: ClusterSpec) -> list[Inbound]:
+    """What reaches a node: the agent's port from the controller (`controller_cidr`, else the private network),
+    SSH on a controller VM (`ssh_source`), and the task's ports from `ports_cidr`."""
+    from orchestrator.policy.cloud_features import port_ranges
+
+    rules = [Inbound("agent", spec.agent_port, spec.agent_port, spec.controller_cidr or None,
+                     "Sortie controller to node agent")]
+    if ssh_cidr := ssh_source(spec):
+        rules.append(Inbound("ssh", SSH_PORT, SSH_PORT, ssh_cidr,
+                             "SSH to the Sortie controller (the dashboard tunnel)"))
+    rules += [Inbound("ports", low, high, spec.ports_cidr, "the task's ports") for low, high in port_ranges(spec.ports)]
+    return rules
 
 
 def controller_boot_script(spec: ClusterSpec, secret_env: str) -> str:

@@ -29,20 +29,19 @@ import pulumi
 import pulumi_aws as aws
 
 from orchestrator.errors import UsageError
-from orchestrator.policy.cloud_features import disk_settings, port_ranges
+from orchestrator.policy.cloud_features import disk_settings
 from stacks.builders import (
     DEFAULT_DISK_GB,
-    SSH_PORT,
     BuiltNode,
     CloudNode,
     accelerator,
     agent_url,
+    inbound_rules,
     location,
     merge_opts,
     network_output_names,
     secret_boot_script,
     sortie_tags,
-    ssh_source,
 )
 from stacks.spec import ClusterSpec
 
@@ -122,15 +121,10 @@ def build_aws_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = Non
         if zone:
             subnet_id = aws.ec2.get_subnet_output(default_for_az=True, availability_zone=zone, vpc_id=vpc.id,
                                                   region=region, opts=invoke).id
-        cidr = spec.controller_cidr
         ingress: list[dict[str, object]] = [
-            {"protocol": "tcp", "from_port": spec.agent_port, "to_port": spec.agent_port,
-             "cidr_blocks": [cidr] if cidr else [vpc.cidr_block], "description": "Sortie controller to node agent"}]
-        if ssh_cidr := ssh_source(spec):
-            ingress.append({"protocol": "tcp", "from_port": SSH_PORT, "to_port": SSH_PORT, "cidr_blocks": [ssh_cidr],
-                            "description": "SSH to the Sortie controller (the dashboard tunnel)"})
-        ingress += [{"protocol": "tcp", "from_port": low, "to_port": high, "cidr_blocks": [spec.ports_cidr],
-                     "description": "the task's ports"} for low, high in port_ranges(spec.ports)]
+            {"protocol": "tcp", "from_port": rule.low, "to_port": rule.high,
+             "cidr_blocks": [rule.source] if rule.source is not None else [vpc.cidr_block],
+             "description": rule.description} for rule in inbound_rules(spec)]
         group = aws.ec2.SecurityGroup(
             f"{spec.name}-agent", vpc_id=vpc.id, region=region,
             description=f"Sortie cluster {spec.name}: the node agent port (and SSH on the controller) only",

@@ -24,21 +24,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pulumi_azure_native import compute, network, resources
 
 from orchestrator.errors import UsageError
-from orchestrator.policy.cloud_features import disk_settings, port_ranges
+from orchestrator.policy.cloud_features import disk_settings
 from stacks.builders import (
     DEFAULT_DISK_GB,
-    SSH_PORT,
     BuiltNode,
     CloudNode,
     accelerator,
     agent_url,
     dns_label,
+    inbound_rules,
     location,
     merge_opts,
     network_output_names,
     secret_boot_script,
     sortie_tags,
-    ssh_source,
 )
 from stacks.spec import ClusterSpec
 
@@ -104,6 +103,25 @@ def custom_data(script: str) -> str:
     return encoded
 
 
+def _security_rules(spec: ClusterSpec) -> list[dict[str, object]]:
+    """`inbound_rules` as a network security group's rules: the agent (100), SSH (110), then the ports (200 on)."""
+    found: list[dict[str, object]] = []
+    named = {"agent": ("sortie-agent", 100), "ssh": ("sortie-controller-ssh", 110)}
+    ports = 0
+    for rule in inbound_rules(spec):
+        if rule.kind == "ports":
+            name, priority = f"sortie-port-{rule.low}-{rule.high}", 200 + ports
+            source = "*" if rule.source == "0.0.0.0/0" else rule.source
+            ports += 1
+        else:
+            (name, priority), source = named[rule.kind], rule.source or "VirtualNetwork"
+        found.append({"name": name, "priority": priority, "direction": "Inbound", "access": "Allow",
+                      "protocol": "Tcp", "source_port_range": "*", "destination_port_range": rule.port_range,
+                      "source_address_prefix": source, "destination_address_prefix": "*",
+                      "description": rule.description})
+    return found
+
+
 def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = None) -> list[BuiltNode]:
     region, zone = location(spec, "azure")
     size = vm_size(spec)
@@ -120,23 +138,7 @@ def build_azure_nodes(spec: ClusterSpec, opts: pulumi.ResourceOptions | None = N
         group_name = group.name
         nsg = network.NetworkSecurityGroup(
             f"{spec.name}-nsg", resource_group_name=group_name, location=region, tags=tags, opts=base,
-            security_rules=[{
-                "name": "sortie-agent", "priority": 100, "direction": "Inbound", "access": "Allow",
-                "protocol": "Tcp", "source_port_range": "*", "destination_port_range": str(spec.agent_port),
-                "source_address_prefix": spec.controller_cidr or "VirtualNetwork",
-                "destination_address_prefix": "*", "description": "Sortie controller to node agent",
-            }] + ([{
-                "name": "sortie-controller-ssh", "priority": 110, "direction": "Inbound", "access": "Allow",
-                "protocol": "Tcp", "source_port_range": "*", "destination_port_range": str(SSH_PORT),
-                "source_address_prefix": ssh_cidr, "destination_address_prefix": "*",
-                "description": "SSH to the Sortie controller (the dashboard tunnel)",
-            }] if (ssh_cidr := ssh_source(spec)) else []) + [{
-                "name": f"sortie-port-{low}-{high}", "priority": 200 + index, "direction": "Inbound",
-                "access": "Allow", "protocol": "Tcp", "source_port_range": "*",
-                "destination_port_range": str(low) if low == high else f"{low}-{high}",
-                "source_address_prefix": "*" if spec.ports_cidr == "0.0.0.0/0" else spec.ports_cidr,
-                "destination_address_prefix": "*", "description": "the task's ports",
-            } for index, (low, high) in enumerate(port_ranges(spec.ports))],
+            security_rules=_security_rules(spec),
         )
         vnet = network.VirtualNetwork(f"{spec.name}-vnet", resource_group_name=group_name, location=region,
                                       address_space={"address_prefixes": [VNET_RANGE]}, tags=tags, opts=base)

@@ -22,6 +22,7 @@ from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, Resou
 from orchestrator.config import load_config, sortie_home
 from orchestrator.errors import UsageError
 from orchestrator.infra.local_cloud import LocalCloud
+from orchestrator.storage.stores import local_store_root
 from stacks.builders import BuiltNode
 from stacks.spec import ClusterSpec
 
@@ -74,6 +75,7 @@ class LocalNodeProvider(ResourceProvider):
             token=props["token"], capacity=props.get("capacity"), accelerators=props.get("accelerators") or {},
             labels=props.get("labels") or {}, use_spot=bool(props.get("use_spot")),
             spot_capacity=props.get("spot_capacity"), container=props.get("container"),
+            link_roots=props.get("link_roots"),
         )
         return CreateResult(id_=node.node_id, outs={**props, **self._outputs(node)})
 
@@ -121,17 +123,25 @@ class LocalNode(Resource):
 
 
 def build_local_nodes(spec: ClusterSpec) -> list[BuiltNode]:
+    from orchestrator.policy.run_options import problems as run_option_problems
+
     home = sortie_home()
-    region = load_config(home).local.region(spec.region.split("/")[-1] if spec.region else None)
+    config = load_config(home)
+    refused = run_option_problems(spec.container_options, config.docker.allowed_run_options)
+    if refused:  # launch refuses these first; a job submitted before the operator's config changed stops here
+        raise UsageError(f"cluster {spec.name}: {refused[0]}")
+    region = config.local.region(spec.region.split("/")[-1] if spec.region else None)
     for name, count in spec.accelerators.items():
         if region.accelerators.get(name, 0) < count:
             declared = ", ".join(f"{k}:{v}" for k, v in region.accelerators.items()) or "none"
             raise UsageError(f"local/{region.name} has no node with {name}:{count} (declared: {declared})")
-    root = spec.local_root or str(load_config(home).local.root_dir(Path(home)))
+    root = spec.local_root or str(config.local.root_dir(Path(home)))
+    # Issue 28: the one directory outside its sandbox a node's agent may link to (a local-store MOUNT)
+    link_roots = [str(local_store_root(config.storage, Path(home)))]
     built = []
     for rank in range(spec.num_nodes):
-        node = LocalNode(f"node-{rank}", node_inputs(spec, rank, region.name, root, region.capacity,
-                                                     region.spot_capacity))
+        inputs = node_inputs(spec, rank, region.name, root, region.capacity, region.spot_capacity)
+        node = LocalNode(f"node-{rank}", {**inputs, "link_roots": link_roots})
         built.append(BuiltNode(rank=rank, node_id=node.node_id, host=node.host, ip=node.ip, url=node.url,
                                region=node.region))
     return built

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import urllib.error
 import urllib.request
@@ -81,7 +82,8 @@ def test_an_existing_directory_sortie_did_not_place_is_never_removed(start_agent
     src = tmp_path / "src"
     src.mkdir()
     (src / "new.txt").write_text("new")
-    agent = start_agent(sandbox=tmp_path / "sandbox")  # not confined: absolute paths are the node's own
+    # not confined: absolute paths are the node's own; links may target the test's directories
+    agent = start_agent(sandbox=tmp_path / "sandbox", link_roots=[tmp_path])
     client = agent.client()
     with pytest.raises(AgentError) as err:
         client.upload(str(src), str(victim))
@@ -121,3 +123,30 @@ def test_node_storage_paths_follow_the_agent_rules(tmp_path: Path, monkeypatch: 
     for dest in ("../x", "~/../../x", "/a/../../x"):
         with pytest.raises(SortieError, match=r"'\.\.'"):
             node_path(dest)
+
+
+def test_links_target_only_directories_inside_the_nodes_roots(start_agent, tmp_path: Path) -> None:
+    """Issue 28, item 3: `POST /links` took any existing directory (`/tmp`) and gave the node user a recursive ACL
+    on it. A target is now a directory under the sandbox's roots or a --link-root (the local store), reached from
+    there through no symlink."""
+    store = tmp_path / "store"
+    (store / "bkt" / "d").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (store / "bkt" / "evil").symlink_to(outside)
+    (store / "bkt" / "root").symlink_to("/")
+    agent = start_agent(sandbox=tmp_path / "sandbox", link_roots=[store])
+    for target in ("/tmp", "/", str(outside), str(store / "bkt" / "evil"), str(store / "bkt" / "evil") + "/.",
+                   str(store / "bkt" / "root" / "etc"), str(store / "bkt" / ".." / ".." / "outside"),
+                   str(store / "bkt" / "missing")):
+        status, body = _post(agent, "/links", json.dumps({"dest": "x", "target": target}).encode(),
+                             "application/json")
+        assert status == 400, (target, body)
+        assert "inside the node's roots" in json.loads(body)["error"], body
+    assert not os.path.lexists(agent.sandbox / "workdir" / "x")
+    (agent.sandbox / "workdir" / "sub").mkdir()
+    for target in (store / "bkt" / "d", agent.sandbox / "workdir" / "sub"):
+        status, body = _post(agent, "/links", json.dumps({"dest": "x", "target": str(target)}).encode(),
+                             "application/json")
+        assert status == 201, body
+        assert os.readlink(agent.sandbox / "workdir" / "x") == str(target)

@@ -12,11 +12,11 @@ from orchestrator.config import load_config
 from orchestrator.controller.daemon import Controller
 from orchestrator.controller.decide import agent_refusal
 from orchestrator.infra.agent_client import AgentError
-from orchestrator.infra.fake_driver import FakeStackDriver
 from orchestrator.infra.stack_driver import UpResult
 from orchestrator.job_status import JobStatus
 from stacks.spec import StackProgram
 from state.store import StateStore
+from tests.support.fake_driver import FakeStackDriver
 
 
 @pytest.mark.parametrize(("status", "stage", "expected"), [

@@ -29,8 +29,8 @@ def tag() -> str:
 
 
 @pytest.fixture
-def confined(start_agent):
-    agent = start_agent(confine=True)
+def confined(start_agent, tmp_path: Path):
+    agent = start_agent(confine=True, link_roots=[tmp_path])  # links may target the test's directories
     _, out = _run(agent.client(), "true")
     if "no mount namespaces here" in out:
         pytest.skip("mount namespaces do not work on this machine")
@@ -121,7 +121,7 @@ def test_views_survive_an_agent_restart(start_agent, confined, tmp_path: Path, t
 
 
 def test_link_on_an_unconfined_agent_is_a_real_symlink(start_agent, tmp_path: Path) -> None:
-    client = start_agent().client()
+    client = start_agent(link_roots=[tmp_path]).client()
     target = tmp_path / "t"
     target.mkdir()
     dest = tmp_path / "real" / "link"

@@ -29,6 +29,23 @@ def pg_store(pg_database_url: str, sortie_home: Path, monkeypatch: pytest.Monkey
     store.engine.dispose()
 
 
+def _wait_for_a_waiter(store: StateStore, timeout: float = 10.0) -> bool:
+    """Wait until another connection to this test's database waits for the bucket's advisory lock (the event the
+    other side's step is about); False after `timeout` (the lock is not taken: the test then fails on its order)."""
+    from sqlalchemy import text
+
+    query = text("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                 "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()")
+    deadline = time.monotonic() + timeout
+    with store.engine.connect() as conn:
+        while time.monotonic() < deadline:
+            if conn.execute(query).scalar():
+                return True
+            conn.rollback()
+            time.sleep(0.02)
+    return False
+
+
 def _submit(store: StateStore) -> int:
     (job_id,) = store.submit({"name": "j", "tasks": [{"name": "t", "run": "true", "num_nodes": 1,
                                                       "resources": [{}]}]}, [{}], user="u", staging=True)
@@ -47,7 +64,7 @@ def test_a_reference_added_while_the_last_job_deletes_the_bucket_waits_for_the_d
     def slow_delete(url: str) -> None:  # a bucket deletion takes a while (S3: listing, deleting objects)
         timeline.append(("decided", time.monotonic()))
         deciding.set()
-        time.sleep(1.5)
+        _wait_for_a_waiter(pg_store)  # B is at the lock while A deletes (a slow S3 deletion, in effect)
         exists[url] = False
         timeline.append(("deleted", time.monotonic()))
 
@@ -96,7 +113,7 @@ def test_a_release_waits_for_a_reference_being_added_and_keeps_the_bucket(pg_sto
             session.execute(bucket_refs.insert(), [{"bucket": BUCKET, "job_id": job_b, "delete_when_unused": False,
                                                    "created_at": time.time()}])
             inserted.set()
-            time.sleep(1.0)
+            _wait_for_a_waiter(other)  # A's release is at the lock while B's insert is not committed yet
             committed_at.append(time.monotonic())
 
     thread = threading.Thread(target=job_b_adds)

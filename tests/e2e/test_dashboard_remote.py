@@ -26,8 +26,8 @@ from tests.support.sshd import Sshd, sshd  # noqa: F401  (a fixture)
 pytest.importorskip("fastapi", reason="the dashboard extra is not installed (pip install 'sortie[dashboard]')")
 
 from orchestrator.config import load_config
-from orchestrator.controller.remote import controller_stack
 from orchestrator.dashboard.tunnel import free_port
+from orchestrator.deploy.remote import controller_stack
 from state.machine import StackKind
 from state.store import StateStore
 from tests.unit.test_dashboard_api import _submit

@@ -207,7 +207,7 @@ def _scenario(driver, preempt) -> dict:
 
 
 def test_fake_driver_tells_the_same_story_as_the_pulumi_driver(driver, sortie_home: Path) -> None:
-    from orchestrator.infra.fake_driver import FakeStackDriver
+    from tests.support.fake_driver import FakeStackDriver
 
     fake = FakeStackDriver()
     cloud = LocalCloud(sortie_home / "local")

@@ -28,7 +28,7 @@ run: |
   echo mine > a-file.txt
   echo "uid=$(id -u)"
   echo ready
-  sleep 25
+  for i in $(seq 1800); do [ -e released ] && break; sleep 0.1; done
   cat a-file.txt
   echo victim-done
 """
@@ -86,6 +86,7 @@ def test_another_job_cannot_read_or_signal_a_jobs_processes_or_files(sortie: Sor
         assert "Operation not permitted" in out, out  # kill -0 reached the process and was refused: no lucky miss
         owner = (sandbox / "workdir").stat()
         assert in_range(owner.st_uid) and owner.st_mode & 0o777 == 0o700
+        (sandbox / "workdir" / "released").touch()  # the victim waits for this, not for a fixed time
         done = sortie.wait(victim, timeout=180)
     finally:
         if sortie.job(victim)["status"] not in ("SUCCEEDED", "FAILED", "CANCELLED"):
@@ -199,7 +200,7 @@ run: |
   echo x > cwd-write.txt 2>/dev/null && echo A-WROTE-CWD
   echo "a-pid=$$"
   echo a-ready
-  sleep 25
+  for i in $(seq 1800); do [ -e {tmp_file}.released ] && break; sleep 0.1; done
   echo a-done
 """
 
@@ -260,6 +261,7 @@ def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path
         assert f"a-user=sortie-{a_uid}" in a_out, a_out  # an account of its own while it runs
         assert os.stat(tmp_file).st_uid == a_uid and os.stat(tmp_file).st_mode & 0o077 == 0  # umask 077
         b_uid = int(re.search(r"b-uid=(\d+)", b_out).group(1))  # type: ignore[union-attr]
+        Path(f"{tmp_file}.released").touch()  # job A waits for this (B has probed it), not for a fixed time
         a_job = sortie.wait(a, timeout=180)
         a_out = sortie.logs(a)
         assert a_job["status"] == "SUCCEEDED" and "a-done" in a_out, a_out
@@ -282,5 +284,6 @@ def test_jobs_on_one_pool_worker_are_users_of_their_own(sortie: Sortie, tmp_path
         while json.loads(sortie.run("jobs", "pool", "status", "--json").stdout):
             assert time.monotonic() < deadline, "the pool never went down"
             time.sleep(0.5)
-        if os.path.exists(tmp_file):
-            os.unlink(tmp_file)
+        for path in (tmp_file, f"{tmp_file}.released"):
+            if os.path.exists(path):
+                os.unlink(path)

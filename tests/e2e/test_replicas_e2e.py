@@ -39,7 +39,9 @@ SCRIPTS = {
     "fail": "run: echo start; sleep {s}; exit 3\n",
     "setup_fail": "setup: exit 4\nrun: echo never\n",
     "pipeline": "---\nname: a\nrun: echo start; sleep {s}; echo end\n---\nname: b\nrun: echo start; echo end\n",
-    "preempt": "run: echo start; sleep 25; echo end\n",
+    # Runs until it is preempted (its mark made: a recovered run ends at once), not for a fixed time.
+    "preempt": "run: echo start; if [ -e {mark} ]; then echo end; exit 0; fi; touch {mark}; "
+               "for i in $(seq 3000); do sleep 0.1; done; echo end\n",
     "cancel": "run: echo start; sleep 300; echo end\n",
     "pool": "run: echo start; sleep {s}; echo end\n",
 }
@@ -73,7 +75,8 @@ class Fleet:
             return None
 
     def launch(self, tmp_path: Path, kind: str, i: int, sleep: int = 2, home: int = 0) -> int:
-        path = write(tmp_path, f"{kind}-{i}.yaml", f"name: {kind}-{i}\n" + SCRIPTS[kind].format(s=sleep))
+        script = SCRIPTS[kind].format(s=sleep, mark=tmp_path / f"{kind}-{i}.mark")
+        path = write(tmp_path, f"{kind}-{i}.yaml", f"name: {kind}-{i}\n" + script)
         return self.homes[home].launch(path)
 
     def jobs(self) -> dict[int, tuple[str, str | None]]:

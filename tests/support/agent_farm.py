@@ -9,7 +9,9 @@ watch hub at a scale where one real agent per node is too many processes:
 Control (no token): `POST /control/exit?first=A&count=C&code=K` makes run `run-0` of nodes A..A+C-1 exit with K now
 (answer: {"at": time}); `POST /control/pause?first=A&count=C` holds every request of those nodes unanswered (a
 stopped agent) until `POST /control/resume?...`; `POST /control/kill?...` closes their connections and refuses
-them from then on (a dead node, until resume). Nodes under `/old/N` have no /watch (404), as an older agent.
+them from then on (a dead node, until resume). `POST /control/stats?first=A&count=C` answers {"at", "held": watches
+of those nodes held now, "beats": the fewest quiet watches (heartbeats) any of them has answered}: what a test waits
+on instead of sleeping. Nodes under `/old/N` have no /watch (404), as an older agent.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ MAX_HEADER = 16 * 1024
 
 
 class Node:
-    __slots__ = ("changed", "dead", "events", "paused", "seq")
+    __slots__ = ("beats", "changed", "dead", "events", "held", "paused", "seq")
 
     def __init__(self) -> None:
         self.seq = 0
@@ -34,6 +36,8 @@ class Node:
         self.changed: asyncio.Event | None = None
         self.paused: asyncio.Event | None = None
         self.dead = False
+        self.held = 0  # watches held open now
+        self.beats = 0  # held watches answered with no news: heartbeats
 
     def record(self, event: dict) -> None:
         self.seq += 1
@@ -59,6 +63,9 @@ class Farm:
 
     def control(self, action: str, query: dict[str, list[str]]) -> dict:
         now = time.time()
+        if action == "stats":
+            nodes = [self.nodes[index] for index in self._range(query)]
+            return {"at": now, "held": sum(n.held for n in nodes), "beats": min((n.beats for n in nodes), default=0)}
         for index in self._range(query):
             node = self.nodes[index]
             if action == "exit":
@@ -85,9 +92,15 @@ class Farm:
         if since == node.seq and timeout > 0:
             node.changed = node.changed or asyncio.Event()
             waiter = node.changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), timeout)
+            node.held += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), timeout)
+            finally:
+                node.held -= 1
         events = [e for e in node.events if e["seq"] > since]
+        if not events and timeout > 0:
+            node.beats += 1
         return {"epoch": self.epoch, "reset": False, "events": events, "seq": events[-1]["seq"] if events else since}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -32,13 +32,15 @@ def leftovers(driver, home: Path) -> list[str]:
 class RunningAgent:
     """An agent process started directly on a sandbox (no engine)."""
 
-    def __init__(self, sandbox: Path, token: str, confine: bool = False, env: dict[str, str] | None = None) -> None:
+    def __init__(self, sandbox: Path, token: str, confine: bool = False, env: dict[str, str] | None = None,
+                 link_roots: list[Path] | None = None) -> None:
         self.sandbox = sandbox
         self.token = token
         env = {**os.environ, **(env or {}), "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
         sandbox.mkdir(parents=True, exist_ok=True)
         (sandbox / "agent.json").unlink(missing_ok=True)
-        argv = [*local_agent_command(), "--sandbox", str(sandbox), *(["--confine"] if confine else [])]
+        argv = [*local_agent_command(), "--sandbox", str(sandbox), *(["--confine"] if confine else []),
+                *[f"--link-root={r}" for r in link_roots or []]]
         self.proc = subprocess.Popen(argv, env=local_agent_env(env),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 15

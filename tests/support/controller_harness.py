@@ -23,8 +23,8 @@ from sqlalchemy import event
 from orchestrator.config import load_config
 from orchestrator.controller.daemon import Controller
 from orchestrator.infra.agent_client import AgentClient, AgentError, RunStatus
-from orchestrator.infra.fake_driver import FakeStackDriver
 from state.store import StateStore
+from tests.support.fake_driver import FakeStackDriver
 
 _EXIT = re.compile(r"\bexit (\d+)\s*$")
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from orchestrator.node.agent import Agent
+from orchestrator.node.container import Container
 
 FAKE_ENGINE = """#!/bin/bash
 # Records each call (argv, and stdin for login); `exec` runs the command on the host instead.
@@ -73,3 +74,38 @@ def test_a_container_that_cannot_start_fails_the_run_saying_why(tmp_path: Path, 
     assert _wait(agent, run)["exit_code"] == 125
     assert "cannot start a container of reg.example.com/me/img:1: Error: image not known" in \
         agent.read_log(run, 0).decode()
+
+
+def test_the_container_sees_the_run_directories_never_the_agents_records(tmp_path: Path, monkeypatch) -> None:
+    agent, calls = _agent(tmp_path, monkeypatch)
+    run = agent.start_run("echo $$", {}, None, "run-0")
+    assert _wait(agent, run)["exit_code"] == 0
+    started = next(c for c in map(json.loads, calls.read_text().splitlines()) if c[0] == "run")
+    sandbox = tmp_path / "sandbox"
+    bound = [started[i + 1].split(":")[0] for i, part in enumerate(started) if part == "-v"]
+    assert str(sandbox / "workdir") in bound and str(sandbox / "run-pids") in bound
+    assert str(sandbox) not in bound and not any(b.startswith(str(sandbox / "runs")) for b in bound)
+    # the run's shell pid is recorded where the run may write, not among the agent's records
+    assert (sandbox / "run-pids" / "run-0").read_text().strip().isdigit()
+    assert not (sandbox / "runs" / "run-0" / "container.pid").exists()
+    assert "--user" not in " ".join(started)  # no node user here (not confined): the engine's default user
+    agent.shutdown_runs()
+
+
+def test_with_a_node_user_the_container_is_that_user_without_capabilities(tmp_path: Path) -> None:
+    container = Container("/usr/bin/podman", "img:1", ["--shm-size=1g"], "node-1", tmp_path, tmp_path / "workdir")
+    assert container.confinement() == []
+    container.user = (1900000007, 1900000007)
+    assert container.confinement() == ["--user=1900000007:1900000007", "--cap-drop=all",
+                                       "--security-opt=no-new-privileges"]
+
+
+def test_a_pid_file_swapped_for_a_link_is_not_followed(tmp_path: Path, monkeypatch) -> None:
+    agent, calls = _agent(tmp_path, monkeypatch)
+    assert agent.container is not None
+    secret = tmp_path / "secret"
+    secret.write_text("4242\n")
+    agent.container.pids.mkdir(exist_ok=True)
+    agent.container.pid_file("run-9").symlink_to(secret)
+    agent.container.signal(agent.container.pid_file("run-9"), "TERM")
+    assert not calls.exists() or "4242" not in calls.read_text()  # the link was not read: nothing signalled

@@ -58,7 +58,7 @@ def test_a_directory_swapped_for_a_symlink_after_the_scan_is_not_followed(store:
     (cached / "d" / "a.txt").unlink()
     (cached / "d").rmdir()
     (cached / "d").symlink_to(outside)  # the run's swap, between the scan and the upload
-    from orchestrator.storage.trees import open_in_tree
+    from orchestrator.node.nofollow import open_file as open_in_tree
 
     with pytest.raises(OSError):
         os.close(open_in_tree(cached, "d/a.txt"))

@@ -87,7 +87,7 @@ def test_the_controller_vm_admits_sorties_own_ssh_key_unless_the_team_names_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import stat
 
-    from orchestrator.controller.remote import controller_program
+    from orchestrator.deploy.remote import controller_program
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from orchestrator.config import CONTROLLER_ID_ENV, ControllerConfig, SortieConfig, load_config
-from orchestrator.controller.kube_deploy import deployment_program, without_password
+from orchestrator.deploy.kubernetes import deployment_program, without_password
 from orchestrator.errors import SortieError
 from stacks.controller_deployment import (
     AUTOSTOP_NEVER_MINUTES,
@@ -195,7 +195,7 @@ def test_controller_up_records_the_stack_that_controller_down_destroys(ha_home: 
     import orchestrator.infra.pulumi_driver
     import state.store
     from cli.jobs import controller_down
-    from orchestrator.controller.kube_deploy import controller_up_kubernetes
+    from orchestrator.deploy.kubernetes import controller_up_kubernetes
     from orchestrator.infra.stack_driver import UpResult
 
     calls: list[tuple[str, str]] = []
@@ -314,7 +314,7 @@ def test_controller_pods_need_an_image(sortie_home: Path) -> None:
 
 
 def test_the_dashboard_says_the_pods_serve_none(ha_home: Path) -> None:
-    from orchestrator.controller.remote import controller_ssh_target
+    from orchestrator.deploy.remote import controller_ssh_target
     from orchestrator.errors import UsageError
 
     with pytest.raises(UsageError, match="pods on Kubernetes"):

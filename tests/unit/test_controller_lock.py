@@ -75,7 +75,7 @@ def test_stop_returns_only_once_the_controller_process_has_exited(sortie_home: P
     started = time.monotonic()
     stopped = stop_controller(sortie_home, timeout=30)
     assert stopped.pid == proc.pid
-    assert proc.poll() is not None or proc.wait(timeout=1) is not None  # gone when stop returned
+    assert proc.poll() is not None, "stop returned while the controller process still ran"
     assert time.monotonic() - started >= 1.5  # it waited for the drain, not for the lock alone
     assert not controller_info(sortie_home).running
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.infra.fake_driver import FakeStackDriver
 from state.store import StateStore
 from tests.support.controller_harness import CONFIG, FakeAgents, Outcome, drive, outcome
+from tests.support.fake_driver import FakeStackDriver
 
 CRASH_POINTS_TRIED: dict[str, int] = {}
 
@@ -224,9 +224,26 @@ EXPECTED = {"single": "SUCCEEDED", "failing-with-restarts": "FAILED", "pipeline"
             "graceful-cancel": "CANCELLED"}
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with its state database migrated once for the module; each run starts from a copy of it (a copy is
+    a few milliseconds, a migration a second or more)."""
+    home = tmp_path_factory.mktemp("crash-template")
+    (home / "config.yaml").write_text(CONFIG)
+    StateStore(home).engine.dispose()
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _template_here(template: Path, tmp_path: Path) -> None:
+    (tmp_path / "template").symlink_to(template, target_is_directory=True)
+
+
 def play(tmp_path: Path, name: str, crash_at: int | None, *, leases: bool = False) -> Outcome:
+    """One run of a lifecycle in a home copied from the template `tmp_path / "template"` (this module's, linked by
+    the fixture above; made here for a caller from another module)."""
     template = tmp_path / "template"
-    if not template.exists():  # the schema is made once, then copied: each run starts from an empty state
+    if not template.exists():
         template.mkdir()
         (template / "config.yaml").write_text(CONFIG)
         StateStore(template).engine.dispose()

@@ -302,14 +302,6 @@ def test_failed_build_leaves_no_partial_binary(engine_cache: Path, fake_go: Call
     assert not (bin_dir / "pulumi.building").exists()
 
 
-def test_official_site_is_not_probed_when_source_is_build(engine_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_network(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("the official site was probed")
-
-    monkeypatch.setattr(engine_mod.urllib.request, "urlopen", no_network)
-    assert engine_mod._official_site_answers() is False
-
-
 # --- engine_env -------------------------------------------------------------------------------------------
 
 
@@ -337,22 +329,3 @@ def test_engine_env_without_passphrase_provider(sortie_home: Path, tmp_path: Pat
     env = engine_env(home=sortie_home, engine=info)
     assert "PULUMI_CONFIG_PASSPHRASE_FILE" not in env
     assert not (sortie_home / "secrets").exists()
-
-
-def test_official_installer_is_used_when_its_site_answers(engine_cache: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          fake_go: Callable[..., FakeGo]) -> None:
-    go = fake_go()
-    monkeypatch.delenv("SORTIE_ENGINE_SOURCE")
-    monkeypatch.setattr(engine_mod, "_official_site_answers", lambda timeout=3.0: True)
-    installed: list[tuple[Path, str]] = []
-
-    def official(root: Path, version: str, _progress: object) -> None:
-        installed.append((root, version))
-        _script(root / "bin" / "pulumi", f'[ "$1" = version ] && echo v{version}')
-
-    monkeypatch.setattr(engine_mod, "_install_official", official)
-    info, how = install_engine()
-    assert (info.version, how) == (PINNED_VERSION, "official")
-    assert installed == [(engine_root(PINNED_VERSION), PINNED_VERSION)]
-    assert go.calls() == []
-    assert (info.bin_dir / PROVIDER_SHIM).exists()

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import NoCapacityError, StackNotFoundError, StackOperationError
-from orchestrator.infra.fake_driver import NODE_TYPE, FakeStackDriver
 from orchestrator.infra.pulumi_driver import PulumiStackDriver
 from orchestrator.infra.stack_driver import StackDriver, UpResult, stack_name
 from stacks.spec import ClusterSpec, StackProgram
+from tests.support.fake_driver import NODE_TYPE, FakeStackDriver
 
 TOKEN = "fake-token-" + "y" * 32
 SPEC = ClusterSpec(name="c1", num_nodes=2, labels={"team": "ml"}, token=TOKEN)

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import UsageError
-from orchestrator.infra.fake_driver import FakeStackDriver
 from orchestrator.service import JobService
 from state.group_rules import group_verdict
 from state.machine import JobStatus, Phase
 from tests.support.factory import set_job, set_task
+from tests.support.fake_driver import FakeStackDriver
 from tests.unit.test_reconcilers import World
 
 

@@ -11,11 +11,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-from orchestrator.infra.fake_driver import FakeStackDriver
 from stacks.spec import ClusterSpec, StackProgram
 from state.db import MIGRATIONS, make_engine
 from state.store import StateStore
 from tests.support.controller_harness import CONFIG, FakeAgents, drive
+from tests.support.fake_driver import FakeStackDriver
 
 
 def test_a_running_job_of_schema_0005_finishes_after_the_upgrade(sortie_home: Path) -> None:

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import NoCapacityError, PolicyViolationError, StackOperationError
-from orchestrator.infra.fake_driver import FakeStackDriver
 from stacks.spec import ClusterSpec, StackProgram
 from state.machine import JobStatus, Phase, StackStatus, WorkerStatus
 from state.models import AttemptRow, StackRow
 from state.store import StateStore
 from tests.support.controller_harness import CONFIG, FakeAgents, make_controller
 from tests.support.factory import place, set_attempt, set_job, set_stack
+from tests.support.fake_driver import FakeStackDriver
 
 
 class World:

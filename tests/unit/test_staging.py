@@ -144,7 +144,6 @@ def test_cache_uploader_flushes_on_sigterm(tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
-    import time
 
     from orchestrator.node.node_storage import encode_plan
 
@@ -157,7 +156,9 @@ def test_cache_uploader_flushes_on_sigterm(tmp_path: Path) -> None:
     (mounts / "ckpt").mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.node.node_storage", "cache", encode_plan(plan)],
                             env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # the uploader is up and waiting for its next round
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the uploader is up, its SIGTERM handler set, waiting for its next round
+    assert "every 600s" in first, first
     (mounts / "ckpt" / "step").write_text("41\n")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)

@@ -43,7 +43,7 @@ def test_a_controller_with_another_key_is_told_at_start(tmp_path: Path, monkeypa
 
 
 def test_the_controller_vm_gets_the_key_with_the_db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.controller.remote import controller_program
+    from orchestrator.deploy.remote import controller_program
 
     monkeypatch.delenv(STATE_KEY_ENV, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from orchestrator.config import CONFIG_FILE, SortieConfig
+from orchestrator.deploy.remote import controller_stack, deployment_status
 from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:
@@ -77,7 +78,6 @@ def deployment_program(config: SortieConfig, home: Path, replicas: int, image: s
     import yaml
 
     from orchestrator.config import passphrase_file
-    from orchestrator.controller.remote import controller_stack
     from stacks.controller_deployment import ControllerDeploymentSpec, deployment_stack_program
     from state.db import database_url
     from state.secrets_box import SecretsBox
@@ -103,13 +103,6 @@ def deployment_program(config: SortieConfig, home: Path, replicas: int, image: s
     return deployment_stack_program(spec), {"namespace": namespace, "replicas": replicas, "image": image}
 
 
-def deployment_status(config: SortieConfig, name: str, outputs: dict[str, Any]) -> str:
-    """`controller status` for replicas on Kubernetes, from the stack's outputs in the shared state."""
-    found = dict(outputs.get("controller") or {})
-    namespace = found.get("namespace") or "?"
-    return (f"controller: {found.get('replicas', '?')} replica(s) on kubernetes (jobs.controller.infra), "
-            f"Deployment {namespace}/{found.get('deployment') or name}, image {found.get('image') or '?'}, "
-            f"stack {name} UP; `kubectl -n {namespace} get pods` lists them")
 
 
 def controller_up_kubernetes(config: SortieConfig, home: Path, replicas: int, image: str, logs_claim: str | None,

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import CONFIG_FILE, SortieConfig
+from orchestrator.config import CONFIG_FILE, DASHBOARD_PORT, SortieConfig
 from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:
@@ -73,8 +74,6 @@ def remote_status(config: SortieConfig) -> str:
         state = row.status if row else "never created"
         return f"controller: {where}, stack {name} {state}: start it with `sortie controller up`"
     if config.jobs.controller.infra == "kubernetes":  # issue 14: replicas of a Deployment, not a VM
-        from orchestrator.controller.kube_deploy import deployment_status
-
         return deployment_status(config, name, dict(row.outputs or {}))
     node = dict((row.outputs or {}).get("controller") or {})
     address = node.get("public_ip") or node.get("ip") or "address not recorded"
@@ -82,10 +81,17 @@ def remote_status(config: SortieConfig) -> str:
             f"{node.get('region') or '?'}); `sortie dashboard` opens its dashboard")
 
 
+def deployment_status(config: SortieConfig, name: str, outputs: dict[str, Any]) -> str:
+    """`controller status` for replicas on Kubernetes, from the stack's outputs in the shared state."""
+    found = dict(outputs.get("controller") or {})
+    namespace = found.get("namespace") or "?"
+    return (f"controller: {found.get('replicas', '?')} replica(s) on kubernetes (jobs.controller.infra), "
+            f"Deployment {namespace}/{found.get('deployment') or name}, image {found.get('image') or '?'}, "
+            f"stack {name} UP; `kubectl -n {namespace} get pods` lists them")
+
+
 def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
     """How `sortie dashboard` reaches the cloud controller's VM, from its stack's outputs in the shared state."""
-    from orchestrator.dashboard.server import DEFAULT_PORT
-
     if config.jobs.controller.infra == "kubernetes":  # issue 14: pods, no VM to tunnel to
         raise UsageError("the controllers run as pods on Kubernetes (jobs.controller.infra) and serve no dashboard; "
                          "`sortie dashboard` tunnels only to a controller VM")
@@ -104,7 +110,7 @@ def controller_ssh_target(config: SortieConfig, home: Path) -> SshTarget:
                          "Sortie's own key, made by the `sortie controller up` that created the VM)")
     return SshTarget(host=str(host), user=str(user), port=int(node.get("ssh_port") or 22), identity=identity,
                      known_hosts=ssh_dir(home) / "known_hosts",
-                     dashboard_port=int(node.get("dashboard_port") or DEFAULT_PORT))
+                     dashboard_port=int(node.get("dashboard_port") or DASHBOARD_PORT))
 
 
 def controller_stack(config: SortieConfig) -> str:
@@ -174,3 +180,40 @@ def controller_program(config: SortieConfig, home: Path) -> tuple[Any, dict[str,
     chosen = {"instance_type": option.offer.instance_type, "region": option.offer.region,
               "price_per_hour": option.price_per_node}
     return StackProgram("controller", spec), chosen
+
+
+def controller_up_vm(config: SortieConfig, home: Path, *, say: Callable[[str], Any],
+                     confirm: Callable[[str], bool] | None) -> bool:
+    """`sortie controller up` on a cloud: the controller's VM as its own stack, its address (public outputs only)
+    in the shared state, so `sortie dashboard` tunnels to it from anywhere. False: the user said no."""
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
+    from state.machine import StackKind
+    from state.store import StateStore
+
+    program, chosen = controller_program(config, home)
+    name = controller_stack(config)
+    say(f"Controller VM: {config.jobs.controller.infra}/{chosen['region']} {chosen['instance_type']} "
+        f"(${chosen['price_per_hour']:.3f}/h), stack {name}")
+    if confirm is not None and not confirm("Proceed?"):
+        return False
+    store = StateStore(home, config)
+    store.record_stack(name, StackKind.CONTROLLER)
+    forget_host_key(home)
+    result = PulumiStackDriver(home, config).up(name, program)
+    store.stack_up(name, outputs=result.public_outputs())
+    node = result.outputs.get("controller") or {}
+    say(f"controller up: {node.get('node_id')} at {node.get('public_ip') or node.get('ip')} (private "
+        f"{node.get('ip')}); `sortie dashboard` opens its dashboard")
+    return True
+
+
+def controller_down_vm(config: SortieConfig, home: Path) -> str:
+    """`sortie controller down`: destroy the controller's stack and forget it; returns the stack's name."""
+    from orchestrator.infra.pulumi_driver import PulumiStackDriver
+    from state.store import StateStore
+
+    name = controller_stack(config)
+    PulumiStackDriver(home, config).destroy(name)
+    StateStore(home, config).stack_destroyed(name, missing_ok=True)
+    forget_host_key(home)
+    return name
