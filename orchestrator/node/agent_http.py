@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from orchestrator.node.agent_files import MAX_BODY, MAX_UPLOAD, NO_SPACE, write_json_atomic
-from orchestrator.node.notices import start as start_notices
 from orchestrator.node.runs import Agent
 from orchestrator.node.watch import WATCH_MAX_TIMEOUT
 
@@ -186,7 +185,9 @@ def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if notices:  # preemption notices (issue 24); kubernetes: SIGTERM is the notice, the stop comes after the grace
+    if notices and notices["source"] != "none":
+        from orchestrator.node.notices import start as start_notices
+
         start_notices(agent, stop=lambda: stop(signal.SIGTERM, None), **notices)
     write_json_atomic(sandbox / "agent.json", {
         "pid": os.getpid(), "host": host, "port": server.server_address[1], "node_id": node_id,

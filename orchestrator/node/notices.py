@@ -34,9 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.node.agent_files import NOTICE_FILE, NOTICE_FILE_ENV
+
+__all__ = ["NOTICE_FILE", "NOTICE_FILE_ENV", "check", "deliver", "start"]
+
 SOURCES = ("none", "local", "aws", "gcp", "azure", "kubernetes")
-NOTICE_FILE = "preemption-notice.env"
-NOTICE_FILE_ENV = "SORTIE_PREEMPTION_NOTICE_FILE"
 LOCAL_NOTICE = "cloud-notice.json"  # the local cloud's notice, in the node's sandbox
 POLL_SECONDS = 2.0  # AWS asks for a look every 5 s; 2 s leaves the job more of its grace
 REQUEST_TIMEOUT = 2.0
@@ -167,6 +169,8 @@ def start(agent: Any, source: str, base: str | None = None, grace: float = 30.0,
           stop: Callable[[], None] | None = None) -> None:
     """Watch for notices from `source` in a daemon thread; `kubernetes`: the agent's SIGTERM is the notice, and the
     agent stops (`stop`) `grace` seconds later (the pod's termination grace period, less a margin)."""
+    if source not in SOURCES:
+        raise SystemExit(f"--notices: {source!r} is not one of {', '.join(SOURCES)}")
     if source == "none":
         return
     if source == "kubernetes":

@@ -29,6 +29,8 @@ from orchestrator.node.agent_files import (
     NO_SPACE,
     NO_VIEW_NOTE,
     NOT_A_LOG,
+    NOTICE_FILE,
+    NOTICE_FILE_ENV,
     RUN_ID,
     RUN_UMASK,
     SANDBOX_ENV,
@@ -42,7 +44,6 @@ from orchestrator.node.agent_files import (
     write_json_atomic,
 )
 from orchestrator.node.container import Container
-from orchestrator.node.notices import NOTICE_FILE, NOTICE_FILE_ENV
 from orchestrator.node.watch import WatchJournal
 
 
