@@ -11,11 +11,9 @@ from rich.markup import escape
 from cli.output import get_console, plain_table
 
 if TYPE_CHECKING:
-    from orchestrator.config import SortieConfig
-    from orchestrator.spec import Pipeline
+    pass
 
-MAX_TABLE_ROWS = 8
-CLOUD_NAMES = {"local": "Local", "aws": "AWS", "gcp": "GCP", "azure": "Azure", "kubernetes": "Kubernetes"}
+from orchestrator.launch_plan import CLOUD_NAMES, considered_tables  # noqa: F401 - re-exported for callers
 
 
 def register(app: typer.Typer) -> None:
@@ -91,45 +89,3 @@ def show_gpus(
         return
     get_console().print(escape(plain_table(["CLOUD", "INSTANCE", "GPUS", "vCPUs", "Mem(GB)", "HOURLY_PRICE",
                                          "HOURLY_SPOT_PRICE", "REGION"], rows)))
-
-
-def considered_tables(pipeline: Pipeline, config: SortieConfig | None = None,
-                      enabled: tuple[str, ...] | None = None) -> list[Any]:
-    """SkyPilot's "Considered resources" table for each task: the cheapest option of each cloud and
-    alternative, priced for all its nodes, the chosen one marked."""
-    from rich.table import Table
-
-    from orchestrator.config import load_config
-    from orchestrator.policy.optimizer import plan_for
-
-    config = config or load_config()
-    out: list[Any] = []
-    for index, task in enumerate(pipeline.tasks):
-        cands = [c.to_json() for c in task.candidates()]
-        plan = plan_for(cands, task.num_nodes, config, ordered=task.resources_ordered(), enabled=enabled)
-        nodes = f"{task.num_nodes} node{'s' if task.num_nodes > 1 else ''}"
-        title = f"Considered resources ({nodes})" + (f" for task {index} ({task.name})" if len(pipeline.tasks) > 1
-                                                     else "")
-        table = Table("INFRA", "INSTANCE", "vCPUs", "Mem(GB)", "GPUS", "COST ($)", "CHOSEN", box=None, title=title,
-                      title_justify="left")
-        shown: set[tuple[str, int]] = set()
-        for option in plan.options:
-            key = (option.offer.cloud, option.candidate_index)
-            if key in shown and option is not plan.chosen:
-                continue
-            shown.add(key)
-            offer = option.offer
-            local = offer.cloud == "local"
-            gpus = ", ".join(f"{k}:{v:g}" for k, v in offer.accelerators.items()) or "-"
-            cloud_name = CLOUD_NAMES.get(offer.cloud, offer.cloud)
-            table.add_row(f"{cloud_name} ({offer.region}{', spot' if option.use_spot else ''})",
-                          offer.instance_type, "-" if local else f"{offer.vcpus:g}",
-                          "-" if local else f"{offer.memory_gib:g}", gpus, f"{option.cost_per_hour:.2f}",
-                          "✔" if option is plan.chosen else "")
-            if len(shown) >= MAX_TABLE_ROWS:
-                break
-        if plan.options:
-            out.append(table)
-        if plan.infeasible:
-            out.append(f"No feasible resources: {plan.infeasible}")
-    return out

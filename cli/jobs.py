@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from cli.output import get_console, job_service, plain_table, print_log_file
+from cli.output import get_console, job_service, plain_table, pool_service, print_log_file
 from orchestrator.timefmt import duration
 
 if TYPE_CHECKING:
@@ -91,7 +91,6 @@ def cancel(
 ) -> None:
     """Cancel managed jobs: CANCELLING, then CANCELLED once their clusters are destroyed."""
     from orchestrator.errors import UsageError
-    from orchestrator.service import current_user
 
     if graceful_timeout is not None and not graceful:
         raise UsageError("--graceful-timeout: only with --graceful")
@@ -104,18 +103,14 @@ def cancel(
         raise UsageError("--task: give one job (an id or -n NAME)")
     ids = list(job_ids or [])
     if pool:
-        from orchestrator.pool_service import PoolService
-
-        pools = PoolService()
-        pools.resolve_pool(pool)
-        ids = [j.id for j in pools.store.pool_jobs(pool)]
+        ids = pool_service().pool_job_ids(pool)
         if not ids:
             get_console().print(f"No jobs of pool {escape(pool)} in progress.")
             return
     if name:
         ids = [service.resolve(None, name).id]
     if all_jobs or all_users:
-        ids = service.active_ids(None if all_users else current_user())
+        ids = service.active_ids(None if all_users else service.identity.user)
         if not ids:
             get_console().print("No jobs in progress to cancel.")
             return

@@ -54,12 +54,12 @@ def launch(
     pool: str = typer.Option(None, "-p", "--pool", help="Run on this pool's workers instead of a new cluster."),
     num_jobs: int = typer.Option(1, "--num-jobs", help="This many jobs (each on its own cluster, or with -p on the "
                                  "pool), told SKYPILOT_JOB_RANK 0..N-1 and SKYPILOT_NUM_JOBS N."),
+    workspace: str = typer.Option(None, "--workspace", help="With an API server: the workspace (default: your "
+                                  "first)."),
 ) -> None:
     """Launch a managed job: a temporary cluster runs it and is destroyed when it ends (or, with -p, a pool's
     worker runs it). A request nothing can serve is refused (exit 1) and nothing is submitted."""
-    from orchestrator.config import load_config
     from orchestrator.errors import UsageError
-    from orchestrator.launch_checks import launch_refusals
     from orchestrator.service import check_num_jobs
     from orchestrator.spec import Overrides, SpecError, load_entrypoint
 
@@ -80,14 +80,13 @@ def launch(
     check_num_jobs(num_jobs)
     if any(t.pool for t in pipeline.tasks):
         raise UsageError("this YAML has a pool: section; create the pool with `sortie jobs pool apply -p NAME`")
-    from orchestrator.infra.clouds import enabled_clouds
-
-    cfg = load_config()
-    enabled = enabled_clouds(cfg)  # once: the checks and the tables below share it
-    refusals = launch_refusals(pipeline, cfg, enabled)
+    service = job_service()
+    width = get_console().width
+    plan = service.plan_launch(pipeline, width, workspace)
     if dryrun and as_json:
-        if refusals:
-            raise SpecError(refusals)
+        if plan.refusals:
+            raise SpecError(plan.refusals)
+        plan.raise_storage_error()  # issue 28: every check a launch makes, --json or not
         print(json.dumps({**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}, indent=2))
         return
     is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()
@@ -95,24 +94,17 @@ def launch(
     label = pipeline.name or "sortie-job"
     what = "job group" if pipeline.is_job_group else "job"
     console.print(f"Managed {what} {label!r} will be launched on (estimated):")
-    from cli.clouds import considered_tables
-
-    for item in considered_tables(pipeline, cfg, enabled):
-        if not isinstance(item, str):  # the reasons come once, below
-            console.print(item)
-    if refusals:
-        raise SpecError(refusals)
-    from orchestrator.launch_checks import group_infra
-
-    shared = group_infra(pipeline, cfg, enabled)
-    if shared:
-        console.print(f"Every task of the group on one infra: {shared} (the cheapest for the whole group, where "
-                      "it has room)")
-    service = job_service()
-    storage = service.plan_storage(pipeline)
-    if storage.describe():
+    for table in plan.tables:
+        console.print(table)
+    if plan.refusals:
+        raise SpecError(plan.refusals)
+    if plan.shared_infra:
+        console.print(f"Every task of the group on one infra: {plan.shared_infra} (the cheapest for the whole "
+                      "group, where it has room)")
+    plan.raise_storage_error()
+    if plan.storage_lines:
         console.print("Files and buckets:")
-        for line in storage.describe():
+        for line in plan.storage_lines:
             console.print(f"  {escape(line)}")
     if dryrun:
         console.print("Dry run: nothing launched.")
@@ -121,10 +113,11 @@ def launch(
     if not yes and not typer.confirm(f"Launching {many} {label!r}. Proceed?", default=True):
         raise typer.Exit(1)
     if num_jobs > 1:  # each on its own cluster; like -p, submitted and not followed
-        ids = service.launch(pipeline, count=num_jobs, progress=UploadProgress(console), storage=storage)
+        ids = service.launch(pipeline, count=num_jobs, progress=UploadProgress(console), storage=plan.storage,
+                             workspace=workspace)
         console.print(f"Submitted {len(ids)} managed jobs {label!r}, each on its own cluster: ID {ids[0]}-{ids[-1]}")
         return
-    (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=storage)
+    (job_id,) = service.launch(pipeline, progress=UploadProgress(console), storage=plan.storage, workspace=workspace)
     console.print(f"Managed job {label!r} submitted: ID {job_id}")
     if not detach_run:
         job = service.resolve(job_id)
@@ -140,13 +133,13 @@ def launch(
 
 
 def _launch_on_pool(pool: str, pipeline: Pipeline, num_jobs: int, *, yes: bool, dryrun: bool) -> None:
+    from cli.output import pool_service
     from orchestrator.errors import UsageError
-    from orchestrator.pool_service import PoolService
 
     if pipeline.is_job_group:  # as in SkyPilot, whose job groups do not take pools
         raise UsageError("-p: a job group (execution: parallel) runs each task on its own cluster, not on a pool")
     console = get_console()
-    service = PoolService()
+    service = pool_service()
     service.resolve_pool(pool)
     label = pipeline.name or "sortie-job"
     console.print(f"{num_jobs} job(s) {label!r} will run on pool {escape(pool)}.")

@@ -37,6 +37,11 @@ app.add_typer(stack_app, name="stack", hidden=True)  # the earlier name
 from cli.dashboard import dashboard_app  # noqa: E402
 
 app.add_typer(dashboard_app, name="dashboard")
+from cli.api import api_app  # noqa: E402
+from cli.users import users_app  # noqa: E402
+
+app.add_typer(api_app, name="api")
+app.add_typer(users_app, name="users")
 
 
 @app.command("status")

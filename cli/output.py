@@ -12,6 +12,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from orchestrator.pool_service import PoolService
     from orchestrator.service import JobService
 
 
@@ -32,9 +33,41 @@ def plain_table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def job_service() -> JobService:
+    """The CLI's services: in-process (local mode), or the HTTP transport when this home has logged in to an API
+    server (`sortie api login`: `api.endpoint` in its config)."""
+    from orchestrator.config import load_config
+
+    config = load_config()
+    if config.api.endpoint:
+        from orchestrator.api_client import RemoteJobService
+
+        return RemoteJobService(config.api)  # type: ignore[return-value]
     from orchestrator.service import JobService
 
     return JobService()
+
+
+def pool_service() -> PoolService:
+    from orchestrator.config import load_config
+
+    config = load_config()
+    if config.api.endpoint:
+        from orchestrator.api_client import RemoteJobService
+
+        return RemoteJobService(config.api)  # type: ignore[return-value]
+    from orchestrator.pool_service import PoolService
+
+    return PoolService()
+
+
+def local_only(what: str) -> None:
+    """A command that works on the state directly: refused in a home logged in to an API server."""
+    from orchestrator.config import load_config
+    from orchestrator.errors import UsageError
+
+    if load_config().api.endpoint:
+        raise UsageError(f"{what} runs on the server's home, not through the API server (this home is logged in "
+                         "to one; `sortie api logout` to use a local state)")
 
 
 def useful_commands(job_id: int) -> str:

@@ -20,10 +20,21 @@ pool_app = typer.Typer(no_args_is_help=True, help="Pools of reusable workers: ap
 jobs_app.add_typer(pool_app, name="pool")
 
 
-def _pools() -> PoolService:
+def _pools(what: str = "this pool command") -> PoolService:
+    from cli.output import local_only
     from orchestrator.pool_service import PoolService
 
+    local_only(f"`sortie jobs pool {what}`")
     return PoolService()
+
+
+def _remote() -> Any:
+    """The HTTP transport when this home is logged in to an API server, else None."""
+    from cli.output import job_service
+    from orchestrator.api_client import RemoteJobService
+
+    service = job_service()
+    return service if isinstance(service, RemoteJobService) else None
 
 
 def _driver(service: PoolService):
@@ -122,8 +133,22 @@ def apply(
 ) -> None:
     """Create a pool, or update the pool of that name; shows the plan (with each worker stack's Pulumi
     preview) and asks before changing anything."""
-    service = _pools()
+    remote = _remote()
     loaded = _load_pool_yaml(yaml_path, workers)
+    if remote is not None:  # through the API server: admins only; the plan is made and applied there
+        if name is None:
+            from orchestrator.errors import UsageError
+
+            raise UsageError("through the API server, name the pool: -p NAME")
+        if dry_run or (not yes and not typer.confirm(f"Apply pool {name} on the server?", default=True)):
+            raise typer.Exit(0 if dry_run else 1)
+        answer = remote.call("POST", f"/api/v1/pools/{name}/apply", {"pipeline": loaded.model_dump(mode="json")})
+        if as_json:
+            print(json.dumps(answer["plan"], indent=2))
+        else:
+            get_console().print(f"Pool {name} applied; workers converge in the background.")
+        return
+    service = _pools("apply")
     if name is None:
         name = generated_pool_name(loaded, {s.pool.name for s in service.status()})
         if not as_json:
@@ -148,7 +173,7 @@ def diff(
     as_json: bool = typer.Option(False, "--json", help="The plan as JSON, for scripts."),
 ) -> None:
     """The plan of `pool apply` (same as `apply --dry-run`); changes nothing."""
-    _show_plan(_pools(), name, yaml_path, as_json)
+    _show_plan(_pools("diff"), name, yaml_path, as_json)
 
 
 def _worker_status(worker: Any, jobs: list[int]) -> str:
@@ -167,7 +192,7 @@ def status(
     """Pools: spec, policy, workers ready/total; per worker its stack, region and status; the pool's jobs."""
     from orchestrator.policy.pools import policy_of
 
-    found = _pools().status(name)
+    found = _pools("status").status(name)
     if as_json:
         print(json.dumps([{
             "name": s.pool.name, "status": s.pool.status, "policy": policy_of(s.pool).describe(),
@@ -207,7 +232,14 @@ def down(
     background."""
     from orchestrator.errors import UsageError
 
-    service = _pools()
+    remote = _remote()
+    if remote is not None and names and not all_pools:  # through the API server: admins only
+        if not yes and not typer.confirm(f"Take down pool(s) {', '.join(names)}?", default=True):
+            raise typer.Exit(1)
+        for pool in remote.call("POST", "/api/v1/pools/down", {"names": names, "cancel_jobs": not no_cancel}):
+            get_console().print(f"Pool {escape(pool)}: going down; its worker stacks are being destroyed.")
+        return
+    service = _pools("down")
     if bool(names) == all_pools:
         raise UsageError("give pool names or -a (one of them)")
     targets = names or [s.pool.name for s in service.status()]
@@ -232,7 +264,7 @@ def logs(
 
     if tail < 0:
         raise UsageError("--tail: must be 0 (all) or more")
-    service = _pools()
+    service = _pools("logs")
     pool = service.resolve_pool(name)
     path = service.home / "logs" / "pools" / f"{pool.name}.log"
     if not path.exists():

@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import typer
 
 from cli.jobs import jobs_app
-from cli.output import get_console, job_details, job_service, plain_table
+from cli.output import get_console, job_service, plain_table
 from orchestrator.timefmt import ago, duration
 
 DEFAULT_LIMIT = 50  # SkyPilot's default for `jobs queue`
@@ -25,26 +24,6 @@ def _statuses(given: list[str]) -> list[str]:
     if unknown:
         raise UsageError(f"--status {unknown[0]}: not a job status (one of {', '.join(JobStatus.__members__)})")
     return wanted
-
-
-def _placement(service: Any, job_ids: list[int], specs: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Per job: the infra, cluster (stack) and endpoints of its latest attempt."""
-    from orchestrator.policy.endpoints import endpoints
-
-    found: dict[int, dict[str, Any]] = {}
-    for job_id in job_ids:
-        attempts = service.store.attempts(job_id)
-        if not attempts:
-            found[job_id] = {"infra": None, "worker_cluster": None, "endpoints": {}}
-            continue
-        last = max(attempts, key=lambda a: (a.task_index, a.number))
-        tasks = specs[job_id].get("tasks") or [{}]
-        task = tasks[last.task_index] if last.task_index < len(tasks) else {}
-        live = last.ended_at is None
-        infra = f"{last.infra}/{last.region}" if last.region and "/" not in last.infra else last.infra
-        found[job_id] = {"infra": infra, "worker_cluster": last.stack_name,
-                         "endpoints": endpoints(task, last.infra, last.nodes) if live else {}}
-    return found
 
 
 @jobs_app.command("queue")
@@ -70,51 +49,49 @@ def queue(
     if limit is not None and limit < 1:
         raise UsageError("--limit: must be at least 1")
     wanted = _statuses(status)
-    service = job_service()
-    rows = service.queue(all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
-                         statuses=wanted or None, limit=limit or (None if all_jobs else DEFAULT_LIMIT))
-    costs = service.store.costs([r.job.id for r in rows])
-    placed = _placement(service, [r.job.id for r in rows], {r.job.id: r.job.spec for r in rows}) if verbose else {}
+    rows = job_service().queue_rows(all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
+                                    statuses=wanted or None, limit=limit or (None if all_jobs else DEFAULT_LIMIT),
+                                    verbose=verbose)
     if as_json:
         print(json.dumps([{
-            "id": r.job.id, "name": r.job.name, "user": r.job.user, "status": r.job.status, "pool": r.job.pool,
-            "submitted_at": r.job.submitted_at, "started_at": r.job.started_at, "ended_at": r.job.ended_at,
-            "failure_reason": r.job.failure_reason, "details": job_details(r.job), "cost": round(costs[r.job.id], 6),
-            **({"infra": placed[r.job.id]["infra"], "worker_cluster": placed[r.job.id]["worker_cluster"],
-                "endpoints": {str(k): v for k, v in placed[r.job.id]["endpoints"].items()}} if verbose else {}),
-            "tasks": [{"task": t.task_index, "name": t.name, "status": t.status, "resources": t.resources,
+            "id": r.id, "name": r.name, "user": r.user, "status": r.status, "pool": r.pool,
+            "submitted_at": r.submitted_at, "started_at": r.started_at, "ended_at": r.ended_at,
+            "failure_reason": r.failure_reason, "details": r.details, "cost": r.cost,
+            **({"infra": r.placement["infra"], "worker_cluster": r.placement["worker_cluster"],
+                "endpoints": r.placement["endpoints"]} if verbose and r.placement is not None else {}),
+            "tasks": [{"task": t.task, "name": t.name, "status": t.status, "resources": t.resources,
                        "recoveries": t.recoveries, "exit_codes": t.exit_codes} for t in r.tasks],
         } for r in rows], indent=2))
         return
-    in_progress = [r for r in rows if not JobStatus(r.job.status).terminal]
+    in_progress = [r for r in rows if not JobStatus(r.status).terminal]
     counts: dict[str, int] = {}
     for r in in_progress:
-        counts[r.job.status] = counts.get(r.job.status, 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     get_console().print(f"In progress jobs: {summary or 'none'}")
     extra = ["INFRA", "WORKER_CLUSTER", "STARTED", "ENDPOINTS"] if verbose else []
     columns = ["ID", "TASK", "NAME", *(["USER"] if all_users else []), "REQUESTED", "SUBMITTED", "TOT. DURATION",
                "JOB DURATION", "#RECOVERIES", *(["COST ($)"] if cost else []), "STATUS", "POOL", *extra, "DETAILS"]
     table: list[list[str]] = []
-    for r in rows:
-        job, tasks = r.job, r.tasks
+    for job in rows:
+        tasks = job.tasks
         user = [job.user] if all_users else []
         run_start = min((t.run_started_at for t in tasks if t.run_started_at), default=None)
         recoveries = sum(t.recoveries for t in tasks)
         resources = tasks[0].resources if len(tasks) == 1 else "-"
-        money = [f"{costs[job.id]:.4f}"] if cost else []
+        money = [f"{job.cost:.4f}"] if cost else []
         more: list[str] = []
         if verbose:
-            where = placed[job.id]
+            where = job.placement or {}
             more = [where["infra"] or "-", where["worker_cluster"] or "-",
                     ago(job.started_at) if job.started_at else "-",
                     ", ".join(where["endpoints"].values()) or "-"]
         table.append([str(job.id), "-", job.name or "-", *user, resources, ago(job.submitted_at),
                       duration(job.submitted_at, job.ended_at), duration(run_start, job.ended_at),
-                      str(recoveries), *money, job.status, job.pool or "-", *more, job_details(job)])
+                      str(recoveries), *money, job.status, job.pool or "-", *more, job.details])
         if job.is_pipeline:
             for t in tasks:
-                table.append(["", str(t.task_index), f"↳ {t.name or '-'}", *[""] * len(user), t.resources, "",
+                table.append(["", str(t.task), f"↳ {t.name or '-'}", *[""] * len(user), t.resources, "",
                               duration(t.started_at, t.ended_at) if t.started_at else "-",
                               duration(t.run_started_at, t.ended_at), str(t.recoveries), *[""] * len(money),
                               t.status, "", *[""] * len(more), ""])
@@ -130,18 +107,16 @@ def endpoints_command(
     """The endpoints of a running job's `ports`: the head node's address (on the local cloud its loopback)."""
     from orchestrator.errors import UsageError
 
-    service = job_service()
-    job = service.resolve(job_id)
-    found = _placement(service, [job.id], {job.id: job.spec})[job.id]["endpoints"]
+    found = {int(k): v for k, v in job_service().endpoints(job_id).items()}
     if port is not None:
         if port not in found:
-            raise UsageError(f"job {job.id} has no endpoint on port {port} (ports: "
+            raise UsageError(f"job {job_id} has no endpoint on port {port} (ports: "
                              f"{', '.join(map(str, found)) or 'none while it is not running'})")
         found = {port: found[port]}
     if as_json:
         print(json.dumps({str(k): v for k, v in found.items()}, indent=2))
         return
     if not found:
-        get_console().print(f"Job {job.id} has no endpoints: it opened no ports, or no cluster runs it now.")
+        get_console().print(f"Job {job_id} has no endpoints: it opened no ports, or no cluster runs it now.")
         return
     print(plain_table(["PORT", "ENDPOINT"], [[str(k), v] for k, v in found.items()]))

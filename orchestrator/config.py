@@ -414,6 +414,49 @@ class KubernetesConfig(BaseModel):
     ] = "loadbalancer"
 
 
+WORKSPACE_NAME = r"^[a-z][a-z0-9-]{0,31}$"
+
+
+class WorkspaceConfig(BaseModel):
+    """A workspace of the API server (issue 23): who is in it, and where its jobs may run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    users: Annotated[list[Annotated[str, Field(max_length=64)]],
+                     Field(max_length=10_000, description="Users in this workspace (besides `users add --workspace`).")
+                     ] = Field(default_factory=list)
+    allowed_infra: Annotated[
+        list[Annotated[str, Field(max_length=255)]] | None,
+        Field(description="Infra its jobs may use (`local`, `aws/us-east-1`, ...): a launch elsewhere is refused. "
+              "Default: any."),
+    ] = None
+
+
+class ApiConfig(BaseModel):
+    """The API server (issue 23). Server side: limits, TLS proxy, OIDC. Client side (`sortie api login`):
+    `endpoint` and `token`; with an endpoint every `sortie jobs ...` command goes to that server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: Annotated[str | None, Field(max_length=2048, description="Client: the server's URL.")] = None
+    token: Annotated[str | None, Field(max_length=4096, description="Client: this user's token.")] = None
+    insecure: Annotated[bool, Field(description="Client: send the token over plain HTTP to a non-loopback host.")
+                        ] = False
+    max_body_mb: Annotated[int, Field(ge=1, le=10_240, description="Server: largest request body (and upload), MiB.")
+                           ] = 256
+    rate_limit_per_minute: Annotated[int, Field(ge=1, le=1_000_000, description="Server: requests per token.")
+                                     ] = 6000
+    start_controller: Annotated[bool, Field(description="Server: start the controller (as `jobs launch` does); "
+                                            "false where it runs elsewhere (replicas beside stateless servers).")
+                                ] = True
+    trusted_proxies: Annotated[list[str], Field(max_length=64, description="Server, with --behind-proxy: the "
+                                                "addresses whose X-Forwarded-* headers are trusted.")
+                               ] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    oidc: Annotated[dict | None, Field(description="Server: OIDC (issuer, audience, jwks_url or jwks_file, "
+                                       "user_claim, groups_claim, group_roles, group_workspaces); checked "
+                                       "by `api start` (`orchestrator.auth.oidc`).")] = None
+
+
 class DockerConfig(BaseModel):
     """Containers of tasks (image_id: docker:...) on the local cloud."""
 
@@ -441,6 +484,11 @@ class SortieConfig(BaseModel):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     cloud: CloudNetworkConfig = Field(default_factory=CloudNetworkConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    workspaces: Annotated[
+        dict[Annotated[str, Field(pattern=WORKSPACE_NAME)], WorkspaceConfig],
+        Field(max_length=1000, description="The API server's workspaces (issue 23): a job or pool belongs to one."),
+    ] = Field(default_factory=dict)
     docker: DockerConfig = Field(default_factory=DockerConfig)
     allowed_clouds: Annotated[
         list[Literal["local", "aws", "gcp", "azure", "kubernetes"]] | None,

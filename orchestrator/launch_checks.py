@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str] | None = None) -> list[str]:
     """One line per task that no enabled cloud can serve (its unsupported features first), naming the task."""
-    from orchestrator.policy.group_placement import no_shared_infra, shared_infras
+    from orchestrator.policy.group_placement import group_too_big, no_shared_infra, shared_infras
+    from orchestrator.policy.limits import infra_capacity
     from orchestrator.policy.optimizer import plan_for
 
     problems: list[str] = []
@@ -35,10 +36,15 @@ def infeasible(pipeline: Pipeline, config: SortieConfig, enabled: Collection[str
         plans.append(plan)
         if plan.infeasible:
             problems.append(f"{prefix}No feasible resources: {plan.infeasible}")
-    if pipeline.is_job_group and not problems and not shared_infras(plans):
-        # A job group runs on one infra (orchestrator/policy/group_placement.py): each task feasible alone is
-        # not enough.
-        problems.append(no_shared_infra([t.name or str(i) for i, t in enumerate(pipeline.tasks)], plans))
+    if pipeline.is_job_group and not problems:
+        # A job group runs on one infra (orchestrator/policy/group_placement.py), every task at once: each task
+        # feasible alone is not enough, nor an infra that never holds all of their nodes together (issue 28).
+        shared = shared_infras(plans)
+        if not shared:
+            problems.append(no_shared_infra([t.name or str(i) for i, t in enumerate(pipeline.tasks)], plans))
+        elif (too_big := group_too_big(sum(t.num_nodes for t in pipeline.tasks), shared,
+                                       lambda cloud, region: infra_capacity(cloud, region, config))):
+            problems.append(too_big)
     return problems
 
 

@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.auth.identity import ForbiddenError
 from orchestrator.errors import UsageError
 from orchestrator.policy.pools import ApplyPlan, PoolPolicy, WorkerView, follow_provider_diff, plan_apply, worker_hash
-from orchestrator.service import JobService, UnknownJobError, check_num_jobs, current_user
+from orchestrator.service import JobService, UnknownJobError, check_num_jobs
 
 if TYPE_CHECKING:
     from orchestrator.infra.stack_driver import StackDriver
@@ -134,6 +135,7 @@ class PoolService(JobService):
         from orchestrator.controller_service import check_controller, ensure_controller
         from orchestrator.storage.staging import prepare, stage
 
+        self.admin_only("pool apply")
         check_controller(self.config)
         task = _pool_task(name, pipeline, self.config.docker.allowed_run_options)
         spec = {**task.to_json(), "resources_str": task.resources_str()}
@@ -144,12 +146,17 @@ class PoolService(JobService):
             storage = stage(storage_plan, key, self.config, self.home, record=lambda _: None)
         policy = PoolPolicy.from_section(spec["pool"])
         updated = self._update_in_place(name, spec, plan, driver) if plan.mode == "update" else []
-        self.store.apply_pool(name, user=current_user(), spec=spec, spec_hash=new_hash, updated_workers=updated,
+        self.store.apply_pool(name, user=self.identity.user, spec=spec, spec_hash=new_hash, updated_workers=updated,
                               policy={"workers": policy.workers, "min_workers": policy.min_workers,
                                       "max_workers": policy.max_workers, "idle_timeout": policy.idle_timeout,
                                       "jobs_per_worker": policy.jobs_per_worker},
                               plan=plan.to_json(), storage=storage)
         ensure_controller(self.home)
+        self.audit("pool apply", f"pool {name}", detail=f"{policy.workers} worker(s)")
+
+    def admin_only(self, what: str) -> None:
+        if not self.identity.admin:
+            raise ForbiddenError(f"{what}: only an admin may do that (your role: {self.identity.role})")
 
     def _update_in_place(self, name: str, spec: dict[str, Any], plan: ApplyPlan,
                          driver: StackDriver | None) -> list[int]:
@@ -170,12 +177,21 @@ class PoolService(JobService):
 
     def resolve_pool(self, name: str) -> PoolRow:
         row = self.store.pool(name)
-        if row is None or row.status == "TERMINATED":
+        if row is None or row.status == "TERMINATED" or not self._sees_pool(row):
             raise UnknownPoolError(f"no pool named {name!r}; see `sortie jobs pool status`")
         return row
 
+    def pool_job_ids(self, name: str) -> list[int]:
+        """The pool's jobs in progress that the identity may see."""
+        self.resolve_pool(name)
+        return [j.id for j in self.store.pool_jobs(name) if self.identity.can_see(j)]
+
+    def _sees_pool(self, row: PoolRow) -> bool:
+        """A pool of no workspace is shared by all; one of a workspace is seen by its users (and admins)."""
+        return row.workspace is None or self.identity.can_see(row)
+
     def status(self, name: str | None = None) -> list[PoolStatus]:
-        pools = [self.resolve_pool(name)] if name else self.store.pools()
+        pools = [self.resolve_pool(name)] if name else [p for p in self.store.pools() if self._sees_pool(p)]
         found = []
         for pool in pools:
             workers = self.store.workers(pool.name)
@@ -186,11 +202,13 @@ class PoolService(JobService):
     def down(self, names: list[str], *, cancel_jobs: bool = True) -> list[str]:
         """Take pools down: their jobs cancelled (or left to finish), every worker stack destroyed by the
         controller in the background."""
+        self.admin_only("pool down")
         rows = [self.resolve_pool(n) for n in names]
         for row in rows:
             if cancel_jobs:
-                self.store.cancel_pool_jobs(row.name, current_user())
-            self.store.pool_down(row.name, current_user())
+                self.store.cancel_pool_jobs(row.name, self.identity.user)
+            self.store.pool_down(row.name, self.identity.user)
+            self.audit("pool down", f"pool {row.name}")
         from orchestrator.controller_service import ensure_controller
 
         ensure_controller(self.home)
@@ -218,10 +236,13 @@ class PoolService(JobService):
         from orchestrator.controller_service import check_controller, ensure_controller
 
         check_controller(self.config)
+        workspace = self.identity.workspace_for(pool.workspace, self.config)
         spec = {**pipeline.to_json(), "is_pipeline": False}
         spec["tasks"][0].update(setup=None, workdir=None, file_mounts={}, storage_mounts={})
-        ids = self.store.submit(spec, [dict(task.secrets)], user=current_user(), name=pipeline.name, count=num_jobs,
-                                task_resources=[task.resources_str()], pool=pool_name)
+        ids = self.store.submit(spec, [dict(task.secrets)], user=self.identity.user, name=pipeline.name,
+                                count=num_jobs, task_resources=[task.resources_str()], pool=pool_name,
+                                workspace=workspace)
+        self.audit("launch", f"jobs {ids[0]}-{ids[-1]} on pool {pool_name}", workspace)
         ensure_controller(self.home)
         return ids, notes
 

@@ -3,19 +3,21 @@ go through it."""
 
 from __future__ import annotations
 
-import getpass
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.auth.identity import ForbiddenError, Identity, local_identity, os_user
 from orchestrator.config import load_config, sortie_home
 from orchestrator.errors import SortieError, UsageError
 from orchestrator.job_logs import JobLogs, line_prefix, prefixed_lines
 from orchestrator.job_status import JobStatus
 
 if TYPE_CHECKING:
+    from orchestrator.launch_plan import LaunchPlan
+    from orchestrator.queue_rows import QueueRow
     from orchestrator.spec import Pipeline
     from orchestrator.storage.staging import StoragePlan
     from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
@@ -35,11 +37,7 @@ def check_num_jobs(count: int) -> None:
         raise UsageError(f"--num-jobs must be between 1 and {MAX_NUM_JOBS}, got {count}")
 
 
-def current_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+current_user = os_user  # the OS user: whom local mode acts for
 
 
 def job_details(job: JobRow, now: float | None = None) -> str:
@@ -101,6 +99,19 @@ class LogCursor:
         self.carries: dict[Path, bytes] = {}
         self.ended = False
 
+    def position(self) -> dict[str, int]:
+        """Where the next read starts, per file (relative to the home): a reader that reconnects (`jobs logs`
+        over HTTP, after a server restart) resumes here, an unfinished line read again in full."""
+        home = self.service.home
+        return {str(p.relative_to(home)) if p.is_relative_to(home) else str(p): n - len(self.carries.get(p, b""))
+                for p, n in self.offsets.items()}
+
+    def seek(self, position: dict[str, int]) -> None:
+        for path, _ in self.sources():
+            key = str(path.relative_to(self.service.home)) if path.is_relative_to(self.service.home) else str(path)
+            if key in position:
+                self.offsets[path] = max(0, int(position[key]))
+
     def read(self, follow: bool = True) -> list[str]:
         row = self.service.store.job(self.job.id)
         ended = row is None or JobStatus(row.status).terminal if follow else True
@@ -123,10 +134,15 @@ class LogCursor:
 
 
 class JobService:
-    def __init__(self, home: Path | None = None) -> None:
-        self.home = home or sortie_home()
-        self.config = load_config(self.home)
-        self._store: StateStore | None = None
+    """`identity`: whom the service acts for; by default the OS user in local mode, who may do everything. The API
+    server makes one per request with the authenticated user (`orchestrator.auth`)."""
+
+    def __init__(self, home: Path | None = None, identity: Identity | None = None,
+                 store: StateStore | None = None) -> None:
+        self.identity = identity or local_identity()
+        self.home = store.home if store is not None else (home or sortie_home())
+        self.config = store.config if store is not None else load_config(self.home)
+        self._store: StateStore | None = store  # the API server shares one store among its requests
         self.logs = JobLogs(self.home, self.config.controller.logs_dir)
 
     @property
@@ -146,17 +162,45 @@ class JobService:
         from orchestrator.policy.limits import num_nodes_problems
         from orchestrator.policy.run_options import task_problems
         from orchestrator.storage.staging import prepare
+        from orchestrator.storage.stores import StorageError
 
         problems = [p for task in pipeline.tasks for p in task.unsupported_features()]
         problems += task_problems(pipeline.tasks, self.config.docker.allowed_run_options)
         problems += num_nodes_problems(pipeline.tasks, self.config, lambda: enabled_clouds(self.config))
         if problems:
             raise UsageError("; ".join(problems))
-        return prepare(pipeline, self.config, self.home)
+        try:
+            return prepare(pipeline, self.config, self.home)
+        except StorageError as exc:  # issue 28: a request refused before anything is written is a refusal (exit 2)
+            raise UsageError(str(exc)) from None
+
+    def plan_launch(self, pipeline: Pipeline, width: int = 80, workspace: str | None = None) -> LaunchPlan:
+        """What `jobs launch` shows and checks before it submits: the considered resources (as text `width`
+        columns wide), the refusals, a job group's infra, the files and buckets. Writes nothing."""
+        from orchestrator.infra.clouds import enabled_clouds
+        from orchestrator.launch_checks import group_infra, launch_refusals
+        from orchestrator.launch_plan import LaunchPlan, considered_tables, infra_refusals, render
+
+        enabled = enabled_clouds(self.config)  # once: the checks and the tables share it
+        refusals = launch_refusals(pipeline, self.config, enabled)
+        if not self.identity.local:
+            chosen = self.identity.workspace_for(workspace, self.config)
+            ws = self.config.workspaces.get(chosen or "")
+            refusals += infra_refusals(pipeline, ws.allowed_infra if ws else None, chosen)
+        tables = [render(item, width) for item in considered_tables(pipeline, self.config, enabled)
+                  if not isinstance(item, str)]  # the reasons come once, in the refusals
+        if refusals:
+            return LaunchPlan(tables, refusals, None, [])
+        shared = group_infra(pipeline, self.config, enabled)
+        try:
+            storage = self.plan_storage(pipeline)
+        except SortieError as exc:  # shown after the tables, as before the plan moved here
+            return LaunchPlan(tables, [], shared, [], storage_error=(str(exc), exc.exit_code))
+        return LaunchPlan(tables, [], shared, storage.describe(), storage)
 
     def launch(self, pipeline: Pipeline, *, count: int = 1, start_controller: bool = True,
                progress: Callable[[str, int, int], None] | None = None,
-               storage: StoragePlan | None = None) -> list[int]:
+               storage: StoragePlan | None = None, workspace: str | None = None) -> list[int]:
         """Submit a pipeline (one transaction for `count` copies), stage its files, and make sure the
         controller runs. Everything that can be checked is checked before anything is written: a bad
         store, a missing bucket or an upload over the limit submits nothing. `storage`: the plan from
@@ -164,6 +208,14 @@ class JobService:
         from orchestrator.disk import check_home_space
 
         check_home_space(self.home)  # issue 17: a full home refuses launches with one line
+        chosen = self.identity.workspace_for(workspace, self.config)
+        if chosen is not None:
+            from orchestrator.launch_plan import infra_refusals
+
+            ws = self.config.workspaces.get(chosen)
+            refused = infra_refusals(pipeline, ws.allowed_infra if ws else None, chosen)
+            if refused:
+                raise UsageError("; ".join(refused))
         plan = storage if storage is not None else self.plan_storage(pipeline)
         check_num_jobs(count)
         if not plan.empty and count != 1:
@@ -175,9 +227,11 @@ class JobService:
 
             check_controller(self.config)
         spec = {**pipeline.to_json(), "is_pipeline": pipeline.is_pipeline}
-        ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=current_user(),
+        ids = self.store.submit(spec, [dict(t.secrets) for t in pipeline.tasks], user=self.identity.user,
                                 name=pipeline.name, count=count, staging=not plan.empty,
-                                task_resources=[t.resources_str() for t in pipeline.tasks], ranked=count > 1)
+                                task_resources=[t.resources_str() for t in pipeline.tasks], workspace=chosen,
+                                ranked=count > 1)
+        self.audit("launch", f"job {ids[0]}" if count == 1 else f"jobs {ids[0]}-{ids[-1]}", chosen)
         if not plan.empty:
             self._stage(plan, ids[0], progress)
         if start_controller:
@@ -226,22 +280,37 @@ class JobService:
             raise
         self.store.finish_staging(job_id, storage)  # False: cancelled meanwhile, and the storage janitor cleans up
 
+    def audit(self, action: str, target: str, workspace: str | None = None, detail: str | None = None) -> None:
+        """Behind the API server, an audit event naming the user and the request (local mode keeps none)."""
+        if not self.identity.local:
+            from state.user_transitions import Audit
+
+            self.store.record_audit(Audit(self.identity.user, self.identity.request_id, workspace), action, target,
+                                    detail)
+
+    def readable(self, job: JobRow) -> JobRow:
+        """A job whose logs and events the identity may read (its own, or any for an admin); 403 otherwise."""
+        if not self.identity.owns(job):
+            raise ForbiddenError(f"job {job.id} is {job.user}'s: only its owner or an admin may do that")
+        return job
+
     def resolve(self, job_id: int | None = None, name: str | None = None) -> JobRow:
-        """One job by id or by name; a name shared by several jobs is an error listing their ids."""
+        """One job by id or by name; a name shared by several jobs is an error listing their ids. A job the identity
+        may not see (another workspace's) is not found, as one that does not exist."""
         if job_id is not None:
             job = self.store.job(job_id)
-            if job is None:
+            if job is None or not self.identity.can_see(job):
                 raise UnknownJobError(f"no managed job with id {job_id}; see `sortie jobs queue -a`")
             return job
         if name is not None:
-            jobs = self.store.jobs_by_name(name)
+            jobs = [j for j in self.store.jobs_by_name(name) if self.identity.can_see(j)]
             if not jobs:
                 raise UnknownJobError(f"no managed job named {name!r}; see `sortie jobs queue -a`")
             if len(jobs) > 1:
                 ids = ", ".join(str(j.id) for j in jobs)
                 raise UsageError(f"several managed jobs are named {name!r} (ids {ids}); give an id instead")
             return jobs[0]
-        latest = self.store.list_jobs(limit=1)
+        latest = self.store.list_jobs(limit=1, workspaces=self.identity.visible_workspaces())
         if not latest:
             raise UnknownJobError("there are no managed jobs yet; launch one with `sortie jobs launch`")
         return latest[0]
@@ -253,7 +322,7 @@ class JobService:
         in a pipeline, only its running task may be named (its later tasks depend on it), which cancels the
         pipeline as a plain cancel does. `graceful`: SIGTERM to the runs and their MOUNT_CACHED writes uploaded
         before the teardown, for `graceful_timeout` seconds at most (None: no limit)."""
-        jobs = [self.resolve(job_id) for job_id in job_ids]
+        jobs = [self.readable(self.resolve(job_id)) for job_id in job_ids]
         targets = [(job.id, self.task_to_cancel(job, task) if task is not None else None) for job in jobs]
         results = []
         for job_id, index in targets:
@@ -261,8 +330,11 @@ class JobService:
                 results.append((job_id, False))
                 continue
             results.append((job_id, self.store.request_cancel(
-                job_id, who or current_user(), task_index=None if index is None else int(index), graceful=graceful,
+                job_id, who or self.identity.user, task_index=None if index is None else int(index), graceful=graceful,
                 graceful_timeout=graceful_timeout)))
+        for job_id, ok in results:
+            if ok:
+                self.audit("cancel", f"job {job_id}", next(j.workspace for j in jobs if j.id == job_id))
         if any(ok for _, ok in results):
             from orchestrator.controller_service import ensure_controller
 
@@ -294,13 +366,14 @@ class JobService:
         return None
 
     def active_ids(self, user: str | None = None) -> list[int]:
-        return [j.id for j in self.store.list_jobs(active_only=True, user=user)]
+        return [j.id for j in self.store.list_jobs(active_only=True, user=user,
+                                                   workspaces=self.identity.visible_workspaces())]
 
     def queue(self, *, all_jobs: bool = False, all_users: bool = False, skip_finished: bool = False,
               statuses: list[str] | None = None, limit: int | None = None) -> list[JobSummary]:
         """Newest first. By default: the current user's jobs in progress, and those finished in the last day."""
-        jobs = self.store.list_jobs(statuses=statuses, user=None if all_users else current_user(),
-                                    active_only=skip_finished)
+        jobs = self.store.list_jobs(statuses=statuses, user=None if all_users else self.identity.user,
+                                    active_only=skip_finished, workspaces=self.identity.visible_workspaces())
         if not all_jobs and not statuses:
             recent = time.time() - 86400
             jobs = [j for j in jobs if not JobStatus(j.status).terminal or (j.ended_at or 0) >= recent]
@@ -309,14 +382,31 @@ class JobService:
         tasks = self.store.tasks([j.id for j in jobs])
         return [JobSummary(j, tasks[j.id]) for j in jobs]
 
+    def queue_rows(self, *, all_jobs: bool = False, all_users: bool = False, skip_finished: bool = False,
+                   statuses: list[str] | None = None, limit: int | None = None,
+                   verbose: bool = False) -> list[QueueRow]:
+        """`jobs queue`'s rows (the model both transports return)."""
+        from orchestrator.queue_rows import queue_rows
+
+        return queue_rows(self, all_jobs=all_jobs, all_users=all_users, skip_finished=skip_finished,
+                          statuses=statuses, limit=limit, verbose=verbose)
+
+    def endpoints(self, job_id: int) -> dict[str, str]:
+        """The endpoints of a running job's ports (port -> address)."""
+        from orchestrator.queue_rows import placement
+
+        job = self.resolve(job_id)
+        return dict(placement(self, [job.id], {job.id: job.spec})[job.id]["endpoints"])
+
     def events(self, job_id: int) -> list[Any]:
-        self.resolve(job_id)
+        self.readable(self.resolve(job_id))
         return self.store.events(job_id)
 
     # --- logs -------------------------------------------------------------------------------------------
 
     def log_cursor(self, job: JobRow, *, task: int | None = None, controller: bool = False) -> LogCursor:
         """A cursor over a job's logs (or its controller log), for readers that poll (the dashboard)."""
+        self.readable(job)
         if controller:
             path = self.logs.controller_log(job.id)
             return LogCursor(self, job, lambda: [(path, "")] if path.exists() else [])

@@ -13,15 +13,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from orchestrator.config import SortieConfig, load_config, sortie_home
 from orchestrator.errors import SortieError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"  # the newest migration (keep equal to the head: a mismatch upgrades at every open)
 _PG_MIGRATION_LOCK = 742_015
+# How long a SQLite write waits for the write lock (issue 28: 60 launches at once on a loaded machine queue for it;
+# a write transaction takes it first, `BEGIN IMMEDIATE`, and waits its turn rather than failing).
+BUSY_TIMEOUT_S = 60
 
 
 def database_url(home: Path, config: SortieConfig) -> str:
@@ -31,16 +34,32 @@ def database_url(home: Path, config: SortieConfig) -> str:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=15000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
 
+# Issue 28: an execution option on a connection whose transaction will write (a session's explicit `begin()`): on
+# SQLite it begins `BEGIN IMMEDIATE`, taking the write lock first (waiting up to the busy timeout for it). A deferred
+# transaction that reads, then writes, fails at once with SQLITE_BUSY in WAL mode when another writer committed after
+# its read began, whatever the busy timeout: concurrent launches were refused that way.
+WRITE_TRANSACTION = "sortie_write_transaction"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """pysqlite's own implicit BEGIN is off (`isolation_level=None`); SQLAlchemy's begin emits ours instead."""
+    immediate = conn.get_execution_options().get(WRITE_TRANSACTION)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False}, pool_pre_ping=False)
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False,
+                                                   "isolation_level": None},
+                               pool_pre_ping=False)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
@@ -111,5 +130,17 @@ def safe_url(url: str) -> str:
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+class StateSession(Session):
+    """A session whose explicit `begin()` opens a write transaction (`BEGIN IMMEDIATE` on SQLite, issue 28), begun
+    lazily at its first statement, so the write lock is held no longer than a deferred transaction would hold it;
+    its reads, which begin implicitly, stay deferred and never wait for a writer."""
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        if not nested and isinstance(self.bind, Engine) and self.bind.dialect.name == "sqlite" \
+                and not self.in_transaction():
+            self.bind = self.bind.execution_options(**{WRITE_TRANSACTION: True})
+        return super().begin(nested=nested)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(engine, class_=StateSession, expire_on_commit=False)

@@ -66,6 +66,8 @@ class JobRow(Base):
     # The lease of the controller replica that drives the job (`state.leases`): its id, and until when.
     lock_owner: Mapped[str | None] = mapped_column(String(255), index=True)
     lock_expires_at: Mapped[float | None] = mapped_column(Float)
+    # Issue 23: the workspace the job belongs to (None: launched in local mode, no API server).
+    workspace: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class TaskRow(Base):
@@ -130,6 +132,7 @@ class PoolRow(Base):
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     user: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    workspace: Mapped[str | None] = mapped_column(String(64))  # issue 23 (None: local mode)
     # The pool YAML's task (normalized; secret values redacted) and the hash of what defines a worker.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(64))
@@ -261,3 +264,43 @@ class LeaseRow(Base):
     owner: Mapped[str | None] = mapped_column(String(128))
     expires_at: Mapped[float | None] = mapped_column(Float)
     acquired_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ApiUserRow(Base):
+    """A user of the API server (issue 23): a person or a service account, with a role and workspaces."""
+
+    __tablename__ = "api_users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # admin | user
+    workspaces: Mapped[list[str]] = mapped_column(JSON)
+    service_account: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiTokenRow(Base):
+    """A token of an API user, stored only as its SHA-256 hash; revoked or expired, it opens nothing."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+
+
+class AuditRow(Base):
+    """Every change made through the API server (or `sortie users` on its home): who, which request, what."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    user: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255))
+    workspace: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)

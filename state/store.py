@@ -23,6 +23,7 @@ from state.models import AttemptRow, EventRow, JobRow, StackRow, TaskRow
 from state.pool_transitions import PoolTransitions
 from state.secrets_box import SecretsBox
 from state.transitions import TRANSITION_MARK, JobTransitions, attempt_cost
+from state.user_transitions import UserTransitions
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -30,7 +31,8 @@ _T = TypeVar("_T")
 
 
 def _via(part: str, method: Callable[Concatenate[_T, _P], _R]) -> Callable[Concatenate[StateStore, _P], _R]:
-    """`StateStore.<name>`: the transition `method` of the store's `part` (`job_transitions` or `pool_transitions`)."""
+    """`StateStore.<name>`: the transition `method` of the store's `part` (`job_transitions`, `pool_transitions` or
+    `user_transitions`)."""
     def forward(self: StateStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         return method(getattr(self, part), *args, **kwargs)
 
@@ -57,9 +59,10 @@ class StateStore:
         event.listen(self._sessions, "after_commit", self._count_transition)
         self.job_transitions = JobTransitions(self.session)
         self.pool_transitions = PoolTransitions(self.session, self.job_transitions)
+        self.user_transitions = UserTransitions(self.session)
 
     # The transitions, forwarded (the store is what the services and the controller hold).
-    J, P = JobTransitions, PoolTransitions
+    J, P, U = JobTransitions, PoolTransitions, UserTransitions
     place_attempt = _via("job_transitions", J.place_attempt)
     wait_for_capacity = _via("job_transitions", J.wait_for_capacity)
     set_waiting = _via("job_transitions", J.set_waiting)
@@ -101,7 +104,16 @@ class StateStore:
     assign_worker = _via("pool_transitions", P.assign_worker)
     cancel_pool_jobs = _via("pool_transitions", P.cancel_pool_jobs)
     jobs_on_workers = _via("pool_transitions", P.jobs_on_workers)
-    del J, P
+    add_api_user = _via("user_transitions", U.add_api_user)
+    remove_api_user = _via("user_transitions", U.remove_api_user)
+    set_api_role = _via("user_transitions", U.set_api_role)
+    rotate_api_token = _via("user_transitions", U.rotate_api_token)
+    record_audit = _via("user_transitions", U.record_audit)
+    api_user = _via("user_transitions", U.api_user)
+    api_users = _via("user_transitions", U.api_users)
+    token_owner = _via("user_transitions", U.token_owner)
+    audit_events = _via("user_transitions", U.audit_events)
+    del J, P, U
 
     def _count_transition(self, session: Session) -> None:
         if session.info.pop(TRANSITION_MARK, False):
@@ -124,7 +136,7 @@ class StateStore:
     def submit(self, pipeline: dict[str, Any], secrets: Sequence[dict[str, str]], *, user: str,
                name: str | None = None, count: int = 1, task_resources: Sequence[str] = (),
                per_job_envs: Sequence[dict[str, str]] | None = None, staging: bool = False,
-               pool: str | None = None, ranked: bool = False) -> list[int]:
+               pool: str | None = None, ranked: bool = False, workspace: str | None = None) -> list[int]:
         """Submit `count` jobs of one pipeline in one transaction. Returns their ids. `staging`: the caller
         uploads the job's files next, and the controller waits for `finish_staging`. Pool jobs, and with `ranked`
         the others, get their rank 0..count-1 (`SKYPILOT_JOB_RANK`) and `count` (`SKYPILOT_NUM_JOBS`)."""
@@ -143,7 +155,7 @@ class StateStore:
                              secrets_enc=sealed, submitted_at=now, updated_at=now,
                              staging_heartbeat=now if staging else None, pool=pool,
                              job_rank=i if pool or ranked else None,
-                             num_jobs=count if pool or ranked else None)
+                             num_jobs=count if pool or ranked else None, workspace=workspace)
                 create(session, "submit", job)
                 session.flush()
                 for index, task in enumerate(tasks):
@@ -165,8 +177,12 @@ class StateStore:
             return list(session.scalars(select(JobRow).where(JobRow.name == name).order_by(JobRow.id.desc())))
 
     def list_jobs(self, *, statuses: Iterable[str] | None = None, active_only: bool = False,
-                  user: str | None = None, limit: int | None = None) -> list[JobRow]:
+                  user: str | None = None, limit: int | None = None,
+                  workspaces: Iterable[str] | None = None) -> list[JobRow]:
+        """`workspaces`: only jobs of these (None: every job, as in local mode)."""
         query = select(JobRow).order_by(JobRow.id.desc())
+        if workspaces is not None:
+            query = query.where(JobRow.workspace.in_(list(workspaces)))
         if statuses:
             query = query.where(JobRow.status.in_(list(statuses)))
         if active_only:

@@ -147,8 +147,9 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     started: list[RunningAgent] = []
 
     def factory(sandbox: Path | None = None, token: str = "test-token-123", confine: bool = False,
-                env: dict[str, str] | None = None, link_roots: list[Path] | None = None) -> RunningAgent:
-        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env, link_roots)
+                env: dict[str, str] | None = None, link_roots: list[Path] | None = None,
+                log: Path | None = None) -> RunningAgent:
+        agent = RunningAgent(sandbox or tmp_path / "sandbox", token, confine, env, link_roots, log)
         started.append(agent)
         return agent
 

@@ -1,2 +1,2 @@
-"""Who is asking: the API server's identities (users and tokens, and OIDC tokens of a platform's identity
-provider)."""
+"""Who is asking (issue 23): the API server's users, tokens, roles and workspaces, the identity of a request, and
+(`oidc.py`) the tokens of a platform's own identity provider."""

@@ -61,13 +61,50 @@ class ControllerInfo:
 
 
 def controller_info(home: Path | None = None) -> ControllerInfo:
-    """Whether a live controller holds this home (by flock, pid and process start time: `lock.holder`)."""
+    """Whether a live controller holds this home (by flock, pid and process start time: `lock.holder`). With the
+    home's `controller/` directory deleted from under it (issue 28), the daemon is still found: by its lock beside a
+    SQLite state DB, else by this home's replica row naming a live daemon process on this host."""
     from orchestrator.controller import lock
 
-    found = lock.holder(_dir(home or sortie_home()))
+    home = home or sortie_home()
+    found = lock.holder(_dir(home))
     if found is None:
-        return ControllerInfo(False)
+        shared = _sqlite_lock_dir(home, load_config(home))
+        found = lock.holder(shared) if shared is not None and shared.is_dir() else None
+    if found is None:
+        return _replica_daemon(home)
     return ControllerInfo(True, found.pid or None, found.started_at or None, found.version)
+
+
+def _is_daemon(pid: int) -> bool:
+    try:
+        return b"orchestrator.controller.daemon" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _replica_daemon(home: Path) -> ControllerInfo:
+    """This home's replica, when its row says it runs here and its pid is a live controller daemon."""
+    import socket
+
+    from state.leases import replicas
+    from state.store import StateStore
+
+    config = load_config(home)
+    from state.db import database_url
+
+    if database_url(home, config).startswith("sqlite"):
+        return ControllerInfo(False)  # on SQLite the lock beside the DB already said (and nothing is opened here)
+    me = config.controller.replica_id(home)
+    store = StateStore(home, config)
+    try:
+        rows = [r for r in replicas(store) if r.id == me and r.stopped_at is None]
+    finally:
+        store.engine.dispose()
+    for row in rows:
+        if row.host == socket.gethostname() and row.pid != os.getpid() and _is_daemon(row.pid):
+            return ControllerInfo(True, row.pid, row.started_at, row.version)
+    return ControllerInfo(False)
 
 
 def check_controller(config: SortieConfig) -> None:
@@ -90,13 +127,13 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
         return ControllerInfo(running=True)
     info = controller_info(home)
     if info.running:
-        if info.pid:  # issue 15: something to do (a launch, a cancel): the controller ticks now, not in a second
+        if info.pid and _is_daemon(info.pid):  # issue 15: something to do: the controller ticks now, not in a second
             with contextlib.suppress(OSError):
-                if b"orchestrator.controller.daemon" in Path(f"/proc/{info.pid}/cmdline").read_bytes():
-                    os.kill(info.pid, signal.SIGUSR1)
+                os.kill(info.pid, signal.SIGUSR1)
         return info
     log = controller_log_path(home)
     log.parent.mkdir(parents=True, exist_ok=True)
+    began = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.controller.daemon"],
                                 env={**os.environ, "SORTIE_HOME": str(home)}, stdin=subprocess.DEVNULL, umask=0o077,
@@ -114,10 +151,29 @@ def ensure_controller(home: Path | None = None) -> ControllerInfo:
             info = controller_info(home)
             if info.running:  # another launch started it first
                 return info
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise SortieError(f"the controller exited at start with {proc.returncode}: {tail[0]} (log: {log})")
+            raise SortieError(_start_failure(home, log, began, proc.returncode))
         time.sleep(0.05)
     raise SortieError(f"the controller did not start within {START_TIMEOUT:.0f}s (log: {log})")
+
+
+def _start_failure(home: Path, log: Path, began: int, code: int) -> str:
+    """One line for a controller that exited at start (issue 28: never a traceback's last line): a full home, else
+    the daemon's own `error:` line from this start, else where its log is."""
+    from orchestrator.disk import home_space_problem
+
+    full = home_space_problem(home)
+    if full is not None:
+        return f"the controller cannot start: {full} (log: {log})"
+    try:
+        with log.open("rb") as fh:
+            fh.seek(began)
+            said = [line for line in fh.read(1 << 20).decode(errors="replace").splitlines()
+                    if line.startswith("error: ")]
+    except OSError:
+        said = []
+    if said:
+        return f"the controller exited at start with {code}: {said[-1].removeprefix('error: ')} (log: {log})"
+    return f"the controller exited at start with {code}; its log says why: {log}"
 
 
 def stop_controller(home: Path | None = None, timeout: float = 600.0) -> ControllerInfo:
@@ -309,6 +365,14 @@ def main() -> None:
         run_daemon(sortie_home())
     except SortieError as exc:
         print(f"error: {exc}", flush=True)
+        sys.exit(1)
+    except OSError as exc:
+        from orchestrator.disk import is_no_space
+
+        if not is_no_space(exc):
+            raise
+        with contextlib.suppress(OSError):  # the log is on that disk too: whoever started us says it
+            print(f"error: no space left to write {exc.filename or 'the home'}; free some space", flush=True)
         sys.exit(1)
 
 

@@ -36,12 +36,14 @@ from orchestrator.controller.node_files import (
     node_package_for,
     task_steps,
 )
+from orchestrator.controller.node_reports import DISK_FULL_REASON, node_disk_full
 from orchestrator.controller.notices import noticed
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import InfraUnfitError, NoCapacityError, PolicyViolationError, StackOperationError
 from orchestrator.infra.stack_driver import stack_name
 from orchestrator.policy.cloud_features import attempt_features
+from orchestrator.policy.group_placement import GROUP_LAUNCHES_IN_FLIGHT
 from orchestrator.policy.placement import Infeasible, capacity_key, place
 from orchestrator.policy.recovery import Failure, History, RecoveryRules, decide
 from stacks.spec import ClusterSpec, StackProgram, cloud_fields, new_cluster_token
@@ -151,6 +153,7 @@ class JobReconciler:
         # A task that failed to launch fails the group, as in SkyPilot: the others are cancelled at once.
         failed = launch_failure(job.spec, [(t.status, t.failure_reason) for t in tasks])
         self._group = (by_task, tasks)
+        launching = sum(1 for a in attempts if a.phase == Phase.PROVISIONING)  # issue 28: bounded per job
         for task in tasks:
             if task.status not in ACTIVE:
                 continue
@@ -163,8 +166,11 @@ class JobReconciler:
                     self._stop_task(job, attempt, f"the group failed: {failed[1]}", graceful=False)
                 elif task.task_index in ending:
                     self._stop_task(job, attempt, ending[task.task_index], graceful=True)
-                elif attempt is None:
+                elif attempt is None and launching < GROUP_LAUNCHES_IN_FLIGHT:
+                    launching += 1
                     self._no_attempt(job)
+                elif attempt is None:
+                    continue  # waits until one of the group's launches in flight is up
                 else:
                     self._step(job, attempt)
             except TransitionError as exc:
@@ -494,7 +500,8 @@ class JobReconciler:
         if run_outcome(codes) == JobStatus.SUCCEEDED:
             self._teardown_for(job, attempt, "run succeeded on every node", final=JobStatus.SUCCEEDED, codes=codes)
         else:
-            self._after_failure(job, attempt, Failure.USER_ERROR, f"run failed: {first_failure(codes)}", codes)
+            full = f"; {DISK_FULL_REASON}" if node_disk_full(job.waiting_reason) else ""
+            self._after_failure(job, attempt, Failure.USER_ERROR, f"run failed: {first_failure(codes)}{full}", codes)
 
     def _confirm_node_loss(self, job: JobRow, attempt: AttemptRow, ranks: tuple[int, ...]) -> None:
         """Agents missed `grace_misses` polls: ask the infra (`refresh`). Gone nodes mean a preemption;
@@ -516,7 +523,12 @@ class JobReconciler:
             self.say(job, "agent-slow", why + "; waiting")
 
     def _node_trouble(self, job: JobRow, attempt: AttemptRow, why: str) -> None:
-        """A node is gone or unusable: the policy relaunches elsewhere."""
+        """A node is gone or unusable: the policy relaunches elsewhere. Issue 28: a node that said its disk was full
+        is not preempted (a relaunch would fill the next disk the same way): the job failed, and is restarted only
+        where the user asked for restarts on errors (`max_restarts_on_errors`)."""
+        if node_disk_full(job.waiting_reason):
+            self._after_failure(job, attempt, Failure.USER_ERROR, f"{DISK_FULL_REASON} ({why})")
+            return
         self._after_failure(job, attempt, Failure.PREEMPTED, why)
 
     def _after_failure(self, job: JobRow, attempt: AttemptRow, failure: Failure, why: str,

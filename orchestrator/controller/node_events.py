@@ -327,6 +327,9 @@ class NodeEvents:
                     seen.notice = {k: event.get(k) for k in ("source", "deadline", "detected_at")}
                     changed = True
                     continue
+                if event["kind"] == "node":  # issue 28: the node's disk filled or freed; a poll now says which
+                    changed = True
+                    continue
                 known = seen.runs.pop(event["run_id"]) if event["run_id"] in seen.runs else RunSeen()
                 run = seen.runs[event["run_id"]] = known  # newest last
                 kind = event["kind"]

@@ -10,6 +10,12 @@ from state.models import JobRow
 from state.store import StateStore
 
 NODE_ERROR_PREFIX = "node cannot write its records: "
+DISK_FULL_REASON = "the node's disk is full"
+
+
+def node_disk_full(details: str | None) -> bool:
+    """Whether a job's DETAILS (set by `report_node_errors`) say that a node's disk is full."""
+    return bool(details and details.startswith(NODE_ERROR_PREFIX) and "no space" in details)
 
 
 def report_node_errors(store: StateStore, job: JobRow, nodes: Sequence[NodeRun]) -> bool:
@@ -17,6 +23,9 @@ def report_node_errors(store: StateStore, job: JobRow, nodes: Sequence[NodeRun])
     Guarded by the DETAILS it expects, so a repeated report writes nothing. True when something was written."""
     note = no_space_note([(n.rank, n.node_error) for n in nodes])
     current = job.waiting_reason or ""
+    if note is None and any(n.state == "unreachable" for n in nodes):
+        return False  # issue 28: a node that said its disk was full and went silent has not freed it
+
     if note is not None:
         wanted: str | None = NODE_ERROR_PREFIX + note
         what = "node-disk-full" if "no space" in note else "node-write-error"

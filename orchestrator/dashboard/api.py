@@ -26,6 +26,11 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such job,
 
 
 def service_of(request: Request) -> PoolService:
+    """The dashboard's own server: its one service. Folded into the API server (issue 23): a service acting for the
+    request's identity, on the server's one state store."""
+    identity = getattr(request.state, "identity", None)
+    if identity is not None:
+        return PoolService(identity=identity, store=request.app.state.store)
     return request.app.state.service
 
 

@@ -1,8 +1,10 @@
 """Who may use the dashboard. On loopback (the default) anyone on this machine may, and the Host header must
-name the loopback (no DNS rebinding). Bound to any other address, every request needs the token (a bearer
-header, or the cookie that the `?token=` link sets); 401 otherwise. Requests that change state are POSTs and
-carry the CSRF token in `X-CSRF-Token` (pages read it from a meta tag, scripts from GET /api/csrf), unless
-they authenticate with the bearer header, which a browser never adds by itself."""
+name the loopback (no DNS rebinding), with any port (issue 28: not compared with the dashboard's own, which an SSH
+tunnel's local port differs from; a rebinding page's Host is its own name, refused whatever the port). Bound to any
+other address, every request needs the token (a bearer header, or the cookie that the `?token=` link sets); 401
+otherwise. Requests that change state are POSTs and carry the CSRF token in `X-CSRF-Token` (pages read it from a
+meta tag, scripts from GET /api/csrf), unless they authenticate with the bearer header, which a browser never adds
+by itself."""
 
 from __future__ import annotations
 

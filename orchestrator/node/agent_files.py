@@ -31,6 +31,7 @@ EXIT_WRITE_RETRY_SECONDS = 2.0
 RUN_ENV_PASSTHROUGH = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
                                  "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH"})
 NO_SPACE = "no space left on the node"
+DISK_FULL_BYTES = 256 * 1024  # free bytes under which a node reports its disk full (issue 28)
 RUN_UMASK = 0o022  # a run's own files are as on any machine; the agent's records keep the umask it was given
 LOG_EVENT_SECONDS = 0.5  # log growth of a run is reported at most this often
 NO_VIEW_NOTE = "sortie: no mount namespaces here; absolute paths of uploads and mounts are under ${} ({})\n"

@@ -3,10 +3,13 @@ described in `orchestrator.node.agent`. Standard library only."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import math
 import os
 import signal
+import socket
 import sys
 import tarfile
 import threading
@@ -20,13 +23,34 @@ from orchestrator.node.agent_files import MAX_BODY, MAX_UPLOAD, NO_SPACE, write_
 from orchestrator.node.runs import Agent
 from orchestrator.node.watch import WATCH_MAX_TIMEOUT
 
+# Issue 28: slow clients (slowloris) hold no thread for long. A connection has HEADER_TIMEOUT seconds for each request
+# line and its headers until it has shown the token; a connection that has may idle IDLE_TIMEOUT seconds between
+# requests (keep-alive); one read of a body waits READ_TIMEOUT at most. At MAX_CONNECTIONS, a new connection evicts
+# the oldest one waiting for a request (token-less ones first), so /health and the controller's watch get in.
+HEADER_TIMEOUT = 10.0
+IDLE_TIMEOUT = 120.0
+READ_TIMEOUT = 60.0
+MAX_CONNECTIONS = 128  # one node's clients: the controller's watch, probes and file transfers
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _AgentServer
     protocol_version = "HTTP/1.1"
+    timeout = READ_TIMEOUT  # the socket's, per read (StreamRequestHandler.setup)
+    trusted = False  # this connection has made a request with the token
 
     def log_message(self, format: str, *args: object) -> None:
-        sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {format % args}\n")
+        """A request's log line; never fails the request (issue 28: a full disk under the agent's log made every
+        request fail, and the controller took the node for lost)."""
+        try:
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {format % args}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def handle_one_request(self) -> None:
+        self.server.waiting(self.connection, self.trusted)
+        super().handle_one_request()
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json",
               headers: dict[str, str] | None = None) -> None:
@@ -50,6 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         runs say now, killed on the way out, is no exit of theirs)."""
         agent = self.server.agent
         if agent.authorized(self.headers.get("Authorization")) and not agent.stopping:
+            self.trusted = True
+            self.server.serving(self.connection)
             return True
         length = int(self.headers.get("Content-Length") or 0)
         if 0 < length <= MAX_BODY:
@@ -99,10 +125,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _watch(self, query: dict[str, list[str]]) -> None:
         try:
             since = int(query.get("since", ["0"])[0])
-            timeout = min(max(float(query.get("timeout", ["0"])[0]), 0.0), WATCH_MAX_TIMEOUT)
+            timeout = float(query.get("timeout", ["0"])[0])
+            if not math.isfinite(timeout) or timeout < 0:  # issue 28: NaN made `since` return at once, spinning
+                raise ValueError(timeout)
         except ValueError:
-            self._error(400, "watch: since must be an integer and timeout a number of seconds")
+            self._error(400, "watch: since must be an integer and timeout a finite number of seconds, 0 or more")
             return
+        timeout = min(timeout, WATCH_MAX_TIMEOUT)
         journal = self.server.agent.watch
         events, seq, reset = journal.since(since, timeout, query.get("epoch", [""])[0] or None)
         body: dict[str, object] = {"epoch": journal.epoch, "reset": reset, "events": events, "seq": seq}
@@ -165,11 +194,79 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _AgentServer(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS of them; a reaper closes connections past their
+    deadline (see HEADER_TIMEOUT)."""
+
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog: a burst of connections waits for accept, not for SYN retries
 
     def __init__(self, address: tuple[str, int], agent: Agent) -> None:
         super().__init__(address, _Handler)
         self.agent = agent
+        self._lock = threading.Lock()
+        # every open connection: (deadline or None while a request with the token is served, trusted, since)
+        self._open: dict[socket.socket, tuple[float | None, bool, float]] = {}
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def waiting(self, conn: socket.socket, trusted: bool) -> None:
+        """`conn` waits for its next request line and headers."""
+        now = time.monotonic()
+        with self._lock:
+            if conn in self._open:
+                self._open[conn] = (now + (IDLE_TIMEOUT if trusted else HEADER_TIMEOUT), trusted, now)
+
+    def serving(self, conn: socket.socket) -> None:
+        """`conn` showed the token: its request runs as long as it needs (a held watch, an upload)."""
+        with self._lock:
+            if conn in self._open:
+                self._open[conn] = (None, True, time.monotonic())
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        now = time.monotonic()
+        with self._lock:
+            if len(self._open) >= MAX_CONNECTIONS and not self._evict_one():
+                refused = True
+            else:
+                refused = False
+                self._open[request] = (now + HEADER_TIMEOUT, False, now)
+        if refused:  # every connection is serving a request with the token: this one waits for none
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for a request, token-less ones first (under the lock)."""
+        waiting = [(trusted, since, conn) for conn, (deadline, trusted, since) in self._open.items()
+                   if deadline is not None]
+        if not waiting:
+            return False
+        _trusted, _since, conn = min(waiting, key=lambda item: (item[0], item[1]))
+        del self._open[conn]
+        _cut(conn)
+        return True
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, (deadline, _, _) in self._open.items()
+                        if deadline is not None and deadline < now]
+                for conn in late:
+                    del self._open[conn]
+            for conn in late:
+                _cut(conn)
+
+
+def _cut(conn: socket.socket) -> None:
+    """Wake the thread blocked reading `conn`: its read ends, and the thread closes the socket on its way out."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,

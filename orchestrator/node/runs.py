@@ -23,6 +23,7 @@ from typing import Any
 
 from orchestrator.node.agent_files import (
     CANCEL_GRACE_SECONDS,
+    DISK_FULL_BYTES,
     EXIT_WRITE_RETRY_SECONDS,
     LOG_EVENT_SECONDS,
     MOUNTS_ENV,
@@ -232,12 +233,29 @@ class Agent:
                 self.watch.record("log", run_id, offset=size)
 
     def _sample_logs(self) -> None:
+        said: str | None = None
         while True:
             time.sleep(LOG_EVENT_SECONDS)
             with self._lock:
                 running = list(self._procs)
             for run_id in running:
                 self._note_log(run_id)
+            now = self.node_error()
+            if now != said:  # issue 28: a disk that fills (or frees) is news for a watcher, as an exit is
+                said = now
+                self.watch.record("node", "", node_error=now)
+
+    def node_error(self) -> str | None:
+        """What keeps this node from writing: its records could not be written, or its disk is full now."""
+        if self.write_error:
+            return self.write_error
+        try:
+            fs = os.statvfs(self.sandbox)
+        except OSError:
+            return None
+        if fs.f_bavail * fs.f_frsize < DISK_FULL_BYTES or (fs.f_files and fs.f_favail == 0):
+            return f"{NO_SPACE} ({self.sandbox})"
+        return None
 
     def status(self, run_id: str) -> dict | None:
         run_dir = self.runs_dir / run_id
@@ -256,7 +274,7 @@ class Agent:
             "run_id": run_id, "state": state, "exit_code": ended["exit_code"] if ended else None,
             "pid": meta["pid"], "started_at": meta["started_at"], "ended_at": ended["ended_at"] if ended else None,
             "log_size": log_size(run_dir / "output.log"),
-            **({"node_error": self.write_error} if self.write_error else {}),
+            **({"node_error": error} if (error := self.node_error()) else {}),
         }
 
     def all_status(self) -> list[dict]:
@@ -439,6 +457,6 @@ class Agent:
         running = sum(1 for s in self.all_status() if s["state"] == "running")
         return {"status": "ok", "node_id": self.node_id, "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started_at, 3), "runs_running": running,
-                **({"node_error": self.write_error} if self.write_error else {})}
+                **({"node_error": error} if (error := self.node_error()) else {})}
 
 

@@ -30,6 +30,15 @@ def num_nodes_problems(tasks: list[Task], config: SortieConfig,
     return problems
 
 
+def infra_capacity(cloud: str, region: str, config: SortieConfig) -> int | None:
+    """The most nodes one infra holds at once, where Sortie knows it (a local region's capacity); None: unbounded,
+    unknown (a cloud's quota is its own to refuse), or drained (capacity 0: jobs wait for it)."""
+    if cloud != "local":
+        return None
+    found = [r.capacity for r in config.local.regions if r.name == region]
+    return found[0] if found and found[0] else None
+
+
 def _local_capacity(cloud: str | None, region: str | None, config: SortieConfig,
                     enabled: Callable[[], Collection[str]] | None) -> int | None:
     """The most nodes a candidate may get on the local cloud; None: unbounded (or not the local cloud's)."""

@@ -254,8 +254,10 @@ class _ResourceFields(BaseModel):
               "docker:<image> (a container) is not supported yet."),
     ] = None
     labels: Annotated[
-        dict[StrictStr, StrictStr] | None,
-        Field(description="Labels (tags) for the instances; an any_of/ordered entry adds to these."),
+        dict[Annotated[StrictStr, Field(max_length=values.MAX_LABEL_KEY)],
+             Annotated[StrictStr, Field(max_length=values.MAX_LABEL_VALUE)]] | None,
+        Field(max_length=values.MAX_LABELS,
+              description="Labels (tags) for the instances; an any_of/ordered entry adds to these."),
     ] = None
     accelerator_args: Annotated[
         AcceleratorArgs | None, Field(description="TPU settings (runtime_version, tpu_vm, ...); with "

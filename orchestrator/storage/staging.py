@@ -194,6 +194,8 @@ def prepare(pipeline: Pipeline, config: SortieConfig, home: Path) -> StoragePlan
             steps.append((dest, tree_index(source, pipeline.where(f"{prefix}file_mounts.{dest}"), "mount")))
         for dest, raw in task.storage_mounts.items():
             mount = _bucket_mount(f"{prefix}file_mounts.{dest}", dest, raw)
+            for path in mount.sources:  # issue 28: checked as any upload is (a file or a directory, sized)
+                _tree(str(path), mount.what, "", limit)
             if not mount.create:
                 store = stores.setdefault(mount.url.store, open_store(mount.url.store, config.storage, home))
                 if not store.bucket_exists(mount.url.bucket):

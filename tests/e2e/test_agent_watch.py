@@ -121,6 +121,21 @@ def test_watch_refuses_without_the_token_and_bad_numbers(start_agent) -> None:
     assert bad.value.status == 400 and "since" in str(bad.value)
 
 
+def test_watch_refuses_a_timeout_that_is_not_a_finite_number(start_agent) -> None:
+    """Issue 28: `timeout=nan` held a thread spinning on a condition that returned at once, for ever (the request
+    never came back); infinities and negatives are refused the same way, a large finite one is capped."""
+    agent = start_agent()
+    client = agent.client()
+    for bad in ("nan", "NaN", "inf", "-inf", "-1", "1e999"):
+        with pytest.raises(AgentError) as refused:
+            client._request("GET", f"/watch?since=0&timeout={bad}", timeout=5)
+        assert refused.value.status == 400 and "finite" in str(refused.value), bad
+    started = time.monotonic()
+    assert client._request("GET", "/watch?since=0&timeout=0.2", timeout=5)[0]
+    assert time.monotonic() - started < 4
+    assert client.health()["status"] == "ok"
+
+
 def test_watch_journal_lives_in_the_sandbox(start_agent) -> None:
     agent = start_agent()
     run_id = agent.client().run("true")

@@ -114,3 +114,88 @@ def test_node_errors_go_to_details_and_one_event_per_change(sortie_home: Path) -
     assert report_node_errors(store, job, [NodeRun(0, "exited", 0), NodeRun(1, "exited", 0)])
     assert store.job(job_id).waiting_reason is None
     assert [e.what for e in store.events(job_id)][-1] == "node-writes-again"
+
+
+def test_an_agent_on_a_full_disk_keeps_answering_and_says_disk_full(start_agent, small_tmpfs) -> None:
+    """Issue 28: the agent's request log is on the node's disk; once it was full, every request failed (the log line
+    could not be written), and the controller took the node for lost. Now requests are answered, and /health, a
+    run's status and the watch say the disk is full."""
+    disk = small_tmpfs("2m")
+    agent = start_agent(sandbox=disk / "sandbox", log=disk / "agent.log")
+    client = agent.client()
+    run_id = client.run("sleep 60")
+    seq = client.watch(0, timeout=0)["seq"]
+    fill = _fill(disk)
+    for _ in range(20):  # every request answers, though none of their log lines can be written
+        assert client.health()["status"] == "ok"
+    assert "no space" in client.health().get("node_error", "")
+    assert "no space" in (client.status(run_id).node_error or "")
+    deadline = time.monotonic() + 15
+    said: list[dict] = []
+    while not said:
+        assert time.monotonic() < deadline, "the watch never said the disk is full"
+        answer = client.watch(seq, timeout=2)
+        seq = answer["seq"]
+        said = [e for e in answer["events"] if e["kind"] == "node" and "no space" in (e.get("node_error") or "")]
+    fill.unlink()
+    for extra in disk.glob("fill-*"):
+        extra.unlink()
+    assert "node_error" not in client.health()
+    client.cancel(run_id)
+
+
+def test_a_node_lost_after_its_disk_filled_fails_the_job_instead_of_relaunching(
+        sortie_home: Path, start_agent, small_tmpfs, tmp_path: Path) -> None:
+    """Issue 28: a relaunch would fill the next node's disk the same way. A node that said its disk was full, then
+    stopped answering, ends the job FAILED "the node's disk is full" (no `max_restarts_on_errors` asked for)."""
+    from orchestrator.config import load_config
+    from orchestrator.controller.daemon import Controller
+    from orchestrator.infra.stack_driver import UpResult
+    from orchestrator.job_status import JobStatus
+    from stacks.spec import StackProgram
+    from tests.support.fake_driver import FakeStackDriver
+
+    disk = small_tmpfs("2m")
+    started: list = []
+
+    class AgentDriver(FakeStackDriver):
+        def up(self, stack: str, program: StackProgram, *, cleanup_on_failure: bool = True) -> UpResult:
+            result = super().up(stack, program, cleanup_on_failure=cleanup_on_failure)
+            agent = start_agent(sandbox=disk / f"node-{len(started)}", token=program.spec.token,
+                                log=disk / f"agent-{len(started)}.log")
+            started.append(agent)
+            for node in result.outputs.get("nodes") or []:
+                node["url"] = agent.url
+            return result
+
+    (sortie_home / "config.yaml").write_text("controller:\n  poll_interval_seconds: 0.2\n  grace_misses: 2\n")
+    store = StateStore(sortie_home)
+    fill = "head -c 8M /dev/zero > fill 2>/dev/null; sleep 600"
+    (job_id,) = store.submit({"name": "j", "tasks": [{"name": "t", "run": fill, "num_nodes": 1,
+                                                      "resources": [{}]}]}, [{}], user="u")
+    driver = AgentDriver()
+    controller = Controller(store, driver, load_config(sortie_home), sortie_home)
+    try:
+        deadline = time.monotonic() + 90
+        killed = False
+        while not JobStatus(store.job(job_id).status).terminal:
+            controller.tick()
+            job = store.job(job_id)
+            if not killed and "no space" in (job.waiting_reason or ""):
+                started[0].proc.kill()  # the node said its disk is full; now it is gone
+                started[0].proc.wait()
+                killed = True
+            assert time.monotonic() < deadline, (job.status, job.waiting_reason)
+            time.sleep(0.05)
+    finally:
+        controller.shutdown()
+        from tests.conftest import _sandbox_processes
+
+        for pid in _sandbox_processes(str(disk / "node-0")):  # the run of the agent killed above
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    job = store.job(job_id)
+    assert killed and job.status == JobStatus.FAILED, (job.status, job.failure_reason)
+    assert "the node's disk is full" in (job.failure_reason or ""), job.failure_reason
+    assert [op for op, _ in driver.operations if op == "up"] == ["up"]  # never relaunched
+    assert not [e for e in store.events(job_id) if e.what in ("preempted", "recovering")]

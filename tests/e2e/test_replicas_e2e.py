@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from orchestrator.controller import lock
 from tests.support.e2e import ROOT, Sortie, write
 
 pytestmark = pytest.mark.e2e
@@ -273,6 +274,38 @@ def test_a_second_controller_on_one_sqlite_db_is_refused(tmp_path: Path, engine,
         assert "running" in one.run("controller", "status").stdout
     finally:
         one.run("controller", "stop")
+
+
+def test_a_second_home_on_one_sqlite_db_launches_with_exit_0_and_a_deleted_controller_dir_is_no_loss(
+        tmp_path: Path, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28: a launch from a second home sharing the SQLite DB printed `the controller exited at start` and
+    exited 1, though the first home's controller ran the job (a retrying script made duplicates); and with the
+    home's `controller/` directory deleted, `controller status` said "not running" while the daemon ran."""
+    monkeypatch.delenv("SORTIE_DB_URL", raising=False)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (second / "config.yaml").write_text(f"state:\n  url: sqlite:///{first / 'state.db'}\n")
+    one = Sortie(first)
+    one.env.pop("SORTIE_DB_URL", None)
+    one.run("controller", "start")
+    pid = json.loads((first / "controller" / "controller.json").read_text())["pid"]
+    try:
+        shutil.copytree(first / "secrets", second / "secrets")
+        two = Sortie(second)
+        two.env.pop("SORTIE_DB_URL", None)
+        done = two.run("jobs", "launch", "-y", "-d", "echo from-second", check=False)
+        assert done.returncode == 0 and "submitted: ID" in done.stdout, done
+        job_id = int(done.stdout.split("submitted: ID")[1].split()[0])
+        assert one.wait(job_id)["status"] == "SUCCEEDED"
+        assert f"pid {pid}" in two.run("controller", "status").stdout  # the controller that drives its jobs
+        shutil.rmtree(first / "controller")  # `rm -rf <home>/controller` under a live daemon
+        status = one.run("controller", "status").stdout
+        assert "running" in status and "not running" not in status and f"pid {pid}" in status, status
+    finally:
+        one.run("controller", "stop")
+    assert not lock.alive(pid, lock.process_start_time(pid))
+    assert "not running" in one.run("controller", "status").stdout
 
 
 def test_the_shared_backend_lists_collects_and_checks_passphrases(fleet: Fleet, tmp_path: Path, engine) -> None:

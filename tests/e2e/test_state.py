@@ -32,7 +32,7 @@ from tests.support.factory import place, set_attempt, set_job, set_task
 pytest_plugins = ["tests.support.pg"]
 
 TABLES = {"jobs", "tasks", "attempts", "stacks", "events", "pools", "workers", "pool_events", "bucket_refs",
-          "replicas", "leases", "alembic_version"}
+          "replicas", "leases", "api_users", "api_tokens", "audit_events", "alembic_version"}
 PIPELINE = {"name": "train", "is_pipeline": True,
             "tasks": [{"name": "prep", "run": "echo prep", "envs": {"A": "1"}},
                       {"name": "fit", "run": "echo fit", "envs": {"B": "2"}}]}

@@ -33,7 +33,8 @@ class RunningAgent:
     """An agent process started directly on a sandbox (no engine)."""
 
     def __init__(self, sandbox: Path, token: str, confine: bool = False, env: dict[str, str] | None = None,
-                 link_roots: list[Path] | None = None) -> None:
+                 link_roots: list[Path] | None = None, log: Path | None = None) -> None:
+        """`log`: where the agent's output goes (as the local cloud's `agent.log`); nowhere by default."""
         self.sandbox = sandbox
         self.token = token
         env = {**os.environ, **(env or {}), "SORTIE_AGENT_TOKEN": token, agent_module.SANDBOX_ENV: str(sandbox)}
@@ -41,8 +42,13 @@ class RunningAgent:
         (sandbox / "agent.json").unlink(missing_ok=True)
         argv = [*local_agent_command(), "--sandbox", str(sandbox), *(["--confine"] if confine else []),
                 *[f"--link-root={r}" for r in link_roots or []]]
-        self.proc = subprocess.Popen(argv, env=local_agent_env(env),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        out = log.open("ab") if log is not None else None
+        try:
+            self.proc = subprocess.Popen(argv, env=local_agent_env(env), stdout=out or subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()
         deadline = time.monotonic() + 15
         while not (sandbox / "agent.json").exists():
             assert self.proc.poll() is None, "agent exited at start"

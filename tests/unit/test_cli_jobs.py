@@ -138,3 +138,32 @@ def test_random_yaml_never_tracebacks_and_bad_yaml_writes_no_row(
         assert code == 2, err
         assert err.strip(), "an error must say what is wrong"
         assert job_count(sortie_home) == before
+
+
+DRYRUN_AND_LAUNCH_REFUSE = [  # issue 28: each passed --dryrun, or was refused at launch with exit 1
+    ("file_mounts:\n  /x: local://BAD_NAME\n", "bucket name 'BAD_NAME' is not valid"),
+    ("file_mounts:\n  /x: local://missing-bucket\n", "bucket missing-bucket does not exist"),
+    ("file_mounts:\n  /x: local://../../etc\n", "bucket name '..' is not valid"),
+    ("file_mounts:\n  /x: local://okbucket/../../etc\n", "has a '.' or '..' part"),
+    ("file_mounts:\n  /x: local://${A}\n", "bucket name '${A}' is not valid"),
+    ("envs:\n  A: BAD\nfile_mounts:\n  /x:\n    name: ${A}\n", "bucket name 'BAD' is not valid"),
+    ("envs:\n  A: ''\nfile_mounts:\n  /x:\n    name: ${A}\n", "the bucket name is empty"),
+    ("file_mounts:\n  /x:\n    name: okbucket\n    source: /dev/zero\n", "/dev/zero is neither a file nor"),
+    ("file_mounts:\n  /x:\n    name: okbucket\n    source: [/dev/zero]\n", "/dev/zero is neither a file nor"),
+    ("file_mounts:\n  /x:\n    source: local://missing-bucket\n    mode: MOUNT\n", "does not exist"),
+    ("file_mounts:\n  /x: /dev/zero\n", "/dev/zero is neither a file nor"),
+]
+
+
+@pytest.mark.parametrize("flags", [["--dryrun"], ["--dryrun", "--json"], ["-d"]])
+@pytest.mark.parametrize(("text", "expected"), DRYRUN_AND_LAUNCH_REFUSE)
+def test_dryrun_refuses_what_launch_refuses_with_exit_2_and_nothing_written(
+        text: str, expected: str, flags: list[str], sortie_home: Path, tmp_path: Path, no_controller: None,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "task.yaml"
+    path.write_text("run: echo hi\n" + text)
+    code, _out, err = run_cli(["jobs", "launch", "-y", *flags, str(path)], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and expected in err, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert job_count(sortie_home) == 0

@@ -96,12 +96,7 @@ def test_queue_shows_at_most_50_jobs_unless_all(monkeypatch: pytest.MonkeyPatch,
     asked: list[int | None] = []
 
     class Service:
-        class store:  # stands for the StateStore attribute
-            @staticmethod
-            def costs(ids: list[int]) -> dict[int, float]:
-                return {}
-
-        def queue(self, **kwargs: object) -> list[object]:
+        def queue_rows(self, **kwargs: object) -> list[object]:
             asked.append(kwargs["limit"])  # type: ignore[arg-type]
             return []
 
@@ -219,3 +214,23 @@ def test_dryrun_json_carries_every_accepted_resource_field(
                                       "accelerator_args")} == {
         "ports": ["8080"], "image_id": "projects/me/global/images/x", "disk_tier": "high", "network_tier": "best",
         "labels": {"team": "ml"}, "accelerator_args": {"runtime_version": "v2-alpha-tpuv5-lite"}}
+
+
+@pytest.mark.parametrize("flags", [["-y", "-d"], ["--dryrun"], ["--dryrun", "--json"]])
+def test_a_group_no_infra_can_hold_at_once_is_refused(
+        flags: list[str], sortie_home: Path, tmp_path: Path, no_controller: None,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 28: 100 tasks x 16 nodes launched with exit 0 where each region holds 16 nodes; the group could never
+    run, and made 190 attempts trying. Each task fits alone; all of them together fit nowhere."""
+    (sortie_home / "config.yaml").write_text("local:\n  regions:\n    - {name: region-a, capacity: 16}\n"
+                                             "    - {name: region-b, capacity: 16}\n")
+    docs = "".join(f"---\nname: t{i}\nnum_nodes: 16\nrun: echo {i}\n" for i in range(100))
+    path = tmp_path / "group.yaml"
+    path.write_text("name: big\nexecution: parallel\n" + docs)
+    code, out, err = run_cli(["jobs", "launch", *flags, str(path)], monkeypatch, capsys)
+    assert code == 2, (code, err)
+    assert "need 1600 nodes at once" in err and "at most 16 on local/region-" in err and "Traceback" not in err
+    assert "{" not in out and job_count(sortie_home) == 0
+    two = "name: small\nexecution: parallel\n" + "".join(f"---\nname: t{i}\nnum_nodes: 8\nrun: x\n" for i in range(2))
+    path.write_text(two)
+    assert run_cli(["jobs", "launch", "--dryrun", str(path)], monkeypatch, capsys)[0] == 0  # 16 fit together

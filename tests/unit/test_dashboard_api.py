@@ -167,6 +167,22 @@ def test_loopback_answers_only_to_a_loopback_host(client: TestClient) -> None:
     assert client.get("/jobs", headers={"Host": "localhost:8765"}).status_code == 200
 
 
+def test_the_host_check_takes_any_port_and_the_docs_say_so(client: TestClient) -> None:
+    """Issue 28: `Host: 127.0.0.1:1` got 200 while the README promised that name and port must match. The port is
+    not compared, by design (an SSH tunnel's local port is not the dashboard's; a rebinding page's Host names its
+    own domain, refused at any port), and the docs now say that."""
+    for host in ("127.0.0.1:1", "localhost:65535", "[::1]:2"):
+        assert client.get("/jobs", headers={"Host": host}).status_code == 200, host
+    for host in ("attacker.example:8765", "attacker.example:1"):
+        assert client.get("/jobs", headers={"Host": host}).status_code == 403, host
+    root = Path(__file__).resolve().parents[2]
+    docs = " ".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+                    if p.exists())
+    docs = " ".join(docs.split())
+    assert "exactly a loopback name and port" not in docs
+    assert "the port is not compared with the dashboard's" in docs
+
+
 def test_beyond_loopback_every_request_needs_the_token(big_home: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("orchestrator.controller.daemon.ensure_controller", lambda home=None: None)

@@ -293,3 +293,21 @@ def test_a_preempted_task_recovers_alone_while_the_other_runs_on(sortie_home: Pa
             run.state, run.exit_code = "exited", 0
     world.tick(4)
     assert statuses(world, job_id) == (JobStatus.SUCCEEDED, [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED])
+
+
+def test_a_group_places_a_bounded_number_of_tasks_at_once(sortie_home: Path) -> None:
+    """Issue 28: every task of a 100-task group was placed at once (190 attempts, 90 no-capacity events in
+    minutes). At most GROUP_LAUNCHES_IN_FLIGHT launches are in flight; the rest follow as those are up."""
+    from orchestrator.policy.group_placement import GROUP_LAUNCHES_IN_FLIGHT
+
+    world = World(sortie_home, FakeStackDriver(capacity={"region-a": 100, "region-b": 100}))
+    job_id = submit_group(world, *(task(f"t{i}", "echo hi") for i in range(GROUP_LAUNCHES_IN_FLIGHT + 5)))
+    world.tick()
+    assert len(world.store.attempts(job_id)) == GROUP_LAUNCHES_IN_FLIGHT
+    for _ in range(20):
+        world.tick()
+        launching = [p for p in phases(world, job_id).values() if p == Phase.PROVISIONING]
+        assert len(launching) <= GROUP_LAUNCHES_IN_FLIGHT
+    world.tick(10)
+    assert statuses(world, job_id)[0] == JobStatus.SUCCEEDED
+    assert len(world.store.attempts(job_id)) == GROUP_LAUNCHES_IN_FLIGHT + 5

@@ -183,3 +183,36 @@ def test_nesting_and_special_files_name_the_field_and_line(tmp_path: Path) -> No
     with pytest.raises(SortieError) as err:
         prepare(pipeline, SortieConfig(), tmp_path)
     assert str(err.value).startswith("file_mounts./data/zero (task.yaml line 3): /dev/zero is neither a file")
+
+
+def test_huge_dotenv_files_and_too_many_labels_are_refused_fast(tmp_path: Path) -> None:
+    """Issue 28: an --env-file of 5 million lines took 194 s and 1.3 GB to refuse, a 100 MB value 39 s, and 50,000
+    `resources.labels` were accepted. Sizes are checked before parsing (bytes, then lines), and labels bounded."""
+    from orchestrator.spec import load_entrypoint
+    from orchestrator.spec.overrides import MAX_DOTENV_BYTES, MAX_DOTENV_LINES
+
+    def refused(**flags: str) -> list[str]:
+        with pytest.raises(SpecError) as info:
+            load_entrypoint("echo hi", Overrides(**flags))
+        return info.value.problems
+
+    lines = tmp_path / "lines.env"
+    lines.write_text("A=1\n" * (MAX_DOTENV_LINES + 1))
+    big = tmp_path / "big.env"
+    big.write_bytes(b"A=" + b"x" * (MAX_DOTENV_BYTES + 10) + b"\n")
+    many = tmp_path / "many.env"
+    many.write_text("".join(f"V{i}=x\n" for i in range(values.MAX_ENV_COUNT + 5)))
+    wrong = tmp_path / "wrong.env"
+    wrong.write_text("not a pair\n" * 50_000)
+    started = time.monotonic()
+    assert "lines" in refused(env_file=str(lines))[0]
+    assert "MiB" in refused(env_file=str(big))[0]
+    assert "MiB" in refused(secret_file="/dev/zero")[0]  # read no further than the bound
+    assert f"at most {values.MAX_ENV_COUNT} variables" in refused(env_file=str(many))[-1]
+    assert len(refused(env_file=str(wrong))) <= 21  # the first 20 wrong lines, then one line saying there are more
+    assert time.monotonic() - started < 10
+    labels = "\n".join(f"    k{i}: v" for i in range(values.MAX_LABELS + 1))
+    found = problems(f"run: x\nresources:\n  labels:\n{labels}\n", tmp_path)
+    assert len(found) == 1 and found[0].startswith("resources.labels") and str(values.MAX_LABELS) in found[0], found
+    found = problems(f"run: x\nresources:\n  labels:\n    k: {'v' * 300}\n", tmp_path)
+    assert len(found) == 1 and "resources.labels" in found[0], found

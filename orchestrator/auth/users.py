@@ -1,0 +1,146 @@
+"""The API server's users and tokens (issue 23): `sortie users ...` and the server's authenticator.
+
+A token is `sortie_` and 43 random URL-safe characters; the state keeps only its SHA-256. A token shaped like a JWT
+(three base64url parts) is an OIDC token when the server's config has `api.oidc` (`orchestrator.auth.oidc`)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator.auth.identity import ADMIN, ROLES, Identity, UnauthorizedError, workspaces_of
+from orchestrator.config import write_private
+from orchestrator.errors import UsageError
+from state.machine import TransitionError
+from state.user_transitions import Audit
+
+if TYPE_CHECKING:
+    from orchestrator.config import SortieConfig
+    from state.store import StateStore
+
+USER_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+TOKEN_PREFIX = "sortie_"
+MAX_TOKEN = 4096
+FIRST_ADMIN = "admin"
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def admin_token_path(home: Path) -> Path:
+    return home / "secrets" / "admin.token"
+
+
+@dataclass(frozen=True)
+class UserView:
+    name: str
+    role: str
+    workspaces: list[str]
+    service_account: bool
+    created_at: float
+
+
+class Users:
+    """Users and tokens of one server home (its state store and config)."""
+
+    def __init__(self, store: StateStore, config: SortieConfig) -> None:
+        self.store, self.config = store, config
+
+    def _check(self, name: str, role: str, workspaces: list[str]) -> None:
+        if not USER_NAME.match(name):
+            raise UsageError(f"user name {name!r}: lowercase letters, digits, '.', '_' and '-', starting with a "
+                             "letter, at most 64 characters")
+        if role not in ROLES:
+            raise UsageError(f"--role {role}: use admin or user")
+        unknown = [w for w in workspaces if w not in self.config.workspaces]
+        if unknown:
+            known = ", ".join(self.config.workspaces) or "none configured"
+            raise UsageError(f"--workspace {unknown[0]}: not a workspace of the server's config (workspaces: {known})")
+
+    def add(self, name: str, *, role: str = "user", workspaces: list[str] | None = None, service_account: bool = False,
+            expires_in: float | None = None, audit: Audit) -> str:
+        """The new user's token (shown once; only its hash is kept)."""
+        self._check(name, role, workspaces or [])
+        token = new_token()
+        try:
+            self.store.add_api_user(name, role=role, workspaces=list(workspaces or []),
+                                    service_account=service_account, token_hash=token_hash(token),
+                                    expires_at=time.time() + expires_in if expires_in else None, audit=audit)
+        except TransitionError:
+            raise UsageError(f"user {name!r} exists; `sortie users token rotate {name}` gives a new token") from None
+        return token
+
+    def remove(self, name: str, audit: Audit) -> None:
+        try:
+            self.store.remove_api_user(name, audit=audit)
+        except TransitionError:
+            raise UsageError(f"no user {name!r}; see `sortie users ls`") from None
+
+    def set_role(self, name: str, role: str, audit: Audit) -> None:
+        if role not in ROLES:
+            raise UsageError(f"role {role}: use admin or user")
+        try:
+            self.store.set_api_role(name, role, audit=audit)
+        except TransitionError:
+            raise UsageError(f"no user {name!r}; see `sortie users ls`") from None
+
+    def rotate(self, name: str, audit: Audit, expires_in: float | None = None) -> str:
+        token = new_token()
+        try:
+            self.store.rotate_api_token(name, token_hash(token), time.time() + expires_in if expires_in else None,
+                                        audit=audit)
+        except TransitionError:
+            raise UsageError(f"no user {name!r}; see `sortie users ls`") from None
+        return token
+
+    def list(self) -> list[UserView]:
+        return [UserView(u.name, u.role, list(workspaces_of(u.name, u.workspaces, self.config)), u.service_account,
+                         u.created_at) for u in self.store.api_users()]
+
+    def ensure_first_admin(self, home: Path) -> Path | None:
+        """At the first `api start` (no admin yet): the admin, its token in `<home>/secrets/admin.token` (0600)."""
+        if any(u.role == ADMIN for u in self.store.api_users()):
+            return None
+        token = self.add(FIRST_ADMIN, role=ADMIN, audit=Audit(FIRST_ADMIN, "api-start"))
+        path = admin_token_path(home)
+        write_private(path, token + "\n")
+        return path
+
+    def authenticate(self, token: str | None, request_id: str) -> Identity:
+        """The identity of a bearer token; `UnauthorizedError` (401) for a missing, unknown, revoked or expired one."""
+        if not token:
+            raise UnauthorizedError("a token is required (Authorization: Bearer TOKEN; see `sortie api login`)")
+        if len(token) > MAX_TOKEN:
+            raise UnauthorizedError("the token is too long")
+        if not token.startswith(TOKEN_PREFIX) and self.config.api.oidc:
+            from orchestrator.auth.oidc import looks_like_jwt
+
+            if looks_like_jwt(token):
+                return self._oidc(token, request_id)
+        row = self.store.token_owner(token_hash(token))
+        if row is None:
+            raise UnauthorizedError("the token is not valid (unknown, revoked or expired); ask an admin for a new one")
+        return Identity(user=row.name, role=row.role, workspaces=workspaces_of(row.name, row.workspaces, self.config),
+                        request_id=request_id)
+
+    def _oidc(self, token: str, request_id: str) -> Identity:
+        """A platform's OIDC token (`orchestrator.auth.oidc`): its user, its groups' role and workspaces."""
+        from orchestrator.auth import oidc
+
+        try:
+            found = oidc.verify_oidc_token(token, oidc.OidcConfig.from_mapping(self.config.api.oidc))
+        except oidc.OidcError as exc:
+            raise UnauthorizedError(f"OIDC token refused: {exc}") from None
+        own = [w for w in found.workspaces if w in self.config.workspaces]
+        return Identity(user=found.user, role=found.role, workspaces=workspaces_of(found.user, own, self.config),
+                        request_id=request_id)
