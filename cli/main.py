@@ -177,14 +177,18 @@ def local_preempt(
     cluster: str = typer.Argument(None, help="Cluster (stack) name, as `sortie local nodes` shows."),
     job: int = typer.Option(None, "--job", help="Preempt the current cluster of this managed job instead."),
     node: int = typer.Option(None, "--node", help="Rank of the one node to preempt; default: every node."),
+    notice: str = typer.Option(None, "--notice",
+                               help="Warn first, as clouds do (e.g. 30s, 2m): the node's agent tells the job and "
+                                    "the controller, and the node goes at the deadline."),
 ) -> None:
-    """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once."""
+    """Preempt nodes on purpose, as a cloud reclaims spot VMs: their processes die at once, or after --notice."""
     from orchestrator.config import load_config, sortie_home
     from orchestrator.errors import UsageError
     from orchestrator.infra.local_cloud import LocalCloud
 
     if (cluster is None) == (job is None):
         raise UsageError("give a cluster name or --job ID (one of them)")
+    seconds = _notice_seconds(notice)
     if job is not None:
         from orchestrator.service import JobService
 
@@ -194,8 +198,26 @@ def local_preempt(
         if attempt is None or not attempt.nodes:
             raise UsageError(f"managed job {job} has no cluster up right now; see `sortie jobs queue`")
         cluster = attempt.stack_name
-    for n in LocalCloud(load_config(sortie_home()).local.root_dir(sortie_home())).preempt_cluster(cluster, node):
-        get_console().print(f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
+    cloud = LocalCloud(load_config(sortie_home()).local.root_dir(sortie_home()))
+    for n in cloud.preempt_cluster(cluster, node, notice=seconds):
+        get_console().print(f"notice given to {n.node_id} (rank {n.rank}, local/{n.region}): preempted in "
+                            f"{seconds:g}s" if seconds else f"preempted {n.node_id} (rank {n.rank}, local/{n.region})")
+
+
+def _notice_seconds(notice: str | None) -> float:
+    """`--notice` in seconds (0: none); a refusal naming the option for anything but a duration up to an hour."""
+    from orchestrator.errors import UsageError
+    from orchestrator.spec.values import parse_duration
+
+    if notice is None:
+        return 0.0
+    try:
+        seconds = parse_duration(notice)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--notice: {exc}; give a duration such as 30s or 2m") from None
+    if not 0 < seconds <= 3600:
+        raise UsageError(f"--notice: {notice!r} is not between 1s and 1h; give a duration such as 30s or 2m")
+    return seconds
 
 
 def _owners() -> dict[str, str]:

@@ -103,6 +103,21 @@ class ControllerContext:
             return WatchSignal(False, (), False)
         return self.watchers.look(owner, nodes or [], lambda: self.store.box.open(token_enc), run)
 
+    def notice(self, nodes: list[dict[str, Any]] | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Issue 24: the first of `nodes` whose agent gave a preemption notice, with the notice."""
+        if self.watchers is None:
+            return None
+        for node in nodes or []:
+            notice = self.watchers.hub.notice(node["url"])
+            if notice is not None:
+                return node, notice
+        return None
+
+    def run_ended(self, node: dict[str, Any], run: str) -> bool:
+        """Whether the node's watch saw `run` end (or never saw it start)."""
+        seen = self.watchers.hub.latest(node["url"]) if self.watchers is not None else None
+        return seen is None or run not in seen.runs or seen.runs[run].state != "running"
+
     def confirm_loss_now(self, owner: Any, stack: str, signal: WatchSignal) -> bool:
         """Issue 15: a node of `stack` reported lost by its watch: refresh now (while one is in flight, or at most
         once per `confirm_again_seconds` per owner)."""

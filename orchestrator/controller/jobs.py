@@ -37,6 +37,7 @@ from orchestrator.controller.node_files import (
     task_steps,
 )
 from orchestrator.controller.node_reports import DISK_FULL_REASON, node_disk_full
+from orchestrator.controller.notices import noticed
 from orchestrator.controller.pools import PoolReconciler
 from orchestrator.controller.runs import NodeRuns, RunRefused
 from orchestrator.errors import InfraUnfitError, NoCapacityError, PolicyViolationError, StackOperationError
@@ -65,6 +66,7 @@ class JobReconciler:
         self.runs = NodeRuns(ctx)
         self.files = JobFiles(ctx)
         self._group: tuple[dict[int, AttemptRow], list[TaskRow]] = ({}, [])  # the job group being stepped
+        self.noticed: set[int] = set()  # attempts whose preemption notice was told (controller.notices)
 
     def tick(self) -> int:
         """One pass over every job in progress; returns how many there are."""
@@ -108,6 +110,8 @@ class JobReconciler:
             if job.graceful_cancel and not self._stopped_gracefully(job, attempt):
                 return
             self._teardown_for(job, attempt, "cancelled by the user", final=JobStatus.CANCELLED)
+            return
+        if noticed(self, job, attempt):  # issue 24: the node goes soon; recovery starts at the notice
             return
         handler[attempt.phase](job, attempt)
 

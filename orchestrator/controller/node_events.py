@@ -76,6 +76,7 @@ class NodeSeen:
     epoch: str | None = None
     version: int = 0  # goes up with every change of a run or of `lost`
     runs: dict[str, RunSeen] = field(default_factory=dict)
+    notice: dict[str, Any] | None = None  # the agent's preemption notice ({"source", "deadline"}), once given
 
 
 @dataclass
@@ -166,6 +167,12 @@ class NodeEvents:
         with self._lock:
             node = self._nodes.get(key)
             return node is not None and node.seen.unanswered and not node.seen.lost
+
+    def notice(self, key: Hashable) -> dict[str, Any] | None:
+        """The node's preemption notice ({"source", "deadline", "detected_at"}), if its agent gave one."""
+        with self._lock:
+            node = self._nodes.get(key)
+            return dict(node.seen.notice) if node is not None and node.seen.notice else None
 
     def submit(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> concurrent.futures.Future[T]:
         """Run the coroutine `fn(*args)` on the hub's loop (the reconcilers' node I/O); its future, from any
@@ -316,6 +323,10 @@ class NodeEvents:
                     run.seen_at, run.version = now, run.version + 1
                 changed = True
             for event in body["events"]:
+                if event["kind"] == "notice":  # the node goes soon: recovery starts now (issue 24)
+                    seen.notice = {k: event.get(k) for k in ("source", "deadline", "detected_at")}
+                    changed = True
+                    continue
                 if event["kind"] == "node":  # issue 28: the node's disk filled or freed; a poll now says which
                     changed = True
                     continue

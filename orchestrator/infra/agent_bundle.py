@@ -27,6 +27,8 @@ ROOT = Path(orchestrator.__file__).resolve().parent.parent
 NODE_DIR = ROOT / "orchestrator" / "node"
 # The agent's modules, what `orchestrator.node.agent` imports (a test checks this list against its imports).
 AGENT_MODULES = ("agent", "agent_files", "agent_http", "container", "runs", "watch")
+# Imported by the agent where present, not shipped yet: the boot script is at EC2's 16 KiB of user data (issue 24).
+NOT_SHIPPED = ("notices",)
 AGENT_ENTRY = "orchestrator.node.agent"
 MAIN = "from orchestrator.node.agent import main\n\nmain()\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold: no build time in the archive

@@ -225,7 +225,7 @@ class LocalCloud:
             proc = subprocess.Popen(
                 [*local_agent_command(), "--sandbox", node.sandbox, "--node-id", node.node_id,
                   "--token-stdin", "--confine", *[f"--hide={h}" for h in self.hidden_from_runs()],
-                  *[f"--link-root={r}" for r in node.link_roots], *flags],
+                  *[f"--link-root={r}" for r in node.link_roots], *flags, "--notices", "local"],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=node.sandbox,
             )
@@ -273,12 +273,27 @@ class LocalCloud:
         _kill_tree(node.pid, node.sandbox)
         return self.get(node_id) or node
 
-    def preempt_cluster(self, cluster: str, rank: int | None = None) -> list[LocalNode]:
+    def preempt_cluster(self, cluster: str, rank: int | None = None, notice: float = 0.0) -> list[LocalNode]:
+        """Preempt a cluster's nodes (or one): at once, or with `notice` seconds of warning first (`notify`)."""
         nodes = [n for n in self.nodes(cluster) if rank is None or n.rank == rank]
         if not nodes:
             which = f"node {rank} of cluster {cluster}" if rank is not None else f"cluster {cluster}"
             raise SortieError(f"no local {which}; see `sortie local nodes`")
+        if notice > 0:
+            return [self.notify(n.node_id, notice) for n in nodes]
         return [self.preempt(n.node_id) for n in nodes]
+
+    def notify(self, node_id: str, seconds: float) -> LocalNode:
+        """A preemption notice, as a cloud gives one before it takes a spot VM back: the node's agent sees the
+        deadline (`orchestrator.node.notices`), and a detached process (`local_notice`) preempts the node then,
+        unless the node was deleted before."""
+        from orchestrator.infra.local_notice import notify
+
+        node = self.get(node_id)
+        if node is None or node.preempted:
+            raise SortieError(f"local node {node_id} does not exist or was preempted; see `sortie local nodes`")
+        notify(self.root, node, time.time() + seconds)
+        return node
 
     def terminate(self, node_id: str) -> None:
         """Delete a node: detach what its runs mounted in the sandbox (a bucket's FUSE mount: removing the

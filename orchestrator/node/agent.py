@@ -6,6 +6,11 @@ Standard library only, like every module it imports (`agent_files`, `watch`, `co
     python3 agent.pyz --sandbox DIR [--host 127.0.0.1] [--port 0] [--node-id ID]
     python3 -m orchestrator.node.agent --sandbox DIR ...      (the local cloud, with Sortie installed)
 
+Preemption notices (issue 24, `notices.py`): `--notices local|aws|gcp|azure|kubernetes` watches for that cloud's
+notice (`--metadata-url` replaces the metadata endpoint's base, for tests; `--notice-grace`: kubernetes, seconds from
+SIGTERM to the agent's stop). `notices.py` is not in the zipapp yet (EC2's 16 KiB of user data): only agents run
+from source (the local cloud) take the flag.
+
 The bearer token comes from the first line of stdin (`--token-stdin`, what Sortie uses: it never
 shows in /proc/<pid>/environ), `--token-file`, or `$SORTIE_AGENT_TOKEN` (removed from the
 environment before anything runs). Every request must carry `Authorization: Bearer <token>`.
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--container-image", help="run setup and run in a container of this image")
     parser.add_argument("--container-engine", default="docker", help="docker or podman")
     parser.add_argument("--container-option", action="append", default=[], help="an engine run option")
+    parser.add_argument("--notices", default="none")
+    parser.add_argument("--metadata-url")
+    parser.add_argument("--notice-grace", type=float, default=30.0)
     args = parser.parse_args(argv)
     token = os.environ.pop("SORTIE_AGENT_TOKEN", "")
     if args.token_file:
@@ -118,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     container = ({"engine": args.container_engine, "image": args.container_image, "options": args.container_option}
                  if args.container_image else None)
     serve(args.sandbox.resolve(), token, args.host, args.port, args.node_id or args.sandbox.name, args.confine,
-          args.hide, container, args.link_root)
+          args.hide, container, args.link_root,
+          {"source": args.notices, "base": args.metadata_url, "grace": args.notice_grace})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ MAX_BODY = 4 * 1024 * 1024
 MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 CANCEL_GRACE_SECONDS = 5.0
 SANDBOX_ENV = "SORTIE_NODE_SANDBOX"
+NOTICE_FILE = "preemption-notice.env"
+NOTICE_FILE_ENV = "SORTIE_PREEMPTION_NOTICE_FILE"
 MOUNTS_ENV = "SORTIE_MOUNTS_ROOT"
 EXIT_WRITE_RETRY_SECONDS = 2.0
 # What a run inherits from the agent's own environment; the rest of a run's environment is what the controller

@@ -270,7 +270,8 @@ def _cut(conn: socket.socket) -> None:
 
 
 def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine: bool = False,
-           hide: list[str] | None = None, container: dict | None = None, link_roots: list[str] | None = None) -> None:
+           hide: list[str] | None = None, container: dict | None = None, link_roots: list[str] | None = None,
+           notices: dict | None = None) -> None:
     agent = Agent(sandbox, token, node_id, confine, hide, container, link_roots)
     server = _AgentServer((host, port), agent)
 
@@ -281,6 +282,10 @@ def serve(sandbox: Path, token: str, host: str, port: int, node_id: str, confine
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if notices and notices["source"] != "none":
+        from orchestrator.node.notices import start as start_notices
+
+        start_notices(agent, stop=lambda: stop(signal.SIGTERM, None), **notices)
     write_json_atomic(sandbox / "agent.json", {
         "pid": os.getpid(), "host": host, "port": server.server_address[1], "node_id": node_id,
         "started_at": agent.started_at,

@@ -30,6 +30,8 @@ from orchestrator.node.agent_files import (
     NO_SPACE,
     NO_VIEW_NOTE,
     NOT_A_LOG,
+    NOTICE_FILE,
+    NOTICE_FILE_ENV,
     RUN_ID,
     RUN_UMASK,
     SANDBOX_ENV,
@@ -143,7 +145,7 @@ class Agent:
         with self._at(workdir, not view or not contained(workdir, self.sandbox)) as at:
             at.mkdir(parents=True, exist_ok=True)
         child_env = {**run_base_env(dict(os.environ)), **{str(k): str(v) for k, v in env.items()},
-                     SANDBOX_ENV: str(self.sandbox)}
+                     SANDBOX_ENV: str(self.sandbox), NOTICE_FILE_ENV: str(self.sandbox / NOTICE_FILE)}
         argv = ["/bin/bash", "-c", command]
         if self.confine:
             child_env[MOUNTS_ENV] = str(self.sandbox / "mounts")

@@ -204,7 +204,21 @@ def agent_command(spec: ClusterSpec, node_id: str, *, token_stdin: bool) -> list
     if spec.container_image and spec.infra.split("/", 1)[0] != "kubernetes":  # a pod's image is the task's own
         command += ["--container-image", spec.container_image, "--container-engine", "docker",
                     *[f"--container-option={option}" for option in spec.container_options]]
+    command += notice_flags(spec)
     return [*command, "--token-stdin"] if token_stdin else command
+
+
+def notice_flags(spec: ClusterSpec) -> list[str]:
+    """The agent watches for its cloud's preemption notice (issue 24): a spot VM's metadata; a pod's SIGTERM (the
+    pod's default termination grace period, 30 s)."""
+    from orchestrator.infra.agent_bundle import AGENT_MODULES
+
+    cloud = spec.infra.split("/", 1)[0]
+    if "notices" not in AGENT_MODULES:  # not in the zipapp yet (EC2's user data): the flag would be ignored
+        return []
+    if cloud == "kubernetes":
+        return ["--notices", "kubernetes", "--notice-grace", "30"]
+    return ["--notices", cloud] if spec.use_spot and cloud in ("aws", "gcp", "azure") else []
 
 
 def container_engine_install(spec: ClusterSpec) -> str:
