@@ -4,6 +4,7 @@ client home in to one (login, logout, info)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def start(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     console = get_console()
     console.print(f"API server running at {info['url']} (pid {info['pid']}, version {info['version']})")
     if admin_token is not None:
-        console.print(f"Admin token written to {admin_token} (0600); log in with `sortie api login --endpoint "
+        how = ("adopted from $SORTIE_ADMIN_TOKEN_FILE" if os.environ.get("SORTIE_ADMIN_TOKEN_FILE", "").strip()
+               else "written")
+        console.print(f"Admin token {how}: {admin_token}; log in with `sortie api login --endpoint "
                       f"{info['url']} --token $(cat {admin_token})`")
 
 

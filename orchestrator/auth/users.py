@@ -6,6 +6,7 @@ A token is `sortie_` and 43 random URL-safe characters; the state keeps only its
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 USER_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 TOKEN_PREFIX = "sortie_"
 MAX_TOKEN = 4096
+MIN_GIVEN_TOKEN = 32  # a platform's own admin token: long enough not to be guessed
+ADMIN_TOKEN_FILE_ENV = "SORTIE_ADMIN_TOKEN_FILE"  # stacks/api_deployment.py mounts it in the server's pods
 FIRST_ADMIN = "admin"
 
 
@@ -35,6 +38,19 @@ def new_token() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def given_admin_token(path: Path) -> str:
+    """The first admin's token from the platform's file (`$SORTIE_ADMIN_TOKEN_FILE`), or one line saying what is
+    wrong with it."""
+    try:
+        token = path.read_text(errors="strict")[:MAX_TOKEN + 2].strip()
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"${ADMIN_TOKEN_FILE_ENV}: cannot read {path}: {exc}") from None
+    if not MIN_GIVEN_TOKEN <= len(token) <= MAX_TOKEN or any(c.isspace() for c in token):
+        raise UsageError(f"${ADMIN_TOKEN_FILE_ENV}: {path} must hold one token of {MIN_GIVEN_TOKEN} to {MAX_TOKEN} "
+                         "characters, no spaces (e.g. one `sortie users token rotate` printed)")
+    return token
 
 
 def admin_token_path(home: Path) -> Path:
@@ -68,10 +84,11 @@ class Users:
             raise UsageError(f"--workspace {unknown[0]}: not a workspace of the server's config (workspaces: {known})")
 
     def add(self, name: str, *, role: str = "user", workspaces: list[str] | None = None, service_account: bool = False,
-            expires_in: float | None = None, audit: Audit) -> str:
-        """The new user's token (shown once; only its hash is kept)."""
+            expires_in: float | None = None, audit: Audit, token: str | None = None) -> str:
+        """The new user's token (shown once; only its hash is kept): a new one, or `token` where the platform gives
+        it (the first admin's, `$SORTIE_ADMIN_TOKEN_FILE`)."""
         self._check(name, role, workspaces or [])
-        token = new_token()
+        token = token or new_token()
         try:
             self.store.add_api_user(name, role=role, workspaces=list(workspaces or []),
                                     service_account=service_account, token_hash=token_hash(token),
@@ -108,9 +125,16 @@ class Users:
                          u.created_at) for u in self.store.api_users()]
 
     def ensure_first_admin(self, home: Path) -> Path | None:
-        """At the first `api start` (no admin yet): the admin, its token in `<home>/secrets/admin.token` (0600)."""
+        """At the first `api start` (no admin yet): the admin, its token in `<home>/secrets/admin.token` (0600); or,
+        where `$SORTIE_ADMIN_TOKEN_FILE` names a file (a Kubernetes Secret mounted in a pod whose home does not
+        last), the token that file holds, adopted (its file is returned, nothing is written)."""
         if any(u.role == ADMIN for u in self.store.api_users()):
             return None
+        given = os.environ.get(ADMIN_TOKEN_FILE_ENV, "").strip()
+        if given:
+            path = Path(given)
+            self.add(FIRST_ADMIN, role=ADMIN, audit=Audit(FIRST_ADMIN, "api-start"), token=given_admin_token(path))
+            return path
         token = self.add(FIRST_ADMIN, role=ADMIN, audit=Audit(FIRST_ADMIN, "api-start"))
         path = admin_token_path(home)
         write_private(path, token + "\n")

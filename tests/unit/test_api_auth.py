@@ -251,3 +251,21 @@ def test_an_oidc_token_is_a_user_with_its_groups_role_and_workspaces(sortie_home
     for bad in (token(exp=time.time() - 3600), token(aud="other"), token(iss="https://evil.example")):
         with pytest.raises(UnauthorizedError, match="OIDC"):
             users.authenticate(bad, "r")
+
+
+def test_the_first_admin_adopts_the_platforms_token_file(users: Users, sortie_home: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pod the home does not last: `$SORTIE_ADMIN_TOKEN_FILE` (a mounted Secret) gives the first admin's token,
+    which is adopted (only its hash kept) instead of a new one written into the home."""
+    given = tmp_path / "admin-token"
+    monkeypatch.setenv("SORTIE_ADMIN_TOKEN_FILE", str(given))
+    given.write_text("too-short\n")
+    with pytest.raises(UsageError, match=r"SORTIE_ADMIN_TOKEN_FILE: .* must hold one token"):
+        users.ensure_first_admin(sortie_home)
+    assert users.store.api_users() == []  # nothing half-written
+    token = "platform-" + "k" * 40
+    given.write_text(token + "\n")
+    assert users.ensure_first_admin(sortie_home) == given
+    assert users.authenticate(token, "r").role == "admin"
+    assert not (sortie_home / "secrets" / "admin.token").exists()
+    assert users.ensure_first_admin(sortie_home) is None  # an admin exists: nothing more
