@@ -60,11 +60,12 @@ def url_password(url: str | None) -> str | None:
     return urlsplit(url).password if url else None
 
 
-def pod_config(config: Mapping[str, Any], *, logs_dir: str | None = None) -> dict[str, Any]:
+def pod_config(config: Mapping[str, Any], *, logs_dir: str | None = None, with_api: bool = False) -> dict[str, Any]:
     """The replicas' `config.yaml` from a Sortie config (as a mapping): no replica id (each pod's name is), the
     controller local to its pod, autostop off, logs on `logs_dir` (the shared claim's) or in the pod, and no state DB
-    URL (the Secret gives it). Refuses a password in
-    `pulumi.backend_url` or `state.url`: the ConfigMap is not a secret."""
+    URL (the Secret gives it); `with_api`: the API servers beside them start no controller of their own
+    (`api.start_controller: false`). Refuses a password in `pulumi.backend_url` or `state.url`: the ConfigMap is not
+    a secret."""
     for section, key in (("state", "url"), ("pulumi", "backend_url")):
         if url_password((config.get(section) or {}).get(key)):
             raise ValueError(f"{section}.{key} of the controllers' config holds a password: give it as a secret "
@@ -80,6 +81,8 @@ def pod_config(config: Mapping[str, Any], *, logs_dir: str | None = None) -> dic
     jobs = dict(out.get("jobs") or {})
     jobs["controller"] = {**dict(jobs.get("controller") or {}), "infra": "local"}  # the daemon is in this pod
     out["jobs"] = jobs
+    if with_api:  # the replicas are the controllers: a server pod must not start one beside them
+        out["api"] = {**dict(out.get("api") or {}), "start_controller": False}
     return {k: v for k, v in out.items() if v != {}}
 
 
@@ -210,7 +213,7 @@ class SortieControllers(pulumi.ComponentResource):
         self.name, self.image, self.namespace, self.replicas = name, image, namespace, replicas
         self.base_labels = labels
         logs_dir = f"{SHARED_DIR}/logs" if logs_claim else None
-        config_yaml = yaml.safe_dump(pod_config(config, logs_dir=logs_dir), sort_keys=True)
+        config_yaml = yaml.safe_dump(pod_config(config, logs_dir=logs_dir, with_api=api is not None), sort_keys=True)
         self.digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]  # a new config rolls the pods
         self.child = self._namespace(create_namespace)
         self.secret: Any = None

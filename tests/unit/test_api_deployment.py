@@ -179,3 +179,17 @@ def test_the_program_with_the_api_travels_pickled_and_exports_its_service(mocks:
     assert resolved["api"] == ({"service": "sortie-controller-1-api", "port": 9090}, False)
     assert {d["metadata"]["name"] for d in mocks.of_type(DEPLOYMENT)} == {"sortie-controller-1",
                                                                          "sortie-controller-1-api"}
+
+
+def test_the_server_pods_start_no_controller_of_their_own(mocks: Mocks) -> None:
+    """The replicas are the controllers: the shared config says `api.start_controller: false` when a server is
+    deployed beside them, and nothing of `api` without one (the controllers' pods do not roll)."""
+    import yaml
+
+    deploy(ApiServer(admin_token=ADMIN_TOKEN))
+    (config_map,) = mocks.of_type(CONFIG_MAP)
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["api"] == {"start_controller": False}
+    mocks.resources.clear()
+    deploy()
+    (config_map,) = mocks.of_type(CONFIG_MAP)
+    assert "api" not in yaml.safe_load(config_map["data"]["config.yaml"])
