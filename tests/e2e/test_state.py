@@ -195,7 +195,7 @@ def test_sqlite_pragmas(store: StateStore, sortie_home: Path) -> None:
     with store.engine.connect() as conn:
         pragma = {name: conn.execute(text(f"PRAGMA {name}")).scalar()
                   for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")}
-    assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 15000, "synchronous": 1}
+    assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 60000, "synchronous": 1}
     assert (sortie_home / "state.db-wal").exists()
 
 
