@@ -283,6 +283,16 @@ def _tag(run: _Run, stack: Any) -> None:
             return
 
 
+def _destroy_twice(run: _Run, stack: Any) -> None:
+    """A failed `up`'s cleanup: a destroy whose wait for a deletion timed out (a slow Kubernetes control plane
+    finalizing a Service or a Pod) is tried once more before the stack is left for `sortie stack destroy`."""
+    try:
+        run.retrying(lambda: stack.destroy(on_output=run.on_output, color="never"))
+    except Exception as exc:
+        run.on_output(f"[sortie] destroying what the failed up created failed ({exc}); trying once more")
+        run.retrying(lambda: stack.destroy(on_output=run.on_output, color="never"))
+
+
 def _do_up(run: _Run) -> UpResult:
     stack, _made = run.stack(create=True)
     _tag(run, stack)
@@ -295,7 +305,7 @@ def _do_up(run: _Run) -> UpResult:
         if run.request.cleanup_on_failure:
             run.on_output(f"[sortie] up failed ({error.message}); destroying what it created")
             try:
-                run.retrying(lambda: stack.destroy(on_output=run.on_output, color="never"))
+                _destroy_twice(run, stack)
                 stack.workspace.remove_stack(run.request.stack)
                 shutil.rmtree(run.work_dir, ignore_errors=True)
             except Exception as cleanup_exc:
